@@ -1,0 +1,462 @@
+"""Backward-cost profile of any ``nn.Module``, measured rather than derived from per-architecture formulas.
+
+One forward pass runs under a recording dispatch mode nested in ``FlopCounterMode``. For every aten op it notes
+
+* the forward FLOPs FlopCounterMode charges to it (so the profile agrees with every FLOP measurement),
+* which inputs are *parameters* (directly, or through views and casts such as ``weight.t()`` or an autocast copy),
+  and which are *activations* (tensors computed from some parameter, the only ones that can carry a gradient),
+* its position in execution order.
+
+The backward FLOPs of each op with forward FLOPs are then measured by replaying that single op on the ``meta``
+device under autograd and FlopCounterMode, once per distinct signature (so a 32-layer model replays a handful of ops):
+``dy`` is the cost of the gradients of its activation inputs, ``dw[p]`` the cost of the gradient of parameter ``p``.
+
+Why this predicts autograd: autograd computes the gradient of an op's input ``x`` exactly when some trainable
+parameter was used to compute ``x``. Each activation carries ``latest``, the index of the latest op that consumed a
+parameter among its ancestors. If the deepest selected unit (in backward order: the earliest used) is first used at
+op ``k``, then every selected unit is used at or after ``k``, so ``x`` can need a gradient only if ``k <= latest(x)``.
+Charging ``x``'s gradient exactly then never under-predicts (the budget is a promise), and it is exact on a chain of
+residual blocks: ``k_proj``'s input does not pay when only ``q_proj`` of its layer is selected, and the encoder output
+read by a decoder's cross-attention pays only when an encoder unit is selected. Encoder-decoder models need no
+special case: the encoder runs first, so its units are deeper than every decoder unit and pay the decoder path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .flops import register_flop_formulas
+from .selector import selection_backward_flops
+from .units import Unit, parameter_aliases
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
+
+# Ops that only describe a tensor; they never create a graph node.
+_METADATA_OPS = {
+    torch.ops.aten.size.default,
+    torch.ops.aten.sym_size.int,
+    torch.ops.aten.stride.default,
+    torch.ops.aten.sym_stride.int,
+    torch.ops.aten.numel.default,
+    torch.ops.aten.sym_numel.default,
+    torch.ops.aten.dim.default,
+    torch.ops.aten.is_contiguous.default,
+    torch.ops.aten.is_contiguous.memory_format,
+    torch.ops.aten.storage_offset.default,
+    torch.ops.aten.sym_storage_offset.default,
+    torch.ops.prim.layout.default,
+    torch.ops.prim.device.default,
+}
+
+# Zero-FLOP ops that only re-present a parameter (same values, other dtype/layout). A parameter reached through them
+# is still "that parameter" for the next op, whose weight gradient is the one we must cost.
+_PARAMETER_PASSTHROUGH = {
+    torch.ops.aten._to_copy.default,
+    torch.ops.aten.clone.default,
+    torch.ops.aten.contiguous.default,
+    torch.ops.aten.lift_fresh.default,
+    torch.ops.aten.detach.default,
+}
+
+
+def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+    """The loss transformers models compute themselves when ``labels`` are in the batch."""
+    return model(**batch).loss
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    role: str  # "act", "const", or "param:<canonical name>"
+
+
+@dataclass
+class OpCost:
+    """One executed op that touches a parameter or an activation."""
+
+    index: int
+    name: str
+    forward: float
+    dw: dict[str, float] = field(default_factory=dict)
+    # (threshold, flops): activation-gradient work paid when the deepest selected unit is used at op <= threshold
+    dy: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def dy_flops(self) -> float:
+        return sum(flops for _, flops in self.dy)
+
+
+@dataclass
+class UnitCosts:
+    """Per-unit costs in backward order, ready for the selector (all FLOPs per training step).
+
+    ``dy_head`` is the activation-gradient cost above the first unit (paid as soon as anything is selected);
+    ``t_dy[j]`` the cost of crossing unit ``j`` and the parameter-free ops below it, down to unit ``j + 1``.
+    """
+
+    units: list[Unit]
+    t_dw: np.ndarray
+    t_dy: np.ndarray
+    forward_share: np.ndarray
+    dy_head: float
+    forward_flops: float
+    full_flops: float
+
+    def predicted_backward(self, mask: Sequence[bool] | np.ndarray) -> float:
+        return selection_backward_flops(np.asarray(mask, dtype=bool), self.t_dw, self.t_dy, self.dy_head)
+
+    def predicted_flops(self, mask: Sequence[bool] | np.ndarray) -> float:
+        return self.forward_flops + self.predicted_backward(mask)
+
+    def index(self, name: str) -> int:
+        for i, unit in enumerate(self.units):
+            if unit.name == name:
+                return i
+        raise KeyError(name)
+
+
+@dataclass
+class CostProfile:
+    """Measured FLOPs of one training step of a model on one batch shape.
+
+    Attributes:
+        forward_flops: FLOPs of the forward pass, as FlopCounterMode counts them.
+        full_backward_flops: Backward FLOPs with every parameter trainable (full fine-tuning).
+        ops: The ops that carry a gradient, in execution order.
+        first_use: Canonical parameter name -> index of the first op that consumes it.
+        t_dw: Canonical parameter name -> FLOPs of its weight gradient, summed over all its uses (tied weights).
+        forward_share: Canonical parameter name -> forward FLOPs of the ops that consume it.
+    """
+
+    forward_flops: float
+    full_backward_flops: float
+    ops: list[OpCost]
+    first_use: dict[str, int]
+    t_dw: dict[str, float]
+    forward_share: dict[str, float]
+
+    @property
+    def full_flops(self) -> float:
+        """Forward plus full backward: the denominator of ``rho``."""
+        return self.forward_flops + self.full_backward_flops
+
+    def unit_costs(self, units: Iterable[Unit], full_flops: float | None = None) -> UnitCosts:
+        """Aggregate tensor costs into unit costs, sorted into backward order.
+
+        Units none of whose tensors is used in the forward pass cannot be trained and are dropped (with a warning).
+        ``full_flops`` overrides the reference cost (e.g. the base model's full fine-tuning for LoRA units).
+        """
+        placed: list[tuple[int, Unit]] = []
+        for unit in units:
+            uses = [self.first_use[n] for n in unit.param_names if n in self.first_use]
+            if uses:
+                placed.append((min(uses), unit))
+            else:
+                logger.warning("Unit %s is not used in the forward pass; it is never selected.", unit.name)
+        # Backward order: latest first use first. A stable sort keeps model order among units of one op.
+        placed.sort(key=lambda item: -item[0])
+        positions = np.array([p for p, _ in placed], dtype=np.int64)
+        ordered = [u for _, u in placed]
+
+        events = sorted(event for op in self.ops for event in op.dy)
+        thresholds = np.array([t for t, _ in events], dtype=np.int64)
+        suffix = np.concatenate([np.cumsum([f for _, f in events][::-1])[::-1], [0.0]])
+
+        def dy_above(position: int) -> float:
+            """Activation-gradient FLOPs when the deepest selected unit is first used at op ``position``."""
+            return float(suffix[np.searchsorted(thresholds, position, side="left")])
+
+        above = np.array([dy_above(p) for p in positions], dtype=np.float64)
+        dy_head = float(above[0]) if len(above) else 0.0
+        below_next = np.append(above[1:], dy_above(-1)) if len(above) else above
+        t_dy = below_next - above
+        t_dw = np.array([sum(self.t_dw.get(n, 0.0) for n in u.param_names) for u in ordered], dtype=np.float64)
+        share = np.array([sum(self.forward_share.get(n, 0.0) for n in u.param_names) for u in ordered])
+        return UnitCosts(
+            units=ordered,
+            t_dw=t_dw,
+            t_dy=np.maximum(t_dy, 0.0),
+            forward_share=share,
+            dy_head=dy_head,
+            forward_flops=self.forward_flops,
+            full_flops=self.full_flops if full_flops is None else full_flops,
+        )
+
+
+class _Recorder(TorchDispatchMode):
+    """Records ops and the parameter/activation roles of their inputs during one forward pass."""
+
+    def __init__(self, counter: FlopCounterMode, canonical: dict[int, str]):
+        super().__init__()
+        self.counter = counter
+        self.canonical = canonical  # id(parameter) -> canonical name
+        self.params = {pid for pid in canonical}
+        self.sources = WeakIdKeyDictionary()  # tensor -> canonical parameter name it re-presents
+        self.latest = WeakIdKeyDictionary()  # activation -> index of the latest parameter-consuming op behind it
+        self.records: list[tuple[OpCost, Any, list, Any, list[int]]] = []  # op, func, leaf specs, treespec, levels
+        self.next_index = 0
+
+    def _source(self, t: torch.Tensor) -> str | None:
+        name = self.canonical.get(id(t))
+        if name is not None:
+            return name
+        return self.sources.get(t)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA_OPS:
+            return func(*args, **kwargs)
+        before = self.counter.get_total_flops()
+        out = func(*args, **kwargs)
+        forward = float(self.counter.get_total_flops() - before)
+
+        leaves, spec = tree_flatten((args, kwargs))
+        tensor_leaves = [x for x in leaves if isinstance(x, torch.Tensor)]
+        sources = [self._source(x) for x in tensor_leaves]
+        is_act = [x in self.latest for x in tensor_leaves]
+        if not any(sources) and not any(is_act):
+            return out
+        outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+
+        distinct_sources = {s for s in sources if s}
+        if forward == 0 and not any(is_act) and len(distinct_sources) == 1 and _is_passthrough(func):
+            source = next(iter(distinct_sources))
+            for o in outputs:
+                self.sources[o] = source
+            return out
+
+        index = self.next_index
+        self.next_index += 1
+        levels = sorted(
+            {self.latest[x] for x in tensor_leaves if x in self.latest and _differentiable(x)}, reverse=True
+        )
+        roles = [self._role(x, levels) if isinstance(x, torch.Tensor) else x for x in leaves]
+        op = OpCost(index=index, name=str(func), forward=forward, dw=dict.fromkeys(distinct_sources, 0.0))
+        self.records.append((op, func, roles, spec, levels))
+        latest = max([index if distinct_sources else -1] + [self.latest[x] for x in tensor_leaves if x in self.latest])
+        for o in outputs:
+            if _differentiable(o):
+                self.latest[o] = latest
+        # in-place and out= ops write into an argument: it now depends on the inputs too
+        for x in _mutated_arguments(func, args, kwargs):
+            self.latest[x] = max(latest, self.latest.get(x, -1))
+        return out
+
+    def _role(self, x: torch.Tensor, levels: list[int]) -> _TensorSpec:
+        source = self._source(x)
+        if source:
+            role = f"param:{source}"
+        elif x in self.latest and _differentiable(x):
+            role = f"act:{levels.index(self.latest[x])}"  # rank of its threshold: 0 = latest
+        else:
+            role = "const"
+        return _TensorSpec(tuple(x.shape), tuple(x.stride()), x.dtype, role)
+
+
+def _differentiable(t: torch.Tensor) -> bool:
+    return t.dtype.is_floating_point or t.dtype.is_complex
+
+
+def _is_passthrough(func) -> bool:
+    return bool(getattr(func, "is_view", False)) or func in _PARAMETER_PASSTHROUGH
+
+
+def _mutated_arguments(func, args, kwargs) -> list[torch.Tensor]:
+    mutated = []
+    schema = func._schema
+    for i, argument in enumerate(schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(argument.name)
+        if isinstance(value, torch.Tensor):
+            mutated.append(value)
+    return mutated
+
+
+def _replay_key(func, roles: list) -> tuple:
+    """Signature of one op call with parameter names abstracted away (layers share their replays)."""
+    key, params = [], {}
+    for r in roles:
+        if isinstance(r, _TensorSpec):
+            role = r.role
+            if role.startswith("param:"):
+                role = f"param{params.setdefault(role, len(params))}"
+            key.append((r.shape, r.stride, r.dtype, role))
+        else:
+            key.append(repr(r))
+    return (func, *key)
+
+
+def _backward_flops(func, roles: list, spec, requires_grad: set[int]) -> float:
+    """FLOPs FlopCounterMode counts for this op's backward when only ``requires_grad`` leaves need gradients."""
+    leaves = []
+    for i, r in enumerate(roles):
+        if isinstance(r, _TensorSpec):
+            t = torch.empty_strided(r.shape, r.stride, dtype=r.dtype, device="meta")
+            leaves.append(t.requires_grad_() if i in requires_grad else t)
+        elif isinstance(r, torch.device):
+            leaves.append(torch.device("meta"))
+        else:
+            leaves.append(r)
+    args, kwargs = tree_unflatten(leaves, spec)
+    with torch.enable_grad():
+        out = func(*args, **kwargs)
+    outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor) and o.requires_grad]
+    if not outputs:
+        return 0.0
+    inputs = [leaves[i] for i in sorted(requires_grad)]
+    with FlopCounterMode(display=False) as counter:
+        torch.autograd.grad(outputs, inputs, [torch.empty_like(o) for o in outputs], allow_unused=True)
+    return float(counter.get_total_flops())
+
+
+def _leaves_where(roles: list, wanted: Callable[[str], bool]) -> set[int]:
+    return {i for i, r in enumerate(roles) if isinstance(r, _TensorSpec) and wanted(r.role)}
+
+
+def _activation_rank(role: str) -> int | None:
+    return int(role[4:]) if role.startswith("act:") else None
+
+
+def _measure_op(op: OpCost, func, roles: list, spec, levels: list[int], cache: dict) -> None:
+    """Fill ``op.dy`` and ``op.dw`` by replaying the op on ``meta`` (cached per signature).
+
+    Activation inputs are grouped by threshold: when the deepest selected unit moves down past a threshold, the
+    inputs at that level start needing gradients too. Each level is replayed with all inputs at or above it needing
+    gradients, so fused kernels that produce all input gradients at once (SDPA) are charged once, not per input.
+    """
+    if op.forward == 0:
+        return  # no matmul-class work forward means none backward either (norms, casts, embeddings)
+    param_roles = list(dict.fromkeys(r.role for r in roles if isinstance(r, _TensorSpec) and r.role.startswith("p")))
+    key = _replay_key(func, roles)
+    if key not in cache:
+        needing = [
+            _leaves_where(
+                roles, lambda role, rank=rank: (_activation_rank(role) if role.startswith("act:") else 1e9) <= rank
+            )
+            for rank in range(len(levels))
+        ]
+        weights = [_leaves_where(roles, lambda role, p=p: role == p) for p in param_roles]
+        try:
+            cumulative = [_backward_flops(func, roles, spec, leaves) for leaves in needing]
+            dw = [_backward_flops(func, roles, spec, leaves) for leaves in weights]
+        except Exception as error:  # an op without a meta kernel or autograd formula: assume matmul-like
+            logger.debug("Replaying %s failed (%s); assuming each gradient costs its forward FLOPs.", func, error)
+            cumulative = [op.forward * len(leaves) for leaves in needing]
+            dw = [op.forward] * len(param_roles)
+        cache[key] = (np.diff([0.0, *cumulative]).tolist(), dw)
+    increments, dw = cache[key]
+    op.dy = [(level, flops) for level, flops in zip(levels, increments, strict=True) if flops]
+    for role, flops in zip(param_roles, dw, strict=True):
+        op.dw[role.removeprefix("param:")] = flops
+
+
+def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = default_loss) -> CostProfile:
+    """Measure the cost profile of one training step of ``model`` on ``batch``.
+
+    Runs one forward pass (on whatever device the model is: use the ``meta`` device to profile billions of
+    parameters in seconds) and no backward. Weights, flags and RNG state are left untouched.
+    """
+    register_flop_formulas()
+    canonical = {id(model.get_parameter(name)): name for name in parameter_aliases(model)}
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+        with _Recorder(counter, canonical) as recorder:
+            loss = loss_fn(model, batch)
+        forward_flops = float(counter.get_total_flops())
+    del loss
+
+    cache: dict = {}
+    first_use: dict[str, int] = {}
+    t_dw: dict[str, float] = defaultdict(float)
+    share: dict[str, float] = defaultdict(float)
+    ops = []
+    for op, func, roles, spec, levels in recorder.records:
+        _measure_op(op, func, roles, spec, levels, cache)
+        ops.append(op)
+        total_dw = sum(op.dw.values())
+        for name, flops in op.dw.items():
+            first_use.setdefault(name, op.index)
+            t_dw[name] += flops
+            share[name] += op.forward * (flops / total_dw if total_dw else 1.0 / len(op.dw))
+    full_backward = sum(op.dy_flops for op in ops) + sum(t_dw.values())
+    return CostProfile(
+        forward_flops=forward_flops,
+        full_backward_flops=full_backward,
+        ops=ops,
+        first_use=first_use,
+        t_dw=dict(t_dw),
+        forward_share=dict(share),
+    )
+
+
+def measure_flops(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    trainable: Iterable[str] | None = None,
+    loss_fn: LossFn = default_loss,
+) -> tuple[float, float]:
+    """(forward, backward) FLOPs of one step measured by FlopCounterMode with only ``trainable`` tensors trainable.
+
+    ``trainable`` holds parameter names (aliases allowed); ``None`` keeps the model's own flags. Flags, ``.grad``
+    and RNG state are restored afterwards. This is the ground truth the profile is checked against.
+    """
+    register_flop_formulas()
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    if trainable is not None:
+        wanted = {id(model.get_parameter(n)) for n in trainable}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted and (p.dtype.is_floating_point or p.dtype.is_complex))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            with FlopCounterMode(display=False) as counter:
+                loss = loss_fn(model, batch)
+            forward = float(counter.get_total_flops())
+            backward = 0.0
+            if loss.requires_grad:
+                with FlopCounterMode(display=False) as counter:
+                    loss.backward()
+                backward = float(counter.get_total_flops())
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+            p.grad = grads[name]
+    return forward, backward
+
+
+def dummy_batch(
+    config: Any,
+    batch_size: int = 4,
+    seq_len: int = 512,
+    target_len: int | None = None,
+    device: str | torch.device = "meta",
+) -> dict[str, torch.Tensor]:
+    """A batch of the given shape for profiling: ``input_ids`` and ``labels``.
+
+    Encoder-decoder configs (``config.is_encoder_decoder``) get ``labels`` of ``target_len`` (default ``seq_len``),
+    from which transformers derives the decoder inputs.
+    """
+    vocab = int(getattr(config, "vocab_size", 2))
+    ids = torch.randint(0, vocab, (batch_size, seq_len), device="cpu").to(device)
+    batch = {"input_ids": ids}  # no attention mask: all-ones is the default, and masks need .item() on meta
+    if getattr(config, "is_encoder_decoder", False):
+        batch["labels"] = torch.randint(0, vocab, (batch_size, target_len or seq_len)).to(device)
+    else:
+        batch["labels"] = ids.clone()
+    return batch

@@ -1,0 +1,106 @@
+"""What GreenTrainer can select: *units*, each a group of parameter tensors trained or frozen together.
+
+Two kinds exist:
+
+* ``tensor_units``: every distinct floating-point parameter tensor of the base model is one unit. Tied tensors
+  (an input embedding shared with the LM head) are a single unit listed under all of their names, because freezing
+  one alias freezes the other.
+* ``lora_units``: every LoRA-adapted module is one unit made of its adapter tensors (A and B, plus the DoRA
+  magnitude or LoRA bias where present), so an adapter is trained or frozen as a whole.
+
+Units here are plain descriptions (names); the cost profile gives them their position in backward order.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A selectable group of parameter tensors.
+
+    Attributes:
+        name: Display name (a parameter name for tensor units, a module path for LoRA units).
+        param_names: Canonical names (as in ``model.named_parameters()``) of the tensors the unit trains.
+        aliases: Every other name under which one of those tensors is reachable (tied weights).
+    """
+
+    name: str
+    param_names: tuple[str, ...]
+    aliases: tuple[str, ...] = field(default=())
+
+    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [model.get_parameter(name) for name in self.param_names]
+
+    def numel(self, model: nn.Module) -> int:
+        return sum(p.numel() for p in self.parameters(model))
+
+
+def is_trainable_dtype(param: torch.Tensor) -> bool:
+    """Quantized storage (bitsandbytes int8 / packed 4-bit) has no usable gradient; only float tensors can train."""
+    return param.dtype.is_floating_point or param.dtype.is_complex
+
+
+def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Map each canonical parameter name to all names sharing that tensor (first one first)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(name)
+    return {names[0]: names for names in by_tensor.values()}
+
+
+def _matches(name: str, patterns: Sequence[str] | None) -> bool:
+    return any(re.search(pattern, name) for pattern in patterns or ())
+
+
+def tensor_units(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    names: Iterable[str] | None = None,
+) -> list[Unit]:
+    """One unit per distinct float parameter tensor, in ``named_parameters`` order.
+
+    Args:
+        include: Regular expressions; when given, only tensors whose name (or an alias) matches one are candidates.
+        exclude: Regular expressions; tensors whose name (or an alias) matches one are never candidates.
+        names: Restrict to these canonical parameter names (used by the tuner, which keeps its own candidate list).
+    """
+    allowed = set(names) if names is not None else None
+    units = []
+    for canonical, all_names in parameter_aliases(model).items():
+        param = model.get_parameter(canonical)
+        if not is_trainable_dtype(param):
+            continue
+        if allowed is not None and canonical not in allowed:
+            continue
+        if include and not any(_matches(n, include) for n in all_names):
+            continue
+        if exclude and any(_matches(n, exclude) for n in all_names):
+            continue
+        units.append(Unit(name=canonical, param_names=(canonical,), aliases=tuple(all_names[1:])))
+    return units
+
+
+def lora_units(model: nn.Module, adapter_name: str = "default") -> list[Unit]:
+    """One unit per PEFT LoRA layer: the adapter's own tensors (``lora_*`` parameters of ``adapter_name``)."""
+    from peft.tuners.lora import LoraLayer
+
+    units = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        tensors = tuple(
+            f"{module_name}.{pname}"
+            for pname, _ in module.named_parameters()
+            if pname.startswith("lora_") and adapter_name in pname.split(".")
+        )
+        if tensors:
+            units.append(Unit(name=module_name, param_names=tensors))
+    return units

@@ -1,0 +1,240 @@
+"""Tests for the budgeted unit selector: exactness against brute force, budget safety and input validation."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from peft_greentrainer.selector import (
+    Selection,
+    min_feasible_rho,
+    min_unit_costs,
+    select_units,
+    selection_backward_flops,
+    selection_flops,
+)
+
+RTOL = 1e-12
+
+
+def all_masks(n: int) -> np.ndarray:
+    return np.array(list(itertools.product([False, True], repeat=n)), dtype=bool).reshape(-1, n)
+
+
+def brute_force_costs(masks: np.ndarray, t_dw, t_dy, forward: float, dy_head: float) -> np.ndarray:
+    """Cost of every mask, straight from the definition (independent of the selector's helpers)."""
+    costs = np.full(len(masks), float(forward))
+    for row, mask in enumerate(masks):
+        selected = np.flatnonzero(mask)
+        if selected.size:
+            costs[row] += dy_head + sum(t_dy[: selected[-1]]) + sum(t_dw[i] for i in selected)
+    return costs
+
+
+def random_integer_instance(rng: np.random.Generator, integer_importance: bool):
+    n = int(rng.integers(1, 11))
+    t_dw = rng.integers(0, 20, n).astype(float)
+    t_dy = rng.integers(0, 20, n).astype(float)
+    forward = float(rng.integers(0, 30))
+    dy_head = float(rng.integers(0, 10))
+    importance = rng.integers(-3, 6, n).astype(float) if integer_importance else rng.normal(1.0, 1.5, n)
+    all_cost = forward + dy_head + t_dy[:-1].sum() + t_dw.sum()
+    full = all_cost + float(rng.integers(0, 10)) * (rng.random() < 0.3)
+    return importance, t_dw, t_dy, forward, dy_head, full
+
+
+@pytest.mark.parametrize("integer_importance", [True, False])
+def test_matches_brute_force_when_quantum_is_one(integer_importance: bool) -> None:
+    rng = np.random.default_rng(1234 + integer_importance)
+    checked = 0
+    for _ in range(300):
+        importance, t_dw, t_dy, forward, dy_head, full = random_integer_instance(rng, integer_importance)
+        span = full - forward - dy_head
+        if span < 1:
+            continue
+        min_rho = min_feasible_rho(t_dw, t_dy, forward, full_flops=full, dy_head=dy_head)
+        rho = rng.uniform(min_rho, 1.0) if rng.random() < 0.8 else min_rho
+        if rho >= 1:
+            continue
+        sel = select_units(importance, t_dw, t_dy, forward, rho, full_flops=full, dy_head=dy_head, resolution=int(span))
+        masks = all_masks(len(t_dw))
+        costs = brute_force_costs(masks, t_dw, t_dy, forward, dy_head)
+        values = masks.astype(float) @ importance
+        feasible = costs <= rho * full
+        best = values[feasible].max()
+        assert sel.importance == pytest.approx(best, rel=1e-9, abs=1e-9)
+        assert sel.flops <= rho * full
+        assert sel.flops == brute_force_costs(sel.mask[None], t_dw, t_dy, forward, dy_head)[0]
+        if integer_importance:
+            # Exact arithmetic here, so ties must resolve to the cheapest optimal selection.
+            assert sel.flops == costs[feasible & (values == best)].min()
+        checked += 1
+    assert checked > 200
+
+
+costs_st = st.floats(0, 1e6, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def instances(draw):
+    n = draw(st.integers(1, 8))
+    importance = np.array(draw(st.lists(st.floats(-10, 10), min_size=n, max_size=n)))
+    t_dw = np.array(draw(st.lists(costs_st, min_size=n, max_size=n)))
+    t_dy = np.array(draw(st.lists(costs_st, min_size=n, max_size=n)))
+    forward = draw(costs_st)
+    dy_head = draw(st.floats(0, 1e4))
+    all_cost = forward + dy_head + t_dy[:-1].sum() + t_dw.sum()
+    assume(all_cost > 0)
+    full = all_cost * draw(st.sampled_from([1.0, 1.0, 1.3]))
+    resolution = draw(st.integers(1, 300))
+    return importance, t_dw, t_dy, forward, dy_head, full, resolution
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances(), st.floats(1e-3, 0.999))
+def test_selection_is_consistent_and_within_budget(instance, rho: float) -> None:
+    importance, t_dw, t_dy, forward, dy_head, full, resolution = instance
+    kwargs = {"full_flops": full, "dy_head": dy_head, "resolution": resolution}
+    if rho < min_feasible_rho(t_dw, t_dy, forward, full_flops=full, dy_head=dy_head):
+        with pytest.raises(ValueError, match="smallest feasible rho"):
+            select_units(importance, t_dw, t_dy, forward, rho, **kwargs)
+        return
+    sel = select_units(importance, t_dw, t_dy, forward, rho, **kwargs)
+    assert sel.mask.dtype == bool and sel.mask.shape == importance.shape
+    assert sel.flops <= rho * full * (1 + RTOL)
+    assert sel.budget == rho * full and sel.full_flops == full and sel.rho == rho
+    assert not np.any(importance[sel.mask] <= 0)
+    assert sel.importance == pytest.approx(importance[sel.mask].sum())
+    assert sel.flops == selection_flops(sel.mask, t_dw, t_dy, forward, dy_head)
+    assert sel.backward_flops == selection_backward_flops(sel.mask, t_dw, t_dy, dy_head)
+    assert sel.ratio == pytest.approx(sel.flops / full)
+    assert sel.deepest == (int(np.flatnonzero(sel.mask)[-1]) if sel.mask.any() else None)
+    if not np.any(importance > 0):
+        assert not sel.mask.any() and sel.flops == forward
+
+
+@settings(max_examples=150, deadline=None)
+@given(instances(), st.lists(st.floats(1e-3, 0.999), min_size=2, max_size=5))
+def test_optimum_is_monotone_in_rho(instance, rhos: list[float]) -> None:
+    importance, t_dw, t_dy, forward, dy_head, full, resolution = instance
+    min_rho = min_feasible_rho(t_dw, t_dy, forward, full_flops=full, dy_head=dy_head)
+    rhos = sorted(r for r in rhos if r >= min_rho)
+    values = [
+        select_units(
+            importance, t_dw, t_dy, forward, r, full_flops=full, dy_head=dy_head, resolution=resolution
+        ).importance
+        for r in rhos
+    ]
+    assert all(a <= b for a, b in itertools.pairwise(values))
+
+
+def test_rho_at_least_one_selects_everything() -> None:
+    importance = np.array([-1.0, 0.0, 2.0])
+    t_dw, t_dy = np.array([1.0, 2.0, 3.0]), np.array([1.0, 1.0, 1.0])
+    for rho in (1.0, 1.5):
+        sel = select_units(importance, t_dw, t_dy, 10.0, rho)
+        assert sel.mask.all()
+        assert sel.flops == sel.full_flops == 10 + 2 + 6
+        assert sel.importance == 1.0 and sel.ratio == 1.0 and sel.deepest == 2
+
+
+def test_rho_below_floor_names_min_feasible_rho() -> None:
+    t_dw = np.array([5.0, 3.0, 40.0])
+    t_dy = np.array([4.0, 6.0, 0.0])
+    forward = 30.0
+    min_rho = min_feasible_rho(t_dw, t_dy, forward)
+    assert min_rho == pytest.approx(min_unit_costs(t_dw, t_dy, forward).min() / (30 + 10 + 48))
+    for rho in (0.12, forward / 88 * 0.99, min_rho * 0.999):
+        with pytest.raises(ValueError, match="smallest feasible rho") as excinfo:
+            select_units([1.0, 1.0, 1.0], t_dw, t_dy, forward, rho)
+        numbers = re.findall(r"feasible rho (\d+\.\d{4})", str(excinfo.value))
+        assert numbers and abs(float(numbers[0]) - min_rho) <= 1e-4
+        assert f"raise rho to at least {numbers[0]}" in str(excinfo.value)
+        assert float(numbers[0]) >= min_rho  # following the advice must work
+        select_units([1.0, 1.0, 1.0], t_dw, t_dy, forward, float(numbers[0]))
+    sel = select_units([1.0, 1.0, 1.0], t_dw, t_dy, forward, min_rho)
+    assert sel.mask.sum() == 1
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_importance_raises_with_indices(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"\[1, 3\]"):
+        select_units([1.0, bad, 2.0, bad], [1.0] * 4, [1.0] * 4, 1.0, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("importance", "t_dw", "t_dy"),
+    [([1.0, 2.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]), ([1.0, 2.0], [1.0, 1.0], [1.0]), ([], [], [])],
+)
+def test_length_mismatch_or_empty_raises(importance, t_dw, t_dy) -> None:
+    with pytest.raises(ValueError):
+        select_units(importance, t_dw, t_dy, 1.0, 0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rho": 0.0},
+        {"rho": -0.5},
+        {"rho": math.nan},
+        {"rho": math.inf},
+        {"resolution": 0},
+        {"resolution": 2.5},
+        {"t_dw": [1.0, -1.0]},
+        {"t_dy": [1.0, math.nan]},
+        {"forward_flops": -1.0},
+        {"full_flops": 1.0},
+    ],
+)
+def test_invalid_arguments_raise(kwargs) -> None:
+    args = {"importance": [1.0, 1.0], "t_dw": [1.0, 1.0], "t_dy": [1.0, 1.0], "forward_flops": 1.0, "rho": 0.5}
+    args.update(kwargs)
+    with pytest.raises(ValueError):
+        select_units(**args)
+
+
+def test_non_positive_importance_gives_empty_selection() -> None:
+    sel = select_units([-1.0, 0.0, -3.0], [1.0, 2.0, 3.0], [1.0, 1.0, 1.0], 10.0, 0.9)
+    assert not sel.mask.any() and sel.deepest is None
+    assert sel.flops == 10.0 and sel.backward_flops == 0.0 and sel.importance == 0.0
+
+
+def test_zero_importance_units_are_skipped_even_if_free() -> None:
+    sel = select_units([0.0, 1.0, 0.0], [0.0, 1.0, 5.0], [0.0, 0.0, 0.0], 1.0, 0.5)
+    assert sel.mask.tolist() == [False, True, False]
+
+
+def test_deep_unit_chosen_only_when_its_dy_path_is_affordable() -> None:
+    # Unit 2 (deepest, e.g. the embedding) is worth more than units 0 and 1 together, but training it means
+    # propagating the activation gradient through units 0 and 1 as well.
+    importance = [1.0, 1.5, 5.0]
+    t_dw = [1.0, 1.0, 1.0]
+    forward = 10.0
+    cheap_path = select_units(importance, t_dw, [1.0, 1.0, 0.0], forward, 13 / 15, resolution=5)
+    assert cheap_path.mask.tolist() == [False, False, True]  # 10 + 2 (dy path) + 1 = 13 <= 13
+    # Same budget, but unit 1's activation gradient is now expensive: unit 2 alone would cost 10 + 11 + 1 = 22.
+    costly_path = select_units(importance, t_dw, [1.0, 10.0, 0.0], forward, 13 / 24, resolution=14)
+    assert costly_path.mask.tolist() == [True, True, False]  # 10 + 1 + 2 = 13 <= 13
+    # With enough budget the deep unit wins again, together with the best of what still fits.
+    roomy = select_units(importance, t_dw, [1.0, 10.0, 0.0], forward, 23 / 24, resolution=14)
+    assert roomy.mask.tolist() == [False, True, True]  # 10 + 11 + 2 = 23
+    assert roomy.importance == 6.5
+
+
+def test_selection_is_immutable_and_helpers_check_masks() -> None:
+    sel = select_units([1.0, 2.0], [1.0, 1.0], [1.0, 1.0], 1.0, 0.8)
+    assert isinstance(sel, Selection)
+    with pytest.raises(ValueError):
+        sel.mask[0] = True
+    with pytest.raises(TypeError):
+        selection_flops([0, 1], [1.0, 1.0], [1.0, 1.0], 1.0)
+    with pytest.raises(ValueError):
+        selection_flops([True], [1.0, 1.0], [1.0, 1.0], 1.0)
+    assert selection_backward_flops([False, False], [1.0, 1.0], [1.0, 1.0], dy_head=5.0) == 0.0
+    assert selection_backward_flops([False, True], [1.0, 2.0], [3.0, 4.0], dy_head=5.0) == 5 + 3 + 2
