@@ -1,0 +1,448 @@
+"""Tests for peft_greentrainer.importance: exact optimizer updates, importance values, no side effects."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+from peft_greentrainer.importance import compute_importance, optimizer_update
+from peft_greentrainer.units import Unit, lora_units, tensor_units
+
+VOCAB = 64
+
+
+def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def tiny_opt(seed: int = 0, dropout: float = 0.0) -> transformers.OPTForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.OPTConfig(
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+        dropout=dropout,
+        attention_dropout=dropout,
+        tie_word_embeddings=True,
+    )
+    return transformers.OPTForCausalLM(config)
+
+
+def make_batches(n: int = 2, seed: int = 1, batch_size: int = 2, seq_len: int = 8) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (batch_size, seq_len), generator=gen)
+        batches.append({"input_ids": ids, "labels": ids})
+    return batches
+
+
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: int = 7) -> None:
+    for batch in make_batches(steps, seed=seed):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    optimizer.zero_grad()
+
+
+def mean_grads(model: torch.nn.Module, params: list[torch.Tensor], batches) -> list[torch.Tensor]:
+    """Reference gradients: plain autograd on the unmodified model, averaged over batches."""
+    sums = [torch.zeros_like(p) for p in params]
+    for batch in batches:
+        grads = torch.autograd.grad(model(**batch).loss, params, allow_unused=True)
+        for acc, g in zip(sums, grads, strict=True):
+            if g is not None:
+                acc += g
+    return [s / len(batches) for s in sums]
+
+
+def two_groups(model: torch.nn.Module) -> list[dict]:
+    """Matrices at the optimizer default lr; vectors (norms) in a second group with their own lr and no decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2]},
+        {"params": [p for p in params if p.ndim < 2], "lr": 3e-3, "weight_decay": 0.0},
+    ]
+
+
+OPTIMIZERS = {
+    "adamw": lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1),
+    "adamw_amsgrad_maximize": lambda groups: torch.optim.AdamW(groups, lr=1e-2, amsgrad=True, maximize=True),
+    "adam_l2": lambda groups: torch.optim.Adam(groups, lr=1e-2, weight_decay=0.1),
+    "adam_amsgrad_tensor_lr": lambda groups: torch.optim.Adam(
+        groups, lr=torch.tensor(1e-2), betas=(0.5, 0.9), amsgrad=True, foreach=False
+    ),
+    "sgd_nesterov": lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "sgd_dampening_maximize": lambda groups: torch.optim.SGD(
+        groups, lr=0.1, momentum=0.9, dampening=0.3, maximize=True
+    ),
+    "sgd_plain": lambda groups: torch.optim.SGD(groups, lr=0.1),
+}
+
+
+def real_step_change(model, optimizer, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Parameter change of a real optimizer.step() on a deep copy of (model, optimizer) with .grad set."""
+    model_copy, opt_copy = copy.deepcopy((model, optimizer))
+    params = dict(model_copy.named_parameters())
+    for name, g in grads.items():
+        params[name].grad = g.clone()
+    before = {name: p.detach().clone() for name, p in params.items()}
+    opt_copy.step()
+    return {name: params[name].detach() - before[name] for name in grads}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optimizer_update exactness
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_optimizer_update_matches_real_step(kind: str, steps: int) -> None:
+    model = tiny_llama().double()  # float64: the real step's parameter difference is then exact enough for rtol 1e-5
+    optimizer = OPTIMIZERS[kind](two_groups(model))
+    train_steps(model, optimizer, steps)
+    assert (len(optimizer.state) > 0) == (steps > 0 and kind != "sgd_plain")
+
+    named = dict(model.named_parameters())
+    grads = dict(zip(named, mean_grads(model, list(named.values()), make_batches(1, seed=3)), strict=True))
+    expected = real_step_change(model, optimizer, grads)
+    for name, param in named.items():
+        delta = optimizer_update(param, grads[name], optimizer)
+        assert delta.dtype == torch.float64 and delta.shape == param.shape
+        torch.testing.assert_close(delta, expected[name], rtol=1e-5, atol=1e-12, msg=name)
+
+
+def test_optimizer_update_float32_model_adamw() -> None:
+    model = tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    train_steps(model, optimizer, 2)
+    named = dict(model.named_parameters())
+    grads = dict(zip(named, mean_grads(model, list(named.values()), make_batches(1, seed=3)), strict=True))
+    expected = real_step_change(model, optimizer, grads)
+    for name, param in named.items():
+        delta = optimizer_update(param, grads[name], optimizer)
+        # The real change w_new - w_old carries float32 rounding of |w|: allow a few ulps of the weights.
+        atol = 4 * torch.finfo(torch.float32).eps * param.detach().abs().max().item()
+        torch.testing.assert_close(delta, expected[name], rtol=1e-5, atol=atol, msg=name)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    adamw=st.booleans(),
+    amsgrad=st.booleans(),
+    maximize=st.booleans(),
+    weight_decay=st.sampled_from([0.0, 0.01, 0.3]),
+    beta1=st.sampled_from([0.0, 0.3, 0.9]),
+    beta2=st.sampled_from([0.5, 0.999]),
+    steps=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_adam_update_property(adamw, amsgrad, maximize, weight_decay, beta1, beta2, steps, seed) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    param = torch.nn.Parameter(torch.randn(5, 3, generator=gen, dtype=torch.float64))
+    cls = torch.optim.AdamW if adamw else torch.optim.Adam
+    opt = cls([param], lr=0.05, betas=(beta1, beta2), weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+    for _ in range(steps):
+        param.grad = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+        opt.step()
+    g = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    delta = optimizer_update(param, g, opt)
+    before = param.detach().clone()
+    param.grad = g
+    opt.step()
+    torch.testing.assert_close(delta, param.detach() - before, rtol=1e-5, atol=1e-12)
+
+
+def test_optimizer_update_leaves_optimizer_untouched() -> None:
+    param = torch.nn.Parameter(torch.randn(4))
+    opt = torch.optim.AdamW([param])
+    optimizer_update(param, torch.randn(4), opt)  # empty state: must not insert an entry into the defaultdict
+    assert len(opt.state) == 0
+    param.grad = torch.randn(4)
+    opt.step()
+    state = {k: v.clone() for k, v in opt.state[param].items()}
+    optimizer_update(param, torch.randn(4), opt)
+    for key, value in state.items():
+        assert torch.equal(opt.state[param][key], value)
+
+
+def test_optimizer_update_fallbacks(caplog: pytest.LogCaptureFixture) -> None:
+    param, stranger = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    g = torch.randn(3)
+    with pytest.raises(ValueError, match="lr"):
+        optimizer_update(param, g, None)
+    torch.testing.assert_close(optimizer_update(param, g, None, lr=0.5), -0.5 * g)
+    torch.testing.assert_close(optimizer_update(param, g, None, lr=torch.tensor(0.5)), -0.5 * g)
+
+    opt = torch.optim.AdamW([param], lr=0.2)
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.importance"):
+        torch.testing.assert_close(optimizer_update(stranger, g, opt), -0.2 * g)  # first group's lr
+        torch.testing.assert_close(optimizer_update(stranger, g, opt, lr=0.5), -0.5 * g)
+    assert caplog.records
+
+    caplog.clear()
+    adagrad = torch.optim.Adagrad([param], lr=0.3)
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.importance"):
+        torch.testing.assert_close(optimizer_update(param, g, adagrad), -0.3 * g)
+    assert len(caplog.records) == 1 and "Adagrad" in caplog.records[0].getMessage()
+
+
+def test_optimizer_update_upcasts_half_precision() -> None:
+    param = torch.nn.Parameter(torch.randn(8).to(torch.bfloat16))
+    opt = torch.optim.AdamW([param], lr=1e-3)
+    delta = optimizer_update(param, torch.full((8,), 1e-30).to(torch.bfloat16), opt)
+    assert delta.dtype == torch.float32 and torch.isfinite(delta).all()
+
+
+def test_optimizer_update_unwraps_wrapper() -> None:
+    """Wrappers exposing the real optimizer as ``.optimizer`` (accelerate's AcceleratedOptimizer) are unwrapped."""
+
+    class Wrapper(torch.optim.Optimizer):
+        def __init__(self, inner: torch.optim.Optimizer) -> None:
+            self.optimizer = inner
+
+        @property
+        def param_groups(self):
+            return self.optimizer.param_groups
+
+        @property
+        def state(self):
+            return self.optimizer.state
+
+    param = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    opt = torch.optim.AdamW([param], lr=0.1)
+    g = torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(optimizer_update(param, g, Wrapper(opt)), optimizer_update(param, g, opt))
+    assert not torch.allclose(optimizer_update(param, g, opt), -0.1 * g)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compute_importance
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def hand_importance(model, units, batches, optimizer, lr=None) -> np.ndarray:
+    out = []
+    for unit in units:
+        params = list({id(p): p for p in unit.parameters(model)}.values())
+        grads = mean_grads(model, params, batches)
+        total = 0.0
+        for p, g in zip(params, grads, strict=True):
+            delta = optimizer_update(p, g, optimizer, lr=lr)
+            total += -(g.float() * delta).sum().item()
+        out.append(total)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("with_optimizer", [True, False])
+def test_importance_matches_hand_computation(with_optimizer: bool) -> None:
+    model = tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    train_steps(model, optimizer, 2)
+    units = tensor_units(model)
+    batches = make_batches(2)
+    opt = optimizer if with_optimizer else None
+    lr = None if with_optimizer else 1e-3
+
+    got = compute_importance(model, units, batches, opt, lr=lr)
+    expected = hand_importance(model, units, batches, opt, lr=lr)
+    assert got.dtype == np.float64 and got.shape == (len(units),)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    if not with_optimizer:
+        assert (got >= 0).all() and (got > 0).any()  # lr * ||g||^2
+
+
+def test_tied_embedding_counts_once() -> None:
+    model = tiny_opt()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_steps(model, optimizer, 1)
+    units = tensor_units(model)
+    tied = next(u for u in units if u.aliases)
+    assert tied.name == "model.decoder.embed_tokens.weight" and "lm_head.weight" in tied.aliases
+    both_names = Unit(name="tied", param_names=(tied.name, *tied.aliases))  # same tensor listed twice
+
+    batches = make_batches(2)
+    got = compute_importance(model, [tied, both_names], batches, optimizer)
+    expected = hand_importance(model, [tied], batches, optimizer)[0]
+    assert got[0] == got[1]
+    np.testing.assert_allclose(got[0], expected, rtol=1e-4)
+
+
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    def clone(value):
+        return value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
+        "grads": {n: (None if p.grad is None else (id(p.grad), p.grad.clone())) for n, p in model.named_parameters()},
+        "state": {names[id(p)]: {k: clone(v) for k, v in s.items()} for p, s in optimizer.state.items()},
+        "groups": [
+            {k: ([names[id(p)] for p in v] if k == "params" else clone(v)) for k, v in g.items()}
+            for g in optimizer.param_groups
+        ],
+        "rng": torch.get_rng_state(),
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def assert_same(a, b, path: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for key in a:
+            assert_same(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, list | tuple):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_no_side_effects() -> None:
+    model = tiny_opt(dropout=0.1)  # dropout active in train mode: exercises the RNG fork
+    model.model.decoder.embed_positions.weight.requires_grad_(False)
+    model.model.decoder.layers[0].fc1.bias.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=torch.tensor(1e-3))
+    model.train()
+    train_steps(model, optimizer, 2)
+    model.model.decoder.layers[0].self_attn_layer_norm.eval()  # mixed modes must survive too
+    # .grad: some None, some set (one of them on a frozen tensor).
+    model.model.decoder.layers[1].fc2.weight.grad = torch.randn_like(model.model.decoder.layers[1].fc2.weight)
+    model.model.decoder.embed_positions.weight.grad = torch.ones_like(model.model.decoder.embed_positions.weight)
+    assert any(p.grad is None for p in model.parameters())
+
+    units = tensor_units(model)
+    before = snapshot(model, optimizer)
+    mask = np.array([i % 3 != 0 for i in range(len(units))])
+    first = compute_importance(model, units, make_batches(2), optimizer)
+    assert_same(before, snapshot(model, optimizer))
+    compute_importance(model, units, make_batches(2), optimizer, candidates=mask)
+    assert_same(before, snapshot(model, optimizer))
+    # Forked RNG: same dropout masks each call, so the result is reproducible.
+    np.testing.assert_array_equal(first, compute_importance(model, units, make_batches(2), optimizer))
+
+    def failing_loss(model, batch):
+        model(**batch)  # draws dropout masks, then fails mid-evaluation
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        compute_importance(model, units, make_batches(2), optimizer, loss_fn=failing_loss)
+    assert_same(before, snapshot(model, optimizer))
+
+
+def test_candidates_mask_skips_work() -> None:
+    model = tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train_steps(model, optimizer, 1)
+    units = tensor_units(model)
+    mask = np.array([any(k in u.name for k in ("layers.1.", "model.norm", "lm_head")) for u in units])
+    assert 0 < mask.sum() < len(units)
+
+    seen: list[tuple[bool, bool]] = []
+
+    def hook(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        seen.append((out.requires_grad, module.self_attn.q_proj.weight.requires_grad))
+
+    handle = model.model.layers[0].register_forward_hook(hook)
+    try:
+        with FlopCounterMode(display=False) as full_counter:
+            full = compute_importance(model, units, make_batches(1), optimizer)
+        full_seen, seen[:] = list(seen), []
+        with FlopCounterMode(display=False) as part_counter:
+            part = compute_importance(model, units, make_batches(1), optimizer, candidates=mask)
+        part_seen = list(seen)
+    finally:
+        handle.remove()
+
+    assert (part[~mask] == 0.0).all()
+    np.testing.assert_allclose(part[mask], full[mask], rtol=1e-5)
+    assert np.isfinite(full).all() and (full[~mask] != 0).any()
+    # With all candidates layer 0 is on the backward path; without, nothing below layer 1 needs a gradient.
+    assert full_seen == [(True, True)]
+    assert part_seen == [(False, False)]
+    assert part_counter.get_total_flops() < full_counter.get_total_flops()
+    assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_lora_units() -> None:
+    base = tiny_llama()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    units = lora_units(model)
+    assert len(units) == 4
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    fresh = compute_importance(model, units, make_batches(2), optimizer)  # empty state, lora_B == 0
+    assert fresh.shape == (4,) and np.isfinite(fresh).all()
+    assert (fresh >= 0).all() and (fresh > 0).any()
+
+    train_steps(model, optimizer, 2)
+    trained = compute_importance(model, units, make_batches(2), optimizer)
+    assert trained.shape == (4,) and np.isfinite(trained).all()
+    np.testing.assert_allclose(trained, hand_importance(model, units, make_batches(2), optimizer), rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_is_finite(dtype: torch.dtype) -> None:
+    model = tiny_llama().to(dtype)
+    # Real half-precision AdamW steps need a representable eps (1e-8 underflows to 0 in fp16 and torch's own step
+    # then divides 0 by 0); importance must stay finite with the default eps, since it computes in float32.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-4)
+    units = tensor_units(model)
+    optimizer.param_groups[0]["eps"] = 1e-8
+    empty = compute_importance(model, units, make_batches(2), optimizer)
+    optimizer.param_groups[0]["eps"] = 1e-4
+    train_steps(model, optimizer, 2)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    optimizer.param_groups[0]["eps"] = 1e-8
+    trained = compute_importance(model, units, make_batches(2), optimizer)
+    plain = compute_importance(model, units, make_batches(2), lr=1e-3)
+    for result in (empty, trained, plain):
+        assert result.dtype == np.float64 and np.isfinite(result).all() and (result != 0).any()
+
+
+def test_errors_and_unknown_optimizer(caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_llama()
+    units = tensor_units(model)
+    with pytest.raises(ValueError, match="lr"):
+        compute_importance(model, units, make_batches(1))
+    with pytest.raises(ValueError, match="candidates"):
+        compute_importance(model, units, make_batches(1), lr=1e-3, candidates=[True])
+    with pytest.raises(ValueError, match="empty"):
+        compute_importance(model, units, [], lr=1e-3)
+    assert (compute_importance(model, units, make_batches(1), lr=1e-3, candidates=[False] * len(units)) == 0).all()
+
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.01)
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.importance"):
+        result = compute_importance(model, units, make_batches(1), optimizer)
+    records = [r for r in caplog.records if r.name == "peft_greentrainer.importance"]
+    assert len(records) == 1 and "Adagrad" in records[0].getMessage()
+    assert np.isfinite(result).all() and (result >= 0).all()
+    np.testing.assert_allclose(result, compute_importance(model, units, make_batches(1), lr=0.01), rtol=1e-6)

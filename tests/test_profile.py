@@ -1,0 +1,168 @@
+"""The cost profile predicts what autograd really does, checked against FlopCounterMode on real backward passes."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import tiny_batch, tiny_config, tiny_model
+from torch.utils.flop_counter import FlopCounterMode
+
+from peft_greentrainer.profile import dummy_batch, measure_flops, profile_model
+from peft_greentrainer.units import tensor_units
+
+# Per architecture, test-side only: how to name "the last block", "one tensor type", and the LM head.
+SELECTIONS = {
+    "llama": (r"layers\.2\.", r"self_attn\.v_proj\.weight", r"^lm_head"),
+    "opt": (r"layers\.2\.", r"self_attn\.v_proj\.weight", r"embed_tokens"),
+    "bloom": (r"\.h\.2\.", r"mlp\.dense_4h_to_h\.weight", r"word_embeddings\.weight"),
+    "gpt2": (r"\.h\.2\.", r"attn\.c_attn\.weight", r"wte"),
+    "t5": (r"decoder\.block\.1\.", r"SelfAttention\.v\.weight", r"^shared"),
+}
+
+
+def _check(predicted: float, measured: float, what: str) -> None:
+    assert predicted >= measured * 0.98, f"{what}: under-predicted {predicted:.4g} < measured {measured:.4g}"
+    assert predicted <= measured * 1.10, f"{what}: over-predicted {predicted:.4g} > 1.1 x measured {measured:.4g}"
+
+
+def _masks(costs, patterns, seed=0):
+    last_block, tensor_type, head = patterns
+    names = [unit.name for unit in costs.units]
+    rng = np.random.default_rng(seed)
+    masks = {
+        "last block": [bool(re.search(last_block, n)) for n in names],
+        "one tensor type": [bool(re.search(tensor_type, n)) for n in names],
+        "lm head": [bool(re.search(head, n)) for n in names],
+        "random": list(rng.random(len(names)) < 0.3),
+        "random sparse": list(rng.random(len(names)) < 0.08),
+    }
+    for name, mask in masks.items():
+        assert any(mask), f"pattern for {name!r} matched nothing"
+    return {k: np.array(v) for k, v in masks.items()}
+
+
+def _trainable(costs, mask):
+    return [p for unit, selected in zip(costs.units, mask, strict=True) if selected for p in unit.param_names]
+
+
+def test_prediction_matches_measured_backward(arch):
+    model = tiny_model(arch)
+    batch = tiny_batch(model)
+    profile = profile_model(model, batch)
+    costs = profile.unit_costs(tensor_units(model))
+
+    forward, full_backward = measure_flops(model, batch, [n for n, _ in model.named_parameters()])
+    assert profile.forward_flops == pytest.approx(forward, rel=1e-9)
+    assert profile.full_backward_flops == pytest.approx(full_backward, rel=0.02)
+    assert costs.predicted_backward(np.ones(len(costs.units), bool)) == pytest.approx(full_backward, rel=0.02)
+
+    for name, mask in _masks(costs, SELECTIONS[arch]).items():
+        _, measured = measure_flops(model, batch, _trainable(costs, mask))
+        _check(costs.predicted_backward(mask), measured, f"{arch} {name}")
+
+
+@pytest.mark.slow
+def test_opt_2_7b_on_meta_device():
+    config = transformers.OPTConfig(
+        hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32, word_embed_proj_dim=2560
+    )
+    with torch.device("meta"):
+        model = transformers.OPTForCausalLM(config)
+    model.train()
+    batch = dummy_batch(config, batch_size=4, seq_len=512)
+    profile = profile_model(model, batch)
+    costs = profile.unit_costs(tensor_units(model))
+    assert profile.forward_flops == pytest.approx(1.118e13, rel=1e-3)  # the figure FlopCounterMode gives
+    _, full = measure_flops(model, batch, [n for n, _ in model.named_parameters()])
+    assert profile.full_backward_flops == pytest.approx(full, rel=0.02)
+    patterns = (r"layers\.3[01]\.", r"fc1\.weight", r"embed_tokens")
+    for name, mask in _masks(costs, patterns).items():
+        _, measured = measure_flops(model, batch, _trainable(costs, mask))
+        _check(costs.predicted_backward(mask), measured, f"opt-2.7b {name}")
+
+
+def test_sdpa_and_eager_attention_count_the_same_forward_flops():
+    """The CPU flash kernel counts 0 FLOPs in stock torch; our registered formula makes it agree with eager."""
+    counts = {}
+    for implementation in ("eager", "sdpa"):
+        model = tiny_model("llama", attn_implementation=implementation)
+        batch = tiny_batch(model)
+        with FlopCounterMode(display=False) as counter:
+            model(**batch).loss.backward()
+        counts[implementation] = counter.get_total_flops()
+    ops = {str(k) for k in counter.get_flop_counts()["Global"]}
+    assert any("flash_attention_for_cpu" in op for op in ops), ops  # the sdpa run really took the CPU kernel
+    forward_eager, _ = measure_flops(tiny_model("llama", attn_implementation="eager"), batch)
+    forward_sdpa, _ = measure_flops(tiny_model("llama", attn_implementation="sdpa"), batch)
+    assert forward_sdpa == forward_eager
+    assert counts["sdpa"] == pytest.approx(counts["eager"], rel=0.3)  # backward formulas differ slightly (recompute)
+
+
+def test_tied_embedding_is_one_unit_costing_the_whole_depth():
+    model = tiny_model("opt")
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight
+    units = tensor_units(model)
+    tied = [u for u in units if "lm_head.weight" in (u.name, *u.aliases)]
+    assert len(tied) == 1
+    costs = profile_model(model, tiny_batch(model)).unit_costs(units)
+    position = costs.index(tied[0].name)
+    assert position >= len(costs.units) - 3  # deepest use: the input embedding at the very bottom
+    # its weight gradient includes the LM head matmul, the largest one in this model
+    assert costs.t_dw[position] == costs.t_dw.max()
+
+
+def test_encoder_decoder_backward_order_and_costs():
+    model = tiny_model("t5")
+    costs = profile_model(model, tiny_batch(model)).unit_costs(tensor_units(model))
+    names = [u.name for u in costs.units]
+    blocks = [(m.group(1), int(m.group(2))) for n in names if (m := re.search(r"(encoder|decoder)\.block\.(\d+)", n))]
+    stacks = [stack for stack, _ in blocks]
+    assert stacks == sorted(stacks)  # all decoder units come before all encoder units
+    for stack in ("decoder", "encoder"):
+        layers = [layer for s, layer in blocks if s == stack]
+        assert layers == sorted(layers, reverse=True)  # top to bottom
+    # training the top encoder block pays the decoder path the gradient must cross
+    top_encoder = next(i for i, n in enumerate(names) if n.startswith("encoder.block.1."))
+    bottom_decoder = max(i for i, n in enumerate(names) if n.startswith("decoder.block.0."))
+    dy_to_encoder = costs.dy_head + costs.t_dy[:top_encoder].sum()
+    assert dy_to_encoder > costs.dy_head + costs.t_dy[:bottom_decoder].sum() > 0
+
+
+def test_biases_norms_and_attention_scores_are_accounted():
+    model = tiny_model("opt")
+    batch = tiny_batch(model)
+    profile = profile_model(model, batch)
+    costs = profile.unit_costs(tensor_units(model))
+    names = [u.name for u in costs.units]
+    # biases and norm weights are units with a place in the backward order, not dropped
+    assert any(n.endswith("q_proj.bias") for n in names)
+    assert any("layer_norm.weight" in n for n in names)
+    assert len(costs.units) == sum(1 for p in model.parameters())
+    # attention-score matmuls have no parameter, yet their backward is part of the dy path
+    score_ops = [op for op in profile.ops if not op.dw and op.dy]
+    assert score_ops, "parameter-free ops (attention scores) carry activation-gradient cost"
+
+
+def test_profile_has_no_side_effects():
+    model = tiny_model("llama")
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    profile_model(model, tiny_batch(model))
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_dummy_batch_shapes():
+    config = tiny_config("t5")
+    batch = dummy_batch(config, batch_size=3, seq_len=10, target_len=4, device="cpu")
+    assert batch["input_ids"].shape == (3, 10) and batch["labels"].shape == (3, 4)
+    batch = dummy_batch(tiny_config("llama"), batch_size=2, seq_len=5)
+    assert batch["input_ids"].device.type == "meta"
