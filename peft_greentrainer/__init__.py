@@ -1,7 +1,30 @@
-"""peft-greentrainer: GreenTrainer for Hugging Face PEFT."""
+"""peft-greentrainer: GreenTrainer for Hugging Face PEFT.
+
+Importing the package registers the method with PEFT (``get_peft_model(model, GreenTrainerConfig(...))``) and the
+FLOP formulas FlopCounterMode lacks. The algorithm flows: units -> profile -> importance -> selector -> model
+-> callback.
+"""
 
 from .flops import register_flop_formulas
 
 register_flop_formulas()
 
+from .config import GreenTrainerConfig  # noqa: E402
+from .model import GreenTrainerModel, GreenTrainerState, export_lora_adapter, save_adapter  # noqa: E402
+from .registration import register  # noqa: E402
+
+register(GreenTrainerConfig, GreenTrainerModel)
+
+from .callback import GreenTrainerCallback  # noqa: E402
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "GreenTrainerCallback",
+    "GreenTrainerConfig",
+    "GreenTrainerModel",
+    "GreenTrainerState",
+    "export_lora_adapter",
+    "register_flop_formulas",
+    "save_adapter",
+]

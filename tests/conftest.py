@@ -18,20 +18,41 @@ def tiny_config(arch: str, **overrides):
     """Config of a ~100k-parameter model of the given architecture."""
     configs = {
         "llama": lambda: transformers.LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
         ),
         "opt": lambda: transformers.OPTConfig(
-            hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4, vocab_size=VOCAB,
-            word_embed_proj_dim=64, max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            word_embed_proj_dim=64,
+            max_position_embeddings=128,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
         ),
         "bloom": lambda: transformers.BloomConfig(hidden_size=64, n_layer=3, n_head=4, vocab_size=VOCAB),
         "gpt2": lambda: transformers.GPT2Config(
             n_embd=64, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=0, eos_token_id=0
         ),
         "t5": lambda: transformers.T5Config(
-            d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16, vocab_size=VOCAB,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+            d_model=64,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            d_kv=16,
+            vocab_size=VOCAB,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
         ),
     }
     config = configs[arch]()

@@ -1,0 +1,180 @@
+"""``GreenTrainerCallback``: runs GreenTrainer's selections inside ``transformers.Trainer``.
+
+It selects before the first step and every ``selection_interval`` epochs (or ``selection_interval_steps`` steps),
+from its own sample of the training set (the Trainer's data order is not disturbed), adds the current selection's
+figures to every Trainer log (so TensorBoard / W&B / the console receive them), and saves its state in checkpoints
+so that ``trainer.train(resume_from_checkpoint=...)`` continues with the same selection instead of re-selecting.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import DefaultFlowCallback, ExportableState
+
+from .model import GreenTrainerModel, GreenTrainerState
+
+logger = logging.getLogger(__name__)
+
+LOG_PREFIX = "greentrainer/"
+
+
+def find_tuner(model: torch.nn.Module) -> GreenTrainerModel:
+    """The GreenTrainer tuner inside a PeftModel (possibly wrapped by DDP / accelerate)."""
+    for module in (model, getattr(model, "module", None), getattr(model, "base_model", None)):
+        if isinstance(module, GreenTrainerModel):
+            return module
+        if module is not None and isinstance(getattr(module, "base_model", None), GreenTrainerModel):
+            return module.base_model
+    raise TypeError(
+        "GreenTrainerCallback needs a model made with get_peft_model(model, GreenTrainerConfig(...)); "
+        f"got {type(model).__name__}."
+    )
+
+
+class GreenTrainerCallback(TrainerCallback, ExportableState):
+    """Selects the units to train during ``Trainer.train``.
+
+    Args:
+        loss_fn: ``loss_fn(model, batch) -> loss`` used for importance; defaults to ``model(**batch).loss``, which is
+            what the Trainer optimizes unless it was given a custom ``compute_loss``.
+        selected: Restored from a checkpoint: the unit names selected when it was written.
+        last_selection_epoch / last_selection_step: Restored from a checkpoint: when the last selection happened.
+        state: Restored from a checkpoint: the model's ``GreenTrainerState`` as a dict.
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor] | None = None,
+        *,
+        selected: list[str] | None = None,
+        last_selection_epoch: int = -1,
+        last_selection_step: int = -1,
+        state: dict | None = None,
+    ):
+        self.loss_fn = loss_fn
+        self.selected = selected
+        self.last_selection_epoch = last_selection_epoch
+        self.last_selection_step = last_selection_step
+        self.saved_state = state
+
+    # ExportableState: written to trainer_state.json in every checkpoint, given back to __init__ on resume.
+    def state(self) -> dict:
+        return {
+            "args": {
+                "selected": self.selected,
+                "last_selection_epoch": self.last_selection_epoch,
+                "last_selection_step": self.last_selection_step,
+                "state": self.saved_state,
+            },
+            "attributes": {},
+        }
+
+    # ------------------------------------------------------------------ events
+    def on_init_end(self, args, state, control, **kwargs):
+        self._report_before_integrations()
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._report_before_integrations()
+        tuner = find_tuner(kwargs["model"])
+        if state.global_step > 0 and self.selected is not None:  # resuming: same selection, no new importance
+            if self.saved_state:
+                tuner.greentrainer_state = GreenTrainerState.from_dict(self.saved_state)
+            tuner.restore_selection(self.selected)
+            logger.info(
+                "GreenTrainer resumed the selection of %d units at step %d.", len(self.selected), state.global_step
+            )
+            return
+        self._select(args, state, tuner, kwargs)
+
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        tuner = find_tuner(kwargs["model"])
+        if tuner.greentrainer_config.selection_interval_steps is not None:
+            return
+        epoch = math.floor((state.epoch or 0.0) + 1e-6)
+        if epoch > self.last_selection_epoch and epoch % tuner.greentrainer_config.selection_interval == 0:
+            self._select(args, state, tuner, kwargs)
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        tuner = find_tuner(kwargs["model"])
+        interval = tuner.greentrainer_config.selection_interval_steps
+        if interval is None or state.global_step == self.last_selection_step:
+            return
+        if state.global_step % interval == 0:
+            self._select(args, state, tuner, kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or kwargs.get("model") is None:
+            return
+        record = find_tuner(kwargs["model"]).greentrainer_state.last
+        if record is None:
+            return
+        figures = {
+            f"{LOG_PREFIX}flops_ratio": record.predicted_ratio,
+            f"{LOG_PREFIX}units_selected": len(record.selected),
+            f"{LOG_PREFIX}units_total": record.num_units,
+            f"{LOG_PREFIX}selection_seconds": record.seconds,
+        }
+        if record.ratio_vs_lora is not None:
+            figures[f"{LOG_PREFIX}flops_ratio_vs_lora"] = record.ratio_vs_lora
+        logs.update(figures)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(figures)
+
+    # ------------------------------------------------------------------ helpers
+    def _select(self, args: TrainingArguments, state: TrainerState, tuner: GreenTrainerModel, kwargs: dict) -> None:
+        config = tuner.greentrainer_config
+        index = len(tuner.greentrainer_state.history)
+        batches = importance_batches(kwargs.get("train_dataloader"), config.importance_batches, args.seed + index)
+        tuner.select_units(
+            batches,
+            kwargs.get("optimizer"),
+            loss_fn=self.loss_fn,
+            lr=args.learning_rate,
+            step=state.global_step,
+            epoch=float(state.epoch or 0.0),
+        )
+        self.selected = list(tuner.greentrainer_state.selected)
+        self.last_selection_epoch = math.floor((state.epoch or 0.0) + 1e-6)
+        self.last_selection_step = state.global_step
+        self.saved_state = tuner.greentrainer_state.to_dict()
+
+    def _report_before_integrations(self) -> None:
+        """Move this callback ahead of the reporting integrations, so the figures it adds to a log reach them.
+
+        The Trainer runs its default callbacks (TensorBoard, W&B, ...) before user callbacks and hands callbacks no
+        reference to itself; the handler's list is found as the list that holds this callback.
+        """
+        for referrer in gc.get_referrers(self):
+            if isinstance(referrer, list) and all(isinstance(c, TrainerCallback) for c in referrer):
+                referrer.remove(self)
+                position = sum(1 for c in referrer if isinstance(c, DefaultFlowCallback))
+                referrer.insert(position, self)
+                return
+
+
+def importance_batches(dataloader: DataLoader | None, count: int, seed: int) -> Iterator[Mapping[str, Any]]:
+    """``count`` training batches drawn with their own generator from the Trainer's dataset and collator.
+
+    A separate loader leaves the Trainer's sampler, epoch counter and RNG untouched, so training sees the same data
+    order with or without GreenTrainer, and a resumed run draws the same importance batches as an uninterrupted one.
+    """
+    if dataloader is None:
+        raise ValueError("GreenTrainerCallback needs the Trainer's train_dataloader to estimate importance.")
+    dataset = dataloader.dataset
+    batch_size = dataloader.batch_size or getattr(dataloader, "total_batch_size", None) or 1
+    if isinstance(dataset, IterableDataset):
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=dataloader.collate_fn)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        sampler = RandomSampler(dataset, num_samples=min(len(dataset), count * batch_size), generator=generator)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=dataloader.collate_fn)
+    with torch.random.fork_rng(devices=[]):
+        yield from loader

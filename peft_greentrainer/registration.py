@@ -1,0 +1,51 @@
+"""How an out-of-tree method joins PEFT 0.21: a ``PeftType`` member plus ``register_peft_method``.
+
+PEFT looks methods up by ``PeftType``, a closed enum. We add the member ``GREENTRAINER`` to it (once per process,
+idempotently), then register the config and tuner classes. After ``import peft_greentrainer``, ``get_peft_model``,
+``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and the state-dict helpers all know the method.
+An adapter saved with units="lora" can also be exported as a plain LoRA adapter that loads without this package.
+"""
+
+from __future__ import annotations
+
+from peft.utils import PeftType
+
+GREENTRAINER_NAME = "greentrainer"
+
+
+def _add_peft_type_member(name: str) -> PeftType:
+    """Add ``name`` to the ``PeftType`` enum, as if it had been declared there."""
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    member._sort_order_ = len(PeftType._member_names_)
+    PeftType._member_names_.append(name)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    type.__setattr__(PeftType, name, member)
+    return member
+
+
+GREENTRAINER_PEFT_TYPE = _add_peft_type_member(GREENTRAINER_NAME.upper())
+
+
+def register(config_cls, model_cls) -> None:
+    """Register GreenTrainer with PEFT; calling it again is a no-op."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import register_peft_method
+
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(GREENTRAINER_PEFT_TYPE) is model_cls:
+        return
+    try:
+        # The tuner reuses PEFT's LoRA layers, so its parameters carry LoRA's prefix.
+        register_peft_method(
+            name=GREENTRAINER_NAME, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix
+        )
+    except KeyError:
+        # A PEFT release that insists on a prefix no other method uses: register the same three entries directly.
+        PEFT_TYPE_TO_PREFIX_MAPPING[GREENTRAINER_PEFT_TYPE] = model_cls.prefix
+        PEFT_TYPE_TO_CONFIG_MAPPING[GREENTRAINER_PEFT_TYPE] = config_cls
+        PEFT_TYPE_TO_TUNER_MAPPING[GREENTRAINER_PEFT_TYPE] = model_cls
