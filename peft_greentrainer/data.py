@@ -1,0 +1,170 @@
+"""Training data for the CLI: load source/target pairs with ``datasets`` and tokenize them for causal or seq2seq LMs.
+
+Sequences are padded to one fixed length, so every training step has the same shape: the cost profile made for that
+shape predicts every step exactly, and measured FLOPs can be compared with it step by step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .embedded import EMBEDDED_DATASET, aclsum_dir
+
+PAPER_TEMPLATE = "{input} TL;DR:"  # the paper's prompt for SciTLDR
+ACLSUM_QUESTIONS = {
+    "challenge": "What problem does the paper address?",
+    "approach": "What do the authors propose?",
+    "outcome": "What did they find?",
+}
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as given; the message says why and what to pass instead."""
+
+
+@dataclass(frozen=True)
+class Example:
+    source: str
+    target: str
+
+
+def load_examples(
+    dataset: str | None,
+    split: str,
+    *,
+    input_field: str = "input",
+    target_field: str = "target",
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[Example]:
+    """Source/target pairs of ``split`` ("train" or "eval").
+
+    ``dataset`` is ``None``/"aclsum" (the embedded ACLSum), a local json/jsonl/csv/parquet file (its last 20% is
+    the eval split), or a hub dataset name (needs network; uses its "validation" or "test" split for eval).
+    """
+    import datasets
+
+    if dataset in (None, EMBEDDED_DATASET):
+        return _aclsum(split, limit)
+    path = Path(dataset)
+    if path.suffix in FILE_BUILDERS or path.exists():
+        if not path.is_file():
+            raise DataError(f"dataset file {dataset} does not exist")
+        builder = FILE_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise DataError(f"unsupported dataset file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
+        rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+        rows = rows.shuffle(seed=seed)
+        cut = max(1, int(len(rows) * 0.8)) if len(rows) > 1 else len(rows)
+        rows = rows.select(range(cut)) if split == "train" else rows.select(range(cut, len(rows)))
+    else:
+        loaded = datasets.load_dataset(dataset)
+        names = ["train"] if split == "train" else [s for s in ("validation", "test") if s in loaded]
+        if not names or names[0] not in loaded:
+            raise DataError(f"dataset {dataset} has no {split} split (has {sorted(loaded)})")
+        rows = loaded[names[0]]
+    missing = [f for f in (input_field, target_field) if f not in rows.column_names]
+    if missing:
+        raise DataError(
+            f"dataset {dataset} has no field {', '.join(map(repr, missing))}; its fields are "
+            f"{rows.column_names}: pass --input-field and --target-field"
+        )
+    examples = [Example(str(r[input_field]), str(r[target_field])) for r in rows]
+    return examples[:limit] if limit else examples
+
+
+def _aclsum(split: str, limit: int | None) -> list[Example]:
+    import datasets
+
+    file = aclsum_dir() / ("train.jsonl" if split == "train" else "test.jsonl")
+    papers = datasets.load_dataset("json", data_files=str(file), split="train")
+    examples = []
+    for aspect, question in ACLSUM_QUESTIONS.items():  # aspect-major: a prefix of the list covers all papers
+        for paper in papers:
+            abstract = " ".join(paper["sentences"]["abstract"])
+            examples.append(Example(f"{abstract}\n{question}", paper["summary"][aspect]))
+    if limit:
+        # interleave aspects so a small limit still sees all three
+        per = len(papers)
+        examples = [examples[a * per + i] for i in range(per) for a in range(3)]
+        examples = examples[:limit]
+    return examples
+
+
+def _fit(ids: list[int], length: int) -> list[int]:
+    return ids[: max(length, 0)]
+
+
+def tokenize_causal(
+    tokenizer,
+    examples: Sequence[Example],
+    template: str,
+    max_source_tokens: int,
+    max_target_tokens: int,
+) -> dict[str, torch.Tensor]:
+    """Prompt + target + EOS, the prompt masked out of the labels, right-padded to one fixed length."""
+    prefix, _, suffix = template.partition("{input}")
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+    room = max_source_tokens - len(prefix_ids) - len(suffix_ids)
+    if room < 1:
+        raise DataError(f"the template takes {max_source_tokens - room} tokens; raise --max-source-tokens")
+    length = max_source_tokens + max_target_tokens + 1
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for example in examples:
+        source = _fit(tokenizer(example.source, add_special_tokens=False)["input_ids"], room)
+        prompt = prefix_ids + source + suffix_ids
+        target = _fit(tokenizer(" " + example.target, add_special_tokens=False)["input_ids"], max_target_tokens)
+        ids = prompt + target + [tokenizer.eos_token_id]
+        labels = [-100] * len(prompt) + target + [tokenizer.eos_token_id]
+        padding = length - len(ids)
+        rows["input_ids"].append(ids + [pad] * padding)
+        rows["attention_mask"].append([1] * len(ids) + [0] * padding)
+        rows["labels"].append(labels + [-100] * padding)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in rows.items()}
+
+
+def tokenize_seq2seq(
+    tokenizer,
+    examples: Sequence[Example],
+    template: str,
+    max_source_tokens: int,
+    max_target_tokens: int,
+) -> dict[str, torch.Tensor]:
+    """Encoder input = the filled template, labels = the target, both padded to fixed lengths."""
+    sources = tokenizer(
+        [template.format(input=e.source) for e in examples],
+        max_length=max_source_tokens,
+        truncation=True,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    targets = tokenizer(
+        [e.target for e in examples],
+        max_length=max_target_tokens,
+        truncation=True,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, -100)
+    return {"input_ids": sources["input_ids"], "attention_mask": sources["attention_mask"], "labels": labels}
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    """Rows of a dict of equal-length tensors, as dicts (what the Trainer's default collator stacks)."""
+
+    def __init__(self, columns: dict[str, torch.Tensor]):
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {k: v[index] for k, v in self.columns.items()}

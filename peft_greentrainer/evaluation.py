@@ -1,0 +1,77 @@
+"""Generation quality before and after fine-tuning: ROUGE-1/2/L (``rouge-score``) and exact match."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Example
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    template: str,
+    *,
+    max_source_tokens: int,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy continuations of the filled template (the first line of each, as a summary is one line)."""
+    was_training = model.training
+    model.eval()
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    tokenizer.padding_side = "right" if encoder_decoder else "left"  # decoder-only models continue on the right
+    outputs: list[str] = []
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(examples), batch_size), desc="generating", disable=not progress, leave=False):
+        chunk = examples[start : start + batch_size]
+        prompts = [_prompt(tokenizer, template, e.source, max_source_tokens) for e in chunk]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=encoder_decoder).to(device)
+        generated = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        new = generated if encoder_decoder else generated[:, batch["input_ids"].shape[1] :]
+        for text in tokenizer.batch_decode(new, skip_special_tokens=True):
+            outputs.append(text.strip().split("\n")[0].strip())
+    model.train(was_training)
+    return outputs
+
+
+def _prompt(tokenizer, template: str, source: str, max_source_tokens: int) -> str:
+    """The template around the source, the source cut to fit ``max_source_tokens`` (as in training)."""
+    prefix, _, suffix = template.partition("{input}")
+    room = max_source_tokens - len(tokenizer(prefix + suffix, add_special_tokens=False)["input_ids"])
+    ids = tokenizer(source, add_special_tokens=False)["input_ids"][: max(room, 1)]
+    return prefix + tokenizer.decode(ids) + suffix
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 (x100, as papers report), with stemming."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for prediction, reference in zip(predictions, references, strict=True):
+        scores = scorer.score(reference, prediction)
+        for key in totals:
+            totals[key] += scores[key].fmeasure
+    count = max(len(predictions), 1)
+    return {key: 100 * value / count for key, value in totals.items()}
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Share (x100) of predictions equal to the reference after case and whitespace normalisation."""
+    matches = sum(
+        " ".join(p.lower().split()) == " ".join(r.lower().split()) for p, r in zip(predictions, references, strict=True)
+    )
+    return 100 * matches / max(len(predictions), 1)

@@ -1,0 +1,125 @@
+"""Planning before training: what each ``rho`` reaches and saves on a model, from its config alone.
+
+The model is built on the ``meta`` device (no weights, no memory), wrapped with ``get_peft_model`` exactly as in
+training, and profiled with the same code, so the plan's FLOPs are the ones training will budget with. Without
+gradients there is no importance yet; the "predicted FLOPs" of a rho use importance proportional to each unit's
+parameter count, a neutral prior, and the budget itself is the upper bound any selection respects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .profile import dummy_batch
+from .selector import min_feasible_rho, min_unit_costs, select_units
+
+
+def build_on_meta(model_path: str | Path):
+    """A transformers model of the config at ``model_path`` (a directory or a config.json), on ``meta``."""
+    import transformers
+
+    path = Path(model_path)
+    if not path.exists():
+        raise FileNotFoundError(f"{model_path} does not exist")
+    config = transformers.AutoConfig.from_pretrained(str(path.parent if path.is_file() else path))
+    cls = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    model.train()
+    return model
+
+
+def plan(
+    model_path: str | Path,
+    *,
+    batch_size: int = 4,
+    seq_len: int = 512,
+    target_len: int = 128,
+    units: str = "tensors",
+    target_modules: Sequence[str] | None = None,
+    r: int = 8,
+    rhos: Sequence[float] = (0.3, 0.5, 0.7),
+) -> dict[str, Any]:
+    from peft import get_peft_model
+
+    from .config import GreenTrainerConfig
+
+    model = build_on_meta(model_path)
+    parameters = sum(p.numel() for p in model.parameters())
+    lora = {"r": r, "target_modules": list(target_modules) if target_modules else None} if units == "lora" else {}
+    peft_model = get_peft_model(model, GreenTrainerConfig(units=units, **lora))
+    tuner = peft_model.base_model
+    batch = dummy_batch(model.config, batch_size, seq_len, target_len=target_len)
+    costs = tuner.unit_costs(batch)
+    alone = min_unit_costs(costs.t_dw, costs.t_dy, costs.forward_flops, costs.dy_head)
+    floor = min_feasible_rho(
+        costs.t_dw, costs.t_dy, costs.forward_flops, full_flops=costs.full_flops, dy_head=costs.dy_head
+    )
+    prior = np.array([float(u.numel(tuner.model)) for u in costs.units])
+    rows = []
+    for rho in rhos:
+        reachable = alone <= rho * costs.full_flops
+        row: dict[str, Any] = {
+            "rho": rho,
+            "reachable_share": float(reachable.mean()),
+            "deepest_reachable": None,
+            "predicted_flops": None,
+            "saving": None,
+        }
+        if reachable.any():
+            row["deepest_reachable"] = costs.units[int(np.flatnonzero(reachable).max())].name
+            selection = select_units(
+                prior,
+                costs.t_dw,
+                costs.t_dy,
+                costs.forward_flops,
+                rho,
+                full_flops=costs.full_flops,
+                dy_head=costs.dy_head,
+            )
+            row["predicted_flops"] = selection.flops
+            row["saving"] = 1.0 - selection.flops / costs.full_flops
+            row["units_selected"] = int(selection.mask.sum())
+        rows.append(row)
+    return {
+        "model": str(model_path),
+        "architecture": type(model).__name__,
+        "parameters": parameters,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "units": units,
+        "num_units": len(costs.units),
+        "forward_flops": costs.forward_flops,
+        "full_flops": costs.full_flops,
+        "min_rho": floor,
+        "rhos": rows,
+        "curve": (alone / costs.full_flops).tolist(),
+    }
+
+
+def plot_plan(result: dict[str, Any], path: str | Path) -> None:
+    """Cost of training down to each depth (cheapest selection whose deepest unit is there) with budget lines."""
+    from .report import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    curve = result["curve"]
+    ax.plot(range(len(curve)), curve, color="tab:blue", label="forward + backward down to this unit")
+    for row, color in zip(
+        result["rhos"], ("tab:red", "tab:orange", "tab:green", "tab:purple", "tab:brown"), strict=False
+    ):
+        ax.axhline(row["rho"], linestyle="--", color=color, label=f"rho = {row['rho']}")
+    ax.axhline(1.0, color="black", linewidth=0.8, label="full fine-tuning")
+    ax.set_xlabel("unit depth (backward order: 0 = next to the loss)")
+    ax.set_ylabel("FLOPs / full fine-tuning")
+    ax.set_ylim(0, 1.1)
+    ax.set_title(f"{Path(result['model']).name}: cost of reaching each depth")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
