@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -273,8 +274,15 @@ def _differentiable(t: torch.Tensor) -> bool:
     return t.dtype.is_floating_point or t.dtype.is_complex
 
 
+# Quantized weights are de-quantized right before their matmul; the float copy still *is* that weight, whose
+# gradient (when it is trainable at all) the matmul's backward would compute.
+_DEQUANTIZE_OPS = ("dequantize_4bit", "dequantize_blockwise", "int8_vectorwise_dequant", "dequantize_nf4")
+
+
 def _is_passthrough(func) -> bool:
-    return bool(getattr(func, "is_view", False)) or func in _PARAMETER_PASSTHROUGH
+    if getattr(func, "is_view", False) or func in _PARAMETER_PASSTHROUGH:
+        return True
+    return func.namespace == "bitsandbytes" and func._opname in _DEQUANTIZE_OPS
 
 
 def _mutated_arguments(func, args, kwargs) -> list[torch.Tensor]:
@@ -287,6 +295,10 @@ def _mutated_arguments(func, args, kwargs) -> list[torch.Tensor]:
         if isinstance(value, torch.Tensor):
             mutated.append(value)
     return mutated
+
+
+class _NoAutogradFormulaError(RuntimeError):
+    pass
 
 
 def _replay_key(func, roles: list) -> tuple:
@@ -319,7 +331,9 @@ def _backward_flops(func, roles: list, spec, requires_grad: set[int]) -> float:
         out = func(*args, **kwargs)
     outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor) and o.requires_grad]
     if not outputs:
-        return 0.0
+        # Inputs needed gradients, yet nothing came out differentiable: the op has no autograd formula at the
+        # dispatcher (bitsandbytes' matmuls get theirs from a Python autograd.Function around them).
+        raise _NoAutogradFormulaError(str(func))
     inputs = [leaves[i] for i in sorted(requires_grad)]
     with FlopCounterMode(display=False) as counter:
         torch.autograd.grad(outputs, inputs, [torch.empty_like(o) for o in outputs], allow_unused=True)
@@ -372,11 +386,16 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
 
     Runs one forward pass (on whatever device the model is: use the ``meta`` device to profile billions of
     parameters in seconds) and no backward. Weights, flags and RNG state are left untouched.
+
+    Gradient checkpointing is accounted: a checkpointed block (a module with ``gradient_checkpointing`` on, as
+    transformers marks them) recomputes its forward during backward whenever the gradient has to enter it, i.e. when
+    the deepest selected unit is in or below it, and never otherwise.
     """
     register_flop_formulas()
     canonical = {id(model.get_parameter(name)): name for name in parameter_aliases(model)}
+    recomputed: list[OpCost] = []
     with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
-        with _Recorder(counter, canonical) as recorder:
+        with _Recorder(counter, canonical) as recorder, _checkpointed_blocks(model, recorder, counter, recomputed):
             loss = loss_fn(model, batch)
         forward_flops = float(counter.get_total_flops())
     del loss
@@ -394,6 +413,11 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
             first_use.setdefault(name, op.index)
             t_dw[name] += flops
             share[name] += op.forward * (flops / total_dw if total_dw else 1.0 / len(op.dw))
+    if recomputed and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        # Measured on T5: a backward through one decoder block recomputes other checkpointed blocks too, so charge
+        # every block's recompute as soon as anything is selected (conservative: the budget stays a promise).
+        recomputed = [replace(op, dy=[(recorder.next_index, op.dy_flops)]) for op in recomputed]
+    ops.extend(recomputed)
     full_backward = sum(op.dy_flops for op in ops) + sum(t_dw.values())
     return CostProfile(
         forward_flops=forward_flops,
@@ -403,6 +427,43 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
         t_dw=dict(t_dw),
         forward_share=dict(share),
     )
+
+
+def _checkpoints(module: nn.Module) -> bool:
+    """Whether this module checkpoints its forward: transformers' checkpointed layers, while training."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers always has it in the supported range
+        return False
+    return isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing and module.training
+
+
+@contextmanager
+def _checkpointed_blocks(model: nn.Module, recorder: _Recorder, counter: FlopCounterMode, out: list[OpCost]):
+    """Record, for each checkpointed block that runs, its forward FLOPs and its last op: its recompute cost."""
+    starts: dict[int, list[tuple[int, float]]] = defaultdict(list)
+
+    def before(module, args, kwargs):
+        starts[id(module)].append((recorder.next_index, float(counter.get_total_flops())))
+
+    def after(module, args, kwargs, output):
+        first, flops_before = starts[id(module)].pop()
+        last = recorder.next_index - 1
+        flops = float(counter.get_total_flops()) - flops_before
+        if last >= first and flops > 0 and torch.is_grad_enabled():
+            name = f"recompute {type(module).__name__}"
+            out.append(OpCost(index=last, name=name, forward=0.0, dy=[(last, flops)]))
+
+    handles = []
+    for module in model.modules():
+        if _checkpoints(module):
+            handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(module.register_forward_hook(after, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def measure_flops(
