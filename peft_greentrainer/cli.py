@@ -50,9 +50,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit status 2), like every other error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="greentrainer", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="greentrainer", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="fine-tune with GreenTrainer and write adapter + report")
     train.add_argument("--model", help="local path or hub id (default: the embedded SmolLM2-135M-Instruct)")
@@ -258,7 +265,6 @@ def _train_into(staging: Path, args, model_name, train_examples, eval_examples, 
         selection_interval=args.selection_interval,
         selection_interval_steps=args.selection_interval_steps,
         importance_batches=args.importance_batches,
-        base_model_name_or_path=model_label,
         task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
         **lora,
     )
@@ -298,11 +304,12 @@ def _train_into(staging: Path, args, model_name, train_examples, eval_examples, 
         train_dataset=TensorDataset(train_columns),
         callbacks=[GreenTrainerCallback(), meter],
     )
-    _use_compact_progress(trainer)
+    _use_compact_progress(trainer, quiet=args.quiet)
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
-    after = _score(args.task, generate(peft_model, tokenizer, eval_examples, args.template, **gen), references)
+    predictions = generate(peft_model, tokenizer, eval_examples, args.template, **gen)
+    after = _score(args.task, predictions, references)
 
     peft_model.save_pretrained(str(staging))
     tokenizer.save_pretrained(str(staging))
@@ -346,6 +353,13 @@ def _train_into(staging: Path, args, model_name, train_examples, eval_examples, 
         "step_measurements": steps,
         "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
         "torch_threads": torch.get_num_threads(),
+        "examples_after": [
+            {"source": e.source, "reference": e.target, "prediction": p}
+            for e, p in zip(eval_examples, predictions, strict=True)
+        ],
+        "template": args.template,
+        "max_source_tokens": args.max_source_tokens,
+        "max_target_tokens": args.max_target_tokens,
     }
     metric_names = list(after)
     rows = [[f"{name} before / after", f"{before[name]:.2f} / {after[name]:.2f}"] for name in metric_names]
@@ -376,9 +390,13 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _use_compact_progress(trainer) -> None:
+def _use_compact_progress(trainer, quiet: bool) -> None:
     """Replace the Trainer's line-per-log progress output with one bar showing loss and the FLOPs ratio."""
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    if quiet:
+        trainer.pop_callback(PrinterCallback)
+        return
 
     class CompactProgress(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -457,6 +475,8 @@ def format_plan(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("GREENTRAINER_LOG", "WARNING"), format="%(levelname)s %(message)s")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # bitsandbytes (imported by peft) warns on every start that an optional CPU kernel from a hub is missing
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -82,3 +82,72 @@ def tiny_batch(model: torch.nn.Module, batch_size: int = 2, seq_len: int = 24, s
 @pytest.fixture(params=["llama", "opt", "bloom", "gpt2", "t5"])
 def arch(request) -> str:
     return request.param
+
+
+WORDS = (  # noqa: SIM905 - a sentence reads better than a list of 30 quoted words
+    "the a of to and in model data paper we propose method results show improves task language learning neural "
+    "training summary what problem does address do authors find did they"
+).split()
+
+
+def save_tiny_checkpoint(directory, arch: str = "llama", seed: int = 0) -> None:
+    """A tiny pretrained-style checkpoint folder (config, safetensors, word-level tokenizer), as a user would have."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for word in [*WORDS, "TL;DR:"]:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(seed)
+    if arch == "t5":
+        config = transformers.T5Config(
+            d_model=32,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=2,
+            d_kv=16,
+            vocab_size=len(vocab),
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+        transformers.T5ForConditionalGeneration(config).save_pretrained(directory)
+    else:
+        config = transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(vocab),
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=None,
+            max_position_embeddings=256,
+        )
+        transformers.LlamaForCausalLM(config).save_pretrained(directory)
+
+
+def write_tiny_dataset(path, rows: int = 40, seed: int = 0) -> None:
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for _ in range(rows):
+            words = [rng.choice(WORDS[:20]) for _ in range(20)]
+            handle.write(json.dumps({"document": " ".join(words), "summary": " ".join(words[:4])}) + "\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_checkpoint(directory)
+    write_tiny_dataset(directory / "data.jsonl")
+    return directory

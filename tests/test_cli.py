@@ -1,0 +1,258 @@
+"""`greentrainer train` and `greentrainer profile` end to end on tiny local checkpoints and config files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from peft import PeftModel
+
+import peft_greentrainer  # noqa: F401  (registers the method for PeftModel.from_pretrained)
+from peft_greentrainer.cli import main
+from peft_greentrainer.data import Example
+from peft_greentrainer.evaluation import generate
+from peft_greentrainer.planning import build_on_meta
+from peft_greentrainer.profile import dummy_batch, profile_model
+
+TRAIN_ARGS = [
+    "--input-field",
+    "document",
+    "--target-field",
+    "summary",
+    "--epochs",
+    "2",
+    "--max-source-tokens",
+    "24",
+    "--max-target-tokens",
+    "6",
+    "--eval-examples",
+    "4",
+    "--lr",
+    "1e-2",
+    "--measure-every",
+    "2",
+    "--quiet",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_train_writes_a_loadable_adapter_and_report(tiny_checkpoint, tmp_path, units):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tiny_checkpoint),
+            "--dataset",
+            str(tiny_checkpoint / "data.jsonl"),
+            "--units",
+            units,
+            "--rho",
+            "0.5" if units == "tensors" else "0.7",  # LoRA's extra forward raises this tiny model's floor
+            "--output-dir",
+            str(out),
+            *TRAIN_ARGS,
+        ]
+    )
+    assert code == 0
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "report.md",
+        "metrics.json",
+        "selections.png",
+        "flops.png",
+        "loss.png",
+    ):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["units"] == units and metrics["steps"] == 16
+    assert metrics["measured_flops_ratio"] <= metrics["rho"] + 1e-9  # the budget held on real, counted steps
+    assert metrics["predicted_flops_ratio"] == pytest.approx(metrics["measured_flops_ratio"], rel=0.1)
+    assert "![FLOPs per step](flops.png)" in (out / "report.md").read_text()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+    # the saved adapter reproduces the trained model: same greedy outputs on the held-out examples
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    model = PeftModel.from_pretrained(base, out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    examples = [Example(e["source"], e["reference"]) for e in metrics["examples_after"]]
+    predictions = generate(
+        model,
+        tokenizer,
+        examples,
+        metrics["template"],
+        max_source_tokens=metrics["max_source_tokens"],
+        max_new_tokens=metrics["max_target_tokens"],
+        progress=False,
+    )
+    assert predictions == [e["prediction"] for e in metrics["examples_after"]]
+
+
+def _fails(args, capsys, expected: str, out) -> None:
+    with pytest.raises(SystemExit) if args and args[0] == "--argparse" else _no_raise():
+        code = main([a for a in args if a != "--argparse"])
+        assert code == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_clear_line_and_leaves_nothing(tiny_checkpoint, tmp_path, capsys):
+    data = str(tiny_checkpoint / "data.jsonl")
+    out = tmp_path / "run"
+    base = ["train", "--output-dir", str(out), "--quiet"]
+    _fails(
+        [
+            *base,
+            "--model",
+            str(tmp_path / "missing"),
+            "--dataset",
+            data,
+            "--input-field",
+            "document",
+            "--target-field",
+            "summary",
+        ],
+        capsys,
+        "does not exist",
+        out,
+    )
+    _fails([*base, "--model", str(tiny_checkpoint), "--dataset", data], capsys, "has no field 'input'", out)
+    _fails(
+        [*base, "--model", str(tiny_checkpoint), "--dataset", str(tmp_path / "nope.jsonl")],
+        capsys,
+        "does not exist",
+        out,
+    )
+    _fails(
+        [
+            *base,
+            "--model",
+            str(tiny_checkpoint),
+            "--dataset",
+            data,
+            "--input-field",
+            "document",
+            "--target-field",
+            "summary",
+            "--rho",
+            "0.2",
+            *TRAIN_ARGS[4:],
+        ],
+        capsys,
+        "feasible floor",
+        out,
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--rho", "0"])
+    assert exit_info.value.code == 2
+    assert "rho must be in (0, 1]" in capsys.readouterr().err
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert main([*base, "--model", str(tiny_checkpoint)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(
+        [sys.executable, "-m", "peft_greentrainer.cli", "profile", "-h"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and "--rho" in result.stdout
+
+
+CONFIGS = {
+    "opt-2.7b": transformers.OPTConfig(
+        hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32, word_embed_proj_dim=2560
+    ),
+    "llama-7b": transformers.LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
+    ),
+    "flan-t5-large": transformers.T5Config(
+        d_model=1024,
+        d_ff=2816,
+        num_layers=24,
+        num_decoder_layers=24,
+        num_heads=16,
+        d_kv=64,
+        vocab_size=32128,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_profile_command_matches_the_training_profile(name, tmp_path, capsys):
+    CONFIGS[name].save_pretrained(tmp_path / name)
+    plot = tmp_path / "plan.png"
+    assert main(["profile", "--model", str(tmp_path / name), "--json", "--plot", str(plot), "--seq-len", "256"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plot.is_file()
+    model = build_on_meta(tmp_path / name)
+    profile = profile_model(model, dummy_batch(model.config, 4, 256, target_len=128))
+    assert plan["full_flops"] == pytest.approx(profile.full_flops, rel=1e-9)
+    assert 1 / 3 < plan["min_rho"] < 0.7
+    rows = {row["rho"]: row for row in plan["rhos"]}
+    assert rows[0.3]["predicted_flops"] is None  # below the forward-pass floor
+    assert rows[0.7]["predicted_flops"] <= 0.7 * plan["full_flops"]
+    assert rows[0.5]["reachable_share"] < rows[0.7]["reachable_share"] <= 1
+
+
+def test_profile_command_rejects_what_it_cannot_build(tmp_path, capsys):
+    assert main(["profile", "--model", str(tmp_path / "absent")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    assert main(["profile", "--model", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot build" in err
+
+
+@pytest.mark.slow
+def test_embedded_data_loads_offline():
+    from peft_greentrainer.data import load_examples
+
+    train = load_examples(None, "train")
+    test = load_examples(None, "eval", limit=9)
+    assert len(train) == 300 and len(test) == 9
+    assert all(e.source and e.target for e in train)
+    assert {e.source.rsplit("\n", 1)[1] for e in test} == {  # the three aspects all appear in a small sample
+        "What problem does the paper address?",
+        "What do the authors propose?",
+        "What did they find?",
+    }
+
+
+@pytest.mark.slow
+def test_embedded_model_converts_once_and_is_a_real_pretrained_model(tmp_path, monkeypatch):
+    from peft_greentrainer import embedded
+
+    monkeypatch.setenv("PEFT_GREENTRAINER_CACHE", str(tmp_path))
+    path = embedded.embedded_model_path()
+    assert (path / "model.safetensors").is_file() and not list(tmp_path.glob(".tmp-*"))
+    assert embedded.embedded_model_path() == path  # cached: no second conversion
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    ids = tokenizer("The capital of France is Paris. It is a beautiful city.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert loss < 4.0  # a random 49k-vocabulary model scores ~10.8: these are real pretrained weights
