@@ -24,6 +24,7 @@ from .model import GreenTrainerModel, GreenTrainerState
 logger = logging.getLogger(__name__)
 
 LOG_PREFIX = "greentrainer/"
+_LOSS_FN_KEY = "_greentrainer_callback_loss_fn"
 
 
 def find_tuner(model: torch.nn.Module) -> GreenTrainerModel:
@@ -42,12 +43,15 @@ def find_tuner(model: torch.nn.Module) -> GreenTrainerModel:
 class GreenTrainerCallback(TrainerCallback, ExportableState):
     """Selects the units to train during ``Trainer.train``.
 
+    Resuming needs nothing from the user: the selection state is exported to ``trainer_state.json`` of every
+    checkpoint, and a resumed run reads it back from the restored ``TrainerState`` whether or not
+    ``TrainingArguments(restore_callback_states_from_checkpoint=True)`` is set.
+
     Args:
         loss_fn: ``loss_fn(model, batch) -> loss`` used for importance; defaults to ``model(**batch).loss``, which is
             what the Trainer optimizes unless it was given a custom ``compute_loss``.
-        selected: Restored from a checkpoint: the unit names selected when it was written.
-        last_selection_epoch / last_selection_step: Restored from a checkpoint: when the last selection happened.
-        state: Restored from a checkpoint: the model's ``GreenTrainerState`` as a dict.
+        selected / last_selection_epoch / last_selection_step / state: Written by the Trainer when it rebuilds the
+            callback from a checkpoint (``restore_callback_states_from_checkpoint=True``); not meant to be passed.
     """
 
     def __init__(
@@ -64,8 +68,10 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         self.last_selection_epoch = last_selection_epoch
         self.last_selection_step = last_selection_step
         self.saved_state = state
+        # Rebuilt by the Trainer from a checkpoint: the user's loss_fn is not in the checkpoint (see on_init_end).
+        self._rebuilt = selected is not None or state is not None
 
-    # ExportableState: written to trainer_state.json in every checkpoint, given back to __init__ on resume.
+    # ExportableState: written to trainer_state.json in every checkpoint.
     def state(self) -> dict:
         return {
             "args": {
@@ -80,11 +86,26 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
     # ------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, **kwargs):
         self._report_before_integrations()
+        model = kwargs.get("model")
+        if model is not None and not self._rebuilt:
+            # restore_callback_states_from_checkpoint=True replaces this instance by one built from the checkpoint,
+            # which cannot hold a function: leave the loss_fn with the model for it.
+            find_tuner(model).__dict__[_LOSS_FN_KEY] = self.loss_fn
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._report_before_integrations()
         tuner = find_tuner(kwargs["model"])
-        if state.global_step > 0 and self.selected is not None:  # resuming: same selection, no new importance
+        if self._rebuilt and self.loss_fn is None:
+            if _LOSS_FN_KEY in tuner.__dict__:
+                self.loss_fn = tuner.__dict__[_LOSS_FN_KEY]
+            else:
+                logger.warning("GreenTrainerCallback was rebuilt from a checkpoint and uses the model's own loss.")
+        saved = self._checkpoint_state(state) if state.global_step > 0 else None
+        if saved is not None and saved.get("selected") is not None:  # resuming: same selection, no new importance
+            self.selected = list(saved["selected"])
+            self.last_selection_epoch = int(saved.get("last_selection_epoch", -1))
+            self.last_selection_step = int(saved.get("last_selection_step", -1))
+            self.saved_state = saved.get("state")
             if self.saved_state:
                 tuner.greentrainer_state = GreenTrainerState.from_dict(self.saved_state)
             tuner.restore_selection(self.selected)
@@ -129,6 +150,13 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
             state.log_history[-1].update(figures)
 
     # ------------------------------------------------------------------ helpers
+    def _checkpoint_state(self, state: TrainerState) -> dict | None:
+        """This callback's exported state in the checkpoint being resumed (the Trainer loaded it into ``state``)."""
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, list):  # several instances of this class: the Trainer keeps them in list order
+            saved = saved[0] if saved else None
+        return saved.get("args") if isinstance(saved, dict) else None
+
     def _select(self, args: TrainingArguments, state: TrainerState, tuner: GreenTrainerModel, kwargs: dict) -> None:
         config = tuner.greentrainer_config
         index = len(tuner.greentrainer_state.history)
@@ -150,10 +178,16 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         """Move this callback ahead of the reporting integrations, so the figures it adds to a log reach them.
 
         The Trainer runs its default callbacks (TensorBoard, W&B, ...) before user callbacks and hands callbacks no
-        reference to itself; the handler's list is found as the list that holds this callback.
+        reference to itself; the handler's list is found as the list that holds this callback and the Trainer's
+        ``DefaultFlowCallback`` (the user's own ``callbacks=[...]`` list, which holds this callback too, is left as
+        it is).
         """
         for referrer in gc.get_referrers(self):
-            if isinstance(referrer, list) and all(isinstance(c, TrainerCallback) for c in referrer):
+            if (
+                isinstance(referrer, list)
+                and all(isinstance(c, TrainerCallback) for c in referrer)
+                and any(isinstance(c, DefaultFlowCallback) for c in referrer)
+            ):
                 referrer.remove(self)
                 position = sum(1 for c in referrer if isinstance(c, DefaultFlowCallback))
                 referrer.insert(position, self)

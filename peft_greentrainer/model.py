@@ -32,7 +32,7 @@ import torch
 from peft.tuners.lora import LoraModel
 from torch import nn
 
-from .importance import compute_importance
+from .importance import _unwrap_optimizer, compute_importance
 from .profile import CostProfile, UnitCosts, default_loss, profile_model
 from .selector import Selection, min_feasible_rho, min_unit_costs, select_units
 from .units import Unit, is_trainable_dtype, lora_units, parameter_aliases, tensor_units
@@ -114,20 +114,32 @@ class GreenTrainerModel(LoraModel):
 
     @staticmethod
     def _tensor_candidates(model: nn.Module, config) -> list[str]:
-        aliases = parameter_aliases(model)
-        quantized = [n for n in aliases if not is_trainable_dtype(model.get_parameter(n))]
-        frozen = [n for n in aliases if not model.get_parameter(n).requires_grad]
+        """Float tensors that match the patterns and were trainable before get_peft_model.
+
+        Loading an adapter for inference (``inference_mode``) trains nothing, so a frozen base is fine then.
+        """
         units = tensor_units(model, include=config.include_patterns, exclude=config.exclude_patterns)
+        if config.inference_mode:
+            return [u.name for u in units]
         names = [u.name for u in units if model.get_parameter(u.name).requires_grad]
-        if not names:
-            raise ValueError(
-                "units='tensors' found no candidate tensor: "
-                f"{len(quantized)} of {len(aliases)} parameter tensors are quantized, {len(frozen)} were frozen "
-                "before get_peft_model, and include_patterns/exclude_patterns removed the rest. Quantized weights "
-                "cannot be trained in place: use units='lora' (LoRA adapters on the quantized layers), or unfreeze "
-                "the tensors you want considered."
-            )
-        return names
+        if names:
+            return names
+        aliases = parameter_aliases(model)
+        quantized = sum(not is_trainable_dtype(model.get_parameter(n)) for n in aliases)
+        frozen = sum(not model.get_parameter(n).requires_grad for n in aliases)
+        causes = []
+        if config.include_patterns or config.exclude_patterns:
+            matched = len(units)
+            causes.append(f"include_patterns/exclude_patterns leave {matched} of {len(aliases)} tensors")
+        if frozen:
+            causes.append(f"{frozen} of {len(aliases)} tensors were frozen (requires_grad=False) before get_peft_model")
+        if quantized:
+            causes.append(f"{quantized} of {len(aliases)} tensors are quantized and cannot be trained in place")
+        raise ValueError(
+            f"units='tensors' found no candidate tensor: {'; '.join(causes) or 'the model has no float parameter'}. "
+            "Use units='lora' (LoRA adapters, also on quantized or frozen layers), unfreeze the tensors you want "
+            "considered, or widen include_patterns/exclude_patterns."
+        )
 
     def _lora_candidates(self, model: nn.Module, adapter_name: str) -> list[Unit]:
         config = self.peft_config[adapter_name]
@@ -230,6 +242,7 @@ class GreenTrainerModel(LoraModel):
         ]
         if not batches:
             raise ValueError("select_units needs at least one training batch to estimate importance.")
+        self._note_stepped_tensors(optimizer)
         costs = self.unit_costs(batches[0], loss_fn)
         floor = min_feasible_rho(
             costs.t_dw, costs.t_dy, costs.forward_flops, full_flops=costs.full_flops, dy_head=costs.dy_head
@@ -281,14 +294,32 @@ class GreenTrainerModel(LoraModel):
         )
         return selection
 
+    def _note_stepped_tensors(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Count as trained every candidate the optimizer holds state for.
+
+        Steps taken before the first selection (every candidate trainable then) change tensors no selection
+        recorded; the saved adapter must hold them too, or loading it would silently miss those updates.
+        """
+        optimizer = _unwrap_optimizer(optimizer)
+        if optimizer is None:
+            return
+        stepped = {id(p) for p, s in optimizer.state.items() if s}
+        if not stepped:
+            return
+        names = [n for u in self.candidate_units() for n in u.param_names if id(self.model.get_parameter(n)) in stepped]
+        state = self.greentrainer_state
+        state.trained_tensors = list(dict.fromkeys([*state.trained_tensors, *names]))
+
     def restore_selection(self, selected: Iterable[str]) -> None:
         """Re-apply a selection by unit names (resuming from a checkpoint, or replaying a logged selection)."""
+        selected = list(selected)
         wanted = set(selected)
         units = self.candidate_units()
         unknown = wanted - {u.name for u in units}
         if unknown:
             raise ValueError(f"Cannot restore the selection: unknown units {sorted(unknown)[:5]}.")
         self._set_trainable(units, np.array([u.name in wanted for u in units]))
+        self.greentrainer_state.selected = list(dict.fromkeys(selected))  # the order it was selected in
 
     def _set_trainable(self, units: list[Unit], mask: np.ndarray) -> None:
         state = self.greentrainer_state
@@ -304,19 +335,26 @@ class GreenTrainerModel(LoraModel):
         state.trained_tensors = list(trained)
 
     def floating_point_ops(self, inputs: Mapping[str, Any], exclude_embeddings: bool = True) -> int:
-        """The Trainer's ``total_flos`` estimate, scaled by the predicted FLOPs ratio of the current selection."""
+        """transformers' ``6 x tokens x parameters`` estimate, scaled by the predicted FLOPs ratio of the selection.
+
+        For callers that ask the model; transformers 5's Trainer computes ``total_flos`` itself, unscaled.
+        """
         base = self.model.floating_point_ops(inputs, exclude_embeddings=exclude_embeddings)
         last = self.greentrainer_state.last
         return int(base * last.predicted_ratio) if last else base
 
     # ------------------------------------------------------------------ adapters and state dicts
-    def disable_adapter_layers(self) -> None:
+    def check_can_disable_adapter(self) -> None:
+        """Called by ``PeftModel.disable_adapter()`` (see registration.py) before it looks for adapter layers."""
         if self.units_kind == "tensors":
             raise RuntimeError(
                 "GreenTrainer with units='tensors' trains the base weights in place, so there is no adapter to "
                 "disable and the original weights are not kept. Load a fresh copy of the base model to compare "
                 "against it, or use units='lora'."
             )
+
+    def disable_adapter_layers(self) -> None:
+        self.check_can_disable_adapter()
         super().disable_adapter_layers()
 
     def enable_adapter_layers(self) -> None:
@@ -342,7 +380,10 @@ class GreenTrainerModel(LoraModel):
         if config.units == "lora":
             return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         tuner = getattr(model, "base_model", model)
-        trained = tuner.greentrainer_state.trained_tensors
+        state = tuner.greentrainer_state
+        trained = state.trained_tensors
+        if not trained and not state.history:
+            trained = tuner._candidate_names  # no selection yet: every candidate was trainable
         prefix = BASE_PREFIX if any(k.startswith(BASE_PREFIX) for k in state_dict) else ""
         # clone: tied aliases share storage, which safetensors refuses; only the canonical name is saved anyway
         return {f"{prefix}{name}": state_dict[f"{prefix}{name}"].detach().clone() for name in trained}
@@ -412,20 +453,29 @@ def save_adapter(model, save_directory: str | os.PathLike, **kwargs) -> None:
 
 
 def write_atomically(target: str | os.PathLike, write: Callable[[str], None]) -> None:
-    target = os.fspath(target)
-    parent = os.path.dirname(os.path.abspath(target))
+    """``write(directory)`` into a hidden sibling of ``target``, then swap it in with renames on the same filesystem.
+
+    A directory cannot replace a non-empty one in a single rename, so the previous ``target`` is moved aside first
+    and moved back if the second rename fails: ``target`` is the old or the new complete directory at every point.
+    """
+    target = os.path.abspath(os.fspath(target))
+    parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
         write(staging)
-        if os.path.isdir(target):
-            backup = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.rmdir(backup)
-            os.replace(target, backup)
+        if not os.path.isdir(target):
             os.replace(staging, target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
+            return
+        backup = tempfile.mkdtemp(prefix=".old-", dir=parent)
+        os.rmdir(backup)
+        os.replace(target, backup)
+        try:
             os.replace(staging, target)
+        except BaseException:
+            os.replace(backup, target)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -4,9 +4,16 @@ PEFT looks methods up by ``PeftType``, a closed enum. We add the member ``GREENT
 idempotently), then register the config and tuner classes. After ``import peft_greentrainer``, ``get_peft_model``,
 ``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and the state-dict helpers all know the method.
 An adapter saved with units="lora" can also be exported as a plain LoRA adapter that loads without this package.
+
+One PEFT behaviour needs a hook: ``PeftModel.disable_adapter()`` inspects the adapter layers before it asks the tuner
+to disable them, so a tuner that has none (units="tensors") would fail there with PEFT's unrelated "No adapter layers
+found". The hook lets the tuner refuse first, with its own message; models of other PEFT methods are unaffected.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 from peft.utils import PeftType
 
@@ -37,6 +44,7 @@ def register(config_cls, model_cls) -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
+    _let_tuners_refuse_disable_adapter()
     if PEFT_TYPE_TO_TUNER_MAPPING.get(GREENTRAINER_PEFT_TYPE) is model_cls:
         return
     try:
@@ -49,3 +57,27 @@ def register(config_cls, model_cls) -> None:
         PEFT_TYPE_TO_PREFIX_MAPPING[GREENTRAINER_PEFT_TYPE] = model_cls.prefix
         PEFT_TYPE_TO_CONFIG_MAPPING[GREENTRAINER_PEFT_TYPE] = config_cls
         PEFT_TYPE_TO_TUNER_MAPPING[GREENTRAINER_PEFT_TYPE] = model_cls
+
+
+DISABLE_ADAPTER_CHECK = "check_can_disable_adapter"
+
+
+def _let_tuners_refuse_disable_adapter() -> None:
+    """Wrap ``PeftModel.disable_adapter`` to call the tuner's ``check_can_disable_adapter()`` first (idempotent)."""
+    from peft import PeftModel
+
+    original = PeftModel.disable_adapter
+    if getattr(original, "_greentrainer_hook", False):
+        return
+
+    @contextlib.contextmanager
+    @functools.wraps(original)
+    def disable_adapter(self):
+        check = getattr(self.base_model, DISABLE_ADAPTER_CHECK, None)
+        if callable(check):
+            check()
+        with original(self):
+            yield
+
+    disable_adapter._greentrainer_hook = True
+    PeftModel.disable_adapter = disable_adapter

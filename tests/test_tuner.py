@@ -1,0 +1,688 @@
+"""The PEFT tuner end to end: Trainer and plain-loop training, budgets, save/load, export, resume and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import VOCAB, tiny_model
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, export_lora_adapter, save_adapter
+from peft_greentrainer.profile import measure_flops
+
+ARCHS = ["llama", "opt", "gpt2", "t5"]
+UNIT_KINDS = ["tensors", "lora"]
+# Per architecture, the LoRA targets (PEFT's defaults need the model type; explicit is clearer in a test).
+LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "t5": ["q", "v"]}
+N_SAMPLES, BATCH_SIZE, SEQ_LEN = 16, 4, 16  # 4 optimizer steps per epoch
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def _config(arch: str, units: str, **kwargs) -> GreenTrainerConfig:
+    kwargs.setdefault("rho", 0.5)
+    if units == "lora":
+        kwargs.setdefault("target_modules", LORA_TARGETS[arch])
+        kwargs.setdefault("r", 4)
+        kwargs.setdefault("fan_in_fan_out", arch == "gpt2")  # GPT-2's Conv1D stores weights transposed
+    return GreenTrainerConfig(units=units, **kwargs)
+
+
+def _peft_model(arch: str, units: str, seed: int = 0, **kwargs):
+    return get_peft_model(tiny_model(arch, seed=seed), _config(arch, units, **kwargs))
+
+
+def _dataset(arch: str, n: int = N_SAMPLES, seq_len: int = SEQ_LEN) -> datasets.Dataset:
+    """Two counting sequences (each token the previous plus one), repeated: every batch is equally hard, so the
+    logged loss falls steadily within a few steps instead of jumping with the batch drawn."""
+    span = VOCAB - 3
+    starts = [11 * (i % 2) for i in range(n)]
+    ids = [[3 + (s + t) % span for t in range(seq_len)] for s in starts]
+    if arch == "t5":  # seq2seq: the target is the continuation of the input, half as long
+        labels = [[3 + (s + seq_len + t) % span for t in range(seq_len // 2)] for s in starts]
+    else:
+        labels = [list(row) for row in ids]
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})
+
+
+def _collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack equal-length rows (DataCollatorForSeq2Seq would need a tokenizer)."""
+    return {key: torch.tensor([row[key] for row in rows]) for key in rows[0]}
+
+
+def _batch(arch: str, start: int = 0, size: int = BATCH_SIZE) -> dict[str, torch.Tensor]:
+    data = _dataset(arch)
+    return _collate([data[i] for i in range(start, start + size)])
+
+
+def _args(tmp_path, **kwargs) -> TrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        learning_rate=1e-2,
+        logging_steps=1,
+        num_train_epochs=2,
+        per_device_train_batch_size=BATCH_SIZE,
+        seed=0,
+        disable_tqdm=True,
+    )
+    defaults.update(kwargs)
+    return TrainingArguments(**defaults)
+
+
+def _trainer(model, tmp_path, callbacks, arch: str, **kwargs) -> Trainer:
+    return Trainer(
+        model=model,
+        args=_args(tmp_path, **kwargs),
+        train_dataset=_dataset(arch),
+        data_collator=_collate,
+        callbacks=callbacks,
+    )
+
+
+def _trainable_names(tuner) -> set[str]:
+    return {name for name, p in tuner.model.named_parameters() if p.requires_grad}
+
+
+def _selected_tensors(tuner) -> set[str]:
+    selected = set(tuner.greentrainer_state.selected)
+    return {name for unit in tuner.candidate_units() if unit.name in selected for name in unit.param_names}
+
+
+def _losses(trainer: Trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+class SelectionProbe(TrainerCallback):
+    """Placed after GreenTrainerCallback: right after each selection, record the flags and the measured FLOPs."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]):
+        self.batch = batch
+        self.seen = 0
+        self.checks: list[dict] = []
+
+    def _check(self, model) -> None:
+        tuner = model.base_model
+        history = tuner.greentrainer_state.history
+        if len(history) == self.seen:
+            return
+        self.seen = len(history)
+        forward, backward = measure_flops(model, self.batch)
+        self.checks.append(
+            {
+                "trainable": _trainable_names(tuner),
+                "chosen": _selected_tensors(tuner),
+                "record": history[-1],
+                "flops": forward + backward,
+                "full": tuner.cost_profile(self.batch)[1],
+            }
+        )
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._check(model)
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        self._check(model)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._check(model)
+
+
+# ------------------------------------------------------------------------------------------ 1. training in a Trainer
+@pytest.mark.parametrize("units", UNIT_KINDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trainer_trains_within_budget(arch, units, tmp_path):
+    rho = 0.5
+    model = _peft_model(arch, units, rho=rho)
+    probe = SelectionProbe(_batch(arch))
+    trainer = _trainer(model, tmp_path, [GreenTrainerCallback(), probe], arch)
+    trainer.train()
+
+    losses = _losses(trainer)
+    assert len(losses) == 8
+    assert np.mean(losses[-2:]) < min(losses[0], np.mean(losses[:2])) - 0.03, losses
+    assert [c["record"].epoch for c in probe.checks] == [0.0, 1.0]  # one selection per epoch, seen right after it
+    for check in probe.checks:
+        assert check["chosen"], "the budget affords at least one unit"
+        assert check["trainable"] == check["chosen"]
+        assert check["flops"] <= rho * check["full"], (check["flops"] / check["full"], check["record"])
+        assert check["flops"] <= check["record"].predicted_ratio * check["full"] * (1 + 1e-9)
+    # the figures reach the Trainer's logs
+    assert all(0 < entry["greentrainer/flops_ratio"] <= rho for entry in trainer.state.log_history if "loss" in entry)
+
+
+# ------------------------------------------------------------------------------------------ 2. save / load round trip
+def _train_a_little(model, arch: str, steps: int = 2, lr: float = 1e-2) -> dict[str, torch.Tensor]:
+    """One selection, then a few AdamW steps: the selected weights move away from their initial values."""
+    batch = _batch(arch)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.base_model.select_units([batch], optimizer)
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return batch
+
+
+def _assert_equal_state_dicts(expected: dict, actual: dict) -> None:
+    assert set(expected) == set(actual)
+    different = [key for key in expected if not torch.equal(expected[key], actual[key])]
+    assert not different, different[:5]
+
+
+@pytest.mark.parametrize("units", UNIT_KINDS)
+@pytest.mark.parametrize("arch", ["llama", "opt", "t5"])  # opt and t5 tie their embeddings
+def test_save_and_load_round_trip_is_bitwise(arch, units, tmp_path):
+    model = _peft_model(arch, units)
+    _train_a_little(model, arch)
+    tuner = model.base_model
+    model.save_pretrained(tmp_path)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path))
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    if units == "tensors":  # exactly the tensors ever trained, nothing of the untouched base
+        assert {k.removeprefix("base_model.model.") for k in saved} == set(tuner.greentrainer_state.trained_tensors)
+        assert 0 < len(saved) < len(list(tuner.model.parameters()))
+    else:
+        assert saved and all("lora_" in key for key in saved)
+
+    config = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(config, GreenTrainerConfig)
+    assert (config.rho, config.units) == (0.5, units)
+
+    fresh = tiny_model(arch)  # the same base initialisation: tensor units saved only what training changed
+    if units == "tensors":
+        trained = tuner.greentrainer_state.trained_tensors
+        assert all(not torch.equal(tuner.model.get_parameter(n), fresh.get_parameter(n)) for n in trained)
+    torch.manual_seed(123)  # LoRA's own initialisation differs from the trained run's
+    loaded = PeftModel.from_pretrained(fresh, tmp_path)
+    assert isinstance(loaded.peft_config["default"], GreenTrainerConfig)
+    _assert_equal_state_dicts(model.state_dict(), loaded.state_dict())
+    if units == "tensors":
+        trained = set(tuner.greentrainer_state.trained_tensors)
+        assert set(loaded.base_model.greentrainer_state.trained_tensors) == trained
+    assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference
+
+    frozen = tiny_model(arch).requires_grad_(False)  # inference on a frozen base needs no trainable candidate
+    _assert_equal_state_dicts(model.state_dict(), PeftModel.from_pretrained(frozen, tmp_path).state_dict())
+
+    if units == "lora":  # LoRA weights do not depend on the base they are loaded onto
+        other = tiny_model(arch, seed=7)
+        expected = {f"base_model.model.{k}": v for k, v in other.state_dict().items()}
+        lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+        onto_other = PeftModel.from_pretrained(other, tmp_path).state_dict()
+        _assert_equal_state_dicts(lora, {k: v for k, v in onto_other.items() if "lora_" in k})
+        base_weights = {k.replace(".base_layer", ""): v for k, v in onto_other.items() if "lora_" not in k}
+        _assert_equal_state_dicts(expected, base_weights)
+
+
+@pytest.mark.parametrize("units", UNIT_KINDS)
+def test_peft_state_dict_helpers_and_trainable_parameter_count(units, capsys):
+    arch = "opt"
+    model = _peft_model(arch, units)
+    _train_a_little(model, arch)
+    state = get_peft_model_state_dict(model)
+    if units == "tensors":
+        expected = {f"base_model.model.{n}" for n in model.base_model.greentrainer_state.trained_tensors}
+        assert set(state) == expected
+    else:
+        lora = [n.replace(".default.", ".") for n, _ in model.base_model.model.named_parameters() if "lora_" in n]
+        assert set(state) == {f"base_model.model.{n}" for n in lora}
+
+    base = tiny_model(arch)
+    torch.manual_seed(99)  # other LoRA initial values
+    other = get_peft_model(base, _config(arch, units))
+    assert any(not torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items())
+    set_peft_model_state_dict(other, state)
+    _assert_equal_state_dicts(model.state_dict(), other.state_dict())
+
+    model.print_trainable_parameters()
+    match = re.search(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+)", capsys.readouterr().out)
+    assert match, "print_trainable_parameters printed no counts"
+    trainable, total = (int(g.replace(",", "")) for g in match.groups())
+    assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert total == sum(p.numel() for p in model.parameters())
+    assert 0 < trainable < total
+
+
+# ------------------------------------------------------------------------------------------------- 3. LoRA export
+EXPORT_CHECK = textwrap.dedent(
+    """
+    import sys
+    import peft, torch, transformers
+
+    root = sys.argv[1]
+    base = transformers.AutoModelForCausalLM.from_pretrained(root + "/base")
+    model = peft.PeftModel.from_pretrained(base, root + "/lora")
+    assert type(model.peft_config["default"]) is peft.LoraConfig, type(model.peft_config["default"])
+    data = torch.load(root + "/expected.pt")
+    model.eval()
+    with torch.no_grad():
+        logits = model(**data["batch"]).logits
+    assert "peft_greentrainer" not in sys.modules
+    torch.save(logits, root + "/loaded.pt")
+    """
+)
+
+
+def test_lora_export_loads_with_plain_peft(tmp_path):
+    arch = "llama"
+    base = tiny_model(arch)
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, _config(arch, "lora"))
+    batch = _train_a_little(model, arch)
+    export_lora_adapter(model, tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and "rho" not in config
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    torch.save({"batch": batch, "logits": expected}, tmp_path / "expected.pt")
+
+    result = subprocess.run(
+        [sys.executable, "-c", EXPORT_CHECK, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = torch.load(tmp_path / "loaded.pt")
+    torch.testing.assert_close(loaded, expected, atol=1e-6, rtol=0)
+
+
+def test_export_refuses_tensor_units(tmp_path):
+    model = _peft_model("llama", "tensors")
+    with pytest.raises(ValueError, match="units='lora'"):
+        export_lora_adapter(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
+# ------------------------------------------------------------------------------------- 4. merge, unload and disable
+@pytest.mark.parametrize("units", UNIT_KINDS)
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_merge_and_unload_returns_plain_model_with_same_logits(arch, units):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = _peft_model(arch, units)
+    batch = _train_a_little(model, arch)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    merged = model.merge_and_unload()
+    assert isinstance(merged, transformers.PreTrainedModel) and not isinstance(merged, PeftModel)
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    assert not hasattr(merged, "peft_config")
+    with torch.no_grad():
+        actual = merged(**batch).logits
+    if units == "tensors":
+        assert torch.equal(actual, expected)  # the trained weights are the model's own
+    else:
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+        assert not torch.equal(expected, tiny_model(arch).eval()(**batch).logits)  # the adapters did change it
+
+
+def test_tensor_units_cannot_disable_or_unload():
+    model = _peft_model("llama", "tensors")
+    batch = _train_a_little(model, "llama")
+    with torch.no_grad():
+        before = model(**batch).logits
+    with pytest.raises(RuntimeError, match="units='tensors'"), model.disable_adapter():
+        pass
+    with pytest.raises(RuntimeError, match="units='tensors'"):
+        model.unload()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, before)  # the failed calls changed nothing
+
+
+# ------------------------------------------------------------------------- 5. selection leaves the optimizer alone
+def _snapshot(model, optimizer) -> dict:
+    return {
+        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
+        "optimizer": _clone(optimizer.state_dict()),
+        "rng": torch.get_rng_state(),
+    }
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    return value
+
+
+def _assert_identical(expected, actual, path: str = "") -> None:
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and torch.equal(expected, actual), path
+    elif isinstance(expected, dict):
+        assert set(expected) == set(actual), path
+        for key in expected:
+            _assert_identical(expected[key], actual[key], f"{path}/{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(expected) == len(actual), path
+        for i, (a, b) in enumerate(zip(expected, actual, strict=True)):
+            _assert_identical(a, b, f"{path}/{i}")
+    else:
+        assert expected == actual, path
+
+
+@pytest.mark.parametrize("units", UNIT_KINDS)
+def test_importance_evaluation_leaves_weights_and_optimizer_state_untouched(units):
+    """A run that selects at step k equals, bit for bit, a run that only applies the same flags at step k."""
+    arch = "opt"  # dropout 0.1: the selection must not consume the training RNG either
+    batches = [_batch(arch, start=4 * (i % 4)) for i in range(6)]
+    select_at = 3
+
+    def run(replay: list[str] | None):
+        torch.manual_seed(0)
+        model = _peft_model(arch, units)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+        for step, batch in enumerate(batches):
+            if step == select_at:
+                before = _snapshot(model, optimizer)
+                if replay is None:
+                    model.base_model.select_units(batches[:2], optimizer)
+                else:
+                    model.base_model.restore_selection(replay)
+                after = _snapshot(model, optimizer)
+                for key in ("weights", "optimizer", "rng"):
+                    _assert_identical(before[key], after[key], key)
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return model, optimizer
+
+    selecting, selecting_optimizer = run(None)
+    selected = selecting.base_model.greentrainer_state.selected
+    assert 0 < len(selected) < len(selecting.base_model.candidate_units())
+    replaying, replaying_optimizer = run(selected)
+    assert replaying.base_model.greentrainer_state.selected == selected
+    _assert_identical(_snapshot(selecting, selecting_optimizer), _snapshot(replaying, replaying_optimizer))
+
+
+# ------------------------------------------------------------------------------------------------------ 6. resume
+def _run_with_checkpoints(arch: str, units: str, out, resume: str | None = None, callback=None, **kwargs):
+    model = _peft_model(arch, units)
+    trainer = _trainer(
+        model, out, [callback or GreenTrainerCallback()], arch, save_strategy="steps", save_steps=3, **kwargs
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer
+
+
+def _records(model) -> list[tuple]:
+    return [(r.step, r.epoch, r.selected) for r in model.base_model.greentrainer_state.history]
+
+
+@pytest.mark.parametrize("units", UNIT_KINDS)
+def test_resume_from_checkpoint_matches_uninterrupted_run(units, tmp_path):
+    arch = "opt"  # dropout: the resumed RNG must match too
+    full, full_trainer = _run_with_checkpoints(arch, units, tmp_path / "full")
+    assert len(full.base_model.greentrainer_state.history) == 2
+    for step in (3, 6):  # mid-epoch 0 (before the second selection), mid-epoch 1 (after it)
+        checkpoint = tmp_path / "full" / "out" / f"checkpoint-{step}"
+        resumed, trainer = _run_with_checkpoints(arch, units, tmp_path / f"resumed{step}", resume=str(checkpoint))
+        assert not trainer.args.restore_callback_states_from_checkpoint  # the user need not set it
+        assert _losses(trainer) == _losses(full_trainer)  # the log restored from the checkpoint, then the same steps
+        state, expected = resumed.base_model.greentrainer_state, full.base_model.greentrainer_state
+        assert state.selected == expected.selected
+        assert _records(resumed) == _records(full)
+        assert state.trained_tensors == expected.trained_tensors
+        _assert_equal_state_dicts(full.state_dict(), resumed.state_dict())
+
+
+def test_resume_keeps_the_loss_fn_when_the_trainer_restores_callback_states(tmp_path):
+    """restore_callback_states_from_checkpoint=True makes the Trainer rebuild callbacks from their saved state."""
+    arch, calls = "llama", []
+
+    def loss_fn(model, batch):
+        calls.append(len(batch["input_ids"]))
+        return model(**batch).loss
+
+    _run_with_checkpoints(arch, "tensors", tmp_path / "full", callback=GreenTrainerCallback(loss_fn))
+    calls.clear()
+    resumed, trainer = _run_with_checkpoints(
+        arch,
+        "tensors",
+        tmp_path / "resumed",
+        resume=str(tmp_path / "full" / "out" / "checkpoint-3"),
+        callback=GreenTrainerCallback(loss_fn),
+        restore_callback_states_from_checkpoint=True,
+    )
+    assert len(resumed.base_model.greentrainer_state.history) == 2
+    assert calls, "the epoch-1 selection of the resumed run used the default loss instead of loss_fn"
+    assert sum(isinstance(c, GreenTrainerCallback) for c in trainer.callback_handler.callbacks) == 1
+
+
+# ------------------------------------------------------------------------------------------------- 7. bad input
+@pytest.mark.parametrize("rho", [0, -1, 1.5, float("nan"), float("inf"), True, "0.5"])
+def test_rho_outside_unit_interval_is_rejected_at_config_creation(rho):
+    with pytest.raises(ValueError, match="rho"):
+        GreenTrainerConfig(rho=rho)
+
+
+def test_unknown_units_is_rejected():
+    with pytest.raises(ValueError, match="units must be one of"):
+        GreenTrainerConfig(units="layers")
+
+
+def test_lora_targets_matching_nothing_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"(?i)target modules"):
+        _peft_model("llama", "lora", target_modules=["no_such_module"])
+
+
+def test_tensor_units_on_a_frozen_model_point_to_lora_units():
+    model = tiny_model("llama")
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="units='lora'"):
+        get_peft_model(model, GreenTrainerConfig(units="tensors"))
+
+
+@pytest.mark.parametrize("units", UNIT_KINDS)
+def test_include_patterns_matching_nothing_is_rejected(units):
+    with pytest.raises(ValueError, match="include_patterns"):
+        _peft_model("llama", units, include_patterns=[r"^no_such_tensor$"])
+
+
+def test_tensor_adapter_on_a_base_of_other_shapes_names_the_base_model(tmp_path):
+    model = _peft_model("llama", "tensors")
+    _train_a_little(model, "llama")
+    model.save_pretrained(tmp_path)
+    other = tiny_model("llama", hidden_size=32, intermediate_size=64)
+    with pytest.raises(ValueError, match="base model"):
+        PeftModel.from_pretrained(other, tmp_path)
+
+
+def test_rho_below_the_feasible_floor_names_the_smallest_feasible_rho():
+    batch = _batch("llama")
+    model = _peft_model("llama", "tensors", rho=0.34)
+    floor = model.base_model.min_feasible_rho(batch)
+    assert 0.34 < floor < 1  # the forward pass alone is about a third of full fine-tuning
+    advice = math.ceil(floor * 1e4) / 1e4
+    with pytest.raises(ValueError, match=rf"smallest feasible rho {advice:.4f}"):
+        model.base_model.select_units([batch], lr=1e-3)
+    assert all(p.requires_grad for p in model.base_model.model.parameters())  # nothing was frozen by the failure
+    # following the advice works
+    model = _peft_model("llama", "tensors", rho=advice)
+    selection = model.base_model.select_units([batch], lr=1e-3)
+    assert selection.mask.any() and selection.ratio <= advice
+
+
+# ------------------------------------------------------------------------------------------ 8. plain PyTorch loop
+@pytest.mark.parametrize("units", UNIT_KINDS)
+def test_plain_pytorch_loop(units):
+    arch = "llama"
+    model = _peft_model(arch, units)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batches = [_batch(arch, start=4 * i) for i in range(4)]
+    losses = []
+    for epoch in range(3):
+        model.base_model.select_units(batches, optimizer, epoch=epoch, step=epoch * len(batches))
+        assert _trainable_names(model.base_model) == _selected_tensors(model.base_model)
+        for batch in batches:
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    history = model.base_model.greentrainer_state.history
+    assert [(r.epoch, r.step) for r in history] == [(0, 0), (1, 4), (2, 8)]
+    assert np.mean(losses[-2:]) < losses[0] - 0.03, losses
+
+
+def test_steps_before_the_first_selection_are_saved(tmp_path):
+    """Every candidate is trainable until the first selection: tensors stepped then belong in the adapter."""
+    arch = "llama"
+    model = _peft_model(arch, "tensors")
+    batch = _batch(arch)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def step():
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    model.save_pretrained(tmp_path / "before")
+    loaded = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "before")
+    _assert_equal_state_dicts(model.state_dict(), loaded.state_dict())
+
+    selection = model.base_model.select_units([batch], optimizer)
+    assert not selection.mask.all()
+    candidates = {name for unit in model.base_model.candidate_units() for name in unit.param_names}
+    assert set(model.base_model.greentrainer_state.trained_tensors) == candidates
+    step()
+    model.save_pretrained(tmp_path / "after")
+    loaded = PeftModel.from_pretrained(tiny_model(arch), tmp_path / "after")
+    _assert_equal_state_dicts(model.state_dict(), loaded.state_dict())
+
+
+# ------------------------------------------------------------------------------- 9. figures reach the integrations
+class Reporter(TrainerCallback):
+    """Stands in for TensorBoard / W&B: records what each on_log hands it."""
+
+    def __init__(self):
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def test_figures_reach_reporting_integrations_and_log_history(tmp_path):
+    reporter = Reporter()
+    callbacks = [reporter, GreenTrainerCallback()]  # integrations, too, run before user callbacks
+    trainer = _trainer(_peft_model("gpt2", "lora"), tmp_path, callbacks, "gpt2")
+    trainer.train()
+    assert callbacks[0] is reporter  # the user's own list is not reordered
+    training_logs = [log for log in reporter.logs if "loss" in log]
+    assert len(training_logs) == 8
+    for log in training_logs:
+        assert 0 < log["greentrainer/flops_ratio"] <= 0.5
+        assert log["greentrainer/flops_ratio_vs_lora"] > 0
+        assert 0 < log["greentrainer/units_selected"] <= log["greentrainer/units_total"]
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["greentrainer/flops_ratio"] for entry in history] == [
+        log["greentrainer/flops_ratio"] for log in training_logs
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- 10. atomic saving
+def _interrupting_save(monkeypatch) -> None:
+    """Make PEFT's safetensors writer leave a partial file, then fail, as a crash or a full disk would."""
+    import peft.peft_model
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("simulated interruption")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", broken)
+
+
+@pytest.mark.parametrize("units", UNIT_KINDS)
+def test_interrupted_save_keeps_the_previous_adapter(units, tmp_path, monkeypatch):
+    arch = "llama"
+    model = _peft_model(arch, units)
+    batch = _train_a_little(model, arch)
+    target = tmp_path / "adapter"
+    save_adapter(model, target)
+    first = model.state_dict()
+    first = {k: v.clone() for k, v in first.items()}
+
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(**batch).loss.backward()
+    optimizer.step()
+    with monkeypatch.context() as patch:
+        _interrupting_save(patch)
+        with pytest.raises(OSError, match="simulated"):
+            save_adapter(model, target)
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no .tmp-* / .old-* left behind
+    loaded = PeftModel.from_pretrained(tiny_model(arch), target)
+    _assert_equal_state_dicts(first, loaded.state_dict())
+
+    # a first save that is interrupted leaves nothing at all
+    with monkeypatch.context() as patch:
+        _interrupting_save(patch)
+        with pytest.raises(OSError, match="simulated"):
+            save_adapter(model, tmp_path / "new")
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+    save_adapter(model, target)  # an uninterrupted save replaces the adapter
+    _assert_equal_state_dicts(model.state_dict(), PeftModel.from_pretrained(tiny_model(arch), target).state_dict())
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_interrupted_swap_puts_the_previous_adapter_back(tmp_path, monkeypatch):
+    arch = "llama"
+    model = _peft_model(arch, "tensors")
+    _train_a_little(model, arch)
+    target = tmp_path / "adapter"
+    save_adapter(model, target)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    _train_a_little(model, arch)
+    replace = os.replace
+
+    def failing(src, dst):
+        if os.path.basename(src).startswith(".tmp-"):  # the new adapter moving into place
+            raise OSError("simulated interruption")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="simulated"):
+        save_adapter(model, target)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    _assert_equal_state_dicts(first, PeftModel.from_pretrained(tiny_model(arch), target).state_dict())
+
+
+# --------------------------------------------------------------------------------------------- 11. intervals
+def test_selection_every_k_steps(tmp_path):
+    model = _peft_model("llama", "tensors", selection_interval_steps=3)
+    trainer = _trainer(model, tmp_path, [GreenTrainerCallback()], "llama")
+    trainer.train()
+    history = model.base_model.greentrainer_state.history
+    assert [r.step for r in history] == [0, 3, 6]  # 8 steps
+
+
+def test_selection_every_second_epoch(tmp_path):
+    model = _peft_model("llama", "tensors", selection_interval=2)
+    trainer = _trainer(model, tmp_path, [GreenTrainerCallback()], "llama", num_train_epochs=5)
+    trainer.train()
+    history = model.base_model.greentrainer_state.history
+    assert [r.epoch for r in history] == [0.0, 2.0, 4.0]
+    assert [r.step for r in history] == [0, 8, 16]
