@@ -258,6 +258,7 @@ class GreenTrainerModel(LoraModel):
         importance = compute_importance(
             self.model, costs.units, batches, optimizer, loss_fn=loss_fn, candidates=feasible, lr=lr
         )
+        importance = average_across_ranks(importance)
         selection = select_units(
             importance,
             costs.t_dw,
@@ -416,6 +417,23 @@ class GreenTrainerModel(LoraModel):
         state = tuner.greentrainer_state
         state.trained_tensors = list(dict.fromkeys([*state.trained_tensors, *names]))
         return dict(state_dict)
+
+
+def average_across_ranks(values: np.ndarray) -> np.ndarray:
+    """Mean over all processes of a torch.distributed job (identity otherwise).
+
+    Every rank must make the same selection at the same step; averaging the importances (each rank saw other
+    batches) before the deterministic DP guarantees it, and uses every rank's data.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    tensor = torch.as_tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return (tensor / dist.get_world_size()).cpu().numpy()
 
 
 def export_lora_adapter(model, save_directory: str | os.PathLike) -> None:
