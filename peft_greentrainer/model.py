@@ -16,6 +16,7 @@ deepest selected unit.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Any
@@ -32,8 +34,9 @@ import torch
 from peft.tuners.lora import LoraModel
 from torch import nn
 
+from .backprop import keep_backprop_shallow
 from .importance import _unwrap_optimizer, compute_importance
-from .profile import CostProfile, UnitCosts, default_loss, profile_model
+from .profile import CostProfile, UnitCosts, default_loss, is_checkpointed, profile_model
 from .selector import Selection, min_feasible_rho, min_unit_costs, select_units
 from .units import Unit, is_trainable_dtype, lora_units, parameter_aliases, tensor_units
 
@@ -193,17 +196,58 @@ class GreenTrainerModel(LoraModel):
         cache = self.__dict__.setdefault("_profiles", {})
         key = _shape_key(batch)
         if key not in cache:
-            profile = profile_model(self.model, batch, loss_fn)
-            full = profile.full_flops
-            if self.units_kind == "lora":
-                # rho refers to full fine-tuning of the base model, so both unit kinds spend the same budget.
-                LoraModel.disable_adapter_layers(self)
-                try:
-                    full = profile_model(self.model, batch, loss_fn).full_flops
-                finally:
-                    LoraModel.enable_adapter_layers(self)
+            tuner = self._float_twin()
+            if tuner is not self:
+                batch = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            with _training_mode(tuner.model):  # a training step's costs (checkpointing acts only in training)
+                profile = profile_model(tuner.model, batch, loss_fn)
+                full = profile.full_flops
+                if self.units_kind == "lora":
+                    # rho refers to full fine-tuning of the base model, so both unit kinds spend the same budget.
+                    LoraModel.disable_adapter_layers(tuner)
+                    try:
+                        full = profile_model(tuner.model, batch, loss_fn).full_flops
+                    finally:
+                        LoraModel.enable_adapter_layers(tuner)
             cache[key] = (profile, full)
         return cache[key]
+
+    def _float_twin(self) -> GreenTrainerModel:
+        """The tuner to profile: this one, or for a quantized base, the same architecture in float on ``meta``.
+
+        A quantized matmul does the same multiply-adds as the float one, and its backward passes the activation
+        gradient through a float matmul; the twin makes that explicit, costs nothing (no weights), and also gives
+        the reference the budget is a fraction of: full fine-tuning, which a quantized model cannot do.
+        """
+        if all(is_trainable_dtype(p) for p in self.model.parameters()):
+            return self
+        if "_twin" not in self.__dict__:
+            import copy
+
+            from peft import get_peft_model
+
+            config = copy.deepcopy(self.model.config)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            # with a KV cache transformers skips a data-dependent mask check that meta tensors cannot run; the cache
+            # only keeps keys and values, it adds no FLOPs
+            config.use_cache = True
+            with torch.device("meta"):
+                base = type(self.model)(config)
+            base.train(self.model.training)
+            # Mirror checkpointing block by block (not through gradient_checkpointing_enable, which would also turn
+            # the KV cache off and send transformers' mask code into data-dependent checks that meta cannot run).
+            checkpointed = {name for name, m in self.model.named_modules() if is_checkpointed(m)}
+            for name, module in base.named_modules():
+                if name in checkpointed:
+                    module.gradient_checkpointing = True
+                    module._gradient_checkpointing_func = functools.partial(
+                        torch.utils.checkpoint.checkpoint, use_reentrant=False
+                    )
+            twin = get_peft_model(base, copy.deepcopy(self.greentrainer_config)).base_model
+            keep_backprop_shallow(twin.model, quiet=True)
+            self.__dict__["_twin"] = twin
+        return self.__dict__["_twin"]
 
     def unit_costs(self, batch: Mapping[str, Any], loss_fn: LossFn = default_loss) -> UnitCosts:
         profile, full = self.cost_profile(batch, loss_fn)
@@ -243,6 +287,7 @@ class GreenTrainerModel(LoraModel):
         if not batches:
             raise ValueError("select_units needs at least one training batch to estimate importance.")
         self._note_stepped_tensors(optimizer)
+        keep_backprop_shallow(self.model)  # checkpointing may have been switched on since the last selection
         costs = self.unit_costs(batches[0], loss_fn)
         floor = min_feasible_rho(
             costs.t_dw, costs.t_dy, costs.forward_flops, full_flops=costs.full_flops, dy_head=costs.dy_head
@@ -255,9 +300,10 @@ class GreenTrainerModel(LoraModel):
         budget = config.rho * costs.full_flops
         # Only units that can fit at all need a gradient: backprop for importance stops at the deepest of them.
         feasible = min_unit_costs(costs.t_dw, costs.t_dy, costs.forward_flops, costs.dy_head) <= budget
-        importance = compute_importance(
-            self.model, costs.units, batches, optimizer, loss_fn=loss_fn, candidates=feasible, lr=lr
-        )
+        with _training_mode(self.model):  # the gradient of the step it predicts (a Trainer may not have set it yet)
+            importance = compute_importance(
+                self.model, costs.units, batches, optimizer, loss_fn=loss_fn, candidates=feasible, lr=lr
+            )
         importance = average_across_ranks(importance)
         selection = select_units(
             importance,
@@ -417,6 +463,17 @@ class GreenTrainerModel(LoraModel):
         state = tuner.greentrainer_state
         state.trained_tensors = list(dict.fromkeys([*state.trained_tensors, *names]))
         return dict(state_dict)
+
+
+@contextmanager
+def _training_mode(model: nn.Module):
+    modes = [(module, module.training) for module in model.modules()]
+    model.train()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def average_across_ranks(values: np.ndarray) -> np.ndarray:

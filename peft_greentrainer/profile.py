@@ -429,7 +429,7 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
     )
 
 
-def _checkpoints(module: nn.Module) -> bool:
+def is_checkpointed(module: nn.Module) -> bool:
     """Whether this module checkpoints its forward: transformers' checkpointed layers, while training."""
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
@@ -456,7 +456,7 @@ def _checkpointed_blocks(model: nn.Module, recorder: _Recorder, counter: FlopCou
 
     handles = []
     for module in model.modules():
-        if _checkpoints(module):
+        if is_checkpointed(module):
             handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
             handles.append(module.register_forward_hook(after, with_kwargs=True))
     try:

@@ -92,7 +92,7 @@ WORDS = (  # noqa: SIM905 - a sentence reads better than a list of 30 quoted wor
 ).split()
 
 
-def save_tiny_checkpoint(directory, arch: str = "llama", seed: int = 0) -> None:
+def save_tiny_checkpoint(directory, arch: str = "llama", seed: int = 0, hidden: int = 32) -> None:
     """A tiny pretrained-style checkpoint folder (config, safetensors, word-level tokenizer), as a user would have."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -1,0 +1,74 @@
+"""Keep autograd from backpropagating below the deepest selected unit.
+
+Two common settings silently force backprop down to the input embeddings, whatever is frozen, and so throw
+GreenTrainer's savings away (measured in ``benchmarks/bench_kbit.py``):
+
+* *Forced input gradients.* ``model.enable_input_require_grads()`` hooks the input embedding so its output requires
+  grad. ``peft.prepare_model_for_kbit_training``, transformers' ``gradient_checkpointing_enable`` (for any model whose
+  main input is ``input_ids``) and ``PeftModel.__init__`` (when checkpointing is on) all install it; a second call
+  leaks a hook that ``disable_input_require_grads()`` cannot remove any more.
+* *Reentrant checkpointing* (the default of ``prepare_model_for_kbit_training``) needs those input gradients: a
+  reentrant checkpointed block whose inputs do not require grad passes no gradient to the parameters inside it.
+
+We remove every such hook and switch checkpointed blocks to non-reentrant checkpointing, which gives trainable
+parameters inside a block their gradients without any input gradient, and lets frozen blocks below the deepest
+selected unit be neither recomputed nor backpropagated.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# transformers' PreTrainedModel.enable_input_require_grads and PEFT's fallback in prepare_model_for_kbit_training
+INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
+def remove_forced_input_grads(model: nn.Module) -> int:
+    """Remove every forward hook that makes a module's output require grad; return how many were removed."""
+    removed = 0
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") in INPUT_GRAD_HOOKS:
+                del module._forward_hooks[key]
+                removed += 1
+        if hasattr(module, "_require_grads_hook"):
+            del module._require_grads_hook  # its handle would now point at nothing
+    return removed
+
+
+def make_checkpointing_non_reentrant(model: nn.Module) -> int:
+    """Switch transformers' checkpointed layers to ``use_reentrant=False``; return how many were switched."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    switched = 0
+    for module in model.modules():
+        if not isinstance(module, GradientCheckpointingLayer) or not module.gradient_checkpointing:
+            continue
+        function = getattr(module, "_gradient_checkpointing_func", None)
+        keywords = dict(getattr(function, "keywords", {}) or {})
+        if isinstance(function, functools.partial) and keywords.get("use_reentrant") is False:
+            continue
+        keywords["use_reentrant"] = False
+        module._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, **keywords)
+        switched += 1
+    return switched
+
+
+def keep_backprop_shallow(model: nn.Module, quiet: bool = False) -> None:
+    """Apply both fixes; say what was changed and why."""
+    hooks = remove_forced_input_grads(model)
+    blocks = make_checkpointing_non_reentrant(model)
+    if (hooks or blocks) and not quiet:
+        logger.warning(
+            "GreenTrainer removed %d forced input-gradient hook(s) and switched %d checkpointed block(s) to "
+            "non-reentrant checkpointing: both would force backprop down to the embeddings and discard the savings. "
+            "Trainable parameters still get their gradients (non-reentrant checkpointing needs no input gradient).",
+            hooks,
+            blocks,
+        )

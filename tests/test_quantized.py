@@ -1,0 +1,202 @@
+"""Quantized backbones (bitsandbytes on CPU), gradient checkpointing and half precision keep the savings."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import save_tiny_checkpoint, tiny_batch, tiny_model
+from datasets import Dataset
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
+from peft_greentrainer.backprop import INPUT_GRAD_HOOKS
+from peft_greentrainer.profile import measure_flops
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+pytest.importorskip("bitsandbytes")
+
+QUANTIZATIONS = {
+    "int8": {"load_in_8bit": True},
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+}
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-quantizable")
+    save_tiny_checkpoint(directory, hidden=128)  # 4-bit blocks are 64 wide: layers must be at least that
+    return directory
+
+
+def _quantized(checkpoint, kind: str, prepare: bool = True):
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        checkpoint, quantization_config=transformers.BitsAndBytesConfig(**QUANTIZATIONS[kind]), dtype=torch.float32
+    )
+    return prepare_model_for_kbit_training(model) if prepare else model
+
+
+def _batch(seed: int = 0, rows: int = 4, length: int = 16) -> dict:
+    ids = torch.randint(3, 30, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _has_forced_input_grads(model) -> bool:
+    return any(
+        getattr(h, "__name__", "") in INPUT_GRAD_HOOKS for m in model.modules() for h in m._forward_hooks.values()
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(QUANTIZATIONS))
+def test_kbit_preparation_keeps_the_savings(checkpoint, kind):
+    model = get_peft_model(
+        _quantized(checkpoint, kind), GreenTrainerConfig(units="lora", rho=0.6, r=4, target_modules=TARGETS)
+    )
+    model.train()
+    batch = _batch()
+    assert _has_forced_input_grads(model)  # what prepare_model_for_kbit_training and PEFT installed
+    forward, unhandled = measure_flops(model, batch)
+    selection = model.select_units([batch], None, lr=1e-3)
+    assert not _has_forced_input_grads(model)
+    forward, backward = measure_flops(model, batch)
+    full = model.base_model.cost_profile(batch)[1]
+    assert backward < 0.7 * unhandled  # without the handling, backprop ran down to the embeddings
+    assert forward + backward <= selection.flops * 1.1
+    assert forward + backward <= 0.6 * full * 1.02
+    assert forward + backward >= selection.flops * 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_kbit_training_selects_saves_and_loads(checkpoint, kind, tmp_path):
+    model = get_peft_model(
+        _quantized(checkpoint, kind), GreenTrainerConfig(units="lora", rho=0.7, r=4, target_modules=TARGETS)
+    )
+    rows = [list(range(3, 19)), list(range(5, 21))] * 8
+    dataset = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        num_train_epochs=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[GreenTrainerCallback()])
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert np.mean(losses[-2:]) < losses[0] - 0.05
+    state = model.greentrainer_state
+    assert len(state.history) == 2
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    chosen = {p for unit in model.base_model.candidate_units() if unit.name in state.selected for p in unit.param_names}
+    assert {n.removeprefix("base_model.model.") for n in trainable} == chosen
+
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(_quantized(checkpoint, kind, prepare=False), tmp_path / "adapter")
+    trained = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    restored = loaded.state_dict()
+    assert trained and all(torch.equal(v, restored[k]) for k, v in trained.items())
+    # train mode (no dropout in this model): bitsandbytes' CPU inference path repacks 4-bit weights and fails on
+    # layers this small
+    model.train()
+    loaded.train()
+    batch = _batch(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_quantized_tensors_are_never_candidates(checkpoint):
+    model = get_peft_model(_quantized(checkpoint, "int8", prepare=False), GreenTrainerConfig(units="tensors"))
+    names = {p for unit in model.base_model.candidate_units() for p in unit.param_names}
+    assert names and all(model.base_model.model.get_parameter(n).dtype.is_floating_point for n in names)
+    assert not any(n.endswith("q_proj.weight") for n in names)
+    # prepare_model_for_kbit_training freezes every float tensor: nothing is left to train in place
+    with pytest.raises(ValueError, match="units='lora'"):
+        get_peft_model(_quantized(checkpoint, "nf4"), GreenTrainerConfig(units="tensors"))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_keeps_loss_trajectory_and_savings(reentrant):
+    def run(checkpointing: bool, selection: list[str] | None = None):
+        model = get_peft_model(tiny_model("llama", seed=3), GreenTrainerConfig(units="tensors", rho=0.5))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        batches = [tiny_batch(model, seed=s) for s in range(4)]
+        model.select_units(batches[:1], optimizer)
+        if selection is not None:  # the same units as the other run (recompute changes costs, so could the DP)
+            model.base_model.restore_selection(selection)
+        losses = []
+        for batch in batches:
+            with torch.random.fork_rng(devices=[]):
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return model, list(model.greentrainer_state.selected), losses
+
+    plain, selection, losses_plain = run(False)
+    checkpointed, _, losses_checkpointed = run(True, selection)
+    np.testing.assert_allclose(losses_checkpointed, losses_plain, rtol=1e-5)
+    batch = tiny_batch(plain, seed=9)
+    tuner = checkpointed.base_model
+    costs = tuner.unit_costs(batch)
+    predicted = costs.predicted_backward(np.array([u.name in selection for u in costs.units]))
+    _, backward = measure_flops(checkpointed, batch)
+    assert backward <= predicted * 1.1  # recompute is accounted, and frozen blocks below are not recomputed
+    assert backward >= predicted * 0.8  # over-predicts a little: recompute stops early once it has what it needs
+    _, full_plain = measure_flops(plain, batch, [n for n, _ in plain.named_parameters()])
+    assert backward < 0.8 * full_plain
+
+
+def test_bf16_model_importance_is_finite_and_trains():
+    model = get_peft_model(tiny_model("llama").to(torch.bfloat16), GreenTrainerConfig(units="tensors", rho=0.5))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batch = tiny_batch(model)
+    selection = model.select_units([batch], optimizer)
+    assert np.isfinite(selection.importance) and selection.mask.any()
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.slow
+def test_trainer_with_bf16_autocast(tmp_path):
+    model = get_peft_model(
+        tiny_model("llama"), GreenTrainerConfig(units="lora", rho=0.7, r=4, target_modules=["q_proj", "v_proj"])
+    )
+    rows = [list(range(3, 27))] * 16
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        num_train_epochs=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        bf16=True,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+    )
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": rows, "labels": rows}),
+        callbacks=[GreenTrainerCallback()],
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert model.greentrainer_state.history and np.isfinite(model.greentrainer_state.history[-1].importance)
