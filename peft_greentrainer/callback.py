@@ -4,6 +4,10 @@ It selects before the first step and every ``selection_interval`` epochs (or ``s
 from its own sample of the training set (the Trainer's data order is not disturbed), adds the current selection's
 figures to every Trainer log (so TensorBoard / W&B / the console receive them), and saves its state in checkpoints
 so that ``trainer.train(resume_from_checkpoint=...)`` continues with the same selection instead of re-selecting.
+
+Under ``torchrun`` / ``accelerate launch`` every rank makes the same selection at the same step (see
+``distributed.py``): importance is evaluated on the global batches, sharded across ranks, and the Trainer's DDP
+wrapper is set up to reduce whichever units are trained.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 
+from . import distributed
 from .model import GreenTrainerModel, GreenTrainerState
 
 logger = logging.getLogger(__name__)
@@ -85,6 +90,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, **kwargs):
+        distributed.check_backend(args)  # FSDP / DeepSpeed: fail at Trainer(...) rather than after loading data
         self._report_before_integrations()
         model = kwargs.get("model")
         if model is not None and not self._rebuilt:
@@ -95,6 +101,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._report_before_integrations()
         tuner = find_tuner(kwargs["model"])
+        self._prepare_distributed(args, kwargs["model"], tuner)
         if self._rebuilt and self.loss_fn is None:
             if _LOSS_FN_KEY in tuner.__dict__:
                 self.loss_fn = tuner.__dict__[_LOSS_FN_KEY]
@@ -157,18 +164,48 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
             saved = saved[0] if saved else None
         return saved.get("args") if isinstance(saved, dict) else None
 
+    @staticmethod
+    def _prepare_distributed(args: TrainingArguments, model: torch.nn.Module, tuner: GreenTrainerModel) -> None:
+        """Refuse FSDP / DeepSpeed; make the DDP wrapper reduce every unit a selection may train (every rank)."""
+        distributed.check_backend(args, model)
+        if not distributed.is_distributed():
+            return
+        ddp = distributed.find_ddp(model)
+        if ddp is None:
+            logger.warning(
+                "GreenTrainer runs on %d processes but found no DistributedDataParallel wrapper around the model: "
+                "make sure gradients are averaged across ranks, or the ranks' weights will drift apart.",
+                distributed.rank_and_world_size()[1],
+            )
+            return
+        if (args.ddp_find_unused_parameters is False or args.ddp_static_graph) and args.process_index == 0:
+            logger.warning(
+                "GreenTrainer overrides TrainingArguments(ddp_find_unused_parameters=%s, ddp_static_graph=%s): units "
+                "are frozen and unfrozen between selections, which DDP only follows with find_unused_parameters=True "
+                "and no static graph.",
+                args.ddp_find_unused_parameters,
+                args.ddp_static_graph,
+            )
+        distributed.prepare_ddp(ddp, distributed.candidate_parameters(tuner))
+
     def _select(self, args: TrainingArguments, state: TrainerState, tuner: GreenTrainerModel, kwargs: dict) -> None:
         config = tuner.greentrainer_config
         index = len(tuner.greentrainer_state.history)
-        batches = importance_batches(kwargs.get("train_dataloader"), config.importance_batches, args.seed + index)
-        tuner.select_units(
-            batches,
-            kwargs.get("optimizer"),
-            loss_fn=self.loss_fn,
-            lr=args.learning_rate,
-            step=state.global_step,
-            epoch=float(state.epoch or 0.0),
+        rank, world_size = distributed.rank_and_world_size()
+        batches = importance_batches(
+            kwargs.get("train_dataloader"), config.importance_batches, args.seed + index, rank, world_size
         )
+        # each rank evaluates its share of the global batches; averaged gradients make the importance that of the
+        # global batch, the same on every rank (a no-op in a single process)
+        with distributed.gradients_averaged_across_ranks(distributed.candidate_parameters(tuner)):
+            tuner.select_units(
+                batches,
+                kwargs.get("optimizer"),
+                loss_fn=self.loss_fn,
+                lr=args.learning_rate,
+                step=state.global_step,
+                epoch=float(state.epoch or 0.0),
+            )
         self.selected = list(tuner.greentrainer_state.selected)
         self.last_selection_epoch = math.floor((state.epoch or 0.0) + 1e-6)
         self.last_selection_step = state.global_step
@@ -194,21 +231,49 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 return
 
 
-def importance_batches(dataloader: DataLoader | None, count: int, seed: int) -> Iterator[Mapping[str, Any]]:
+def importance_batches(
+    dataloader: DataLoader | None, count: int, seed: int, rank: int = 0, world_size: int = 1
+) -> Iterator[Mapping[str, Any]]:
     """``count`` training batches drawn with their own generator from the Trainer's dataset and collator.
 
     A separate loader leaves the Trainer's sampler, epoch counter and RNG untouched, so training sees the same data
     order with or without GreenTrainer, and a resumed run draws the same importance batches as an uninterrupted one.
+    The batches have the global batch size (per-device batch size x world size): with several processes, rank ``r``
+    gets the ``r``-th part of each, so that the ranks together evaluate what a single process would.
     """
     if dataloader is None:
         raise ValueError("GreenTrainerCallback needs the Trainer's train_dataloader to estimate importance.")
     dataset = dataloader.dataset
-    batch_size = dataloader.batch_size or getattr(dataloader, "total_batch_size", None) or 1
+    # accelerate's loaders know the global batch size; a data-parallel one has batch_size None
+    batch_size = getattr(dataloader, "total_batch_size", None) or dataloader.batch_size or 1
     if isinstance(dataset, IterableDataset):
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=dataloader.collate_fn)
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        sampler = RandomSampler(dataset, num_samples=min(len(dataset), count * batch_size), generator=generator)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=dataloader.collate_fn)
+        with torch.random.fork_rng(devices=[]):
+            for batch in loader:
+                if _length(batch) >= world_size:  # the same test on every rank: they evaluate as many batches
+                    yield _rows(batch, distributed.importance_shard(_length(batch), rank, world_size))
+        return
+    generator = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(dataset, num_samples=min(len(dataset), count * batch_size), generator=generator)
+    indices = list(sampler)
+    chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    if world_size > 1:
+        # every rank must evaluate the same number of batches: a short last one that cannot be split is dropped
+        chunks = [c for c in chunks if len(c) >= world_size]
+        if not chunks:
+            raise ValueError(
+                f"Importance batches of {batch_size} samples cannot be shared out to {world_size} processes."
+            )
+        chunks = [c[distributed.importance_shard(len(c), rank, world_size)] for c in chunks]
+    loader = DataLoader(dataset, batch_sampler=chunks, collate_fn=dataloader.collate_fn)
     with torch.random.fork_rng(devices=[]):
         yield from loader
+
+
+def _length(batch: Mapping[str, Any]) -> int:
+    return next((len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list))), 0)
+
+
+def _rows(batch: Mapping[str, Any], rows: slice) -> dict[str, Any]:
+    """The rows ``rows`` of a collated batch (tensors and lists sliced along the batch dimension)."""
+    return {k: v[rows] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}

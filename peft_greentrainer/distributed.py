@@ -1,0 +1,278 @@
+"""Multi-process training: every rank applies the same selection at the same step, and DDP reduces what is trained.
+
+GreenTrainer freezes and unfreezes units between selections. ``DistributedDataParallel`` builds its gradient reducer
+once, from the parameters that require a gradient when the model is wrapped, and then expects every one of them to
+get a gradient in every backward pass:
+
+* a parameter frozen later never fires its gradient hook, so (without ``find_unused_parameters=True``) its bucket is
+  never reduced: that step silently uses per-rank gradients, and the next forward raises "Expected to have finished
+  reduction in the prior iteration";
+* ``static_graph=True`` records the unused parameters in the first iteration and raises as soon as the selection
+  changes ("Your training graph has changed in this iteration");
+* a parameter that was frozen when the model was wrapped is never registered: selected later, its gradient is
+  silently never all-reduced and the ranks' weights drift apart.
+
+:func:`prepare_ddp` fixes all three on an existing DDP wrapper: it rebuilds the reducer (the same internal path DDP
+uses when it is unpickled) with ``find_unused_parameters=True``, no static graph, and every candidate unit registered.
+The :class:`~peft_greentrainer.GreenTrainerCallback` calls it at ``on_train_begin``, right after the Trainer wrapped
+the model (setting ``args.ddp_find_unused_parameters`` from a callback would be too late: the Trainer turns it into
+accelerate's DDP arguments in ``__init__``, before ``on_init_end``). A plain PyTorch loop wraps with :func:`wrap_ddp`.
+
+Importance is computed like the training step: each rank evaluates its own slice of the same global batches a
+single process would draw (:func:`importance_shard`), and every gradient is averaged across ranks as it is computed
+(:func:`gradients_averaged_across_ranks`), so the importances, and therefore the selections, are those of one process
+training on the global batch, identical on all ranks. The FLOPs profile and budget are per rank (each rank's backward
+is what gets cheaper); the logged FLOPs ratio is the same on every rank.
+
+FSDP (1 and 2) and DeepSpeed are refused with an error that names the configuration that works. Their registered
+parameters are shards (DTensor shards, flat parameters, ZeRO partitions) while the forward runs on gathered copies, so
+the cost profile (a forward over the registered parameters), the importance (gradients of the registered parameters,
+optimizer state per shard) and the freezing all miss what they measure; FSDP2 itself trains on CPU with gloo, but the
+profile then fails with "got mixed torch.Tensor and DTensor".
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .model import GreenTrainerModel
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED = (
+    "GreenTrainer supports multi-process training with DistributedDataParallel, which is what transformers.Trainer "
+    "uses under `torchrun` / `accelerate launch` when neither FSDP nor DeepSpeed is configured."
+)
+
+
+# ---------------------------------------------------------------------------------------------------- ranks
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group; ``(0, 1)`` outside a multi-process job."""
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def importance_shard(global_batch: int, rank: int, world_size: int) -> slice:
+    """The rows of a global importance batch that ``rank`` evaluates: consecutive, as equal in number as possible.
+
+    The Trainer's data-parallel sampler gives rank ``r`` the ``r``-th part of each global batch the same way. The
+    averaged gradient is exactly the global batch's when the parts are equal (the batch size divides evenly).
+    """
+    return slice(global_batch * rank // world_size, global_batch * (rank + 1) // world_size)
+
+
+@contextmanager
+def gradients_averaged_across_ranks(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """While active, every gradient computed for ``params`` is replaced by its mean over all ranks.
+
+    Importance is a non-linear function of the gradient (Adam's update divides by its magnitude), so averaging
+    per-rank importances is not the importance of the global batch; averaging the gradients is. The hooks are tensor
+    hooks, so they also act on ``torch.autograd.grad`` (which the importance uses). Every rank computes the same
+    gradients in the same order (same model, same selection, same batch shapes), so the collectives match. Outside a
+    multi-process job this does nothing.
+    """
+    if not is_distributed():
+        yield
+        return
+    world_size = dist.get_world_size()
+
+    def average(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad.div_(world_size)
+
+    unique = list({id(p): p for p in params}.values())
+    flags = [p.requires_grad for p in unique]
+    handles = []
+    try:
+        for param in unique:
+            param.requires_grad_(True)  # a hook can only be registered on a tensor that requires grad
+            handles.append(param.register_hook(average))
+    finally:
+        for param, flag in zip(unique, flags, strict=True):
+            param.requires_grad_(flag)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ------------------------------------------------------------------------------------------- configuration
+def unsupported_backend(args: Any = None) -> str | None:
+    """``"FSDP"`` / ``"DeepSpeed"`` when the job is configured for it (Trainer arguments or ``accelerate launch``)."""
+    if args is not None and getattr(args, "deepspeed", None):
+        return "DeepSpeed"
+    if args is not None and getattr(args, "fsdp", None):
+        return "FSDP"
+    for variable, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if os.environ.get(variable, "false").lower() in ("1", "true", "yes"):
+            return name
+    try:
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return None
+    if AcceleratorState._shared_state:  # initialized (the Trainer creates its Accelerator in __init__)
+        kind = getattr(AcceleratorState(), "distributed_type", None)
+        if kind == DistributedType.DEEPSPEED:
+            return "DeepSpeed"
+        if kind == DistributedType.FSDP:
+            return "FSDP"
+    return None
+
+
+def sharded_wrapper(model: nn.Module) -> str | None:
+    """``"FSDP"`` / ``"DeepSpeed"`` when ``model`` (or a module inside it) is already sharded by one of them."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    for module in model.modules():
+        if isinstance(module, (FSDPModule, FullyShardedDataParallel)):
+            return "FSDP"
+    if any(hasattr(p, "ds_id") or hasattr(p, "ds_tensor") for p in model.parameters()):  # DeepSpeed ZeRO-3
+        return "DeepSpeed"
+    return None
+
+
+def check_backend(args: Any = None, model: nn.Module | None = None) -> None:
+    """Raise a clear error for FSDP and DeepSpeed, which GreenTrainer does not support (see the module docstring)."""
+    backend = unsupported_backend(args) or (sharded_wrapper(model) if model is not None else None)
+    if backend is None:
+        return
+    if backend == "DeepSpeed":
+        fix = "remove `deepspeed=...` from TrainingArguments (or the DeepSpeed section of the accelerate config)"
+    else:
+        fix = "remove `fsdp=...` from TrainingArguments (or the FSDP section of the accelerate config)"
+    raise NotImplementedError(
+        f"GreenTrainer does not support {backend}: its cost profile, importance and freezing work on whole parameter "
+        f"tensors, and {backend} trains sharded copies of them. {SUPPORTED} To train with GreenTrainer, {fix}; "
+        "units='lora' keeps the memory per process small on large models."
+    )
+
+
+# --------------------------------------------------------------------------------------------------- DDP
+def find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The ``DistributedDataParallel`` wrapping ``model`` (``ddp.module is model``), if any.
+
+    ``transformers.Trainer`` hands callbacks the unwrapped model; the wrapper holds it in its ``_modules``, so it is
+    found a few referrer hops away from the model.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model
+    seen = {id(model)}
+    frontier: list[Any] = [model]
+    for _ in range(3):  # model <- DDP._modules <- DDP.__dict__ <- DDP
+        referrers = [r for r in gc.get_referrers(*frontier) if id(r) not in seen and r is not frontier]
+        for referrer in referrers:
+            if isinstance(referrer, nn.parallel.DistributedDataParallel) and referrer.module is model:
+                return referrer
+        frontier = [r for r in referrers if isinstance(r, dict)]
+        seen.update(id(r) for r in referrers)
+        if not frontier:
+            break
+    return None
+
+
+def registered_parameters(ddp: nn.parallel.DistributedDataParallel) -> set[int]:
+    """``id`` of every parameter DDP's reducer all-reduces (those that required a gradient when it was built)."""
+    return {id(p) for bucket in ddp.reducer._get_zeros_like_grad_buckets() for p in bucket.parameters()}
+
+
+def prepare_ddp(ddp: nn.parallel.DistributedDataParallel, candidates: Iterable[nn.Parameter]) -> bool:
+    """Make ``ddp`` reduce every candidate's gradient whichever subset is trainable; True if it had to be rebuilt.
+
+    Needed: ``find_unused_parameters=True`` (frozen units fire no gradient hook), no static graph (the set of frozen
+    units changes), and every candidate registered with the reducer. If any is missing, the reducer is rebuilt from
+    the candidates plus whatever else requires a gradient, as DDP itself rebuilds it when unpickled; ``requires_grad``
+    flags are left as they were. Every rank must call it (same model, same flags: the decision is the same).
+    """
+    candidates = list({id(p): p for p in candidates}.values())
+    missing = [p for p in candidates if id(p) not in registered_parameters(ddp)]
+    if ddp.find_unused_parameters and not ddp.static_graph and not missing:
+        return False
+    if ddp.mixed_precision is not None or getattr(ddp, "_use_python_reducer", False):
+        raise NotImplementedError(
+            "GreenTrainer needs DistributedDataParallel(find_unused_parameters=True, static_graph=False) with every "
+            "candidate unit trainable when the model is wrapped; this DDP wrapper (DDP-native mixed precision or "
+            "compiled autograd) cannot be rebuilt that way. Wrap the model with "
+            "peft_greentrainer.distributed.wrap_ddp(model, ...) before the first selection."
+        )
+    builtin_hook = (ddp._get_ddp_logging_data() or {}).get("comm_hook")
+    if builtin_hook and not ddp._comm_hooks:
+        raise NotImplementedError(
+            f"DDP has a built-in communication hook ({builtin_hook}) that GreenTrainer cannot carry over when it "
+            "rebuilds the reducer with find_unused_parameters=True; register a Python comm hook instead, or wrap the "
+            "model with peft_greentrainer.distributed.wrap_ddp(model, ...) before the first selection."
+        )
+    reasons = []
+    if not ddp.find_unused_parameters:
+        reasons.append("find_unused_parameters=True (frozen units produce no gradient)")
+    if ddp.static_graph:
+        reasons.append("static_graph=False (the set of trained units changes between selections)")
+    if missing:
+        reasons.append(f"{len(missing)} candidate tensors registered (they were frozen when DDP wrapped the model)")
+    logger.info("GreenTrainer rebuilt the DDP gradient reducer: %s.", "; ".join(reasons))
+
+    flags = [(p, p.requires_grad) for p in candidates]
+    try:
+        for param in candidates:
+            param.requires_grad_(True)
+        ddp.reducer._remove_autograd_hooks()  # the old reducer must not see the next backward
+        ddp.find_unused_parameters = True
+        ddp.static_graph = False
+        params, expect_sparse = ddp._build_params_for_reducer()
+        names = ddp._build_debug_param_to_name_mapping(params)
+        ddp._ddp_init_helper(params, expect_sparse, names, False)
+        for hook, state in ddp._comm_hooks:
+            dist._register_comm_hook(ddp.reducer, state, hook)
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+    return True
+
+
+def wrap_ddp(model: nn.Module, candidates: Iterable[nn.Parameter] | None = None, **kwargs: Any):
+    """``DistributedDataParallel(model, find_unused_parameters=True, **kwargs)`` with every candidate unit registered.
+
+    For plain PyTorch loops: wrap once, before or after selections, and call ``select_units`` on the unwrapped
+    model on every rank, with the same number of batches of this rank's data, inside
+    ``gradients_averaged_across_ranks(candidate_parameters(tuner))`` so that the importance is the global batch's.
+    ``candidates`` default to those of the GreenTrainer model inside ``model``.
+    """
+    if kwargs.pop("static_graph", False):
+        raise ValueError("static_graph=True cannot follow GreenTrainer's changing selections; leave it False.")
+    if kwargs.get("find_unused_parameters") is False:
+        raise ValueError("GreenTrainer freezes units between selections: DDP needs find_unused_parameters=True.")
+    kwargs["find_unused_parameters"] = True
+    if candidates is None:
+        from .callback import find_tuner
+
+        candidates = candidate_parameters(find_tuner(model))
+    flags = [(p, p.requires_grad) for p in candidates]
+    try:
+        for param, _ in flags:
+            param.requires_grad_(True)
+        return nn.parallel.DistributedDataParallel(model, **kwargs)
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+def candidate_parameters(tuner: GreenTrainerModel) -> list[nn.Parameter]:
+    """The distinct parameters of every candidate unit of a GreenTrainer model."""
+    params = [p for unit in tuner.candidate_units() for p in unit.parameters(tuner.model)]
+    return list({id(p): p for p in params}.values())

@@ -1,0 +1,145 @@
+"""Train a tiny model with ``transformers.Trainer`` + ``GreenTrainerCallback``; used by ``tests/test_distributed.py``.
+
+Run under ``torchrun --nproc_per_node=2`` (DDP on CPU with gloo) or as a plain script (the single-process reference).
+Each rank writes ``rank{r}.pt`` to ``--out``: its final parameters, the selection history, the units each selection
+trained and what it found out about the DDP wrapper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import datasets
+import torch
+import torch.distributed as dist
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from conftest import VOCAB, tiny_model
+from peft import get_peft_model
+
+from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
+from peft_greentrainer import distributed as gt_distributed
+
+SEQ_LEN = 16
+
+
+def dataset(n: int) -> datasets.Dataset:
+    """Counting sequences with varied starts and steps: every sample (and so every rank's batch) differs."""
+    ids = [[3 + (7 * i + (1 + i % 3) * t) % (VOCAB - 3) for t in range(SEQ_LEN)] for i in range(n)]
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": [list(row) for row in ids]})
+
+
+def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    return {key: torch.tensor([row[key] for row in rows]) for key in rows[0]}
+
+
+class Recorder(TrainerCallback):
+    """After GreenTrainerCallback: what DDP registered at the start, and the trainable tensors of each selection."""
+
+    def __init__(self):
+        self.info: dict = {"trainable_after_selection": []}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        ddp = gt_distributed.find_ddp(model)
+        self.info["ddp_found"] = ddp is not None
+        if ddp is not None:
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.info["find_unused_parameters"] = ddp.find_unused_parameters
+            self.info["static_graph"] = ddp.static_graph
+            self.info["registered"] = sorted(names[i] for i in gt_distributed.registered_parameters(ddp))
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        if not self.info["trainable_after_selection"] or self.info["trainable_after_selection"][-1][1] != trainable:
+            self.info["trainable_after_selection"].append((state.global_step, trainable))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--units", choices=["tensors", "lora"], default="tensors")
+    parser.add_argument("--batch-size", type=int, default=2, help="per device")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--interval-steps", type=int, default=None)
+    parser.add_argument("--rho", type=float, default=0.5)
+    parser.add_argument("--find-unused", choices=["default", "true", "false"], default="default")
+    parser.add_argument("--static-graph", action="store_true")
+    parser.add_argument(
+        "--freeze-before-train",
+        action="store_true",
+        help="train only the first candidate unit until the first selection, so DDP wraps the others frozen",
+    )
+    parser.add_argument(
+        "--skip-prepare-ddp", action="store_true", help="negative control: keep the DDP wrapper the Trainer built"
+    )
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--fsdp", default="", help="TrainingArguments(fsdp=...), e.g. 'full_shard'")
+    parser.add_argument("--deepspeed", default=None, help="TrainingArguments(deepspeed=...)")
+    cli = parser.parse_args()
+
+    torch.set_num_threads(1)
+    if cli.skip_prepare_ddp:
+        gt_distributed.prepare_ddp = lambda ddp, candidates: False
+    config = GreenTrainerConfig(
+        rho=cli.rho,
+        units=cli.units,
+        selection_interval_steps=cli.interval_steps,
+        importance_batches=2,
+        **({"target_modules": ["q_proj", "v_proj", "up_proj"], "r": 4} if cli.units == "lora" else {}),
+    )
+    model = get_peft_model(tiny_model("llama"), config)
+    tuner = model.base_model
+    optimizers = (None, None)
+    if cli.freeze_before_train:
+        # the user's own optimizer over every candidate, then a selection before the Trainer wraps the model
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, eps=1e-6)
+        optimizers = (optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+        tuner.restore_selection([tuner.candidate_units()[0].name])
+    args = TrainingArguments(
+        output_dir=os.path.join(cli.out, "trainer"),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        learning_rate=1e-3,
+        adam_epsilon=1e-6,  # near-zero gradients (float noise) do not get full-size Adam steps: compare at atol 1e-5
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        num_train_epochs=cli.epochs,
+        per_device_train_batch_size=cli.batch_size,
+        train_sampling_strategy="sequential",
+        dataloader_drop_last=True,
+        seed=0,
+        disable_tqdm=True,
+        ddp_find_unused_parameters={"default": None, "true": True, "false": False}[cli.find_unused],
+        ddp_static_graph=cli.static_graph or None,
+        activation_checkpointing=cli.activation_checkpointing,
+        fsdp=cli.fsdp,
+        deepspeed=cli.deepspeed,
+    )
+    recorder = Recorder()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset(cli.samples),
+        data_collator=collate,
+        callbacks=[GreenTrainerCallback(), recorder],
+        optimizers=optimizers,
+    )
+    trainer.train()
+
+    rank, world_size = gt_distributed.rank_and_world_size()
+    history = [(r.step, r.selected, r.predicted_ratio) for r in tuner.greentrainer_state.history]
+    state = {name: p.detach().clone() for name, p in model.named_parameters()}
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    payload = {"state": state, "history": history, "info": recorder.info, "losses": losses, "world_size": world_size}
+    torch.save(payload, os.path.join(cli.out, f"rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Multi-process training: DDP through torchrun (CPU, gloo, 2 processes) with transformers.Trainer.
+
+Each run is ``tests/distributed_scripts/train.py`` in subprocesses; every rank saves its final parameters and the
+selection history, and the tests compare the ranks with each other and with a single process trained on the same
+global batches (per-device batch 2 x 2 ranks vs batch 4, sequential sampler, drop_last).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_model
+from peft import get_peft_model
+from torch.utils.data import DataLoader
+
+from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
+from peft_greentrainer.callback import importance_batches
+from peft_greentrainer.distributed import (
+    check_backend,
+    gradients_averaged_across_ranks,
+    importance_shard,
+    rank_and_world_size,
+)
+
+SCRIPT = Path(__file__).parent / "distributed_scripts" / "train.py"
+PLAIN_LOOP = Path(__file__).parent / "distributed_scripts" / "plain_loop.py"
+PER_DEVICE, WORLD = 2, 2
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(
+    out: Path, *args: str, nproc: int = WORLD, check: bool = True, script: Path = SCRIPT
+) -> subprocess.CompletedProcess:
+    """``script`` under torchrun with ``nproc`` processes, or as a plain process when ``nproc`` is 1."""
+    out.mkdir(parents=True, exist_ok=True)
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [*launcher, str(script), "--out", str(out), *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _ranks(out: Path, world: int = WORLD) -> list[dict]:
+    runs = [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
+    assert all(run.get("world_size", world) == world for run in runs)
+    return runs
+
+
+def _differing(a: dict, b: dict) -> list[str]:
+    assert a.keys() == b.keys()
+    return [name for name in a if not torch.equal(a[name], b[name])]
+
+
+def _candidates(units: str) -> set[str]:
+    """Parameter names of every candidate unit, as the script names them."""
+    extra = {"target_modules": ["q_proj", "v_proj", "up_proj"], "r": 4} if units == "lora" else {}
+    model = get_peft_model(tiny_model("llama"), GreenTrainerConfig(units=units, **extra))
+    names = {id(p): n for n, p in model.named_parameters()}
+    tuner = model.base_model
+    return {names[id(p)] for unit in tuner.candidate_units() for p in unit.parameters(tuner.model)}
+
+
+def _became_trainable(info: dict) -> set[str]:
+    """Tensors that were frozen by one selection (or at the start) and trainable after a later one."""
+    sets = [set(trainable) for _, trainable in info["trainable_after_selection"]]
+    return {name for before, after in itertools.pairwise(sets) for name in after - before}
+
+
+# --------------------------------------------------------------------------- 1. DDP equals one process, bitwise ranks
+@pytest.mark.slow
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_ddp_matches_a_single_process_on_the_same_global_batches(units, tmp_path):
+    _launch(tmp_path / "ddp", "--units", units, "--batch-size", str(PER_DEVICE))
+    _launch(tmp_path / "single", "--units", units, "--batch-size", str(PER_DEVICE * WORLD), nproc=1)
+    rank0, rank1 = _ranks(tmp_path / "ddp")
+    (single,) = _ranks(tmp_path / "single", world=1)
+
+    # the same selections (units, step, FLOPs ratio) on every rank, and the ones a single process makes
+    assert len(rank0["history"]) == 2  # one per epoch
+    assert rank0["history"] == rank1["history"]
+    assert [(s, u) for s, u, _ in rank0["history"]] == [(s, u) for s, u, _ in single["history"]]
+    for (_, _, ratio), (_, _, expected) in zip(rank0["history"], single["history"], strict=True):
+        assert ratio == pytest.approx(expected, rel=1e-12)
+
+    # DDP was set up to follow the selections: every candidate registered, frozen units tolerated
+    info = rank0["info"]
+    assert info["ddp_found"] and info["find_unused_parameters"] and not info["static_graph"]
+    assert _candidates(units) <= set(info["registered"])
+
+    # bitwise identical on both ranks, and the single-process result up to float reassociation
+    assert not _differing(rank0["state"], rank1["state"])
+    for name, value in single["state"].items():
+        torch.testing.assert_close(rank0["state"][name], value, atol=1e-5, rtol=0, msg=name)
+    assert rank0["losses"] == pytest.approx(single["losses"], abs=1e-5)
+    if units == "tensors":  # the second selection trains tensors the first one froze: they are reduced too
+        assert _became_trainable(info)
+
+
+# ----------------------------------------------------------------- 2. a unit frozen when DDP wrapped the model, later
+@pytest.mark.slow
+def test_unit_frozen_when_ddp_wrapped_the_model_is_reduced_once_selected(tmp_path):
+    """Only one unit is trainable when the Trainer wraps the model, and the user asked for find_unused_parameters
+    False and a static graph: the callback rebuilds DDP's reducer, so the units selected later stay in sync."""
+    units = "tensors"
+    _launch(
+        tmp_path / "run",
+        "--freeze-before-train",
+        "--find-unused",
+        "false",
+        "--static-graph",
+        "--interval-steps",
+        "3",
+    )
+    rank0, rank1 = _ranks(tmp_path / "run")
+    info = rank0["info"]
+    assert len(rank0["history"]) == 3 and rank0["history"] == rank1["history"]
+    assert info["find_unused_parameters"] and not info["static_graph"]
+    assert _candidates(units) <= set(info["registered"])
+
+    model = get_peft_model(tiny_model("llama"), GreenTrainerConfig(units=units))
+    initial = {name: p.detach() for name, p in model.named_parameters()}
+    at_wrap = {f"base_model.model.{name}" for name in model.base_model.candidate_units()[0].param_names}
+    selected_later = {name for _, trainable in info["trainable_after_selection"] for name in trainable} - at_wrap
+    assert selected_later  # units frozen when DDP wrapped the model were selected later ...
+    assert selected_later <= set(_differing(initial, rank0["state"]))  # ... and trained ...
+    assert not _differing(rank0["state"], rank1["state"])  # ... with all-reduced gradients
+
+
+@pytest.mark.slow
+def test_without_the_reducer_rebuild_the_ranks_drift_apart(tmp_path):
+    """Negative control for the test above: DDP never reduces a unit that was frozen when it wrapped the model."""
+    _launch(tmp_path / "run", "--freeze-before-train", "--skip-prepare-ddp")
+    rank0, rank1 = _ranks(tmp_path / "run")
+    assert rank0["history"] == rank1["history"]  # the selections still agree (importance is averaged) ...
+    assert len(rank0["info"]["registered"]) < len(_candidates("tensors"))
+    assert _differing(rank0["state"], rank1["state"])  # ... but the unreduced units' weights differ
+
+
+@pytest.mark.slow
+def test_plain_loop_with_wrap_ddp(tmp_path):
+    """Without the Trainer: select, wrap_ddp with units frozen, train, select again; the ranks stay identical."""
+    _launch(tmp_path / "run", script=PLAIN_LOOP)
+    rank0, rank1 = _ranks(tmp_path / "run")
+    assert [step for step, _ in rank0["history"]] == [0, 3] and rank0["history"] == rank1["history"]
+    assert not _differing(rank0["state"], rank1["state"])
+    model = get_peft_model(tiny_model("llama"), GreenTrainerConfig(units="tensors"))
+    initial = {name: p.detach() for name, p in model.named_parameters()}
+    trained = set(_differing(initial, rank0["state"]))
+    at_wrap = {f"base_model.model.{name}" for name in model.base_model.candidate_units()[0].param_names}
+    assert trained - at_wrap  # units frozen when DDP wrapped the model were trained, identically on both ranks
+
+
+@pytest.mark.slow
+def test_distributed_example_runs_under_torchrun(tmp_path):
+    """The README command, on CPU: ``torchrun --nproc_per_node=2 examples/distributed.py``."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "distributed.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    result = subprocess.run(
+        [*command, str(example), "--max-steps", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = sorted(line.split(": ", 1) for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert [rank for rank, _ in lines] == ["rank 0", "rank 1"] and lines[0][1] == lines[1][1]  # same selection
+    assert (tmp_path / "greentrainer-example" / "adapter-distributed" / "adapter_model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------- 3. FSDP and DeepSpeed are refused
+@pytest.mark.slow
+def test_fsdp_is_refused_when_the_trainer_is_created(tmp_path):
+    result = _launch(tmp_path / "run", "--fsdp", "full_shard", check=False)
+    assert result.returncode != 0
+    assert "GreenTrainer does not support FSDP" in result.stderr
+    assert "DistributedDataParallel" in result.stderr and "remove `fsdp=...`" in result.stderr
+    assert "on_init_end" in result.stderr  # at Trainer(...), before any data or training
+
+
+@pytest.mark.parametrize(
+    "args, env",
+    [
+        (SimpleNamespace(deepspeed="ds_config.json", fsdp=""), {}),
+        (SimpleNamespace(deepspeed=None, fsdp=""), {"ACCELERATE_USE_DEEPSPEED": "true"}),
+        (SimpleNamespace(deepspeed=None, fsdp=["full_shard"]), {}),
+        (SimpleNamespace(deepspeed=None, fsdp=""), {"ACCELERATE_USE_FSDP": "1"}),
+    ],
+)
+def test_deepspeed_and_fsdp_configurations_are_refused(args, env, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    backend = "DeepSpeed" if args.deepspeed or "DEEPSPEED" in "".join(env) else "FSDP"
+    with pytest.raises(NotImplementedError, match=rf"does not support {backend}.*DistributedDataParallel"):
+        check_backend(args)
+    with pytest.raises(NotImplementedError, match=backend):
+        GreenTrainerCallback().on_init_end(args, None, None)
+
+
+def test_plain_configuration_is_accepted():
+    check_backend(SimpleNamespace(deepspeed=None, fsdp=""))
+
+
+# ------------------------------------------------------------------------- 4. importance batches, shared out by rank
+def test_ranks_share_out_the_importance_batches_of_a_single_process():
+    data = [{"x": torch.tensor([i])} for i in range(20)]
+
+    def collate(rows):
+        return {"x": torch.cat([r["x"] for r in rows])}
+
+    def drawn(loader, rank=0, world_size=1):
+        return [b["x"].tolist() for b in importance_batches(loader, count=3, seed=7, rank=rank, world_size=world_size)]
+
+    single = drawn(DataLoader(data, batch_size=4, collate_fn=collate))
+    sharded = DataLoader(data, batch_size=2, collate_fn=collate)
+    sharded.total_batch_size = 4  # what accelerate's data-parallel loader reports on 2 ranks
+    parts = [drawn(sharded, rank, 2) for rank in range(2)]
+    assert len(single) == 3 and all(len(b) == 4 for b in single)
+    assert [a + b for a, b in zip(*parts, strict=True)] == single
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(data)
+
+    stream = DataLoader(Stream(), batch_size=2, collate_fn=collate)
+    stream.total_batch_size = 4
+    parts = [drawn(stream, rank, 2)[:3] for rank in range(2)]
+    assert [a + b for a, b in zip(*parts, strict=True)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert importance_shard(8, 1, 2) == slice(4, 8)
+    assert [len(range(10)[importance_shard(10, r, 3)]) for r in range(3)] == [3, 3, 4]
+    with pytest.raises(ValueError, match="cannot be shared out to 2 processes"):
+        list(importance_batches(DataLoader(data[:1], batch_size=1, collate_fn=collate), 3, 0, rank=0, world_size=2))
+
+
+def test_gradient_averaging_is_a_no_op_in_one_process():
+    assert rank_and_world_size() == (0, 1)
+    param = torch.nn.Parameter(torch.ones(3))
+    with gradients_averaged_across_ranks([param]):
+        (grad,) = torch.autograd.grad((2 * param).sum(), [param])
+    assert torch.equal(grad, torch.full((3,), 2.0))
