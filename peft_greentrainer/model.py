@@ -287,6 +287,7 @@ class GreenTrainerModel(LoraModel):
         if not batches:
             raise ValueError("select_units needs at least one training batch to estimate importance.")
         self._note_stepped_tensors(optimizer)
+        self._check_optimizer_holds_candidates(optimizer)
         keep_backprop_shallow(self.model)  # checkpointing may have been switched on since the last selection
         costs = self.unit_costs(batches[0], loss_fn)
         floor = min_feasible_rho(
@@ -340,6 +341,22 @@ class GreenTrainerModel(LoraModel):
             record.seconds,
         )
         return selection
+
+    def _check_optimizer_holds_candidates(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """A unit the optimizer does not hold would be selected, get gradients, and silently never change."""
+        optimizer = _unwrap_optimizer(optimizer)
+        if optimizer is None:
+            return
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        names = [n for u in self.candidate_units() for n in u.param_names]
+        missing = [n for n in names if id(self.model.get_parameter(n)) not in held]
+        if missing:
+            raise ValueError(
+                f"The optimizer does not hold {len(missing)} candidate tensor(s) (e.g. {missing[0]}), so selecting "
+                "them would train nothing. Create the optimizer while every candidate is trainable: after "
+                "get_peft_model and before any selection, without freezing parameters yourself (use "
+                "exclude_patterns to keep tensors out of the candidates)."
+            )
 
     def _note_stepped_tensors(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Count as trained every candidate the optimizer holds state for.

@@ -170,7 +170,9 @@ def test_trainer_trains_within_budget(arch, units, tmp_path):
 def _train_a_little(model, arch: str, steps: int = 2, lr: float = 1e-2) -> dict[str, torch.Tensor]:
     """One selection, then a few AdamW steps: the selected weights move away from their initial values."""
     batch = _batch(arch)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    # over every candidate (a later call finds some frozen by the previous selection), as a real loop would
+    candidates = [p for unit in model.base_model.candidate_units() for p in unit.parameters(model.base_model.model)]
+    optimizer = torch.optim.AdamW(candidates, lr=lr)
     model.base_model.select_units([batch], optimizer)
     for _ in range(steps):
         model(**batch).loss.backward()
@@ -686,3 +688,11 @@ def test_selection_every_second_epoch(tmp_path):
     history = model.base_model.greentrainer_state.history
     assert [r.epoch for r in history] == [0.0, 2.0, 4.0]
     assert [r.step for r in history] == [0, 8, 16]
+
+
+def test_optimizer_missing_candidates_is_a_clear_error():
+    model = _peft_model("llama", "tensors")
+    model.base_model.model.lm_head.weight.requires_grad_(False)  # frozen by hand before the optimizer is built
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with pytest.raises(ValueError, match="optimizer does not hold 1 candidate"):
+        model.base_model.select_units([_batch("llama")], optimizer)
