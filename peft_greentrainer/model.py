@@ -196,28 +196,26 @@ class GreenTrainerModel(LoraModel):
         cache = self.__dict__.setdefault("_profiles", {})
         key = _shape_key(batch)
         if key not in cache:
-            tuner = self._float_twin()
-            if tuner is not self:
+            with _training_mode(self.model):  # a training step's costs (checkpointing acts only in training)
+                profile = profile_model(self.model, batch, loss_fn)
+            # rho refers to full fine-tuning of the base model (so both unit kinds spend the same budget): measured
+            # with the adapters off, and for a quantized base on its float twin, as int8/4-bit weights cannot train
+            reference = self._float_twin()
+            if reference is not self:
                 batch = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            with _training_mode(tuner.model):  # a training step's costs (checkpointing acts only in training)
-                profile = profile_model(tuner.model, batch, loss_fn)
-                full = profile.full_flops
-                if self.units_kind == "lora":
-                    # rho refers to full fine-tuning of the base model, so both unit kinds spend the same budget.
-                    LoraModel.disable_adapter_layers(tuner)
-                    try:
-                        full = profile_model(tuner.model, batch, loss_fn).full_flops
-                    finally:
-                        LoraModel.enable_adapter_layers(tuner)
+            full = profile.full_flops
+            if reference is not self or self.units_kind == "lora":
+                with _training_mode(reference.model), _adapters_off(reference):
+                    full = profile_model(reference.model, batch, loss_fn).full_flops
             cache[key] = (profile, full)
         return cache[key]
 
     def _float_twin(self) -> GreenTrainerModel:
-        """The tuner to profile: this one, or for a quantized base, the same architecture in float on ``meta``.
+        """This tuner, or for a quantized base the same architecture in float on ``meta`` (no weights, no memory).
 
-        A quantized matmul does the same multiply-adds as the float one, and its backward passes the activation
-        gradient through a float matmul; the twin makes that explicit, costs nothing (no weights), and also gives
-        the reference the budget is a fraction of: full fine-tuning, which a quantized model cannot do.
+        The twin gives the reference the budget is a fraction of: full fine-tuning, which a quantized model cannot
+        do. Unit costs still come from the real model, whose kernels (CPU flash attention, bitsandbytes matmuls)
+        are what each step runs.
         """
         if all(is_trainable_dtype(p) for p in self.model.parameters()):
             return self
@@ -480,6 +478,18 @@ class GreenTrainerModel(LoraModel):
         state = tuner.greentrainer_state
         state.trained_tensors = list(dict.fromkeys([*state.trained_tensors, *names]))
         return dict(state_dict)
+
+
+@contextmanager
+def _adapters_off(tuner: GreenTrainerModel):
+    if tuner.units_kind != "lora":
+        yield
+        return
+    LoraModel.disable_adapter_layers(tuner)
+    try:
+        yield
+    finally:
+        LoraModel.enable_adapter_layers(tuner)
 
 
 @contextmanager
