@@ -235,7 +235,8 @@ class GreenTrainerModel(LoraModel):
             base.train(self.model.training)
             # Mirror checkpointing block by block (not through gradient_checkpointing_enable, which would also turn
             # the KV cache off and send transformers' mask code into data-dependent checks that meta cannot run).
-            checkpointed = {name for name, m in self.model.named_modules() if is_checkpointed(m)}
+            with _training_mode(self.model):  # checkpointing is on whatever the current mode
+                checkpointed = {name for name, m in self.model.named_modules() if is_checkpointed(m)}
             for name, module in base.named_modules():
                 if name in checkpointed:
                     module.gradient_checkpointing = True
