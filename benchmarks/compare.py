@@ -53,6 +53,7 @@ except ImportError:  # run from a checkout without installing the package
 from peft import LoraConfig, get_peft_model
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
+from peft_greentrainer.cli import training_arguments
 from peft_greentrainer.data import PAPER_TEMPLATE, Example, TensorDataset, load_examples, tokenize_causal
 from peft_greentrainer.evaluation import generate, rouge
 from peft_greentrainer.meter import StepMeter
@@ -506,22 +507,14 @@ def train_method(method: Method, work: Workload, args: argparse.Namespace) -> di
     sampler = FixedOrderSampler(len(work.train_columns["input_ids"]), args.seed)
     meter = StepMeter(every=args.measure_every)
     with tempfile.TemporaryDirectory() as scratch:
-        training_args = transformers.TrainingArguments(
-            output_dir=scratch,
-            num_train_epochs=args.epochs,
-            max_steps=args.max_steps or -1,
-            per_device_train_batch_size=args.batch_size,
-            learning_rate=lr,
-            optim="adamw_torch",
-            lr_scheduler_type="constant",
-            weight_decay=0.0,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
+        training_args = training_arguments(
+            scratch,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=lr,
             seed=args.seed,
-            use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=True,
-            dataloader_drop_last=True,
+            max_steps=args.max_steps or -1,
+            quiet=True,
         )
         transformers.set_seed(args.seed)
         trainer = OrderedTrainer(

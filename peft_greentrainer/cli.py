@@ -281,21 +281,13 @@ def _train_into(staging: Path, args, model_name, train_examples, eval_examples, 
     # before training the adapter is the identity (LoRA B = 0; tensors untouched): this scores the base model
     before = _score(args.task, generate(peft_model, tokenizer, eval_examples, args.template, **gen), references)
 
-    training_args = transformers.TrainingArguments(
-        output_dir=str(staging / "trainer"),
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        optim="adamw_torch",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
+    training_args = training_arguments(
+        str(staging / "trainer"),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
         seed=args.seed,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=args.quiet,
-        dataloader_drop_last=True,
+        quiet=args.quiet,
     )
     meter = StepMeter(every=args.measure_every)
     trainer = transformers.Trainer(
@@ -382,6 +374,32 @@ def _train_into(staging: Path, args, model_name, train_examples, eval_examples, 
         trainer.state.log_history,
     )
     return metrics
+
+
+def training_arguments(
+    output_dir: str, *, epochs: int, batch_size: int, lr: float, seed: int, max_steps: int = -1, quiet: bool = False
+):
+    """The paper's optimizer setting (AdamW, constant learning rate) with a log line per step and no checkpoints."""
+    import torch
+    import transformers
+
+    return transformers.TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=quiet,
+        dataloader_drop_last=True,
+    )
 
 
 def _remove_tree(path: Path) -> None:
