@@ -9,7 +9,7 @@ import logging
 
 # bitsandbytes (imported by peft) warns at import on CPUs with AVX512-BF16 that an optional kernel cannot be fetched
 # from a hub; it falls back to its own kernel. Drop that one message, nothing else.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.msg)
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in str(record.msg))
 
 from .flops import register_flop_formulas  # noqa: E402
 
