@@ -37,7 +37,7 @@ from torch import nn
 from .backprop import keep_backprop_shallow
 from .importance import _unwrap_optimizer, compute_importance
 from .profile import CostProfile, UnitCosts, default_loss, is_checkpointed, profile_model
-from .selector import Selection, min_feasible_rho, min_unit_costs, select_units
+from .selector import Selection, check_feasible, min_feasible_rho, min_unit_costs, select_units
 from .units import Unit, is_trainable_dtype, lora_units, parameter_aliases, tensor_units
 
 logger = logging.getLogger(__name__)
@@ -289,14 +289,10 @@ class GreenTrainerModel(LoraModel):
         self._check_optimizer_holds_candidates(optimizer)
         keep_backprop_shallow(self.model)  # checkpointing may have been switched on since the last selection
         costs = self.unit_costs(batches[0], loss_fn)
-        floor = min_feasible_rho(
-            costs.t_dw, costs.t_dy, costs.forward_flops, full_flops=costs.full_flops, dy_head=costs.dy_head
+        # before computing importance: a rho that affords no unit is the selector's error, raised now
+        check_feasible(
+            config.rho, costs.t_dw, costs.t_dy, costs.forward_flops, full_flops=costs.full_flops, dy_head=costs.dy_head
         )
-        if config.rho < floor and config.rho < 1:
-            raise ValueError(
-                f"rho={config.rho} is below the smallest feasible rho {np.ceil(floor * 1e4) / 1e4:.4f} for this model "
-                "and batch shape (forward pass plus the cheapest single unit); raise rho to at least that."
-            )
         budget = config.rho * costs.full_flops
         # Only units that can fit at all need a gradient: backprop for importance stops at the deepest of them.
         feasible = min_unit_costs(costs.t_dw, costs.t_dy, costs.forward_flops, costs.dy_head) <= budget

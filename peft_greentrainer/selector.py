@@ -210,6 +210,28 @@ def _check_rho(rho: object) -> float:
     return rho
 
 
+def check_feasible(
+    rho: float,
+    t_dw: object,
+    t_dy: object,
+    forward_flops: float,
+    *,
+    full_flops: float | None = None,
+    dy_head: float = 0.0,
+) -> None:
+    """Raise the ValueError ``select_units`` would for a rho too small to train any unit, before costly work."""
+    t_dw, t_dy = _check_costs(t_dw, t_dy)
+    forward = _as_scalar_cost("forward_flops", forward_flops)
+    dy_head = _as_scalar_cost("dy_head", dy_head)
+    full = _full_flops(t_dw, t_dy, forward, dy_head, full_flops)
+    _raise_if_infeasible(min(_check_rho(rho), 1.0), float(min_unit_costs(t_dw, t_dy, forward, dy_head).min()), full)
+
+
+def _raise_if_infeasible(rho: float, min_cost: float, full: float) -> None:
+    if rho * full < min_cost:
+        raise ValueError(_infeasible_message(rho, _smallest_ratio(min_cost, full), min_cost, full))
+
+
 def _infeasible_message(rho: float, min_rho: float, min_cost: float, full: float) -> str:
     # Round the advice *up* so that following it really is feasible.
     advice = math.ceil(min_rho * 10_000) / 10_000
@@ -278,9 +300,7 @@ def select_units(
 
     budget = rho * full
     unit_costs = min_unit_costs(t_dw, t_dy, forward, dy_head)
-    min_cost = float(unit_costs.min())
-    if budget < min_cost:
-        raise ValueError(_infeasible_message(rho, _smallest_ratio(min_cost, full), min_cost, full))
+    _raise_if_infeasible(rho, float(unit_costs.min()), full)
     if not np.any(importance > 0):
         return result(np.zeros(n, dtype=bool), budget)
 
