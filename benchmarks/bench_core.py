@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from peft_greentrainer.selector import select_units
+    from peft_greentrainer.engine.selector import select_units
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from peft_greentrainer.selector import select_units
+    from peft_greentrainer.engine.selector import select_units
 
 
 def realistic_costs(n_units: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -49,8 +49,8 @@ def bench_profile() -> None:
     import torch
     import transformers
 
-    from peft_greentrainer.profile import dummy_batch, profile_model
-    from peft_greentrainer.units import tensor_units
+    from peft_greentrainer.engine.profile import dummy_batch, profile_model
+    from peft_greentrainer.engine.units import tensor_units
 
     config = transformers.LlamaConfig(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32_000

@@ -18,7 +18,7 @@ import transformers
 from peft import get_peft_model, prepare_model_for_kbit_training
 
 from peft_greentrainer import GreenTrainerConfig
-from peft_greentrainer.profile import measure_flops
+from peft_greentrainer.engine.profile import measure_flops
 
 QUANTIZATIONS = {
     "int8": {"load_in_8bit": True},

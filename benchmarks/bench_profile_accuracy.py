@@ -21,8 +21,8 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import tiny_batch, tiny_model
 
-from peft_greentrainer.profile import dummy_batch, measure_flops, profile_model
-from peft_greentrainer.units import tensor_units
+from peft_greentrainer.engine.profile import dummy_batch, measure_flops, profile_model
+from peft_greentrainer.engine.units import tensor_units
 
 PATTERNS = {  # last block, one tensor type across layers, LM head / tied embedding
     "llama": (r"layers\.2\.", r"v_proj\.weight", r"^lm_head"),

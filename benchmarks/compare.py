@@ -53,14 +53,14 @@ except ImportError:  # run from a checkout without installing the package
 from peft import LoraConfig, get_peft_model
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
-from peft_greentrainer.cli import training_arguments
-from peft_greentrainer.data import PAPER_TEMPLATE, Example, TensorDataset, load_examples, tokenize_causal
-from peft_greentrainer.evaluation import generate, rouge
-from peft_greentrainer.meter import StepMeter
-from peft_greentrainer.profile import UnitCosts, profile_model
-from peft_greentrainer.report import markdown_table
-from peft_greentrainer.selector import select_units
-from peft_greentrainer.units import lora_units, tensor_units
+from peft_greentrainer.cli.data import PAPER_TEMPLATE, Example, TensorDataset, load_examples, tokenize_causal
+from peft_greentrainer.cli.evaluation import generate, rouge
+from peft_greentrainer.cli.main import training_arguments
+from peft_greentrainer.cli.meter import StepMeter
+from peft_greentrainer.cli.report import markdown_table
+from peft_greentrainer.engine.profile import UnitCosts, profile_model
+from peft_greentrainer.engine.selector import select_units
+from peft_greentrainer.engine.units import lora_units, tensor_units
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 METHODS = ("full", "lora", "top_k", "random", "gt_tensors_0.4", "gt_tensors_0.5", "gt_tensors_0.7", "gt_lora_0.5")
@@ -149,7 +149,7 @@ class Workload:
 
 
 def real_workload(args: argparse.Namespace) -> Workload:
-    from peft_greentrainer.embedded import EMBEDDED_MODEL, embedded_model_path
+    from peft_greentrainer.cli.embedded import EMBEDDED_MODEL, embedded_model_path
 
     print("Preparing the embedded model (converted once, then cached)...", file=sys.stderr)
     path = str(embedded_model_path())

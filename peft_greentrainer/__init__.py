@@ -1,8 +1,11 @@
 """peft-greentrainer: GreenTrainer for Hugging Face PEFT.
 
 Importing the package registers the method with PEFT (``get_peft_model(model, GreenTrainerConfig(...))``) and the
-FLOP formulas FlopCounterMode lacks. The algorithm flows: units -> profile -> importance -> selector -> model
--> callback.
+FLOP formulas FlopCounterMode lacks. Three layers, each importing only the ones below it:
+
+* ``engine/``: the algorithm on plain data (units -> profile -> importance -> selector);
+* this package: the PEFT method (config, registration, model, backprop, ranks, distributed, callback, saving);
+* ``cli/``: the ``greentrainer`` application (data, evaluation, report, planning).
 """
 
 import logging
@@ -11,13 +14,14 @@ import logging
 # from a hub; it falls back to its own kernel. Drop that one message, nothing else.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in str(record.msg))
 
-from .flops import register_flop_formulas  # noqa: E402
+from .engine.flops import register_flop_formulas  # noqa: E402
 
 register_flop_formulas()
 
 from .config import GreenTrainerConfig  # noqa: E402
-from .model import GreenTrainerModel, GreenTrainerState, export_lora_adapter, save_adapter  # noqa: E402
+from .model import GreenTrainerModel, GreenTrainerState  # noqa: E402
 from .registration import register  # noqa: E402
+from .saving import export_lora_adapter, save_adapter  # noqa: E402
 
 register(GreenTrainerConfig, GreenTrainerModel)
 

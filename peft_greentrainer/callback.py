@@ -5,8 +5,8 @@ from its own sample of the training set (the Trainer's data order is not disturb
 figures to every Trainer log (so TensorBoard / W&B / the console receive them), and saves its state in checkpoints
 so that ``trainer.train(resume_from_checkpoint=...)`` continues with the same selection instead of re-selecting.
 
-Under ``torchrun`` / ``accelerate launch`` every rank makes the same selection at the same step (see
-``distributed.py``): importance is evaluated on the global batches, sharded across ranks, and the Trainer's DDP
+Under ``torchrun`` / ``accelerate launch`` every rank makes the same selection at the same step (see ``ranks.py``
+and ``distributed.py``): importance is evaluated on the global batches, sharded across ranks, and the Trainer's DDP
 wrapper is set up to reduce whichever units are trained.
 """
 
@@ -23,26 +23,15 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 
-from . import distributed
-from .model import GreenTrainerModel, GreenTrainerState
+from . import distributed, ranks
+from .model import GreenTrainerModel, GreenTrainerState, find_tuner
 
 logger = logging.getLogger(__name__)
 
 LOG_PREFIX = "greentrainer/"
 _LOSS_FN_KEY = "_greentrainer_callback_loss_fn"
 
-
-def find_tuner(model: torch.nn.Module) -> GreenTrainerModel:
-    """The GreenTrainer tuner inside a PeftModel (possibly wrapped by DDP / accelerate)."""
-    for module in (model, getattr(model, "module", None), getattr(model, "base_model", None)):
-        if isinstance(module, GreenTrainerModel):
-            return module
-        if module is not None and isinstance(getattr(module, "base_model", None), GreenTrainerModel):
-            return module.base_model
-    raise TypeError(
-        "GreenTrainerCallback needs a model made with get_peft_model(model, GreenTrainerConfig(...)); "
-        f"got {type(model).__name__}."
-    )
+__all__ = ["GreenTrainerCallback", "find_tuner", "importance_batches"]
 
 
 class GreenTrainerCallback(TrainerCallback, ExportableState):
@@ -168,14 +157,14 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
     def _prepare_distributed(args: TrainingArguments, model: torch.nn.Module, tuner: GreenTrainerModel) -> None:
         """Refuse FSDP / DeepSpeed; make the DDP wrapper reduce every unit a selection may train (every rank)."""
         distributed.check_backend(args, model)
-        if not distributed.is_distributed():
+        if not ranks.is_distributed():
             return
         ddp = distributed.find_ddp(model)
         if ddp is None:
             logger.warning(
                 "GreenTrainer runs on %d processes but found no DistributedDataParallel wrapper around the model: "
                 "make sure gradients are averaged across ranks, or the ranks' weights will drift apart.",
-                distributed.rank_and_world_size()[1],
+                ranks.rank_and_world_size()[1],
             )
             return
         if (args.ddp_find_unused_parameters is False or args.ddp_static_graph) and args.process_index == 0:
@@ -191,13 +180,13 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
     def _select(self, args: TrainingArguments, state: TrainerState, tuner: GreenTrainerModel, kwargs: dict) -> None:
         config = tuner.greentrainer_config
         index = len(tuner.greentrainer_state.history)
-        rank, world_size = distributed.rank_and_world_size()
+        rank, world_size = ranks.rank_and_world_size()
         batches = importance_batches(
             kwargs.get("train_dataloader"), config.importance_batches, args.seed + index, rank, world_size
         )
         # each rank evaluates its share of the global batches; averaged gradients make the importance that of the
         # global batch, the same on every rank (a no-op in a single process)
-        with distributed.gradients_averaged_across_ranks(distributed.candidate_parameters(tuner)):
+        with ranks.gradients_averaged_across_ranks(distributed.candidate_parameters(tuner)):
             tuner.select_units(
                 batches,
                 kwargs.get("optimizer"),
@@ -251,7 +240,7 @@ def importance_batches(
         with torch.random.fork_rng(devices=[]):
             for batch in loader:
                 if _length(batch) >= world_size:  # the same test on every rank: they evaluate as many batches
-                    yield _rows(batch, distributed.importance_shard(_length(batch), rank, world_size))
+                    yield _rows(batch, ranks.importance_shard(_length(batch), rank, world_size))
         return
     generator = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(dataset, num_samples=min(len(dataset), count * batch_size), generator=generator)
@@ -264,7 +253,7 @@ def importance_batches(
             raise ValueError(
                 f"Importance batches of {batch_size} samples cannot be shared out to {world_size} processes."
             )
-        chunks = [c[distributed.importance_shard(len(c), rank, world_size)] for c in chunks]
+        chunks = [c[ranks.importance_shard(len(c), rank, world_size)] for c in chunks]
     loader = DataLoader(dataset, batch_sampler=chunks, collate_fn=dataloader.collate_fn)
     with torch.random.fork_rng(devices=[]):
         yield from loader

@@ -36,80 +36,34 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
-from .model import GreenTrainerModel
+from .model import GreenTrainerModel, find_tuner
+from .ranks import gradients_averaged_across_ranks, importance_shard, is_distributed, rank_and_world_size
 
 logger = logging.getLogger(__name__)
+
+__all__ = [  # the rank helpers live in ranks.py; re-exported here for plain loops that import them from this module
+    "candidate_parameters",
+    "check_backend",
+    "find_ddp",
+    "gradients_averaged_across_ranks",
+    "importance_shard",
+    "is_distributed",
+    "prepare_ddp",
+    "rank_and_world_size",
+    "registered_parameters",
+    "wrap_ddp",
+]
 
 SUPPORTED = (
     "GreenTrainer supports multi-process training with DistributedDataParallel, which is what transformers.Trainer "
     "uses under `torchrun` / `accelerate launch` when neither FSDP nor DeepSpeed is configured."
 )
-
-
-# ---------------------------------------------------------------------------------------------------- ranks
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank_and_world_size() -> tuple[int, int]:
-    """``(rank, world size)`` of the default process group; ``(0, 1)`` outside a multi-process job."""
-    if not is_distributed():
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
-
-
-def importance_shard(global_batch: int, rank: int, world_size: int) -> slice:
-    """The rows of a global importance batch that ``rank`` evaluates: consecutive, as equal in number as possible.
-
-    The Trainer's data-parallel sampler gives rank ``r`` the ``r``-th part of each global batch the same way. The
-    averaged gradient is exactly the global batch's when the parts are equal (the batch size divides evenly).
-    """
-    return slice(global_batch * rank // world_size, global_batch * (rank + 1) // world_size)
-
-
-@contextmanager
-def gradients_averaged_across_ranks(params: Iterable[nn.Parameter]) -> Iterator[None]:
-    """While active, every gradient computed for ``params`` is replaced by its mean over all ranks.
-
-    Importance is a non-linear function of the gradient (Adam's update divides by its magnitude), so averaging
-    per-rank importances is not the importance of the global batch; averaging the gradients is. The hooks are tensor
-    hooks, so they also act on ``torch.autograd.grad`` (which the importance uses). Every rank computes the same
-    gradients in the same order (same model, same selection, same batch shapes), so the collectives match. Outside a
-    multi-process job this does nothing.
-    """
-    if not is_distributed():
-        yield
-        return
-    world_size = dist.get_world_size()
-
-    def average(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad.div_(world_size)
-
-    unique = list({id(p): p for p in params}.values())
-    flags = [p.requires_grad for p in unique]
-    handles = []
-    try:
-        for param in unique:
-            param.requires_grad_(True)  # a hook can only be registered on a tensor that requires grad
-            handles.append(param.register_hook(average))
-    finally:
-        for param, flag in zip(unique, flags, strict=True):
-            param.requires_grad_(flag)
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # ------------------------------------------------------------------------------------------- configuration
@@ -259,8 +213,6 @@ def wrap_ddp(model: nn.Module, candidates: Iterable[nn.Parameter] | None = None,
         raise ValueError("GreenTrainer freezes units between selections: DDP needs find_unused_parameters=True.")
     kwargs["find_unused_parameters"] = True
     if candidates is None:
-        from .callback import find_tuner
-
         candidates = candidate_parameters(find_tuner(model))
     flags = [(p, p.requires_grad) for p in candidates]
     try:

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
@@ -35,10 +32,11 @@ from peft.tuners.lora import LoraModel
 from torch import nn
 
 from .backprop import keep_backprop_shallow
-from .importance import _unwrap_optimizer, compute_importance
-from .profile import CostProfile, UnitCosts, default_loss, is_checkpointed, profile_model
-from .selector import Selection, check_feasible, min_feasible_rho, min_unit_costs, select_units
-from .units import Unit, is_trainable_dtype, lora_units, parameter_aliases, tensor_units
+from .engine.importance import _unwrap_optimizer, compute_importance
+from .engine.profile import CostProfile, UnitCosts, default_loss, is_checkpointed, profile_model
+from .engine.selector import Selection, check_feasible, min_feasible_rho, min_unit_costs, select_units
+from .engine.units import Unit, is_trainable_dtype, lora_units, parameter_aliases, tensor_units
+from .ranks import average_across_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -500,81 +498,14 @@ def _training_mode(model: nn.Module):
             module.training = training
 
 
-def average_across_ranks(values: np.ndarray) -> np.ndarray:
-    """Mean over all processes of a torch.distributed job (identity otherwise).
-
-    Every rank must make the same selection at the same step; averaging the importances (each rank saw other
-    batches) before the deterministic DP guarantees it, and uses every rank's data.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    tensor = torch.as_tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return (tensor / dist.get_world_size()).cpu().numpy()
-
-
-def export_lora_adapter(model, save_directory: str | os.PathLike) -> None:
-    """Write a units="lora" GreenTrainer adapter as a plain PEFT LoRA adapter (loads without this package).
-
-    The LoRA weights are the same tensors under the same keys; only the config changes to a ``LoraConfig``. The
-    directory is written atomically: it appears complete or not at all.
-    """
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    config = model.peft_config[model.active_adapter]
-    if config.units != "lora":
-        raise ValueError("Only units='lora' adapters can be exported as LoRA; units='tensors' trained base tensors.")
-    lora_config = config.to_lora_config()
-    state_dict = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
-
-    def write(directory: str) -> None:
-        lora_config.save_pretrained(directory)
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
-            os.path.join(directory, "adapter_model.safetensors"),
-            metadata={"format": "pt"},
-        )
-
-    write_atomically(save_directory, write)
-
-
-def save_adapter(model, save_directory: str | os.PathLike, **kwargs) -> None:
-    """``model.save_pretrained`` into a temporary sibling directory, renamed into place when complete.
-
-    An interrupted save leaves the previous adapter (or nothing), never a half-written one.
-    """
-    write_atomically(save_directory, lambda directory: model.save_pretrained(directory, **kwargs))
-
-
-def write_atomically(target: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """``write(directory)`` into a hidden sibling of ``target``, then swap it in with renames on the same filesystem.
-
-    A directory cannot replace a non-empty one in a single rename, so the previous ``target`` is moved aside first
-    and moved back if the second rename fails: ``target`` is the old or the new complete directory at every point.
-    """
-    target = os.path.abspath(os.fspath(target))
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        write(staging)
-        if not os.path.isdir(target):
-            os.replace(staging, target)
-            return
-        backup = tempfile.mkdtemp(prefix=".old-", dir=parent)
-        os.rmdir(backup)
-        os.replace(target, backup)
-        try:
-            os.replace(staging, target)
-        except BaseException:
-            os.replace(backup, target)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+def find_tuner(model: torch.nn.Module) -> GreenTrainerModel:
+    """The GreenTrainer tuner inside a PeftModel (possibly wrapped by DDP / accelerate)."""
+    for module in (model, getattr(model, "module", None), getattr(model, "base_model", None)):
+        if isinstance(module, GreenTrainerModel):
+            return module
+        if module is not None and isinstance(getattr(module, "base_model", None), GreenTrainerModel):
+            return module.base_model
+    raise TypeError(
+        "GreenTrainer needs a model made with get_peft_model(model, GreenTrainerConfig(...)); "
+        f"got {type(model).__name__}."
+    )

@@ -12,11 +12,11 @@ import transformers
 from peft import PeftModel
 
 import peft_greentrainer  # noqa: F401  (registers the method for PeftModel.from_pretrained)
-from peft_greentrainer.cli import main
-from peft_greentrainer.data import Example
-from peft_greentrainer.evaluation import generate
-from peft_greentrainer.planning import build_on_meta
-from peft_greentrainer.profile import dummy_batch, profile_model
+from peft_greentrainer.cli.data import Example
+from peft_greentrainer.cli.evaluation import generate
+from peft_greentrainer.cli.main import main
+from peft_greentrainer.cli.planning import build_on_meta
+from peft_greentrainer.engine.profile import dummy_batch, profile_model
 
 TRAIN_ARGS = [
     "--input-field",
@@ -229,7 +229,7 @@ def test_profile_command_rejects_what_it_cannot_build(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_embedded_data_loads_offline():
-    from peft_greentrainer.data import load_examples
+    from peft_greentrainer.cli.data import load_examples
 
     train = load_examples(None, "train")
     test = load_examples(None, "eval", limit=9)
@@ -244,7 +244,7 @@ def test_embedded_data_loads_offline():
 
 @pytest.mark.slow
 def test_embedded_model_converts_once_and_is_a_real_pretrained_model(tmp_path, monkeypatch):
-    from peft_greentrainer import embedded
+    from peft_greentrainer.cli import embedded
 
     monkeypatch.setenv("PEFT_GREENTRAINER_CACHE", str(tmp_path))
     path = embedded.embedded_model_path()

@@ -1,4 +1,4 @@
-"""Tests for peft_greentrainer.importance: exact optimizer updates, importance values, no side effects."""
+"""Tests for peft_greentrainer.engine.importance: exact optimizer updates, importance values, no side effects."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from peft_greentrainer.importance import compute_importance, optimizer_update
-from peft_greentrainer.units import Unit, lora_units, tensor_units
+from peft_greentrainer.engine.importance import compute_importance, optimizer_update
+from peft_greentrainer.engine.units import Unit, lora_units, tensor_units
 
 VOCAB = 64
 
@@ -198,14 +198,14 @@ def test_optimizer_update_fallbacks(caplog: pytest.LogCaptureFixture) -> None:
     torch.testing.assert_close(optimizer_update(param, g, None, lr=torch.tensor(0.5)), -0.5 * g)
 
     opt = torch.optim.AdamW([param], lr=0.2)
-    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.importance"):
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.importance"):
         torch.testing.assert_close(optimizer_update(stranger, g, opt), -0.2 * g)  # first group's lr
         torch.testing.assert_close(optimizer_update(stranger, g, opt, lr=0.5), -0.5 * g)
     assert caplog.records
 
     caplog.clear()
     adagrad = torch.optim.Adagrad([param], lr=0.3)
-    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.importance"):
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.importance"):
         torch.testing.assert_close(optimizer_update(param, g, adagrad), -0.3 * g)
     assert len(caplog.records) == 1 and "Adagrad" in caplog.records[0].getMessage()
 
@@ -440,9 +440,9 @@ def test_errors_and_unknown_optimizer(caplog: pytest.LogCaptureFixture) -> None:
     assert (compute_importance(model, units, make_batches(1), lr=1e-3, candidates=[False] * len(units)) == 0).all()
 
     optimizer = torch.optim.Adagrad(model.parameters(), lr=0.01)
-    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.importance"):
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.importance"):
         result = compute_importance(model, units, make_batches(1), optimizer)
-    records = [r for r in caplog.records if r.name == "peft_greentrainer.importance"]
+    records = [r for r in caplog.records if r.name == "peft_greentrainer.engine.importance"]
     assert len(records) == 1 and "Adagrad" in records[0].getMessage()
     assert np.isfinite(result).all() and (result >= 0).all()
     np.testing.assert_allclose(result, compute_importance(model, units, make_batches(1), lr=0.01), rtol=1e-6)

@@ -11,8 +11,8 @@ import transformers
 from conftest import tiny_batch, tiny_config, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from peft_greentrainer.profile import dummy_batch, measure_flops, profile_model
-from peft_greentrainer.units import tensor_units
+from peft_greentrainer.engine.profile import dummy_batch, measure_flops, profile_model
+from peft_greentrainer.engine.units import tensor_units
 
 # Per architecture, test-side only: how to name "the last block", "one tensor type", and the LM head.
 SELECTIONS = {

@@ -14,7 +14,7 @@ from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
 from peft_greentrainer.backprop import INPUT_GRAD_HOOKS
-from peft_greentrainer.profile import measure_flops
+from peft_greentrainer.engine.profile import measure_flops
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 pytest.importorskip("bitsandbytes")

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from peft_greentrainer.selector import (
+from peft_greentrainer.engine.selector import (
     Selection,
     min_feasible_rho,
     min_unit_costs,

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, export_lora_adapter, save_adapter
-from peft_greentrainer.profile import measure_flops
+from peft_greentrainer.engine.profile import measure_flops
 
 ARCHS = ["llama", "opt", "gpt2", "t5"]
 UNIT_KINDS = ["tensors", "lora"]

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import TrainerCallback
 
-from .flops import register_flop_formulas
+from ..engine.flops import register_flop_formulas
 
 
 @dataclass

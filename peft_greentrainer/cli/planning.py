@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .profile import dummy_batch
-from .selector import min_feasible_rho, min_unit_costs, select_units
+from ..engine.profile import dummy_batch
+from ..engine.selector import min_feasible_rho, min_unit_costs, select_units
 
 
 def build_on_meta(model_path: str | Path):
@@ -47,7 +47,7 @@ def plan(
 ) -> dict[str, Any]:
     from peft import get_peft_model
 
-    from .config import GreenTrainerConfig
+    from ..config import GreenTrainerConfig
 
     model = build_on_meta(model_path)
     parameters = sum(p.numel() for p in model.parameters())

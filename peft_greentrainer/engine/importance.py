@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peft_greentrainer.units import Unit, is_trainable_dtype
+from .units import Unit, is_trainable_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ def embedded_model_path() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import write_atomically
+    from ..saving import write_atomically
 
     def convert(directory: str) -> None:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)

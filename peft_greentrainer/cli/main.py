@@ -200,7 +200,7 @@ def run_train(args: argparse.Namespace) -> dict:
         what = "model" if isinstance(error, MissingResourceError) and "smollm2" in str(error) else "data"
         raise CliError(f"{what}: {error}") from error
 
-    from .model import write_atomically
+    from ..saving import write_atomically
 
     result: dict = {}
 
@@ -230,7 +230,7 @@ def _train_into(staging: Path, args, model_name, train_examples, eval_examples, 
     import transformers
     from peft import get_peft_model
 
-    from . import GreenTrainerCallback, GreenTrainerConfig
+    from .. import GreenTrainerCallback, GreenTrainerConfig
     from .data import TensorDataset, tokenize_causal, tokenize_seq2seq
     from .evaluation import generate
     from .meter import StepMeter

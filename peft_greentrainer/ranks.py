@@ -1,0 +1,87 @@
+"""What the processes of a ``torch.distributed`` job agree on: who is who, which rows each evaluates, averaged values.
+
+Plain collectives with no knowledge of the tuner or the Trainer; the tuner (``model.py``) and the DDP integration
+(``distributed.py``) both build on them. Outside a multi-process job every function is the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group; ``(0, 1)`` outside a multi-process job."""
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def importance_shard(global_batch: int, rank: int, world_size: int) -> slice:
+    """The rows of a global importance batch that ``rank`` evaluates: consecutive, as equal in number as possible.
+
+    The Trainer's data-parallel sampler gives rank ``r`` the ``r``-th part of each global batch the same way. The
+    averaged gradient is exactly the global batch's when the parts are equal (the batch size divides evenly).
+    """
+    return slice(global_batch * rank // world_size, global_batch * (rank + 1) // world_size)
+
+
+@contextmanager
+def gradients_averaged_across_ranks(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """While active, every gradient computed for ``params`` is replaced by its mean over all ranks.
+
+    Importance is a non-linear function of the gradient (Adam's update divides by its magnitude), so averaging
+    per-rank importances is not the importance of the global batch; averaging the gradients is. The hooks are tensor
+    hooks, so they also act on ``torch.autograd.grad`` (which the importance uses). Every rank computes the same
+    gradients in the same order (same model, same selection, same batch shapes), so the collectives match. Outside a
+    multi-process job this does nothing.
+    """
+    if not is_distributed():
+        yield
+        return
+    world_size = dist.get_world_size()
+
+    def average(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad.div_(world_size)
+
+    unique = list({id(p): p for p in params}.values())
+    flags = [p.requires_grad for p in unique]
+    handles = []
+    try:
+        for param in unique:
+            param.requires_grad_(True)  # a hook can only be registered on a tensor that requires grad
+            handles.append(param.register_hook(average))
+    finally:
+        for param, flag in zip(unique, flags, strict=True):
+            param.requires_grad_(flag)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def average_across_ranks(values: np.ndarray) -> np.ndarray:
+    """Mean over all processes of a torch.distributed job (identity otherwise).
+
+    Every rank must make the same selection at the same step; averaging the importances (each rank saw other
+    batches) before the deterministic DP guarantees it, and uses every rank's data.
+    """
+    if not is_distributed():
+        return values
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    tensor = torch.as_tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return (tensor / dist.get_world_size()).cpu().numpy()
