@@ -65,7 +65,10 @@ def tiny_config(arch: str, **overrides):
 
 def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
+    attention = overrides.pop("attn_implementation", None)  # a config attribute would be ignored: set it here
     config = tiny_config(arch, **overrides)
+    if attention is not None:
+        config._attn_implementation = attention
     cls = transformers.T5ForConditionalGeneration if arch == "t5" else transformers.AutoModelForCausalLM
     model = cls(config) if arch == "t5" else cls.from_config(config)
     model.train()

@@ -7,13 +7,30 @@ project (profiles, tests, benchmarks) wrong there while it is right on the ``met
 * bitsandbytes' quantized matmuls (``gemm_4bit``, ``gemv_4bit``, ``int8_mixed_scaled_mm``, ``int8_scaled_mm``,
   ``int8_linear_matmul``): a quantized matmul does the same multiply-adds as the float one it replaces.
 
+On CUDA, SDPA's flash / memory-efficient / cuDNN kernels already have formulas in torch. Flash attention outside
+torch does not, and a kernel that counts 0 forward FLOPs is also skipped backward, so the profile would
+under-predict every attention layer:
+
+* the ``flash_attn`` package (``attn_implementation="flash_attention_2"``), whose custom ops are
+  ``flash_attn::_flash_attn_forward`` / ``_flash_attn_backward`` and their ``_varlen_`` variants (padding-free
+  batches);
+* flash attention loaded from the kernels hub (``attn_implementation="kernels-community/flash-attn"``), which
+  registers ``fwd`` / ``bwd`` / ``varlen_fwd`` / ``varlen_bwd`` under a namespace named after the kernel build
+  (``_flash_attn_<hash>``), so it is found by scanning the registered ops each time formulas are registered.
+
+Both take ``q, k, v`` first (backward: ``dout, q, k, v``), laid out ``(batch, seq, heads, head_dim)``, or
+``(tokens, heads, head_dim)`` with ``cu_seqlens`` offsets when variable-length. They are charged what eager
+attention computes on the same shapes (``sdpa_flop_count``), so every implementation gives the same profile.
+
 Call :func:`register_flop_formulas` before counting (importing ``peft_greentrainer`` does it for the torch ops;
 profiling and measuring call it again so bitsandbytes ops are added once bitsandbytes is imported).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import sys
 
 import torch
@@ -25,6 +42,17 @@ from torch.utils.flop_counter import (
 )
 
 aten = torch.ops.aten
+logger = logging.getLogger(__name__)
+
+# flash_attn's torch.library ops, and the op names a kernels-hub flash-attention build registers
+_FLASH_ATTN_OPS = {
+    "_flash_attn_forward": "forward",
+    "_flash_attn_backward": "backward",
+    "_flash_attn_varlen_forward": "forward",
+    "_flash_attn_varlen_backward": "backward",
+}
+_HUB_FLASH_OPS = {"fwd": "forward", "bwd": "backward", "varlen_fwd": "forward", "varlen_bwd": "backward"}
+_HUB_FLASH_NAMESPACE = re.compile(r"^_?flash_attn\w*$")
 
 
 def _register(targets: list, formula, *, get_raw: bool = False) -> None:
@@ -61,6 +89,77 @@ def _int8_matmul(a, b, *args, out_val=None, **kwargs) -> int:
     return _linear_flops(a.shape, b.shape)
 
 
+def _attention_segments(q, k, cu_seqlens: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """(query length, key length) of each sequence: the batch rows, or the ``cu_seqlens`` segments when varlen."""
+    if q.dim() == 4:  # (batch, seq, heads, head_dim)
+        return [(q.shape[1], k.shape[1])] * q.shape[0]
+    if len(cu_seqlens) >= 2 and cu_seqlens[0].device.type != "meta":
+        q_lengths = torch.diff(cu_seqlens[0]).tolist()
+        k_lengths = torch.diff(cu_seqlens[1]).tolist()
+        return list(zip(q_lengths, k_lengths, strict=True))
+    # offsets unknown (meta): one sequence of all tokens is an upper bound, so the budget stays a promise
+    return [(q.shape[0], k.shape[0])]
+
+
+def _flash_attention_flops(args: tuple, kwargs: dict, *, backward: bool) -> int:
+    """FLOPs of a flash-attention call from its raw arguments (see the module docstring for the conventions)."""
+    leaves = [*args, *kwargs.values()]
+    floats = [x for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    offsets = [x for x in leaves if isinstance(x, torch.Tensor) and x.dtype == torch.int32 and x.dim() == 1]
+    first = 1 if backward else 0  # backward: dout, q, k, v
+    if len(floats) < first + 3:
+        return 0
+    q, k, v = floats[first : first + 3]
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or q.shape[-1] != k.shape[-1]:
+        return 0
+    heads_q, heads_kv, head_dim, value_dim = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    total = 0
+    for q_len, k_len in _attention_segments(q, k, offsets):
+        query, key, value = (
+            (1, heads_q, q_len, head_dim),
+            (1, heads_kv, k_len, head_dim),
+            (1, heads_kv, k_len, value_dim),
+        )
+        if backward:
+            total += sdpa_backward_flop_count((1, heads_q, q_len, value_dim), query, key, value)
+        else:
+            total += sdpa_flop_count(query, key, value)
+    return total
+
+
+def _flash_forward(*args, out_val=None, **kwargs) -> int:
+    return _flash_attention_flops(args, kwargs, backward=False)
+
+
+def _flash_backward(*args, out_val=None, **kwargs) -> int:
+    return _flash_attention_flops(args, kwargs, backward=True)
+
+
+def _register_flash_attention() -> None:
+    """Formulas for flash_attn's ops and any kernels-hub flash-attention build loaded so far."""
+    formulas = {"forward": _flash_forward, "backward": _flash_backward}
+    for qualified in torch._C._dispatch_get_all_op_names():
+        namespace, _, name = qualified.partition("::")
+        name = name.split(".")[0]
+        if namespace == "flash_attn" and name in _FLASH_ATTN_OPS:
+            kind = _FLASH_ATTN_OPS[name]
+        elif _HUB_FLASH_NAMESPACE.match(namespace) and name in _HUB_FLASH_OPS:
+            kind = _HUB_FLASH_OPS[name]
+        else:
+            continue
+        packet = getattr(getattr(torch.ops, namespace), name)
+        _register([packet], formulas[kind], get_raw=True)
+
+
+def uncounted_attention_op(func) -> bool:
+    """True for an attention-like op FlopCounterMode has no formula for: the profile would under-predict it."""
+    packet = getattr(func, "overloadpacket", func)
+    if packet in flop_registry:
+        return False
+    text = str(packet).lower()
+    return "attention" in text or "attn" in text
+
+
 def _register_bitsandbytes() -> None:
     if "bitsandbytes" not in sys.modules:  # never import it ourselves: it is slow and only needed for its own ops
         return
@@ -85,3 +184,4 @@ def register_flop_formulas() -> None:
     _register([aten._scaled_dot_product_flash_attention_for_cpu], _cpu_flash_forward)
     _register([aten._scaled_dot_product_flash_attention_for_cpu_backward], _cpu_flash_backward)
     _register_bitsandbytes()
+    _register_flash_attention()

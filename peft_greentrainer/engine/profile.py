@@ -38,7 +38,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .flops import register_flop_formulas
+from .flops import register_flop_formulas, uncounted_attention_op
+from .rng import fork_rng
 from .selector import selection_backward_flops
 from .units import Unit, parameter_aliases
 
@@ -212,6 +213,7 @@ class _Recorder(TorchDispatchMode):
         self.latest = WeakIdKeyDictionary()  # activation -> index of the latest parameter-consuming op behind it
         self.records: list[tuple[OpCost, Any, list, Any, list[int]]] = []  # op, func, leaf specs, treespec, levels
         self.next_index = 0
+        self.warned: set = set()
 
     def _source(self, t: torch.Tensor) -> str | None:
         name = self.canonical.get(id(t))
@@ -242,6 +244,13 @@ class _Recorder(TorchDispatchMode):
                 self.sources[o] = source
             return out
 
+        if forward == 0 and uncounted_attention_op(func) and func not in self.warned:
+            self.warned.add(func)
+            logger.warning(
+                "%s has no FLOP formula, so its forward and backward count 0 and the budget under-predicts; register "
+                "one in peft_greentrainer/engine/flops.py (or use attn_implementation='sdpa').",
+                func,
+            )
         index = self.next_index
         self.next_index += 1
         levels = sorted(
@@ -394,7 +403,7 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
     register_flop_formulas()
     canonical = {id(model.get_parameter(name)): name for name in parameter_aliases(model)}
     recomputed: list[OpCost] = []
-    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+    with fork_rng(), FlopCounterMode(display=False) as counter:
         with _Recorder(counter, canonical) as recorder, _checkpointed_blocks(model, recorder, counter, recomputed):
             loss = loss_fn(model, batch)
         forward_flops = float(counter.get_total_flops())
@@ -485,7 +494,7 @@ def measure_flops(
         for p in model.parameters():
             p.requires_grad_(id(p) in wanted and (p.dtype.is_floating_point or p.dtype.is_complex))
     try:
-        with torch.random.fork_rng(devices=[]):
+        with fork_rng():
             with FlopCounterMode(display=False) as counter:
                 loss = loss_fn(model, batch)
             forward = float(counter.get_total_flops())

@@ -1,0 +1,193 @@
+"""FLOP formulas for attention kernels that FlopCounterMode lacks, checked on the CPU against recorded op signatures.
+
+flash_attn (``attn_implementation="flash_attention_2"``) and kernels-hub flash attention only run on CUDA. Their ops
+are re-created here with the same names and argument conventions (``q, k, v`` first, ``(batch, seq, heads, dim)``
+or varlen ``(tokens, heads, dim)`` with int32 ``cu_seqlens``), backed by a plain CPU attention, so the formula
+registrations, the profile and the measurement are exercised exactly as on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_model
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from transformers import AttentionInterface
+
+from peft_greentrainer.engine.flops import register_flop_formulas
+from peft_greentrainer.engine.profile import measure_flops, profile_model
+
+
+def _heads_first(q, k, v):
+    """(batch, heads, seq, dim) views with the grouped key/value heads repeated to the query's."""
+    groups = q.shape[2] // k.shape[2]
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    return q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), groups
+
+
+def _probabilities(q, k, causal: bool):
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1)
+
+
+def _reference(q, k, v, causal: bool):
+    """(batch, seq, heads, dim) attention with grouped key/value heads, as flash_attn computes it."""
+    q, k, v, _ = _heads_first(q, k, v)
+    return (_probabilities(q, k, causal) @ v).transpose(1, 2)
+
+
+def _reference_backward(dout, q, k, v, causal: bool):
+    """Gradients of :func:`_reference` written out (a custom op's kernel runs below autograd)."""
+    shape_k = k.shape
+    q, k, v, groups = _heads_first(q, k, v)
+    dout = dout.transpose(1, 2)
+    probs = _probabilities(q, k, causal)
+    dv = probs.transpose(-1, -2) @ dout
+    dprobs = dout @ v.transpose(-1, -2)
+    dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True)) / q.shape[-1] ** 0.5
+    dq, dk = dscores @ k, dscores.transpose(-1, -2) @ q
+
+    def ungroup(x):  # sum the repeated heads back onto their key/value head
+        batch, _, seq, dim = x.shape
+        return x.reshape(batch, shape_k[2], groups, seq, dim).sum(2).transpose(1, 2)
+
+    return dq.transpose(1, 2), ungroup(dk), ungroup(dv)
+
+
+def _define_flash_attn_ops() -> None:
+    """``flash_attn::_flash_attn_forward`` / ``_flash_attn_backward`` with flash_attn 2.6+'s leading arguments."""
+    if hasattr(torch.ops.flash_attn, "_flash_attn_forward"):
+        return
+
+    @torch.library.custom_op("flash_attn::_flash_attn_forward", mutates_args=())
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, causal: bool) -> torch.Tensor:
+        return _reference(q, k, v, causal).contiguous()
+
+    @forward.register_fake
+    def _(q, k, v, dropout_p, causal):
+        return torch.empty_like(q)
+
+    @torch.library.custom_op("flash_attn::_flash_attn_backward", mutates_args=())
+    def backward(
+        dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, causal: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(g.contiguous() for g in _reference_backward(dout, q, k, v, causal))
+
+    @backward.register_fake
+    def _(dout, q, k, v, dropout_p, causal):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3])
+        ctx.causal = inputs[4]
+
+    def backward_formula(ctx, grad):
+        q, k, v = ctx.saved_tensors
+        return (*torch.ops.flash_attn._flash_attn_backward(grad, q, k, v, 0.0, ctx.causal), None, None)
+
+    forward.register_autograd(backward_formula, setup_context=setup_context)
+
+
+def _fake_flash_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A transformers attention function that calls the flash_attn op as ``flash_attention_2`` does."""
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    return torch.ops.flash_attn._flash_attn_forward(q, k, v, dropout, True), None
+
+
+@pytest.fixture(scope="module")
+def flash_attention() -> str:
+    _define_flash_attn_ops()
+    AttentionInterface.register("recorded_fused_attention", _fake_flash_attention)
+    return "recorded_fused_attention"
+
+
+def test_flash_attn_ops_are_counted_like_eager_and_sdpa(flash_attention):
+    batch = tiny_batch(tiny_model("llama"), batch_size=2, seq_len=24)
+    forwards, backwards = {}, {}
+    for implementation in ("eager", "sdpa", flash_attention):
+        model = tiny_model("llama", attn_implementation=implementation)
+        forwards[implementation], backwards[implementation] = measure_flops(model, batch)
+    assert forwards[flash_attention] == forwards["eager"] == forwards["sdpa"]
+    # backward: the fused kernels recompute the scores, eager keeps them (same relation as SDPA's own formula)
+    assert backwards[flash_attention] == pytest.approx(backwards["sdpa"], rel=1e-9)
+    flash = tiny_model("llama", attn_implementation=flash_attention)
+    with FlopCounterMode(display=False) as counter:
+        flash(**batch).loss.backward()
+    ops = {str(k) for k in counter.get_flop_counts()["Global"]}
+    assert {"flash_attn._flash_attn_forward", "flash_attn._flash_attn_backward"} <= ops, ops
+
+
+def test_profile_of_a_flash_attention_model_matches_sdpa(flash_attention):
+    """The profile replays the op's backward on meta through its fake kernels: same costs as the SDPA model."""
+    batch = tiny_batch(tiny_model("llama"), batch_size=2, seq_len=16)
+    sdpa = profile_model(tiny_model("llama", attn_implementation="sdpa"), batch)
+    flash = profile_model(tiny_model("llama", attn_implementation=flash_attention), batch)
+    assert flash.forward_flops == sdpa.forward_flops
+    assert flash.full_backward_flops == pytest.approx(sdpa.full_backward_flops, rel=1e-9)
+    assert flash.t_dw == pytest.approx(sdpa.t_dw)
+
+
+def _varlen_op(namespace: str, name: str):
+    """A varlen forward with a kernels-hub-like signature: ``(q, k, v, out?, cu_seqlens_q, cu_seqlens_k, ...)``."""
+    qualified = f"{namespace}::{name}"
+    if not hasattr(getattr(torch.ops, namespace), name):
+
+        @torch.library.custom_op(qualified, mutates_args=())
+        def op(
+            q: torch.Tensor,
+            k: torch.Tensor,
+            v: torch.Tensor,
+            out: torch.Tensor | None,
+            cu_seqlens_q: torch.Tensor,
+            cu_seqlens_k: torch.Tensor,
+            max_seqlen_q: int,
+            max_seqlen_k: int,
+        ) -> torch.Tensor:
+            return torch.empty_like(q)
+
+        op.register_fake(lambda q, *args: torch.empty_like(q))
+    return getattr(getattr(torch.ops, namespace), name)
+
+
+def test_varlen_flash_attention_counts_each_packed_sequence():
+    op = _varlen_op("_flash_attn_0a1b2c3_dirty", "varlen_fwd")  # a kernels-hub build's namespace
+    register_flop_formulas()  # discovers the namespace registered after import
+    heads_q, heads_kv, dim, lengths = 4, 2, 16, [5, 11, 8]
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(lengths), heads_q, dim)
+    k = v = torch.randn(sum(lengths), heads_kv, dim)
+    with FlopCounterMode(display=False) as counter:
+        op(q, k, v, None, offsets, offsets, max(lengths), max(lengths))
+    expected = sum(sdpa_flop_count((1, heads_q, n, dim), (1, heads_kv, n, dim), (1, heads_kv, n, dim)) for n in lengths)
+    assert counter.get_total_flops() == expected
+    # on meta the offsets cannot be read: charged as one sequence of all tokens, an upper bound
+    with FlopCounterMode(display=False) as counter:
+        op(*(x.to("meta") for x in (q, k, v)), None, offsets.to("meta"), offsets.to("meta"), 11, 11)
+    assert counter.get_total_flops() >= expected
+
+
+def test_an_attention_op_without_formula_is_reported(caplog):
+    if not hasattr(torch.ops.greentrainer_test, "my_attention"):
+
+        @torch.library.custom_op("greentrainer_test::my_attention", mutates_args=())
+        def my_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        my_attention.register_fake(lambda q, k, v: torch.empty_like(q))
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.proj(x)
+            return torch.ops.greentrainer_test.my_attention(h, h, h)
+
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.profile"):
+        profile_model(Block(), {"x": torch.randn(2, 1, 4, 8)}, loss_fn=lambda model, batch: model(**batch).sum())
+    assert any("my_attention" in r.getMessage() and "no FLOP formula" in r.getMessage() for r in caplog.records)
