@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import numpy as np
 import peft
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from peft_greentrainer.engine.importance import compute_importance, optimizer_update
+from peft_greentrainer.engine.importance import base_learning_rates, compute_importance, optimizer_update
 from peft_greentrainer.engine.units import Unit, lora_units, tensor_units
 
 VOCAB = 64
@@ -237,6 +238,231 @@ def test_optimizer_update_unwraps_wrapper() -> None:
     g = torch.randn(6, dtype=torch.float64)
     torch.testing.assert_close(optimizer_update(param, g, Wrapper(opt)), optimizer_update(param, g, opt))
     assert not torch.allclose(optimizer_update(param, g, opt), -0.1 * g)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizers of real recipes: bitsandbytes 8-bit / paged Adam, Adafactor, subclasses, warmup (lr 0 at step 0)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def small_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
+    """Matrices of 4096 elements: the smallest that bitsandbytes keeps in 8 bits at its default min_8bit_size."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def mirrored_then_real(model, optimizer, group_lrs=None, step_lrs=None) -> tuple[dict, dict]:
+    """Mirrored updates for fresh gradients, then the real ``optimizer.step()`` (at ``step_lrs`` if given, one per
+    param group) on the same state, in place.
+
+    Mirroring first and stepping afterwards needs no copy of the optimizer (bitsandbytes optimizers cannot be
+    deep-copied) and also catches a mirror that writes into the optimizer state: the real step would then differ.
+    """
+    named = dict(model.named_parameters())
+    grads = dict(zip(named, mean_grads(model, list(named.values()), make_batches(1, seed=3)), strict=True))
+    mirrored = {name: optimizer_update(p, grads[name], optimizer, group_lrs=group_lrs) for name, p in named.items()}
+    before = {name: p.detach().clone() for name, p in named.items()}
+    for name, p in named.items():
+        p.grad = grads[name].clone()
+    for group, step_lr in zip(optimizer.param_groups, step_lrs or [], strict=False):
+        group["lr"] = step_lr
+    optimizer.step()
+    real = {name: p.detach() - before[name] for name, p in named.items()}
+    optimizer.zero_grad()
+    return mirrored, real
+
+
+def assert_float32_step_close(model, mirrored: dict, real: dict) -> None:
+    """Equal up to the float32 rounding the real ``w_new - w_old`` carries: at most 2 ulps of the largest |w|."""
+    for name, param in model.named_parameters():
+        atol = 2 * torch.finfo(torch.float32).eps * param.detach().abs().max().item()
+        torch.testing.assert_close(mirrored[name], real[name], rtol=0.0, atol=atol, msg=name)
+
+
+BNB_OPTIMIZERS = {
+    # what transformers builds for optim="adamw_bnb_8bit" / "paged_adamw_8bit" / "paged_adamw_32bit"
+    "adamw_bnb_8bit": lambda bnb, groups: bnb.optim.AdamW(groups, lr=1e-2, weight_decay=0.1, optim_bits=8),
+    "paged_adamw_8bit": lambda bnb, groups: bnb.optim.AdamW(groups, lr=1e-2, optim_bits=8, is_paged=True),
+    "paged_adamw_32bit": lambda bnb, groups: bnb.optim.AdamW(groups, lr=1e-2, optim_bits=32, is_paged=True),
+    "AdamW8bit": lambda bnb, groups: bnb.optim.AdamW8bit(groups, lr=1e-2, betas=(0.5, 0.9), weight_decay=0.1),
+    "PagedAdamW8bit": lambda bnb, groups: bnb.optim.PagedAdamW8bit(groups, lr=1e-2),
+    "PagedAdamW32bit": lambda bnb, groups: bnb.optim.PagedAdamW32bit(groups, lr=1e-2, weight_decay=0.05),
+    "AdamW32bit": lambda bnb, groups: bnb.optim.AdamW32bit(groups, lr=1e-2),
+    "Adam8bit_decay": lambda bnb, groups: bnb.optim.Adam8bit(groups, lr=1e-2, weight_decay=0.1),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
+@pytest.mark.parametrize("steps", [0, 2])
+@pytest.mark.parametrize("kind", sorted(BNB_OPTIMIZERS))
+def test_bitsandbytes_update_matches_real_step(kind: str, steps: int, caplog: pytest.LogCaptureFixture) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    model = small_llama()
+    optimizer = BNB_OPTIMIZERS[kind](bnb, two_groups(model))
+    train_steps(model, optimizer, steps)
+    if steps:
+        dtypes = {s["state1"].dtype for s in optimizer.state.values()}
+        # 8-bit kinds keep the 4096-element matrices in 8 bits and the norm vectors in 32 bits: both layouts checked
+        assert dtypes == ({torch.uint8, torch.float32} if "8bit" in kind else {torch.float32})
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.importance"):
+        mirrored, real = mirrored_then_real(model, optimizer)
+    assert not caplog.records  # mirrored, not approximated
+    # The moments are dequantised as the step itself reads them, so 8-bit state is as exact as 32-bit.
+    assert_float32_step_close(model, mirrored, real)
+    if steps:  # Adam's normalised step, not the -lr * grad fallback
+        up = dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+        grad = mean_grads(model, [up], make_batches(1, seed=3))[0]
+        assert not torch.allclose(mirrored["model.layers.0.mlp.up_proj.weight"], -1e-2 * grad, rtol=0.5)
+
+
+ADAFACTOR_CONFIGS = {
+    # what transformers builds for optim="adafactor"
+    "trainer_adafactor": {"lr": 1e-2, "scale_parameter": False, "relative_step": False},
+    "relative_step": {},
+    "warmup_init": {"warmup_init": True},
+    "first_moment_decay_clip": {"beta1": 0.9, "weight_decay": 0.1, "clip_threshold": 0.5},
+    "scaled_fixed_lr": {"lr": 1e-2, "relative_step": False, "scale_parameter": True, "beta1": 0.5},
+}
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+@pytest.mark.parametrize("kind", sorted(ADAFACTOR_CONFIGS))
+def test_adafactor_update_matches_real_step(kind: str, steps: int, caplog: pytest.LogCaptureFixture) -> None:
+    model = tiny_llama().double()  # float64 throughout: Adafactor then steps in float64 too
+    optimizer = transformers.optimization.Adafactor(model.parameters(), **ADAFACTOR_CONFIGS[kind])
+    train_steps(model, optimizer, steps)
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.importance"):
+        mirrored, real = mirrored_then_real(model, optimizer)
+    assert not caplog.records
+    assert {p.ndim for p in model.parameters()} == {1, 2}  # both the full and the factored second moment
+    for name, param in model.named_parameters():
+        atol = 4 * torch.finfo(torch.float64).eps * param.detach().abs().max().item()
+        torch.testing.assert_close(mirrored[name], real[name], rtol=1e-9, atol=atol, msg=name)
+
+
+def test_torch_optimizer_subclasses_are_mirrored(caplog: pytest.LogCaptureFixture) -> None:
+    class LoggingAdamW(torch.optim.AdamW):
+        """A subclass that keeps the update rule, as most do."""
+
+    class TrackedSGD(torch.optim.SGD):
+        pass
+
+    for make in (
+        lambda params: LoggingAdamW(params, lr=1e-2, weight_decay=0.1),
+        lambda params: TrackedSGD(params, lr=0.1, momentum=0.9),
+    ):
+        model = tiny_llama().double()
+        optimizer = make(model.parameters())
+        train_steps(model, optimizer, 2)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.importance"):
+            mirrored, real = mirrored_then_real(model, optimizer)
+        assert not caplog.records
+        for name in mirrored:
+            torch.testing.assert_close(mirrored[name], real[name], rtol=1e-5, atol=1e-12, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
+@pytest.mark.parametrize(
+    "optim", ["adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor"]
+)
+def test_trainer_optimizers_under_warmup(optim: str, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """The optimizers ``TrainingArguments(optim=...)`` builds, at step 0 of a warmup schedule (their lr is 0 there).
+
+    The current lr predicts no update, so every importance is 0 and one warning says what to pass; with
+    ``group_lrs=base_learning_rates(optimizer)`` the update is mirrored at the schedule's base lr, exactly as a real
+    step at that lr moves the weights.
+    """
+    if "bnb" in optim or "paged" in optim:
+        pytest.importorskip("bitsandbytes")
+    model = small_llama()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        optim=optim,
+        learning_rate=1e-2,
+        warmup_steps=4,
+        weight_decay=0.1,
+        report_to=[],
+        use_cpu=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    optimizer = trainer.optimizer
+    assert all(group["lr"] == 0 for group in optimizer.param_groups)  # step 0 of the warmup
+    assert base_learning_rates(optimizer) == [1e-2] * len(optimizer.param_groups)
+    units = tensor_units(model)
+
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.importance"):
+        at_current_lr = compute_importance(model, units, make_batches(1), optimizer)
+    records = [r for r in caplog.records if r.name == "peft_greentrainer.engine.importance"]
+    assert len(records) == 1 and "lr 0" in records[0].getMessage() and "group_lrs" in records[0].getMessage()
+    assert (at_current_lr == 0).all()
+
+    caplog.clear()
+    base = base_learning_rates(optimizer)
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.importance"):
+        at_base_lr = compute_importance(model, units, make_batches(1), optimizer, group_lrs=base)
+    assert not caplog.records  # mirrored: no approximation, no zero lr
+    assert np.isfinite(at_base_lr).all() and (at_base_lr > 0).sum() > len(units) // 2
+
+    mirrored, real = mirrored_then_real(model, optimizer, group_lrs=base, step_lrs=base)
+    assert_float32_step_close(model, mirrored, real)
+    assert any(bool(delta.abs().max() > 0) for delta in real.values())
+
+
+def test_group_lrs_validation() -> None:
+    param = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = torch.optim.SGD([{"params": [param]}, {"params": [torch.nn.Parameter(torch.randn(2))], "lr": 0.5}], lr=0.1)
+    g = torch.randn(3, dtype=torch.float64)
+    torch.testing.assert_close(optimizer_update(param, g, opt, group_lrs=[0.3, None]), -0.3 * g)
+    torch.testing.assert_close(optimizer_update(param, g, opt, group_lrs=[None, 0.3]), -0.1 * g)  # None: own lr
+    torch.testing.assert_close(optimizer_update(param, g, opt, group_lrs=[torch.tensor(0.2), 1.0]), -0.2 * g)
+    for bad, match in (([0.1], "2 param groups"), ([0.1, -1.0], r"group_lrs\[1\]"), ([math.nan, 0.1], "finite")):
+        with pytest.raises(ValueError, match=match):
+            optimizer_update(param, g, opt, group_lrs=bad)
+    with pytest.raises(ValueError, match="optimizer"):
+        optimizer_update(param, g, None, lr=0.1, group_lrs=[0.1])
+    with pytest.raises(TypeError, match=r"group_lrs\[0\]"):
+        optimizer_update(param, g, opt, group_lrs=["0.1", None])
+
+
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
+@pytest.mark.parametrize("kind", ["paged_adamw_8bit", "adafactor"])
+def test_no_side_effects_bitsandbytes_and_adafactor(kind: str) -> None:
+    model = small_llama()
+    if kind == "adafactor":
+        optimizer = transformers.optimization.Adafactor(model.parameters(), beta1=0.9, weight_decay=0.1)
+    else:
+        bnb = pytest.importorskip("bitsandbytes")
+        optimizer = BNB_OPTIMIZERS[kind](bnb, two_groups(model))
+    train_steps(model, optimizer, 2)
+    units = tensor_units(model)
+    before = snapshot(model, optimizer)
+    first = compute_importance(model, units, make_batches(2), optimizer)
+    assert_same(before, snapshot(model, optimizer))
+    np.testing.assert_array_equal(first, compute_importance(model, units, make_batches(2), optimizer))
+    assert np.isfinite(first).all() and (first > 0).any()
+
+
+def test_unmirrored_bitsandbytes_optimizer_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    model = small_llama()
+    optimizer = bnb.optim.Lion8bit(model.parameters(), lr=1e-3)
+    train_steps(model, optimizer, 1)
+    units = tensor_units(model)
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.importance"):
+        result = compute_importance(model, units, make_batches(1), optimizer)
+    records = [r for r in caplog.records if r.name == "peft_greentrainer.engine.importance"]
+    assert len(records) == 1 and "Lion8bit" in records[0].getMessage()
+    np.testing.assert_allclose(result, compute_importance(model, units, make_batches(1), lr=1e-3), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ unit additionally pays for its weight gradient. An empty selection costs only th
 
 The optimum is found exactly (up to a rho-independent quantisation of the weight-gradient costs) by a dynamic
 programme over the deepest selected unit, carrying a 0/1 knapsack table of the units above it: O(N * T) time and an
-``N x (T + 1)`` boolean table for backtracking, where ``T <= resolution``.
+``N x (T + 1)`` boolean table for backtracking, where ``T <= resolution + N``. The quantum is sized on the
+weight-gradient costs that can be packed (their common divisor when FLOP counts allow, making the optimum exact;
+otherwise a power-of-two refinement of ``full backward / resolution``), so units whose weight gradients are tiny
+next to their activation gradients (LoRA adapters) are not overcharged.
 """
 
 from __future__ import annotations
@@ -265,9 +268,14 @@ def select_units(
         rho: Budget as a fraction of ``full_flops``; values >= 1 select every unit.
         full_flops: FLOPs of full fine-tuning; defaults to the cost of selecting every unit.
         dy_head: Activation-gradient FLOPs above unit 0 (loss and head), paid by any non-empty selection.
-        resolution: Number of quanta the full backward cost is split into. The quantum does not depend on rho, so
-            the optimum is monotone in rho; weight costs are rounded up and capacities down, so the true cost never
-            exceeds the budget. Memory is ``N * (resolution + 1)`` bytes.
+        resolution: Resolution of the knapsack over weight-gradient costs. When the weight-gradient costs of the
+            units with importance > 0 are whole numbers whose greatest common divisor splits their total into at
+            most ``resolution + N`` quanta (true of FLOP counts from real profiles), that divisor is the quantum
+            and the optimum is exact. Otherwise the quantum is the full backward cost divided by ``resolution``,
+            halved as long as those costs still fit in ``resolution`` quanta, so tiny costs such as LoRA adapters'
+            are not each charged a quantum of the whole backward pass. The quantum does not depend on rho, so the
+            optimum is monotone in rho; weight costs are rounded up and capacities down, so the true cost never
+            exceeds the budget. Time is O(N * T) and memory ``N * (T + 1)`` bytes with ``T <= resolution + N``.
 
     Raises:
         ValueError: On malformed inputs, or if the budget cannot pay for even the cheapest single unit.
@@ -311,6 +319,45 @@ def select_units(
     return selection
 
 
+def _quantum(costs: np.ndarray, backward_span: float, resolution: int) -> float:
+    """The knapsack's cost quantum for packing the weight-gradient ``costs`` of the units worth training.
+
+    Only these costs are ever packed, and on LoRA-like profiles they are a tiny fraction of the backward pass (a 7B
+    model's adapters: ~0.1%), so a quantum sized on the whole backward pass would charge each adapter many times its
+    cost. In order of preference:
+
+    1. Exact: FLOP counts are whole numbers, and real profiles share a large common divisor (powers of two in the
+       token count and hidden sizes). When their greatest common divisor splits the total into at most
+       ``resolution + len(costs)`` quanta, every cost is a whole number of quanta: no rounding at all, and the
+       programme's optimum is the true optimum.
+    2. Grid: ``backward_span / resolution``, halved while the total still fits in ``resolution`` quanta. Halving is
+       exact in binary floating point and makes each grid a refinement of the coarser one (a set that fits on the
+       coarse grid fits on the fine one), so the optimum is never worse than with the unrefined quantum.
+
+    Neither depends on rho or the budget, so the optimum stays monotone in rho.
+    """
+    if backward_span <= 0:
+        return 1.0
+    total = float(costs.sum())
+    divisor = _common_divisor(costs)
+    if divisor is not None and total / divisor <= resolution + costs.size:
+        return divisor
+    quantum = backward_span / resolution
+    if total <= 0 or total >= backward_span:
+        return quantum
+    _, exponent = math.frexp(backward_span / total)  # ratio = m * 2**exponent with 0.5 <= m < 1
+    refined = math.ldexp(quantum, -(exponent - 1))  # divided by the largest power of two <= ratio
+    return refined if refined > 0 else quantum
+
+
+def _common_divisor(costs: np.ndarray) -> float | None:
+    """Greatest common divisor of the positive costs if all are whole numbers exact in float64, else None."""
+    positive = costs[costs > 0]
+    if positive.size == 0 or positive.max() > 2.0**53 or not np.all(positive == np.floor(positive)):
+        return None
+    return float(np.gcd.reduce(positive.astype(np.int64)))
+
+
 def _solve(
     importance: np.ndarray, t_dw: np.ndarray, capacity: np.ndarray, backward_span: float, resolution: int
 ) -> np.ndarray:
@@ -321,14 +368,17 @@ def _solve(
     weight-gradient cost is at most ``c``; ``take[k, c]`` records whether unit k improved ``dp[c]``, for backtracking.
     """
     n = t_dw.size
-    quantum = backward_span / resolution if backward_span > 0 else 1.0
+    useful = importance > 0
+    quantum = _quantum(t_dw[useful], backward_span, resolution)
+    # Quantised weights: rounded up, so a quantised fit is a true fit. Clamped before the int cast (no overflow).
+    weights = np.ceil(np.minimum(t_dw / quantum, np.iinfo(np.int64).max / (4 * n)))
+    total = float(weights[useful].sum())  # the heaviest any table set can be: a larger capacity is never needed
     feasible = capacity >= 0
     cap_idx = np.zeros(n, dtype=np.int64)
-    cap_idx[feasible] = np.floor(capacity[feasible] / quantum)
-    top = int(cap_idx[feasible].max())  # <= resolution for rho < 1
-    # Costs beyond the table can never fit; clamping before the int cast avoids overflow on huge ratios.
-    weight = np.minimum(np.ceil(t_dw / quantum), top + 1).astype(np.int64)
-    useful = importance > 0
+    cap_idx[feasible] = np.minimum(np.floor(capacity[feasible] / quantum), total)  # rounded down: never over budget
+    top = int(cap_idx[feasible].max())  # <= total <= resolution + number of useful units
+    # Costs beyond the table can never fit.
+    weight = np.minimum(weights, top + 1).astype(np.int64)
 
     dp = np.zeros(top + 1)
     take = np.zeros((n, top + 1), dtype=bool)
