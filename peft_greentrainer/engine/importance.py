@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .rng import fork_rng
 from .units import Unit, is_trainable_dtype
 
 logger = logging.getLogger(__name__)
@@ -489,15 +490,6 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     }
 
 
-def _fork_rng() -> Any:
-    """Fork the CPU RNG and the RNG of every device of the current accelerator (if any)."""
-    accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
-    if accelerator is None:
-        return torch.random.fork_rng(devices=[])
-    module = torch.get_device_module(accelerator.type)
-    return torch.random.fork_rng(devices=list(range(module.device_count())), device_type=accelerator.type)
-
-
 def _candidate_mask(candidates: np.ndarray | Sequence[bool] | None, n: int) -> np.ndarray:
     if candidates is None:
         return np.ones(n, dtype=bool)
@@ -621,7 +613,7 @@ def _average_gradients(
             p.requires_grad_(False)
         for t in tensors:
             t.requires_grad_(True)
-        with _fork_rng(), torch.enable_grad():
+        with fork_rng(), torch.enable_grad():
             for batch in batches:
                 loss = loss_fn(model, _to_device(batch, device))
                 if loss.numel() != 1:
