@@ -126,6 +126,7 @@ def settings(protocol: Protocol, seed: int) -> runner.TrainSettings:
         curve_split="val",
         curve_rows=protocol.curve_rows,
         curve_points=protocol.curve_points,
+        progress_every=1 if protocol.quick else 10,
     )
 
 
@@ -216,6 +217,25 @@ def grid_of(protocol: Protocol, key: str) -> list[float]:
     return protocol.grids[methods.REGISTRY[key].kind]
 
 
+def remaining(runs: list[dict], protocol: Protocol, command: str) -> list[str]:
+    """What is left of the protocol, as the commands that continue it (each skips what exists)."""
+    done = {(r["key"], r["row"].get("lr"), r["seed"]) for r in runs}
+    grid = [k for k in METHODS if any((k, lr, 0) not in done for lr in grid_of(protocol, k))]
+    seeds = [
+        k
+        for k in METHODS
+        if k not in grid and any((k, report.chosen_lr(runs, k, grid_of(protocol, k)), s) not in done for s in SEEDS)
+    ]
+    lines = []
+    if not any(r["key"] == "base" for r in runs):
+        lines.append(f"`{command} --stage base`")
+    if grid:
+        lines.append(f"`{command} --stage grid --methods {' '.join(grid)}` ({len(grid)} methods' grids incomplete)")
+    if seeds:
+        lines.append(f"`{command} --stage seeds --methods {' '.join(seeds)}`")
+    return lines or ["nothing: every method has its grid and 3 seeds"]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="protocol.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -233,6 +253,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         protocol.epochs = args.epochs
     output = args.output_dir or DEFAULT_OUTPUT / f"{'quick' if args.quick else 'smollm2-aclsum'}-e{protocol.epochs}"
     runner.prepare_process(args.threads)
+    command = "python benchmarks/protocol.py" + (" --quick" if args.quick else "")
+    command += f" --epochs {protocol.epochs}" if args.epochs else ""
+    command += f" --output-dir {args.output_dir}" if args.output_dir else ""
+
+    def rebuild() -> str:
+        runs = load_runs(output, protocol)
+        return report.write_protocol(output, runs, protocol.grids, remaining(runs, protocol, command))
+
     if args.stage != "report":
         session = Session(protocol, output, load_workload(protocol))
         if args.stage == "base":
@@ -242,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.stage == "grid":
                 for lr in grid:
                     session.run(key, lr, 0)
-                    report.write_protocol(output, load_runs(output, protocol), protocol.grids)
+                    rebuild()
             else:
                 lr = report.chosen_lr(load_runs(output, protocol), key, grid)
                 if lr is None:
@@ -250,9 +278,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     continue
                 for seed in SEEDS[1:]:
                     session.run(key, lr, seed)
-                    report.write_protocol(output, load_runs(output, protocol), protocol.grids)
-    text = report.write_protocol(output, load_runs(output, protocol), protocol.grids)
-    print(text)
+                    rebuild()
+    print(rebuild())
 
 
 if __name__ == "__main__":

@@ -323,7 +323,7 @@ def plot_curves(results: list[MethodResult], path: Path) -> None:
     plt.close(fig)
 
 
-def write_protocol(output: Path, runs: list[dict], grids: dict[str, list[float]]) -> str:
+def write_protocol(output: Path, runs: list[dict], grids: dict[str, list[float]], left: Sequence[str] = ()) -> str:
     """protocol.md and protocol.png, rebuilt from every result file found."""
     output.mkdir(parents=True, exist_ok=True)
     base = next((r for r in runs if r["key"] == "base"), None)
@@ -360,6 +360,15 @@ def write_protocol(output: Path, runs: list[dict], grids: dict[str, list[float]]
         "## Equal compute",
         "",
         "![held-out loss against training FLOPs and wall time](protocol.png)",
+        "",
+        "Curves: seed 0 at the chosen learning rate; loss on the first validation pairs (the traced subset), at step 0 "
+        "and evenly during training. FLOPs: per-step FLOPs predicted from each step's trainable set (exact on every "
+        "counted step, see max error in the run files) plus the FLOPs counted during selection (importance probes). "
+        "Wall time: step times (counted steps replaced by the median uncounted one) plus selection time.",
+        "",
+        "## What is left",
+        "",
+        *[f"- {line}" for line in left],
         "",
     ]
     if results:

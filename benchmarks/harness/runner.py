@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import resource
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -48,6 +49,7 @@ class TrainSettings:
     curve_split: str | None = None  # held-out split whose loss is traced during training
     curve_rows: int | None = None  # its first rows only (the curve costs evaluations during training)
     curve_points: int = 0  # evaluations of the curve after step 0, evenly spaced
+    progress_every: int = 0  # a progress line on stderr every this many steps (0: none)
 
     def steps(self, work: Workload) -> int:
         per_epoch = work.train_size // self.batch_size
@@ -192,6 +194,18 @@ class HeldoutCurve(TrainerCallback):
             self._record(state.global_step, kwargs["model"])
 
 
+class Progress(TrainerCallback):
+    """A line on stderr every ``every`` steps: long CPU runs in the background stay observable."""
+
+    def __init__(self, every: int):
+        self.every, self.start = every, time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            minutes = (time.perf_counter() - self.start) / 60
+            print(f"  step {state.global_step}/{state.max_steps}, {minutes:.1f} min", file=sys.stderr, flush=True)
+
+
 def evaluate_rouge(model: nn.Module, work: Workload, settings: TrainSettings) -> dict[str, float]:
     predictions = generate(
         model,
@@ -242,7 +256,8 @@ def train(method: Method, work: Workload, settings: TrainSettings, lr: float) ->
         else None
     )
     # order matters: selection changes the trainable set, then it is priced, then the step is counted
-    callbacks = [c for c in (metered, units, meter, curve) if c is not None]
+    progress = Progress(settings.progress_every) if settings.progress_every else None
+    callbacks = [c for c in (metered, units, meter, curve, progress) if c is not None]
     with tempfile.TemporaryDirectory() as scratch:
         transformers.set_seed(settings.seed)
         optimizers = (method.optimizer(method.model, lr), None) if method.optimizer else (None, None)
