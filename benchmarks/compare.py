@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny model, tiny tokenizer, synthetic data (< 3 min)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT, help="where compare.md/json/png go")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="subset to run")
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(methods.REGISTRY), default=list(METHODS), help="which to run, in order"
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max-steps", type=int, default=None, help="stop every method after this many steps")
     parser.add_argument("--importance-batches", type=int, default=4, help="GreenTrainer importance batches")

@@ -73,6 +73,8 @@ def test_learning_rate_is_chosen_by_validation_loss_once_the_grid_is_complete():
     assert report.chosen_lr(runs, "full", [3e-5, 1e-4, 3e-4]) is None  # 3e-4 has no seed-0 run yet
     runs.append(_run("full", 3e-4, 0, 2.2))
     assert report.chosen_lr(runs, "full", [3e-5, 1e-4, 3e-4]) == 1e-4
+    runs[1] = _run("full", 3e-5, 0, math.nan)  # diverged: never chosen, wherever it stands in the grid
+    assert report.chosen_lr(runs, "full", [3e-5, 1e-4, 3e-4]) == 1e-4
 
 
 def _written(output: Path) -> dict[str, float]:

@@ -149,7 +149,7 @@ def chosen_lr(runs: list[dict], key: str, grid: Sequence[float]) -> float | None
     losses = _grid_losses(runs, key)
     if not all(lr in losses for lr in grid):
         return None
-    return min(grid, key=lambda lr: losses[lr])
+    return min(grid, key=lambda lr: losses[lr] if math.isfinite(losses[lr]) else math.inf)  # a diverged run loses
 
 
 def _grid_losses(runs: list[dict], key: str) -> dict[float, float]:
@@ -227,11 +227,17 @@ def _grid_table(runs: list[dict], results: list[MethodResult], grids: dict[str, 
     return markdown_table(header, body)
 
 
+def _total_flops(row: dict) -> float:
+    """The whole run's training FLOPs: every step's plus selection's (importance probes)."""
+    return row["predicted_total_flops"] + row["selection_flops"]
+
+
 def _results_table(results: list[MethodResult], base: dict | None) -> str:
     by_key = {r.key: r for r in results}
     full, reference = by_key.get("full"), by_key.get("gt_tensors_0.5")
     full_flops = statistics.fmean(full.values(lambda r: r["measured_flops_per_step"])) if full else None
     full_step = statistics.fmean(full.values(lambda r: r["median_step_seconds"])) if full else None
+    full_total = statistics.fmean(full.values(_total_flops)) if full else None
     base_loss = base["row"]["heldout_loss"]["test"] if base else None
     full_loss = statistics.fmean(full.values(lambda r: r["heldout_loss"]["test"])) if full else None
     header = [
@@ -244,6 +250,7 @@ def _results_table(results: list[MethodResult], base: dict | None) -> str:
         "ROUGE-2",
         "ROUGE-L",
         "FLOPs ratio",
+        "total FLOPs ratio",
         "wall ratio",
         "peak RSS MiB",
         "selection overhead",
@@ -268,6 +275,7 @@ def _results_table(results: list[MethodResult], base: dict | None) -> str:
                 _pm([f / full_flops for f in result.values(lambda r: r["measured_flops_per_step"])], ".3f")
                 if full_flops
                 else "-",
+                _pm([f / full_total for f in result.values(_total_flops)], ".3f") if full_total else "-",
                 _pm([s / full_step for s in result.values(lambda r: r["median_step_seconds"])], ".2f")
                 if full_step
                 else "-",
@@ -290,7 +298,7 @@ def _results_table(results: list[MethodResult], base: dict | None) -> str:
                 f"{base_loss:.4f}",
                 "0%",
                 *[f"{scores[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL")],
-                *["-"] * 5,
+                *["-"] * 6,
             ]
         )
     return markdown_table(header, body)
@@ -352,8 +360,9 @@ def write_protocol(output: Path, runs: list[dict], grids: dict[str, list[float]]
         "",
         "lr marked * : its grid is incomplete, the best so far is shown. Test loss: teacher-forced cross-entropy per "
         "target token on all test pairs. Of full FT's gain: (base - method) / (base - full FT) test loss. FLOPs ratio: "
-        "mean FlopCounterMode FLOPs of the counted steps over full FT's. Wall ratio: median uncounted step time over "
-        "full FT's (different processes; the machine is shared, so this is indicative). Selection overhead: selection "
+        "mean FlopCounterMode FLOPs of the counted steps over full FT's. Total FLOPs ratio: the whole run's, "
+        "selection's importance probes included. Wall ratio: median uncounted step time over full FT's (different "
+        "processes; the machine is shared, so this is indicative). Selection overhead: selection "
         "time (importance + DP, or layer/block draws) as a share of training time. Last column: a difference within "
         "the larger seed spread is a tie.",
         "",
