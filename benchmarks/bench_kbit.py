@@ -57,10 +57,7 @@ def main() -> None:
             _, after = measure_flops(model, batch)
             profile, full = model.base_model.cost_profile(batch)
             predicted = selection.flops - profile.forward_flops
-            print(
-                f"| {name} | {before:.3e} | {after:.3e} ({after / before:.2f}x) | {predicted:.3e} | "
-                f"{full:.3e} |"
-            )
+            print(f"| {name} | {before:.3e} | {after:.3e} ({after / before:.2f}x) | {predicted:.3e} | {full:.3e} |")
 
 
 if __name__ == "__main__":

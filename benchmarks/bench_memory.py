@@ -15,16 +15,13 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout: the harness and this checkout's package
+    sys.path.insert(0, str(ROOT))
 
 CONFIGS = ["full", "lora", "greentrainer-tensors", "greentrainer-lora"]
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_one(name: str, threads: int) -> dict:
@@ -32,6 +29,7 @@ def run_one(name: str, threads: int) -> dict:
     import transformers
     from peft import LoraConfig, get_peft_model
 
+    from benchmarks.harness.runner import RssSampler
     from peft_greentrainer import GreenTrainerConfig
 
     torch.set_num_threads(threads)
@@ -53,7 +51,7 @@ def run_one(name: str, threads: int) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     if name.startswith("greentrainer"):
         model.select_units([batch], optimizer)
-    baseline = rss_mib()
+    baseline = RssSampler.current()
     for _ in range(3):
         model(**batch).loss.backward()
         optimizer.step()

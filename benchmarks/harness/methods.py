@@ -1,0 +1,426 @@
+"""The registry of compared methods: ``key -> how to build the trainable model, its lr family, callbacks, optimizer``.
+
+Every builder returns a :class:`Method` over a fresh copy of the workload's base model. The runner needs nothing
+method-specific beyond that: which units' FLOPs a step pays is read from ``requires_grad`` at each step start and
+priced by ``costs`` (the cost profile of the method's own units), so a method that changes its trainable set during
+training (GreenTrainer, random selection, LISA, BAdam) is accounted for without telling the runner when.
+
+Adding a method is one ``register(key, kind, build)`` call.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import TrainerCallback
+
+from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
+from peft_greentrainer.engine.profile import UnitCosts, profile_model
+from peft_greentrainer.engine.selector import select_units
+from peft_greentrainer.engine.units import lora_units
+
+from .workload import Workload
+
+LORA_QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass
+class MethodOptions:
+    """Settings the builders share; one object per benchmark run."""
+
+    seed: int = 42
+    importance_batches: int = 4
+    baseline_rho: float = 0.5  # the budget of FT-top-k and random selection
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] | str = field(default_factory=lambda: list(LORA_QKVO))
+    total_steps: int = 0  # optimizer steps of the run (LISA's and BAdam's periods derive from it)
+    lisa_layers: int = 2  # LISA's gamma: middle layers trained at a time (the paper's "E+H+2L")
+
+    def lora_config(self) -> dict:
+        return {"r": self.lora_r, "lora_alpha": self.lora_alpha, "target_modules": self.lora_targets}
+
+    def lora_label(self) -> str:
+        targets = (
+            self.lora_targets
+            if isinstance(self.lora_targets, str)
+            else ",".join(t.removesuffix("_proj") for t in self.lora_targets)
+        )
+        return f"r={self.lora_r} ({targets})"
+
+
+@dataclass
+class Method:
+    """One configured method, ready for the Trainer.
+
+    ``costs`` prices the units of ``units_model`` (a mask of trained units -> FLOPs per step); ``selector`` is the
+    callback that changes the trainable set, if any (its hooks are timed and FLOP-counted as selection overhead).
+    """
+
+    key: str
+    name: str
+    kind: str  # "tensors" or "lora": its learning-rate family
+    model: nn.Module
+    costs: UnitCosts
+    units_model: nn.Module
+    selector: TrainerCallback | None = None
+    optimizer: Callable[[nn.Module, float], torch.optim.Optimizer] | None = None
+    describe: Callable[[], str] = lambda: ""  # what was trained, in a few words (after training)
+    selections: Callable[[], list[list[str]]] = lambda: []  # units chosen at each selection, if it selects
+
+    def trained_mask(self) -> np.ndarray:
+        return np.array([any(p.requires_grad for p in u.parameters(self.units_model)) for u in self.costs.units])
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    key: str
+    kind: str
+    build: Callable[[Workload, MethodOptions], Method]
+
+
+REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(key: str, kind: str, build: Callable[[Workload, MethodOptions], Method]) -> None:
+    REGISTRY[key] = MethodSpec(key, kind, build)
+
+
+def build(key: str, work: Workload, options: MethodOptions) -> Method:
+    if key not in REGISTRY:
+        raise SystemExit(f"unknown method {key!r}; registered: {', '.join(REGISTRY)}")
+    return REGISTRY[key].build(work, options)
+
+
+def block_index(name: str) -> int | None:
+    """Index of the transformer block a parameter belongs to (``...layers.7.mlp...`` -> 7), None outside blocks."""
+    match = re.search(r"\.(?:layers|h|blocks|layer)\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def _trained_of(selections: Callable[[], list[list[str]]], total: int, kind: str) -> Callable[[], str]:
+    return lambda: f"{'/'.join(str(len(s)) for s in selections())} of {total} {kind} per selection"
+
+
+# ------------------------------------------------------------------------------------------------- full, LoRA
+def _full(work: Workload, options: MethodOptions) -> Method:
+    model = work.new_model()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    costs = work.base_costs(model)
+    return Method("full", "full fine-tuning", "tensors", model, costs, model, describe=lambda: "all")
+
+
+def _lora_model(work: Workload, options: MethodOptions) -> tuple[nn.Module, UnitCosts]:
+    base = work.new_model()
+    full = work.base_costs(base).full_flops
+    model = get_peft_model(base, LoraConfig(**options.lora_config(), task_type="CAUSAL_LM"))
+    inner = model.base_model.model
+    costs = profile_model(inner, work.example).unit_costs(lora_units(inner, "default"), full_flops=full)
+    return model, costs
+
+
+def _lora(work: Workload, options: MethodOptions) -> Method:
+    model, costs = _lora_model(work, options)
+    return Method(
+        "lora",
+        f"LoRA {options.lora_label()}",
+        "lora",
+        model,
+        costs,
+        model.base_model.model,
+        describe=lambda: f"{len(costs.units)} adapters",
+    )
+
+
+# ------------------------------------------------------------------------------------------------- FT-top-k, random
+def top_k_mask(costs: UnitCosts, k: int, num_blocks: int) -> np.ndarray:
+    """Units of the last ``k`` blocks, plus the units above every block in backward order (final norm, untied head).
+
+    A head tied to the input embedding is the deepest unit (it is the embedding), so it is never part of FT-top-k.
+    """
+    blocks = [block_index(u.name) for u in costs.units]
+    first_block = next(i for i, b in enumerate(blocks) if b is not None)
+    return np.array(
+        [i < first_block or (b is not None and b >= num_blocks - k) for i, b in enumerate(blocks)], dtype=bool
+    )
+
+
+def _top_k(work: Workload, options: MethodOptions) -> Method:
+    rho = options.baseline_rho
+    model = work.new_model()
+    costs = work.base_costs(model)
+    num_blocks = 1 + max(b for b in map(block_index, (u.name for u in costs.units)) if b is not None)
+    budget = rho * costs.full_flops
+    fitting = [k for k in range(num_blocks + 1) if costs.predicted_flops(top_k_mask(costs, k, num_blocks)) <= budget]
+    if not fitting:
+        raise SystemExit(f"FT-top-k: not even the final norm and head fit rho={rho}")
+    k = max(fitting)
+    mask = top_k_mask(costs, k, num_blocks)
+    trained = {id(p) for unit, keep in zip(costs.units, mask, strict=True) if keep for p in unit.parameters(model)}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trained)
+    head = [u.name for u, keep in zip(costs.units, mask, strict=True) if keep and block_index(u.name) is None]
+    return Method(
+        "top_k",
+        f"FT-top-k (k={k}, rho {rho})",
+        "tensors",
+        model,
+        costs,
+        model,
+        describe=lambda: f"last {k} of {num_blocks} blocks + {', '.join(head) or 'nothing else'}",
+    )
+
+
+class RandomSelection(TrainerCallback):
+    """Each epoch: random positive importances (seeded), the same exact DP as GreenTrainer, applied as flags."""
+
+    def __init__(self, tuner, example: dict, rho: float, seed: int):
+        self.tuner, self.example, self.rho = tuner, example, rho
+        self.rng = np.random.default_rng(seed)
+        self.records: list[list[str]] = []  # units selected at each selection
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        costs = self.tuner.unit_costs(self.example)  # profile cached by the tuner
+        importance = self.rng.uniform(0.01, 1.0, len(costs.units))
+        selection = select_units(
+            importance,
+            costs.t_dw,
+            costs.t_dy,
+            costs.forward_flops,
+            self.rho,
+            full_flops=costs.full_flops,
+            dy_head=costs.dy_head,
+            resolution=self.tuner.greentrainer_config.dp_resolution,
+        )
+        names = [u.name for u, keep in zip(costs.units, selection.mask, strict=True) if keep]
+        self.tuner.restore_selection(names)
+        self.records.append(names)
+
+
+def _random(work: Workload, options: MethodOptions) -> Method:
+    rho = options.baseline_rho
+    model = get_peft_model(work.new_model(), GreenTrainerConfig(units="tensors", rho=rho, task_type="CAUSAL_LM"))
+    tuner = model.base_model
+    costs = tuner.unit_costs(work.example)  # profiles now, outside the timed selection
+    selector = RandomSelection(tuner, work.example, rho, options.seed)
+    return Method(
+        "random",
+        f"random selection (rho {rho})",
+        "tensors",
+        model,
+        costs,
+        tuner.model,
+        selector=selector,
+        describe=_trained_of(lambda: selector.records, len(costs.units), "tensors"),
+        selections=lambda: selector.records,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- GreenTrainer
+def _greentrainer(units: str, rho: float | None) -> Callable[[Workload, MethodOptions], Method]:
+    """GreenTrainer at ``rho``; ``rho=None`` (units="lora" only): at the FLOPs of LoRA with the same adapters."""
+
+    def build_greentrainer(work: Workload, options: MethodOptions) -> Method:
+        budget = rho
+        if budget is None:
+            _, lora_costs = _lora_model(work, options)
+            budget = lora_costs.predicted_flops(np.ones(len(lora_costs.units), bool)) / lora_costs.full_flops
+        lora = options.lora_config() if units == "lora" else {}
+        config = GreenTrainerConfig(
+            units=units, rho=budget, importance_batches=options.importance_batches, task_type="CAUSAL_LM", **lora
+        )
+        model = get_peft_model(work.new_model(), config)
+        tuner = model.base_model
+        floor = tuner.min_feasible_rho(work.example)  # also profiles now, outside the timed selection
+        if budget < floor:
+            raise SystemExit(f"GreenTrainer units={units}: rho={budget} is below this model's feasible {floor:.4f}")
+        costs = tuner.unit_costs(work.example)
+        history = tuner.greentrainer_state.history
+
+        def selections() -> list[list[str]]:
+            return [list(record.selected) for record in history]
+
+        suffix = f"rho {budget:g}" if rho is not None else f"rho {budget:.3f} (LoRA's FLOPs)"
+        kind = "adapters" if units == "lora" else "tensors"
+        return Method(
+            f"gt_{units}_{rho if rho is not None else 'at_lora'}",
+            f"GreenTrainer {units} {suffix}",
+            units,
+            model,
+            costs,
+            tuner.model,
+            selector=GreenTrainerCallback(),
+            describe=_trained_of(selections, len(costs.units), kind),
+            selections=selections,
+        )
+
+    return build_greentrainer
+
+
+# ------------------------------------------------------------------------------------------------- LISA, BAdam
+class LisaCallback(TrainerCallback):
+    """LISA (Pan et al., NeurIPS 2024, arXiv 2403.17919, Algorithm 1) as a callback.
+
+    Every ``interval`` steps all transformer blocks are frozen and ``layers`` of them, drawn uniformly without
+    replacement, are unfrozen; the embeddings, the final norm and the LM head (everything outside the blocks) always
+    train. The optimizer holds every parameter from the start (the Trainer creates it before the first freeze), so
+    reactivated layers keep their AdamW moments, as in LMFlow's implementation.
+    """
+
+    def __init__(self, model: nn.Module, layers: int, interval: int, seed: int):
+        self.model, self.interval = model, interval
+        self.blocks: dict[int, list[nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            index = block_index(name)
+            if index is not None:
+                self.blocks.setdefault(index, []).append(param)
+        if not 0 < layers <= len(self.blocks):
+            raise SystemExit(f"LISA: cannot sample {layers} of {len(self.blocks)} blocks")
+        self.layers = layers
+        self.rng = np.random.default_rng(seed)
+        self.records: list[list[int]] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step % self.interval:
+            return
+        chosen = sorted(self.rng.choice(sorted(self.blocks), self.layers, replace=False).tolist())
+        for index, params in self.blocks.items():
+            for param in params:
+                param.requires_grad_(index in chosen)
+                if index not in chosen:
+                    param.grad = None
+        self.records.append(chosen)
+
+
+def lisa_interval(total_steps: int) -> int:
+    """K = T/10: the paper's sampling-period ablation (K = 13 of T = 122 steps); LMFlow's default is 20."""
+    return max(1, math.ceil(total_steps / 10))
+
+
+def _lisa(work: Workload, options: MethodOptions) -> Method:
+    model = work.new_model()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    interval = lisa_interval(options.total_steps)
+    selector = LisaCallback(model, options.lisa_layers, interval, options.seed)
+    costs = work.base_costs(model)
+    return Method(
+        "lisa",
+        f"LISA (gamma {options.lisa_layers}, K {interval})",
+        "tensors",
+        model,
+        costs,
+        model,
+        selector=selector,
+        describe=lambda: f"E+H+{options.lisa_layers}L of {len(selector.blocks)}, {len(selector.records)} draws",
+        selections=lambda: [[f"layer {i}" for i in chosen] for chosen in selector.records],
+    )
+
+
+def badam_switch_every(train_size: int, batch_size: int, blocks: int) -> int:
+    """BAdam README's adaptive K = n / (B D): every block gets about one pass over the data per epoch."""
+    return max(1, math.ceil(train_size / (batch_size * blocks)))
+
+
+def _badam(work: Workload, options: MethodOptions) -> Method:
+    from badam import BlockOptimizer
+
+    model = work.new_model()
+    for param in model.parameters():
+        param.requires_grad_(True)
+    blocks = len({block_index(n) for n, _ in model.named_parameters()} - {None})
+    switch_every = badam_switch_every(work.train_size, work.batch_size, blocks)
+
+    def optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        # BAdam's own block partition (one block per transformer layer), random reshuffled order as recommended
+        base = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        return BlockOptimizer(
+            base, list(model.named_parameters()), switch_block_every=switch_every, switch_mode="random", verbose=0
+        )
+
+    costs = work.base_costs(model)
+    return Method(
+        "badam",
+        f"BAdam (random order, K {switch_every})",
+        "tensors",
+        model,
+        costs,
+        model,
+        optimizer=optimizer,
+        describe=lambda: f"1 of {blocks} blocks, switched every {switch_every} steps",
+    )
+
+
+register("full", "tensors", _full)
+register("lora", "lora", _lora)
+register("top_k", "tensors", _top_k)
+register("random", "tensors", _random)
+for _rho in (0.4, 0.5, 0.7):
+    register(f"gt_tensors_{_rho}", "tensors", _greentrainer("tensors", _rho))
+register("gt_lora_0.5", "lora", _greentrainer("lora", 0.5))
+register("gt_lora_at_lora", "lora", _greentrainer("lora", None))
+register("lisa", "tensors", _lisa)
+register("badam", "tensors", _badam)
+
+
+class Metered(TrainerCallback):
+    """Forwards every event to ``inner`` and charges the seconds and FLOPs of its selection hooks to selection.
+
+    Selection runs outside the optimizer step (train/epoch/step begin), so the step meter never sees it; this does.
+    """
+
+    SELECTION_EVENTS = ("on_train_begin", "on_epoch_begin", "on_step_begin")
+
+    def __init__(self, inner: TrainerCallback):
+        self.inner = inner
+        self.events: list[tuple[int, float, float]] = []  # (global step, seconds, FLOPs) of each hook that did work
+
+    def _metered(self, event: str, args, state, control, **kwargs):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from peft_greentrainer.engine.flops import register_flop_formulas
+
+        register_flop_formulas()
+        start = time.perf_counter()
+        with FlopCounterMode(display=False) as counter:
+            result = getattr(self.inner, event)(args, state, control, **kwargs)
+        seconds, flops = time.perf_counter() - start, float(counter.get_total_flops())
+        if flops or seconds > 1e-3:
+            self.events.append((state.global_step, seconds, flops))
+        return result
+
+    @property
+    def seconds(self) -> float:
+        return sum(s for _, s, _ in self.events)
+
+    @property
+    def flops(self) -> float:
+        return sum(f for _, _, f in self.events)
+
+
+def _forwarder(event: str):
+    if event in Metered.SELECTION_EVENTS:
+
+        def forward(self, args, state, control, **kwargs):
+            return self._metered(event, args, state, control, **kwargs)
+
+    else:
+
+        def forward(self, args, state, control, **kwargs):
+            return getattr(self.inner, event)(args, state, control, **kwargs)
+
+    forward.__name__ = event
+    return forward
+
+
+for _event in [name for name in vars(TrainerCallback) if name.startswith("on_")]:
+    setattr(Metered, _event, _forwarder(_event))

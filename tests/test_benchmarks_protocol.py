@@ -1,0 +1,140 @@
+"""benchmarks/protocol.py and the harness pieces it adds: LISA, BAdam's period, learning-rate choice, ties, resuming."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import protocol
+from benchmarks.harness import methods, report, workload
+
+
+def _tiny_work() -> workload.Workload:
+    sizes = workload.DataSizes(train=8, generate=2, max_source_tokens=8, max_target_tokens=2)
+    return workload.quick_workload(sizes, batch_size=4, seed=0)
+
+
+def _trainable_blocks(model) -> set[int]:
+    return {methods.block_index(n) for n, p in model.named_parameters() if p.requires_grad} - {None}
+
+
+def test_lisa_trains_gamma_blocks_and_everything_outside_blocks():
+    method = methods.build("lisa", _tiny_work(), methods.MethodOptions(seed=3, total_steps=40, lisa_layers=2))
+    lisa, interval = method.selector, methods.lisa_interval(40)
+    assert interval == 4
+    draws = []
+    for step in range(3 * interval):
+        before = _trainable_blocks(method.model)
+        lisa.on_step_begin(None, SimpleNamespace(global_step=step), None)
+        blocks = _trainable_blocks(method.model)
+        assert len(blocks) == 2
+        if step % interval:
+            assert blocks == before  # re-drawn only every K steps
+        else:
+            draws.append(blocks)
+        outside = [p for n, p in method.model.named_parameters() if methods.block_index(n) is None]
+        assert outside and all(p.requires_grad for p in outside)  # embeddings, final norm, LM head
+    assert len(lisa.records) == 3 and [set(r) for r in lisa.records] == draws
+
+
+def test_lisa_refuses_more_layers_than_the_model_has():
+    with pytest.raises(SystemExit, match="cannot sample 4 of 3 blocks"):
+        methods.build("lisa", _tiny_work(), methods.MethodOptions(total_steps=10, lisa_layers=4))
+
+
+def test_badam_period_follows_its_readme_rule():
+    # K = n / (B D): SmolLM2 on ACLSum (300 pairs, batch 4, 30 layers) and the quick model (32, 4, 3)
+    assert methods.badam_switch_every(300, 4, 30) == 3
+    assert methods.badam_switch_every(32, 4, 3) == 3
+    assert methods.badam_switch_every(4, 4, 30) == 1
+
+
+def test_verdict_calls_differences_within_the_seed_spread_a_tie():
+    assert report.verdict([2.0, 2.2], [2.1, 2.15]) == "tie"
+    assert report.verdict([2.0, 2.01], [2.5, 2.51]) == "lower"
+    assert report.verdict([2.5, 2.51], [2.0, 2.01]) == "higher"
+    assert report.verdict([2.0], [2.5, 2.51]) == "n/a (1 seed)"
+
+
+def _run(key: str, lr: float, seed: int, val: float) -> dict:
+    return {"key": key, "seed": seed, "row": {"lr": lr, "method": key, "heldout_loss": {"val": val}}}
+
+
+def test_learning_rate_is_chosen_by_validation_loss_once_the_grid_is_complete():
+    runs = [_run("full", 1e-4, 0, 2.0), _run("full", 3e-5, 0, 2.5), _run("full", 3e-4, 1, 1.0)]
+    assert report.chosen_lr(runs, "full", [3e-5, 1e-4, 3e-4]) is None  # 3e-4 has no seed-0 run yet
+    runs.append(_run("full", 3e-4, 0, 2.2))
+    assert report.chosen_lr(runs, "full", [3e-5, 1e-4, 3e-4]) == 1e-4
+    runs[1] = _run("full", 3e-5, 0, math.nan)  # diverged: never chosen, wherever it stands in the grid
+    assert report.chosen_lr(runs, "full", [3e-5, 1e-4, 3e-4]) == 1e-4
+
+
+def _written(output: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in sorted((output / "runs").glob("*/*.json"))}
+
+
+@pytest.mark.slow
+def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
+    keys = ["full", "gt_tensors_0.5", "lisa", "badam", "gt_lora_at_lora"]
+    common = ["--quick", "--threads", "1", "--output-dir", str(tmp_path)]
+    protocol.main([*common, "--methods", *keys])
+    quick = protocol.Protocol.quick_protocol()
+
+    runs = protocol.load_runs(tmp_path, quick)
+    assert sorted((r["key"], r["row"]["lr"]) for r in runs) == sorted(
+        (k, lr) for k in keys for lr in protocol.grid_of(quick, k)
+    )
+    for run in runs:
+        row = run["row"]
+        assert row["measured_vs_predicted_max_rel_error"] < 1e-6, run["key"]  # every method's FLOPs accounted
+        assert set(row["heldout_loss"]) == {"val", "test"} and all(map(math.isfinite, row["heldout_loss"].values()))
+        curve = row["curve"]
+        assert curve[0]["step"] == 0 and curve[-1]["step"] == row["steps"]
+        assert all(a["flops"] <= b["flops"] and a["seconds"] <= b["seconds"] for a, b in itertools.pairwise(curve))
+        assert curve[-1]["flops"] == pytest.approx(row["predicted_total_flops"] + row["selection_flops"])
+    by_key = {r["key"]: r["row"] for r in runs}
+    full = by_key["full"]["measured_flops_per_step"]
+    assert by_key["gt_tensors_0.5"]["measured_flops_per_step"] <= 0.5 * full * (1 + 1e-6)
+    assert by_key["gt_tensors_0.5"]["selection_flops"] > 0  # the importance probe is charged, not hidden
+    assert by_key["lisa"]["selections"] and by_key["badam"]["measured_flops_per_step"] < full
+
+    markdown = (tmp_path / "protocol.md").read_text()
+    assert (tmp_path / "protocol.png").stat().st_size > 0
+    for run in runs:
+        assert f"| {run['row']['method']} |" in markdown
+    chosen = report.chosen_lr(runs, "full", protocol.grid_of(quick, "full"))
+    assert f"**{chosen:g}: " in markdown
+
+    # resuming does not redo finished runs; the seeds stage adds seeds 1 and 2 at the chosen lr only
+    finished = _written(tmp_path)
+    protocol.main([*common, "--methods", *keys])
+    assert _written(tmp_path) == finished
+    protocol.main([*common, "--stage", "seeds", "--methods", "full", "gt_tensors_0.5"])
+    protocol.main([*common, "--stage", "base"])
+    runs = protocol.load_runs(tmp_path, quick)
+    seeds = sorted(r["seed"] for r in runs if r["key"] == "full" and r["row"]["lr"] == chosen)
+    assert seeds == [0, 1, 2]
+    markdown = (tmp_path / "protocol.md").read_text()
+    equal_steps = markdown.split("## Equal steps", 1)[1]
+    full_row = next(line for line in equal_steps.splitlines() if line.startswith("| full fine-tuning |"))
+    assert " | 3 | " in full_row and " ± " in full_row and "100" in full_row
+    assert full_row.rstrip(" |").rsplit("| ", 1)[1] in {"tie", "lower", "higher"}
+    assert "| base model (no training) |" in markdown
+
+
+def test_results_of_another_protocol_are_not_mixed_in(tmp_path):
+    quick = protocol.Protocol.quick_protocol()
+    path = protocol.run_path(tmp_path, "full", 1e-3, 0)
+    protocol.write_json(path, {"key": "full", "seed": 0, "protocol": {**json.loads(json.dumps(vars(quick)))}})
+    assert len(protocol.load_runs(tmp_path, quick)) == 1
+    other = protocol.Protocol.quick_protocol()
+    other.epochs = 5
+    assert protocol.load_runs(tmp_path, other) == []
