@@ -13,8 +13,8 @@ version). What it changes, at collection time only:
   ``GreenTrainerLoraConfig`` compares equal to ``LoraConfig`` through its metaclass, which is exactly the
   ``issubclass`` answer: it *is* a LoraConfig.
 * **units="tensors"** runs, one case per model of the LoRA cases, the suite's tests that make sense for base tensors
-  trained in place: forward passes (fp32/fp16/bf16), save/load round trips and merge_and_unload. Its class does not
-  compare equal to ``LoraConfig``: it has no LoRA layers, so the suite's LoRA-layer checks do not apply to it.
+  trained in place: forward passes (fp32/fp16/bf16), save/load round trips and merge_and_unload. Its config is a
+  LoraConfig too (the LoRA fields the suite sets, such as ``init_lora_weights``, are accepted and ignored).
 * ``--greentrainer-subset=ci`` keeps a representative subset (see ``CI_CASES``); ``full`` (default) keeps all.
 
 Nothing is copied from PEFT: the cases and tests are PEFT's, taken from its sdist at run time.
@@ -39,7 +39,9 @@ TENSORS_MARK = "greentrainer_tensors"
 
 # TEST_CASES-style tests that are meaningful for units="tensors" (the base model's own tensors, trained in place):
 # forward passes, saving/loading, merging. The others need LoRA layers, a second adapter or disable_adapter(), which
-# units="tensors" does not have by design (one adapter; the original weights are not kept).
+# units="tensors" does not have by design (one adapter; the original weights are not kept). Two more assume an adapter
+# apart from the base: test_safe_merge asserts that the untrained adapter already changes the output, and
+# test_training_custom_models that only adapter tensors receive gradients.
 TENSORS_TESTS = {
     "test_forward_output_finite",
     "test_forward_float16",
@@ -49,11 +51,11 @@ TENSORS_TESTS = {
     "test_save_pretrained",
     "test_save_pretrained_pickle",
     "test_save_load_roundtrip",
+    "test_inference_safetensors",
+    "test_peft_model_device_map",
     "test_from_pretrained_config_construction",
     "test_parameters_after_loading_model",
     "test_merge_layers",
-    "test_safe_merge",
-    "test_training_custom_models",
     "test_get_base_model_state_dict",
 }
 
@@ -86,7 +88,7 @@ class _IsLora(type):
         return cls is other or other is LoraConfig
 
     def __ne__(cls, other):
-        return not cls.__eq__(other)
+        return not (cls is other or other is LoraConfig)
 
     __hash__ = type.__hash__
 
@@ -99,8 +101,8 @@ class GreenTrainerLoraConfig(GreenTrainerConfig, metaclass=_IsLora):
 
 
 @dataclass
-class GreenTrainerTensorsConfig(GreenTrainerConfig):
-    """``GreenTrainerConfig(units="tensors")``: the LoRA fields of a case are ignored, as documented."""
+class GreenTrainerTensorsConfig(GreenTrainerConfig, metaclass=_IsLora):
+    """``GreenTrainerConfig(units="tensors")``: the LoRA fields the suite sets are accepted and ignored, as documented."""
 
     units: str = "tensors"
 
@@ -235,7 +237,14 @@ class _Outcomes:
 
     def summary(self) -> dict:
         counts = Counter(f"{self.kind.get(node, '?')} {outcome}" for node, outcome in self.outcome.items())
-        return {"counts": dict(sorted(counts.items())), "skip_reasons": dict(self.skip_reasons.most_common())}
+        by_test: dict[str, Counter] = {}
+        for node, outcome in self.outcome.items():
+            by_test.setdefault(node.split("::")[-1].split("[")[0], Counter())[outcome] += 1
+        return {
+            "counts": dict(sorted(counts.items())),
+            "skip_reasons": dict(self.skip_reasons.most_common()),
+            "by_test": {name: dict(sorted(c.items())) for name, c in sorted(by_test.items())},
+        }
 
 
 _OUTCOMES = _Outcomes()

@@ -42,7 +42,7 @@ def fetch_suite(version: str | None = None) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation"]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
         result = subprocess.run(
             [*command, "--dest", scratch, f"peft=={version}"], capture_output=True, text=True, timeout=600
         )
