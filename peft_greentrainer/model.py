@@ -218,6 +218,8 @@ class GreenTrainerModel(LoraModel):
 
     def state_of(self, adapter_name: str) -> GreenTrainerState:
         """The selection state of ``adapter_name``, active or not."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No adapter named {adapter_name!r}; this model has {list(self.peft_config)}.")
         return self.__dict__.setdefault("_greentrainer_states", {}).setdefault(adapter_name, GreenTrainerState())
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:

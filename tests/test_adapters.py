@@ -106,6 +106,19 @@ def test_each_adapter_keeps_its_selection_across_set_adapter():
     assert tuner.greentrainer_state.selected == chosen_default
 
 
+def test_disable_adapter_keeps_the_selection():
+    """PEFT re-enables an adapter by making all of it trainable: the budget must survive ``disable_adapter()``."""
+    model = _two_adapters()
+    _select_and_train(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert 0 < sum(flags.values()) < len(_adapter_params(model, "default"))
+    with model.disable_adapter():
+        assert not any(p.requires_grad for p in _adapter_params(model, "default").values())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    with pytest.raises(ValueError, match="No adapter named 'typo'"):
+        model.base_model.state_of("typo")
+
+
 def test_selecting_with_several_active_adapters_says_which_to_choose():
     model = _two_adapters()
     model.base_model.set_adapter(["default", "other"])
