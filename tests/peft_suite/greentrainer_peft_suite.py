@@ -16,6 +16,7 @@ version). What it changes, at collection time only:
   trained in place: forward passes (fp32/fp16/bf16), save/load round trips and merge_and_unload. Its config is a
   LoraConfig too (the LoRA fields the suite sets, such as ``init_lora_weights``, are accepted and ignored).
 * ``--greentrainer-subset=ci`` keeps a representative subset (see ``CI_CASES``); ``full`` (default) keeps all.
+* ``--greentrainer-reference`` runs the same LoRA cases with PEFT's own ``LoraConfig``: the baseline to compare with.
 
 Nothing is copied from PEFT: the cases and tests are PEFT's, taken from its sdist at run time.
 """
@@ -103,7 +104,7 @@ class GreenTrainerLoraConfig(GreenTrainerConfig, metaclass=_IsLora):
 
 @dataclass
 class GreenTrainerTensorsConfig(GreenTrainerConfig, metaclass=_IsLora):
-    """``GreenTrainerConfig(units="tensors")``: the LoRA fields the suite sets are accepted and ignored, as documented."""
+    """``GreenTrainerConfig(units="tensors")``: the LoRA fields the suite sets are accepted and ignored (documented)."""
 
     units: str = "tensors"
 
@@ -127,6 +128,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="ci: the representative subset run in CI; full: every LoRA case of the suite (default).",
     )
     parser.addoption("--greentrainer-report", default=None, help="write outcome counts and skip reasons here (JSON)")
+    parser.addoption(
+        "--greentrainer-reference",
+        action="store_true",
+        help="run the same LoRA cases with PEFT's own LoraConfig (nothing swapped in), for comparison",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -164,6 +170,7 @@ def _argnames(argnames) -> list[str]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Rewrite the function's parametrize marks before pytest expands them (pytest's own hook runs after this one)."""
     subset = metafunc.config.getoption("--greentrainer-subset")
+    reference = metafunc.config.getoption("--greentrainer-reference")
     markers = metafunc.definition.own_markers
     for index, mark in enumerate(markers):
         if mark.name != "parametrize":
@@ -177,6 +184,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             swapped = tuple(_as_greentrainer(v) for v in values)
             if all(new is old for new, old in zip(swapped, values, strict=True)):
                 continue  # not a LoRA case
+            if reference:
+                swapped = values
             case = dict(zip(names, swapped, strict=True))
             if subset == "ci" and "test_name" in case and "model_id" in case and case["test_name"] not in CI_CASES:
                 continue
@@ -189,7 +198,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             continue
         if names == ["test_name", "model_id", "config_cls", "config_kwargs"] and metafunc.function.__name__ in (
             TENSORS_TESTS
-        ):
+        ) and not reference:
             for model_id in lora_models:
                 if subset == "ci" and model_id not in CI_TENSORS_MODELS:
                     continue

@@ -1,6 +1,6 @@
 """Run PEFT's custom-model test suite against GreenTrainer (see ``greentrainer_peft_suite.py`` for what is swapped).
 
-    python tests/peft_suite/run_peft_suite.py                 # every LoRA case (about 13 minutes on 2 CPU cores)
+    python tests/peft_suite/run_peft_suite.py                 # every LoRA case (2 min 18 s on 2 shared CPU cores)
     python tests/peft_suite/run_peft_suite.py --subset ci     # the representative subset CI runs
     python tests/peft_suite/run_peft_suite.py -- -x -k Conv2d  # extra pytest arguments after --
 
