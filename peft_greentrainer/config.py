@@ -1,8 +1,18 @@
-"""``GreenTrainerConfig``: the PEFT config of GreenTrainer (a ``LoraConfig`` plus the budget and selection fields)."""
+"""``GreenTrainerConfig``: the PEFT config of GreenTrainer (a ``LoraConfig`` plus the budget and selection fields).
+
+On disk, a units="lora" adapter is a plain LoRA adapter: ``adapter_config.json`` is a ``LoraConfig`` (so vLLM, TGI
+and PEFT without this package load it as LoRA) and GreenTrainer's own fields sit alongside in
+``greentrainer_config.json``, which LoRA consumers ignore. With this package imported, loading such a directory gives
+the ``GreenTrainerConfig`` back (see registration.py). A units="tensors" adapter holds base tensors, which no LoRA
+consumer can use: it is saved as a GreenTrainer config, as are adapters saved by earlier versions, which still load.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -11,6 +21,7 @@ from peft import LoraConfig
 from .registration import GREENTRAINER_PEFT_TYPE
 
 UNIT_KINDS = ("tensors", "lora")
+METADATA_NAME = "greentrainer_config.json"
 
 
 @dataclass
@@ -84,11 +95,56 @@ class GreenTrainerConfig(LoraConfig):
                 setattr(self, name, [value])
 
     def to_lora_config(self) -> LoraConfig:
-        """The plain ``LoraConfig`` with the same LoRA fields (for exporting a units="lora" adapter)."""
+        """The plain ``LoraConfig`` with the same LoRA fields (what a units="lora" adapter is saved as)."""
         lora_fields = {f for f in LoraConfig.__dataclass_fields__ if f != "peft_type"}
         values = {name: getattr(self, name) for name in lora_fields if name in self.__dict__}
         return LoraConfig(**{k: v for k, v in values.items() if k in _init_fields(LoraConfig)})
 
+    def greentrainer_fields(self) -> dict:
+        """GreenTrainer's own fields (those a ``LoraConfig`` does not have), JSON-ready."""
+        return {name: getattr(self, name) for name in _own_fields()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """units="lora": a plain ``LoraConfig`` in ``adapter_config.json`` plus ``greentrainer_config.json``.
+
+        units="tensors": the GreenTrainer config in ``adapter_config.json``, as PEFT writes any config.
+        """
+        metadata = os.path.join(save_directory, METADATA_NAME)
+        if self.units != "lora":
+            super().save_pretrained(save_directory, **kwargs)
+            if os.path.isfile(metadata):  # left by an earlier units="lora" save: it would describe another adapter
+                os.remove(metadata)
+            return
+        self.to_lora_config().save_pretrained(save_directory, **kwargs)
+        with open(metadata, "w") as handle:
+            json.dump(self.greentrainer_fields(), handle, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_lora_config(cls, lora_config: LoraConfig, metadata: dict) -> GreenTrainerConfig:
+        """Rebuild the config of a units="lora" adapter from its ``LoraConfig`` and ``greentrainer_config.json``."""
+        unknown = set(metadata) - set(_own_fields())
+        if unknown:
+            raise ValueError(
+                f"{METADATA_NAME} has fields this version of peft-greentrainer does not know: {sorted(unknown)}. "
+                f"Upgrade peft-greentrainer, or move {METADATA_NAME} away to load the adapter as plain LoRA."
+            )
+        lora_values = {f.name: getattr(lora_config, f.name) for f in dataclasses.fields(LoraConfig) if f.init}
+        lora_values.pop("peft_type", None)
+        return cls(**lora_values, **metadata)
+
+    @staticmethod
+    def read_metadata(directory: str | os.PathLike) -> dict | None:
+        """The GreenTrainer fields saved next to a LoRA ``adapter_config.json`` in ``directory``, if any."""
+        path = os.path.join(directory, METADATA_NAME)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as handle:
+            return json.load(handle)
+
 
 def _init_fields(cls) -> set[str]:
     return {name for name, f in cls.__dataclass_fields__.items() if f.init}
+
+
+def _own_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(GreenTrainerConfig) if f.name not in LoraConfig.__dataclass_fields__]

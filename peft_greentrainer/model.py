@@ -90,8 +90,20 @@ class GreenTrainerModel(LoraModel):
 
     # ------------------------------------------------------------------ construction
     def _check_new_adapter_config(self, config) -> None:
+        """Several adapters per model with units="lora", as LoRA; units="tensors" is alone on its model.
+
+        units="tensors" trains the base model's own tensors in place: a second adapter of any kind would train (or
+        sit on top of) the same weights, and switching between them could not give either one its weights back.
+        """
         if len(self.peft_config) > 1:
-            raise ValueError("GreenTrainer supports one adapter per model; create a new model for another adapter.")
+            tensors = [name for name, other in self.peft_config.items() if other.units == "tensors"]
+            if tensors:
+                raise ValueError(
+                    f"GreenTrainer with units='tensors' (adapter {tensors[0]!r}) trains the base model's own tensors "
+                    "in place, so it cannot share a model with another adapter: each would overwrite the other's "
+                    "weights. Use units='lora' for several adapters on one base model, or call get_peft_model on a "
+                    "fresh copy of the base model for each units='tensors' run."
+                )
         if config.units == "lora":
             super()._check_new_adapter_config(config)
 
@@ -102,16 +114,29 @@ class GreenTrainerModel(LoraModel):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         config = self.peft_config[adapter_name]
+        self._drop_cached_profiles()
         if config.units == "lora":
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-            self._candidate_names = [p for u in self._lora_candidates(model, adapter_name) for p in u.param_names]
-            if not self._candidate_names:
+            candidates = [p for u in self._lora_candidates(model, adapter_name) for p in u.param_names]
+            if not candidates:
                 raise ValueError(
-                    "No LoRA adapter is a candidate: include_patterns/exclude_patterns removed every adapted module."
+                    f"No LoRA adapter of {adapter_name!r} is a candidate: include_patterns/exclude_patterns removed "
+                    "every adapted module."
                 )
+            self._candidates[adapter_name] = candidates
             return
-        self._candidate_names = self._tensor_candidates(model, config)
+        self._check_new_adapter_config(config)  # LoraModel's injection (which would call it) is skipped here
+        self._candidates[adapter_name] = self._tensor_candidates(model, config)
         self._mark_only_adapters_as_trainable(model)
+
+    @property
+    def _candidates(self) -> dict[str, list[str]]:
+        """Per adapter name: the canonical names of the tensors its units are made of."""
+        return self.__dict__.setdefault("_candidates_by_adapter", {})
+
+    def _drop_cached_profiles(self) -> None:
+        """Cost profiles describe the model as it ran (which adapters were active): stale once adapters change."""
+        self.__dict__.pop("_profiles", None)
 
     @staticmethod
     def _tensor_candidates(model: nn.Module, config) -> list[str]:
@@ -152,38 +177,97 @@ class GreenTrainerModel(LoraModel):
         return units
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        config = self.peft_config[self.active_adapters[0]]
-        if config.units == "lora":
+        if self.units_kind == "lora":
             super()._mark_only_adapters_as_trainable(model)
             return
+        ((name, config),) = self.peft_config.items()  # units="tensors" is alone on its model
         # Every candidate is trainable until the first selection: an optimizer built now must hold all of them.
-        candidates = {id(model.get_parameter(n)) for n in getattr(self, "_candidate_names", [])}
+        candidates = {id(model.get_parameter(n)) for n in self._candidates.get(name, [])}
         for param in model.parameters():
             param.requires_grad_(id(param) in candidates and not config.inference_mode)
 
+    # ------------------------------------------------------------------ adapters
     @property
     def units_kind(self) -> str:
-        return self.peft_config[self.active_adapters[0]].units
+        """The unit kind of this model's adapters (one kind per model: units="tensors" allows no second adapter)."""
+        return next((config.units for config in self.peft_config.values()), "lora")
+
+    def _selecting_adapter(self) -> str:
+        """The adapter a selection acts on: the single active one."""
+        active = self.active_adapters
+        if len(active) != 1:
+            raise ValueError(
+                f"GreenTrainer selects units of one adapter at a time, but {len(active)} adapters are active "
+                f"({active}). Choose the adapter to train with model.set_adapter(name)."
+            )
+        return active[0]
 
     @property
     def greentrainer_config(self):
-        return self.peft_config[self.active_adapters[0]]
+        """The config of the active adapter (the one selections act on)."""
+        return self.peft_config[self._selecting_adapter()]
 
     @property
     def greentrainer_state(self) -> GreenTrainerState:
-        if "_greentrainer_state" not in self.__dict__:
-            self.__dict__["_greentrainer_state"] = GreenTrainerState()
-        return self.__dict__["_greentrainer_state"]
+        """Selections made so far for the active adapter (each adapter keeps its own)."""
+        return self.state_of(self._selecting_adapter())
 
     @greentrainer_state.setter
     def greentrainer_state(self, state: GreenTrainerState) -> None:
-        self.__dict__["_greentrainer_state"] = state
+        self.__dict__.setdefault("_greentrainer_states", {})[self._selecting_adapter()] = state
+
+    def state_of(self, adapter_name: str) -> GreenTrainerState:
+        """The selection state of ``adapter_name``, active or not."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No adapter named {adapter_name!r}; this model has {list(self.peft_config)}.")
+        return self.__dict__.setdefault("_greentrainer_states", {}).setdefault(adapter_name, GreenTrainerState())
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate adapter(s) as LoRA does, then re-apply the activated adapter's last selection, if any."""
+        if self.units_kind == "tensors" and not isinstance(adapter_name, str) and len(adapter_name) > 1:
+            raise ValueError("units='tensors' has a single adapter (the base model's own tensors): nothing to combine.")
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._drop_cached_profiles()
+        if not inference_mode:
+            self._reapply_selection()
+
+    def _reapply_selection(self) -> None:
+        """PEFT makes every tensor of an activated (or re-enabled) adapter trainable: one that was trained under a
+        budget goes back to the units of its last selection instead, so the budget is never silently lifted."""
+        if self.units_kind != "lora" or len(self.active_adapters) != 1:
+            return
+        state = self.state_of(self.active_adapters[0])
+        if state.history:
+            self.restore_selection(state.selected)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if self.units_kind == "tensors":
+            raise RuntimeError(
+                "GreenTrainer with units='tensors' trained the base model's tensors in place, so deleting its adapter "
+                "cannot give the original weights back. Use merge_and_unload() to keep the trained model without "
+                "PEFT, or load a fresh copy of the base model."
+            )
+        super().delete_adapter(adapter_name)
+        self._candidates.pop(adapter_name, None)
+        self.__dict__.get("_greentrainer_states", {}).pop(adapter_name, None)
+        self._drop_cached_profiles()
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        if self.units_kind == "tensors" and kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "adapter_names (a different adapter per sample) needs several adapters: units='tensors' has one, the "
+                "base model's own tensors. Use units='lora' adapters for mixed-adapter batches."
+            )
+        with super()._enable_peft_forward_hooks(*args, **kwargs):
+            yield
 
     def candidate_units(self) -> list[Unit]:
-        """The selectable units, in model order."""
+        """The selectable units of the active adapter, in model order."""
+        adapter = self._selecting_adapter()
         if self.units_kind == "lora":
-            return self._lora_candidates(self.model, self.active_adapters[0])
-        return tensor_units(self.model, names=self._candidate_names)
+            return self._lora_candidates(self.model, adapter)
+        return tensor_units(self.model, names=self._candidates[adapter])
 
     # ------------------------------------------------------------------ costs
     def cost_profile(self, batch: Mapping[str, Any], loss_fn: LossFn = default_loss) -> tuple[CostProfile, float]:
@@ -397,7 +481,7 @@ class GreenTrainerModel(LoraModel):
         For callers that ask the model; transformers 5's Trainer computes ``total_flos`` itself, unscaled.
         """
         base = self.model.floating_point_ops(inputs, exclude_embeddings=exclude_embeddings)
-        last = self.greentrainer_state.last
+        last = self.greentrainer_state.last if len(self.active_adapters) == 1 else None
         return int(base * last.predicted_ratio) if last else base
 
     # ------------------------------------------------------------------ adapters and state dicts
@@ -417,6 +501,7 @@ class GreenTrainerModel(LoraModel):
     def enable_adapter_layers(self) -> None:
         if self.units_kind == "lora":
             super().enable_adapter_layers()
+            self._reapply_selection()
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if self.units_kind == "lora":
@@ -437,10 +522,10 @@ class GreenTrainerModel(LoraModel):
         if config.units == "lora":
             return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         tuner = getattr(model, "base_model", model)
-        state = tuner.greentrainer_state
+        state = tuner.state_of(adapter_name)
         trained = state.trained_tensors
         if not trained and not state.history:
-            trained = tuner._candidate_names  # no selection yet: every candidate was trainable
+            trained = tuner._candidates[adapter_name]  # no selection yet: every candidate was trainable
         prefix = BASE_PREFIX if any(k.startswith(BASE_PREFIX) for k in state_dict) else ""
         # clone: tied aliases share storage, which safetensors refuses; only the canonical name is saved anyway
         return {f"{prefix}{name}": state_dict[f"{prefix}{name}"].detach().clone() for name in trained}
@@ -470,7 +555,7 @@ class GreenTrainerModel(LoraModel):
                 + f"{'; ...' if len(mismatched) > 3 else ''}). Load it onto the base model it was trained from ("
                 f"{config.base_model_name_or_path or 'see adapter_config.json'})."
             )
-        state = tuner.greentrainer_state
+        state = tuner.state_of(adapter_name)
         state.trained_tensors = list(dict.fromkeys([*state.trained_tensors, *names]))
         return dict(state_dict)
 
@@ -480,11 +565,15 @@ def _adapters_off(tuner: GreenTrainerModel):
     if tuner.units_kind != "lora":
         yield
         return
+    # PEFT's enable resets every adapter's requires_grad (active: True, others: False): put the flags back as they were
+    flags = [(param, param.requires_grad) for param in tuner.model.parameters()]
     LoraModel.disable_adapter_layers(tuner)
     try:
         yield
     finally:
         LoraModel.enable_adapter_layers(tuner)
+        for param, flag in flags:
+            param.requires_grad_(flag)
 
 
 @contextmanager

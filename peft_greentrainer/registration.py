@@ -3,17 +3,22 @@
 PEFT looks methods up by ``PeftType``, a closed enum. We add the member ``GREENTRAINER`` to it (once per process,
 idempotently), then register the config and tuner classes. After ``import peft_greentrainer``, ``get_peft_model``,
 ``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and the state-dict helpers all know the method.
-An adapter saved with units="lora" can also be exported as a plain LoRA adapter that loads without this package.
+A units="lora" adapter is saved as a plain LoRA adapter with GreenTrainer's fields alongside (config.py), so it loads
+without this package. Two PEFT behaviours need a hook, both idempotent and inert for other methods' adapters:
 
-One PEFT behaviour needs a hook: ``PeftModel.disable_adapter()`` inspects the adapter layers before it asks the tuner
-to disable them, so a tuner that has none (units="tensors") would fail there with PEFT's unrelated "No adapter layers
-found". The hook lets the tuner refuse first, with its own message; models of other PEFT methods are unaffected.
+* Loading: PEFT builds the config from ``adapter_config.json`` alone, which says LoRA. With this package imported, a
+  LoRA directory that also holds ``greentrainer_config.json`` loads as the ``GreenTrainerConfig`` it was saved from
+  (local directories; from the Hub it loads as plain LoRA). Directories without that file are untouched.
+* ``PeftModel.disable_adapter()`` inspects the adapter layers before it asks the tuner to disable them, so a tuner
+  that has none (units="tensors") would fail there with PEFT's unrelated "No adapter layers found". The hook lets the
+  tuner refuse first, with its own message.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 from peft.utils import PeftType
 
@@ -45,6 +50,7 @@ def register(config_cls, model_cls) -> None:
     from peft.utils import register_peft_method
 
     _let_tuners_refuse_disable_adapter()
+    _load_lora_with_metadata_as(config_cls)
     if PEFT_TYPE_TO_TUNER_MAPPING.get(GREENTRAINER_PEFT_TYPE) is model_cls:
         return
     try:
@@ -81,3 +87,28 @@ def _let_tuners_refuse_disable_adapter() -> None:
 
     disable_adapter._greentrainer_hook = True
     PeftModel.disable_adapter = disable_adapter
+
+
+def _load_lora_with_metadata_as(config_cls) -> None:
+    """Wrap ``PeftConfigMixin.from_pretrained``: a LoRA config saved with GreenTrainer metadata loads as ``config_cls``.
+
+    Every loader goes through it (``PeftConfig.from_pretrained``, ``PeftModel.from_pretrained``, ``load_adapter``).
+    """
+    from peft import LoraConfig
+    from peft.config import PeftConfigMixin
+
+    original = PeftConfigMixin.__dict__["from_pretrained"].__func__
+    if getattr(original, "_greentrainer_hook", False):
+        return
+
+    @functools.wraps(original)
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+        config = original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if type(config) is not LoraConfig:
+            return config
+        directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        metadata = config_cls.read_metadata(directory) if os.path.isdir(directory) else None
+        return config if metadata is None else config_cls.from_lora_config(config, metadata)
+
+    from_pretrained._greentrainer_hook = True
+    PeftConfigMixin.from_pretrained = classmethod(from_pretrained)

@@ -1,4 +1,4 @@
-"""Writing adapters to disk: atomically (complete or absent, never half-written), and as plain LoRA adapters."""
+"""Writing adapters to disk atomically: complete or absent, never half-written."""
 
 from __future__ import annotations
 
@@ -9,27 +9,26 @@ from collections.abc import Callable
 
 
 def export_lora_adapter(model, save_directory: str | os.PathLike) -> None:
-    """Write a units="lora" GreenTrainer adapter as a plain PEFT LoRA adapter (loads without this package).
+    """Write the active units="lora" adapter at the top of ``save_directory``, atomically.
 
-    The LoRA weights are the same tensors under the same keys; only the config changes to a ``LoraConfig``. The
-    directory is written atomically: it appears complete or not at all.
+    Kept for code written before ``save_pretrained`` wrote units="lora" adapters as plain LoRA adapters (LoRA config,
+    same tensors under the same keys, GreenTrainer's fields in ``greentrainer_config.json`` alongside): this is
+    ``save_pretrained`` of the active adapter alone, which loads without this package.
     """
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    config = model.peft_config[model.active_adapter]
-    if config.units != "lora":
+    active = model.base_model.active_adapters  # the tuner's: PeftModel.active_adapter hides a list set on the tuner
+    if len(active) != 1:
+        raise ValueError(f"{len(active)} adapters are active ({active}): choose the one to export with set_adapter.")
+    name = active[0]
+    if model.peft_config[name].units != "lora":
         raise ValueError("Only units='lora' adapters can be exported as LoRA; units='tensors' trained base tensors.")
-    lora_config = config.to_lora_config()
-    state_dict = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
 
     def write(directory: str) -> None:
-        lora_config.save_pretrained(directory)
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in state_dict.items()},
-            os.path.join(directory, "adapter_model.safetensors"),
-            metadata={"format": "pt"},
-        )
+        model.save_pretrained(directory, selected_adapters=[name])
+        if name != "default":  # PEFT writes any other adapter into a subfolder named after it
+            nested = os.path.join(directory, name)
+            for entry in os.listdir(nested):
+                os.replace(os.path.join(nested, entry), os.path.join(directory, entry))
+            os.rmdir(nested)
 
     write_atomically(save_directory, write)
 

@@ -96,10 +96,12 @@ def lora_units(model: nn.Module, adapter_name: str = "default") -> list[Unit]:
     for module_name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
+        # "lora_A.<adapter>.weight", "lora_embedding_A.<adapter>", ...: the adapter is the second component (a
+        # looser match would mix in another adapter whose name equals a parameter name, such as "weight")
         tensors = tuple(
             f"{module_name}.{pname}"
             for pname, _ in module.named_parameters()
-            if pname.startswith("lora_") and adapter_name in pname.split(".")
+            if pname.startswith("lora_") and pname.split(".")[1:2] == [adapter_name]
         )
         if tensors:
             units.append(Unit(name=module_name, param_names=tensors))
