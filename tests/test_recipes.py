@@ -176,7 +176,7 @@ def test_warmup_schedule_with_dynamic_padding(checkpoint, schedule, units, tmp_p
         Trainer,
         model=model,
         args=_args(tmp_path, warmup_steps=2, lr_scheduler_type=schedule, learning_rate=LR[units]),
-        train_dataset=_lm_dataset(len(tokenizer)),
+        train_dataset=_lm_dataset(len(tokenizer), n=22),  # and an uneven last batch
         data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding="longest"),
         callbacks=[GreenTrainerCallback()],
     )
