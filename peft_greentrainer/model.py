@@ -45,6 +45,7 @@ from .engine.importance import _unwrap_optimizer, compute_importance
 from .engine.profile import (
     CostProfile,
     UnitCosts,
+    batch_size,
     cost_envelope,
     default_loss,
     first_row,
@@ -386,8 +387,7 @@ class GreenTrainerModel(LoraModel):
         schedulers set), not the current one: under warmup the current one is 0 at step 0, and would rank nothing.
         If no unit that fits has a positive importance, units are ranked by the loss reduction of a plain gradient
         step instead (and, should no gradient reach them, as many units as fit are trained): a selection is never
-        empty. The returned ``Selection`` is in fractions of full fine-tuning: ``flops`` is the largest over the
-        shapes.
+        empty. The returned ``Selection`` gives the FLOPs of a step on the first batch.
         """
         start = time.perf_counter()
         config = self.greentrainer_config
@@ -404,11 +404,11 @@ class GreenTrainerModel(LoraModel):
         keep_backprop_shallow(self.model)  # checkpointing may have been switched on since the last selection
         with _training_mode(self.model):  # the steps that follow run in training mode
             new: dict[tuple, UnitCosts] = {}
-            signature = self._profile_rows(batches[0], new)[1]
+            first = self._profile_rows(batches[0], new)
             for batch in batches[1:]:
                 self._profile_rows(batch, new)
         self._learn_shapes(new)  # every rank now knows every rank's shapes: they decide on the same costs
-        envelope, keys = self._envelope(signature)
+        envelope, keys = self._envelope(first[1])
         # before computing importance: a rho that affords no unit is an error, raised now
         self._check_feasible(envelope, keys)
         # Only units that can fit at all need a gradient: backprop for importance stops at the deepest of them.
@@ -424,7 +424,18 @@ class GreenTrainerModel(LoraModel):
 
         importance = _positive(importance_of(optimizer, lr), feasible, lambda: importance_of(None, 1.0))
         self.greentrainer_state.importance = {u.name: float(v) for u, v in zip(envelope.units, importance, strict=True)}
-        return self._select(envelope, keys, importance, step=step, epoch=epoch, reason="importance", start=start)
+        mask = self._select(envelope, keys, importance, step=step, epoch=epoch, reason="importance", start=start)
+        # in FLOPs of a step on the first batch (its costs are its first row's times its rows: linear in the batch)
+        costs, rows = self._shape_costs[first], batch_size(batches[0]) or 1
+        return Selection(
+            mask=mask,
+            flops=rows * costs.predicted_flops(mask),
+            backward_flops=rows * costs.predicted_backward(mask),
+            importance=float(importance[mask].sum()),
+            budget=rows * min(config.rho, 1.0) * costs.full_flops,
+            full_flops=rows * costs.full_flops,
+            rho=config.rho,
+        )
 
     def _select(
         self,
@@ -436,8 +447,9 @@ class GreenTrainerModel(LoraModel):
         epoch: float,
         reason: str,
         start: float,
-    ) -> Selection:
-        """Solve the DP under the envelope, apply it, record it; every rank must call it with the same data."""
+    ) -> np.ndarray:
+        """Solve the DP under the envelope, apply it, record it, return the mask; every rank must call it with the
+        same data."""
         config = self.greentrainer_config
         every = np.ones(len(envelope.units), dtype=bool)
         if config.rho >= 1:
@@ -488,15 +500,7 @@ class GreenTrainerModel(LoraModel):
             f", {100 * record.ratio_vs_lora:.1f}% of plain LoRA" if record.ratio_vs_lora else "",
             record.seconds,
         )
-        return Selection(
-            mask=mask,
-            flops=max(ratios),
-            backward_flops=max(ratios) - worst.forward_flops / worst.full_flops,
-            importance=record.importance,
-            budget=min(config.rho, 1.0),
-            full_flops=1.0,
-            rho=config.rho,
-        )
+        return mask
 
     # ------------------------------------------------------------------ the check before every training step
     def note_training_position(self, step: int, epoch: float) -> None:

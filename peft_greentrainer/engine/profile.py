@@ -244,11 +244,15 @@ def first_row(batch: Mapping[str, Any]) -> dict[str, Any]:
     fractions of full fine-tuning do not depend on it: profiling one row is as exact and ``batch size`` times cheaper,
     and an uneven last batch is no new shape. A batch whose tensors disagree on the leading dimension is kept whole.
     """
-    tensors = [v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    sizes = {int(t.shape[0]) for t in tensors}
-    if len(sizes) != 1 or sizes == {1}:
+    if batch_size(batch) in (None, 1):
         return dict(batch)
     return {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+
+
+def batch_size(batch: Mapping[str, Any]) -> int | None:
+    """The leading dimension all tensors of ``batch`` share, None if they do not (what ``first_row`` cuts)."""
+    sizes = {int(v.shape[0]) for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def profile_key(model: nn.Module, batch: Mapping[str, Any]) -> tuple:
