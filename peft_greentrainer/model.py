@@ -234,6 +234,12 @@ class GreenTrainerModel(LoraModel):
             cache = self.__dict__.setdefault("_profiles", {})
             if key not in cache:
                 cache[key] = self._measure(batch, loss_fn)
+                # training steps at this shape need no profile of their own: costs are linear in the batch size
+                costs = cache[key][0].unit_costs(self.candidate_units(), full_flops=cache[key][1])
+                measured = self.__dict__.setdefault("_measured_rows", {})
+                measured.setdefault(
+                    profile_key(self.model, first_row(batch)), _scaled(costs, 1 / (batch_size(batch) or 1))
+                )
         return cache[key]
 
     def _measure(self, batch: Mapping[str, Any], loss_fn: LossFn) -> tuple[CostProfile, float]:
@@ -305,16 +311,21 @@ class GreenTrainerModel(LoraModel):
 
     @property
     def _shape_costs(self) -> dict[tuple, UnitCosts]:
-        """Costs of every batch shape seen (one row each), by ``profile_key``; identical on every rank."""
+        """Costs of every batch shape trained or selected on (one row each), by ``profile_key``. Only
+        ``_learn_shapes`` adds to it, so it is the same on every rank."""
         return self.__dict__.setdefault("_shape_costs_by_key", {})
 
     def _profile_rows(self, batch: Mapping[str, Any], new: dict[tuple, UnitCosts]) -> tuple:
-        """The key of ``batch``'s shape; its costs (one row, current modes) go into ``new`` if not known yet."""
+        """The key of ``batch``'s shape; its costs (one row, current modes) go into ``new`` if not agreed on yet,
+        measured unless this process measured them before (``cost_profile``)."""
         row = first_row(batch)
         key = profile_key(self.model, row)
         if key not in self._shape_costs and key not in new:
-            profile, full = self._measure(row, _forward_only)
-            new[key] = profile.unit_costs(self.candidate_units(), full_flops=full)
+            measured = self.__dict__.setdefault("_measured_rows", {})
+            if key not in measured:
+                profile, full = self._measure(row, _forward_only)
+                measured[key] = profile.unit_costs(self.candidate_units(), full_flops=full)
+            new[key] = measured[key]
         return key
 
     def _learn_shapes(self, new: dict[tuple, UnitCosts]) -> dict[tuple, UnitCosts]:
@@ -808,6 +819,18 @@ def _positive(importance: np.ndarray, feasible: np.ndarray, gradient_step: Calla
             return fallback
     logger.warning("GreenTrainer: no unit that fits the budget has a positive importance; training as many as fit.")
     return feasible.astype(np.float64)
+
+
+def _scaled(costs: UnitCosts, factor: float) -> UnitCosts:
+    return replace(
+        costs,
+        t_dw=costs.t_dw * factor,
+        t_dy=costs.t_dy * factor,
+        forward_share=costs.forward_share * factor,
+        dy_head=costs.dy_head * factor,
+        forward_flops=costs.forward_flops * factor,
+        full_flops=costs.full_flops * factor,
+    )
 
 
 def _larger(a: UnitCosts, b: UnitCosts) -> UnitCosts:

@@ -260,11 +260,11 @@ def profile_key(model: nn.Module, batch: Mapping[str, Any]) -> tuple:
     modules are in eval mode or checkpoint their forward (both change what a training step computes)."""
     inputs = []
     for name, value in sorted(batch.items()):
-        if name in _LOSS_ONLY_INPUTS:
+        if name in _LOSS_ONLY_INPUTS or value is None:  # None: the default (PEFT passes some explicitly)
             continue
         if isinstance(value, torch.Tensor):
             inputs.append((name, tuple(value.shape), str(value.dtype)))
-        elif value is None or isinstance(value, (bool, int, float, str)):
+        elif isinstance(value, (bool, int, float, str)):
             inputs.append((name, repr(value)))
     modules = list(model.named_modules())
     in_eval = tuple(name for name, module in modules if not module.training)
