@@ -424,6 +424,8 @@ class GreenTrainerModel(LoraModel):
         self._check_feasible(envelope, keys)
         # Only units that can fit at all need a gradient: backprop for importance stops at the deepest of them.
         feasible = self._feasible(envelope)
+        # the gradient collectives of a distributed importance follow the feasible set: it must be the same everywhere
+        ranks.check_agreement((tuple(map(repr, keys)), feasible.tobytes()), "the batch shapes and the units that fit")
 
         def importance_of(optimizer: torch.optim.Optimizer | None, lr: float | None) -> np.ndarray:
             # the gradient of the step it predicts (a Trainer may not have set training mode yet)

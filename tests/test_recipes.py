@@ -9,18 +9,27 @@ fine-tuning on the same inputs. The 2-rank DDP recipe is in ``test_distributed.p
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import datasets
 import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import WORDS, save_tiny_checkpoint
+from conftest import WORDS, save_tiny_checkpoint, tiny_batch, tiny_model
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
-from peft_greentrainer.engine.profile import measure_flops
+from peft_greentrainer.engine.profile import (
+    batch_size,
+    cost_envelope,
+    first_row,
+    measure_flops,
+    profile_key,
+    profile_model,
+)
+from peft_greentrainer.engine.units import tensor_units
 
 RHO = 0.6
 LORA = {"target_modules": ["q_proj", "v_proj", "up_proj"], "r": 4}
@@ -164,6 +173,52 @@ def _tokenizer(checkpoint):
 def _causal_lm(checkpoint, units: str, **kwargs):
     torch.manual_seed(0)
     return get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(checkpoint), _config(units, **kwargs))
+
+
+# ------------------------------------------------------------------------------------------- per-shape costs
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "bloom", "t5"])
+def test_one_row_profiles_scale_to_the_whole_batch(arch):
+    """The costs of a new shape come from one row: every counted op is linear in the batch size, checked here
+    against the profile of the whole batch and against FlopCounterMode's count of the real step."""
+    model = tiny_model(arch)
+    batch = tiny_batch(model, batch_size=3, seq_len=20)
+    row = first_row(batch)
+    assert batch_size(batch) == 3 and batch_size(row) == 1
+    units = tensor_units(model)
+    whole, single = profile_model(model, batch).unit_costs(units), profile_model(model, row).unit_costs(units)
+    for name in ("t_dw", "t_dy"):
+        np.testing.assert_allclose(getattr(whole, name), 3 * getattr(single, name), rtol=1e-12)
+    assert whole.forward_flops == pytest.approx(3 * single.forward_flops, rel=1e-12)
+    assert sum(measure_flops(model, batch)) == pytest.approx(3 * single.full_flops, rel=1e-12)
+
+
+def test_the_envelope_bounds_every_shape():
+    model = tiny_model("llama")
+    units = tensor_units(model)
+    costs = [profile_model(model, tiny_batch(model, 1, length)).unit_costs(units) for length in (4, 24, 96)]
+    envelope = cost_envelope(costs)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mask = rng.random(len(units)) < 0.5
+        bound = envelope.predicted_flops(mask)
+        assert all(c.predicted_flops(mask) / c.full_flops <= bound * (1 + 1e-12) for c in costs)
+    ratios = [c.predicted_flops(mask) / c.full_flops for c in costs]
+    assert len(set(ratios)) == len(ratios)  # the shares really move with the length
+    with pytest.raises(ValueError, match="different backward orders"):
+        cost_envelope([costs[0], replace(costs[1], units=costs[1].units[::-1])])
+
+
+def test_profile_key_follows_shapes_checkpointing_and_modes():
+    model = tiny_model("llama")
+    batch = tiny_batch(model, 2, 16)
+    key = profile_key(model, batch)
+    assert profile_key(model, {**batch, "num_items_in_batch": torch.tensor(7), "return_dict": None}) == key
+    assert profile_key(model, tiny_batch(model, 2, 17)) != key
+    model.model.layers[0].eval()
+    assert profile_key(model, batch) != key
+    model.train()
+    model.gradient_checkpointing_enable()
+    assert profile_key(model, batch) != key
 
 
 # ------------------------------------------------------------------------------------- warmup + LR schedules
