@@ -4,6 +4,8 @@ It selects before the first step and every ``selection_interval`` epochs (or ``s
 from its own sample of the training set (the Trainer's data order is not disturbed), adds the current selection's
 figures to every Trainer log (so TensorBoard / W&B / the console receive them), and saves its state in checkpoints
 so that ``trainer.train(resume_from_checkpoint=...)`` continues with the same selection instead of re-selecting.
+``greentrainer/flops_ratio`` is the FLOPs of the last training step at its own batch shape, as a fraction of full
+fine-tuning at that shape (``greentrainer/flops_ratio_max``: the largest since the previous log).
 
 Under ``torchrun`` / ``accelerate launch`` every rank makes the same selection at the same step (see ``ranks.py``
 and ``distributed.py``): importance is evaluated on the global batches, sharded across ranks, and the Trainer's DDP
@@ -121,20 +123,34 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         tuner = find_tuner(kwargs["model"])
+        tuner.note_training_position(state.global_step, float(state.epoch or 0.0))
         interval = tuner.greentrainer_config.selection_interval_steps
         if interval is None or state.global_step == self.last_selection_step:
             return
         if state.global_step % interval == 0:
             self._select(args, state, tuner, kwargs)
 
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # a step at a new batch shape may have re-selected (model.py): checkpoints must resume with that selection
+        tuner = find_tuner(kwargs["model"])
+        history = tuner.greentrainer_state.history
+        if history and len((self.saved_state or {}).get("history", [])) != len(history):
+            self.selected = list(tuner.greentrainer_state.selected)
+            self.saved_state = tuner.greentrainer_state.to_dict()
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or kwargs.get("model") is None:
             return
-        record = find_tuner(kwargs["model"]).greentrainer_state.last
+        tuner = find_tuner(kwargs["model"])
+        record = tuner.greentrainer_state.last
         if record is None:
             return
+        # the steps that ran, each at its own batch shape; before any, what the selection predicted
+        steps = tuner.step_flops_ratios()
+        last, largest = steps if steps is not None else (record.predicted_ratio, record.predicted_ratio)
         figures = {
-            f"{LOG_PREFIX}flops_ratio": record.predicted_ratio,
+            f"{LOG_PREFIX}flops_ratio": last,
+            f"{LOG_PREFIX}flops_ratio_max": largest,
             f"{LOG_PREFIX}units_selected": len(record.selected),
             f"{LOG_PREFIX}units_total": record.num_units,
             f"{LOG_PREFIX}selection_seconds": record.seconds,

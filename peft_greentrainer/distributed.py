@@ -21,8 +21,10 @@ accelerate's DDP arguments in ``__init__``, before ``on_init_end``). A plain PyT
 Importance is computed like the training step: each rank evaluates its own slice of the same global batches a
 single process would draw (:func:`importance_shard`), and every gradient is averaged across ranks as it is computed
 (:func:`gradients_averaged_across_ranks`), so the importances, and therefore the selections, are those of one process
-training on the global batch, identical on all ranks. The FLOPs profile and budget are per rank (each rank's backward
-is what gets cheaper); the logged FLOPs ratio is the same on every rank.
+training on the global batch, identical on all ranks. The budget holds per rank and step (each rank's backward is
+what gets cheaper). With dynamic padding the ranks see different shapes: before each training step they exchange the
+costs of shapes new to any of them (``model.py``), so all select against the same shapes, and the selection is
+checked to agree (:func:`~peft_greentrainer.ranks.check_agreement`).
 
 FSDP (1 and 2) and DeepSpeed are refused with an error that names the configuration that works. Their registered
 parameters are shards (DTensor shards, flat parameters, ZeRO partitions) while the forward runs on gathered copies, so

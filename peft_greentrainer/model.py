@@ -9,20 +9,28 @@ consequences, both enforced with clear errors rather than wrong weights:
 * ``disable_adapter()`` and ``unload()`` cannot give the original weights back (there is no separate adapter);
   ``merge_and_unload()`` returns the plain transformers model with the trained weights.
 
-Flow of one selection (``select_units``): cost profile (cached per batch shape) -> importance of the units that can
-fit the budget -> exact DP -> ``requires_grad`` flags, so autograd skips frozen weight gradients and stops below the
-deepest selected unit.
+Flow of one selection (``select_units``): cost profiles of the batch shapes -> importance of the units that can fit the
+budget at all of them -> exact DP -> ``requires_grad`` flags, so autograd skips frozen weight gradients and stops below
+the deepest selected unit.
+
+The budget is a promise per training step, at every batch shape the run trains on (dynamic padding, packing, uneven
+last batches, checkpointing switched on later): before each training forward the tuner looks at the inputs' shapes and
+the model's mode. A shape not seen before is profiled on one row of the batch (costs are linear in the batch size) and,
+if the current selection would cost more than ``rho`` there, the units are re-selected with the same importances
+against every shape seen so far. Under ``torch.distributed`` the ranks exchange the costs of their new shapes before
+deciding, so every rank decides on the same data, and the decision is checked to agree.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from typing import Any
 
@@ -31,12 +39,21 @@ import torch
 from peft.tuners.lora import LoraModel
 from torch import nn
 
+from . import ranks
 from .backprop import keep_backprop_shallow
-from .engine.importance import _unwrap_optimizer, compute_importance
-from .engine.profile import CostProfile, UnitCosts, default_loss, is_checkpointed, profile_model
-from .engine.selector import Selection, check_feasible, min_feasible_rho, min_unit_costs, select_units
+from .engine.importance import _unwrap_optimizer, base_learning_rates, compute_importance
+from .engine.profile import (
+    CostProfile,
+    UnitCosts,
+    batch_size,
+    cost_envelope,
+    default_loss,
+    first_row,
+    profile_key,
+    profile_model,
+)
+from .engine.selector import Selection, min_feasible_rho, min_unit_costs, select_units
 from .engine.units import Unit, is_trainable_dtype, lora_units, parameter_aliases, tensor_units
-from .ranks import average_across_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +73,9 @@ class SelectionRecord:
     importance: float
     num_units: int
     seconds: float
+    # "importance": a new importance evaluation; "batch shape": the same importances re-selected because a batch shape
+    # seen in training would have cost more than rho with the previous selection
+    reason: str = "importance"
 
 
 @dataclass
@@ -65,6 +85,9 @@ class GreenTrainerState:
     selected: list[str] = field(default_factory=list)
     trained_tensors: list[str] = field(default_factory=list)
     history: list[SelectionRecord] = field(default_factory=list)
+    # unit name -> importance of the last evaluation (units that could not fit were not evaluated: 0); a re-selection
+    # for a new batch shape reuses them, also after resuming from a checkpoint
+    importance: dict[str, float] = field(default_factory=dict)
 
     @property
     def last(self) -> SelectionRecord | None:
@@ -76,11 +99,17 @@ class GreenTrainerState:
     @classmethod
     def from_dict(cls, data: Mapping) -> GreenTrainerState:
         history = [SelectionRecord(**record) for record in data.get("history", [])]
-        return cls(list(data.get("selected", [])), list(data.get("trained_tensors", [])), history)
+        importance = {str(k): float(v) for k, v in (data.get("importance") or {}).items()}
+        return cls(list(data.get("selected", [])), list(data.get("trained_tensors", [])), history, importance)
 
 
-def _shape_key(batch: Mapping[str, Any]) -> tuple:
-    return tuple(sorted((k, tuple(v.shape)) for k, v in batch.items() if isinstance(v, torch.Tensor)))
+def _forward_only(model: nn.Module, batch: Mapping[str, Any]) -> Any:
+    """The forward pass a training step runs on ``batch`` (positional inputs kept under ``_POSITIONAL`` keys)."""
+    args = [batch[key] for key in sorted(k for k in batch if k.startswith(_POSITIONAL))]
+    return model(*args, **{k: v for k, v in batch.items() if not k.startswith(_POSITIONAL)})
+
+
+_POSITIONAL = "__positional_"
 
 
 class GreenTrainerModel(LoraModel):
@@ -115,6 +144,8 @@ class GreenTrainerModel(LoraModel):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         config = self.peft_config[adapter_name]
         self._drop_cached_profiles()
+        if "_step_hook" not in self.__dict__:  # the budget check before every training forward (module docstring)
+            self.__dict__["_step_hook"] = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         if config.units == "lora":
             super().inject_adapter(model, adapter_name, *args, **kwargs)
             candidates = [p for u in self._lora_candidates(model, adapter_name) for p in u.param_names]
@@ -136,7 +167,9 @@ class GreenTrainerModel(LoraModel):
 
     def _drop_cached_profiles(self) -> None:
         """Cost profiles describe the model as it ran (which adapters were active): stale once adapters change."""
-        self.__dict__.pop("_profiles", None)
+        # unit costs are those of the candidates of the adapter active then
+        for cache in ("_profiles", "_measured_rows", "_shape_costs_by_key"):
+            self.__dict__.pop(cache, None)
 
     @staticmethod
     def _tensor_candidates(model: nn.Module, config) -> list[str]:
@@ -179,6 +212,12 @@ class GreenTrainerModel(LoraModel):
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         if self.units_kind == "lora":
             super()._mark_only_adapters_as_trainable(model)
+            # adapters that include_patterns/exclude_patterns leave out are not candidates: they never train
+            candidates = {n for u in self._lora_candidates(model, self.active_adapters[0]) for n in u.param_names}
+            for unit in lora_units(model, self.active_adapters[0]):
+                for name in unit.param_names:
+                    if name not in candidates:
+                        model.get_parameter(name).requires_grad_(False)
             return
         ((name, config),) = self.peft_config.items()  # units="tensors" is alone on its model
         # Every candidate is trainable until the first selection: an optimizer built now must hold all of them.
@@ -271,33 +310,59 @@ class GreenTrainerModel(LoraModel):
 
     # ------------------------------------------------------------------ costs
     def cost_profile(self, batch: Mapping[str, Any], loss_fn: LossFn = default_loss) -> tuple[CostProfile, float]:
-        """Profile of one training step on ``batch``'s shape, and the full fine-tuning FLOPs of the base model.
+        """Profile of one training step on ``batch``, and the full fine-tuning FLOPs of the base model.
 
-        Cached per batch shape: one forward pass the first time a shape is seen.
+        Measured in training mode (checkpointing acts only there). Cached per input shapes, checkpointed blocks and
+        module modes (:func:`~peft_greentrainer.engine.profile.profile_key`): one forward pass the first time.
         """
-        cache = self.__dict__.setdefault("_profiles", {})
-        key = _shape_key(batch)
-        if key not in cache:
-            with _training_mode(self.model):  # a training step's costs (checkpointing acts only in training)
-                profile = profile_model(self.model, batch, loss_fn)
+        with _training_mode(self.model):
+            key = profile_key(self.model, batch)
+            cache = self.__dict__.setdefault("_profiles", {})
+            if key not in cache:
+                cache[key] = self._measure(batch, loss_fn)
+                # training steps at this shape need no profile of their own: costs are linear in the batch size
+                costs = cache[key][0].unit_costs(self.candidate_units(), full_flops=cache[key][1])
+                measured = self.__dict__.setdefault("_measured_rows", {})
+                measured.setdefault(
+                    profile_key(self.model, first_row(batch)), _scaled(costs, 1 / (batch_size(batch) or 1))
+                )
+        return cache[key]
+
+    def _measure(self, batch: Mapping[str, Any], loss_fn: LossFn) -> tuple[CostProfile, float]:
+        """Profile of the model in its current modes, and the reference; flags, weights and RNG stay as they were."""
+        with self._profiling():
+            profile = profile_model(self.model, batch, loss_fn)
             # rho refers to full fine-tuning of the base model (so both unit kinds spend the same budget): measured
             # with the adapters off, and for a quantized base on its float twin, as int8/4-bit weights cannot train
             reference = self._float_twin()
-            if reference is not self:
-                batch = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             full = profile.full_flops
+            if reference is not self:
+                _mirror_modes(self.model, reference.model)
+                batch = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             if reference is not self or self.units_kind == "lora":
-                with _training_mode(reference.model), _adapters_off(reference):
+                with _adapters_off(reference):
                     full = profile_model(reference.model, batch, loss_fn).full_flops
-            cache[key] = (profile, full)
-        return cache[key]
+        return profile, full
+
+    @contextmanager
+    def _profiling(self) -> Iterator[None]:
+        """Forward passes run to measure costs or importance: no training step (the step check skips them), and
+        every ``requires_grad`` flag is as before afterwards."""
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.__dict__["_busy"] = self.__dict__.get("_busy", 0) + 1
+        try:
+            yield
+        finally:
+            self.__dict__["_busy"] -= 1
+            for param, flag in flags:
+                param.requires_grad_(flag)
 
     def _float_twin(self) -> GreenTrainerModel:
         """This tuner, or for a quantized base the same architecture in float on ``meta`` (no weights, no memory).
 
         The twin gives the reference the budget is a fraction of: full fine-tuning, which a quantized model cannot
         do. Unit costs still come from the real model, whose kernels (CPU flash attention, bitsandbytes matmuls)
-        are what each step runs.
+        are what each step runs. Its modes and checkpointing follow the real model's at every profile.
         """
         if all(is_trainable_dtype(p) for p in self.model.parameters()):
             return self
@@ -314,18 +379,8 @@ class GreenTrainerModel(LoraModel):
             config.use_cache = True
             with torch.device("meta"):
                 base = type(self.model)(config)
-            base.train(self.model.training)
-            # Mirror checkpointing block by block (not through gradient_checkpointing_enable, which would also turn
-            # the KV cache off and send transformers' mask code into data-dependent checks that meta cannot run).
-            with _training_mode(self.model):  # checkpointing is on whatever the current mode
-                checkpointed = {name for name, m in self.model.named_modules() if is_checkpointed(m)}
-            for name, module in base.named_modules():
-                if name in checkpointed:
-                    module.gradient_checkpointing = True
-                    module._gradient_checkpointing_func = functools.partial(
-                        torch.utils.checkpoint.checkpoint, use_reentrant=False
-                    )
             twin = get_peft_model(base, copy.deepcopy(self.greentrainer_config)).base_model
+            twin.__dict__["_step_hook"].remove()  # the twin never trains
             keep_backprop_shallow(twin.model, quiet=True)
             self.__dict__["_twin"] = twin
         return self.__dict__["_twin"]
@@ -339,6 +394,73 @@ class GreenTrainerModel(LoraModel):
         return min_feasible_rho(
             costs.t_dw, costs.t_dy, costs.forward_flops, full_flops=costs.full_flops, dy_head=costs.dy_head
         )
+
+    @property
+    def _shape_costs(self) -> dict[tuple, UnitCosts]:
+        """Costs of every batch shape trained or selected on (one row each), by ``profile_key``. Only
+        ``_learn_shapes`` adds to it, so it is the same on every rank."""
+        return self.__dict__.setdefault("_shape_costs_by_key", {})
+
+    def _profile_rows(self, batch: Mapping[str, Any], new: dict[tuple, UnitCosts]) -> tuple:
+        """The key of ``batch``'s shape; its costs (one row, current modes) go into ``new`` if not agreed on yet,
+        measured unless this process measured them before (``cost_profile``)."""
+        row = first_row(batch)
+        key = profile_key(self.model, row)
+        if key not in self._shape_costs and key not in new:
+            measured = self.__dict__.setdefault("_measured_rows", {})
+            if key not in measured:
+                profile, full = self._measure(row, _forward_only)
+                measured[key] = profile.unit_costs(self.candidate_units(), full_flops=full)
+            new[key] = measured[key]
+        return key
+
+    def _learn_shapes(self, new: dict[tuple, UnitCosts]) -> dict[tuple, UnitCosts]:
+        """Add the costs of new shapes. Every rank adds those of every rank, so all hold the same set of shapes."""
+        if ranks.is_distributed():
+            if not ranks.any_across_ranks(bool(new)):
+                return {}
+            merged: dict[tuple, UnitCosts] = {}
+            for part in ranks.gather(new):
+                for key, costs in part.items():
+                    merged[key] = _larger(merged[key], costs) if key in merged else costs
+            new = merged
+        self._shape_costs.update(new)
+        return new
+
+    def _envelope(self, signature: tuple) -> tuple[UnitCosts, list[tuple]]:
+        """The cost envelope of every shape seen in the current modes (``signature``), and those shapes."""
+        keys = sorted((k for k in self._shape_costs if k[1] == signature), key=repr)
+        return cost_envelope([self._shape_costs[k] for k in keys]), keys
+
+    def _check_feasible(self, envelope: UnitCosts, keys: list[tuple]) -> None:
+        rho = self.greentrainer_config.rho
+        floor = float(min_unit_costs(envelope.t_dw, envelope.t_dy, envelope.forward_flops, envelope.dy_head).min())
+        if rho >= 1 or rho >= floor:
+            return
+        advice = math.ceil(floor * 10_000) / 10_000  # rounded up, so that following the advice is feasible
+        while advice < floor:
+            advice += 1e-4
+        raise ValueError(
+            f"rho={rho:g} is below the smallest feasible rho {advice:.4f} for this model at the batch shapes trained "
+            f"on ({_describe(keys)}): the forward pass plus the cheapest single unit. Raise rho to at least "
+            f"{advice:.4f}, or cap the sequence length (attention's share grows with it)."
+        )
+
+    def _feasible(self, envelope: UnitCosts) -> np.ndarray:
+        """Units that fit the budget on their own (the cheapest selection with each as the deepest)."""
+        rho = self.greentrainer_config.rho
+        if rho >= 1:
+            return np.ones(len(envelope.units), dtype=bool)
+        return min_unit_costs(envelope.t_dw, envelope.t_dy, envelope.forward_flops, envelope.dy_head) <= rho
+
+    def _mask(self, costs: UnitCosts) -> np.ndarray:
+        selected = set(self.greentrainer_state.selected)
+        return np.array([u.name in selected for u in costs.units], dtype=bool)
+
+    def _ratio(self, key: tuple, mask: np.ndarray | None = None) -> float:
+        """FLOPs of a training step at shape ``key`` as a fraction of full fine-tuning there (current selection)."""
+        costs = self._shape_costs[key]
+        return costs.predicted_flops(self._mask(costs) if mask is None else mask) / costs.full_flops
 
     # ------------------------------------------------------------------ selection
     def select_units(
@@ -354,8 +476,15 @@ class GreenTrainerModel(LoraModel):
         """Choose the units to train until the next selection and freeze the rest.
 
         Call it once per epoch (or every K steps) in a plain training loop, after creating the optimizer over all
-        trainable parameters. ``batches`` are training batches (the first ``importance_batches`` are used; the
-        first one's shape is the one the budget is computed for). Weights and optimizer state are not changed.
+        trainable parameters. ``batches`` are training batches (the first ``importance_batches`` are used). The
+        budget holds at the shapes of these batches and of every training step so far, and later steps are checked
+        as they come (module docstring). Weights and optimizer state are not changed.
+
+        Importance uses the learning rate a schedule is based on (the param groups' ``initial_lr``, which LR
+        schedulers set), not the current one: under warmup the current one is 0 at step 0, and would rank nothing.
+        If no unit that fits has a positive importance, units are ranked by the loss reduction of a plain gradient
+        step instead (and, should no gradient reach them, as many units as fit are trained): a selection is never
+        empty. The returned ``Selection`` gives the FLOPs of a step on the first batch.
         """
         start = time.perf_counter()
         config = self.greentrainer_config
@@ -370,54 +499,164 @@ class GreenTrainerModel(LoraModel):
         self._note_stepped_tensors(optimizer)
         self._check_optimizer_holds_candidates(optimizer)
         keep_backprop_shallow(self.model)  # checkpointing may have been switched on since the last selection
-        costs = self.unit_costs(batches[0], loss_fn)
-        # before computing importance: a rho that affords no unit is the selector's error, raised now
-        check_feasible(
-            config.rho, costs.t_dw, costs.t_dy, costs.forward_flops, full_flops=costs.full_flops, dy_head=costs.dy_head
-        )
-        budget = config.rho * costs.full_flops
+        with _training_mode(self.model):  # the steps that follow run in training mode
+            new: dict[tuple, UnitCosts] = {}
+            first = self._profile_rows(batches[0], new)
+            for batch in batches[1:]:
+                self._profile_rows(batch, new)
+        self._learn_shapes(new)  # every rank now knows every rank's shapes: they decide on the same costs
+        envelope, keys = self._envelope(first[1])
+        # before computing importance: a rho that affords no unit is an error, raised now
+        self._check_feasible(envelope, keys)
         # Only units that can fit at all need a gradient: backprop for importance stops at the deepest of them.
-        feasible = min_unit_costs(costs.t_dw, costs.t_dy, costs.forward_flops, costs.dy_head) <= budget
-        with _training_mode(self.model):  # the gradient of the step it predicts (a Trainer may not have set it yet)
-            importance = compute_importance(
-                self.model, costs.units, batches, optimizer, loss_fn=loss_fn, candidates=feasible, lr=lr
-            )
-        importance = average_across_ranks(importance)
-        selection = select_units(
-            importance,
-            costs.t_dw,
-            costs.t_dy,
-            costs.forward_flops,
-            config.rho,
-            full_flops=costs.full_flops,
-            dy_head=costs.dy_head,
-            resolution=config.dp_resolution,
+        feasible = self._feasible(envelope)
+        # the gradient collectives of a distributed importance follow the feasible set: it must be the same everywhere
+        ranks.check_agreement((tuple(map(repr, keys)), feasible.tobytes()), "the batch shapes and the units that fit")
+
+        def importance_of(optimizer: torch.optim.Optimizer | None, lr: float | None) -> np.ndarray:
+            # the gradient of the step it predicts (a Trainer may not have set training mode yet)
+            group_lrs = base_learning_rates(optimizer) if _unwrap_optimizer(optimizer) is not None else None
+            with _training_mode(self.model), self._profiling():
+                values = compute_importance(
+                    self.model,
+                    envelope.units,
+                    batches,
+                    optimizer,
+                    loss_fn=loss_fn,
+                    candidates=feasible,
+                    lr=lr,
+                    group_lrs=group_lrs,
+                )
+            return ranks.average_across_ranks(values)
+
+        importance = _positive(importance_of(optimizer, lr), feasible, lambda: importance_of(None, 1.0))
+        self.greentrainer_state.importance = {u.name: float(v) for u, v in zip(envelope.units, importance, strict=True)}
+        mask = self._select(envelope, keys, importance, step=step, epoch=epoch, reason="importance", start=start)
+        # in FLOPs of a step on the first batch (its costs are its first row's times its rows: linear in the batch)
+        costs, rows = self._shape_costs[first], batch_size(batches[0]) or 1
+        return Selection(
+            mask=mask,
+            flops=rows * costs.predicted_flops(mask),
+            backward_flops=rows * costs.predicted_backward(mask),
+            importance=float(importance[mask].sum()),
+            budget=rows * min(config.rho, 1.0) * costs.full_flops,
+            full_flops=rows * costs.full_flops,
+            rho=config.rho,
         )
-        self._set_trainable(costs.units, selection.mask)
-        lora_flops = costs.predicted_flops(np.ones(len(costs.units), bool)) if self.units_kind == "lora" else None
+
+    def _select(
+        self,
+        envelope: UnitCosts,
+        keys: list[tuple],
+        importance: np.ndarray,
+        *,
+        step: int,
+        epoch: float,
+        reason: str,
+        start: float,
+    ) -> np.ndarray:
+        """Solve the DP under the envelope, apply it, record it, return the mask; every rank must call it with the
+        same data."""
+        config = self.greentrainer_config
+        every = np.ones(len(envelope.units), dtype=bool)
+        if config.rho >= 1:
+            mask = every
+        else:
+            # the envelope's units are fractions of full fine-tuning; the selector wants a reference that covers
+            # training every unit, which the envelope's maxima can exceed: scale rho alike (the budget is still rho)
+            span = max(1.0, envelope.predicted_flops(every))
+            mask = select_units(
+                importance,
+                envelope.t_dw,
+                envelope.t_dy,
+                envelope.forward_flops,
+                config.rho / span,
+                full_flops=span,
+                dy_head=envelope.dy_head,
+                resolution=config.dp_resolution,
+            ).mask
+        ranks.check_agreement((tuple(map(repr, keys)), mask.tobytes()), "the batch shapes and the selected units")
+        self._set_trainable(envelope.units, mask)
+        ratios = [self._ratio(key, mask) for key in keys]
+        worst = self._shape_costs[keys[int(np.argmax(ratios))]]
+        lora_ratio = None
+        if self.units_kind == "lora":
+            lora_ratio = worst.predicted_flops(mask) / worst.predicted_flops(every)
         record = SelectionRecord(
             step=step,
             epoch=epoch,
-            selected=[u.name for u, s in zip(costs.units, selection.mask, strict=True) if s],
-            predicted_ratio=selection.ratio,
-            ratio_vs_lora=selection.flops / lora_flops if lora_flops else None,
-            importance=float(selection.importance),
-            num_units=len(costs.units),
+            selected=list(self.greentrainer_state.selected),
+            predicted_ratio=max(ratios),
+            ratio_vs_lora=lora_ratio,
+            importance=float(importance[mask].sum()),
+            num_units=len(envelope.units),
             seconds=time.perf_counter() - start,
+            reason=reason,
         )
         self.greentrainer_state.history.append(record)
         logger.info(
-            "GreenTrainer selection at step %d: %d of %d units, predicted FLOPs %.1f%% of full fine-tuning "
-            "(budget rho=%.2f)%s, in %.2f s",
+            "GreenTrainer selection at step %d (%s): %d of %d units, predicted FLOPs at most %.1f%% of full "
+            "fine-tuning at %d batch shape(s) (budget rho=%.2f)%s, in %.2f s",
             step,
+            reason,
             len(record.selected),
             record.num_units,
             100 * record.predicted_ratio,
+            len(keys),
             config.rho,
             f", {100 * record.ratio_vs_lora:.1f}% of plain LoRA" if record.ratio_vs_lora else "",
             record.seconds,
         )
-        return selection
+        return mask
+
+    # ------------------------------------------------------------------ the check before every training step
+    def note_training_position(self, step: int, epoch: float) -> None:
+        """Tell the tuner the Trainer's position, for the records of re-selections made during a step."""
+        self.__dict__["_position"] = (step, epoch)
+
+    def step_flops_ratios(self) -> tuple[float, float] | None:
+        """FLOPs of the last training step as a fraction of full fine-tuning at its batch shape, and the largest
+        since the previous call; None if no step ran since a selection was applied."""
+        ratios = self.__dict__.get("_step_ratios")
+        if not ratios:
+            return None
+        self.__dict__["_step_ratios"] = [ratios[-1]]
+        return ratios[-1], max(ratios)
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the base model: keep the budget promise for the training step about to run."""
+        if self.__dict__.get("_busy") or not module.training or not torch.is_grad_enabled():
+            return  # profiling, importance, evaluation or generation: no training step
+        if not self.__dict__.get("_selection_applied"):
+            return  # before the first selection every candidate trains (the optimizer is built over all of them)
+        keep_backprop_shallow(self.model)  # checkpointing enabled since the last step would force backprop deeper
+        batch = {**{f"{_POSITIONAL}{i:03d}": a for i, a in enumerate(args)}, **kwargs}
+        new: dict[tuple, UnitCosts] = {}
+        key = self._profile_rows(batch, new)
+        learned = [k for k in self._learn_shapes(new) if k[1] == key[1]]
+        rho = self.greentrainer_config.rho
+        if learned and max(self._ratio(k) for k in learned) > rho * (1 + 1e-12):
+            self._reselect(key[1])
+        ratios = self.__dict__.setdefault("_step_ratios", [])
+        ratios.append(self._ratio(key))
+        del ratios[:-1000]  # a plain loop may never read them
+
+    def _reselect(self, signature: tuple) -> None:
+        """The current selection costs more than rho at a new shape: select again, with the same importances,
+        against every shape seen (every rank does, with the same data)."""
+        start = time.perf_counter()
+        envelope, keys = self._envelope(signature)
+        self._check_feasible(envelope, keys)
+        feasible = self._feasible(envelope)
+        stored = self.greentrainer_state.importance
+        if stored:
+            importance = np.array([stored.get(u.name, 0.0) for u in envelope.units])
+        else:  # a state saved without importances: keep what was selected, as much of it as fits
+            importance = self._mask(envelope).astype(np.float64)
+        importance = _positive(importance, feasible, None)
+        last = self.greentrainer_state.last
+        step, epoch = self.__dict__.get("_position", (last.step, last.epoch) if last else (0, 0.0))
+        self._select(envelope, keys, importance, step=step, epoch=epoch, reason="batch shape", start=start)
 
     def _check_optimizer_holds_candidates(self, optimizer: torch.optim.Optimizer | None) -> None:
         """A unit the optimizer does not hold would be selected, get gradients, and silently never change."""
@@ -463,17 +702,69 @@ class GreenTrainerModel(LoraModel):
         self.greentrainer_state.selected = list(dict.fromkeys(selected))  # the order it was selected in
 
     def _set_trainable(self, units: list[Unit], mask: np.ndarray) -> None:
+        """Train the units of ``units`` marked in ``mask`` and freeze every other candidate.
+
+        Candidates missing from ``units`` (the profiled forward pass never used them, so their cost is unknown) are
+        frozen too: a data-dependent path must not train outside the budget. With units="tensors", a tensor trained
+        for the first time after others were trained gets its current value kept (on the CPU): a checkpoint saved
+        before holds no value for it, and loading that checkpoint in this process must give it back.
+        """
         state = self.greentrainer_state
+        chosen = {u.name for u, s in zip(units, mask, strict=True) if s}
+        placed = {u.name for u in units}
+        candidates = self.candidate_units()
+        unplaced = [u.name for u in candidates if u.name not in placed]
+        warned = self.__dict__.setdefault("_warned_unused", set())
+        if set(unplaced) - warned:
+            logger.warning(
+                "GreenTrainer froze %d unit(s) the profiled forward pass does not use (e.g. %s): their cost is "
+                "unknown, so they are never trained.",
+                len(unplaced),
+                unplaced[0],
+            )
+            warned.update(unplaced)
         trained = dict.fromkeys(state.trained_tensors)
-        for unit, selected in zip(units, mask, strict=True):
-            for param in unit.parameters(self.model):
-                param.requires_grad_(bool(selected))
+        originals = self.__dict__.setdefault("_originals", {})
+        keep_originals = self.units_kind == "tensors" and bool(trained)
+        for unit in candidates:
+            selected = unit.name in chosen
+            for name, param in zip(unit.param_names, unit.parameters(self.model), strict=True):
+                if selected and keep_originals and name not in trained and name not in originals:
+                    originals[name] = param.detach().to("cpu", copy=True)
+                param.requires_grad_(selected)
                 if not selected:
                     param.grad = None  # an optimizer must skip it, momentum and weight decay included
             if selected:
                 trained.update(dict.fromkeys(unit.param_names))
         state.selected = [u.name for u, s in zip(units, mask, strict=True) if s]
         state.trained_tensors = list(trained)
+        self.__dict__["_selection_applied"] = True
+
+    def _with_original_values(self, state_dict: dict, names: list[str]) -> dict:
+        """``state_dict`` (an adapter being loaded, units="tensors") plus the original values of the tensors this
+        process trained since, which the adapter does not hold, so that loading gives the model the adapter saved.
+
+        Raises if such a tensor has no kept value (trained before anything was saved, so not from this run).
+        """
+        state = self.greentrainer_state
+        loaded = set(names)
+        originals = self.__dict__.get("_originals", {})
+        later = [n for n in state.trained_tensors if n not in loaded]
+        unknown = [n for n in later if n not in originals]
+        if unknown:
+            raise ValueError(
+                f"This model has trained {len(unknown)} tensor(s) in place that the adapter being loaded does not hold "
+                f"(e.g. {unknown[0]}), so loading it would leave a mix of both. Load the adapter onto a fresh copy of "
+                "the base model instead."
+            )
+        prefix = BASE_PREFIX if any(k.startswith(BASE_PREFIX) for k in state_dict) else ""
+        restored = dict(state_dict)
+        for name in later:
+            param = self.model.get_parameter(name)
+            restored[f"{prefix}{name}"] = originals.pop(name).to(device=param.device, dtype=param.dtype)
+        state.trained_tensors = [n for n in state.trained_tensors if n in loaded]
+        state.trained_tensors = list(dict.fromkeys([*state.trained_tensors, *names]))
+        return restored
 
     def floating_point_ops(self, inputs: Mapping[str, Any], exclude_embeddings: bool = True) -> int:
         """transformers' ``6 x tokens x parameters`` estimate, scaled by the predicted FLOPs ratio of the selection.
@@ -496,14 +787,21 @@ class GreenTrainerModel(LoraModel):
 
     def disable_adapter_layers(self) -> None:
         self.check_can_disable_adapter()
+        self.__dict__["_flags_while_disabled"] = _flags(self.model)
         super().disable_adapter_layers()
 
     def enable_adapter_layers(self) -> None:
         if self.units_kind == "lora":
-            super().enable_adapter_layers()
-            self._reapply_selection()
+            super().enable_adapter_layers()  # PEFT makes every adapter trainable again: give the selection back
+            flags = self.__dict__.pop("_flags_while_disabled", None)
+            if flags:
+                _restore_flags(flags)
+            else:
+                self._reapply_selection()
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if "_step_hook" in self.__dict__:  # the returned model is a plain transformers model again
+            self.__dict__.pop("_step_hook").remove()
         if self.units_kind == "lora":
             return super()._unload_and_optionally_merge(
                 merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
@@ -555,25 +853,105 @@ class GreenTrainerModel(LoraModel):
                 + f"{'; ...' if len(mismatched) > 3 else ''}). Load it onto the base model it was trained from ("
                 f"{config.base_model_name_or_path or 'see adapter_config.json'})."
             )
-        state = tuner.state_of(adapter_name)
-        state.trained_tensors = list(dict.fromkeys([*state.trained_tensors, *names]))
-        return dict(state_dict)
+        return tuner._with_original_values(dict(state_dict), names)
+
+
+def _flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    return [(p, p.requires_grad) for p in model.parameters()]
+
+
+def _restore_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:
+    for param, flag in flags:
+        param.requires_grad_(flag)
 
 
 @contextmanager
 def _adapters_off(tuner: GreenTrainerModel):
+    """LoRA layers off (for the base model's full fine-tuning reference); PEFT's switch back on would make every
+    adapter trainable, so the flags are restored as they were."""
     if tuner.units_kind != "lora":
         yield
         return
-    # PEFT's enable resets every adapter's requires_grad (active: True, others: False): put the flags back as they were
-    flags = [(param, param.requires_grad) for param in tuner.model.parameters()]
+    flags = _flags(tuner.model)
     LoraModel.disable_adapter_layers(tuner)
     try:
         yield
     finally:
         LoraModel.enable_adapter_layers(tuner)
-        for param, flag in flags:
-            param.requires_grad_(flag)
+        _restore_flags(flags)
+
+
+def _positive(importance: np.ndarray, feasible: np.ndarray, gradient_step: Callable[[], np.ndarray] | None):
+    """``importance``, or a fallback when no unit that fits has a positive one (the selection would be empty and
+    training would stop on "element 0 of tensors does not require grad")."""
+    if np.any(importance[feasible] > 0):
+        return importance
+    if gradient_step is not None:
+        logger.warning(
+            "GreenTrainer: no unit that fits the budget has a positive importance (the optimizer's next step would "
+            "not lower the loss to first order, e.g. a learning rate of 0); ranking them by the loss reduction of a "
+            "plain gradient step instead."
+        )
+        fallback = gradient_step()
+        if np.any(fallback[feasible] > 0):
+            return fallback
+    logger.warning("GreenTrainer: no unit that fits the budget has a positive importance; training as many as fit.")
+    return feasible.astype(np.float64)
+
+
+def _scaled(costs: UnitCosts, factor: float) -> UnitCosts:
+    return replace(
+        costs,
+        t_dw=costs.t_dw * factor,
+        t_dy=costs.t_dy * factor,
+        forward_share=costs.forward_share * factor,
+        dy_head=costs.dy_head * factor,
+        forward_flops=costs.forward_flops * factor,
+        full_flops=costs.full_flops * factor,
+    )
+
+
+def _larger(a: UnitCosts, b: UnitCosts) -> UnitCosts:
+    """Costs no lower than either (two ranks profiled the same shape; they agree, this only makes sure)."""
+    return replace(
+        a,
+        t_dw=np.maximum(a.t_dw, b.t_dw),
+        t_dy=np.maximum(a.t_dy, b.t_dy),
+        dy_head=max(a.dy_head, b.dy_head),
+        forward_flops=max(a.forward_flops, b.forward_flops),
+        full_flops=min(a.full_flops, b.full_flops),
+    )
+
+
+def _describe(keys: list[tuple]) -> str:
+    """The shapes of profile keys, briefly: ``input_ids`` (or the first tensor) of one row each."""
+    shapes = []
+    for inputs, _ in keys:
+        tensors = {item[0]: item[1] for item in inputs if len(item) == 3}
+        shapes.append(tensors.get("input_ids", next(iter(tensors.values()), ())))
+    shapes = sorted(set(shapes))
+    return f"input shapes {', '.join(map(str, shapes[:4]))}{', ...' if len(shapes) > 4 else ''}"
+
+
+def _mirror_modes(model: nn.Module, twin: nn.Module) -> None:
+    """Give ``twin`` (same architecture) the modes and checkpointed blocks of ``model``, module by module.
+
+    Not through ``gradient_checkpointing_enable``, which would also turn the twin's KV cache off and send
+    transformers' mask code into data-dependent checks that ``meta`` tensors cannot run.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    twins = dict(twin.named_modules())
+    for name, module in model.named_modules():
+        other = twins.get(name)
+        if other is None:
+            continue
+        other.training = module.training
+        if isinstance(other, GradientCheckpointingLayer):
+            other.gradient_checkpointing = bool(getattr(module, "gradient_checkpointing", False))
+            other._gradient_checkpointing_func = functools.partial(
+                torch.utils.checkpoint.checkpoint, use_reentrant=False
+            )
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,8 +81,43 @@ def average_across_ranks(values: np.ndarray) -> np.ndarray:
     """
     if not is_distributed():
         return values
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    tensor = torch.as_tensor(values, dtype=torch.float64, device=device)
+    tensor = torch.as_tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return (tensor / dist.get_world_size()).cpu().numpy()
+
+
+def any_across_ranks(flag: bool) -> bool:
+    """Whether ``flag`` is True on any rank (``flag`` itself outside a multi-process job); every rank must call it."""
+    if not is_distributed():
+        return flag
+    tensor = torch.tensor([int(flag)], device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` outside a multi-process job."""
+    if not is_distributed():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def check_agreement(value: Any, what: str) -> None:
+    """Raise if ``value`` (picklable, comparable with ``==``) differs between ranks; every rank must call it.
+
+    Decisions that must be identical on all ranks are made so by construction (same inputs, deterministic code);
+    this checks it, so that a divergence fails loudly at the decision instead of as a hang or drift later.
+    """
+    values = gather(value)
+    if any(v != values[0] for v in values[1:]):
+        differing = [r for r, v in enumerate(values) if v != values[0]]
+        raise RuntimeError(
+            f"GreenTrainer's ranks disagree on {what} (ranks {differing} differ from rank 0); they would train "
+            "different units. Please report this with your data collator and model."
+        )

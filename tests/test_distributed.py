@@ -115,6 +115,29 @@ def test_ddp_matches_a_single_process_on_the_same_global_batches(units, tmp_path
         assert _became_trainable(info)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_ddp_with_dynamic_padding_and_an_uneven_last_batch(units, tmp_path):
+    """Pad-to-longest batches give each rank its own shapes at each step (and warmup makes lr 0 at step 0): the ranks
+    agree on the shapes the costs are computed at, select the same units, stay bitwise identical, and every step of
+    every rank costs at most rho x full fine-tuning at its own shape, measured by FlopCounterMode."""
+    rho = 0.6
+    options = ["--units", units, "--dynamic-padding", "--samples", "13", "--batch-size", "2", "--epochs", "3"]
+    _launch(tmp_path / "ddp", *options, "--rho", str(rho), "--lr", {"tensors": "1e-2", "lora": "5e-2"}[units])
+    rank0, rank1 = _ranks(tmp_path / "ddp")
+    assert rank0["history"] == rank1["history"] and rank0["reasons"] == rank1["reasons"]
+    assert not _differing(rank0["state"], rank1["state"])
+    # 13 samples: 4 steps of 2 per rank and epoch (accelerate completes the uneven last global batch with repeated
+    # samples, so each rank pads its own rows to their own longest)
+    assert len(rank0["shapes"]) == len(rank1["shapes"]) == 12
+    assert any(a != b for a, b in zip(rank0["shapes"], rank1["shapes"], strict=True))  # ranks' shapes differ
+    losses = rank0["losses"]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.05, losses
+    for run in (rank0, rank1):
+        assert len({shape for shape, _ in run["audit"]}) >= 4
+        assert max(ratio for _, ratio in run["audit"]) <= rho * (1 + 1e-9), run["audit"]
+
+
 # ----------------------------------------------------------------- 2. a unit frozen when DDP wrapped the model, later
 @pytest.mark.slow
 def test_unit_frozen_when_ddp_wrapped_the_model_is_reduced_once_selected(tmp_path):

@@ -696,3 +696,162 @@ def test_optimizer_missing_candidates_is_a_clear_error():
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     with pytest.raises(ValueError, match="optimizer does not hold 1 candidate"):
         model.base_model.select_units([_batch("llama")], optimizer)
+
+
+# ------------------------------------------------------------------------ 12. the recipes' regressions (issue 12)
+def _full_reference(model, batch) -> float:
+    """Measured FLOPs of full fine-tuning of the base model on ``batch`` (LoRA layers off)."""
+    base = model.base_model.model
+    names = [n for n, _ in base.named_parameters() if "lora_" not in n]
+    if model.base_model.units_kind == "lora":
+        with model.disable_adapter():
+            return sum(measure_flops(base, batch, names))
+    return sum(measure_flops(base, batch, names))
+
+
+def _counting_batch(seq_len: int, size: int = BATCH_SIZE) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[3 + (s + t) % (VOCAB - 3) for t in range(seq_len)] for s in range(size)])
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _warmup_optimizer(params, lr: float = 1e-2):
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 4))
+    return optimizer, scheduler
+
+
+@pytest.mark.parametrize("units", UNIT_KINDS)
+def test_warmup_ranks_units_with_the_schedules_base_lr(units):
+    """lr is 0 at step 0 under warmup: the selection is the one the schedule's base lr gives, not an empty one."""
+    batches = [_batch("llama", start=4 * i) for i in range(2)]
+    warm = _peft_model("llama", units)
+    optimizer, _ = _warmup_optimizer([p for p in warm.parameters() if p.requires_grad])
+    assert optimizer.param_groups[0]["lr"] == 0
+    selection = warm.base_model.select_units(batches, optimizer)
+    assert selection.mask.any()
+    assert optimizer.param_groups[0]["lr"] == 0  # left as it was
+
+    constant = _peft_model("llama", units)
+    reference = torch.optim.AdamW([p for p in constant.parameters() if p.requires_grad], lr=1e-2)
+    constant.base_model.select_units(batches, reference)
+    assert warm.base_model.greentrainer_state.selected == constant.base_model.greentrainer_state.selected
+    loss = warm(**batches[0]).loss
+    loss.backward()  # trains: something requires grad
+
+
+def test_no_positive_importance_still_trains_what_fits():
+    """A learning rate of 0 and no schedule: every importance is 0; units are ranked by a plain gradient step."""
+    model = _peft_model("llama", "tensors")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    batch = _batch("llama")
+    selection = model.base_model.select_units([batch], optimizer)
+    assert selection.mask.any() and selection.ratio <= 0.5
+    model(**batch).loss.backward()
+    forward, backward = measure_flops(model.base_model.model, batch)
+    assert forward + backward <= 0.5 * _full_reference(model, batch)
+
+
+@pytest.mark.parametrize("units", UNIT_KINDS)
+def test_budget_holds_at_every_sequence_length_trained(units):
+    """Selected at 8 tokens, trained at up to 128: attention grows quadratically, so the selection made for the
+    short shape would overspend at the long ones. Each new shape is checked before its step runs."""
+    rho = 0.75
+    kwargs = {"target_modules": ["q_proj", "v_proj", "up_proj"]} if units == "lora" else {}
+    model = _peft_model("llama", units, rho=rho, **kwargs)
+    tuner = model.base_model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    tuner.select_units([_counting_batch(8)], optimizer)
+    ratios = {}
+    for seq_len in (8, 32, 64, 128, 32):
+        batch = _counting_batch(seq_len)
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        logged, _ = tuner.step_flops_ratios()
+        forward, backward = measure_flops(tuner.model, batch)  # the flags that step trained with
+        measured = (forward + backward) / _full_reference(model, batch)
+        assert measured <= logged * (1 + 1e-9) and logged <= rho, (seq_len, measured, logged)
+        ratios[seq_len] = logged
+    assert len(set(ratios.values())) > 1  # the logged ratio is the step's, at its shape
+    reasons = [r.reason for r in tuner.greentrainer_state.history]
+    assert reasons[0] == "importance" and "batch shape" in reasons  # a longer shape forced a cheaper selection
+
+
+def test_lora_patterns_freeze_the_adapters_left_out():
+    model = _peft_model("llama", "lora", include_patterns=[r"layers\.2\."], rho=0.8)
+    tuner = model.base_model
+    candidates = {n for u in tuner.candidate_units() for n in u.param_names}
+    left_out = {n for n, _ in tuner.model.named_parameters() if "lora_" in n} - candidates
+    assert candidates and left_out
+    assert not any(tuner.model.get_parameter(n).requires_grad for n in left_out)  # right after get_peft_model
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tuner.select_units([_batch("llama")], optimizer)
+    flags = {n: p.requires_grad for n, p in tuner.model.named_parameters()}
+    tuner.unit_costs(_counting_batch(24))  # a new shape: profiled with the adapters switched off and on
+    batch = _counting_batch(40)
+    model(**batch).loss.backward()  # a new shape during training
+    assert {n: p.requires_grad for n, p in tuner.model.named_parameters()} == flags
+    assert not any(flags[n] for n in left_out)
+    forward, backward = measure_flops(tuner.model, batch)
+    assert forward + backward <= 0.8 * _full_reference(model, batch)
+
+
+def test_loading_an_earlier_adapter_gives_back_tensors_trained_since(tmp_path):
+    """units="tensors" trains in place: a tensor first trained after a save must get its value at that save back."""
+    model = _peft_model("llama", "tensors")
+    tuner = model.base_model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = _batch("llama")
+    names = [u.name for u in tuner.candidate_units()]
+
+    def train(selected):
+        tuner.restore_selection(selected)
+        for _ in range(2):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    train(names[-2:])
+    model.save_pretrained(tmp_path / "early")
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    train(names[-4:-2])  # tensors the early adapter does not hold
+    assert any(not torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    model.load_adapter(tmp_path / "early", adapter_name="default")
+    _assert_equal_state_dicts(saved, model.state_dict())
+    assert set(tuner.greentrainer_state.trained_tensors) == set(names[-2:])
+
+    # an adapter of another run, without a tensor trained here: refused before anything changes
+    other = _peft_model("llama", "tensors")
+    other.base_model.restore_selection(names[:1])
+    other.save_pretrained(tmp_path / "other")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="fresh copy of the base model"):
+        model.load_adapter(tmp_path / "other", adapter_name="default")
+    _assert_equal_state_dicts(before, model.state_dict())
+
+
+def test_tensors_the_forward_never_uses_are_frozen(caplog):
+    base = tiny_model("llama")
+    base.unused_head = torch.nn.Linear(4, 4)  # a data-dependent path the profiled batch does not take
+    model = get_peft_model(base, _config("llama", "tensors"))
+    tuner = model.base_model
+    assert tuner.model.unused_head.weight.requires_grad  # a candidate until the first selection
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with caplog.at_level("WARNING", logger="peft_greentrainer.model"):
+        tuner.select_units([_batch("llama")], optimizer)
+    assert not tuner.model.unused_head.weight.requires_grad and not tuner.model.unused_head.bias.requires_grad
+    assert "unused_head" in caplog.text
+
+
+def test_profile_cache_keys_on_checkpointing():
+    model = _peft_model("llama", "tensors")
+    tuner = model.base_model
+    batch = _batch("llama")
+    plain = tuner.cost_profile(batch)[0]
+    model.gradient_checkpointing_enable()
+    checkpointed = tuner.cost_profile(batch)[0]
+    assert checkpointed.full_backward_flops > plain.full_backward_flops  # recomputing the blocks costs FLOPs
+    # measured at the same shape: the checkpointed step really costs more, and no more than its profile says
+    _, backward = measure_flops(tuner.model, batch)
+    assert plain.full_backward_flops < backward <= checkpointed.full_backward_flops

@@ -169,8 +169,8 @@ class CostProfile:
             uses = [self.first_use[n] for n in unit.param_names if n in self.first_use]
             if uses:
                 placed.append((min(uses), unit))
-            else:
-                logger.warning("Unit %s is not used in the forward pass; it is never selected.", unit.name)
+            else:  # the tuner freezes such units (it cannot cost them) and says so once
+                logger.debug("Unit %s is not used in the forward pass; it is never selected.", unit.name)
         # Backward order: latest first use first. A stable sort keeps model order among units of one op.
         placed.sort(key=lambda item: -item[0])
         positions = np.array([p for p, _ in placed], dtype=np.int64)
@@ -199,6 +199,78 @@ class CostProfile:
             forward_flops=self.forward_flops,
             full_flops=self.full_flops if full_flops is None else full_flops,
         )
+
+
+def cost_envelope(costs: Sequence[UnitCosts]) -> UnitCosts:
+    """Per-unit maxima over several batch shapes of the costs as fractions of full fine-tuning at that shape.
+
+    The result is in units of "full fine-tuning FLOPs" (``full_flops`` is 1): the cost of any selection under the
+    envelope bounds its cost at every one of the shapes, each as a fraction of full fine-tuning at that shape, so a
+    selection within ``rho`` under the envelope is within ``rho`` at each shape. Attention grows quadratically with
+    the sequence length, so the share of each unit moves with the length and no single shape bounds the others.
+    Every entry must list the same units in the same backward order (the same model in the same mode).
+    """
+    if not costs:
+        raise ValueError("cost_envelope needs the costs of at least one batch shape")
+    names = [u.name for u in costs[0].units]
+    for other in costs[1:]:
+        if [u.name for u in other.units] != names:
+            raise ValueError(
+                "the batch shapes put the units in different backward orders (the forward pass takes a data-dependent "
+                "path); their costs cannot be bounded together"
+            )
+
+    def largest(values: Callable[[UnitCosts], Any]) -> Any:
+        return np.max([np.asarray(values(c), dtype=np.float64) / c.full_flops for c in costs], axis=0)
+
+    return UnitCosts(
+        units=list(costs[0].units),
+        t_dw=largest(lambda c: c.t_dw),
+        t_dy=largest(lambda c: c.t_dy),
+        forward_share=largest(lambda c: c.forward_share),
+        dy_head=float(largest(lambda c: c.dy_head)),
+        forward_flops=float(largest(lambda c: c.forward_flops)),
+        full_flops=1.0,
+    )
+
+
+# Forward inputs that only scale the loss: they change no FLOPs and may differ from step to step.
+_LOSS_ONLY_INPUTS = ("num_items_in_batch",)
+
+
+def first_row(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` cut to its first sample, when every tensor in it has the same leading (batch) dimension.
+
+    Every op FlopCounterMode counts in a transformer (matmuls, attention) is linear in the batch size, so the costs as
+    fractions of full fine-tuning do not depend on it: profiling one row is as exact and ``batch size`` times cheaper,
+    and an uneven last batch is no new shape. A batch whose tensors disagree on the leading dimension is kept whole.
+    """
+    if batch_size(batch) in (None, 1):
+        return dict(batch)
+    return {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+
+
+def batch_size(batch: Mapping[str, Any]) -> int | None:
+    """The leading dimension all tensors of ``batch`` share, None if they do not (what ``first_row`` cuts)."""
+    sizes = {int(v.shape[0]) for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def profile_key(model: nn.Module, batch: Mapping[str, Any]) -> tuple:
+    """What a cost profile of ``model`` on ``batch`` depends on: input shapes and dtypes, plain-value inputs, and which
+    modules are in eval mode or checkpoint their forward (both change what a training step computes)."""
+    inputs = []
+    for name, value in sorted(batch.items()):
+        if name in _LOSS_ONLY_INPUTS or value is None:  # None: the default (PEFT passes some explicitly)
+            continue
+        if isinstance(value, torch.Tensor):
+            inputs.append((name, tuple(value.shape), str(value.dtype)))
+        elif isinstance(value, (bool, int, float, str)):
+            inputs.append((name, repr(value)))
+    modules = list(model.named_modules())
+    in_eval = tuple(name for name, module in modules if not module.training)
+    checkpointed = tuple(name for name, module in modules if is_checkpointed(module))
+    return (tuple(inputs), (in_eval, checkpointed))
 
 
 class _Recorder(TorchDispatchMode):

@@ -36,6 +36,65 @@ def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
     return {key: torch.tensor([row[key] for row in rows]) for key in rows[0]}
 
 
+def varied_dataset(n: int) -> datasets.Dataset:
+    """Counting sequences of 5 to 40 tokens: with pad-to-longest batches, every rank sees its own shapes."""
+    lengths = [5 + (17 * i) % 36 for i in range(n)]
+    ids = [[3 + (7 * i + t) % (VOCAB - 3) for t in range(length)] for i, length in enumerate(lengths)]
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": [list(row) for row in ids]})
+
+
+def pad_to_longest(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """What DataCollatorForSeq2Seq(padding="longest") does, without a tokenizer."""
+    longest = max(len(row["input_ids"]) for row in rows)
+
+    def padded(key: str, value: int) -> torch.Tensor:
+        return torch.tensor([row[key] + [value] * (longest - len(row[key])) for row in rows])
+
+    mask = torch.tensor([[1] * len(row["input_ids"]) + [0] * (longest - len(row["input_ids"])) for row in rows])
+    return {"input_ids": padded("input_ids", 0), "attention_mask": mask, "labels": padded("labels", -100)}
+
+
+class AuditedTrainer(Trainer):
+    """Keeps, for every training step, the inputs the model's forward received and the tensors it trained."""
+
+    def start_audit(self) -> None:
+        self.steps: list[tuple[dict, frozenset]] = []
+        self._inputs: dict = {}
+        base = self.model.base_model.model
+        base.register_forward_pre_hook(lambda module, args, kwargs: setattr(self, "_inputs", kwargs), with_kwargs=True)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if hasattr(self, "steps"):
+            base = self.model.base_model.model
+            trainable = frozenset(n for n, p in base.named_parameters() if p.requires_grad)
+            batch = {k: v.detach().clone() for k, v in self._inputs.items() if isinstance(v, torch.Tensor)}
+            self.steps.append((batch, trainable))
+        return loss
+
+
+def audit(model, steps: list[tuple[dict, frozenset]]) -> list[tuple[tuple, float]]:
+    """(input shape, measured step FLOPs / full fine-tuning FLOPs) for each distinct shape and trained set."""
+    from peft_greentrainer.engine.profile import measure_flops
+
+    base = model.base_model.model
+    everything = [n for n, _ in base.named_parameters() if "lora_" not in n]
+    results, seen = [], set()
+    for batch, trainable in steps:
+        key = (tuple(batch["input_ids"].shape), trainable)
+        if key in seen:
+            continue
+        seen.add(key)
+        step = sum(measure_flops(base, batch, trainable))
+        if model.base_model.units_kind == "lora":
+            with model.disable_adapter():
+                full = sum(measure_flops(base, batch, everything))
+        else:
+            full = sum(measure_flops(base, batch, everything))
+        results.append((key[0], step / full))
+    return results
+
+
 class Recorder(TrainerCallback):
     """After GreenTrainerCallback: what DDP registered at the start, and the trainable tensors of each selection."""
 
@@ -66,6 +125,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--interval-steps", type=int, default=None)
     parser.add_argument("--rho", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--find-unused", choices=["default", "true", "false"], default="default")
     parser.add_argument("--static-graph", action="store_true")
     parser.add_argument(
@@ -77,6 +137,11 @@ def main() -> None:
         "--skip-prepare-ddp", action="store_true", help="negative control: keep the DDP wrapper the Trainer built"
     )
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument(
+        "--dynamic-padding",
+        action="store_true",
+        help="sequences of varied length padded per batch, an uneven last batch, warmup; audit every step's FLOPs",
+    )
     parser.add_argument("--fsdp", default="", help="TrainingArguments(fsdp=...), e.g. 'full_shard'")
     parser.add_argument("--deepspeed", default=None, help="TrainingArguments(deepspeed=...)")
     cli = parser.parse_args()
@@ -104,14 +169,15 @@ def main() -> None:
         use_cpu=True,
         report_to=[],
         save_strategy="no",
-        learning_rate=1e-3,
+        learning_rate=cli.lr,
         adam_epsilon=1e-6,  # near-zero gradients (float noise) do not get full-size Adam steps: compare at atol 1e-5
-        lr_scheduler_type="constant",
+        lr_scheduler_type="cosine" if cli.dynamic_padding else "constant",
+        warmup_steps=2 if cli.dynamic_padding else 0,
         logging_steps=1,
         num_train_epochs=cli.epochs,
         per_device_train_batch_size=cli.batch_size,
-        train_sampling_strategy="sequential",
-        dataloader_drop_last=True,
+        train_sampling_strategy="random" if cli.dynamic_padding else "sequential",
+        dataloader_drop_last=not cli.dynamic_padding,
         seed=0,
         disable_tqdm=True,
         ddp_find_unused_parameters={"default": None, "true": True, "false": False}[cli.find_unused],
@@ -121,14 +187,16 @@ def main() -> None:
         deepspeed=cli.deepspeed,
     )
     recorder = Recorder()
-    trainer = Trainer(
+    trainer = AuditedTrainer(
         model=model,
         args=args,
-        train_dataset=dataset(cli.samples),
-        data_collator=collate,
+        train_dataset=varied_dataset(cli.samples) if cli.dynamic_padding else dataset(cli.samples),
+        data_collator=pad_to_longest if cli.dynamic_padding else collate,
         callbacks=[GreenTrainerCallback(), recorder],
         optimizers=optimizers,
     )
+    if cli.dynamic_padding:
+        trainer.start_audit()
     trainer.train()
 
     rank, world_size = gt_distributed.rank_and_world_size()
@@ -136,9 +204,14 @@ def main() -> None:
     state = {name: p.detach().clone() for name, p in model.named_parameters()}
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     payload = {"state": state, "history": history, "info": recorder.info, "losses": losses, "world_size": world_size}
-    torch.save(payload, os.path.join(cli.out, f"rank{rank}.pt"))
     if dist.is_initialized():
         dist.barrier()
+        dist.destroy_process_group()  # the audit measures this rank's steps alone
+    if cli.dynamic_padding:
+        payload["shapes"] = [tuple(batch["input_ids"].shape) for batch, _ in trainer.steps]
+        payload["audit"] = audit(model, trainer.steps)
+        payload["reasons"] = [r.reason for r in tuner.greentrainer_state.history]
+    torch.save(payload, os.path.join(cli.out, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,479 @@
+"""The recipes people run, on tiny config-built models: every run trains, the loss falls, and every training step
+costs at most rho x full fine-tuning at its own batch shape, measured by FlopCounterMode.
+
+A recipe runs in a Trainer (or TRL's SFTTrainer) with a ``BudgetAudit``: after each training step it measures, with
+the ``requires_grad`` flags and checkpointing that step ran with, the step's forward + backward FLOPs and those of full
+fine-tuning on the same inputs. The 2-rank DDP recipe is in ``test_distributed.py``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import WORDS, save_tiny_checkpoint, tiny_batch, tiny_model
+from peft import PeftModel, get_peft_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
+from peft_greentrainer.engine.profile import (
+    batch_size,
+    cost_envelope,
+    first_row,
+    measure_flops,
+    profile_key,
+    profile_model,
+)
+from peft_greentrainer.engine.units import tensor_units
+
+RHO = 0.6
+LORA = {"target_modules": ["q_proj", "v_proj", "up_proj"], "r": 4}
+LR = {"tensors": 1e-2, "lora": 5e-2}  # tiny LoRA adapters need the larger step to move the loss in a few steps
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_checkpoint(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def t5_checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-t5")
+    save_tiny_checkpoint(directory, arch="t5")
+    return directory
+
+
+def _counting(n: int, vocab: int, lengths: tuple[int, int] = (5, 40), seed: int = 0) -> list[list[int]]:
+    """Sequences of varied length, each token the previous plus one: learnable in a few steps at any length."""
+    rng = random.Random(seed)
+    span = vocab - 3
+    return [[3 + (s + t) % span for t in range(rng.randint(*lengths))] for s in (rng.randrange(span) for _ in range(n))]
+
+
+def _lm_dataset(vocab: int, n: int = 24, seed: int = 0) -> datasets.Dataset:
+    rows = _counting(n, vocab, seed=seed)
+    return datasets.Dataset.from_dict({"input_ids": rows, "labels": [list(r) for r in rows]})
+
+
+def _config(units: str, rho: float = RHO, **kwargs) -> GreenTrainerConfig:
+    return GreenTrainerConfig(rho=rho, units=units, **(LORA if units == "lora" else {}), **kwargs)
+
+
+def _args(tmp_path, **kwargs) -> TrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        learning_rate=1e-2,
+        logging_steps=1,
+        num_train_epochs=2,
+        per_device_train_batch_size=4,
+        seed=0,
+        disable_tqdm=True,
+    )
+    defaults.update(kwargs)
+    return TrainingArguments(**defaults)
+
+
+class BudgetAudit:
+    """Trainer mixin: after every training step, the step's FLOPs and full fine-tuning's on the same inputs.
+
+    The inputs are taken as the model's forward received them (a forward pre-hook; the last forward of the step is
+    the step's, after any forward GreenTrainer ran for profiling). Each distinct (shapes, flags, checkpointing) is
+    measured once, after the step, so GreenTrainer already knows the shape and profiles nothing during the count.
+    """
+
+    def _audit_init(self, rho: float) -> None:
+        self.rho = rho
+        self.audit: dict[tuple, float] = {}  # (shapes, trainable, checkpointed) -> measured ratio
+        self._forward_inputs: dict | None = None
+        self._base().register_forward_pre_hook(self._remember_inputs, with_kwargs=True)
+
+    def _base(self) -> torch.nn.Module:
+        return self.model.base_model.model
+
+    def _remember_inputs(self, module, args, kwargs):
+        self._forward_inputs = dict(kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._measure(self._forward_inputs)
+        return loss
+
+    def _measure(self, batch: dict) -> None:
+        base = self._base()
+        trainable = frozenset(n for n, p in base.named_parameters() if p.requires_grad)
+        checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
+        shapes = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items() if isinstance(v, torch.Tensor)))
+        key = (shapes, trainable, checkpointed)
+        if key in self.audit:
+            return
+        assert trainable, "a training step ran with nothing trainable"
+        step = sum(measure_flops(base, batch))
+        if self.model.base_model.units_kind == "lora":
+            with self.model.disable_adapter():
+                full = sum(measure_flops(base, batch, [n for n, _ in base.named_parameters() if "lora_" not in n]))
+        else:
+            full = sum(measure_flops(base, batch, [n for n, _ in base.named_parameters()]))
+        self.audit[key] = step / full
+
+    def check_budget(self, min_shapes: int = 2) -> list[float]:
+        shapes = {key[0] for key in self.audit}
+        assert len(shapes) >= min_shapes, f"the recipe should train at {min_shapes}+ batch shapes, saw {len(shapes)}"
+        ratios = list(self.audit.values())
+        assert max(ratios) <= self.rho * (1 + 1e-9), sorted(ratios)[-5:]
+        return ratios
+
+
+def _audited(cls: type[Trainer]) -> type:
+    return type(f"Audited{cls.__name__}", (BudgetAudit, cls), {})
+
+
+def _train(trainer_cls: type[Trainer], rho: float = RHO, resume: str | None = None, **kwargs):
+    trainer = _audited(trainer_cls)(**kwargs)
+    trainer._audit_init(rho)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def _assert_loss_falls(trainer, margin: float = 0.05) -> None:
+    losses = _losses(trainer)
+    assert len(losses) >= 4, losses
+    quarter = max(2, len(losses) // 4)  # batches differ in length and content: compare averages
+    assert np.mean(losses[-quarter:]) < np.mean(losses[:quarter]) - margin, losses
+
+
+def _assert_logged_ratios(trainer, rho: float = RHO) -> None:
+    logged = [entry["greentrainer/flops_ratio"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all(0 < r <= rho for r in logged), logged
+    assert all(
+        entry["greentrainer/flops_ratio"] <= entry["greentrainer/flops_ratio_max"] <= rho
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    )
+
+
+def _tokenizer(checkpoint):
+    return transformers.AutoTokenizer.from_pretrained(checkpoint)
+
+
+def _causal_lm(checkpoint, units: str, **kwargs):
+    torch.manual_seed(0)
+    return get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(checkpoint), _config(units, **kwargs))
+
+
+# ------------------------------------------------------------------------------------------- per-shape costs
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2", "bloom", "t5"])
+def test_one_row_profiles_scale_to_the_whole_batch(arch):
+    """The costs of a new shape come from one row: every counted op is linear in the batch size, checked here
+    against the profile of the whole batch and against FlopCounterMode's count of the real step."""
+    model = tiny_model(arch)
+    batch = tiny_batch(model, batch_size=3, seq_len=20)
+    row = first_row(batch)
+    assert batch_size(batch) == 3 and batch_size(row) == 1
+    units = tensor_units(model)
+    whole, single = profile_model(model, batch).unit_costs(units), profile_model(model, row).unit_costs(units)
+    for name in ("t_dw", "t_dy"):
+        np.testing.assert_allclose(getattr(whole, name), 3 * getattr(single, name), rtol=1e-12)
+    assert whole.forward_flops == pytest.approx(3 * single.forward_flops, rel=1e-12)
+    assert sum(measure_flops(model, batch)) == pytest.approx(3 * single.full_flops, rel=1e-12)
+
+
+def test_the_envelope_bounds_every_shape():
+    model = tiny_model("llama")
+    units = tensor_units(model)
+    costs = [profile_model(model, tiny_batch(model, 1, length)).unit_costs(units) for length in (4, 24, 96)]
+    envelope = cost_envelope(costs)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mask = rng.random(len(units)) < 0.5
+        bound = envelope.predicted_flops(mask)
+        assert all(c.predicted_flops(mask) / c.full_flops <= bound * (1 + 1e-12) for c in costs)
+    ratios = [c.predicted_flops(mask) / c.full_flops for c in costs]
+    assert len(set(ratios)) == len(ratios)  # the shares really move with the length
+    with pytest.raises(ValueError, match="different backward orders"):
+        cost_envelope([costs[0], replace(costs[1], units=costs[1].units[::-1])])
+
+
+def test_profile_key_follows_shapes_checkpointing_and_modes():
+    model = tiny_model("llama")
+    batch = tiny_batch(model, 2, 16)
+    key = profile_key(model, batch)
+    assert profile_key(model, {**batch, "num_items_in_batch": torch.tensor(7), "return_dict": None}) == key
+    assert profile_key(model, tiny_batch(model, 2, 17)) != key
+    model.model.layers[0].eval()
+    assert profile_key(model, batch) != key
+    model.train()
+    model.gradient_checkpointing_enable()
+    assert profile_key(model, batch) != key
+
+
+# ------------------------------------------------------------------------------------- warmup + LR schedules
+@pytest.mark.parametrize(("schedule", "units"), [("cosine", "tensors"), ("linear", "lora")])
+def test_warmup_schedule_with_dynamic_padding(checkpoint, schedule, units, tmp_path):
+    """warmup makes the lr 0 at step 0: importance uses the schedule's base lr (issue 12, item 1)."""
+    tokenizer = _tokenizer(checkpoint)
+    model = _causal_lm(checkpoint, units)
+    trainer = _train(
+        Trainer,
+        model=model,
+        args=_args(tmp_path, warmup_steps=2, lr_scheduler_type=schedule, learning_rate=LR[units]),
+        train_dataset=_lm_dataset(len(tokenizer), n=22),  # and an uneven last batch
+        data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding="longest"),
+        callbacks=[GreenTrainerCallback()],
+    )
+    assert trainer.state.log_history[0]["learning_rate"] == 0  # the first step really ran at lr 0
+    trainer.check_budget()
+    _assert_loss_falls(trainer)
+    _assert_logged_ratios(trainer)
+    assert all(record.selected for record in model.base_model.greentrainer_state.history)
+
+
+# ---------------------------------------------------------------------------------- gradient accumulation
+def test_gradient_accumulation_with_dynamic_padding(checkpoint, tmp_path):
+    tokenizer = _tokenizer(checkpoint)
+    model = _causal_lm(checkpoint, "tensors", selection_interval_steps=2)
+    trainer = _train(
+        Trainer,
+        model=model,
+        args=_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=3),
+        train_dataset=_lm_dataset(len(tokenizer), n=16),
+        data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding="longest"),
+        callbacks=[GreenTrainerCallback()],
+    )
+    assert trainer.state.global_step == 12
+    trainer.check_budget(min_shapes=4)
+    _assert_loss_falls(trainer)
+    _assert_logged_ratios(trainer)
+
+
+# --------------------------------------------------------------------------- the two padding collators
+def test_seq2seq_collator_on_an_encoder_decoder(t5_checkpoint, tmp_path):
+    """Source and target lengths both vary: the costs of each (source, target) shape pair are profiled."""
+    tokenizer = _tokenizer(t5_checkpoint)
+    torch.manual_seed(0)
+    base = transformers.T5ForConditionalGeneration.from_pretrained(t5_checkpoint)
+    model = get_peft_model(base, _config("tensors", rho=0.7))
+    rows = _counting(24, len(tokenizer), lengths=(6, 30))
+    data = datasets.Dataset.from_dict({"input_ids": rows, "labels": [r[1 : 1 + len(r) // 2] for r in rows]})
+    trainer = _train(
+        Trainer,
+        rho=0.7,
+        model=model,
+        args=_args(tmp_path, num_train_epochs=3),
+        train_dataset=data,
+        data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, model=base, padding="longest"),
+        callbacks=[GreenTrainerCallback()],
+    )
+    trainer.check_budget()
+    _assert_loss_falls(trainer)
+    _assert_logged_ratios(trainer, rho=0.7)
+
+
+def test_padding_collator_for_sequence_classification(checkpoint, tmp_path):
+    tokenizer = _tokenizer(checkpoint)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=2)
+    model = get_peft_model(base, _config("tensors"))
+    rng = random.Random(0)
+    rows, labels = [], []
+    for _ in range(32):  # the label is the step between consecutive tokens: 1 or 2
+        step, start = rng.choice([1, 2]), rng.randrange(30)
+        rows.append([3 + (start + step * t) % 30 for t in range(rng.randint(4, 30))])
+        labels.append(step - 1)
+    data = datasets.Dataset.from_dict({"input_ids": rows, "label": labels})
+    trainer = _train(
+        Trainer,
+        model=model,
+        args=_args(tmp_path, num_train_epochs=4, learning_rate=3e-3),
+        train_dataset=data,
+        data_collator=transformers.DataCollatorWithPadding(tokenizer),
+        callbacks=[GreenTrainerCallback()],
+    )
+    trainer.check_budget()
+    _assert_loss_falls(trainer)
+    _assert_logged_ratios(trainer)
+
+
+# ------------------------------------------------------------------------------------------------ TRL SFT
+def _prompt_completion(n: int = 32) -> datasets.Dataset:
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        start = rng.randrange(20)
+        prompt = [WORDS[(start + t) % 20] for t in range(rng.randint(3, 12))]
+        completion = [WORDS[(start + len(prompt) + t) % 20] for t in range(3)]
+        rows.append({"prompt": " ".join(prompt), "completion": " " + " ".join(completion)})
+    return datasets.Dataset.from_list(rows)
+
+
+@pytest.mark.parametrize(("packing", "units", "rho"), [(False, "tensors", RHO), (True, "lora", 0.75)])
+def test_trl_sft_trainer(checkpoint, packing, units, rho, tmp_path):
+    """SFTTrainer builds the PEFT model from peft_config; prompt/completion data trains on the completion only;
+    packing=True gives padding-free batches (one row of the packed sequences, position_ids per document)."""
+    trl = pytest.importorskip("trl")
+    tokenizer = _tokenizer(checkpoint)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        bf16=False,  # SFTConfig defaults to bf16 (and to gradient checkpointing, kept here)
+        learning_rate=LR[units],
+        per_device_train_batch_size=4,
+        num_train_epochs=3,
+        logging_steps=1,
+        packing=packing,
+        max_length=64,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = _audited(trl.SFTTrainer)(
+        model=model,
+        args=args,
+        train_dataset=_prompt_completion(),
+        processing_class=tokenizer,
+        peft_config=_config(units, rho=rho),
+        callbacks=[GreenTrainerCallback()],
+    )
+    trainer._audit_init(rho)
+    batch = next(iter(trainer.get_train_dataloader()))
+    if packing:
+        assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch and "attention_mask" not in batch
+    else:
+        assert (batch["labels"] == -100).any(axis=1).all()  # the prompt tokens are masked
+    trainer.train()
+    trainer.check_budget()
+    _assert_loss_falls(trainer)
+    _assert_logged_ratios(trainer, rho=rho)
+
+
+# ------------------------------------------------------------------------------- load_best_model_at_end
+def test_load_best_model_at_end_gives_exactly_the_best_checkpoint(checkpoint, tmp_path):
+    """Selections change every 2 steps, so tensors are trained for the first time after the best checkpoint: the
+    reloaded model must hold their values as of that checkpoint (issue 12, item 5)."""
+    tokenizer = _tokenizer(checkpoint)
+    model = _causal_lm(checkpoint, "tensors", selection_interval_steps=2)
+    data = _lm_dataset(len(tokenizer), n=24)
+    trainer = _train(
+        Trainer,
+        model=model,
+        args=_args(
+            tmp_path,
+            eval_strategy="steps",
+            eval_steps=2,
+            save_strategy="steps",
+            save_steps=2,
+            load_best_model_at_end=True,
+            metric_for_best_model="eval_loss",
+            greater_is_better=True,  # the worst loss "wins": the first checkpoint, long before the end
+            num_train_epochs=2,
+        ),
+        train_dataset=data,
+        eval_dataset=data.select(range(8)),
+        data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding="longest"),
+        callbacks=[GreenTrainerCallback()],
+    )
+    best = trainer.state.best_model_checkpoint
+    assert best.endswith("checkpoint-2")
+    trainer.check_budget()
+    _assert_loss_falls(trainer)
+    expected = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(checkpoint), best)
+    actual = {k: v for k, v in model.state_dict().items()}
+    different = [k for k, v in expected.state_dict().items() if not torch.equal(v, actual[k])]
+    assert not different, different[:5]
+
+
+# ---------------------------------------------------------------------- checkpointing switched on later
+class EnableCheckpointing(TrainerCallback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.at_step:
+            model.gradient_checkpointing_enable()  # also installs the forced input-gradient hook
+
+
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_gradient_checkpointing_switched_on_after_the_first_selection(checkpoint, units, tmp_path):
+    """The step after the switch recomputes blocks and would backprop to the embeddings: it is checked before it
+    runs, with a profile keyed on checkpointing (issue 12, item 7)."""
+    tokenizer = _tokenizer(checkpoint)
+    model = _causal_lm(checkpoint, units)
+    trainer = _train(
+        Trainer,
+        model=model,
+        args=_args(tmp_path, learning_rate=LR[units]),
+        train_dataset=_lm_dataset(len(tokenizer)),
+        data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding="longest"),
+        callbacks=[GreenTrainerCallback(), EnableCheckpointing(at_step=2)],
+    )
+    assert {key[2] for key in trainer.audit} == {False, True}  # steps ran both ways
+    trainer.check_budget()
+    _assert_loss_falls(trainer)
+
+
+# ------------------------------------------------------------------------------------- other optimizers
+@pytest.mark.parametrize("optim", ["adamw_bnb_8bit", "adafactor"])
+def test_optimizers(checkpoint, optim, tmp_path):
+    tokenizer = _tokenizer(checkpoint)
+    model = _causal_lm(checkpoint, "tensors")
+    trainer = _train(
+        Trainer,
+        model=model,
+        args=_args(tmp_path, optim=optim, num_train_epochs=3),
+        train_dataset=_lm_dataset(len(tokenizer)),
+        data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding="longest"),
+        callbacks=[GreenTrainerCallback()],
+    )
+    trainer.check_budget()
+    _assert_loss_falls(trainer)
+
+
+# ----------------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_resume_from_a_checkpoint_with_dynamic_padding(checkpoint, units, tmp_path):
+    tokenizer = _tokenizer(checkpoint)
+    data = _lm_dataset(len(tokenizer))
+    collator = transformers.DataCollatorForSeq2Seq(tokenizer, padding="longest")
+
+    def run(out, resume=None):
+        model = _causal_lm(checkpoint, units)
+        schedule = {"warmup_steps": 2, "lr_scheduler_type": "cosine", "learning_rate": LR[units]}
+        args = _args(out, save_strategy="steps", save_steps=4, **schedule)
+        trainer = _train(
+            Trainer,
+            resume=resume,
+            model=model,
+            args=args,
+            train_dataset=data,
+            data_collator=collator,
+            callbacks=[GreenTrainerCallback()],
+        )
+        return model, trainer
+
+    full, full_trainer = run(tmp_path / "full")
+    resumed, trainer = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "out" / "checkpoint-4"))
+    assert trainer.state.global_step == full_trainer.state.global_step == 12
+    trainer.check_budget()
+    _assert_loss_falls(trainer)
+    history = resumed.base_model.greentrainer_state.history
+    assert [(r.step, r.reason) for r in history][:1] == [(0, "importance")]  # restored from the checkpoint
+    assert [r.step for r in history if r.reason == "importance"] == [
+        r.step for r in full.base_model.greentrainer_state.history if r.reason == "importance"
+    ]
