@@ -37,6 +37,7 @@ from .engine.profile import CostProfile, UnitCosts, default_loss, is_checkpointe
 from .engine.selector import Selection, check_feasible, min_feasible_rho, min_unit_costs, select_units
 from .engine.units import Unit, is_trainable_dtype, lora_units, parameter_aliases, tensor_units
 from .ranks import average_across_ranks
+from .sparse_head import enable_sparse_lm_head
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,13 @@ class GreenTrainerModel(LoraModel):
             return
         self._candidate_names = self._tensor_candidates(model, config)
         self._mark_only_adapters_as_trainable(model)
+
+    def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        """Attach the sparse LM head (``config.sparse_lm_head``) to the base model itself, so that everything that
+        runs it (the Trainer's forward, the cost profile, importance, FLOP measurements) runs the same head."""
+        super()._post_injection_hook(model, config, adapter_name)
+        if config.sparse_lm_head:
+            enable_sparse_lm_head(model)
 
     @staticmethod
     def _tensor_candidates(model: nn.Module, config) -> list[str]:

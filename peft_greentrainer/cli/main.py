@@ -47,6 +47,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from error
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit status 2), like every other error of the CLI."""
 
@@ -95,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
     train.add_argument("--measure-every", type=_positive_int, default=10, help="count FLOPs every N steps")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--dense-lm-head",
+        action="store_true",
+        help="project every position onto the vocabulary (default: only where the next-token label counts)",
+    )
+    energy = train.add_argument_group("energy receipt (CodeCarbon, offline)")
+    energy.add_argument("--no-energy", action="store_true", help="do not measure energy and emissions")
+    energy.add_argument(
+        "--country", help="3-letter ISO code of the grid's country (default: CodeCarbon's world average)"
+    )
+    energy.add_argument(
+        "--carbon-intensity", type=_non_negative, help="grid carbon intensity in gCO2-eq/kWh (overrides --country)"
+    )
 
     profile = commands.add_parser("profile", help="predict GreenTrainer's cost and saving on a model, no weights")
     profile.add_argument("--model", required=True, help="model directory (or config.json) to build on meta")
@@ -107,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--rho", type=_rho, nargs="+", default=[0.3, 0.5, 0.7])
     profile.add_argument("--json", action="store_true", help="print JSON instead of a table")
     profile.add_argument("--plot", help="PNG file: cumulative backward cost by depth with the budget lines")
+    profile.add_argument(
+        "--label-tokens",
+        type=_positive_int,
+        default=None,
+        help="causal LMs: supervised tokens at the end of each sequence (default: all); the LM head runs only there",
+    )
+    profile.add_argument("--dense-lm-head", action="store_true", help="plan with the dense LM head")
     return parser
 
 

@@ -21,6 +21,8 @@ def run_profile(args: argparse.Namespace) -> dict:
             target_modules=args.target_modules,
             r=args.r,
             rhos=args.rho,
+            sparse_lm_head=not args.dense_lm_head,
+            label_tokens=args.label_tokens,
         )
     except (OSError, ValueError, KeyError) as error:
         raise CliError(f"cannot build {args.model} from its config: {str(error).splitlines()[0]}") from error
@@ -38,11 +40,20 @@ def format_plan(result: dict) -> str:
     lines = [
         f"{result['model']} ({result['architecture']}, {result['parameters'] / 1e9:.2f} B parameters), batch "
         f"{result['batch_size']} x {result['seq_len']}, units={result['units']} ({result['num_units']} units)",
-        f"forward {result['forward_flops']:.3e} FLOPs/step; full fine-tuning {result['full_flops']:.3e} FLOPs/step",
+        f"LM head: {result['lm_head']}, {result['label_tokens']} supervised tokens per sequence",
+        f"forward {result['forward_flops']:.3e} FLOPs/step; full fine-tuning {result['full_flops']:.3e} FLOPs/step "
+        f"(dense LM head), {result['full_flops_same_head']:.3e} with the same LM head (rho's reference)",
         f"smallest feasible rho: {result['min_rho']:.4f}",
         "",
         markdown_table(
-            ["rho", "deepest reachable unit", "units reachable", "predicted FLOPs/step", "saving"],
+            [
+                "rho",
+                "deepest reachable unit",
+                "units reachable",
+                "predicted FLOPs/step",
+                "saving vs dense full FT",
+                "vs full FT, same head",
+            ],
             [
                 [
                     r["rho"],
@@ -50,6 +61,7 @@ def format_plan(result: dict) -> str:
                     f"{100 * r['reachable_share']:.0f}%",
                     f"{r['predicted_flops']:.3e}" if r["predicted_flops"] else "infeasible",
                     f"{100 * r['saving']:.0f}%" if r["saving"] is not None else "-",
+                    f"{100 * r['saving_vs_same_head']:.0f}%" if r["saving"] is not None else "-",
                 ]
                 for r in result["rhos"]
             ],

@@ -40,6 +40,7 @@ class TrainedRun:
     trainer: Any
     meter: Any
     seconds: float
+    energy: Any  # EnergyReceipt, or None with --no-energy
 
 
 def run_train(args: argparse.Namespace) -> dict:
@@ -72,13 +73,14 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
     peft_model = wrap(model, args)
     example = {k: v[: args.batch_size] for k, v in columns.items()}
     _check_rho_floor(peft_model.base_model, example, args.rho)
+    references = flops_references(peft_model, example)
     # before training the adapter is the identity (LoRA B = 0; tensors untouched): this scores the base model
     before = evaluate(peft_model, tokenizer, data.eval, args)
     run = train(peft_model, columns, staging, args)
     after = evaluate(peft_model, tokenizer, data.eval, args)
     peft_model.save_pretrained(str(staging))
     tokenizer.save_pretrained(str(staging))
-    metrics = collect_metrics(args, data, peft_model.base_model, example, run, before.scores, after)
+    metrics = collect_metrics(args, data, peft_model.base_model, example, references, run, before.scores, after)
     write_run_report(staging, metrics, peft_model.base_model, example, run)
     return metrics
 
@@ -92,6 +94,15 @@ def _apply_defaults(args: argparse.Namespace) -> None:
             setattr(args, key, value)
     if args.lr is None:
         args.lr = 2e-5 if args.units == "tensors" else 2e-4
+    if args.country and args.carbon_intensity is None and not args.no_energy:
+        from ..energy import country_intensity
+
+        try:
+            country_intensity(args.country)
+        except ValueError as error:
+            raise CliError(f"--country: {error}") from error
+        except ImportError as error:
+            raise CliError("--country needs codecarbon (pip install codecarbon), or pass --no-energy") from error
 
 
 def _check_output_dir(path: Path, overwrite: bool) -> None:
@@ -192,6 +203,7 @@ def wrap(model, args: argparse.Namespace):
         selection_interval=args.selection_interval,
         selection_interval_steps=args.selection_interval_steps,
         importance_batches=args.importance_batches,
+        sparse_lm_head=not args.dense_lm_head,
         task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM",
         **lora,
     )
@@ -206,6 +218,37 @@ def _check_rho_floor(tuner, example: dict, rho: float) -> None:
             f"rho={rho} is below this model's feasible floor {math.ceil(floor * 1e4) / 1e4:.4f} "
             "(forward pass plus the cheapest unit); raise --rho"
         )
+
+
+def flops_references(peft_model, example: dict) -> dict[str, Any]:
+    """Full fine-tuning FLOPs of one step of this shape: with the run's LM head (``rho``'s reference) and dense.
+
+    The dense figure is what a user would otherwise run; the same-head one isolates GreenTrainer's own saving.
+    """
+    from contextlib import nullcontext
+
+    from ..engine.profile import profile_model
+    from ..engine.units import is_trainable_dtype
+    from ..sparse_head import attached_sparse_lm_head, unsupported_reason
+
+    tuner = peft_model.base_model
+    same_head = tuner.cost_profile(example)[1]
+    head = attached_sparse_lm_head(tuner.model)
+    if head is None:
+        reason = unsupported_reason(tuner.model) or "--dense-lm-head"
+        return {"lm_head": f"dense ({reason})", "full_flops_same_head": same_head, "full_flops_dense_head": same_head}
+    if not all(is_trainable_dtype(p) for p in tuner.model.parameters()):
+        # a quantized base is budgeted against its float twin on meta, whose labels have no values: a dense head
+        return {"lm_head": "sparse", "full_flops_same_head": None, "full_flops_dense_head": same_head}
+    adapters_off = peft_model.disable_adapter() if tuner.units_kind == "lora" else nullcontext()
+    was_training = tuner.model.training
+    tuner.model.train()  # a training step's costs, as the tuner's profile measures them
+    try:
+        with head.disabled(), adapters_off:
+            dense = profile_model(tuner.model, example).full_flops
+    finally:
+        tuner.model.train(was_training)
+    return {"lm_head": "sparse", "full_flops_same_head": same_head, "full_flops_dense_head": dense}
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -240,25 +283,27 @@ def train(peft_model, columns: dict, staging: Path, args: argparse.Namespace) ->
     import transformers
 
     from ..callback import GreenTrainerCallback
+    from ..energy import EnergyCallback
     from .data import TensorDataset
     from .meter import StepMeter
 
     scratch = staging / "trainer"
     meter = StepMeter(every=args.measure_every)
+    energy = None if args.no_energy else EnergyCallback(args.country, args.carbon_intensity)
     trainer = transformers.Trainer(
         model=peft_model,
         args=training_arguments(
             str(scratch), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, quiet=args.quiet
         ),
         train_dataset=TensorDataset(columns),
-        callbacks=[GreenTrainerCallback(), meter],
+        callbacks=[GreenTrainerCallback(), meter, *([energy] if energy else [])],
     )
     _use_compact_progress(trainer, quiet=args.quiet)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     shutil.rmtree(scratch, ignore_errors=True)
-    return TrainedRun(trainer, meter, seconds)
+    return TrainedRun(trainer, meter, seconds, energy.receipt if energy else None)
 
 
 def _use_compact_progress(trainer, quiet: bool) -> None:
@@ -311,14 +356,23 @@ def evaluate(peft_model, tokenizer, examples: Sequence, args: argparse.Namespace
 
 # ---------------------------------------------------------------------------------------------------- report
 def collect_metrics(
-    args: argparse.Namespace, data: RunData, tuner, example: dict, run: TrainedRun, before: dict, after: Evaluation
+    args: argparse.Namespace,
+    data: RunData,
+    tuner,
+    example: dict,
+    references: dict,
+    run: TrainedRun,
+    before: dict,
+    after: Evaluation,
 ) -> dict:
-    """Everything the report shows, JSON-ready: settings, scores, FLOPs predicted and measured, time, selections."""
+    """Everything the report shows, JSON-ready: settings, scores, FLOPs predicted and measured, time, selections,
+    the LM head and the energy receipt."""
     import numpy as np
     import torch
 
     history = tuner.greentrainer_state.history
     full_flops = tuner.cost_profile(example)[1]
+    dense_full = references["full_flops_dense_head"]
     steps = run.meter.to_list()
     for step in steps:
         step["flops_ratio"] = step["flops"] / full_flops if step["flops"] is not None else None
@@ -359,8 +413,37 @@ def collect_metrics(
         "max_source_tokens": args.max_source_tokens,
         "max_target_tokens": args.max_target_tokens,
     }
+    counted = [s["flops"] for s in steps if s["flops"] is not None]
+    kept = [
+        h["greentrainer/lm_head_kept_share"]
+        for h in run.trainer.state.log_history
+        if "greentrainer/lm_head_kept_share" in h
+    ]
+    metrics.update(
+        {
+            "lm_head": references["lm_head"],
+            "lm_head_kept_share": float(np.mean(kept)) if kept else None,
+            "full_finetuning_dense_head_flops_per_step": dense_full,
+            "predicted_flops_ratio_vs_dense_full": (
+                metrics["predicted_flops_ratio"] * full_flops / dense_full if predicted else None
+            ),
+            "measured_flops_ratio_vs_dense_full": float(np.mean(counted)) / dense_full if counted else None,
+            "energy": energy_metrics(run.energy, same_head_to_dense=dense_full / full_flops),
+        }
+    )
     metrics["summary_rows"] = _summary_rows(metrics)
     return metrics
+
+
+def energy_metrics(receipt, same_head_to_dense: float) -> dict | None:
+    """The receipt, plus full fine-tuning with a dense LM head (the same-head estimate scaled by the FLOPs ratio)."""
+    if receipt is None:
+        return None
+    energy = receipt.to_dict()
+    energy["full_finetuning_dense_head_kwh"] = None
+    if receipt.full_finetuning_kwh is not None and same_head_to_dense != 1.0:
+        energy["full_finetuning_dense_head_kwh"] = receipt.full_finetuning_kwh * same_head_to_dense
+    return energy
 
 
 def predicted_ratio_per_step(history: Sequence, steps: int) -> list[float]:
@@ -375,14 +458,48 @@ def predicted_ratio_per_step(history: Sequence, steps: int) -> list[float]:
 def _summary_rows(metrics: dict) -> list[list[str]]:
     before, after = metrics["before"], metrics["after"]
     measured = metrics["measured_flops_ratio"]
+    vs_dense = metrics["measured_flops_ratio_vs_dense_full"]
+    kept = metrics["lm_head_kept_share"]
     rows = [[f"{name} before / after", f"{before[name]:.2f} / {after[name]:.2f}"] for name in after]
     rows += [
+        ["LM head", metrics["lm_head"] + (f", on {100 * kept:.0f}% of positions" if kept is not None else "")],
         ["FLOPs ratio predicted", f"{metrics['predicted_flops_ratio']:.3f}"],
         ["FLOPs ratio measured", f"{measured:.3f}" if measured is not None else "not counted"],
+        ["FLOPs vs dense full fine-tuning", f"{vs_dense:.3f}" if vs_dense is not None else "not counted"],
         ["training wall time", f"{metrics['train_seconds']:.0f} s ({metrics['steps']} steps)"],
         ["selection overhead", f"{100 * metrics['selection_overhead']:.1f}% of training time"],
         ["units selected (last)", f"{metrics['units_selected_last']} of {metrics['units_total']}"],
     ]
+    return rows + _energy_rows(metrics["energy"])
+
+
+def _energy_rows(energy: dict | None) -> list[list[str]]:
+    if energy is None:
+        return [["energy", "not measured (--no-energy)"]]
+    if not energy["measured"]:
+        return [["energy", f"not measured: {energy['error']}"]]
+    rows = [
+        [
+            "energy (CodeCarbon)",
+            f"{1000 * energy['energy_kwh']:.3g} Wh, {1000 * energy['emissions_kg']:.3g} g CO2-eq ({energy['mode']})",
+        ]
+    ]
+    if energy["selection_kwh"] is not None:
+        rows.append(["energy of selections", f"{1000 * energy['selection_kwh']:.3g} Wh (by time share)"])
+    if energy["full_finetuning_kwh"] is not None:
+        rows.append(
+            [
+                "full fine-tuning, estimated",
+                f"{1000 * energy['full_finetuning_kwh']:.3g} Wh ({energy['full_finetuning_basis']}, same LM head)",
+            ]
+        )
+    if energy["full_finetuning_dense_head_kwh"] is not None:
+        rows.append(
+            [
+                "full fine-tuning, dense LM head, estimated",
+                f"{1000 * energy['full_finetuning_dense_head_kwh']:.3g} Wh (FLOPs ratio)",
+            ]
+        )
     return rows
 
 
