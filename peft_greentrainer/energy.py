@@ -19,6 +19,7 @@ receipt says why (``error``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
@@ -119,6 +120,9 @@ class EnergyCallback(TrainerCallback):
             raise ValueError(f"full_step_seconds must be > 0, got {full_step_seconds}")
         if tracking_mode not in ("process", "machine"):
             raise ValueError(f"tracking_mode must be 'process' or 'machine', got {tracking_mode!r}")
+        if country_iso_code and carbon_intensity_g_per_kwh is None:
+            with contextlib.suppress(ImportError):  # no codecarbon: the receipt will say so
+                country_intensity(country_iso_code)  # a wrong code is the user's to fix now, not a silent default
         self.country_iso_code = country_iso_code
         self.carbon_intensity = carbon_intensity_g_per_kwh
         self.full_step_seconds = full_step_seconds
