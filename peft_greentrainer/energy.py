@@ -142,6 +142,7 @@ class EnergyCallback(TrainerCallback):
         GreenTrainerCallback._report_before_integrations(self)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        GreenTrainerCallback._report_before_integrations(self)  # also when added after the Trainer was built
         self.receipt = EnergyReceipt()
         self._step_seconds, self._flops_ratios = [], []
         tuner = _tuner(kwargs.get("model"))

@@ -87,7 +87,7 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- data
 def _apply_defaults(args: argparse.Namespace) -> None:
-    """The embedded run's small defaults, or the paper's; the learning rate by unit kind."""
+    """The embedded run's small defaults, or the paper's; the learning rate by unit kind; a wrong --country now."""
     embedded = args.model is None and args.dataset is None
     for key, value in (EMBEDDED_DEFAULTS if embedded else PAPER_DEFAULTS).items():
         if getattr(args, key) is None:
