@@ -4,7 +4,8 @@ Importing the package registers the method with PEFT (``get_peft_model(model, Gr
 FLOP formulas FlopCounterMode lacks. Three layers, each importing only the ones below it:
 
 * ``engine/``: the algorithm on plain data (units -> profile -> importance -> selector);
-* this package: the PEFT method (config, registration, model, backprop, ranks, distributed, callback, saving);
+* this package: the PEFT method (config, registration, model, backprop, ranks, distributed, callback, saving,
+  sparse_head, energy);
 * ``cli/``: the ``greentrainer`` application (data, evaluation, report, planning).
 """
 
@@ -26,15 +27,21 @@ from .saving import export_lora_adapter, save_adapter  # noqa: E402
 register(GreenTrainerConfig, GreenTrainerModel)
 
 from .callback import GreenTrainerCallback  # noqa: E402
+from .energy import EnergyCallback, EnergyReceipt  # noqa: E402
+from .sparse_head import enable_sparse_lm_head, sparse_lm_loss  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EnergyCallback",
+    "EnergyReceipt",
     "GreenTrainerCallback",
     "GreenTrainerConfig",
     "GreenTrainerModel",
     "GreenTrainerState",
+    "enable_sparse_lm_head",
     "export_lora_adapter",
     "register_flop_formulas",
     "save_adapter",
+    "sparse_lm_loss",
 ]

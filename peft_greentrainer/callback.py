@@ -27,6 +27,7 @@ from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 
 from . import distributed, ranks
 from .model import GreenTrainerModel, GreenTrainerState, find_tuner
+from .sparse_head import attached_sparse_lm_head
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,9 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         }
         if record.ratio_vs_lora is not None:
             figures[f"{LOG_PREFIX}flops_ratio_vs_lora"] = record.ratio_vs_lora
+        head = attached_sparse_lm_head(find_tuner(kwargs["model"]).model)
+        if head is not None and head.kept_share is not None:
+            figures[f"{LOG_PREFIX}lm_head_kept_share"] = head.kept_share  # positions the sparse LM head ran on
         logs.update(figures)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(figures)

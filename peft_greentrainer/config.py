@@ -43,6 +43,11 @@ class GreenTrainerConfig(LoraConfig):
         dp_resolution: Budget resolution of the dynamic program (time and memory grow linearly with it).
         include_patterns: Regular expressions: only units whose name matches one are candidates.
         exclude_patterns: Regular expressions: units whose name matches one are never candidates.
+        sparse_lm_head: Compute a causal LM's logits and loss only at positions whose next-token label is not -100
+            (see ``sparse_head.py``): the same loss and gradients, without the LM-head work on prompt and padding.
+            The cost profile measures what runs, so ``rho`` is then a fraction of full fine-tuning *with the same
+            sparse head*. Models it cannot be exact for (encoder-decoders, forwards without a boolean
+            ``logits_to_keep``) keep the dense head, with one log line.
     """
 
     rho: float = field(
@@ -69,6 +74,10 @@ class GreenTrainerConfig(LoraConfig):
     exclude_patterns: list[str] | None = field(
         default=None, metadata={"help": "Regexes; units whose name matches one are never candidates."}
     )
+    sparse_lm_head: bool = field(
+        default=True,
+        metadata={"help": "Causal LMs: logits and loss only where the next-token label is not -100 (exact)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -86,6 +95,8 @@ class GreenTrainerConfig(LoraConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.sparse_lm_head, bool):
+            raise ValueError(f"sparse_lm_head must be True or False, got {self.sparse_lm_head!r}.")
         steps = self.selection_interval_steps
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"selection_interval_steps must be a positive integer or None, got {steps!r}.")

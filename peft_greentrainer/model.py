@@ -47,13 +47,15 @@ from .engine.profile import (
     UnitCosts,
     batch_size,
     cost_envelope,
+    costliest_row,
     default_loss,
-    first_row,
+    labelled_counts,
     profile_key,
     profile_model,
 )
 from .engine.selector import Selection, min_feasible_rho, min_unit_costs, select_units
 from .engine.units import Unit, is_trainable_dtype, lora_units, parameter_aliases, tensor_units
+from .sparse_head import enable_sparse_lm_head
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +172,13 @@ class GreenTrainerModel(LoraModel):
         # unit costs are those of the candidates of the adapter active then
         for cache in ("_profiles", "_measured_rows", "_shape_costs_by_key"):
             self.__dict__.pop(cache, None)
+
+    def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        """Attach the sparse LM head (``config.sparse_lm_head``) to the base model itself, so that everything that
+        runs it (the Trainer's forward, the cost profile, importance, FLOP measurements) runs the same head."""
+        super()._post_injection_hook(model, config, adapter_name)
+        if config.sparse_lm_head:
+            enable_sparse_lm_head(model)
 
     @staticmethod
     def _tensor_candidates(model: nn.Module, config) -> list[str]:
@@ -321,11 +330,14 @@ class GreenTrainerModel(LoraModel):
             if key not in cache:
                 cache[key] = self._measure(batch, loss_fn)
                 # training steps at this shape need no profile of their own: costs are linear in the batch size
-                costs = cache[key][0].unit_costs(self.candidate_units(), full_flops=cache[key][1])
-                measured = self.__dict__.setdefault("_measured_rows", {})
-                measured.setdefault(
-                    profile_key(self.model, first_row(batch)), _scaled(costs, 1 / (batch_size(batch) or 1))
-                )
+                # (when rows have different numbers of labels, a sparse head costs more on some: profile one of those)
+                counts = labelled_counts(batch)
+                if counts is None or bool((counts == counts[0]).all()):
+                    costs = cache[key][0].unit_costs(self.candidate_units(), full_flops=cache[key][1])
+                    measured = self.__dict__.setdefault("_measured_rows", {})
+                    measured.setdefault(
+                        profile_key(self.model, costliest_row(batch)), _scaled(costs, 1 / (batch_size(batch) or 1))
+                    )
         return cache[key]
 
     def _measure(self, batch: Mapping[str, Any], loss_fn: LossFn) -> tuple[CostProfile, float]:
@@ -404,7 +416,7 @@ class GreenTrainerModel(LoraModel):
     def _profile_rows(self, batch: Mapping[str, Any], new: dict[tuple, UnitCosts]) -> tuple:
         """The key of ``batch``'s shape; its costs (one row, current modes) go into ``new`` if not agreed on yet,
         measured unless this process measured them before (``cost_profile``)."""
-        row = first_row(batch)
+        row = costliest_row(batch)
         key = profile_key(self.model, row)
         if key not in self._shape_costs and key not in new:
             measured = self.__dict__.setdefault("_measured_rows", {})

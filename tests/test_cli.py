@@ -57,6 +57,7 @@ def test_train_writes_a_loadable_adapter_and_report(tiny_checkpoint, tmp_path, u
             "--output-dir",
             str(out),
             *TRAIN_ARGS,
+            *([] if units == "tensors" else ["--dense-lm-head", "--no-energy"]),
         ]
     )
     assert code == 0
@@ -76,6 +77,7 @@ def test_train_writes_a_loadable_adapter_and_report(tiny_checkpoint, tmp_path, u
     assert metrics["predicted_flops_ratio"] == pytest.approx(metrics["measured_flops_ratio"], rel=0.1)
     assert "![FLOPs per step](flops.png)" in (out / "report.md").read_text()
     assert not list(tmp_path.glob(".tmp-*"))
+    _assert_head_and_energy(metrics, (out / "report.md").read_text(), out, sparse_and_energy=units == "tensors")
 
     # the saved adapter reproduces the trained model: same greedy outputs on the held-out examples
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
@@ -92,6 +94,26 @@ def test_train_writes_a_loadable_adapter_and_report(tiny_checkpoint, tmp_path, u
         progress=False,
     )
     assert predictions == [e["prediction"] for e in metrics["examples_after"]]
+
+
+def _assert_head_and_energy(metrics: dict, report: str, out, sparse_and_energy: bool) -> None:
+    """Step FLOPs against dense full FT and against full FT with the same head; the energy receipt or its absence."""
+    same_head, dense = metrics["full_finetuning_flops_per_step"], metrics["full_finetuning_dense_head_flops_per_step"]
+    measured = metrics["measured_flops_ratio"]
+    assert metrics["measured_flops_ratio_vs_dense_full"] == pytest.approx(measured * same_head / dense, rel=1e-9)
+    assert "full fine-tuning, dense LM head" in report and "same LM head (rho's reference)" in report
+    energy = metrics["energy"]
+    if not sparse_and_energy:
+        assert metrics["lm_head"] == "dense (--dense-lm-head)" and same_head == dense
+        assert energy is None and "Not measured (`--no-energy`)" in report and not (out / "energy.png").exists()
+        return
+    assert metrics["lm_head"] == "sparse" and 0 < metrics["lm_head_kept_share"] < 1
+    assert same_head < dense  # the prompt's head work is gone from full fine-tuning too
+    assert energy["measured"] and energy["mode"] in ("estimated", "measured", "partly estimated")
+    assert energy["energy_kwh"] > energy["selection_kwh"] > 0
+    assert energy["full_finetuning_basis"] == "FLOPs ratio"
+    assert energy["full_finetuning_dense_head_kwh"] == pytest.approx(energy["full_finetuning_kwh"] * dense / same_head)
+    assert (out / "energy.png").is_file() and "![energy](energy.png)" in report and "## Energy" in report
 
 
 def _fails(args, capsys, expected: str, out) -> None:
@@ -163,6 +185,11 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(tiny_checkpoint, tmp_pat
         main([*base, "--rho", "0"])
     assert exit_info.value.code == 2
     assert "rho must be in (0, 1]" in capsys.readouterr().err
+    _fails([*base, "--model", str(tiny_checkpoint), "--country", "Atlantis"], capsys, "3-letter ISO", out)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--carbon-intensity", "-5"])
+    assert exit_info.value.code == 2
+    assert "expected a number >= 0" in capsys.readouterr().err
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     assert main([*base, "--model", str(tiny_checkpoint)]) == 2
@@ -215,6 +242,27 @@ def test_profile_command_matches_the_training_profile(name, tmp_path, capsys):
     assert rows[0.3]["predicted_flops"] is None  # below the forward-pass floor
     assert rows[0.7]["predicted_flops"] <= 0.7 * plan["full_flops"]
     assert rows[0.5]["reachable_share"] < rows[0.7]["reachable_share"] <= 1
+
+
+@pytest.mark.slow
+def test_profile_command_sees_the_sparse_head(tmp_path, capsys):
+    """Prompt tokens cost no LM-head work: the same-head reference and the floor drop; dense full FT stays put."""
+    CONFIGS["llama-7b"].save_pretrained(tmp_path / "llama")
+    plans = {}
+    for name, flags in (("dense", ["--dense-lm-head"]), ("sparse", ["--label-tokens", "64"])):
+        assert main(["profile", "--model", str(tmp_path / "llama"), "--json", "--seq-len", "256", *flags]) == 0
+        plans[name] = json.loads(capsys.readouterr().out)
+    dense, sparse = plans["dense"], plans["sparse"]
+    assert dense["lm_head"].startswith("dense") and sparse["lm_head"] == "sparse" and sparse["label_tokens"] == 64
+    assert sparse["full_flops"] == dense["full_flops"] == dense["full_flops_same_head"]
+    assert sparse["full_flops_same_head"] < dense["full_flops"]
+    assert sparse["forward_flops"] < dense["forward_flops"]
+    assert sparse["min_rho"] < dense["min_rho"]
+    for row in sparse["rhos"]:
+        if row["predicted_flops"] is not None:
+            assert row["saving"] > row["saving_vs_same_head"]  # the two savings are reported apart
+    assert main(["profile", "--model", str(tmp_path / "llama"), "--seq-len", "256", "--label-tokens", "64"]) == 0
+    assert "with the same LM head (rho's reference)" in capsys.readouterr().out
 
 
 def test_profile_command_rejects_what_it_cannot_build(tmp_path, capsys):

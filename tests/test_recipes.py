@@ -24,7 +24,7 @@ from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
 from peft_greentrainer.engine.profile import (
     batch_size,
     cost_envelope,
-    first_row,
+    costliest_row,
     measure_flops,
     profile_key,
     profile_model,
@@ -96,7 +96,8 @@ class BudgetAudit:
         self.rho = rho
         self.audit: dict[tuple, float] = {}  # (shapes, trainable, checkpointed) -> measured ratio
         self._forward_inputs: dict | None = None
-        self._base().register_forward_pre_hook(self._remember_inputs, with_kwargs=True)
+        # prepend: the inputs as the Trainer passed them, before the sparse LM head's hook rewrites them
+        self._base().register_forward_pre_hook(self._remember_inputs, with_kwargs=True, prepend=True)
 
     def _base(self) -> torch.nn.Module:
         return self.model.base_model.model
@@ -182,7 +183,7 @@ def test_one_row_profiles_scale_to_the_whole_batch(arch):
     against the profile of the whole batch and against FlopCounterMode's count of the real step."""
     model = tiny_model(arch)
     batch = tiny_batch(model, batch_size=3, seq_len=20)
-    row = first_row(batch)
+    row = costliest_row(batch)
     assert batch_size(batch) == 3 and batch_size(row) == 1
     units = tensor_units(model)
     whole, single = profile_model(model, batch).unit_costs(units), profile_model(model, row).unit_costs(units)

@@ -4,6 +4,11 @@ The model is built on the ``meta`` device (no weights, no memory), wrapped with 
 training, and profiled with the same code, so the plan's FLOPs are the ones training will budget with. Without
 gradients there is no importance yet; the "predicted FLOPs" of a rho use importance proportional to each unit's
 parameter count, a neutral prior, and the budget itself is the upper bound any selection respects.
+
+With the sparse LM head (the default for causal LMs) the head runs only on the last ``label_tokens`` positions of
+each sequence (the supervised target; the prompt is labelled -100). The labels stay on the CPU, as meta tensors have
+no values to mask with. Savings are given against dense full fine-tuning (what one would otherwise run) and against
+full fine-tuning with the same head (the reference of ``rho``), never mixed.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine.profile import dummy_batch
+from ..engine.profile import dummy_batch, profile_model
 from ..engine.selector import min_feasible_rho, min_unit_costs, select_units
 
 
@@ -44,18 +49,25 @@ def plan(
     target_modules: Sequence[str] | None = None,
     r: int = 8,
     rhos: Sequence[float] = (0.3, 0.5, 0.7),
+    sparse_lm_head: bool = True,
+    label_tokens: int | None = None,
 ) -> dict[str, Any]:
     from peft import get_peft_model
 
     from ..config import GreenTrainerConfig
+    from ..sparse_head import attached_sparse_lm_head, unsupported_reason
 
     model = build_on_meta(model_path)
     parameters = sum(p.numel() for p in model.parameters())
-    lora = {"r": r, "target_modules": list(target_modules) if target_modules else None} if units == "lora" else {}
-    peft_model = get_peft_model(model, GreenTrainerConfig(units=units, **lora))
-    tuner = peft_model.base_model
     batch = dummy_batch(model.config, batch_size, seq_len, target_len=target_len)
+    if not model.config.is_encoder_decoder:
+        batch["labels"] = supervised_tail_labels(batch_size, seq_len, label_tokens)
+    dense_full = profile_model(model, batch).full_flops  # the bare model: dense head, every tensor trainable
+    lora = {"r": r, "target_modules": list(target_modules) if target_modules else None} if units == "lora" else {}
+    peft_model = get_peft_model(model, GreenTrainerConfig(units=units, sparse_lm_head=sparse_lm_head, **lora))
+    tuner = peft_model.base_model
     costs = tuner.unit_costs(batch)
+    sparse = attached_sparse_lm_head(tuner.model) is not None
     alone = min_unit_costs(costs.t_dw, costs.t_dy, costs.forward_flops, costs.dy_head)
     floor = min_feasible_rho(
         costs.t_dw, costs.t_dy, costs.forward_flops, full_flops=costs.full_flops, dy_head=costs.dy_head
@@ -83,7 +95,8 @@ def plan(
                 dy_head=costs.dy_head,
             )
             row["predicted_flops"] = selection.flops
-            row["saving"] = 1.0 - selection.flops / costs.full_flops
+            row["saving"] = 1.0 - selection.flops / dense_full
+            row["saving_vs_same_head"] = 1.0 - selection.flops / costs.full_flops
             row["units_selected"] = int(selection.mask.sum())
         rows.append(row)
     return {
@@ -95,11 +108,21 @@ def plan(
         "units": units,
         "num_units": len(costs.units),
         "forward_flops": costs.forward_flops,
-        "full_flops": costs.full_flops,
+        "full_flops": dense_full,
+        "lm_head": "sparse" if sparse else f"dense ({unsupported_reason(model) or 'sparse_lm_head=False'})",
+        "label_tokens": label_tokens or seq_len,
+        "full_flops_same_head": costs.full_flops,
         "min_rho": floor,
         "rhos": rows,
         "curve": (alone / costs.full_flops).tolist(),
     }
+
+
+def supervised_tail_labels(batch_size: int, seq_len: int, label_tokens: int | None) -> torch.Tensor:
+    """CPU labels with the last ``label_tokens`` positions supervised (all when ``None``) and the prompt at -100."""
+    labels = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    labels[:, : seq_len - min(label_tokens or seq_len, seq_len)] = -100
+    return labels
 
 
 def plot_plan(result: dict[str, Any], path: str | Path) -> None:
@@ -116,7 +139,7 @@ def plot_plan(result: dict[str, Any], path: str | Path) -> None:
         ax.axhline(row["rho"], linestyle="--", color=color, label=f"rho = {row['rho']}")
     ax.axhline(1.0, color="black", linewidth=0.8, label="full fine-tuning")
     ax.set_xlabel("unit depth (backward order: 0 = next to the loss)")
-    ax.set_ylabel("FLOPs / full fine-tuning")
+    ax.set_ylabel("FLOPs / full fine-tuning (same LM head)")
     ax.set_ylim(0, 1.1)
     ax.set_title(f"{Path(result['model']).name}: cost of reaching each depth")
     ax.legend(fontsize=7, loc="lower right")

@@ -1,4 +1,4 @@
-"""The run report: ``metrics.json``, three PNG plots and ``report.md`` embedding them."""
+"""The run report: ``metrics.json``, the PNG plots and ``report.md`` embedding them."""
 
 from __future__ import annotations
 
@@ -70,6 +70,89 @@ def plot_loss(log_history: Sequence[Mapping[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_energy(energy: Mapping[str, Any], path: Path) -> None:
+    """Bars in Wh: this run (training + selections, stacked) against the full fine-tuning estimates."""
+    plt = _pyplot()
+    selection = energy.get("selection_kwh") or 0.0
+    labels, training, selections = ["this run"], [energy["energy_kwh"] - selection], [selection]
+    if energy.get("full_finetuning_kwh") is not None:
+        labels.append("full FT, same LM head\n(estimate)")
+        training.append(energy["full_finetuning_kwh"])
+        selections.append(0.0)
+    if energy.get("full_finetuning_dense_head_kwh") is not None:
+        labels.append("full FT, dense LM head\n(estimate)")
+        training.append(energy["full_finetuning_dense_head_kwh"])
+        selections.append(0.0)
+    wh = np.array(training) * 1000, np.array(selections) * 1000
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.barh(labels, wh[0], color="tab:green", label="training steps")
+    ax.barh(labels, wh[1], left=wh[0], color="tab:orange", label="selections (importance + DP)")
+    ax.invert_yaxis()
+    ax.set_xlabel(f"Wh ({energy['mode']} by CodeCarbon)")
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def energy_section(energy: Mapping[str, Any] | None) -> list[str]:
+    """The report's energy receipt: what was measured, how, and the full fine-tuning estimates, labelled."""
+    if energy is None:
+        return ["## Energy", "Not measured (`--no-energy`).", ""]
+    if not energy["measured"]:
+        return ["## Energy", f"Not measured: {energy['error']}. Training was not affected.", ""]
+    intensity = energy["carbon_intensity_g_per_kwh"]
+    text = [
+        "## Energy",
+        f"Measured with CodeCarbon, offline, mode **{energy['mode']}** "
+        f"({'; '.join(f'{k}: {v}' for k, v in energy['components'].items())}). Carbon intensity {intensity:.0f} "
+        f"gCO2-eq/kWh: {energy['carbon_intensity_source']}.",
+        "",
+        markdown_table(
+            ["", "Wh", "g CO2-eq"],
+            [
+                [name, f"{1000 * kwh:.3g}", f"{kwh * intensity:.3g}"]
+                for name, kwh in (
+                    ("this run", energy["energy_kwh"]),
+                    ("of which selections (by time share)", energy["selection_kwh"]),
+                    (
+                        f"full fine-tuning, same LM head ({energy['full_finetuning_basis']})",
+                        energy["full_finetuning_kwh"],
+                    ),
+                    ("full fine-tuning, dense LM head (FLOPs ratio)", energy["full_finetuning_dense_head_kwh"]),
+                )
+                if kwh is not None
+            ],
+        ),
+        "",
+        "Full fine-tuning figures are estimates for the same steps, not measurements.",
+        "",
+        "![energy](energy.png)",
+        "",
+    ]
+    return text
+
+
+def flops_section(metrics: Mapping[str, Any]) -> list[str]:
+    """This run's step FLOPs against dense full fine-tuning and against full fine-tuning with the same LM head."""
+    same, dense = metrics["full_finetuning_flops_per_step"], metrics["full_finetuning_dense_head_flops_per_step"]
+    counted = [s["flops"] for s in metrics["step_measurements"] if s.get("flops") is not None]
+    step = float(np.mean(counted)) if counted else None
+    rows = [
+        ["full fine-tuning, dense LM head (what one would otherwise run)", f"{dense:.3e}", "1.000"],
+        ["full fine-tuning, same LM head (rho's reference)", f"{same:.3e}", f"{same / dense:.3f}"],
+    ]
+    if step is not None:
+        rows.append(["this run, measured mean", f"{step:.3e}", f"{step / dense:.3f} ({step / same:.3f} of same head)"])
+    kept = metrics.get("lm_head_kept_share")
+    return [
+        f"LM head: {metrics['lm_head']}" + (f", run on {100 * kept:.0f}% of positions." if kept is not None else "."),
+        "",
+        markdown_table(["per step", "FLOPs", "vs dense full FT"], rows),
+        "",
+    ]
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(value: Any) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -89,12 +172,15 @@ def write_report(
     predicted: Sequence[float],
     log_history: Sequence[Mapping[str, Any]],
 ) -> None:
-    """Write metrics.json, selections.png, flops.png, loss.png and report.md into ``directory``."""
+    """Write metrics.json, selections.png, flops.png, loss.png, energy.png (if measured) and report.md."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     plot_selections(units, selections, directory / "selections.png")
     plot_flops(steps, predicted, float(metrics["rho"]), directory / "flops.png")
     plot_loss(log_history, directory / "loss.png")
+    energy = metrics.get("energy")
+    if energy is not None and energy["measured"]:
+        plot_energy(energy, directory / "energy.png")
     text = [
         "# GreenTrainer run report",
         "",
@@ -104,8 +190,9 @@ def write_report(
         "",
         "## FLOPs per step",
         "Predicted from the cost profile; measured by FlopCounterMode on sampled steps; both as a fraction of full "
-        "fine-tuning FLOPs of the same step.",
+        "fine-tuning FLOPs of the same step with the same LM head (the reference of rho).",
         "",
+        *flops_section(metrics),
         "![FLOPs per step](flops.png)",
         "",
         "## Units selected",
@@ -114,5 +201,6 @@ def write_report(
         "## Training loss",
         "![loss](loss.png)",
         "",
+        *energy_section(energy),
     ]
     (directory / "report.md").write_text("\n".join(text))

@@ -238,20 +238,33 @@ def cost_envelope(costs: Sequence[UnitCosts]) -> UnitCosts:
 _LOSS_ONLY_INPUTS = ("num_items_in_batch",)
 
 
-def first_row(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """``batch`` cut to its first sample, when every tensor in it has the same leading (batch) dimension.
+def costliest_row(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` cut to one sample, when every tensor in it has the same leading (batch) dimension: the sample with the
+    most positions whose label counts (``labels != -100``), the first one if there are no labels or a tie.
 
     Every op FlopCounterMode counts in a transformer (matmuls, attention) is linear in the batch size, so the costs as
     fractions of full fine-tuning do not depend on it: profiling one row is as exact and ``batch size`` times cheaper,
-    and an uneven last batch is no new shape. A batch whose tensors disagree on the leading dimension is kept whole.
+    and an uneven last batch is no new shape. A head that only projects labelled positions (the sparse LM head) costs
+    more on rows with more labels: the row with the most bounds every row of the batch. A batch whose tensors disagree
+    on the leading dimension is kept whole.
     """
     if batch_size(batch) in (None, 1):
         return dict(batch)
-    return {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+    counts = labelled_counts(batch)
+    row = int(torch.argmax(counts)) if counts is not None else 0
+    return {k: v[row : row + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+
+
+def labelled_counts(batch: Mapping[str, Any]) -> torch.Tensor | None:
+    """Per row, the number of positions whose label counts in the loss; None without 2-D ``labels``."""
+    labels = batch.get("labels")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.device.type == "meta":
+        return None  # on meta the labels have no values (and a sparse head then stays dense)
+    return (labels != -100).sum(dim=1)
 
 
 def batch_size(batch: Mapping[str, Any]) -> int | None:
-    """The leading dimension all tensors of ``batch`` share, None if they do not (what ``first_row`` cuts)."""
+    """The leading dimension all tensors of ``batch`` share, None if they do not (what ``costliest_row`` cuts)."""
     sizes = {int(v.shape[0]) for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
     return sizes.pop() if len(sizes) == 1 else None
 

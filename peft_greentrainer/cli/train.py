@@ -1,0 +1,527 @@
+"""``greentrainer train``: load data -> load model -> wrap with GreenTrainer -> train -> evaluate -> report.
+
+Each step is one function below, in that order. Everything is written into a staging directory that replaces the
+output directory only when the run succeeded, so a failed run never leaves half an output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CliError
+
+EMBEDDED_DEFAULTS = {"epochs": 2, "max_source_tokens": 160, "max_target_tokens": 48, "train_examples": 120}
+PAPER_DEFAULTS = {"epochs": 5, "max_source_tokens": 512, "max_target_tokens": 128, "train_examples": None}
+
+
+@dataclass
+class RunData:
+    """What the run trains and evaluates on, and the labels the report uses for them."""
+
+    train: list
+    eval: list
+    model_path: str
+    model_label: str
+    data_label: str
+
+
+@dataclass
+class TrainedRun:
+    """What training leaves behind for the report: the Trainer's state and the measured steps."""
+
+    trainer: Any
+    meter: Any
+    seconds: float
+    energy: Any  # EnergyReceipt, or None with --no-energy
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    """The whole ``train`` command: resolve defaults, load data, train into the output directory, print a summary."""
+    from ..saving import write_atomically
+
+    _apply_defaults(args)
+    output_dir = Path(args.output_dir)
+    _check_output_dir(output_dir, args.overwrite)
+    data = load_data(args)
+    result: dict = {}
+    if output_dir.exists() and args.overwrite and output_dir.is_file():
+        output_dir.unlink()
+    write_atomically(output_dir, lambda staging: result.update(train_into(Path(staging), args, data)))
+    _print_summary(result, output_dir)
+    return result
+
+
+def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
+    """The pipeline, writing adapter, tokenizer, metrics and report into ``staging``; returns the metrics."""
+    import torch
+    import transformers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.set_seed(args.seed)
+    model, tokenizer = load_model(data.model_path, args)
+    columns = tokenize(model, tokenizer, data.train, args)
+    _announce(args, data, columns)
+    peft_model = wrap(model, args)
+    example = {k: v[: args.batch_size] for k, v in columns.items()}
+    _check_rho_floor(peft_model.base_model, example, args.rho)
+    references = flops_references(peft_model, example)
+    # before training the adapter is the identity (LoRA B = 0; tensors untouched): this scores the base model
+    before = evaluate(peft_model, tokenizer, data.eval, args)
+    run = train(peft_model, columns, staging, args)
+    after = evaluate(peft_model, tokenizer, data.eval, args)
+    peft_model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    metrics = collect_metrics(args, data, peft_model.base_model, example, references, run, before.scores, after)
+    write_run_report(staging, metrics, peft_model.base_model, example, run)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def _apply_defaults(args: argparse.Namespace) -> None:
+    """The embedded run's small defaults, or the paper's; the learning rate by unit kind; a wrong --country now."""
+    embedded = args.model is None and args.dataset is None
+    for key, value in (EMBEDDED_DEFAULTS if embedded else PAPER_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.lr is None:
+        args.lr = 2e-5 if args.units == "tensors" else 2e-4
+    if args.country and args.carbon_intensity is None and not args.no_energy:
+        from ..energy import country_intensity
+
+        try:
+            country_intensity(args.country)
+        except ValueError as error:
+            raise CliError(f"--country: {error}") from error
+        except ImportError as error:
+            raise CliError("--country needs codecarbon (pip install codecarbon), or pass --no-energy") from error
+
+
+def _check_output_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise CliError(f"output directory {path} exists and is not empty; pass --overwrite or choose another")
+
+
+def load_data(args: argparse.Namespace) -> RunData:
+    """Training and evaluation examples, and the model to load (the embedded one converted on first use)."""
+    from .data import DataError, load_examples
+    from .embedded import EMBEDDED_DATASET, EMBEDDED_MODEL, MissingResourceError, embedded_model_path
+
+    try:
+        train_examples, eval_examples = (
+            load_examples(
+                args.dataset,
+                split,
+                input_field=args.input_field,
+                target_field=args.target_field,
+                limit=limit,
+                seed=args.seed,
+            )
+            for split, limit in (("train", args.train_examples), ("eval", args.eval_examples))
+        )
+        if not train_examples or not eval_examples:
+            raise CliError(
+                f"dataset {args.dataset} gave {len(train_examples)} training and {len(eval_examples)} "
+                "evaluation examples; it needs at least one of each"
+            )
+        model_path = args.model
+        if model_path is None:
+            print("Preparing the embedded model (converted once, then cached)...", file=sys.stderr)
+            model_path = str(embedded_model_path())
+    except (DataError, MissingResourceError) as error:
+        what = "model" if isinstance(error, MissingResourceError) and "smollm2" in str(error) else "data"
+        raise CliError(f"{what}: {error}") from error
+    return RunData(
+        train_examples, eval_examples, model_path, args.model or EMBEDDED_MODEL, args.dataset or EMBEDDED_DATASET
+    )
+
+
+def tokenize(model, tokenizer, examples: Sequence, args: argparse.Namespace) -> dict:
+    """Fixed-length token columns, causal or seq2seq as the model is."""
+    from .data import tokenize_causal, tokenize_seq2seq
+
+    tokenize_examples = tokenize_seq2seq if model.config.is_encoder_decoder else tokenize_causal
+    return tokenize_examples(tokenizer, examples, args.template, args.max_source_tokens, args.max_target_tokens)
+
+
+def _announce(args: argparse.Namespace, data: RunData, columns: dict) -> None:
+    print(
+        f"Training {data.model_label} on {len(data.train)} examples of {data.data_label} "
+        f"({args.epochs} epochs, batch {args.batch_size}, sequence {columns['input_ids'].shape[1]} tokens, "
+        f"lr {args.lr}, units={args.units}, rho={args.rho}); evaluating on {len(data.eval)} held-out examples.",
+        file=sys.stderr,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- model
+def load_model(name: str, args: argparse.Namespace):
+    """Model (fp32, or 8/4-bit when asked) and tokenizer from a local directory or hub id; a pad token if missing."""
+    import torch
+    import transformers
+
+    if not Path(name).exists() and (name.startswith((".", "/", "~")) or Path(name).suffix):
+        raise CliError(f"model path {name} does not exist")
+    try:
+        config = transformers.AutoConfig.from_pretrained(name)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    except OSError as error:
+        raise CliError(
+            f"cannot load model {name!r} ({str(error).splitlines()[0]}); pass a local model directory"
+        ) from error
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if args.load_in_8bit or args.load_in_4bit:
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit
+        )
+    cls = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
+    model = cls.from_pretrained(name, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def wrap(model, args: argparse.Namespace):
+    """``get_peft_model`` with the GreenTrainer configuration the arguments describe."""
+    from peft import get_peft_model
+
+    from ..config import GreenTrainerConfig
+
+    lora = (
+        {"r": args.r, "lora_alpha": 2 * args.r, "target_modules": args.target_modules} if args.units == "lora" else {}
+    )
+    config = GreenTrainerConfig(
+        rho=args.rho,
+        units=args.units,
+        selection_interval=args.selection_interval,
+        selection_interval_steps=args.selection_interval_steps,
+        importance_batches=args.importance_batches,
+        sparse_lm_head=not args.dense_lm_head,
+        task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM",
+        **lora,
+    )
+    return get_peft_model(model, config)
+
+
+def _check_rho_floor(tuner, example: dict, rho: float) -> None:
+    """Fail before any training when no selection can fit the budget."""
+    floor = tuner.min_feasible_rho(example)
+    if rho < floor:
+        raise CliError(
+            f"rho={rho} is below this model's feasible floor {math.ceil(floor * 1e4) / 1e4:.4f} "
+            "(forward pass plus the cheapest unit); raise --rho"
+        )
+
+
+def flops_references(peft_model, example: dict) -> dict[str, Any]:
+    """Full fine-tuning FLOPs of one step of this shape: with the run's LM head (``rho``'s reference) and dense.
+
+    The dense figure is what a user would otherwise run; the same-head one isolates GreenTrainer's own saving.
+    """
+    from contextlib import nullcontext
+
+    from ..engine.profile import profile_model
+    from ..engine.units import is_trainable_dtype
+    from ..sparse_head import attached_sparse_lm_head, unsupported_reason
+
+    tuner = peft_model.base_model
+    same_head = tuner.cost_profile(example)[1]
+    head = attached_sparse_lm_head(tuner.model)
+    if head is None:
+        reason = unsupported_reason(tuner.model) or "--dense-lm-head"
+        return {"lm_head": f"dense ({reason})", "full_flops_same_head": same_head, "full_flops_dense_head": same_head}
+    if not all(is_trainable_dtype(p) for p in tuner.model.parameters()):
+        # a quantized base is budgeted against its float twin on meta, whose labels have no values: a dense head
+        return {"lm_head": "sparse", "full_flops_same_head": None, "full_flops_dense_head": same_head}
+    adapters_off = peft_model.disable_adapter() if tuner.units_kind == "lora" else nullcontext()
+    was_training = tuner.model.training
+    tuner.model.train()  # a training step's costs, as the tuner's profile measures them
+    try:
+        with head.disabled(), adapters_off:
+            dense = profile_model(tuner.model, example).full_flops
+    finally:
+        tuner.model.train(was_training)
+    return {"lm_head": "sparse", "full_flops_same_head": same_head, "full_flops_dense_head": dense}
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def training_arguments(
+    output_dir: str, *, epochs: int, batch_size: int, lr: float, seed: int, max_steps: int = -1, quiet: bool = False
+):
+    """The paper's optimizer setting (AdamW, constant learning rate) with a log line per step and no checkpoints."""
+    import torch
+    import transformers
+
+    return transformers.TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=quiet,
+        dataloader_drop_last=True,
+    )
+
+
+def train(peft_model, columns: dict, staging: Path, args: argparse.Namespace) -> TrainedRun:
+    """``transformers.Trainer`` with the GreenTrainer callback and the step meter; its scratch folder removed."""
+    import transformers
+
+    from ..callback import GreenTrainerCallback
+    from ..energy import EnergyCallback
+    from .data import TensorDataset
+    from .meter import StepMeter
+
+    scratch = staging / "trainer"
+    meter = StepMeter(every=args.measure_every)
+    energy = None if args.no_energy else EnergyCallback(args.country, args.carbon_intensity)
+    trainer = transformers.Trainer(
+        model=peft_model,
+        args=training_arguments(
+            str(scratch), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, quiet=args.quiet
+        ),
+        train_dataset=TensorDataset(columns),
+        callbacks=[GreenTrainerCallback(), meter, *([energy] if energy else [])],
+    )
+    _use_compact_progress(trainer, quiet=args.quiet)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    shutil.rmtree(scratch, ignore_errors=True)
+    return TrainedRun(trainer, meter, seconds, energy.receipt if energy else None)
+
+
+def _use_compact_progress(trainer, quiet: bool) -> None:
+    """Replace the Trainer's line-per-log progress output with one bar showing loss and the FLOPs ratio."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    if quiet:
+        trainer.pop_callback(PrinterCallback)
+        return
+
+    class CompactProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.training_bar is not None and logs:
+                postfix = {}
+                if "loss" in logs:
+                    postfix["loss"] = f"{logs['loss']:.3f}"
+                if "greentrainer/flops_ratio" in logs:
+                    postfix["flops"] = f"{logs['greentrainer/flops_ratio']:.2f}"
+                self.training_bar.set_postfix(postfix)
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(CompactProgress())
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+@dataclass
+class Evaluation:
+    scores: dict[str, float]
+    predictions: list[str]
+
+
+def evaluate(peft_model, tokenizer, examples: Sequence, args: argparse.Namespace) -> Evaluation:
+    """Greedy generations on the held-out examples and their scores (ROUGE, or exact match for QA)."""
+    from .evaluation import exact_match, generate, rouge
+
+    predictions = generate(
+        peft_model,
+        tokenizer,
+        examples,
+        args.template,
+        max_source_tokens=args.max_source_tokens,
+        max_new_tokens=args.max_target_tokens,
+        progress=not args.quiet,
+    )
+    references = [e.target for e in examples]
+    if args.task == "qa":
+        return Evaluation({"exact_match": exact_match(predictions, references)}, predictions)
+    return Evaluation(rouge(predictions, references), predictions)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def collect_metrics(
+    args: argparse.Namespace,
+    data: RunData,
+    tuner,
+    example: dict,
+    references: dict,
+    run: TrainedRun,
+    before: dict,
+    after: Evaluation,
+) -> dict:
+    """Everything the report shows, JSON-ready: settings, scores, FLOPs predicted and measured, time, selections,
+    the LM head and the energy receipt."""
+    import numpy as np
+    import torch
+
+    history = tuner.greentrainer_state.history
+    full_flops = tuner.cost_profile(example)[1]
+    dense_full = references["full_flops_dense_head"]
+    steps = run.meter.to_list()
+    for step in steps:
+        step["flops_ratio"] = step["flops"] / full_flops if step["flops"] is not None else None
+    predicted = predicted_ratio_per_step(history, run.trainer.state.global_step)
+    measured = [s["flops_ratio"] for s in steps if s["flops_ratio"] is not None]
+    selection_seconds = sum(r.seconds for r in history)
+    metrics = {
+        "model": data.model_label,
+        "dataset": data.data_label,
+        "units": args.units,
+        "rho": args.rho,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "train_examples": len(data.train),
+        "eval_examples": len(data.eval),
+        "sequence_tokens": int(example["input_ids"].shape[1]),
+        "before": before,
+        "after": after.scores,
+        "predicted_flops_ratio": float(np.mean(predicted)) if predicted else None,
+        "measured_flops_ratio": float(np.mean(measured)) if measured else None,
+        "full_finetuning_flops_per_step": full_flops,
+        "train_seconds": run.seconds,
+        "selection_seconds": selection_seconds,
+        "selection_overhead": selection_seconds / max(run.seconds, 1e-9),
+        "steps": run.trainer.state.global_step,
+        "units_total": len(tuner.unit_costs(example).units),
+        "units_selected_last": len(history[-1].selected) if history else 0,
+        "selections": [vars(r) for r in history],
+        "step_measurements": steps,
+        "final_loss": next((h["loss"] for h in reversed(run.trainer.state.log_history) if "loss" in h), None),
+        "torch_threads": torch.get_num_threads(),
+        "examples_after": [
+            {"source": e.source, "reference": e.target, "prediction": p}
+            for e, p in zip(data.eval, after.predictions, strict=True)
+        ],
+        "template": args.template,
+        "max_source_tokens": args.max_source_tokens,
+        "max_target_tokens": args.max_target_tokens,
+    }
+    counted = [s["flops"] for s in steps if s["flops"] is not None]
+    kept = [
+        h["greentrainer/lm_head_kept_share"]
+        for h in run.trainer.state.log_history
+        if "greentrainer/lm_head_kept_share" in h
+    ]
+    metrics.update(
+        {
+            "lm_head": references["lm_head"],
+            "lm_head_kept_share": float(np.mean(kept)) if kept else None,
+            "full_finetuning_dense_head_flops_per_step": dense_full,
+            "predicted_flops_ratio_vs_dense_full": (
+                metrics["predicted_flops_ratio"] * full_flops / dense_full if predicted else None
+            ),
+            "measured_flops_ratio_vs_dense_full": float(np.mean(counted)) / dense_full if counted else None,
+            "energy": energy_metrics(run.energy, same_head_to_dense=dense_full / full_flops),
+        }
+    )
+    metrics["summary_rows"] = _summary_rows(metrics)
+    return metrics
+
+
+def energy_metrics(receipt, same_head_to_dense: float) -> dict | None:
+    """The receipt, plus full fine-tuning with a dense LM head (the same-head estimate scaled by the FLOPs ratio)."""
+    if receipt is None:
+        return None
+    energy = receipt.to_dict()
+    energy["full_finetuning_dense_head_kwh"] = None
+    if receipt.full_finetuning_kwh is not None and same_head_to_dense != 1.0:
+        energy["full_finetuning_dense_head_kwh"] = receipt.full_finetuning_kwh * same_head_to_dense
+    return energy
+
+
+def predicted_ratio_per_step(history: Sequence, steps: int) -> list[float]:
+    """The predicted FLOPs ratio of the selection in force at each step (1.0 before the first selection)."""
+    predicted = []
+    for step in range(steps):
+        in_force = [r for r in history if r.step <= step]
+        predicted.append(in_force[-1].predicted_ratio if in_force else 1.0)
+    return predicted
+
+
+def _summary_rows(metrics: dict) -> list[list[str]]:
+    before, after = metrics["before"], metrics["after"]
+    measured = metrics["measured_flops_ratio"]
+    vs_dense = metrics["measured_flops_ratio_vs_dense_full"]
+    kept = metrics["lm_head_kept_share"]
+    rows = [[f"{name} before / after", f"{before[name]:.2f} / {after[name]:.2f}"] for name in after]
+    rows += [
+        ["LM head", metrics["lm_head"] + (f", on {100 * kept:.0f}% of positions" if kept is not None else "")],
+        ["FLOPs ratio predicted", f"{metrics['predicted_flops_ratio']:.3f}"],
+        ["FLOPs ratio measured", f"{measured:.3f}" if measured is not None else "not counted"],
+        ["FLOPs vs dense full fine-tuning", f"{vs_dense:.3f}" if vs_dense is not None else "not counted"],
+        ["training wall time", f"{metrics['train_seconds']:.0f} s ({metrics['steps']} steps)"],
+        ["selection overhead", f"{100 * metrics['selection_overhead']:.1f}% of training time"],
+        ["units selected (last)", f"{metrics['units_selected_last']} of {metrics['units_total']}"],
+    ]
+    return rows + _energy_rows(metrics["energy"])
+
+
+def _energy_rows(energy: dict | None) -> list[list[str]]:
+    if energy is None:
+        return [["energy", "not measured (--no-energy)"]]
+    if not energy["measured"]:
+        return [["energy", f"not measured: {energy['error']}"]]
+    rows = [
+        [
+            "energy (CodeCarbon)",
+            f"{1000 * energy['energy_kwh']:.3g} Wh, {1000 * energy['emissions_kg']:.3g} g CO2-eq ({energy['mode']})",
+        ]
+    ]
+    if energy["selection_kwh"] is not None:
+        rows.append(["energy of selections", f"{1000 * energy['selection_kwh']:.3g} Wh (by time share)"])
+    if energy["full_finetuning_kwh"] is not None:
+        rows.append(
+            [
+                "full fine-tuning, estimated",
+                f"{1000 * energy['full_finetuning_kwh']:.3g} Wh ({energy['full_finetuning_basis']}, same LM head)",
+            ]
+        )
+    if energy["full_finetuning_dense_head_kwh"] is not None:
+        rows.append(
+            [
+                "full fine-tuning, dense LM head, estimated",
+                f"{1000 * energy['full_finetuning_dense_head_kwh']:.3g} Wh (FLOPs ratio)",
+            ]
+        )
+    return rows
+
+
+def write_run_report(staging: Path, metrics: dict, tuner, example: dict, run: TrainedRun) -> None:
+    """metrics.json, the three plots and report.md."""
+    from .report import write_report
+
+    history = tuner.greentrainer_state.history
+    write_report(
+        staging,
+        metrics,
+        metrics["summary_rows"],
+        [u.name for u in tuner.unit_costs(example).units],
+        [r.selected for r in history],
+        metrics["step_measurements"],
+        predicted_ratio_per_step(history, metrics["steps"]),
+        run.trainer.state.log_history,
+    )
+
+
+def _print_summary(metrics: dict, output_dir: Path) -> None:
+    from .report import markdown_table
+
+    print(markdown_table(["GreenTrainer", "result"], metrics["summary_rows"]))
+    print(f"Adapter, report.md, metrics.json and plots written to {output_dir}/")

@@ -1,0 +1,171 @@
+"""The sparse LM head gives the dense loss and gradients, runs less, and the cost profile, budget and floor see it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import transformers
+from conftest import VOCAB, tiny_model
+from peft import get_peft_model
+
+from peft_greentrainer import GreenTrainerConfig, enable_sparse_lm_head, sparse_lm_loss
+from peft_greentrainer.engine.profile import measure_flops
+from peft_greentrainer.sparse_head import attached_sparse_lm_head, next_token_targets
+
+CAUSAL = ["llama", "opt", "bloom", "gpt2"]
+
+
+def _ragged_batch(seed: int = 3) -> dict[str, torch.Tensor]:
+    """Prompts of different lengths masked, right padding masked, and one row with no label at all."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (4, 20), generator=generator)
+    labels = ids.clone()
+    labels[0, :7] = -100  # prompt
+    labels[1, :12] = -100
+    labels[1, 17:] = -100  # padding
+    labels[2, :] = -100  # nothing to learn in this row
+    labels[3, :2] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _packed_batch(seed: int = 4) -> dict[str, torch.Tensor]:
+    """Three sequences flattened into one row by transformers' padding-free collator (position_ids restart)."""
+    generator = torch.Generator().manual_seed(seed)
+    features = []
+    for length, prompt in ((9, 4), (6, 6), (11, 3)):
+        ids = torch.randint(3, VOCAB, (length,), generator=generator).tolist()
+        features.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return dict(transformers.DataCollatorWithFlattening(return_tensors="pt")(features))
+
+
+def _loss_and_grads(model, compute) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    torch.manual_seed(0)  # the same dropout masks for both heads (the body runs the same ops)
+    loss = compute()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(dense, sparse) -> None:
+    (dense_loss, dense_grads), (sparse_loss, sparse_grads) = dense, sparse
+    assert torch.allclose(sparse_loss, dense_loss, rtol=0, atol=1e-6), (sparse_loss, dense_loss)
+    assert dense_grads.keys() == sparse_grads.keys()
+    for name, grad in dense_grads.items():
+        assert torch.allclose(sparse_grads[name], grad, rtol=0, atol=1e-6), name
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+@pytest.mark.parametrize("make_batch", [_ragged_batch, _packed_batch], ids=["ragged", "packed"])
+@pytest.mark.parametrize("num_items", [None, 40], ids=["mean", "num_items_in_batch"])
+def test_loss_and_gradients_equal_the_dense_head(arch, make_batch, num_items):
+    model = tiny_model(arch)
+    batch = make_batch()
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    dense = _loss_and_grads(model, lambda: model(**batch, **extra).loss)
+    _assert_same(dense, _loss_and_grads(model, lambda: sparse_lm_loss(model, batch, num_items_in_batch=num_items)))
+    head = enable_sparse_lm_head(model)  # the same computation as a hook on the model's own forward
+    try:
+        _assert_same(dense, _loss_and_grads(model, lambda: model(**batch, **extra).loss))
+        kept, _ = next_token_targets(batch["labels"])
+        assert head.kept_share == pytest.approx(kept.float().mean().item())
+        outputs = model(**batch)
+        assert outputs.logits.shape == (int(kept.sum()), VOCAB)  # only the kept rows were projected
+        assert outputs.to_tuple()[0].ndim == 0  # the loss keeps its first slot
+    finally:
+        head.remove()
+    assert attached_sparse_lm_head(model) is None
+
+
+def test_the_head_runs_only_on_kept_positions_and_evaluation_stays_dense():
+    model = tiny_model("llama")
+    batch = _ragged_batch()
+    dense_forward, dense_backward = measure_flops(model, batch)
+    head = enable_sparse_lm_head(model)
+    sparse_forward, sparse_backward = measure_flops(model, batch)
+    head_flops = 2 * model.config.hidden_size * VOCAB  # per projected position
+    positions = batch["input_ids"].numel()
+    kept = int(next_token_targets(batch["labels"])[0].sum())
+    assert dense_forward - sparse_forward == (positions - kept) * head_flops
+    assert sparse_backward < dense_backward
+    model.eval()
+    assert model(**batch).logits.shape == (*batch["input_ids"].shape, VOCAB)  # metric code sees dense logits
+    assert enable_sparse_lm_head(model) is head  # attaching twice keeps one head
+
+
+def test_models_it_cannot_be_exact_for_stay_dense_with_one_log_line(caplog):
+    model = tiny_model("t5")
+    batch = {"input_ids": torch.randint(3, VOCAB, (2, 10)), "labels": torch.randint(3, VOCAB, (2, 6))}
+    with caplog.at_level(logging.INFO, logger="peft_greentrainer.sparse_head"):
+        assert enable_sparse_lm_head(model) is None
+    lines = [r for r in caplog.records if r.name == "peft_greentrainer.sparse_head"]
+    assert len(lines) == 1 and "stays dense" in lines[0].getMessage() and "T5" in lines[0].getMessage()
+    torch.manual_seed(0)
+    dense = model(**batch).loss
+    torch.manual_seed(0)
+    assert torch.equal(sparse_lm_loss(model, batch), dense)  # the helper falls back to the model's own loss
+
+
+def test_trainer_with_the_helper_trains_like_the_dense_trainer(tmp_path):
+    """Full fine-tuning through ``Trainer.compute_loss`` with gradient accumulation (``num_items_in_batch``)."""
+
+    class SparseHeadTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return sparse_lm_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    rows = [{k: v[i] for k, v in _ragged_batch(seed).items()} for seed in range(2) for i in range(4)]
+    models = {}
+    for name, trainer_class in (("dense", transformers.Trainer), ("sparse", SparseHeadTrainer)):
+        model = tiny_model("llama")
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / name),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=2,
+            learning_rate=1e-2,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = trainer_class(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        models[name] = (model, [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h])
+    (dense, dense_loss), (sparse, sparse_loss) = models["dense"], models["sparse"]
+    assert sparse_loss == pytest.approx(dense_loss, abs=1e-6)
+    for (name, p), q in zip(dense.named_parameters(), sparse.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_tuner_profiles_budgets_and_measures_the_sparse_head(units):
+    """On by default: the profile predicts the FLOPs that run, and the floor drops with the head's work."""
+    batch = _ragged_batch()
+    found = {}
+    for sparse in (False, True):
+        model = tiny_model("llama")
+        extra = {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]} if units == "lora" else {}
+        config = GreenTrainerConfig(rho=0.7, units=units, sparse_lm_head=sparse, **extra)
+        tuner = get_peft_model(model, config).base_model
+        assert (attached_sparse_lm_head(tuner.model) is not None) == sparse
+        optimizer = torch.optim.AdamW([p for p in tuner.model.parameters() if p.requires_grad])
+        selection = tuner.select_units([batch], optimizer)
+        trainable = [n for n, p in tuner.model.named_parameters() if p.requires_grad]
+        forward, backward = measure_flops(tuner.model, batch, trainable)
+        if sparse:  # one row with the most labels stands for every row: an upper bound on ragged batches
+            assert forward + backward <= selection.flops <= 1.05 * (forward + backward)
+        else:
+            assert selection.flops == pytest.approx(forward + backward, rel=1e-9)  # predicted = counted
+        found[sparse] = (tuner.unit_costs(batch), tuner.min_feasible_rho(batch))
+    (dense_costs, dense_floor), (sparse_costs, sparse_floor) = found[False], found[True]
+    assert sparse_costs.forward_flops < dense_costs.forward_flops
+    assert sparse_costs.full_flops < dense_costs.full_flops
+    assert sparse_floor < dense_floor
+
+
+def test_config_validates_the_option():
+    assert GreenTrainerConfig().sparse_lm_head is True
+    with pytest.raises(ValueError, match="sparse_lm_head must be True or False"):
+        GreenTrainerConfig(sparse_lm_head="yes")
