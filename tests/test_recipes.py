@@ -327,6 +327,7 @@ def test_trl_sft_trainer(checkpoint, packing, units, rho, tmp_path):
     """SFTTrainer builds the PEFT model from peft_config; prompt/completion data trains on the completion only;
     packing=True gives padding-free batches (one row of the packed sequences, position_ids per document)."""
     import trl  # a test dependency (pyproject's "test" extra)
+
     tokenizer = _tokenizer(checkpoint)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
