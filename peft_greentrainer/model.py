@@ -444,10 +444,17 @@ class GreenTrainerModel(LoraModel):
         keys = sorted((k for k in self._shape_costs if k[1] == signature), key=repr)
         return cost_envelope([self._shape_costs[k] for k in keys]), keys
 
+    def _scaled_rho(self, envelope: UnitCosts) -> tuple[float, float]:
+        """``(rho', span)`` for the selector: the envelope's units are fractions of full fine-tuning, but the selector
+        wants a reference covering every unit, which the envelope's maxima can exceed; rho' x span is the budget."""
+        span = max(1.0, envelope.predicted_flops(np.ones(len(envelope.units), dtype=bool)))
+        return self.greentrainer_config.rho / span, span
+
     def _check_feasible(self, envelope: UnitCosts, keys: list[tuple]) -> None:
         rho = self.greentrainer_config.rho
         floor = float(min_unit_costs(envelope.t_dw, envelope.t_dy, envelope.forward_flops, envelope.dy_head).min())
-        if rho >= 1 or rho >= floor:
+        scaled, span = self._scaled_rho(envelope)
+        if rho >= 1 or scaled * span >= floor:  # the selector's own test
             return
         advice = math.ceil(floor * 10_000) / 10_000  # rounded up, so that following the advice is feasible
         while advice < floor:
@@ -460,10 +467,10 @@ class GreenTrainerModel(LoraModel):
 
     def _feasible(self, envelope: UnitCosts) -> np.ndarray:
         """Units that fit the budget on their own (the cheapest selection with each as the deepest)."""
-        rho = self.greentrainer_config.rho
-        if rho >= 1:
+        if self.greentrainer_config.rho >= 1:
             return np.ones(len(envelope.units), dtype=bool)
-        return min_unit_costs(envelope.t_dw, envelope.t_dy, envelope.forward_flops, envelope.dy_head) <= rho
+        scaled, span = self._scaled_rho(envelope)
+        return min_unit_costs(envelope.t_dw, envelope.t_dy, envelope.forward_flops, envelope.dy_head) <= scaled * span
 
     def _mask(self, costs: UnitCosts) -> np.ndarray:
         selected = set(self.greentrainer_state.selected)
@@ -574,15 +581,13 @@ class GreenTrainerModel(LoraModel):
         if config.rho >= 1:
             mask = every
         else:
-            # the envelope's units are fractions of full fine-tuning; the selector wants a reference that covers
-            # training every unit, which the envelope's maxima can exceed: scale rho alike (the budget is still rho)
-            span = max(1.0, envelope.predicted_flops(every))
+            scaled, span = self._scaled_rho(envelope)
             mask = select_units(
                 importance,
                 envelope.t_dw,
                 envelope.t_dy,
                 envelope.forward_flops,
-                config.rho / span,
+                scaled,
                 full_flops=span,
                 dy_head=envelope.dy_head,
                 resolution=config.dp_resolution,

@@ -262,6 +262,7 @@ def test_gradient_accumulation_with_dynamic_padding(checkpoint, tmp_path):
 
 
 # --------------------------------------------------------------------------- the two padding collators
+@pytest.mark.slow
 def test_seq2seq_collator_on_an_encoder_decoder(t5_checkpoint, tmp_path):
     """Source and target lengths both vary: the costs of each (source, target) shape pair are profiled."""
     tokenizer = _tokenizer(t5_checkpoint)
@@ -321,11 +322,13 @@ def _prompt_completion(n: int = 32) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("packing", "units", "rho"), [(False, "tensors", RHO), (True, "lora", 0.75)])
 def test_trl_sft_trainer(checkpoint, packing, units, rho, tmp_path):
     """SFTTrainer builds the PEFT model from peft_config; prompt/completion data trains on the completion only;
     packing=True gives padding-free batches (one row of the packed sequences, position_ids per document)."""
-    trl = pytest.importorskip("trl")
+    import trl  # a test dependency (pyproject's "test" extra)
+
     tokenizer = _tokenizer(checkpoint)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
@@ -447,6 +450,7 @@ def test_optimizers(checkpoint, optim, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- resume
+@pytest.mark.slow
 @pytest.mark.parametrize("units", ["tensors", "lora"])
 def test_resume_from_a_checkpoint_with_dynamic_padding(checkpoint, units, tmp_path):
     tokenizer = _tokenizer(checkpoint)
