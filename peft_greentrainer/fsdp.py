@@ -181,7 +181,8 @@ def _twin(tuner):
 
     Fake tensors (``FakeTensorMode``) hold no memory, like ``meta`` ones, but keep the device: kernels are chosen as
     on the real model (SDPA runs its fused CPU/CUDA op, whose backward FlopCounterMode counts as 2.5x its forward,
-    where ``meta`` falls back to the math path and counts 2x), so the profile predicts the real step exactly.
+    where ``meta`` falls back to the math path and counts 2x), so the profile predicts the real step exactly. Built on
+    ``meta`` (as PEFT's adapter injection needs real ``.to()`` moves), then every tensor is made fake on the device.
     """
     if _TWIN_KEY not in tuner.__dict__:
         import copy
@@ -195,14 +196,34 @@ def _twin(tuner):
         # with a KV cache transformers skips a data-dependent mask check that fake tensors cannot run; the cache only
         # keeps keys and values, it adds no FLOPs
         config.use_cache = True
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with mode, next(tuner.model.parameters()).device:
+        with torch.device("meta"):
             base = unsharded_class(tuner.model)(config)
-            twin = get_peft_model(base, copy.deepcopy(tuner.greentrainer_config)).base_model
+        twin = get_peft_model(base, copy.deepcopy(tuner.greentrainer_config)).base_model
         twin.__dict__["_step_hook"].remove()  # the twin never trains
         keep_backprop_shallow(twin.model, quiet=True)
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        _make_fake(twin, mode, next(tuner.model.parameters()).device)
         tuner.__dict__[_TWIN_KEY] = (twin, mode)
     return tuner.__dict__[_TWIN_KEY]
+
+
+def _make_fake(module: nn.Module, mode, device: torch.device) -> None:
+    """Replace each ``meta`` parameter and buffer of ``module`` by a fake tensor on ``device`` (tied ones stay tied)."""
+    fakes: dict[int, torch.Tensor] = {}
+
+    def fake(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in fakes:
+            value = mode.fake_tensor_converter.from_meta_and_device(mode, tensor.detach(), device)
+            if isinstance(tensor, nn.Parameter):
+                value = nn.Parameter(value, requires_grad=tensor.requires_grad)
+            fakes[id(tensor)] = value
+        return fakes[id(tensor)]
+
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, tensor in list(store.items()):
+                if tensor is not None and tensor.device.type == "meta":
+                    store[name] = fake(tensor)
 
 
 def _checkpointed(model: nn.Module) -> set[str]:

@@ -46,15 +46,19 @@ class CountingTrainer(Trainer):
 
     steps: list[tuple[int, float, float]]
     freeze_before_wrap = False
+    resuming = False
 
     def create_optimizer(self, model=None):
-        """--freeze-before-train: AdamW over every candidate, then all but the first unit frozen before wrapping."""
+        """--freeze-before-train: AdamW over every candidate, then all but the first unit frozen before FSDP wraps the
+        model (the Trainer refuses a user's optimizer under FSDP). Not when resuming: the checkpoint's optimizer state
+        is loaded for the parameters that require grad then (as in any resumed GreenTrainer run, all candidates)."""
         if not self.freeze_before_wrap:
             return super().create_optimizer(model)
         tuner = self.model.base_model
         params = [p for unit in tuner.candidate_units() for p in unit.parameters(tuner.model)]
         self.optimizer = torch.optim.AdamW(params, lr=self.args.learning_rate, eps=self.args.adam_epsilon)
-        tuner.restore_selection([tuner.candidate_units()[0].name])
+        if not self.resuming:
+            tuner.restore_selection([tuner.candidate_units()[0].name])
         return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -129,7 +133,7 @@ def main() -> None:
         data_collator=collate,
         callbacks=[GreenTrainerCallback(), recorder],
     )
-    trainer.steps, trainer.freeze_before_wrap = [], cli.freeze_before_train
+    trainer.steps, trainer.freeze_before_wrap, trainer.resuming = [], cli.freeze_before_train, bool(cli.resume)
     if cli.mixed_precision:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -159,14 +163,17 @@ def main() -> None:
         "steps": trainer.steps,
         "full_predicted": tuner.cost_profile(batch)[1],
         "shard_dtypes": sorted({str(p.dtype) for p in root.parameters()}),
+        "local_values": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in root.parameters()),
+        "total_values": sum(p.numel() for p in root.parameters()),
         "compute_dtypes": sorted(compute_dtypes),
         "trained_tensors": list(tuner.greentrainer_state.trained_tensors),
+        "importance": dict(tuner.greentrainer_state.importance),
     }
     ranks = gather(per_rank)
     if rank == 0:
         reference = tiny_model("llama")
         if cli.activation_checkpointing:
-            reference.gradient_checkpointing_enable({"use_reentrant": False})
+            reference.activation_checkpointing_enable({"use_reentrant": False})
         full_measured = sum(measure_flops(reference, batch, [n for n, _ in reference.named_parameters()]))
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         payload = {"state": state, "ranks": ranks, "losses": losses, "world_size": world_size}

@@ -78,6 +78,7 @@ def main() -> None:
     )
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--fsdp", default="", help="TrainingArguments(fsdp=...), e.g. 'full_shard'")
+    parser.add_argument("--fsdp-version", type=int, default=None, help="fsdp_config={'version': ...}")
     parser.add_argument("--deepspeed", default=None, help="TrainingArguments(deepspeed=...)")
     cli = parser.parse_args()
 
@@ -118,6 +119,7 @@ def main() -> None:
         ddp_static_graph=cli.static_graph or None,
         activation_checkpointing=cli.activation_checkpointing,
         fsdp=cli.fsdp,
+        fsdp_config={"version": cli.fsdp_version} if cli.fsdp_version else None,
         deepspeed=cli.deepspeed,
     )
     recorder = Recorder()
