@@ -109,7 +109,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 tuner.greentrainer_state = GreenTrainerState.from_dict(self.saved_state)
             tuner.restore_selection(self.selected)
             if fsdp.is_sharded(tuner.model):
-                fsdp.finish_resume(tuner, kwargs.get("optimizer"))
+                fsdp.finish_resume(kwargs.get("optimizer"))
             logger.info(
                 "GreenTrainer resumed the selection of %d units at step %d.", len(self.selected), state.global_step
             )

@@ -122,6 +122,34 @@ def canonical_units(units: Iterable[Unit]) -> list[Unit]:
     ]
 
 
+@contextmanager
+def without_checkpoint_wrappers(model: nn.Module) -> Iterator[None]:
+    """While active, every activation-checkpointing wrapper in ``model`` is replaced by the module it wraps.
+
+    PEFT finds a LoRA adapter's state dict keys by module names, which under the FSDP config's activation
+    checkpointing contain ``_checkpoint_wrapped_module.`` while the state dict's keys do not (the wrapper strips them):
+    saving would drop the adapters of every wrapped layer, and loading would not find them. Nothing runs a forward
+    meanwhile; the wrappers (and FSDP's state on them) are put back as they were.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
+
+    swapped = []
+    try:
+        found = True
+        while found:  # nested wrappers (offloading around checkpointing) come off one level per pass
+            found = False
+            for module in list(model.modules()):
+                for name, child in list(module._modules.items()):
+                    if isinstance(child, ActivationWrapper):
+                        module._modules[name] = child._checkpoint_wrapped_module
+                        swapped.append((module, name, child))
+                        found = True
+        yield
+    finally:
+        for module, name, child in reversed(swapped):
+            module._modules[name] = child
+
+
 # ------------------------------------------------------------------------------------------------ set-up
 def check_model(model: nn.Module) -> None:
     """Refuse what GreenTrainer cannot do under FSDP2, before any data is loaded."""
@@ -496,29 +524,28 @@ def finish_checkpoint(tuner) -> None:
         optimizer.state.pop(param, None)
 
 
-def finish_resume(tuner, optimizer: torch.optim.Optimizer | None) -> None:
+def finish_resume(optimizer: torch.optim.Optimizer | None) -> None:
     """After resuming from a checkpoint: drop the fresh states :func:`prepare_checkpoint` saved (step 0), so that
-    memory and the trained tensors are as in the uninterrupted run (an optimizer recreates them at its first step),
-    and warn if trained tensors came back without their state."""
+    memory and the trained tensors are as in the uninterrupted run (an optimizer recreates them at its first step).
+
+    Loading gives every parameter that required grad a state (the checkpoint holds one for each); a parameter without
+    one did not require grad then, and its saved state was not loaded: that is warned about.
+    """
     inner = _unwrap(optimizer)
-    if inner is None:
+    if inner is None or type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
         return
-    if type(inner) in (torch.optim.Adam, torch.optim.AdamW):
-        for param, state in list(inner.state.items()):
-            step = state.get("step")
-            if step is not None and float(step) == 0:
-                del inner.state[param]
-    held = {id(p) for group in inner.param_groups for p in group["params"]}
-    params = {name: tuner.model.get_parameter(name) for name in tuner.greentrainer_state.trained_tensors}
-    lost = [name for name, p in params.items() if id(p) in held and not inner.state.get(p)]
-    if lost and type(inner) is not torch.optim.SGD:
+    skipped = sum(1 for group in inner.param_groups for p in group["params"] if not inner.state.get(p))
+    if skipped:
         logger.warning(
-            "GreenTrainer resumed %d trained tensor(s) without optimizer state (e.g. %s): torch.distributed.checkpoint "
-            "loads the state of parameters that require grad when training resumes only. Keep every candidate "
-            "trainable until Trainer.train() starts (do not freeze units before it).",
-            len(lost),
-            lost[0],
+            "GreenTrainer resumed without the optimizer state of %d tensor(s): torch.distributed.checkpoint loads "
+            "the state of parameters that require grad when training resumes only. Keep every candidate trainable "
+            "until Trainer.train() starts (do not freeze units before it).",
+            skipped,
         )
+    for param, state in list(inner.state.items()):
+        step = state.get("step")
+        if step is not None and float(step) == 0:
+            del inner.state[param]
 
 
 def _unwrap(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:

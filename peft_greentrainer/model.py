@@ -706,8 +706,9 @@ class GreenTrainerModel(LoraModel):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        if config.units == "lora":
-            return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if config.units == "lora":  # PEFT finds LoRA keys by module names, which must be the state dict's (fsdp.py)
+            with fsdp.without_checkpoint_wrappers(model):
+                return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         tuner = getattr(model, "base_model", model)
         state = tuner.greentrainer_state
         trained = state.trained_tensors
@@ -722,7 +723,8 @@ class GreenTrainerModel(LoraModel):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         if config.units == "lora":
-            return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+            with fsdp.without_checkpoint_wrappers(model):
+                return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         tuner = getattr(model, "base_model", model)
         params = {fsdp.canonical_name(n): p for n, p in tuner.model.named_parameters(remove_duplicate=False)}
         mismatched = []

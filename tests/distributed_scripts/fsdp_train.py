@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--rho", type=float, default=0.5)
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 through TrainingArguments")
     parser.add_argument("--state-dict-type", default="FULL_STATE_DICT", help="checkpoint format under FSDP2")
-    parser.add_argument("--activation-checkpointing", action="store_true", help="through the FSDP config")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="through the FSDP config under FSDP")
     parser.add_argument("--mixed-precision", action="store_true", help="bf16 parameters, fp32 gradient reduction")
     parser.add_argument("--save-steps", type=int, default=0)
     parser.add_argument("--resume", default=None)
@@ -98,6 +98,8 @@ def main() -> None:
     model = get_peft_model(tiny_model("llama"), config)
     tuner = model.base_model
     sharding = {}
+    if cli.activation_checkpointing and not cli.fsdp:  # the single-process reference: transformers' own
+        sharding = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
     if cli.fsdp:
         fsdp_config = {
             "version": 2,
