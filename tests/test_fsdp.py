@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -209,10 +210,10 @@ def test_fsdp_example_runs_with_its_accelerate_config(tmp_path):
     command = [*launch, "--main_process_port", str(_free_port()), *script]
     result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if "trained" in line)
-    assert lines["rank 0"] == lines["rank 1"]  # the same selection
-    holds = [line.split() for line in result.stdout.splitlines() if " holds " in line]
-    assert len(holds) == 2 and all(int(words[3]) < int(words[5]) for words in holds)  # each rank holds shards
+    selections = dict(re.findall(r"rank (\d): (trained \d+ of \d+ units at [\d.]+x FLOPs)", result.stdout))
+    assert selections.keys() == {"0", "1"} and selections["0"] == selections["1"]  # the same selection
+    holds = re.findall(r"rank \d holds (\d+) of (\d+) parameter values", result.stdout)
+    assert len(holds) == 2 and all(int(local) < int(total) for local, total in holds)  # each rank holds shards
     directory = tmp_path / "greentrainer-example" / "adapter-fsdp"
     sys.path.insert(0, str(ROOT / "examples"))
     try:
