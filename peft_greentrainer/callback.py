@@ -9,7 +9,8 @@ fine-tuning at that shape (``greentrainer/flops_ratio_max``: the largest since t
 
 Under ``torchrun`` / ``accelerate launch`` every rank makes the same selection at the same step (see ``ranks.py``
 and ``distributed.py``): importance is evaluated on the global batches, sharded across ranks, and the Trainer's DDP
-wrapper is set up to reduce whichever units are trained.
+wrapper is set up to reduce whichever units are trained. Under FSDP2 (``fsdp.py``) importance runs through the FSDP
+root on the local shards, and checkpoints are made to hold every unit and optimizer state a resumed run needs.
 """
 
 from __future__ import annotations

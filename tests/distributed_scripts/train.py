@@ -119,7 +119,8 @@ def main() -> None:
         ddp_static_graph=cli.static_graph or None,
         activation_checkpointing=cli.activation_checkpointing,
         fsdp=cli.fsdp,
-        fsdp_config={"version": cli.fsdp_version} if cli.fsdp_version else None,
+        # FSDP1 syncs module states through an accelerator device, which a CPU run lacks
+        fsdp_config={"version": cli.fsdp_version, "sync_module_states": False} if cli.fsdp_version else None,
         deepspeed=cli.deepspeed,
     )
     recorder = Recorder()
