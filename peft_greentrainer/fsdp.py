@@ -6,19 +6,21 @@ a plain frozen parameter, and FSDP copies ``requires_grad`` onto the unsharded p
 selections work as they do without sharding. Three parts of GreenTrainer cannot run on the shards themselves:
 
 * **The cost profile** is one forward pass over the registered parameters, which FSDP2 refuses outside its own forward
-  ("got mixed torch.Tensor and DTensor"). It is measured on a non-sharded twin of the model on the ``meta`` device (no
-  memory, no data), built like the quantized path's float twin, with the same ``GreenTrainerConfig``, the same train /
-  eval modes and the same checkpointed blocks (activation checkpointing from the FSDP config wraps blocks in
-  ``CheckpointWrapper``, which the twin reproduces with transformers' own non-reentrant checkpointing).
+  ("got mixed torch.Tensor and DTensor"). It is measured on a non-sharded twin of the model made of fake tensors on
+  the real device (no memory, no data; ``meta`` would run other attention kernels, see :func:`_twin`), with the same
+  ``GreenTrainerConfig``, the same train / eval modes and the same checkpointed blocks (activation checkpointing from
+  the FSDP config wraps blocks in ``CheckpointWrapper``, which the twin reproduces with transformers' own non-reentrant
+  checkpointing).
 * **Importance** needs the gradient of the global batch. ``torch.autograd.grad`` cannot reach the sharded parameters
   (the graph holds the unsharded copies), so each importance batch runs ``.backward()`` through the FSDP root: FSDP
   reduce-scatters the gradient, each rank receives the global batch's gradient for its shard, and ``-sum(g * delta_w)``
   is summed over the local shard with the optimizer's own state shard (``optimizer_update`` on DTensors is elementwise,
   so it stays local). One all-reduce of these partial sums gives every rank the exact importance of every unit; no
   gradient is gathered in full. ``.grad`` and ``requires_grad`` are restored afterwards.
-* **Names**: activation checkpointing inserts ``_checkpoint_wrapped_module.`` into parameter names. Units keep the
-  names of the unwrapped model (as accelerate's ``fsdp2_canonicalize_names`` maps them), which still resolve through
-  the wrappers and match the twin and the saved state dicts.
+* **Names**: activation checkpointing inserts ``_checkpoint_wrapped_module.`` into parameter and module names, not
+  into state dict keys. Units keep the names of the unwrapped model (as accelerate's ``fsdp2_canonicalize_names`` maps
+  them), which still resolve through the wrappers and match the twin and the state dicts; PEFT's LoRA key lookup, by
+  module name, runs with the wrappers taken off (:func:`without_checkpoint_wrappers`).
 
 What ``FlopCounterMode`` sees under FSDP2: each rank's own compute on its local batch over the unsharded parameters,
 identical on every rank (the same as DDP). All-gathers and reduce-scatters move data and count no FLOPs. So the
@@ -26,10 +28,8 @@ budget is per rank, and a rank's count is what the profile predicts for the per-
 
 Saving: :func:`save_adapter` gathers only the adapter's tensors (one all-gather each, all ranks take part) and rank 0
 writes them atomically as a normal adapter that ``PeftModel.from_pretrained`` loads in one process. Trainer
-checkpoints go through accelerate: with ``SHARDED_STATE_DICT`` every rank writes its shards of every candidate unit,
-and with ``FULL_STATE_DICT`` accelerate keeps only parameters that require grad, so every candidate is marked
-trainable while a checkpoint is written (no gradient exists then; nothing trains) and the selection is restored
-right after (:func:`checkpoint_flags`).
+checkpoints go through accelerate and ``torch.distributed.checkpoint``; :func:`prepare_checkpoint` makes them hold every
+unit (also those trained earlier and frozen now) and an optimizer state for every parameter, which resuming requires.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ __all__ = [
     "canonical_units",
     "compute_importance",
     "configured_version",
+    "full_adapter_state_dict",
     "is_sharded",
     "save_adapter",
 ]
