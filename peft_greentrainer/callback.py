@@ -9,7 +9,8 @@ fine-tuning at that shape (``greentrainer/flops_ratio_max``: the largest since t
 
 Under ``torchrun`` / ``accelerate launch`` every rank makes the same selection at the same step (see ``ranks.py``
 and ``distributed.py``): importance is evaluated on the global batches, sharded across ranks, and the Trainer's DDP
-wrapper is set up to reduce whichever units are trained.
+wrapper is set up to reduce whichever units are trained. Under FSDP2 (``fsdp.py``) importance runs through the FSDP
+root on the local shards, and checkpoints are made to hold every unit and optimizer state a resumed run needs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 
-from . import distributed, ranks
+from . import distributed, fsdp, ranks
 from .model import GreenTrainerModel, GreenTrainerState, find_tuner
 from .sparse_head import attached_sparse_lm_head
 
@@ -82,7 +83,8 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, **kwargs):
-        distributed.check_backend(args)  # FSDP / DeepSpeed: fail at Trainer(...) rather than after loading data
+        # FSDP1 / DeepSpeed, or a model FSDP2 cannot serve: fail at Trainer(...) rather than after loading data
+        distributed.check_backend(args, kwargs.get("model"))
         self._report_before_integrations()
         model = kwargs.get("model")
         if model is not None and not self._rebuilt:
@@ -108,6 +110,8 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
             if self.saved_state:
                 tuner.greentrainer_state = GreenTrainerState.from_dict(self.saved_state)
             tuner.restore_selection(self.selected)
+            if fsdp.is_sharded(tuner.model):
+                fsdp.finish_resume(kwargs.get("optimizer"))
             logger.info(
                 "GreenTrainer resumed the selection of %d units at step %d.", len(self.selected), state.global_step
             )
@@ -116,6 +120,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         tuner = find_tuner(kwargs["model"])
+        fsdp.finish_checkpoint(tuner)
         if tuner.greentrainer_config.selection_interval_steps is not None:
             return
         epoch = math.floor((state.epoch or 0.0) + 1e-6)
@@ -124,6 +129,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         tuner = find_tuner(kwargs["model"])
+        fsdp.finish_checkpoint(tuner)
         tuner.note_training_position(state.global_step, float(state.epoch or 0.0))
         interval = tuner.greentrainer_config.selection_interval_steps
         if interval is None or state.global_step == self.last_selection_step:
@@ -138,6 +144,15 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         if history and len((self.saved_state or {}).get("history", [])) != len(history):
             self.selected = list(tuner.greentrainer_state.selected)
             self.saved_state = tuner.greentrainer_state.to_dict()
+        if control.should_save or control.should_evaluate:  # FSDP2: what a checkpoint must hold (fsdp.py)
+            fsdp.prepare_checkpoint(tuner, kwargs.get("optimizer"))
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if control.should_save or control.should_evaluate:
+            fsdp.prepare_checkpoint(find_tuner(kwargs["model"]), kwargs.get("optimizer"))
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        fsdp.finish_checkpoint(find_tuner(kwargs["model"]))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or kwargs.get("model") is None:
@@ -175,8 +190,11 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
 
     @staticmethod
     def _prepare_distributed(args: TrainingArguments, model: torch.nn.Module, tuner: GreenTrainerModel) -> None:
-        """Refuse FSDP / DeepSpeed; make the DDP wrapper reduce every unit a selection may train (every rank)."""
+        """Refuse FSDP1 / DeepSpeed; make the DDP wrapper reduce every unit a selection may train (every rank)."""
         distributed.check_backend(args, model)
+        if fsdp.is_sharded(model):  # FSDP2 reduces whatever requires grad; importance must enter through its root
+            fsdp.attach(tuner, model)
+            return
         if not ranks.is_distributed():
             return
         ddp = distributed.find_ddp(model)
@@ -206,7 +224,8 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         )
         # each rank evaluates its share of the global batches; averaged gradients make the importance that of the
         # global batch, the same on every rank (a no-op in a single process)
-        with ranks.gradients_averaged_across_ranks(distributed.candidate_parameters(tuner)):
+        averaged = [] if fsdp.is_sharded(tuner.model) else distributed.candidate_parameters(tuner)  # FSDP2 averages
+        with ranks.gradients_averaged_across_ranks(averaged):
             tuner.select_units(
                 batches,
                 kwargs.get("optimizer"),

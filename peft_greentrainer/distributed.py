@@ -26,11 +26,10 @@ what gets cheaper). With dynamic padding the ranks see different shapes: before 
 costs of shapes new to any of them (``model.py``), so all select against the same shapes, and the selection is
 checked to agree (:func:`~peft_greentrainer.ranks.check_agreement`).
 
-FSDP (1 and 2) and DeepSpeed are refused with an error that names the configuration that works. Their registered
-parameters are shards (DTensor shards, flat parameters, ZeRO partitions) while the forward runs on gathered copies, so
-the cost profile (a forward over the registered parameters), the importance (gradients of the registered parameters,
-optimizer state per shard) and the freezing all miss what they measure; FSDP2 itself trains on CPU with gloo, but the
-profile then fails with "got mixed torch.Tensor and DTensor".
+FSDP2 (``fully_shard``, FSDP version 2 in the Trainer or accelerate config) is supported by ``fsdp.py``. FSDP1 and
+DeepSpeed are refused with an error that names FSDP2: their registered parameters are flat parameters or ZeRO
+partitions while the forward runs on gathered copies, and their optimizers keep state in their own layouts, so the
+cost profile, the importance and per-tensor freezing would miss what they measure.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
+from . import fsdp
 from .model import GreenTrainerModel, find_tuner
 from .ranks import gradients_averaged_across_ranks, importance_shard, is_distributed, rank_and_world_size
 
@@ -64,20 +64,21 @@ __all__ = [  # the rank helpers live in ranks.py; re-exported here for plain loo
 
 SUPPORTED = (
     "GreenTrainer supports multi-process training with DistributedDataParallel, which is what transformers.Trainer "
-    "uses under `torchrun` / `accelerate launch` when neither FSDP nor DeepSpeed is configured."
+    "uses under `torchrun` / `accelerate launch` when neither FSDP nor DeepSpeed is configured, and with FSDP2, which "
+    'shards parameters, gradients and optimizer state across processes (TrainingArguments(fsdp="full_shard", '
+    'fsdp_config={"version": 2}) or `fsdp_version: 2` in the accelerate config).'
 )
 
 
 # ------------------------------------------------------------------------------------------- configuration
 def unsupported_backend(args: Any = None) -> str | None:
-    """``"FSDP"`` / ``"DeepSpeed"`` when the job is configured for it (Trainer arguments or ``accelerate launch``)."""
+    """``"FSDP1"`` / ``"DeepSpeed"`` when the job is configured for it (Trainer arguments or ``accelerate launch``)."""
     if args is not None and getattr(args, "deepspeed", None):
         return "DeepSpeed"
-    if args is not None and getattr(args, "fsdp", None):
-        return "FSDP"
-    for variable, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
-        if os.environ.get(variable, "false").lower() in ("1", "true", "yes"):
-            return name
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
+        return "DeepSpeed"
+    if fsdp.configured_version(args) == 1:
+        return "FSDP1"
     try:
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedType
@@ -87,36 +88,43 @@ def unsupported_backend(args: Any = None) -> str | None:
         kind = getattr(AcceleratorState(), "distributed_type", None)
         if kind == DistributedType.DEEPSPEED:
             return "DeepSpeed"
-        if kind == DistributedType.FSDP:
-            return "FSDP"
     return None
 
 
 def sharded_wrapper(model: nn.Module) -> str | None:
-    """``"FSDP"`` / ``"DeepSpeed"`` when ``model`` (or a module inside it) is already sharded by one of them."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    """``"FSDP1"`` / ``"DeepSpeed"`` when ``model`` (or a module inside it) is already sharded by one of them."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
     for module in model.modules():
-        if isinstance(module, (FSDPModule, FullyShardedDataParallel)):
-            return "FSDP"
+        if isinstance(module, FullyShardedDataParallel):
+            return "FSDP1"
     if any(hasattr(p, "ds_id") or hasattr(p, "ds_tensor") for p in model.parameters()):  # DeepSpeed ZeRO-3
         return "DeepSpeed"
     return None
 
 
 def check_backend(args: Any = None, model: nn.Module | None = None) -> None:
-    """Raise a clear error for FSDP and DeepSpeed, which GreenTrainer does not support (see the module docstring)."""
+    """Raise a clear error for FSDP1 and DeepSpeed, which GreenTrainer does not support (see the module docstring),
+    and for a model FSDP2 cannot serve (``fsdp.check_model``); before any data is loaded."""
     backend = unsupported_backend(args) or (sharded_wrapper(model) if model is not None else None)
     if backend is None:
+        if model is not None and (fsdp.configured_version(args) == 2 or fsdp.is_sharded(model)):
+            fsdp.check_model(model)
         return
     if backend == "DeepSpeed":
-        fix = "remove `deepspeed=...` from TrainingArguments (or the DeepSpeed section of the accelerate config)"
+        fix = (
+            "remove `deepspeed=...` from TrainingArguments (or the DeepSpeed section of the accelerate config); to "
+            'shard a model too large for one device, use FSDP2 instead: fsdp="full_shard", fsdp_config={"version": 2}'
+        )
     else:
-        fix = "remove `fsdp=...` from TrainingArguments (or the FSDP section of the accelerate config)"
+        fix = (
+            'use FSDP2: fsdp_config={"version": 2} (or `fsdp_version: 2` in the accelerate config), or remove '
+            "`fsdp=...` from TrainingArguments (or the FSDP section of the accelerate config) for DDP"
+        )
     raise NotImplementedError(
         f"GreenTrainer does not support {backend}: its cost profile, importance and freezing work on whole parameter "
-        f"tensors, and {backend} trains sharded copies of them. {SUPPORTED} To train with GreenTrainer, {fix}; "
-        "units='lora' keeps the memory per process small on large models."
+        f"tensors or FSDP2's per-tensor shards, and {backend} trains flattened or partitioned copies of them. "
+        f"{SUPPORTED} To train with GreenTrainer, {fix}."
     )
 
 

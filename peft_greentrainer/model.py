@@ -39,7 +39,7 @@ import torch
 from peft.tuners.lora import LoraModel
 from torch import nn
 
-from . import ranks
+from . import fsdp, ranks
 from .backprop import keep_backprop_shallow
 from .engine.importance import _unwrap_optimizer, base_learning_rates, compute_importance
 from .engine.profile import (
@@ -211,7 +211,7 @@ class GreenTrainerModel(LoraModel):
 
     def _lora_candidates(self, model: nn.Module, adapter_name: str) -> list[Unit]:
         config = self.peft_config[adapter_name]
-        units = lora_units(model, adapter_name)
+        units = fsdp.canonical_units(lora_units(model, adapter_name))  # names as if no wrapper (fsdp.py)
         if config.include_patterns:
             units = [u for u in units if any(re.search(p, u.name) for p in config.include_patterns)]
         if config.exclude_patterns:
@@ -223,7 +223,7 @@ class GreenTrainerModel(LoraModel):
             super()._mark_only_adapters_as_trainable(model)
             # adapters that include_patterns/exclude_patterns leave out are not candidates: they never train
             candidates = {n for u in self._lora_candidates(model, self.active_adapters[0]) for n in u.param_names}
-            for unit in lora_units(model, self.active_adapters[0]):
+            for unit in fsdp.canonical_units(lora_units(model, self.active_adapters[0])):
                 for name in unit.param_names:
                     if name not in candidates:
                         model.get_parameter(name).requires_grad_(False)
@@ -315,7 +315,8 @@ class GreenTrainerModel(LoraModel):
         adapter = self._selecting_adapter()
         if self.units_kind == "lora":
             return self._lora_candidates(self.model, adapter)
-        return tensor_units(self.model, names=self._candidates[adapter])
+        candidates = set(self._candidates[adapter])  # named as if no wrapper were inserted (fsdp.py)
+        return [u for u in fsdp.canonical_units(tensor_units(self.model)) if u.name in candidates]
 
     # ------------------------------------------------------------------ costs
     def cost_profile(self, batch: Mapping[str, Any], loss_fn: LossFn = default_loss) -> tuple[CostProfile, float]:
@@ -342,6 +343,8 @@ class GreenTrainerModel(LoraModel):
 
     def _measure(self, batch: Mapping[str, Any], loss_fn: LossFn) -> tuple[CostProfile, float]:
         """Profile of the model in its current modes, and the reference; flags, weights and RNG stay as they were."""
+        if fsdp.is_sharded(self.model):  # shards cannot run a forward outside FSDP's: measured on a twin
+            return fsdp.measure_on_twin(self, batch, loss_fn)
         with self._profiling():
             profile = profile_model(self.model, batch, loss_fn)
             # rho refers to full fine-tuning of the base model (so both unit kinds spend the same budget): measured
@@ -535,8 +538,9 @@ class GreenTrainerModel(LoraModel):
         def importance_of(optimizer: torch.optim.Optimizer | None, lr: float | None) -> np.ndarray:
             # the gradient of the step it predicts (a Trainer may not have set training mode yet)
             group_lrs = base_learning_rates(optimizer) if _unwrap_optimizer(optimizer) is not None else None
+            importance_fn = fsdp.compute_importance if fsdp.is_sharded(self.model) else compute_importance
             with _training_mode(self.model), self._profiling():
-                values = compute_importance(
+                values = importance_fn(
                     self.model,
                     envelope.units,
                     batches,
@@ -834,13 +838,16 @@ class GreenTrainerModel(LoraModel):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        if config.units == "lora":
-            return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if config.units == "lora":  # PEFT finds LoRA keys by module names, which must be the state dict's (fsdp.py)
+            with fsdp.without_checkpoint_wrappers(model):
+                return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         tuner = getattr(model, "base_model", model)
         state = tuner.state_of(adapter_name)
         trained = state.trained_tensors
-        if not trained and not state.history:
-            trained = tuner._candidates[adapter_name]  # no selection yet: every candidate was trainable
+        if (not trained and not state.history) or fsdp.holds_shards(state_dict):
+            # no selection yet: every candidate was trainable; or a sharded FSDP2 checkpoint, which is loaded before
+            # the selection state is back, and so must hold every candidate
+            trained = tuner._candidates[adapter_name]
         prefix = BASE_PREFIX if any(k.startswith(BASE_PREFIX) for k in state_dict) else ""
         # clone: tied aliases share storage, which safetensors refuses; only the canonical name is saved anyway
         return {f"{prefix}{name}": state_dict[f"{prefix}{name}"].detach().clone() for name in trained}
@@ -848,9 +855,10 @@ class GreenTrainerModel(LoraModel):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         if config.units == "lora":
-            return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+            with fsdp.without_checkpoint_wrappers(model):
+                return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         tuner = getattr(model, "base_model", model)
-        params = dict(tuner.model.named_parameters(remove_duplicate=False))
+        params = {fsdp.canonical_name(n): p for n, p in tuner.model.named_parameters(remove_duplicate=False)}
         mismatched = []
         names = []
         for key, value in state_dict.items():

@@ -209,12 +209,14 @@ def test_distributed_example_runs_under_torchrun(tmp_path):
 
 # ----------------------------------------------------------------------------------- 3. FSDP and DeepSpeed are refused
 @pytest.mark.slow
-def test_fsdp_is_refused_when_the_trainer_is_created(tmp_path):
-    result = _launch(tmp_path / "run", "--fsdp", "full_shard", check=False)
+def test_fsdp1_is_refused_when_the_trainer_is_created(tmp_path):
+    """FSDP1 (FSDP2 is supported: tests/test_fsdp.py)."""
+    result = _launch(tmp_path / "run", "--fsdp", "full_shard", "--fsdp-version", "1", check=False)
     assert result.returncode != 0
     assert "GreenTrainer does not support FSDP" in result.stderr
     assert "DistributedDataParallel" in result.stderr and "remove `fsdp=...`" in result.stderr
     assert "on_init_end" in result.stderr  # at Trainer(...), before any data or training
+    assert "FSDP2" in result.stderr  # names what works
 
 
 @pytest.mark.parametrize(
@@ -222,7 +224,7 @@ def test_fsdp_is_refused_when_the_trainer_is_created(tmp_path):
     [
         (SimpleNamespace(deepspeed="ds_config.json", fsdp=""), {}),
         (SimpleNamespace(deepspeed=None, fsdp=""), {"ACCELERATE_USE_DEEPSPEED": "true"}),
-        (SimpleNamespace(deepspeed=None, fsdp=["full_shard"]), {}),
+        (SimpleNamespace(deepspeed=None, fsdp=["full_shard"], fsdp_config={"version": 1}), {}),
         (SimpleNamespace(deepspeed=None, fsdp=""), {"ACCELERATE_USE_FSDP": "1"}),
     ],
 )
@@ -234,6 +236,8 @@ def test_deepspeed_and_fsdp_configurations_are_refused(args, env, monkeypatch):
         check_backend(args)
     with pytest.raises(NotImplementedError, match=backend):
         GreenTrainerCallback().on_init_end(args, None, None)
+    with pytest.raises(NotImplementedError, match="FSDP2"):  # the error names the sharded setup that works
+        check_backend(args)
 
 
 def test_plain_configuration_is_accepted():

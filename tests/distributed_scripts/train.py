@@ -143,6 +143,7 @@ def main() -> None:
         help="sequences of varied length padded per batch, an uneven last batch, warmup; audit every step's FLOPs",
     )
     parser.add_argument("--fsdp", default="", help="TrainingArguments(fsdp=...), e.g. 'full_shard'")
+    parser.add_argument("--fsdp-version", type=int, default=None, help="fsdp_config={'version': ...}")
     parser.add_argument("--deepspeed", default=None, help="TrainingArguments(deepspeed=...)")
     cli = parser.parse_args()
 
@@ -184,6 +185,8 @@ def main() -> None:
         ddp_static_graph=cli.static_graph or None,
         activation_checkpointing=cli.activation_checkpointing,
         fsdp=cli.fsdp,
+        # FSDP1 syncs module states through an accelerator device, which a CPU run lacks
+        fsdp_config={"version": cli.fsdp_version, "sync_module_states": False} if cli.fsdp_version else None,
         deepspeed=cli.deepspeed,
     )
     recorder = Recorder()
