@@ -186,6 +186,8 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(tiny_checkpoint, tmp_pat
     assert exit_info.value.code == 2
     assert "rho must be in (0, 1]" in capsys.readouterr().err
     _fails([*base, "--model", str(tiny_checkpoint), "--country", "Atlantis"], capsys, "3-letter ISO", out)
+    if not torch.cuda.is_available():
+        _fails([*base, "--model", str(tiny_checkpoint), "--device", "cuda"], capsys, "no CUDA device is visible", out)
     with pytest.raises(SystemExit) as exit_info:
         main([*base, "--carbon-intensity", "-5"])
     assert exit_info.value.code == 2

@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
+    train.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train (default: cuda if visible)"
+    )
+    train.add_argument("--bf16", action="store_true", help="bf16 mixed precision, as TrainingArguments(bf16=True)")
     train.add_argument("--measure-every", type=_positive_int, default=10, help="count FLOPs every N steps")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument(

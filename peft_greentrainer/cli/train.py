@@ -94,6 +94,12 @@ def _apply_defaults(args: argparse.Namespace) -> None:
             setattr(args, key, value)
     if args.lr is None:
         args.lr = 2e-5 if args.units == "tensors" else 2e-4
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda: no CUDA device is visible; pass --device cpu (or auto)")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.country and args.carbon_intensity is None and not args.no_energy:
         from ..energy import country_intensity
 
@@ -177,6 +183,8 @@ def load_model(name: str, args: argparse.Namespace):
             f"cannot load model {name!r} ({str(error).splitlines()[0]}); pass a local model directory"
         ) from error
     kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if args.device == "cuda":  # on the GPU from the start (quantized weights are made there), evaluation included
+        kwargs["device_map"] = {"": "cuda"}
     if args.load_in_8bit or args.load_in_4bit:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit
@@ -253,11 +261,25 @@ def flops_references(peft_model, example: dict) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------- train
 def training_arguments(
-    output_dir: str, *, epochs: int, batch_size: int, lr: float, seed: int, max_steps: int = -1, quiet: bool = False
+    output_dir: str,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    max_steps: int = -1,
+    quiet: bool = False,
+    device: str | None = None,
+    bf16: bool = False,
 ):
-    """The paper's optimizer setting (AdamW, constant learning rate) with a log line per step and no checkpoints."""
+    """The paper's optimizer setting (AdamW, constant learning rate) with a log line per step and no checkpoints.
+
+    ``device`` is "cpu" or "cuda" (default: cuda where visible); ``bf16`` turns on bf16 autocast as the Trainer does.
+    """
     import torch
     import transformers
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     return transformers.TrainingArguments(
         output_dir=output_dir,
@@ -272,7 +294,8 @@ def training_arguments(
         save_strategy="no",
         report_to=[],
         seed=seed,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device == "cpu",
+        bf16=bf16,
         disable_tqdm=quiet,
         dataloader_drop_last=True,
     )
@@ -293,7 +316,14 @@ def train(peft_model, columns: dict, staging: Path, args: argparse.Namespace) ->
     trainer = transformers.Trainer(
         model=peft_model,
         args=training_arguments(
-            str(scratch), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, quiet=args.quiet
+            str(scratch),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            quiet=args.quiet,
+            device=args.device,
+            bf16=args.bf16,
         ),
         train_dataset=TensorDataset(columns),
         callbacks=[GreenTrainerCallback(), meter, *([energy] if energy else [])],
