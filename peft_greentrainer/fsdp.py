@@ -179,8 +179,20 @@ def attach(tuner, root: nn.Module) -> None:
     ``attach(model.base_model, model)`` once after ``fully_shard``. Raises for what GreenTrainer cannot do under FSDP2.
     """
     check_model(tuner.model)
+    _dense_lm_head(tuner.model)
     _check_checkpointed_blocks(tuner.model, _twin(tuner)[0].model)
     tuner.model.__dict__[_ROOT_KEY] = weakref.ref(root)
+
+
+def _dense_lm_head(model: nn.Module) -> None:
+    """The sparse LM head stays off under FSDP2: the cost profile runs on fake tensors, whose labels have no values
+    to say which positions the head may skip, so the step must run the dense head the profile counts."""
+    from .sparse_head import attached_sparse_lm_head
+
+    head = attached_sparse_lm_head(model)
+    if head is not None and head.enabled:
+        head.enabled = False
+        logger.info("GreenTrainer: the sparse LM head is not used under FSDP2 (the dense head runs and is budgeted).")
 
 
 def _root(model: nn.Module) -> nn.Module:
@@ -199,6 +211,7 @@ def _root(model: nn.Module) -> nn.Module:
 def measure_on_twin(tuner, batch: Mapping[str, Any], loss_fn: LossFn):
     """``tuner._measure`` on the non-sharded fake twin, set to the modes and checkpointing of the real model."""
     twin, mode = _twin(tuner)
+    _dense_lm_head(twin.model)
     _mirror_modes(tuner.model, twin.model)
     with mode:
         batch = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

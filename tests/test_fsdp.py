@@ -238,7 +238,9 @@ def test_fsdp_example_runs_with_its_accelerate_config(tmp_path):
 # --------------------------------------------------------------------- 3. the twin's profile, names, configurations
 def _tuner(units: str, **model_overrides):
     extra = LORA if units == "lora" else {}
-    return get_peft_model(tiny_model("llama", **model_overrides), GreenTrainerConfig(units=units, **extra)).base_model
+    return get_peft_model(
+        tiny_model("llama", **model_overrides), GreenTrainerConfig(units=units, sparse_lm_head=False, **extra)
+    ).base_model
 
 
 def _costs(tuner, measured):

@@ -108,6 +108,8 @@ def _state_or_zeros(state: Mapping[str, Any], key: str, shape: torch.Size, like:
     """A work-dtype copy of ``state[key]`` (safe to update in place), or the zeros the optimizer starts it at."""
     value = state.get(key)
     if value is None:
+        if tuple(shape) == tuple(like.shape):
+            return torch.zeros_like(like)  # keeps a sharded (DTensor) gradient's layout under FSDP2
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
     return _as_work(value, like.dtype, like.device, copy=True)
 

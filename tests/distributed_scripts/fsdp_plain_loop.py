@@ -34,7 +34,8 @@ from peft_greentrainer.engine.profile import default_loss
 
 
 def build(device: torch.device):
-    model = get_peft_model(tiny_model("llama"), GreenTrainerConfig(rho=0.5, importance_batches=1)).to(device)
+    config = GreenTrainerConfig(rho=0.5, importance_batches=1, sparse_lm_head=False)  # FSDP2 keeps the head dense
+    model = get_peft_model(tiny_model("llama"), config).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     return model, optimizer
 

@@ -94,7 +94,8 @@ def main() -> None:
     if cli.fsdp:
         fsdp_on_cpu()
     lora = {"target_modules": ["q_proj", "v_proj", "up_proj"], "r": 4} if cli.units == "lora" else {}
-    config = GreenTrainerConfig(rho=cli.rho, units=cli.units, importance_batches=2, **lora)
+    # dense LM head in both runs: FSDP2 keeps it dense (fsdp.py), and the single process must compute the same
+    config = GreenTrainerConfig(rho=cli.rho, units=cli.units, importance_batches=2, sparse_lm_head=False, **lora)
     model = get_peft_model(tiny_model("llama"), config)
     tuner = model.base_model
     sharding = {}

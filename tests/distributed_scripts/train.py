@@ -61,7 +61,10 @@ class AuditedTrainer(Trainer):
         self.steps: list[tuple[dict, frozenset]] = []
         self._inputs: dict = {}
         base = self.model.base_model.model
-        base.register_forward_pre_hook(lambda module, args, kwargs: setattr(self, "_inputs", kwargs), with_kwargs=True)
+        # prepend: the inputs as the Trainer passed them, before the sparse LM head's hook rewrites them
+        base.register_forward_pre_hook(
+            lambda module, args, kwargs: setattr(self, "_inputs", kwargs), with_kwargs=True, prepend=True
+        )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
