@@ -242,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--stage", choices=("grid", "seeds", "base", "report"), default="grid")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--lrs", nargs="+", type=float, default=None, help="grid stage: only these grid values")
     parser.add_argument("--quick", action="store_true", help="tiny model, synthetic data, seconds (CI, smoke runs)")
     parser.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (a new protocol)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 leaves a core to others)")
@@ -261,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         runs = load_runs(output, protocol)
         return report.write_protocol(output, runs, protocol.grids, remaining(runs, protocol, command))
 
+    for key in args.methods if args.lrs else ():
+        unknown = [lr for lr in args.lrs if lr not in grid_of(protocol, key)]
+        if unknown:
+            parser.error(f"--lrs {unknown} are not in {key}'s grid {grid_of(protocol, key)}")
     if args.stage != "report":
         session = Session(protocol, output, load_workload(protocol))
         if args.stage == "base":
@@ -268,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for key in args.methods if args.stage != "base" else ():
             grid = grid_of(protocol, key)
             if args.stage == "grid":
-                for lr in grid:
+                for lr in args.lrs or grid:
                     session.run(key, lr, 0)
                     rebuild()
             else:

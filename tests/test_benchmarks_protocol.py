@@ -138,3 +138,10 @@ def test_results_of_another_protocol_are_not_mixed_in(tmp_path):
     other = protocol.Protocol.quick_protocol()
     other.epochs = 5
     assert protocol.load_runs(tmp_path, other) == []
+
+
+def test_grid_values_outside_the_grid_are_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        protocol.main(["--quick", "--methods", "full", "--lrs", "0.5", "--output-dir", str(tmp_path)])
+    assert "--lrs [0.5] are not in full's grid" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

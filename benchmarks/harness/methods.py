@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -65,12 +64,12 @@ class Method:
     callback that changes the trainable set, if any (its hooks are timed and FLOP-counted as selection overhead).
     """
 
-    key: str
     name: str
-    kind: str  # "tensors" or "lora": its learning-rate family
     model: nn.Module
     costs: UnitCosts
     units_model: nn.Module
+    key: str = ""  # the registry's key, set by ``build``
+    kind: str = ""  # "tensors" or "lora": its learning-rate family (set from the registry by ``build``)
     selector: TrainerCallback | None = None
     optimizer: Callable[[nn.Module, float], torch.optim.Optimizer] | None = None
     describe: Callable[[], str] = lambda: ""  # what was trained, in a few words (after training)
@@ -97,7 +96,9 @@ def register(key: str, kind: str, build: Callable[[Workload, MethodOptions], Met
 def build(key: str, work: Workload, options: MethodOptions) -> Method:
     if key not in REGISTRY:
         raise SystemExit(f"unknown method {key!r}; registered: {', '.join(REGISTRY)}")
-    return REGISTRY[key].build(work, options)
+    method = REGISTRY[key].build(work, options)
+    method.key, method.kind = key, REGISTRY[key].kind
+    return method
 
 
 def block_index(name: str) -> int | None:
@@ -116,7 +117,7 @@ def _full(work: Workload, options: MethodOptions) -> Method:
     for param in model.parameters():
         param.requires_grad_(True)
     costs = work.base_costs(model)
-    return Method("full", "full fine-tuning", "tensors", model, costs, model, describe=lambda: "all")
+    return Method("full fine-tuning", model, costs, model, describe=lambda: "all")
 
 
 def _lora_model(work: Workload, options: MethodOptions) -> tuple[nn.Module, UnitCosts]:
@@ -131,9 +132,7 @@ def _lora_model(work: Workload, options: MethodOptions) -> tuple[nn.Module, Unit
 def _lora(work: Workload, options: MethodOptions) -> Method:
     model, costs = _lora_model(work, options)
     return Method(
-        "lora",
         f"LoRA {options.lora_label()}",
-        "lora",
         model,
         costs,
         model.base_model.model,
@@ -170,9 +169,7 @@ def _top_k(work: Workload, options: MethodOptions) -> Method:
         param.requires_grad_(id(param) in trained)
     head = [u.name for u, keep in zip(costs.units, mask, strict=True) if keep and block_index(u.name) is None]
     return Method(
-        "top_k",
         f"FT-top-k (k={k}, rho {rho})",
-        "tensors",
         model,
         costs,
         model,
@@ -213,9 +210,7 @@ def _random(work: Workload, options: MethodOptions) -> Method:
     costs = tuner.unit_costs(work.example)  # profiles now, outside the timed selection
     selector = RandomSelection(tuner, work.example, rho, options.seed)
     return Method(
-        "random",
         f"random selection (rho {rho})",
-        "tensors",
         model,
         costs,
         tuner.model,
@@ -252,9 +247,7 @@ def _greentrainer(units: str, rho: float | None) -> Callable[[Workload, MethodOp
         suffix = f"rho {budget:g}" if rho is not None else f"rho {budget:.3f} (LoRA's FLOPs)"
         kind = "adapters" if units == "lora" else "tensors"
         return Method(
-            f"gt_{units}_{rho if rho is not None else 'at_lora'}",
             f"GreenTrainer {units} {suffix}",
-            units,
             model,
             costs,
             tuner.model,
@@ -314,9 +307,7 @@ def _lisa(work: Workload, options: MethodOptions) -> Method:
     selector = LisaCallback(model, options.lisa_layers, interval, options.seed)
     costs = work.base_costs(model)
     return Method(
-        "lisa",
         f"LISA (gamma {options.lisa_layers}, K {interval})",
-        "tensors",
         model,
         costs,
         model,
@@ -349,9 +340,7 @@ def _badam(work: Workload, options: MethodOptions) -> Method:
 
     costs = work.base_costs(model)
     return Method(
-        "badam",
         f"BAdam (random order, K {switch_every})",
-        "tensors",
         model,
         costs,
         model,
@@ -370,57 +359,3 @@ register("gt_lora_0.5", "lora", _greentrainer("lora", 0.5))
 register("gt_lora_at_lora", "lora", _greentrainer("lora", None))
 register("lisa", "tensors", _lisa)
 register("badam", "tensors", _badam)
-
-
-class Metered(TrainerCallback):
-    """Forwards every event to ``inner`` and charges the seconds and FLOPs of its selection hooks to selection.
-
-    Selection runs outside the optimizer step (train/epoch/step begin), so the step meter never sees it; this does.
-    """
-
-    SELECTION_EVENTS = ("on_train_begin", "on_epoch_begin", "on_step_begin")
-
-    def __init__(self, inner: TrainerCallback):
-        self.inner = inner
-        self.events: list[tuple[int, float, float]] = []  # (global step, seconds, FLOPs) of each hook that did work
-
-    def _metered(self, event: str, args, state, control, **kwargs):
-        from torch.utils.flop_counter import FlopCounterMode
-
-        from peft_greentrainer.engine.flops import register_flop_formulas
-
-        register_flop_formulas()
-        start = time.perf_counter()
-        with FlopCounterMode(display=False) as counter:
-            result = getattr(self.inner, event)(args, state, control, **kwargs)
-        seconds, flops = time.perf_counter() - start, float(counter.get_total_flops())
-        if flops or seconds > 1e-3:
-            self.events.append((state.global_step, seconds, flops))
-        return result
-
-    @property
-    def seconds(self) -> float:
-        return sum(s for _, s, _ in self.events)
-
-    @property
-    def flops(self) -> float:
-        return sum(f for _, _, f in self.events)
-
-
-def _forwarder(event: str):
-    if event in Metered.SELECTION_EVENTS:
-
-        def forward(self, args, state, control, **kwargs):
-            return self._metered(event, args, state, control, **kwargs)
-
-    else:
-
-        def forward(self, args, state, control, **kwargs):
-            return getattr(self.inner, event)(args, state, control, **kwargs)
-
-    forward.__name__ = event
-    return forward
-
-
-for _event in [name for name in vars(TrainerCallback) if name.startswith("on_")]:
-    setattr(Metered, _event, _forwarder(_event))

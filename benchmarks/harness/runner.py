@@ -25,14 +25,16 @@ import numpy as np
 import torch
 import transformers
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import TrainerCallback
 
 from peft_greentrainer.cli.data import TensorDataset
 from peft_greentrainer.cli.evaluation import generate, rouge
 from peft_greentrainer.cli.main import training_arguments
 from peft_greentrainer.cli.meter import StepMeter
+from peft_greentrainer.engine.flops import register_flop_formulas
 
-from .methods import Metered, Method
+from .methods import Method
 from .workload import Workload
 
 
@@ -133,6 +135,48 @@ def release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class Metered(TrainerCallback):
+    """Forwards every event to ``inner`` and charges the seconds and FLOPs of its selection hooks to selection.
+
+    Selection runs outside the optimizer step (train/epoch/step begin), so the step meter never sees it; this does.
+    """
+
+    SELECTION_EVENTS = ("on_train_begin", "on_epoch_begin", "on_step_begin")
+
+    def __init__(self, inner: TrainerCallback):
+        self.inner = inner
+        self.events: list[tuple[int, float, float]] = []  # (global step, seconds, FLOPs) of each hook that did work
+
+    def _metered(self, event: str, args, state, control, **kwargs):
+        register_flop_formulas()
+        start = time.perf_counter()
+        with FlopCounterMode(display=False) as counter:
+            result = getattr(self.inner, event)(args, state, control, **kwargs)
+        seconds, flops = time.perf_counter() - start, float(counter.get_total_flops())
+        if flops or seconds > 1e-3:
+            self.events.append((state.global_step, seconds, flops))
+        return result
+
+
+def _forwarder(event: str):
+    if event in Metered.SELECTION_EVENTS:
+
+        def forward(self, args, state, control, **kwargs):
+            return self._metered(event, args, state, control, **kwargs)
+
+    else:
+
+        def forward(self, args, state, control, **kwargs):
+            return getattr(self.inner, event)(args, state, control, **kwargs)
+
+    forward.__name__ = event
+    return forward
+
+
+for _event in [name for name in vars(TrainerCallback) if name.startswith("on_")]:
+    setattr(Metered, _event, _forwarder(_event))
 
 
 class TrainedUnits(TrainerCallback):
