@@ -77,6 +77,7 @@ class Protocol:
     lora_targets: str = "all-linear"
     importance_batches: int = 4
     baseline_rho: float = 0.5
+    sparse_lm_head: bool = False  # every method pays the same dense LM head (methods.MethodOptions)
     grids: dict[str, list[float]] = field(
         default_factory=lambda: {"tensors": [3e-5, 1e-4, 3e-4], "lora": [1e-4, 3e-4, 1e-3]}
     )
@@ -139,6 +140,7 @@ def options(protocol: Protocol, seed: int, total_steps: int) -> methods.MethodOp
         lora_alpha=protocol.lora_alpha,
         lora_targets=protocol.lora_targets,
         total_steps=total_steps,
+        sparse_lm_head=protocol.sparse_lm_head,
     )
 
 

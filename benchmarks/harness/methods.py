@@ -43,6 +43,9 @@ class MethodOptions:
     lora_targets: list[str] | str = field(default_factory=lambda: list(LORA_QKVO))
     total_steps: int = 0  # optimizer steps of the run (LISA's and BAdam's periods derive from it)
     lisa_layers: int = 2  # LISA's gamma: middle layers trained at a time (the paper's "E+H+2L")
+    # GreenTrainer's sparse LM head is exact but saves FLOPs any method could save: off, every method pays the same
+    # dense head, so a budget is the same fraction of the same full fine-tuning for all of them
+    sparse_lm_head: bool = False
 
     def lora_config(self) -> dict:
         return {"r": self.lora_r, "lora_alpha": self.lora_alpha, "target_modules": self.lora_targets}
@@ -205,7 +208,8 @@ class RandomSelection(TrainerCallback):
 
 def _random(work: Workload, options: MethodOptions) -> Method:
     rho = options.baseline_rho
-    model = get_peft_model(work.new_model(), GreenTrainerConfig(units="tensors", rho=rho, task_type="CAUSAL_LM"))
+    config = GreenTrainerConfig(units="tensors", rho=rho, sparse_lm_head=options.sparse_lm_head, task_type="CAUSAL_LM")
+    model = get_peft_model(work.new_model(), config)
     tuner = model.base_model
     costs = tuner.unit_costs(work.example)  # profiles now, outside the timed selection
     selector = RandomSelection(tuner, work.example, rho, options.seed)
@@ -231,7 +235,12 @@ def _greentrainer(units: str, rho: float | None) -> Callable[[Workload, MethodOp
             budget = lora_costs.predicted_flops(np.ones(len(lora_costs.units), bool)) / lora_costs.full_flops
         lora = options.lora_config() if units == "lora" else {}
         config = GreenTrainerConfig(
-            units=units, rho=budget, importance_batches=options.importance_batches, task_type="CAUSAL_LM", **lora
+            units=units,
+            rho=budget,
+            importance_batches=options.importance_batches,
+            sparse_lm_head=options.sparse_lm_head,
+            task_type="CAUSAL_LM",
+            **lora,
         )
         model = get_peft_model(work.new_model(), config)
         tuner = model.base_model
