@@ -227,22 +227,11 @@ def _twin(tuner):
     ``meta`` (as PEFT's adapter injection needs real ``.to()`` moves), then every tensor is made fake on the device.
     """
     if _TWIN_KEY not in tuner.__dict__:
-        import copy
-
-        from peft import get_peft_model
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        from .backprop import keep_backprop_shallow
+        from .twin import weightless_twin
 
-        config = copy.deepcopy(tuner.model.config)
-        # with a KV cache transformers skips a data-dependent mask check that fake tensors cannot run; the cache only
-        # keeps keys and values, it adds no FLOPs
-        config.use_cache = True
-        with torch.device("meta"):
-            base = unsharded_class(tuner.model)(config)
-        twin = get_peft_model(base, copy.deepcopy(tuner.greentrainer_config)).base_model
-        twin.__dict__["_step_hook"].remove()  # the twin never trains
-        keep_backprop_shallow(twin.model, quiet=True)
+        twin = weightless_twin(tuner, unsharded_class(tuner.model))
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         _make_fake(twin, mode, next(tuner.model.parameters()).device)
         tuner.__dict__[_TWIN_KEY] = (twin, mode)

@@ -56,6 +56,7 @@ from .engine.profile import (
 from .engine.selector import Selection, min_feasible_rho, min_unit_costs, select_units
 from .engine.units import Unit, is_trainable_dtype, lora_units, parameter_aliases, tensor_units
 from .sparse_head import enable_sparse_lm_head
+from .twin import weightless_twin
 
 logger = logging.getLogger(__name__)
 
@@ -382,22 +383,7 @@ class GreenTrainerModel(LoraModel):
         if all(is_trainable_dtype(p) for p in self.model.parameters()):
             return self
         if "_twin" not in self.__dict__:
-            import copy
-
-            from peft import get_peft_model
-
-            config = copy.deepcopy(self.model.config)
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            # with a KV cache transformers skips a data-dependent mask check that meta tensors cannot run; the cache
-            # only keeps keys and values, it adds no FLOPs
-            config.use_cache = True
-            with torch.device("meta"):
-                base = type(self.model)(config)
-            twin = get_peft_model(base, copy.deepcopy(self.greentrainer_config)).base_model
-            twin.__dict__["_step_hook"].remove()  # the twin never trains
-            keep_backprop_shallow(twin.model, quiet=True)
-            self.__dict__["_twin"] = twin
+            self.__dict__["_twin"] = weightless_twin(self, type(self.model))
         return self.__dict__["_twin"]
 
     def unit_costs(self, batch: Mapping[str, Any], loss_fn: LossFn = default_loss) -> UnitCosts:
