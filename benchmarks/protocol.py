@@ -4,6 +4,8 @@ Stages (each run skips what already exists, so the protocol resumes across sessi
 
 * ``--stage grid``: seed 0 of every learning rate of each method's grid (about 3 values across a decade).
 * ``--stage seeds``: seeds 1 and 2 at the learning rate chosen by validation loss (the grid must be complete).
+* ``--stage ablations``: seeds 0-2 of each ablation (a method with one setting changed) at its parent's chosen
+  learning rate (the parent's grid must be complete).
 * ``--stage base``: the base model's held-out loss and ROUGE (no training), the reference for "improvement".
 * ``--stage report``: only rebuild ``protocol.md`` / ``protocol.png`` from the result files.
 
@@ -51,6 +53,9 @@ METHODS = (
     "lisa",
     "badam",
 )
+# one setting of a method changed, run at that method's chosen learning rate (3 seeds, no grid): GreenTrainer's
+# importance probe and selection interval
+ABLATIONS = ("gt_tensors_0.5_probe1", "gt_tensors_0.5_resel8")
 SEEDS = (0, 1, 2)
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "protocol"
 
@@ -219,6 +224,10 @@ def grid_of(protocol: Protocol, key: str) -> list[float]:
     return protocol.grids[methods.REGISTRY[key].kind]
 
 
+def parent_of(key: str) -> str:
+    return methods.REGISTRY[key].ablation_of
+
+
 def remaining(runs: list[dict], protocol: Protocol, command: str) -> list[str]:
     """What is left of the protocol, as the commands that continue it (each skips what exists)."""
     done = {(r["key"], r["row"].get("lr"), r["seed"]) for r in runs}
@@ -235,6 +244,15 @@ def remaining(runs: list[dict], protocol: Protocol, command: str) -> list[str]:
         lines.append(f"`{command} --stage grid --methods {' '.join(grid)}` ({len(grid)} methods' grids incomplete)")
     if seeds:
         lines.append(f"`{command} --stage seeds --methods {' '.join(seeds)}`")
+    ablations = [
+        k
+        for k in ABLATIONS
+        if any((k, report.chosen_lr(runs, parent_of(k), grid_of(protocol, k)), s) not in done for s in SEEDS)
+    ]
+    if ablations:
+        lines.append(
+            f"`{command} --stage ablations --methods {' '.join(ablations)}` (each once its parent's grid is complete)"
+        )
     return lines or ["nothing: every method has its grid and 3 seeds"]
 
 
@@ -242,14 +260,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="protocol.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--stage", choices=("grid", "seeds", "base", "report"), default="grid")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--stage", choices=("grid", "seeds", "ablations", "base", "report"), default="grid")
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS + ABLATIONS, default=None, help="default: every method (ablations: all)"
+    )
     parser.add_argument("--lrs", nargs="+", type=float, default=None, help="grid stage: only these grid values")
     parser.add_argument("--quick", action="store_true", help="tiny model, synthetic data, seconds (CI, smoke runs)")
     parser.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (a new protocol)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 leaves a core to others)")
     parser.add_argument("--output-dir", type=Path, default=None, help=f"default {DEFAULT_OUTPUT}/<protocol>")
     args = parser.parse_args(argv)
+    wanted = ABLATIONS if args.stage == "ablations" else METHODS
+    args.methods = args.methods or list(wanted)
+    misplaced = [k for k in args.methods if k not in wanted]
+    if misplaced and args.stage in ("grid", "seeds", "ablations"):
+        other = "--stage ablations" if args.stage != "ablations" else "--stage grid/seeds"
+        parser.error(f"{misplaced} run with {other}")
 
     protocol = Protocol.quick_protocol() if args.quick else Protocol()
     if args.epochs:
@@ -274,7 +300,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             session.run_base()
         for key in args.methods if args.stage != "base" else ():
             grid = grid_of(protocol, key)
-            if args.stage == "grid":
+            if args.stage == "ablations":
+                lr = report.chosen_lr(load_runs(output, protocol), parent_of(key), grid)
+                if lr is None:
+                    print(f"{key}: {parent_of(key)}'s grid is incomplete; run it first", file=sys.stderr)
+                    continue
+                for seed in SEEDS:
+                    session.run(key, lr, seed)
+                    rebuild()
+            elif args.stage == "grid":
                 for lr in args.lrs or grid:
                     session.run(key, lr, 0)
                     rebuild()

@@ -85,6 +85,8 @@ def _written(output: Path) -> dict[str, float]:
 def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
     keys = ["full", "gt_tensors_0.5", "lisa", "badam", "gt_lora_at_lora"]
     common = ["--quick", "--threads", "1", "--output-dir", str(tmp_path)]
+    protocol.main([*common, "--stage", "ablations"])  # before their parent's grid: nothing to run at yet
+    assert not (tmp_path / "runs").exists()
     protocol.main([*common, "--methods", *keys])
     quick = protocol.Protocol.quick_protocol()
 
@@ -129,6 +131,23 @@ def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
     assert full_row.rstrip(" |").rsplit("| ", 1)[1] in {"tie", "lower", "higher"}
     assert "| base model (no training) |" in markdown
 
+    # ablations: 3 seeds each at their parent's chosen lr, reported against it, absent from the grid table
+    protocol.main([*common, "--stage", "ablations"])
+    runs = protocol.load_runs(tmp_path, quick)
+    parent_lr = report.chosen_lr(runs, "gt_tensors_0.5", protocol.grid_of(quick, "gt_tensors_0.5"))
+    for key in protocol.ABLATIONS:
+        mine = [r for r in runs if r["key"] == key]
+        assert sorted((r["row"]["lr"], r["seed"]) for r in mine) == [(parent_lr, s) for s in (0, 1, 2)]
+    by_key = {r["key"]: r["row"] for r in runs if r["seed"] == 0 and r["row"].get("lr") == parent_lr}
+    default, probe1, resel8 = (by_key[k] for k in ("gt_tensors_0.5", *protocol.ABLATIONS))
+    assert len(probe1["selections"]) == len(default["selections"])  # once per epoch, a smaller probe
+    assert probe1["selection_flops"] < default["selection_flops"]
+    assert len(resel8["selections"]) == 8 and resel8["measured_flops_per_step"] <= 0.5 * full * (1 + 1e-6)
+    markdown = (tmp_path / "protocol.md").read_text()
+    grid_part, equal_steps = markdown.split("## Equal steps", 1)
+    assert resel8["method"] in equal_steps and resel8["method"] not in grid_part
+    assert "--stage ablations" not in markdown.split("## What is left", 1)[1]
+
 
 def test_results_of_another_protocol_are_not_mixed_in(tmp_path):
     quick = protocol.Protocol.quick_protocol()
@@ -138,6 +157,13 @@ def test_results_of_another_protocol_are_not_mixed_in(tmp_path):
     other = protocol.Protocol.quick_protocol()
     other.epochs = 5
     assert protocol.load_runs(tmp_path, other) == []
+
+
+def test_ablations_run_only_in_their_stage(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        protocol.main(["--quick", "--methods", protocol.ABLATIONS[0], "--output-dir", str(tmp_path)])
+    assert "run with --stage ablations" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_grid_values_outside_the_grid_are_refused_before_any_work(tmp_path, capsys):

@@ -87,13 +87,17 @@ class MethodSpec:
     key: str
     kind: str
     build: Callable[[Workload, MethodOptions], Method]
+    # a variant of another method (one setting changed), run at that method's chosen learning rate: no grid of its own
+    ablation_of: str | None = None
 
 
 REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(key: str, kind: str, build: Callable[[Workload, MethodOptions], Method]) -> None:
-    REGISTRY[key] = MethodSpec(key, kind, build)
+def register(
+    key: str, kind: str, build: Callable[[Workload, MethodOptions], Method], ablation_of: str | None = None
+) -> None:
+    REGISTRY[key] = MethodSpec(key, kind, build, ablation_of)
 
 
 def build(key: str, work: Workload, options: MethodOptions) -> Method:
@@ -225,8 +229,14 @@ def _random(work: Workload, options: MethodOptions) -> Method:
 
 
 # ------------------------------------------------------------------------------------------------- GreenTrainer
-def _greentrainer(units: str, rho: float | None) -> Callable[[Workload, MethodOptions], Method]:
-    """GreenTrainer at ``rho``; ``rho=None`` (units="lora" only): at the FLOPs of LoRA with the same adapters."""
+def _greentrainer(
+    units: str, rho: float | None, importance_batches: int | None = None, selection_count: int | None = None
+) -> Callable[[Workload, MethodOptions], Method]:
+    """GreenTrainer at ``rho``; ``rho=None`` (units="lora" only): at the FLOPs of LoRA with the same adapters.
+
+    ``importance_batches`` overrides the options' count; ``selection_count`` re-selects that many times, evenly over the
+    run (``selection_interval_steps``), instead of once per epoch.
+    """
 
     def build_greentrainer(work: Workload, options: MethodOptions) -> Method:
         budget = rho
@@ -234,10 +244,12 @@ def _greentrainer(units: str, rho: float | None) -> Callable[[Workload, MethodOp
             _, lora_costs = _lora_model(work, options)
             budget = lora_costs.predicted_flops(np.ones(len(lora_costs.units), bool)) / lora_costs.full_flops
         lora = options.lora_config() if units == "lora" else {}
+        interval = math.ceil(options.total_steps / selection_count) if selection_count else None
         config = GreenTrainerConfig(
             units=units,
             rho=budget,
-            importance_batches=options.importance_batches,
+            importance_batches=importance_batches or options.importance_batches,
+            selection_interval_steps=interval,
             sparse_lm_head=options.sparse_lm_head,
             task_type="CAUSAL_LM",
             **lora,
@@ -254,6 +266,10 @@ def _greentrainer(units: str, rho: float | None) -> Callable[[Workload, MethodOp
             return [list(record.selected) for record in history]
 
         suffix = f"rho {budget:g}" if rho is not None else f"rho {budget:.3f} (LoRA's FLOPs)"
+        if importance_batches:
+            suffix += f", {importance_batches} importance batch{'es' if importance_batches > 1 else ''}"
+        if interval:
+            suffix += f", re-selected every {interval} steps"
         kind = "adapters" if units == "lora" else "tensors"
         return Method(
             f"GreenTrainer {units} {suffix}",
@@ -368,3 +384,7 @@ register("gt_lora_0.5", "lora", _greentrainer("lora", 0.5))
 register("gt_lora_at_lora", "lora", _greentrainer("lora", None))
 register("lisa", "tensors", _lisa)
 register("badam", "tensors", _badam)
+# ablations of GreenTrainer's selection overhead and interval (issue 13's "improve"): the paper's one-batch probe, and
+# the same probe FLOPs as the default (2 epochs x 4 batches) spent on 8 one-batch re-selections
+register("gt_tensors_0.5_probe1", "tensors", _greentrainer("tensors", 0.5, 1), ablation_of="gt_tensors_0.5")
+register("gt_tensors_0.5_resel8", "tensors", _greentrainer("tensors", 0.5, 1, 8), ablation_of="gt_tensors_0.5")

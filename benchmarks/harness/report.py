@@ -199,9 +199,15 @@ def method_results(runs: list[dict], grids: dict[str, list[float]]) -> list[Meth
         losses = _grid_losses(runs, key)
         if not losses:
             continue
-        lr = chosen_lr(runs, key, grids[spec.kind])
-        complete = lr is not None
-        lr = lr if complete else min(losses, key=losses.get)
+        if spec.ablation_of:  # runs only at its parent's chosen learning rate
+            lr = chosen_lr(runs, spec.ablation_of, grids[spec.kind])
+            if lr not in losses:
+                continue
+            complete = True
+        else:
+            lr = chosen_lr(runs, key, grids[spec.kind])
+            complete = lr is not None
+            lr = lr if complete else min(losses, key=losses.get)
         finals = sorted((r for r in runs if r["key"] == key and r["row"]["lr"] == lr), key=lambda r: r["seed"])
         results.append(MethodResult(key, finals[0]["row"]["method"], lr, complete, finals))
     return results
@@ -213,6 +219,8 @@ def _grid_table(runs: list[dict], results: list[MethodResult], grids: dict[str, 
     header = ["method", *[f"grid {i + 1}" for i in range(max(len(g) for g in grids.values()))], "chosen"]
     body = []
     for result in results:
+        if REGISTRY[result.key].ablation_of:  # no grid: its parent's learning rate
+            continue
         grid = grids[REGISTRY[result.key].kind]
         losses = _grid_losses(runs, result.key)
         cells = [
