@@ -50,6 +50,7 @@ METHODS = (
     "gt_tensors_0.7",
     "gt_lora_0.5",
     "gt_lora_at_lora",
+    "gt_mixed_0.5",
     "lisa",
     "badam",
 )
@@ -146,6 +147,7 @@ def options(protocol: Protocol, seed: int, total_steps: int) -> methods.MethodOp
         lora_targets=protocol.lora_targets,
         total_steps=total_steps,
         sparse_lm_head=protocol.sparse_lm_head,
+        lora_lr_factor=protocol.grids["lora"][0] / protocol.grids["tensors"][0],
     )
 
 

@@ -53,7 +53,7 @@ from .engine.profile import (
     profile_key,
     profile_model,
 )
-from .engine.selector import Selection, min_feasible_rho, min_unit_costs, select_units
+from .engine.selector import Selection, min_feasible_rho, min_unit_costs
 from .engine.units import Unit, is_trainable_dtype, lora_units, parameter_aliases, tensor_units
 from .sparse_head import enable_sparse_lm_head
 from .twin import weightless_twin
@@ -571,17 +571,7 @@ class GreenTrainerModel(LoraModel):
         if config.rho >= 1:
             mask = every
         else:
-            scaled, span = self._scaled_rho(envelope)
-            mask = select_units(
-                importance,
-                envelope.t_dw,
-                envelope.t_dy,
-                envelope.forward_flops,
-                scaled,
-                full_flops=span,
-                dy_head=envelope.dy_head,
-                resolution=config.dp_resolution,
-            ).mask
+            mask = envelope.select(importance, config.rho, resolution=config.dp_resolution).mask
         ranks.check_agreement((tuple(map(repr, keys)), mask.tobytes()), "the batch shapes and the selected units")
         self._set_trainable(envelope.units, mask)
         ratios = [self._ratio(key, mask) for key in keys]

@@ -83,7 +83,7 @@ def _written(output: Path) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
-    keys = ["full", "gt_tensors_0.5", "lisa", "badam", "gt_lora_at_lora"]
+    keys = ["full", "gt_tensors_0.5", "lisa", "badam", "gt_lora_at_lora", "gt_mixed_0.5"]
     common = ["--quick", "--threads", "1", "--output-dir", str(tmp_path)]
     protocol.main([*common, "--stage", "ablations"])  # before their parent's grid: nothing to run at yet
     assert not (tmp_path / "runs").exists()
@@ -107,6 +107,9 @@ def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
     assert by_key["gt_tensors_0.5"]["measured_flops_per_step"] <= 0.5 * full * (1 + 1e-6)
     assert by_key["gt_tensors_0.5"]["selection_flops"] > 0  # the importance probe is charged, not hidden
     assert by_key["lisa"]["selections"] and by_key["badam"]["measured_flops_per_step"] < full
+    mixed = by_key["gt_mixed_0.5"]  # base tensors and LoRA adapters under one budget
+    assert mixed["measured_flops_per_step"] <= 0.5 * full * (1 + 1e-6) and mixed["selection_flops"] > 0
+    assert all(len(chosen) for chosen in mixed["selections"])
 
     markdown = (tmp_path / "protocol.md").read_text()
     assert (tmp_path / "protocol.png").stat().st_size > 0

@@ -381,3 +381,41 @@ def test_finer_resolution_is_never_worse(instance, rho: float) -> None:
     fine = select_units(importance, t_dw, t_dy, forward, rho, resolution=2 * resolution, **kwargs)
     assert fine.importance >= coarse.importance - 1e-9 * max(1.0, abs(coarse.importance))
     assert fine.flops <= rho * full * (1 + RTOL)
+
+
+def test_unit_costs_select_keeps_the_budget_when_units_together_cost_more_than_full_fine_tuning() -> None:
+    """LoRA or mixed units add work: all of them together can cost more than full FT of the base, which the bare
+    selector refuses as a reference; ``UnitCosts.select`` rescales, and stays the brute-force optimum within budget."""
+    from peft_greentrainer.engine.profile import UnitCosts
+    from peft_greentrainer.engine.units import Unit
+
+    rng, checked = np.random.default_rng(7), 0
+    for _ in range(60):
+        n = int(rng.integers(2, 9))
+        t_dw, t_dy = rng.integers(1, 20, n).astype(float), rng.integers(0, 20, n).astype(float)
+        forward, dy_head = float(rng.integers(5, 30)), float(rng.integers(0, 5))
+        every = forward + dy_head + t_dy[:-1].sum() + t_dw.sum()
+        full = every * float(rng.uniform(0.6, 0.95))  # the base's full FT is cheaper than training every unit
+        costs = UnitCosts(
+            units=[Unit(f"u{i}", (f"u{i}",)) for i in range(n)],
+            t_dw=t_dw,
+            t_dy=t_dy,
+            forward_share=np.zeros(n),
+            dy_head=dy_head,
+            forward_flops=forward,
+            full_flops=full,
+        )
+        importance = rng.uniform(0.1, 2.0, n)
+        rho = float(rng.uniform(0.5, 0.9))
+        masks = all_masks(n)[1:]  # not the empty selection
+        fits = brute_force_costs(masks, t_dw, t_dy, forward, dy_head) <= rho * full * (1 + 1e-12)
+        if not fits.any():
+            with pytest.raises(ValueError, match="smallest feasible rho"):
+                costs.select(importance, rho)
+            continue
+        selection = costs.select(importance, rho, resolution=100_000)
+        assert costs.predicted_flops(selection.mask) <= rho * full * (1 + 1e-9)
+        best = (masks[fits] @ importance).max()
+        assert selection.mask @ importance >= best - 1e-6 * best
+        checked += 1
+    assert checked >= 20

@@ -22,9 +22,10 @@ from torch import nn
 from transformers import TrainerCallback
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
+from peft_greentrainer.engine.importance import base_learning_rates, compute_importance
 from peft_greentrainer.engine.profile import UnitCosts, profile_model
-from peft_greentrainer.engine.selector import select_units
-from peft_greentrainer.engine.units import lora_units
+from peft_greentrainer.engine.selector import min_unit_costs
+from peft_greentrainer.engine.units import lora_units, tensor_units
 
 from .workload import Workload
 
@@ -46,6 +47,7 @@ class MethodOptions:
     # GreenTrainer's sparse LM head is exact but saves FLOPs any method could save: off, every method pays the same
     # dense head, so a budget is the same fraction of the same full fine-tuning for all of them
     sparse_lm_head: bool = False
+    lora_lr_factor: float = 3.0  # mixed units: LoRA adapters' lr over base tensors' (protocol: its grids' ratio)
 
     def lora_config(self) -> dict:
         return {"r": self.lora_r, "lora_alpha": self.lora_alpha, "target_modules": self.lora_targets}
@@ -184,6 +186,13 @@ def _top_k(work: Workload, options: MethodOptions) -> Method:
     )
 
 
+def random_choice(costs: UnitCosts, rho: float, rng: np.random.Generator, resolution: int = 10_000) -> list[str]:
+    """Units chosen by random positive importances through GreenTrainer's exact DP at ``rho``: a choice that fills
+    the same budget but ignores the data."""
+    mask = costs.select(rng.uniform(0.01, 1.0, len(costs.units)), rho, resolution=resolution).mask
+    return [u.name for u, keep in zip(costs.units, mask, strict=True) if keep]
+
+
 class RandomSelection(TrainerCallback):
     """Each epoch: random positive importances (seeded), the same exact DP as GreenTrainer, applied as flags."""
 
@@ -194,18 +203,7 @@ class RandomSelection(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         costs = self.tuner.unit_costs(self.example)  # profile cached by the tuner
-        importance = self.rng.uniform(0.01, 1.0, len(costs.units))
-        selection = select_units(
-            importance,
-            costs.t_dw,
-            costs.t_dy,
-            costs.forward_flops,
-            self.rho,
-            full_flops=costs.full_flops,
-            dy_head=costs.dy_head,
-            resolution=self.tuner.greentrainer_config.dp_resolution,
-        )
-        names = [u.name for u, keep in zip(costs.units, selection.mask, strict=True) if keep]
+        names = random_choice(costs, self.rho, self.rng, self.tuner.greentrainer_config.dp_resolution)
         self.tuner.restore_selection(names)
         self.records.append(names)
 
@@ -282,6 +280,84 @@ def _greentrainer(
         )
 
     return build_greentrainer
+
+
+# ------------------------------------------------------------------------------------------------- mixed units
+class MixedSelection(TrainerCallback):
+    """GreenTrainer over a mixed unit space: each adapted linear module offers its base weight *and* its LoRA adapter
+    (every other float tensor is a unit as usual), so one exact DP under one budget decides per module whether to
+    train it in full, through the low-rank adapter, both or neither. The idea: where full training of a module pays
+    less per FLOP than its adapter (or the reverse), the budget goes where it buys the most loss reduction.
+
+    Each epoch: importance (``-sum(grad * delta_w)``, the optimizer's next update, on ``importance_batches`` random
+    training batches, for the units that can fit) -> DP at ``rho`` -> ``requires_grad`` flags, as GreenTrainer does.
+    """
+
+    def __init__(self, model: nn.Module, costs: UnitCosts, rho: float, work: Workload, batches: int, seed: int):
+        self.model, self.costs, self.rho, self.work, self.batches = model, costs, rho, work, batches
+        self.rng = np.random.default_rng(seed)
+        self.records: list[list[str]] = []
+
+    def on_epoch_begin(self, args, state, control, optimizer=None, **kwargs):
+        costs, columns, size = self.costs, self.work.train_columns, self.work.batch_size
+        rows = self.rng.choice(self.work.train_size, self.batches * size, replace=False)
+        batches = [{k: v[rows[i : i + size]] for k, v in columns.items()} for i in range(0, len(rows), size)]
+        fits = min_unit_costs(costs.t_dw, costs.t_dy, costs.forward_flops, costs.dy_head) <= self.rho * costs.full_flops
+        importance = compute_importance(
+            self.model,
+            costs.units,
+            batches,
+            optimizer,
+            candidates=fits,
+            group_lrs=base_learning_rates(optimizer) if optimizer is not None else None,
+        )
+        mask = costs.select(np.where(fits, importance, 0.0), self.rho).mask
+        if not mask.any():
+            raise RuntimeError("mixed units: no unit that fits the budget has a positive importance")
+        trained = {n for unit, keep in zip(costs.units, mask, strict=True) if keep for n in unit.param_names}
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(name in trained)
+            if name not in trained:
+                param.grad = None
+        self.records.append([u.name for u, keep in zip(costs.units, mask, strict=True) if keep])
+
+
+def _mixed(rho: float) -> Callable[[Workload, MethodOptions], Method]:
+    def build_mixed(work: Workload, options: MethodOptions) -> Method:
+        base = work.new_model()
+        full = work.base_costs(base).full_flops
+        model = get_peft_model(base, LoraConfig(**options.lora_config(), task_type="CAUSAL_LM"))
+        inner = model.base_model.model
+        units = tensor_units(inner, exclude=[r"\.lora_"]) + lora_units(inner, "default")
+        costs = profile_model(inner, work.example).unit_costs(units, full_flops=full)
+        for param in inner.parameters():  # every candidate is in the optimizer until the first selection
+            param.requires_grad_(True)
+        selector = MixedSelection(inner, costs, rho, work, options.importance_batches, options.seed)
+        adapters = {u.name for u in lora_units(inner, "default")}
+
+        def optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+            # two learning rates, one per kind of unit, in the ratio of the protocol's two grids (not tuned here)
+            lora = [p for n, p in model.named_parameters() if ".lora_" in n]
+            rest = [p for n, p in model.named_parameters() if ".lora_" not in n]
+            groups = [{"params": rest, "lr": lr}, {"params": lora, "lr": lr * options.lora_lr_factor}]
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+
+        def describe() -> str:
+            chosen = [set(r) for r in selector.records]
+            return "/".join(f"{len(c - adapters)} tensors + {len(c & adapters)} adapters" for c in chosen)
+
+        return Method(
+            f"GreenTrainer mixed tensors+LoRA {options.lora_label()} rho {rho:g} (LoRA lr x{options.lora_lr_factor:g})",
+            model,
+            costs,
+            inner,
+            selector=selector,
+            optimizer=optimizer,
+            describe=describe,
+            selections=lambda: selector.records,
+        )
+
+    return build_mixed
 
 
 # ------------------------------------------------------------------------------------------------- LISA, BAdam
@@ -388,3 +464,5 @@ register("badam", "tensors", _badam)
 # the same probe FLOPs as the default (2 epochs x 4 batches) spent on 8 one-batch re-selections
 register("gt_tensors_0.5_probe1", "tensors", _greentrainer("tensors", 0.5, 1), ablation_of="gt_tensors_0.5")
 register("gt_tensors_0.5_resel8", "tensors", _greentrainer("tensors", 0.5, 1, 8), ablation_of="gt_tensors_0.5")
+# an idea no anchor has: one DP over base tensors and LoRA adapters together (tensors' lr grid, adapters scaled)
+register("gt_mixed_0.5", "tensors", _mixed(0.5))

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="steps between selections (overrides --selection-interval)",
     )
-    train.add_argument("--importance-batches", type=_positive_int, default=4)
+    train.add_argument("--importance-batches", type=_positive_int, default=1, help="batches per importance probe")
     train.add_argument("--lr", type=float, default=None, help="default: 2e-5 for tensors (paper), 2e-4 for lora")
     train.add_argument("--batch-size", type=_positive_int, default=4)
     train.add_argument("--max-source-tokens", type=_positive_int, default=None, help="default 512 (160 embedded)")

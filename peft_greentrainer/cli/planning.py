@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..engine.profile import dummy_batch, profile_model
-from ..engine.selector import min_feasible_rho, min_unit_costs, select_units
+from ..engine.selector import min_feasible_rho, min_unit_costs
 
 
 def build_on_meta(model_path: str | Path):
@@ -85,15 +85,7 @@ def plan(
         }
         if reachable.any():
             row["deepest_reachable"] = costs.units[int(np.flatnonzero(reachable).max())].name
-            selection = select_units(
-                prior,
-                costs.t_dw,
-                costs.t_dy,
-                costs.forward_flops,
-                rho,
-                full_flops=costs.full_flops,
-                dy_head=costs.dy_head,
-            )
+            selection = costs.select(prior, rho)
             row["predicted_flops"] = selection.flops
             row["saving"] = 1.0 - selection.flops / dense_full
             row["saving_vs_same_head"] = 1.0 - selection.flops / costs.full_flops

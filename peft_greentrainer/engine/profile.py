@@ -40,7 +40,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .flops import register_flop_formulas, uncounted_attention_op
 from .rng import fork_rng
-from .selector import selection_backward_flops
+from .selector import Selection, select_units, selection_backward_flops
 from .units import Unit, parameter_aliases
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,24 @@ class UnitCosts:
 
     def predicted_flops(self, mask: Sequence[bool] | np.ndarray) -> float:
         return self.forward_flops + self.predicted_backward(mask)
+
+    def select(self, importance: Sequence[float] | np.ndarray, rho: float, *, resolution: int = 10_000) -> Selection:
+        """The exact DP over these costs: the most total importance within ``rho * full_flops``.
+
+        The selector's reference must cover training every unit, which units that add work (LoRA adapters) can
+        together exceed: the reference is then their total, with ``rho`` rescaled to the same budget.
+        """
+        span = max(self.full_flops, self.predicted_flops(np.ones(len(self.units), dtype=bool)))
+        return select_units(
+            importance,
+            self.t_dw,
+            self.t_dy,
+            self.forward_flops,
+            rho * self.full_flops / span,
+            full_flops=span,
+            dy_head=self.dy_head,
+            resolution=resolution,
+        )
 
     def index(self, name: str) -> int:
         for i, unit in enumerate(self.units):
