@@ -1,8 +1,8 @@
 """How many importance batches a selection needs: the importance fewer batches lose, and the overhead they save.
 
 Every selection backpropagates ``importance_batches`` training batches to the deepest unit that fits (the paper
-uses one iteration; our default is 4). This measures, on the embedded SmolLM2-135M and ACLSum at batch 4, for each
-batch count n:
+uses one iteration, as our default now does; it was 4). This measures, on the embedded SmolLM2-135M and ACLSum at
+batch 4, for each batch count n:
 
 * quality of the choice: the units chosen from n random batches, scored by a reference importance averaged over
   ``--reference`` other batches, as a share of the best the DP can reach under that reference (1.0 = the reference's
@@ -10,7 +10,10 @@ batch count n:
 * overhead: the selection's FlopCounterMode FLOPs and wall time in step-equivalents (a training step with the chosen
   units, measured side by side in this process).
 
-Importance is taken at step 0 with a fresh AdamW, as at a run's first selection. Usage::
+Two choices that use no data frame the figures: random importances, and importances proportional to each unit's
+size (with a fresh AdamW the predicted update is about ``-lr * sign(g)``, so importance is about ``lr * |g|_1``, which
+grows with size). Measured at step 0 with a fresh AdamW, as at a run's first selection, and again after
+``--warm-steps`` training steps on rows that neither the reference nor the draws use. Usage::
 
     python benchmarks/bench_importance.py [--batches 1 2 4] [--draws 3] [--reference 16] [--rho 0.5] \
         [--units tensors] [--threads 1] [--output benchmarks/results/importance_batches.json]
@@ -118,6 +121,20 @@ def measure(tuner, optimizer, work, args, reference_rows: np.ndarray, pool: np.n
                 "seconds": 0.0,
             }
         )
+    prior = np.array([float(u.numel(tuner.model)) for u in costs.units])
+    chosen = [u.name for u, keep in zip(costs.units, costs.select(prior, args.rho).mask, strict=True) if keep]
+    rows.append(
+        {
+            "step": at_step,
+            "batches": -1,
+            "draw": 0,
+            "captured": captured(reference, chosen, best),
+            "jaccard": jaccard(chosen, best),
+            "selected": len(chosen),
+            "flops": 0.0,
+            "seconds": 0.0,
+        }
+    )
     tuner.restore_selection(best)  # train on (and measure the step of) the reference's choice
     return rows
 
@@ -154,14 +171,15 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     order = np.random.default_rng(0).permutation(work.train_size)
     reference_rows = order[: args.reference * batch_size]
-    pool = order[args.reference * batch_size :]  # draws never reuse the reference's rows
+    warm_rows = order[len(reference_rows) : len(reference_rows) + args.warm_steps * batch_size]
+    pool = order[len(reference_rows) + len(warm_rows) :]  # the draws, the reference and the warm-up share no row
     tuner.min_feasible_rho(work.example)  # profiles the one batch shape now, outside every measurement
 
     rows = measure(tuner, optimizer, work, args, reference_rows, pool, at_step=0)
     step = step_seconds(model, optimizer, work.example, args.step_repeats)  # a step at rho, weights put back
     if args.warm_steps:  # mid-training: AdamW has moments for the units trained so far, the weights have moved
         for index in range(args.warm_steps):
-            rows_of_batch = order[(index * batch_size) % work.train_size :][:batch_size]
+            rows_of_batch = warm_rows[index * batch_size : (index + 1) * batch_size]
             model(**{k: v[rows_of_batch] for k, v in work.train_columns.items()}).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -176,14 +194,18 @@ def main() -> None:
 
     lines = [
         f"Importance batches at rho {args.rho}, units={args.units}, {work.label}, batch {batch_size}, AdamW lr "
-        f"{args.lr:g}; reference: {args.reference} other batches; {args.draws} draws each; mean (min-max). Batches 0: "
-        "random importances through the same DP. Steps: selection cost over one training step at rho.",
+        f"{args.lr:g}; reference: {args.reference} other batches; {args.draws} draws each; mean (min-max). Random: "
+        "random importances through the same DP; size: importances proportional to unit size (no data). Steps: "
+        "selection cost over one training step at rho.",
         "",
         "| at step | batches | importance captured | Jaccard vs reference | selection FLOPs (steps) | "
         "selection wall (steps) |",
         "|---|---|---|---|---|---|",
     ]
-    for at_step, count in sorted({(r["step"], r["batches"]) for r in rows}, key=lambda k: (k[0], k[1] or 99)):
+    labels = {0: "random", -1: "size"}
+    for at_step, count in sorted(
+        {(r["step"], r["batches"]) for r in rows}, key=lambda k: (k[0], k[1] if k[1] > 0 else 100 - k[1])
+    ):
         mine = [r for r in rows if r["batches"] == count and r["step"] == at_step]
 
         def spread(key: str, mine: list[dict] = mine) -> str:
@@ -191,7 +213,7 @@ def main() -> None:
             return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
         lines.append(
-            f"| {at_step} | {count or 'random'} | {spread('captured')} | {spread('jaccard')} | "
+            f"| {at_step} | {labels.get(count, count)} | {spread('captured')} | {spread('jaccard')} | "
             f"{spread('flops_steps')} | {spread('wall_steps')} |"
         )
     print("\n".join(lines))

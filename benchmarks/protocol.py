@@ -223,7 +223,9 @@ class Session:
 
 
 def grid_of(protocol: Protocol, key: str) -> list[float]:
-    return protocol.grids[methods.REGISTRY[key].kind]
+    """The method's learning-rate grid; an ablation's is its parent's (it runs at the parent's choice)."""
+    spec = methods.REGISTRY[key]
+    return protocol.grids[methods.REGISTRY[spec.ablation_of or key].kind]
 
 
 def parent_of(key: str) -> str:

@@ -53,7 +53,7 @@ from .engine.profile import (
     profile_key,
     profile_model,
 )
-from .engine.selector import Selection, min_feasible_rho, min_unit_costs
+from .engine.selector import Selection
 from .engine.units import Unit, is_trainable_dtype, lora_units, parameter_aliases, tensor_units
 from .sparse_head import enable_sparse_lm_head
 from .twin import weightless_twin
@@ -391,10 +391,7 @@ class GreenTrainerModel(LoraModel):
         return profile.unit_costs(self.candidate_units(), full_flops=full)
 
     def min_feasible_rho(self, batch: Mapping[str, Any], loss_fn: LossFn = default_loss) -> float:
-        costs = self.unit_costs(batch, loss_fn)
-        return min_feasible_rho(
-            costs.t_dw, costs.t_dy, costs.forward_flops, full_flops=costs.full_flops, dy_head=costs.dy_head
-        )
+        return self.unit_costs(batch, loss_fn).min_feasible_rho()
 
     @property
     def _shape_costs(self) -> dict[tuple, UnitCosts]:
@@ -433,18 +430,11 @@ class GreenTrainerModel(LoraModel):
         keys = sorted((k for k in self._shape_costs if k[1] == signature), key=repr)
         return cost_envelope([self._shape_costs[k] for k in keys]), keys
 
-    def _scaled_rho(self, envelope: UnitCosts) -> tuple[float, float]:
-        """``(rho', span)`` for the selector: the envelope's units are fractions of full fine-tuning, but the selector
-        wants a reference covering every unit, which the envelope's maxima can exceed; rho' x span is the budget."""
-        span = max(1.0, envelope.predicted_flops(np.ones(len(envelope.units), dtype=bool)))
-        return self.greentrainer_config.rho / span, span
-
     def _check_feasible(self, envelope: UnitCosts, keys: list[tuple]) -> None:
         rho = self.greentrainer_config.rho
-        floor = float(min_unit_costs(envelope.t_dw, envelope.t_dy, envelope.forward_flops, envelope.dy_head).min())
-        scaled, span = self._scaled_rho(envelope)
-        if rho >= 1 or scaled * span >= floor:  # the selector's own test
+        if envelope.fits_alone(rho).any():  # the selector's own test
             return
+        floor = float(envelope.alone_costs().min())
         advice = math.ceil(floor * 10_000) / 10_000  # rounded up, so that following the advice is feasible
         while advice < floor:
             advice += 1e-4
@@ -456,10 +446,7 @@ class GreenTrainerModel(LoraModel):
 
     def _feasible(self, envelope: UnitCosts) -> np.ndarray:
         """Units that fit the budget on their own (the cheapest selection with each as the deepest)."""
-        if self.greentrainer_config.rho >= 1:
-            return np.ones(len(envelope.units), dtype=bool)
-        scaled, span = self._scaled_rho(envelope)
-        return min_unit_costs(envelope.t_dw, envelope.t_dy, envelope.forward_flops, envelope.dy_head) <= scaled * span
+        return envelope.fits_alone(self.greentrainer_config.rho)
 
     def _mask(self, costs: UnitCosts) -> np.ndarray:
         selected = set(self.greentrainer_state.selected)

@@ -409,11 +409,16 @@ def test_unit_costs_select_keeps_the_budget_when_units_together_cost_more_than_f
         rho = float(rng.uniform(0.5, 0.9))
         masks = all_masks(n)[1:]  # not the empty selection
         fits = brute_force_costs(masks, t_dw, t_dy, forward, dy_head) <= rho * full * (1 + 1e-12)
-        if not fits.any():
-            with pytest.raises(ValueError, match="smallest feasible rho"):
+        if not fits.any():  # the advice is in the caller's terms: following it makes the selection feasible
+            floor = brute_force_costs(masks, t_dw, t_dy, forward, dy_head).min() / full
+            with pytest.raises(ValueError, match=f"rho={rho:g} is below the smallest feasible rho") as error:
                 costs.select(importance, rho)
+            advice = float(re.search(r"at least ([0-9.]+)", str(error.value)).group(1))
+            assert floor <= advice < floor + 2e-4
+            assert costs.select(importance, advice).mask.any()
             continue
         selection = costs.select(importance, rho, resolution=100_000)
+        assert (selection.rho, selection.full_flops, selection.budget) == (rho, full, rho * full)
         assert costs.predicted_flops(selection.mask) <= rho * full * (1 + 1e-9)
         best = (masks[fits] @ importance).max()
         assert selection.mask @ importance >= best - 1e-6 * best

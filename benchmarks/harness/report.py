@@ -200,7 +200,7 @@ def method_results(runs: list[dict], grids: dict[str, list[float]]) -> list[Meth
         if not losses:
             continue
         if spec.ablation_of:  # runs only at its parent's chosen learning rate
-            lr = chosen_lr(runs, spec.ablation_of, grids[spec.kind])
+            lr = chosen_lr(runs, spec.ablation_of, grids[REGISTRY[spec.ablation_of].kind])
             if lr not in losses:
                 continue
             complete = True

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from ..engine.profile import dummy_batch, profile_model
-from ..engine.selector import min_feasible_rho, min_unit_costs
 
 
 def build_on_meta(model_path: str | Path):
@@ -68,10 +67,8 @@ def plan(
     tuner = peft_model.base_model
     costs = tuner.unit_costs(batch)
     sparse = attached_sparse_lm_head(tuner.model) is not None
-    alone = min_unit_costs(costs.t_dw, costs.t_dy, costs.forward_flops, costs.dy_head)
-    floor = min_feasible_rho(
-        costs.t_dw, costs.t_dy, costs.forward_flops, full_flops=costs.full_flops, dy_head=costs.dy_head
-    )
+    alone = costs.alone_costs()
+    floor = costs.min_feasible_rho()
     prior = np.array([float(u.numel(tuner.model)) for u in costs.units])
     rows = []
     for rho in rhos:

@@ -24,6 +24,7 @@ special case: the encoder runs first, so its units are deeper than every decoder
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,7 +41,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .flops import register_flop_formulas, uncounted_attention_op
 from .rng import fork_rng
-from .selector import Selection, select_units, selection_backward_flops
+from .selector import (
+    Selection,
+    infeasible_message,
+    min_unit_costs,
+    select_units,
+    selection_backward_flops,
+    smallest_ratio,
+)
 from .units import Unit, parameter_aliases
 
 logger = logging.getLogger(__name__)
@@ -126,23 +134,46 @@ class UnitCosts:
     def predicted_flops(self, mask: Sequence[bool] | np.ndarray) -> float:
         return self.forward_flops + self.predicted_backward(mask)
 
+    def alone_costs(self) -> np.ndarray:
+        """FLOPs of a step that trains each unit alone (the cheapest selection with it as the deepest)."""
+        return min_unit_costs(self.t_dw, self.t_dy, self.forward_flops, self.dy_head)
+
+    def min_feasible_rho(self) -> float:
+        """Smallest rho that lets at least one unit train; below it only the forward pass would fit."""
+        return smallest_ratio(float(self.alone_costs().min()), self.full_flops)
+
+    def fits_alone(self, rho: float) -> np.ndarray:
+        """Units that fit ``rho * full_flops`` on their own; every unit at ``rho >= 1`` (no budget)."""
+        if rho >= 1:
+            return np.ones(len(self.units), dtype=bool)
+        return self.alone_costs() <= rho * self.full_flops
+
     def select(self, importance: Sequence[float] | np.ndarray, rho: float, *, resolution: int = 10_000) -> Selection:
         """The exact DP over these costs: the most total importance within ``rho * full_flops``.
 
-        The selector's reference must cover training every unit, which units that add work (LoRA adapters) can
-        together exceed: the reference is then their total, with ``rho`` rescaled to the same budget.
+        ``rho >= 1`` lifts the budget (any unit may train), as the tuner does. The selector's reference must cover
+        training every unit, which units that add work (LoRA adapters) can together exceed: it is then their total,
+        with the budget unchanged; the returned ``Selection`` speaks of ``rho`` and ``full_flops`` as given.
         """
+        if not self.fits_alone(rho).any():
+            cheapest = float(self.alone_costs().min())
+            raise ValueError(infeasible_message(rho, self.min_feasible_rho(), cheapest, self.full_flops))
         span = max(self.full_flops, self.predicted_flops(np.ones(len(self.units), dtype=bool)))
-        return select_units(
+        budget = span if rho >= 1 else rho * self.full_flops
+        scaled = budget / span
+        while scaled * span < budget:  # rounding must not shrink the budget the feasibility test above used
+            scaled = math.nextafter(scaled, math.inf)
+        selection = select_units(
             importance,
             self.t_dw,
             self.t_dy,
             self.forward_flops,
-            rho * self.full_flops / span,
+            scaled,
             full_flops=span,
             dy_head=self.dy_head,
             resolution=resolution,
         )
+        return replace(selection, rho=rho, full_flops=self.full_flops, budget=min(rho, 1.0) * self.full_flops)
 
     def index(self, name: str) -> int:
         for i, unit in enumerate(self.units):

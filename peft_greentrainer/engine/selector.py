@@ -181,10 +181,10 @@ def min_feasible_rho(
     forward = _as_scalar_cost("forward_flops", forward_flops)
     dy_head = _as_scalar_cost("dy_head", dy_head)
     full = _full_flops(t_dw, t_dy, forward, dy_head, full_flops)
-    return _smallest_ratio(float(min_unit_costs(t_dw, t_dy, forward, dy_head).min()), full)
+    return smallest_ratio(float(min_unit_costs(t_dw, t_dy, forward, dy_head).min()), full)
 
 
-def _smallest_ratio(cost: float, full: float) -> float:
+def smallest_ratio(cost: float, full: float) -> float:
     """``cost / full``, nudged up by ulps if needed so that passing it back as rho really affords ``cost``."""
     ratio = cost / full
     while ratio * full < cost:
@@ -232,10 +232,10 @@ def check_feasible(
 
 def _raise_if_infeasible(rho: float, min_cost: float, full: float) -> None:
     if rho * full < min_cost:
-        raise ValueError(_infeasible_message(rho, _smallest_ratio(min_cost, full), min_cost, full))
+        raise ValueError(infeasible_message(rho, smallest_ratio(min_cost, full), min_cost, full))
 
 
-def _infeasible_message(rho: float, min_rho: float, min_cost: float, full: float) -> str:
+def infeasible_message(rho: float, min_rho: float, min_cost: float, full: float) -> str:
     # Round the advice *up* so that following it really is feasible.
     advice = math.ceil(min_rho * 10_000) / 10_000
     while advice * full < min_cost:
