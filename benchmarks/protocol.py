@@ -2,7 +2,8 @@
 
 Stages (each run skips what already exists, so the protocol resumes across sessions and machines):
 
-* ``--stage grid``: seed 0 of every learning rate of each method's grid (about 3 values across a decade).
+* ``--stage grid``: seed 0 of every learning rate of each method's grid (about 3 values across a decade); while the
+  best one is on an edge of the grid, the next half-decade value past that edge too (at most 2 more).
 * ``--stage seeds``: seeds 1 and 2 at the learning rate chosen by validation loss (the grid must be complete).
 * ``--stage ablations``: seeds 0-2 of each ablation (a method with one setting changed) at its parent's chosen
   learning rate (the parent's grid must be complete).
@@ -84,6 +85,7 @@ class Protocol:
     importance_batches: int = 4
     baseline_rho: float = 0.5
     sparse_lm_head: bool = False  # every method pays the same dense LM head (methods.MethodOptions)
+    grid_extensions: int = 2  # half-decade values added past a grid edge that holds the best (report.searched_grid)
     grids: dict[str, list[float]] = field(
         default_factory=lambda: {"tensors": [3e-5, 1e-4, 3e-4], "lora": [1e-4, 3e-4, 1e-3]}
     )
@@ -105,6 +107,7 @@ class Protocol:
             lora_r=8,
             lora_alpha=16,
             grids={"tensors": [1e-3, 3e-3], "lora": [3e-3, 1e-2]},
+            grid_extensions=0,
             quick=True,
         )
 
@@ -235,11 +238,21 @@ def parent_of(key: str) -> str:
 def remaining(runs: list[dict], protocol: Protocol, command: str) -> list[str]:
     """What is left of the protocol, as the commands that continue it (each skips what exists)."""
     done = {(r["key"], r["row"].get("lr"), r["seed"]) for r in runs}
-    grid = [k for k in METHODS if any((k, lr, 0) not in done for lr in grid_of(protocol, k))]
+    grid = [
+        k
+        for k in METHODS
+        if any(
+            (k, lr, 0) not in done
+            for lr in report.searched_grid(runs, k, grid_of(protocol, k), protocol.grid_extensions)
+        )
+    ]
     seeds = [
         k
         for k in METHODS
-        if k not in grid and any((k, report.chosen_lr(runs, k, grid_of(protocol, k)), s) not in done for s in SEEDS)
+        if k not in grid
+        and any(
+            (k, report.chosen_lr(runs, k, grid_of(protocol, k), protocol.grid_extensions), s) not in done for s in SEEDS
+        )
     ]
     lines = []
     if not any(r["key"] == "base" for r in runs):
@@ -251,7 +264,10 @@ def remaining(runs: list[dict], protocol: Protocol, command: str) -> list[str]:
     ablations = [
         k
         for k in ABLATIONS
-        if any((k, report.chosen_lr(runs, parent_of(k), grid_of(protocol, k)), s) not in done for s in SEEDS)
+        if any(
+            (k, report.chosen_lr(runs, parent_of(k), grid_of(protocol, k), protocol.grid_extensions), s) not in done
+            for s in SEEDS
+        )
     ]
     if ablations:
         lines.append(
@@ -292,7 +308,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def rebuild() -> str:
         runs = load_runs(output, protocol)
-        return report.write_protocol(output, runs, protocol.grids, remaining(runs, protocol, command))
+        return report.write_protocol(
+            output, runs, protocol.grids, remaining(runs, protocol, command), protocol.grid_extensions
+        )
 
     for key in args.methods if args.lrs else ():
         unknown = [lr for lr in args.lrs if lr not in grid_of(protocol, key)]
@@ -305,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for key in args.methods if args.stage != "base" else ():
             grid = grid_of(protocol, key)
             if args.stage == "ablations":
-                lr = report.chosen_lr(load_runs(output, protocol), parent_of(key), grid)
+                lr = report.chosen_lr(load_runs(output, protocol), parent_of(key), grid, protocol.grid_extensions)
                 if lr is None:
                     print(f"{key}: {parent_of(key)}'s grid is incomplete; run it first", file=sys.stderr)
                     continue
@@ -316,8 +334,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for lr in args.lrs or grid:
                     session.run(key, lr, 0)
                     rebuild()
+                # a best value on the grid's edge extends the grid past it (report.searched_grid)
+                while not args.lrs:
+                    searched = report.searched_grid(load_runs(output, protocol), key, grid, protocol.grid_extensions)
+                    missing = [lr for lr in searched if not run_path(output, key, lr, 0).exists()]
+                    if not missing:
+                        break
+                    session.run(key, missing[0], 0)
+                    rebuild()
             else:
-                lr = report.chosen_lr(load_runs(output, protocol), key, grid)
+                lr = report.chosen_lr(load_runs(output, protocol), key, grid, protocol.grid_extensions)
                 if lr is None:
                     print(f"{key}: its learning-rate grid is incomplete; run --stage grid first", file=sys.stderr)
                     continue

@@ -77,6 +77,35 @@ def test_learning_rate_is_chosen_by_validation_loss_once_the_grid_is_complete():
     assert report.chosen_lr(runs, "full", [3e-5, 1e-4, 3e-4]) == 1e-4
 
 
+def test_a_best_value_on_the_grid_edge_extends_the_grid_by_half_decades():
+    grid = [3e-5, 1e-4, 3e-4]
+    runs = [_run("gt", 3e-5, 0, 3.10), _run("gt", 1e-4, 0, 2.96), _run("gt", 3e-4, 0, 2.91)]
+    assert report.searched_grid(runs, "gt", grid) == [3e-5, 1e-4, 3e-4, 1e-3]
+    assert report.chosen_lr(runs, "gt", grid) is None  # 1e-3 must run before anything is chosen
+    runs.append(_run("gt", 1e-3, 0, 2.95))
+    assert report.chosen_lr(runs, "gt", grid) == 3e-4
+    # downwards too, and at most two steps: a best value still on the edge then is accepted
+    falling = [(3e-6, 0.8), (1e-5, 0.9), (3e-5, 1.0), (1e-4, 2.0), (3e-4, 3.0)]
+    runs = [_run("x", lr, 0, loss) for lr, loss in falling]
+    assert report.searched_grid(runs, "x", grid) == [3e-6, 1e-5, 3e-5, 1e-4, 3e-4]
+    assert report.chosen_lr(runs, "x", grid) == 3e-6
+    assert report.chosen_lr(runs, "x", grid, extensions=0) == 3e-5
+    assert [report.half_decade_step(v, up=True) for v in (1e-4, 3e-4)] == [3e-4, 1e-3]
+
+
+@pytest.mark.slow
+def test_grid_stage_runs_the_extension_past_an_edge(tmp_path, monkeypatch):
+    extended = protocol.Protocol.quick_protocol()
+    extended.grid_extensions = 1  # two values: the best is always on an edge, so one more value runs
+    monkeypatch.setattr(protocol.Protocol, "quick_protocol", classmethod(lambda cls: extended))
+    protocol.main(["--quick", "--threads", "1", "--output-dir", str(tmp_path), "--methods", "full"])
+    runs = protocol.load_runs(tmp_path, extended)
+    searched = report.searched_grid(runs, "full", extended.grids["tensors"], 1)
+    assert len(searched) == 3 and sorted(r["row"]["lr"] for r in runs) == searched
+    chosen = report.chosen_lr(runs, "full", extended.grids["tensors"], 1)
+    assert chosen in searched and f"**{chosen:g}: " in (tmp_path / "protocol.md").read_text()
+
+
 def _written(output: Path) -> dict[str, float]:
     return {str(p): p.stat().st_mtime_ns for p in sorted((output / "runs").glob("*/*.json"))}
 
@@ -115,7 +144,7 @@ def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
     assert (tmp_path / "protocol.png").stat().st_size > 0
     for run in runs:
         assert f"| {run['row']['method']} |" in markdown
-    chosen = report.chosen_lr(runs, "full", protocol.grid_of(quick, "full"))
+    chosen = report.chosen_lr(runs, "full", protocol.grid_of(quick, "full"), quick.grid_extensions)
     assert f"**{chosen:g}: " in markdown
 
     # resuming does not redo finished runs; the seeds stage adds seeds 1 and 2 at the chosen lr only
@@ -137,7 +166,7 @@ def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
     # ablations: 3 seeds each at their parent's chosen lr, reported against it, absent from the grid table
     protocol.main([*common, "--stage", "ablations"])
     runs = protocol.load_runs(tmp_path, quick)
-    parent_lr = report.chosen_lr(runs, "gt_tensors_0.5", protocol.grid_of(quick, "gt_tensors_0.5"))
+    parent_lr = report.chosen_lr(runs, "gt_tensors_0.5", protocol.grid_of(quick, "gt_tensors_0.5"), 0)
     for key in protocol.ABLATIONS:
         mine = [r for r in runs if r["key"] == key]
         assert sorted((r["row"]["lr"], r["seed"]) for r in mine) == [(parent_lr, s) for s in (0, 1, 2)]

@@ -144,9 +144,41 @@ def write_compare(result: dict, output_dir: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- protocol.py
-def chosen_lr(runs: list[dict], key: str, grid: Sequence[float]) -> float | None:
-    """The grid's learning rate with the lowest validation loss at seed 0, once the whole grid has run."""
-    losses = _grid_losses(runs, key)
+MAX_GRID_EXTENSIONS = 2
+
+
+def chosen_lr(runs: list[dict], key: str, grid: Sequence[float], extensions: int = MAX_GRID_EXTENSIONS) -> float | None:
+    """The learning rate with the lowest validation loss at seed 0 over the searched grid (:func:`searched_grid`),
+    once every value of it has run."""
+    return _best(_grid_losses(runs, key), searched_grid(runs, key, grid, extensions))
+
+
+def searched_grid(
+    runs: list[dict], key: str, grid: Sequence[float], extensions: int = MAX_GRID_EXTENSIONS
+) -> list[float]:
+    """``grid``, extended by one half-decade step past an edge while the best value sits on that edge (at most
+    ``extensions`` steps): a best value on the edge says the best learning rate may lie beyond it. One rule
+    for every method; values not run yet end the search (the grid is then incomplete)."""
+    losses, searched = _grid_losses(runs, key), sorted(grid)
+    for _ in range(extensions):
+        best = _best(losses, searched)
+        if best == searched[-1]:
+            searched.append(half_decade_step(searched[-1], up=True))
+        elif best == searched[0]:
+            searched.insert(0, half_decade_step(searched[0], up=False))
+        else:  # inside the grid, or the grid is incomplete
+            break
+    return searched
+
+
+def half_decade_step(lr: float, up: bool) -> float:
+    """The neighbour of ``lr`` in the series 1, 3, 10, 30, ... x 10^k that the grids are drawn from."""
+    exponent = math.floor(math.log10(lr))
+    series = sorted(float(f"{m}e{e}") for e in range(exponent - 2, exponent + 3) for m in (1, 3))
+    return min(v for v in series if v > lr * 1.5) if up else max(v for v in series if v < lr / 1.5)
+
+
+def _best(losses: dict[float, float], grid: Sequence[float]) -> float | None:
     if not all(lr in losses for lr in grid):
         return None
     return min(grid, key=lambda lr: losses[lr] if math.isfinite(losses[lr]) else math.inf)  # a diverged run loses
@@ -191,7 +223,9 @@ class MethodResult:
         return [pick(r["row"]) for r in self.runs]
 
 
-def method_results(runs: list[dict], grids: dict[str, list[float]]) -> list[MethodResult]:
+def method_results(
+    runs: list[dict], grids: dict[str, list[float]], extensions: int = MAX_GRID_EXTENSIONS
+) -> list[MethodResult]:
     from .methods import REGISTRY
 
     results = []
@@ -200,12 +234,12 @@ def method_results(runs: list[dict], grids: dict[str, list[float]]) -> list[Meth
         if not losses:
             continue
         if spec.ablation_of:  # runs only at its parent's chosen learning rate
-            lr = chosen_lr(runs, spec.ablation_of, grids[REGISTRY[spec.ablation_of].kind])
+            lr = chosen_lr(runs, spec.ablation_of, grids[REGISTRY[spec.ablation_of].kind], extensions)
             if lr not in losses:
                 continue
             complete = True
         else:
-            lr = chosen_lr(runs, key, grids[spec.kind])
+            lr = chosen_lr(runs, key, grids[spec.kind], extensions)
             complete = lr is not None
             lr = lr if complete else min(losses, key=losses.get)
         finals = sorted((r for r in runs if r["key"] == key and r["row"]["lr"] == lr), key=lambda r: r["seed"])
@@ -213,15 +247,20 @@ def method_results(runs: list[dict], grids: dict[str, list[float]]) -> list[Meth
     return results
 
 
-def _grid_table(runs: list[dict], results: list[MethodResult], grids: dict[str, list[float]]) -> str:
+def _grid_table(runs: list[dict], results: list[MethodResult], grids: dict[str, list[float]], extensions: int) -> str:
     from .methods import REGISTRY
 
-    header = ["method", *[f"grid {i + 1}" for i in range(max(len(g) for g in grids.values()))], "chosen"]
+    searched = {
+        r.key: searched_grid(runs, r.key, grids[REGISTRY[r.key].kind], extensions)
+        for r in results
+        if not REGISTRY[r.key].ablation_of  # no grid: its parent's learning rate
+    }
+    header = ["method", *[f"grid {i + 1}" for i in range(max(map(len, searched.values()), default=0))], "chosen"]
     body = []
     for result in results:
-        if REGISTRY[result.key].ablation_of:  # no grid: its parent's learning rate
+        if result.key not in searched:
             continue
-        grid = grids[REGISTRY[result.key].kind]
+        grid = searched[result.key]
         losses = _grid_losses(runs, result.key)
         cells = [
             ("**" if lr == result.lr and result.grid_complete else "")
@@ -231,7 +270,7 @@ def _grid_table(runs: list[dict], results: list[MethodResult], grids: dict[str, 
         ]
         edge = result.grid_complete and result.lr in (grid[0], grid[-1])
         chosen = f"{result.lr:g}" + (" (grid edge)" if edge else "") if result.grid_complete else "grid incomplete"
-        body.append([result.name, *cells, chosen])
+        body.append([result.name, *cells, *[""] * (len(header) - 2 - len(cells)), chosen])
     return markdown_table(header, body)
 
 
@@ -339,12 +378,18 @@ def plot_curves(results: list[MethodResult], path: Path) -> None:
     plt.close(fig)
 
 
-def write_protocol(output: Path, runs: list[dict], grids: dict[str, list[float]], left: Sequence[str] = ()) -> str:
+def write_protocol(
+    output: Path,
+    runs: list[dict],
+    grids: dict[str, list[float]],
+    left: Sequence[str] = (),
+    extensions: int = MAX_GRID_EXTENSIONS,
+) -> str:
     """protocol.md and protocol.png, rebuilt from every result file found."""
     output.mkdir(parents=True, exist_ok=True)
     base = next((r for r in runs if r["key"] == "base"), None)
     trained = [r for r in runs if r["key"] != "base"]
-    results = method_results(trained, grids)
+    results = method_results(trained, grids, extensions)
     cpu_hours = sum(r["row"].get("cpu_seconds", 0.0) for r in runs) / 3600
     first = trained[0] if trained else None
     lines = [
@@ -360,7 +405,7 @@ def write_protocol(output: Path, runs: list[dict], grids: dict[str, list[float]]
         "",
         "## Learning-rate grid (validation loss, seed 0; bold: chosen)",
         "",
-        _grid_table(trained, results, grids) if results else "(no runs yet)",
+        _grid_table(trained, results, grids, extensions) if results else "(no runs yet)",
         "",
         "## Equal steps (test split; mean ± sample std over seeds)",
         "",
