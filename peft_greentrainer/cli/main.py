@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps between selections (overrides --selection-interval)",
     )
     train.add_argument("--importance-batches", type=_positive_int, default=1, help="batches per importance probe")
-    train.add_argument("--lr", type=float, default=None, help="default: 2e-5 for tensors (paper), 2e-4 for lora")
+    train.add_argument(
+        "--lr", type=float, default=None, help="default: tensors 3e-4 embedded (measured) or 2e-5 (paper); lora 2e-4"
+    )
     train.add_argument("--batch-size", type=_positive_int, default=4)
     train.add_argument("--max-source-tokens", type=_positive_int, default=None, help="default 512 (160 embedded)")
     train.add_argument("--max-target-tokens", type=_positive_int, default=None, help="default 128 (48 embedded)")
