@@ -196,9 +196,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             rewritten.append(pytest.param(*swapped, marks=marks, id=param.id if param and param.id else case_id))
         if not rewritten:
             continue
-        if names == ["test_name", "model_id", "config_cls", "config_kwargs"] and metafunc.function.__name__ in (
-            TENSORS_TESTS
-        ) and not reference:
+        if (
+            names == ["test_name", "model_id", "config_cls", "config_kwargs"]
+            and metafunc.function.__name__ in (TENSORS_TESTS)
+            and not reference
+        ):
             for model_id in lora_models:
                 if subset == "ci" and model_id not in CI_TENSORS_MODELS:
                     continue
