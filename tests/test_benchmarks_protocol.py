@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import protocol
 from benchmarks.harness import methods, report, workload
+from peft_greentrainer import enable_sparse_lm_head
+from peft_greentrainer.engine.profile import profile_model
 
 
 def _tiny_work() -> workload.Workload:
@@ -171,10 +173,13 @@ def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
         mine = [r for r in runs if r["key"] == key]
         assert sorted((r["row"]["lr"], r["seed"]) for r in mine) == [(parent_lr, s) for s in (0, 1, 2)]
     by_key = {r["key"]: r["row"] for r in runs if r["seed"] == 0 and r["row"].get("lr") == parent_lr}
-    default, probe1, resel8 = (by_key[k] for k in ("gt_tensors_0.5", *protocol.ABLATIONS))
+    default, probe1, resel8, shipped = (by_key[k] for k in ("gt_tensors_0.5", *protocol.ABLATIONS))
     assert len(probe1["selections"]) == len(default["selections"])  # once per epoch, a smaller probe
     assert probe1["selection_flops"] < default["selection_flops"]
     assert len(resel8["selections"]) == 8 and resel8["measured_flops_per_step"] <= 0.5 * full * (1 + 1e-6)
+    # the sparse head's FLOPs vary with each batch's labels: no step above half of dense full FT's
+    counted = [s["flops"] for s in shipped["step_measurements"] if s["flops"] is not None]
+    assert counted and max(counted) <= 0.5 * full * (1 + 1e-6)
     markdown = (tmp_path / "protocol.md").read_text()
     grid_part, equal_steps = markdown.split("## Equal steps", 1)
     assert resel8["method"] in equal_steps and resel8["method"] not in grid_part
@@ -203,3 +208,15 @@ def test_grid_values_outside_the_grid_are_refused_before_any_work(tmp_path, caps
         protocol.main(["--quick", "--methods", "full", "--lrs", "0.5", "--output-dir", str(tmp_path)])
     assert "--lrs [0.5] are not in full's grid" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_shipped_head_budget_is_at_most_rho_of_dense_full_finetuning_on_every_batch():
+    work = _tiny_work()
+    ratio = methods.dense_over_sparse_full_flops(work)
+    assert ratio > 1  # the sparse head projects only the labelled positions
+    model = work.new_model()
+    dense = profile_model(model, work.example).full_flops
+    enable_sparse_lm_head(model)
+    for start in range(0, work.train_size, work.batch_size):
+        batch = {k: v[start : start + work.batch_size] for k, v in work.train_columns.items()}
+        assert profile_model(model, batch).full_flops * ratio <= dense * (1 + 1e-9)
