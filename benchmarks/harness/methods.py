@@ -234,7 +234,7 @@ def dense_over_sparse_full_flops(work: Workload) -> float:
     bounds every batch. A budget of ``rho`` times this ratio, in the sparse head's terms, is therefore at most ``rho``
     of dense full fine-tuning at every step.
     """
-    model = work.new_model()
+    model = work.new_model().train()  # the sparse head acts in training mode only
     dense = profile_model(model, work.example).full_flops
     labelled = (work.train_columns["labels"] != -100).sum(dim=1)
     row = costliest_row({k: v[[int(labelled.argmax())]] for k, v in work.train_columns.items()})
@@ -280,7 +280,8 @@ def _greentrainer(
             task_type="CAUSAL_LM",
             **lora,
         )
-        model = get_peft_model(work.new_model(), config)
+        # priced in the mode the steps run in (the sparse head, if on, acts in training mode only)
+        model = get_peft_model(work.new_model().train(), config)
         tuner = model.base_model
         floor = tuner.min_feasible_rho(work.example)  # also profiles now, outside the timed selection
         if budget < floor:
