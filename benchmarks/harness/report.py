@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,7 +200,8 @@ def _pm(values: Sequence[float], spec: str, scale: float = 1.0) -> str:
 
 
 def verdict(candidate: Sequence[float], reference: Sequence[float]) -> str:
-    """Lower-is-better comparison; a difference within the larger seed spread (sample std) is a tie."""
+    """Whether ``candidate``'s mean is lower or higher than ``reference``'s; within the larger seed spread (sample
+    std) it is a tie. Which direction is better is the metric's: lower for a loss, higher for ROUGE."""
     if len(candidate) < 2 or len(reference) < 2:
         return "n/a (1 seed)"
     (mean_c, std_c), (mean_r, std_r) = _mean_std(candidate), _mean_std(reference)
@@ -302,7 +303,14 @@ def _results_table(results: list[MethodResult], base: dict | None) -> str:
         "peak RSS MiB",
         "selection overhead",
         "test loss vs GT rho 0.5",
+        "ROUGE-L vs GT rho 0.5",
     ]
+
+    def against_reference(result: MethodResult, metric: Callable[[dict], float]) -> str:
+        if reference is None:
+            return "-"
+        return "(reference)" if result is reference else verdict(result.values(metric), reference.values(metric))
+
     body = []
     for result in results:
         losses = result.values(lambda r: r["heldout_loss"]["test"])
@@ -328,11 +336,8 @@ def _results_table(results: list[MethodResult], base: dict | None) -> str:
                 else "-",
                 _pm(result.values(lambda r: r["peak_rss_mib"]), ".0f"),
                 _pm(result.values(lambda r: r["selection_overhead"]), ".1f", 100) + "%",
-                "(reference)"
-                if result is reference
-                else verdict(losses, reference.values(lambda r: r["heldout_loss"]["test"]))
-                if reference
-                else "-",
+                against_reference(result, lambda r: r["heldout_loss"]["test"]),
+                against_reference(result, lambda r: r["rouge"]["rougeL"]),
             ]
         )
     if base:
@@ -345,7 +350,7 @@ def _results_table(results: list[MethodResult], base: dict | None) -> str:
                 f"{base_loss:.4f}",
                 "0%",
                 *[f"{scores[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL")],
-                *["-"] * 6,
+                *["-"] * 7,
             ]
         )
     return markdown_table(header, body)
@@ -416,8 +421,9 @@ def write_protocol(
         "mean FlopCounterMode FLOPs of the counted steps over full FT's. Total FLOPs ratio: the whole run's, "
         "selection's importance probes included. Wall ratio: median uncounted step time over full FT's (different "
         "processes; the machine is shared, so this is indicative). Selection overhead: selection "
-        "time (importance + DP, or layer/block draws) as a share of training time. Last column: a difference within "
-        "the larger seed spread is a tie.",
+        "time (importance + DP, or layer/block draws) as a share of training time. Last two columns: the method's mean "
+        "against GreenTrainer rho 0.5's, a difference within the larger seed spread is a tie (lower test loss is "
+        "better, higher ROUGE-L is better).",
         "",
         "## Equal compute",
         "",
