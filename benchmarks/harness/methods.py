@@ -236,8 +236,7 @@ def dense_over_sparse_full_flops(work: Workload) -> float:
     """
     model = work.new_model().train()  # the sparse head acts in training mode only
     dense = profile_model(model, work.example).full_flops
-    labelled = (work.train_columns["labels"] != -100).sum(dim=1)
-    row = costliest_row({k: v[[int(labelled.argmax())]] for k, v in work.train_columns.items()})
+    row = costliest_row(work.train_columns)  # the training row with the most labelled positions
     busiest = {k: v.expand(work.batch_size, *v.shape[1:]) for k, v in row.items()}
     enable_sparse_lm_head(model)
     return dense / profile_model(model, busiest).full_flops
