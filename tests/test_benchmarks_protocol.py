@@ -95,6 +95,25 @@ def test_a_best_value_on_the_grid_edge_extends_the_grid_by_half_decades():
     assert [report.half_decade_step(v, up=True) for v in (1e-4, 3e-4)] == [3e-4, 1e-3]
 
 
+def test_equal_compute_reads_each_curve_at_a_share_of_full_finetunings_flops():
+    curve = [{"flops": 0.0, "loss": 3.0}, {"flops": 4.0, "loss": 2.0}, {"flops": 8.0, "loss": 1.0}]
+    assert report.loss_at_compute(curve, 2.0) == (2.5, True)  # linear between points
+    assert report.loss_at_compute(curve, 8.0) == (1.0, True)
+    assert report.loss_at_compute(curve, 9.0) == (1.0, False)  # ended earlier: its final loss, flagged
+
+    def result(key: str, curves: list[list[dict]]) -> report.MethodResult:
+        return report.MethodResult(key, key, 1e-4, True, [{"row": {"curve": c}} for c in curves])
+
+    full = result("full", [[{"flops": 0.0, "loss": 3.0}, {"flops": 10.0, "loss": 1.0}]])
+    half = result("half", [curve, [{"flops": 0.0, "loss": 3.0}, {"flops": 8.0, "loss": 2.0}]])
+    table = report.equal_compute_table([full, half], fractions=(0.5, 1.0))
+    full_row, half_row = table.splitlines()[2:]
+    assert full_row.split(" | ")[2:] == ["2.0000", "1.0000", "1.00 |"]
+    # 5 FLOPs: 1.75 and 2.375 (mean 2.0625); 10 FLOPs: both runs ended (1.0 and 2.0)
+    assert half_row.split(" | ")[2:] == ["2.0625 ± 0.4419", "1.5000 ± 0.7071 (ended)", "0.80 ± 0.00 |"]
+    assert report.equal_compute_table([half]) == "(full fine-tuning has not run)"
+
+
 @pytest.mark.slow
 def test_grid_stage_runs_the_extension_past_an_edge(tmp_path, monkeypatch):
     extended = protocol.Protocol.quick_protocol()

@@ -356,6 +356,43 @@ def _results_table(results: list[MethodResult], base: dict | None) -> str:
     return markdown_table(header, body)
 
 
+def loss_at_compute(curve: Sequence[dict], flops: float) -> tuple[float, bool]:
+    """The traced held-out loss once ``flops`` training FLOPs are spent (linear between curve points), and whether
+    the run got that far; a run that ended earlier reports its final loss: that is all this protocol gave it."""
+    spent = [point["flops"] for point in curve]
+    losses = [point["loss"] for point in curve]
+    if flops >= spent[-1]:
+        return losses[-1], flops == spent[-1]
+    after = next(i for i, f in enumerate(spent) if f >= flops)
+    if after == 0:
+        return losses[0], True
+    share = (flops - spent[after - 1]) / (spent[after] - spent[after - 1])
+    return losses[after - 1] + share * (losses[after] - losses[after - 1]), True
+
+
+def equal_compute_table(results: list[MethodResult], fractions: Sequence[float] = (0.25, 0.5, 1.0)) -> str:
+    """The plot's question in numbers: with a fraction of full FT's whole-run FLOPs, what held-out loss does each
+    method reach? Mean ± std over seeds of the traced validation loss; "(ended)" where the run stopped earlier."""
+    full = next((r for r in results if r.key == "full"), None)
+    if full is None:
+        return "(full fine-tuning has not run)"
+    budget = statistics.fmean(full.values(lambda r: r["curve"][-1]["flops"]))
+    header = ["method", "seeds", *[f"at {f:g}x full FT's FLOPs" for f in fractions], "run's own total"]
+    body = []
+    for result in results:
+        curves = [c for c in result.values(lambda r: r["curve"]) if c]
+        if not curves:
+            continue
+        cells = []
+        for fraction in fractions:
+            reached = [loss_at_compute(curve, fraction * budget) for curve in curves]
+            ended = " (ended)" if not all(got_there for _, got_there in reached) else ""
+            cells.append(_pm([loss for loss, _ in reached], ".4f") + ended)
+        total = _pm([curve[-1]["flops"] / budget for curve in curves], ".2f")
+        body.append([result.name, len(curves), *cells, total])
+    return markdown_table(header, body)
+
+
 def plot_curves(results: list[MethodResult], path: Path) -> None:
     """Held-out loss against cumulative training FLOPs (as full FT's whole-run total) and against wall time."""
     plt = pyplot()
@@ -429,10 +466,16 @@ def write_protocol(
         "",
         "![held-out loss against training FLOPs and wall time](protocol.png)",
         "",
+        equal_compute_table(results) if results else "(no runs yet)",
+        "",
         "Curves: seed 0 at the chosen learning rate; loss on the first validation pairs (the traced subset), at step 0 "
         "and evenly during training. FLOPs: per-step FLOPs predicted from each step's trainable set (exact on every "
         "counted step, see max error in the run files) plus the FLOPs counted during selection (importance probes). "
-        "Wall time: step times (counted steps replaced by the median uncounted one) plus selection time.",
+        "Wall time: step times (counted steps replaced by the median uncounted one) plus selection time. "
+        "The table reads the curves (every seed, linear between points) at a share of full fine-tuning's whole-run "
+        "FLOPs; a run that ended before spending it shows its final loss, marked (ended). Every run follows its own "
+        "linear decay to 0 over 2 epochs, so a point mid-run is not what that method would reach with a schedule "
+        "fitted to that budget.",
         "",
         "## What is left",
         "",
