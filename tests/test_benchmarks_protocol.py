@@ -133,7 +133,7 @@ def _written(output: Path) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
-    keys = ["full", "gt_tensors_0.5", "lisa", "badam", "gt_lora_at_lora", "gt_mixed_0.5"]
+    keys = ["full", "gt_tensors_0.5", "lisa", "badam", "gt_lora_0.5", "gt_lora_at_lora", "gt_mixed_0.5"]
     common = ["--quick", "--threads", "1", "--output-dir", str(tmp_path)]
     protocol.main([*common, "--stage", "ablations"])  # before their parent's grid: nothing to run at yet
     assert not (tmp_path / "runs").exists()
@@ -187,18 +187,23 @@ def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
     # ablations: 3 seeds each at their parent's chosen lr, reported against it, absent from the grid table
     protocol.main([*common, "--stage", "ablations"])
     runs = protocol.load_runs(tmp_path, quick)
-    parent_lr = report.chosen_lr(runs, "gt_tensors_0.5", protocol.grid_of(quick, "gt_tensors_0.5"), 0)
-    for key in protocol.ABLATIONS:
-        mine = [r for r in runs if r["key"] == key]
-        assert sorted((r["row"]["lr"], r["seed"]) for r in mine) == [(parent_lr, s) for s in (0, 1, 2)]
-    by_key = {r["key"]: r["row"] for r in runs if r["seed"] == 0 and r["row"].get("lr") == parent_lr}
-    default, probe1, resel8, shipped = (by_key[k] for k in ("gt_tensors_0.5", *protocol.ABLATIONS))
+
+    def seed0_at_chosen_lr(key: str) -> dict:
+        parent = protocol.parent_of(key) or key
+        lr = report.chosen_lr(runs, parent, protocol.grid_of(quick, parent), 0)
+        return next(r["row"] for r in runs if r["key"] == key and r["seed"] == 0 and r["row"]["lr"] == lr)
+
+    for key in protocol.ABLATIONS:  # 3 seeds each at their parent's chosen lr, nothing else
+        lr = seed0_at_chosen_lr(key)["lr"]
+        assert sorted((r["row"]["lr"], r["seed"]) for r in runs if r["key"] == key) == [(lr, s) for s in (0, 1, 2)]
+    default, probe1, resel8, shipped, lora_shipped = map(seed0_at_chosen_lr, ("gt_tensors_0.5", *protocol.ABLATIONS))
     assert len(probe1["selections"]) == len(default["selections"])  # once per epoch, a smaller probe
     assert probe1["selection_flops"] < default["selection_flops"]
     assert len(resel8["selections"]) == 8 and resel8["measured_flops_per_step"] <= 0.5 * full * (1 + 1e-6)
     # the sparse head's FLOPs vary with each batch's labels: no step above half of dense full FT's
-    counted = [s["flops"] for s in shipped["step_measurements"] if s["flops"] is not None]
-    assert counted and max(counted) <= 0.5 * full * (1 + 1e-6)
+    for row in (shipped, lora_shipped):
+        counted = [s["flops"] for s in row["step_measurements"] if s["flops"] is not None]
+        assert counted and max(counted) <= 0.5 * full * (1 + 1e-6), row["method"]
     markdown = (tmp_path / "protocol.md").read_text()
     grid_part, equal_steps = markdown.split("## Equal steps", 1)
     assert resel8["method"] in equal_steps and resel8["method"] not in grid_part

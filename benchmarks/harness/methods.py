@@ -501,5 +501,12 @@ register(
     _greentrainer("tensors", 0.5, shipped_head=True),
     ablation_of="gt_tensors_0.5",
 )
+# the same with LoRA units: the adapters' cheap weight gradients and the cheaper head both buy depth
+register(
+    "gt_lora_0.5_shipped_head",
+    "lora",
+    _greentrainer("lora", 0.5, shipped_head=True),
+    ablation_of="gt_lora_0.5",
+)
 # an idea no anchor has: one DP over base tensors and LoRA adapters together (tensors' lr grid, adapters scaled)
 register("gt_mixed_0.5", "tensors", _mixed(0.5))
