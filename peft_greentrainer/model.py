@@ -55,7 +55,7 @@ from .engine.profile import (
 )
 from .engine.selector import Selection
 from .engine.units import Unit, is_trainable_dtype, lora_units, parameter_aliases, tensor_units
-from .sparse_head import enable_sparse_lm_head
+from .sparse_head import attached_sparse_lm_head, enable_sparse_lm_head
 from .twin import weightless_twin
 
 logger = logging.getLogger(__name__)
@@ -332,9 +332,10 @@ class GreenTrainerModel(LoraModel):
             if key not in cache:
                 cache[key] = self._measure(batch, loss_fn)
                 # training steps at this shape need no profile of their own: costs are linear in the batch size
-                # (when rows have different numbers of labels, a sparse head costs more on some: profile one of those)
+                # (a sparse head costs more on rows with more labels: then steps profile their costliest row)
                 counts = labelled_counts(batch)
-                if counts is None or bool((counts == counts[0]).all()):
+                dense_head = attached_sparse_lm_head(self.model) is None
+                if counts is None or dense_head or bool((counts == counts[0]).all()):
                     costs = cache[key][0].unit_costs(self.candidate_units(), full_flops=cache[key][1])
                     measured = self.__dict__.setdefault("_measured_rows", {})
                     measured.setdefault(

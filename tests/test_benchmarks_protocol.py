@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import protocol
-from benchmarks.harness import methods, report, workload
+from benchmarks.harness import methods, report, runner, workload
 from peft_greentrainer import enable_sparse_lm_head
 from peft_greentrainer.engine.profile import profile_model
 
@@ -232,6 +232,22 @@ def test_grid_values_outside_the_grid_are_refused_before_any_work(tmp_path, caps
         protocol.main(["--quick", "--methods", "full", "--lrs", "0.5", "--output-dir", str(tmp_path)])
     assert "--lrs [0.5] are not in full's grid" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("key", ["random", "gt_tensors_0.5", "gt_lora_0.5", "gt_tensors_0.5_shipped_head"])
+def test_every_counted_step_costs_what_is_predicted_when_rows_have_different_label_counts(key):
+    # real prompts mask different numbers of labels per row; a method whose profile did not price the steps pays a
+    # second profile inside step 0, counted in that step's FLOPs (the random baseline did, before the tuner's fix)
+    work = _tiny_work()
+    work.train_columns["labels"][::2, -1] = -100
+    work.__dict__.pop("_base_profile", None)
+    settings = runner.TrainSettings(
+        epochs=1, batch_size=4, seed=0, measure_every=1, max_new_tokens=2, max_source_tokens=8, max_steps=2
+    )
+    method = methods.build(key, work, methods.MethodOptions(seed=0, total_steps=2))
+    row = runner.train(method, work, settings, 1e-3)
+    assert [s["step"] for s in row["step_measurements"] if s["flops"] is not None] == [0, 1]
+    assert row["measured_vs_predicted_max_rel_error"] < (0.02 if key.endswith("shipped_head") else 1e-6)
 
 
 def test_shipped_head_budget_is_at_most_rho_of_dense_full_finetuning_on_every_batch():
