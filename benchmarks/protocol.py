@@ -15,6 +15,7 @@ every run from whatever files exist. Usage::
 
     python benchmarks/protocol.py --stage grid --methods full gt_tensors_0.5 lora --threads 1
     python benchmarks/protocol.py --stage seeds
+    python benchmarks/protocol.py --stage seeds --methods random --seeds 2   # one seed (two runs side by side)
     python benchmarks/protocol.py --quick --output-dir /tmp/protocol   # tiny model, seconds (CI)
 
 Setup: the embedded SmolLM2-135M-Instruct on ACLSum, all 300 training pairs, batch 4, AdamW with linear decay to 0
@@ -291,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--methods", nargs="+", choices=METHODS + ABLATIONS, default=None, help="default: every method (ablations: all)"
     )
     parser.add_argument("--lrs", nargs="+", type=float, default=None, help="grid stage: only these grid values")
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, choices=SEEDS, default=None, help="seeds/ablations stages: only these seeds"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, synthetic data, seconds (CI, smoke runs)")
     parser.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs (a new protocol)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 leaves a core to others)")
@@ -333,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if lr is None:
                     print(f"{key}: {parent_of(key)}'s grid is incomplete; run it first", file=sys.stderr)
                     continue
-                for seed in SEEDS:
+                for seed in args.seeds or SEEDS:
                     session.run(key, lr, seed)
                     rebuild()
             elif args.stage == "grid":
@@ -353,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if lr is None:
                     print(f"{key}: its learning-rate grid is incomplete; run --stage grid first", file=sys.stderr)
                     continue
-                for seed in SEEDS[1:]:
+                for seed in args.seeds or SEEDS[1:]:
                     session.run(key, lr, seed)
                     rebuild()
     print(rebuild())

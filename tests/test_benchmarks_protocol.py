@@ -172,6 +172,8 @@ def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
     finished = _written(tmp_path)
     protocol.main([*common, "--methods", *keys])
     assert _written(tmp_path) == finished
+    protocol.main([*common, "--stage", "seeds", "--methods", "full", "--seeds", "2"])  # one seed, as a side chain runs
+    assert sorted(r["seed"] for r in protocol.load_runs(tmp_path, quick) if r["key"] == "full") == [0, 0, 2]
     protocol.main([*common, "--stage", "seeds", "--methods", "full", "gt_tensors_0.5"])
     protocol.main([*common, "--stage", "base"])
     runs = protocol.load_runs(tmp_path, quick)
