@@ -242,7 +242,6 @@ def test_every_counted_step_costs_what_is_predicted_when_rows_have_different_lab
     # second profile inside step 0, counted in that step's FLOPs (the random baseline did, before the tuner's fix)
     work = _tiny_work()
     work.train_columns["labels"][::2, -1] = -100
-    work.__dict__.pop("_base_profile", None)
     settings = runner.TrainSettings(
         epochs=1, batch_size=4, seed=0, measure_every=1, max_new_tokens=2, max_source_tokens=8, max_steps=2
     )
