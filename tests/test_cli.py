@@ -306,3 +306,21 @@ def test_embedded_model_converts_once_and_is_a_real_pretrained_model(tmp_path, m
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss.item()
     assert loss < 4.0  # a random 49k-vocabulary model scores ~10.8: these are real pretrained weights
+
+
+@pytest.mark.parametrize(
+    ("units", "own_data", "lr"),
+    [("tensors", False, 3e-4), ("lora", False, 1e-3), ("tensors", True, 2e-5), ("lora", True, 2e-4)],
+)
+def test_default_learning_rate_is_the_protocols_on_the_embedded_run_and_the_papers_elsewhere(units, own_data, lr):
+    from peft_greentrainer.cli.main import build_parser
+    from peft_greentrainer.cli.train import _apply_defaults
+
+    args = build_parser().parse_args(
+        ["train", "--units", units, "--device", "cpu", *(["--dataset", "mine.jsonl"] if own_data else [])]
+    )
+    _apply_defaults(args)
+    assert args.lr == lr
+    explicit = build_parser().parse_args(["train", "--units", units, "--device", "cpu", "--lr", "5e-5"])
+    _apply_defaults(explicit)
+    assert explicit.lr == 5e-5

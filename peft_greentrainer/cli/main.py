@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--importance-batches", type=_positive_int, default=1, help="batches per importance probe")
     train.add_argument(
-        "--lr", type=float, default=None, help="default: tensors 3e-4 embedded (measured) or 2e-5 (paper); lora 2e-4"
+        "--lr",
+        type=float,
+        default=None,
+        help="default: embedded run tensors 3e-4, lora 1e-3 (measured); else the paper's tensors 2e-5, lora 2e-4",
     )
     train.add_argument("--batch-size", type=_positive_int, default=4)
     train.add_argument("--max-source-tokens", type=_positive_int, default=None, help="default 512 (160 embedded)")
