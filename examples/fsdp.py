@@ -100,6 +100,8 @@ def main() -> None:
         fsdp.save_adapter(trainer.model, directory)
     elif trainer.is_world_process_zero():
         model.save_pretrained(directory)
+    # tear the process group down before exit: a gloo group left alive can abort a rank at interpreter shutdown
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
