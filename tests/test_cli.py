@@ -14,8 +14,9 @@ from peft import PeftModel
 import peft_greentrainer  # noqa: F401  (registers the method for PeftModel.from_pretrained)
 from peft_greentrainer.cli.data import Example
 from peft_greentrainer.cli.evaluation import generate
-from peft_greentrainer.cli.main import main
+from peft_greentrainer.cli.main import build_parser, main
 from peft_greentrainer.cli.planning import build_on_meta
+from peft_greentrainer.cli.train import _apply_defaults
 from peft_greentrainer.engine.profile import dummy_batch, profile_model
 
 TRAIN_ARGS = [
@@ -313,9 +314,6 @@ def test_embedded_model_converts_once_and_is_a_real_pretrained_model(tmp_path, m
     [("tensors", False, 3e-4), ("lora", False, 1e-3), ("tensors", True, 2e-5), ("lora", True, 2e-4)],
 )
 def test_default_learning_rate_is_the_protocols_on_the_embedded_run_and_the_papers_elsewhere(units, own_data, lr):
-    from peft_greentrainer.cli.main import build_parser
-    from peft_greentrainer.cli.train import _apply_defaults
-
     args = build_parser().parse_args(
         ["train", "--units", units, "--device", "cpu", *(["--dataset", "mine.jsonl"] if own_data else [])]
     )
