@@ -53,6 +53,8 @@ def main() -> None:
     print(f"rank {rank}: trained {len(last.selected)} of {last.num_units} units at {last.predicted_ratio:.2f}x FLOPs")
     if trainer.is_world_process_zero():  # the ranks hold identical weights: one of them saves
         model.save_pretrained("greentrainer-example/adapter-distributed")
+    # tear the process group down before exit: a gloo group left alive can abort a rank at interpreter shutdown
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

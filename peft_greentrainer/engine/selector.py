@@ -375,7 +375,8 @@ def _solve(
     total = float(weights[useful].sum())  # the heaviest any table set can be: a larger capacity is never needed
     feasible = capacity >= 0
     cap_idx = np.zeros(n, dtype=np.int64)
-    cap_idx[feasible] = np.minimum(np.floor(capacity[feasible] / quantum), total)  # rounded down: never over budget
+    with np.errstate(over="ignore"):  # a capacity that overflows to inf is clamped to total like any large one
+        cap_idx[feasible] = np.minimum(np.floor(capacity[feasible] / quantum), total)  # rounded down: within budget
     top = int(cap_idx[feasible].max())  # <= total <= resolution + number of useful units
     # Costs beyond the table can never fit.
     weight = np.minimum(weights, top + 1).astype(np.int64)
