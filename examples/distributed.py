@@ -50,7 +50,8 @@ def main() -> None:
     # every rank made the same selections; the FLOPs ratio is per rank and the same on all of them.
     last = model.greentrainer_state.last
     rank = dist.get_rank() if dist.is_initialized() else 0
-    print(f"rank {rank}: trained {len(last.selected)} of {last.num_units} units at {last.predicted_ratio:.2f}x FLOPs")
+    report = f"rank {rank}: trained {len(last.selected)} of {last.num_units} units at {last.predicted_ratio:.2f}x FLOPs"
+    print(report, flush=True)  # now, not at exit: the ranks share one stdout
     if trainer.is_world_process_zero():  # the ranks hold identical weights: one of them saves
         model.save_pretrained("greentrainer-example/adapter-distributed")
     # tear the process group down before exit: a gloo group left alive can abort a rank at interpreter shutdown
