@@ -92,8 +92,9 @@ def main() -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in trainer.model.parameters())
     total = sum(p.numel() for p in trainer.model.parameters())
-    print(f"rank {rank}: trained {len(last.selected)} of {last.num_units} units at {last.predicted_ratio:.2f}x FLOPs")
-    print(f"rank {rank} holds {local} of {total} parameter values")
+    report = f"rank {rank}: trained {len(last.selected)} of {last.num_units} units at {last.predicted_ratio:.2f}x FLOPs"
+    print(report, flush=True)  # now, not at exit: the ranks share one stdout
+    print(f"rank {rank} holds {local} of {total} parameter values", flush=True)
     # every rank takes part (the adapter's tensors are gathered); rank 0 writes it, atomically
     directory = os.path.join(OUTPUT, "adapter-fsdp")
     if trainer.is_fsdp_enabled:

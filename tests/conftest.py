@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 
 import pytest
 import torch
@@ -156,3 +158,16 @@ def tiny_checkpoint(tmp_path_factory):
     save_tiny_checkpoint(directory)
     write_tiny_dataset(directory / "data.jsonl")
     return directory
+
+
+def free_port() -> int:
+    """A port nothing listens on, for a multi-process launch's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank_reports(stdout: str) -> dict[str, str]:
+    """Each rank's "rank N: trained ..." report from the examples' shared stdout, matched anywhere: one rank's line
+    can land inside another's."""
+    return dict(re.findall(r"rank (\d): (trained \d+ of \d+ units at [\d.]+x FLOPs)", stdout))

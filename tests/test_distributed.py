@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import free_port, rank_reports, tiny_model
 from peft import get_peft_model
 from torch.utils.data import DataLoader
 
@@ -37,12 +35,6 @@ PER_DEVICE, WORLD = 2, 2
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(
     out: Path, *args: str, nproc: int = WORLD, check: bool = True, script: Path = SCRIPT
 ) -> subprocess.CompletedProcess:
@@ -50,7 +42,7 @@ def _launch(
     out.mkdir(parents=True, exist_ok=True)
     launcher = [sys.executable]
     if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
         [*launcher, str(script), "--out", str(out), *args], env=env, capture_output=True, text=True, timeout=300
@@ -198,13 +190,12 @@ def test_distributed_example_runs_under_torchrun(tmp_path):
     """The README command, on CPU: ``torchrun --nproc_per_node=2 examples/distributed.py``."""
     example = Path(__file__).resolve().parents[1] / "examples" / "distributed.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     result = subprocess.run(
         [*command, str(example), "--max-steps", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    # the ranks share one stdout: a line of one can land inside a line of the other, so match anywhere
-    selections = dict(re.findall(r"rank (\d): (trained \d+ of \d+ units at [\d.]+x FLOPs)", result.stdout))
+    selections = rank_reports(result.stdout)
     assert sorted(selections) == ["0", "1"], result.stdout[-4000:]
     assert selections["0"] == selections["1"]  # the same selection on both ranks
     assert (tmp_path / "greentrainer-example" / "adapter-distributed" / "adapter_model.safetensors").is_file()

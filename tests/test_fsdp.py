@@ -16,7 +16,6 @@ import copy
 import itertools
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_batch, tiny_model
+from conftest import free_port, rank_reports, tiny_batch, tiny_model
 from peft import PeftModel, get_peft_model
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, fsdp
@@ -41,12 +40,6 @@ ATOL = 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -55,7 +48,7 @@ def _run(out: Path, *args: str, nproc: int = WORLD) -> dict:
     """``fsdp_train.py`` under torchrun (FSDP2) or as one process; returns rank 0's ``result.pt``."""
     launcher = [sys.executable]
     if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
         args = ("--fsdp", "--batch-size", str(PER_DEVICE), *args)
     else:
         args = ("--batch-size", str(PER_DEVICE * WORLD), *args)
@@ -204,7 +197,7 @@ def test_fsdp2_adapter_is_gathered_and_loads_in_one_process(units, runs):
 def test_fsdp2_plain_loop_matches_an_unsharded_replica(tmp_path):
     """``fully_shard`` by hand + ``fsdp.attach``: the twin's profile equals the real model's, importances from shards
     equal an unsharded replica's on the global batch, a step costs what was predicted (also the GPU check)."""
-    port = f"--master_port={_free_port()}"
+    port = f"--master_port={free_port()}"
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", port, str(PLAIN_LOOP)]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -219,10 +212,10 @@ def test_fsdp_example_runs_with_its_accelerate_config(tmp_path):
     config = ROOT / "examples" / "fsdp_config.yaml"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     script = [str(ROOT / "examples" / "fsdp.py"), "--max-steps", "2"]
-    command = [*launch, "--main_process_port", str(_free_port()), *script]
+    command = [*launch, "--main_process_port", str(free_port()), *script]
     result = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    selections = dict(re.findall(r"rank (\d): (trained \d+ of \d+ units at [\d.]+x FLOPs)", result.stdout))
+    selections = rank_reports(result.stdout)
     assert selections.keys() == {"0", "1"} and selections["0"] == selections["1"]  # the same selection
     holds = re.findall(r"rank \d holds (\d+) of (\d+) parameter values", result.stdout)
     assert len(holds) == 2 and all(int(local) < int(total) for local, total in holds)  # each rank holds shards
