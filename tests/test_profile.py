@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import tiny_batch, tiny_config, tiny_model
+from conftest import VOCAB, tiny_batch, tiny_config, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from peft_greentrainer.engine.profile import dummy_batch, measure_flops, profile_model
@@ -63,6 +63,25 @@ def test_prediction_matches_measured_backward(arch):
     for name, mask in _masks(costs, SELECTIONS[arch]).items():
         _, measured = measure_flops(model, batch, _trainable(costs, mask))
         _check(costs.predicted_backward(mask), measured, f"{arch} {name}")
+
+
+def test_trl_fused_lm_head_recompute_and_accumulation_are_counted():
+    """TRL's SFTTrainer calls the head as ``fused_lm_head=True``: a custom autograd.Function that writes logits tiles
+    into a buffer (``mm(out=)``), recomputes them in backward and accumulates the gradients with ``addmm_``. Both
+    the recompute and the accumulation must be in the prediction and in the measurement (predicted = counted)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = tiny_model("llama")
+    add_fused_lm_head(model)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone(), "fused_lm_head": True}
+    costs = profile_model(model, batch).unit_costs(tensor_units(model))
+    every = np.ones(len(costs.units), bool)
+    assert costs.predicted_flops(every) == sum(measure_flops(model, batch, [n for n, _ in model.named_parameters()]))
+    for deepest in (1, 2, 5, len(costs.units) // 2):
+        mask = np.arange(len(costs.units)) < deepest
+        measured = sum(measure_flops(model, batch, _trainable(costs, mask)))
+        assert costs.predicted_flops(mask) == pytest.approx(measured, rel=1e-9), deepest
 
 
 @pytest.mark.slow

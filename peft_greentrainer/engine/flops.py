@@ -1,9 +1,11 @@
 """FLOP formulas that ``torch.utils.flop_counter.FlopCounterMode`` lacks, registered in one place.
 
-On real CPU tensors two kinds of kernel count 0 FLOPs out of the box, which would make every measurement of this
+On real CPU tensors three kinds of kernel count 0 FLOPs out of the box, which would make every measurement of this
 project (profiles, tests, benchmarks) wrong there while it is right on the ``meta`` device:
 
 * SDPA's CPU flash kernel ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward.
+* in-place ``addmm_`` (``acc.addmm_(a, b)``), with which TRL's fused LM head accumulates its gradient matmuls on
+  the CPU: the same multiply-adds as ``addmm``.
 * bitsandbytes' quantized matmuls (``gemm_4bit``, ``gemv_4bit``, ``int8_mixed_scaled_mm``, ``int8_scaled_mm``,
   ``int8_linear_matmul``): a quantized matmul does the same multiply-adds as the float one it replaces.
 
@@ -35,6 +37,7 @@ import sys
 
 import torch
 from torch.utils.flop_counter import (
+    addmm_flop,
     flop_registry,
     register_flop_formula,
     sdpa_backward_flop_count,
@@ -183,5 +186,6 @@ def register_flop_formulas() -> None:
     """Make FlopCounterMode count the kernels above; safe to call any number of times."""
     _register([aten._scaled_dot_product_flash_attention_for_cpu], _cpu_flash_forward)
     _register([aten._scaled_dot_product_flash_attention_for_cpu_backward], _cpu_flash_backward)
+    _register([aten.addmm_], addmm_flop, get_raw=True)  # torch's own formula, already shape-wrapped
     _register_bitsandbytes()
     _register_flash_attention()

@@ -556,6 +556,14 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
             first_use.setdefault(name, op.index)
             t_dw[name] += flops
             share[name] += op.forward * (flops / total_dw if total_dw else 1.0 / len(op.dw))
+    # An op that writes into a preallocated buffer (``out=``) has no autograd formula: it runs inside a custom
+    # autograd.Function, whose backward may run it again (TRL's fused LM head recomputes each logits tile). Charged
+    # once more as soon as anything is selected, whether or not it is recomputed: the budget stays a promise.
+    recomputed += [
+        OpCost(index=op.index, name=f"recompute {func}", forward=0.0, dy=[(recorder.next_index, op.forward)])
+        for op, func, *_ in recorder.records
+        if op.forward and getattr(func, "_overloadname", "").endswith("out")
+    ]
     if recomputed and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         # Measured on T5: a backward through one decoder block recomputes other checkpointed blocks too, so charge
         # every block's recompute as soon as anything is selected (conservative: the budget stays a promise).
