@@ -54,8 +54,15 @@ from .engine.profile import (
     profile_model,
 )
 from .engine.selector import Selection
-from .engine.units import Unit, is_trainable_dtype, lora_units, parameter_aliases, tensor_units
-from .sparse_head import attached_sparse_lm_head, enable_sparse_lm_head
+from .engine.units import (
+    Unit,
+    auxiliary_units,
+    is_trainable_dtype,
+    lora_units,
+    parameter_aliases,
+    tensor_units,
+)
+from .sparse_head import attached_sparse_lm_head, enable_sparse_lm_head, widened_labels
 from .twin import weightless_twin
 
 logger = logging.getLogger(__name__)
@@ -212,7 +219,9 @@ class GreenTrainerModel(LoraModel):
 
     def _lora_candidates(self, model: nn.Module, adapter_name: str) -> list[Unit]:
         config = self.peft_config[adapter_name]
-        units = fsdp.canonical_units(lora_units(model, adapter_name))  # names as if no wrapper (fsdp.py)
+        # names as if no wrapper (fsdp.py); PEFT adds a task head to modules_to_save after injection: found each time
+        aux = auxiliary_units(model, adapter_name, config.bias)
+        units = fsdp.canonical_units(lora_units(model, adapter_name) + aux)
         if config.include_patterns:
             units = [u for u in units if any(re.search(p, u.name) for p in config.include_patterns)]
         if config.exclude_patterns:
@@ -328,19 +337,19 @@ class GreenTrainerModel(LoraModel):
         """
         with _training_mode(self.model):
             key = profile_key(self.model, batch)
+            counts = labelled_counts(batch)
+            dense_head = attached_sparse_lm_head(self.model) is None
+            if not dense_head and counts is not None:  # a sparse head's cost follows each row's labelled positions
+                key = (key, tuple(counts.tolist()))
             cache = self.__dict__.setdefault("_profiles", {})
             if key not in cache:
                 cache[key] = self._measure(batch, loss_fn)
-                # training steps at this shape need no profile of their own: costs are linear in the batch size
-                # (a sparse head costs more on rows with more labels: then steps profile their costliest row)
-                counts = labelled_counts(batch)
-                dense_head = attached_sparse_lm_head(self.model) is None
-                if counts is None or dense_head or bool((counts == counts[0]).all()):
+                # training steps at this shape need no profile of their own: costs are linear in the batch size (a
+                # sparse head's steps are priced on rows widened to a bucket of labels: see _row_key)
+                if dense_head or counts is None:
                     costs = cache[key][0].unit_costs(self.candidate_units(), full_flops=cache[key][1])
                     measured = self.__dict__.setdefault("_measured_rows", {})
-                    measured.setdefault(
-                        profile_key(self.model, costliest_row(batch)), _scaled(costs, 1 / (batch_size(batch) or 1))
-                    )
+                    measured.setdefault(self._row_key(batch)[1], _scaled(costs, 1 / (batch_size(batch) or 1)))
         return cache[key]
 
     def _measure(self, batch: Mapping[str, Any], loss_fn: LossFn) -> tuple[CostProfile, float]:
@@ -403,8 +412,7 @@ class GreenTrainerModel(LoraModel):
     def _profile_rows(self, batch: Mapping[str, Any], new: dict[tuple, UnitCosts]) -> tuple:
         """The key of ``batch``'s shape; its costs (one row, current modes) go into ``new`` if not agreed on yet,
         measured unless this process measured them before (``cost_profile``)."""
-        row = costliest_row(batch)
-        key = profile_key(self.model, row)
+        row, key = self._row_key(batch)
         if key not in self._shape_costs and key not in new:
             measured = self.__dict__.setdefault("_measured_rows", {})
             if key not in measured:
@@ -412,6 +420,16 @@ class GreenTrainerModel(LoraModel):
                 measured[key] = profile.unit_costs(self.candidate_units(), full_flops=full)
             new[key] = measured[key]
         return key
+
+    def _row_key(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], tuple]:
+        """The one-row batch whose costs bound every row of ``batch``, and its key: ``profile_key``, and under a sparse
+        LM head the bucketed count of labelled positions (``widened_labels``), which that head's cost grows with."""
+        row = costliest_row(batch)
+        if attached_sparse_lm_head(self.model) is None:
+            return row, profile_key(self.model, row)
+        row, labelled = widened_labels(row)
+        inputs, signature = profile_key(self.model, row)
+        return row, ((*inputs, ("labelled positions", repr(labelled))), signature)
 
     def _learn_shapes(self, new: dict[tuple, UnitCosts]) -> dict[tuple, UnitCosts]:
         """Add the costs of new shapes. Every rank adds those of every rank, so all hold the same set of shapes."""
@@ -725,15 +743,23 @@ class GreenTrainerModel(LoraModel):
         state.trained_tensors = list(trained)
         self.__dict__["_selection_applied"] = True
 
-    def _with_original_values(self, state_dict: dict, names: list[str]) -> dict:
+    def _with_original_values(self, state_dict: dict, names: list[str], trainable: bool) -> dict:
         """``state_dict`` (an adapter being loaded, units="tensors") plus the original values of the tensors this
         process trained since, which the adapter does not hold, so that loading gives the model the adapter saved.
 
-        Raises if such a tensor has no kept value (trained before anything was saved, so not from this run).
+        A ``trainable`` load (resuming) first keeps the values of the tensors it overwrites that nothing has changed
+        yet: the base model's. Resuming restores a selection history whose tensors a best checkpoint loaded at the
+        end of training may not hold. Raises if a tensor to restore has no kept value (trained before anything was
+        saved, so not from this run).
         """
         state = self.greentrainer_state
         loaded = set(names)
-        originals = self.__dict__.get("_originals", {})
+        originals = self.__dict__.setdefault("_originals", {})
+        if trainable:
+            untouched = set(state.trained_tensors) | originals.keys()
+            for name in names:
+                if name not in untouched:
+                    originals[name] = self.model.get_parameter(name).detach().to("cpu", copy=True)
         later = [n for n in state.trained_tensors if n not in loaded]
         unknown = [n for n in later if n not in originals]
         if unknown:
@@ -842,7 +868,7 @@ class GreenTrainerModel(LoraModel):
                 + f"{'; ...' if len(mismatched) > 3 else ''}). Load it onto the base model it was trained from ("
                 f"{config.base_model_name_or_path or 'see adapter_config.json'})."
             )
-        return tuner._with_original_values(dict(state_dict), names)
+        return tuner._with_original_values(dict(state_dict), names, trainable=not config.inference_mode)
 
 
 def _flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
@@ -914,12 +940,14 @@ def _larger(a: UnitCosts, b: UnitCosts) -> UnitCosts:
 
 def _describe(keys: list[tuple]) -> str:
     """The shapes of profile keys, briefly: ``input_ids`` (or the first tensor) of one row each."""
-    shapes = []
+    shapes, labelled = [], []
     for inputs, _ in keys:
         tensors = {item[0]: item[1] for item in inputs if len(item) == 3}
         shapes.append(tensors.get("input_ids", next(iter(tensors.values()), ())))
+        labelled += [int(item[1]) for item in inputs if item[0] == "labelled positions" and item[1] != "None"]
     shapes = sorted(set(shapes))
-    return f"input shapes {', '.join(map(str, shapes[:4]))}{', ...' if len(shapes) > 4 else ''}"
+    text = f"input shapes {', '.join(map(str, shapes[:4]))}{', ...' if len(shapes) > 4 else ''}"
+    return text + (f", up to {max(labelled)} labelled positions per sequence" if labelled else "")
 
 
 def _mirror_modes(model: nn.Module, twin: nn.Module) -> None:

@@ -58,6 +58,36 @@ def next_token_targets(
     return mask, shift_labels[mask]
 
 
+LABEL_BUCKETS = 16  # label counts priced per sequence length: a profile per bucket, not per count
+
+
+def widened_labels(row: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """``row`` with more positions labelled, so that its largest per-sequence count of next-token targets is the top
+    of its bucket, and that count (None: no 2-D labels with values).
+
+    The sparse head's cost grows with the labelled positions, so a cost measured on a row stands for rows with at
+    most as many. Pricing each count at the top of one of ``LABEL_BUCKETS`` buckets per sequence length never
+    under-prices a row and bounds how many profiles varying prompt lengths cost. Which positions are labelled, and
+    with which tokens, changes no FLOP count, so the added labels are token 0 at the first unlabelled positions.
+    """
+    labels = row.get("labels")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.device.type == "meta":
+        return dict(row), None
+    shifted = row.get("shift_labels") if isinstance(row.get("shift_labels"), torch.Tensor) else None
+    mask, _ = next_token_targets(labels, shifted)
+    length = mask.shape[-1]
+    usable = length if shifted is not None else length - 1  # without shift_labels the last position never counts
+    step = max(1, math.ceil(length / LABEL_BUCKETS))
+    counts = mask.sum(dim=-1)
+    top = min(usable, math.ceil(int(counts.max()) / step) * step)
+    widened = shifted.clone() if shifted is not None else labels.clone()
+    offset = 0 if shifted is not None else 1  # position t's target is labels[t + 1]
+    for seq in range(mask.shape[0]):
+        free = (~mask[seq, :usable]).nonzero().flatten()[: max(0, top - int(counts[seq]))]
+        widened[seq, free + offset] = 0
+    return {**row, "shift_labels" if shifted is not None else "labels": widened}, top
+
+
 def language_model(model: nn.Module) -> nn.Module:
     """The transformers model inside DDP / PEFT wrappers (the module whose forward takes ``logits_to_keep``)."""
     while True:

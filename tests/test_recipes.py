@@ -368,31 +368,43 @@ def test_trl_sft_trainer(checkpoint, packing, units, rho, tmp_path):
 
 
 # ------------------------------------------------------------------------------- load_best_model_at_end
-def test_load_best_model_at_end_gives_exactly_the_best_checkpoint(checkpoint, tmp_path):
+@pytest.mark.parametrize("resumed", [False, True], ids=["one-run", "resumed"])
+def test_load_best_model_at_end_gives_exactly_the_best_checkpoint(checkpoint, resumed, tmp_path):
     """Selections change every 2 steps, so tensors are trained for the first time after the best checkpoint: the
-    reloaded model must hold their values as of that checkpoint (issue 12, item 5)."""
+    reloaded model must hold their values as of that checkpoint (issue 12, item 5), also when the run was resumed
+    after them, in a process that never trained them."""
     tokenizer = _tokenizer(checkpoint)
-    model = _causal_lm(checkpoint, "tensors", selection_interval_steps=2)
     data = _lm_dataset(len(tokenizer), n=24)
-    trainer = _train(
-        Trainer,
-        model=model,
-        args=_args(
-            tmp_path,
-            eval_strategy="steps",
-            eval_steps=2,
-            save_strategy="steps",
-            save_steps=2,
-            load_best_model_at_end=True,
-            metric_for_best_model="eval_loss",
-            greater_is_better=True,  # the worst loss "wins": the first checkpoint, long before the end
-            num_train_epochs=2,
-        ),
-        train_dataset=data,
-        eval_dataset=data.select(range(8)),
-        data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding="longest"),
-        callbacks=[GreenTrainerCallback()],
-    )
+
+    def run(resume: str | None = None, **schedule):
+        model = _causal_lm(checkpoint, "tensors", selection_interval_steps=2)
+        trainer = _train(
+            Trainer,
+            resume=resume,
+            model=model,
+            args=_args(
+                tmp_path,
+                eval_strategy="steps",
+                eval_steps=2,
+                save_strategy="steps",
+                save_steps=2,
+                load_best_model_at_end=True,
+                metric_for_best_model="eval_loss",
+                greater_is_better=True,  # the worst loss "wins": the first checkpoint, long before the end
+                **schedule,
+            ),
+            train_dataset=data,
+            eval_dataset=data.select(range(8)),
+            data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding="longest"),
+            callbacks=[GreenTrainerCallback()],
+        )
+        return model, trainer
+
+    if resumed:
+        run(max_steps=6)  # selections at steps 0, 2 and 4
+        model, trainer = run(resume=str(tmp_path / "out" / "checkpoint-6"), max_steps=12)
+    else:
+        model, trainer = run(num_train_epochs=2)
     best = trainer.state.best_model_checkpoint
     assert best.endswith("checkpoint-2")
     trainer.check_budget()

@@ -12,7 +12,12 @@ from peft import get_peft_model
 
 from peft_greentrainer import GreenTrainerConfig, enable_sparse_lm_head, sparse_lm_loss
 from peft_greentrainer.engine.profile import measure_flops
-from peft_greentrainer.sparse_head import attached_sparse_lm_head, next_token_targets
+from peft_greentrainer.sparse_head import (
+    LABEL_BUCKETS,
+    attached_sparse_lm_head,
+    next_token_targets,
+    widened_labels,
+)
 
 CAUSAL = ["llama", "opt", "bloom", "gpt2"]
 
@@ -169,3 +174,53 @@ def test_config_validates_the_option():
     assert GreenTrainerConfig().sparse_lm_head is True
     with pytest.raises(ValueError, match="sparse_lm_head must be True or False"):
         GreenTrainerConfig(sparse_lm_head="yes")
+
+
+def test_more_labels_at_a_shape_already_priced_keep_the_budget():
+    """The head's cost grows with the labelled positions: a step at a known shape but with more labels than any row
+    priced there is priced before it runs (and re-selected if over budget), never charged the cheaper cost."""
+    rho = 0.7
+    tuner = get_peft_model(tiny_model("llama"), GreenTrainerConfig(rho=rho, units="tensors")).base_model
+    optimizer = torch.optim.AdamW([p for p in tuner.model.parameters() if p.requires_grad])
+    generator = torch.Generator().manual_seed(0)
+
+    def batch(labelled: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(3, VOCAB, (2, 32), generator=generator)
+        labels = ids.clone()
+        labels[:, : 32 - labelled] = -100  # the prompt
+        return {"input_ids": ids, "labels": labels}
+
+    tuner.select_units([batch(3)], optimizer)
+    everything = [n for n, _ in tuner.model.named_parameters()]
+    for labelled in (3, 12, 31):
+        step = batch(labelled)
+        tuner.model.zero_grad()
+        tuner.model(**step).loss.backward()
+        logged = tuner.step_flops_ratios()[0]
+        trainable = [n for n, p in tuner.model.named_parameters() if p.requires_grad]
+        measured = sum(measure_flops(tuner.model, step, trainable)) / sum(measure_flops(tuner.model, step, everything))
+        assert measured <= logged + 1e-9, (labelled, measured, logged)
+        assert logged <= rho + 1e-9, (labelled, logged)
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["labels", "shift_labels"])
+def test_widened_labels_price_a_row_at_its_bucket_top_and_keep_its_own_targets(shifted):
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        length = int(torch.randint(2, 70, (1,), generator=generator))
+        labels = torch.randint(3, VOCAB, (2, length), generator=generator)
+        labels[torch.rand(2, length, generator=generator) < torch.rand(1, generator=generator)] = -100
+        row = {"input_ids": labels.clamp(min=0), "labels": labels}
+        if shifted:
+            row["shift_labels"] = _shift_left(labels)
+        mask, _ = next_token_targets(labels, row.get("shift_labels"))
+        widened, top = widened_labels(row)
+        wide_mask, _ = next_token_targets(widened["labels"], widened.get("shift_labels"))
+        step = -(-length // LABEL_BUCKETS)
+        assert top >= int(mask.sum(1).max()) and (top % step == 0 or top == length - (not shifted))
+        assert (wide_mask.sum(1) == top).all()
+        assert wide_mask[mask].all()  # every real target is still one
+
+
+def _shift_left(labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, tiny_config, tiny_model
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -872,3 +872,45 @@ def test_profile_cache_keys_on_checkpointing():
     # measured at the same shape: the checkpointed step really costs more, and no more than its profile says
     _, backward = measure_flops(tuner.model, batch)
     assert plain.full_backward_flops < backward <= checkpointed.full_backward_flops
+
+
+def _sequence_classifier() -> torch.nn.Module:
+    config = tiny_config("llama", pad_token_id=0, num_labels=2)
+    torch.manual_seed(0)
+    return transformers.LlamaForSequenceClassification(config)
+
+
+@pytest.mark.parametrize(
+    ("make_model", "task", "extra", "aux"),
+    [
+        (lambda: tiny_model("llama"), "CAUSAL_LM", {"modules_to_save": ["embed_tokens"]}, "modules_to_save"),
+        (lambda: tiny_model("opt"), "CAUSAL_LM", {"bias": "all"}, "bias"),
+        (lambda: tiny_model("opt"), "CAUSAL_LM", {"bias": "lora_only"}, "base_layer.bias"),
+        (_sequence_classifier, "SEQ_CLS", {}, "score.modules_to_save"),
+    ],
+    ids=["modules_to_save", "bias-all", "bias-lora_only", "seq_cls-head"],
+)
+def test_everything_a_lora_adapter_trains_is_a_unit_inside_the_budget(make_model, task, extra, aux):
+    """modules_to_save copies (the task head PEFT adds for sequence classification too) and the biases PEFT trains
+    are units of their own: selected or frozen by the DP, never trained beside it at a cost nobody priced."""
+    rho = 0.6
+    targets = ["q_proj", "v_proj"]
+    config = GreenTrainerConfig(rho=rho, units="lora", task_type=task, target_modules=targets, r=4, **extra)
+    peft_model = get_peft_model(make_model(), config)
+    tuner = peft_model.base_model
+    assert any(aux in u.name for u in tuner.candidate_units())
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad])
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 1]) if task == "SEQ_CLS" else ids}
+    tuner.select_units([batch], optimizer)
+    selected = set(tuner.greentrainer_state.selected)
+    in_units = {n for u in tuner.candidate_units() if u.name in selected for n in u.param_names}
+    assert {n for n, p in tuner.model.named_parameters() if p.requires_grad} == in_units
+    peft_model(**batch).loss.backward()
+    logged = tuner.step_flops_ratios()[0]
+    base = tuner.model
+    reference = [n for n, _ in base.named_parameters() if "lora_" not in n and "modules_to_save" not in n]
+    with peft_model.disable_adapter():
+        full = sum(measure_flops(base, batch, reference))
+    assert sum(measure_flops(base, batch)) / full == pytest.approx(logged, rel=1e-9)
+    assert logged <= rho

@@ -6,7 +6,9 @@ Two kinds exist:
   (an input embedding shared with the LM head) are a single unit listed under all of their names, because freezing
   one alias freezes the other.
 * ``lora_units``: every LoRA-adapted module is one unit made of its adapter tensors (A and B, plus the DoRA
-  magnitude or LoRA bias where present), so an adapter is trained or frozen as a whole.
+  magnitude or LoRA bias where present), so an adapter is trained or frozen as a whole. ``auxiliary_units`` adds
+  the other tensors a LoRA adapter trains (``modules_to_save`` copies, a task head, trainable tokens, biases) as
+  one unit each: whatever trains must be a unit, or it would train outside the budget.
 
 Units here are plain descriptions (names); the cost profile gives them their position in backward order.
 """
@@ -105,4 +107,34 @@ def lora_units(model: nn.Module, adapter_name: str = "default") -> list[Unit]:
         )
         if tensors:
             units.append(Unit(name=module_name, param_names=tensors))
+    return units
+
+
+_AUXILIARY_CONTAINERS = ("modules_to_save", "trainable_tokens_delta")  # PEFT's per-adapter copies and deltas
+
+
+def auxiliary_units(model: nn.Module, adapter_name: str = "default", bias: str = "none") -> list[Unit]:
+    """One unit per tensor a PEFT LoRA adapter trains besides its ``lora_*`` tensors, in model order.
+
+    These are its ``modules_to_save`` copies (PEFT adds the task head of sequence classification there itself), its
+    ``trainable_token_indices`` deltas, and the base biases ``bias="all"`` or ``"lora_only"`` trains (PEFT's own rules:
+    every ``*.bias``, or those of LoRA-adapted layers).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    adapted_biases = set()
+    if bias.endswith("_only"):
+        adapted_biases = {
+            id(m.bias) for m in model.modules() if isinstance(m, LoraLayer) and getattr(m, "bias", None) is not None
+        }
+    units = []
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        copied = any(
+            part in _AUXILIARY_CONTAINERS and parts[i + 1] == adapter_name for i, part in enumerate(parts[:-1])
+        )
+        is_bias = parts[-1] == "bias" and "lora_" not in name and "original_module" not in parts
+        trained_bias = is_bias and (bias == "all" or id(param) in adapted_biases)
+        if (copied or trained_bias) and is_trainable_dtype(param):
+            units.append(Unit(name=name, param_names=(name,)))
     return units
