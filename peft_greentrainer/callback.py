@@ -48,8 +48,9 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
     Args:
         loss_fn: ``loss_fn(model, batch) -> loss`` used for importance; defaults to ``model(**batch).loss``, which is
             what the Trainer optimizes unless it was given a custom ``compute_loss``.
-        selected / last_selection_epoch / last_selection_step / state: Written by the Trainer when it rebuilds the
-            callback from a checkpoint (``restore_callback_states_from_checkpoint=True``); not meant to be passed.
+        selected / last_selection_epoch / last_selection_step / epochs_completed / state: Written by the Trainer
+            when it rebuilds the callback from a checkpoint (``restore_callback_states_from_checkpoint=True``); not
+            meant to be passed.
     """
 
     def __init__(
@@ -59,12 +60,16 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         selected: list[str] | None = None,
         last_selection_epoch: int = -1,
         last_selection_step: int = -1,
+        epochs_completed: int = 0,
         state: dict | None = None,
     ):
         self.loss_fn = loss_fn
         self.selected = selected
         self.last_selection_epoch = last_selection_epoch
         self.last_selection_step = last_selection_step
+        # passes over the data, counted here: with an IterableDataset and max_steps, TrainerState.epoch is a fraction
+        # of max_steps, not the number of passes
+        self.epochs_completed = epochs_completed
         self.saved_state = state
         # Rebuilt by the Trainer from a checkpoint: the user's loss_fn is not in the checkpoint (see on_init_end).
         self._rebuilt = selected is not None or state is not None
@@ -76,6 +81,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 "selected": self.selected,
                 "last_selection_epoch": self.last_selection_epoch,
                 "last_selection_step": self.last_selection_step,
+                "epochs_completed": self.epochs_completed,
                 "state": self.saved_state,
             },
             "attributes": {},
@@ -87,6 +93,10 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         distributed.check_backend(args, kwargs.get("model"))
         self._report_before_integrations()
         model = kwargs.get("model")
+        if model is not None and find_tuner(model).greentrainer_state.history:
+            # a model trained before (a second Trainer, a second stage): the optimizer this Trainer creates must
+            # hold every candidate, so they are trainable until its first selection
+            find_tuner(model).unfreeze_candidates()
         if model is not None and not self._rebuilt:
             # restore_callback_states_from_checkpoint=True replaces this instance by one built from the checkpoint,
             # which cannot hold a function: leave the loss_fn with the model for it.
@@ -106,6 +116,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
             self.selected = list(saved["selected"])
             self.last_selection_epoch = int(saved.get("last_selection_epoch", -1))
             self.last_selection_step = int(saved.get("last_selection_step", -1))
+            self.epochs_completed = int(saved.get("epochs_completed", math.floor((state.epoch or 0.0) + 1e-6)))
             self.saved_state = saved.get("state")
             if self.saved_state:
                 tuner.greentrainer_state = GreenTrainerState.from_dict(self.saved_state)
@@ -116,6 +127,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 "GreenTrainer resumed the selection of %d units at step %d.", len(self.selected), state.global_step
             )
             return
+        self.epochs_completed = 0
         self._select(args, state, tuner, kwargs)
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -123,7 +135,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         fsdp.finish_checkpoint(tuner)
         if tuner.greentrainer_config.selection_interval_steps is not None:
             return
-        epoch = math.floor((state.epoch or 0.0) + 1e-6)
+        epoch = self.epochs_completed
         if epoch > self.last_selection_epoch and epoch % tuner.greentrainer_config.selection_interval == 0:
             self._select(args, state, tuner, kwargs)
 
@@ -148,6 +160,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
             fsdp.prepare_checkpoint(tuner, kwargs.get("optimizer"))
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.epochs_completed += 1
         if control.should_save or control.should_evaluate:
             fsdp.prepare_checkpoint(find_tuner(kwargs["model"]), kwargs.get("optimizer"))
 
@@ -235,7 +248,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 epoch=float(state.epoch or 0.0),
             )
         self.selected = list(tuner.greentrainer_state.selected)
-        self.last_selection_epoch = math.floor((state.epoch or 0.0) + 1e-6)
+        self.last_selection_epoch = self.epochs_completed
         self.last_selection_step = state.global_step
         self.saved_state = tuner.greentrainer_state.to_dict()
 

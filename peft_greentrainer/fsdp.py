@@ -219,42 +219,13 @@ def measure_on_twin(tuner, batch: Mapping[str, Any], loss_fn: LossFn):
 
 
 def _twin(tuner):
-    """The same architecture and GreenTrainer config as ``tuner``, unsharded, made of fake tensors on the real device.
-
-    Fake tensors (``FakeTensorMode``) hold no memory, like ``meta`` ones, but keep the device: kernels are chosen as
-    on the real model (SDPA runs its fused CPU/CUDA op, whose backward FlopCounterMode counts as 2.5x its forward,
-    where ``meta`` falls back to the math path and counts 2x), so the profile predicts the real step exactly. Built on
-    ``meta`` (as PEFT's adapter injection needs real ``.to()`` moves), then every tensor is made fake on the device.
-    """
+    """The same architecture and GreenTrainer config as ``tuner``, unsharded, made of fake tensors on the real device
+    (:func:`~peft_greentrainer.twin.fake_twin`): the profile predicts the real step exactly, with no memory."""
     if _TWIN_KEY not in tuner.__dict__:
-        from torch._subclasses.fake_tensor import FakeTensorMode
+        from .twin import fake_twin
 
-        from .twin import weightless_twin
-
-        twin = weightless_twin(tuner, unsharded_class(tuner.model))
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        _make_fake(twin, mode, next(tuner.model.parameters()).device)
-        tuner.__dict__[_TWIN_KEY] = (twin, mode)
+        tuner.__dict__[_TWIN_KEY] = fake_twin(tuner, unsharded_class(tuner.model))
     return tuner.__dict__[_TWIN_KEY]
-
-
-def _make_fake(module: nn.Module, mode, device: torch.device) -> None:
-    """Replace each ``meta`` parameter and buffer of ``module`` by a fake tensor on ``device`` (tied ones stay tied)."""
-    fakes: dict[int, torch.Tensor] = {}
-
-    def fake(tensor: torch.Tensor) -> torch.Tensor:
-        if id(tensor) not in fakes:
-            value = mode.fake_tensor_converter.from_meta_and_device(mode, tensor.detach(), device)
-            if isinstance(tensor, nn.Parameter):
-                value = nn.Parameter(value, requires_grad=tensor.requires_grad)
-            fakes[id(tensor)] = value
-        return fakes[id(tensor)]
-
-    for sub in module.modules():
-        for store in (sub._parameters, sub._buffers):
-            for name, tensor in list(store.items()):
-                if tensor is not None and tensor.device.type == "meta":
-                    store[name] = fake(tensor)
 
 
 def _checkpointed(model: nn.Module) -> set[str]:
@@ -484,7 +455,9 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, **kwargs: 
     error = None
     if rank == 0:
         try:
-            write_atomically(save_directory, lambda d: model.save_pretrained(d, state_dict=state_dict, **kwargs))
+            write_atomically(
+                save_directory, lambda d: model.save_pretrained(d, state_dict=state_dict, **kwargs), keep_others=True
+            )
         except Exception as caught:  # the other ranks must not wait forever at the barrier
             error = caught
     if dist.is_available() and dist.is_initialized():

@@ -63,11 +63,12 @@ from .engine.units import (
     tensor_units,
 )
 from .sparse_head import attached_sparse_lm_head, enable_sparse_lm_head, widened_labels
-from .twin import weightless_twin
+from .twin import fake_twin
 
 logger = logging.getLogger(__name__)
 
 BASE_PREFIX = "base_model.model."
+_VALUED_INPUTS = ("labels", "shift_labels")  # what a sparse LM head reads the values of
 LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
 
@@ -360,14 +361,22 @@ class GreenTrainerModel(LoraModel):
             profile = profile_model(self.model, batch, loss_fn)
             # rho refers to full fine-tuning of the base model (so both unit kinds spend the same budget): measured
             # with the adapters off, and for a quantized base on its float twin, as int8/4-bit weights cannot train
-            reference = self._float_twin()
             full = profile.full_flops
-            if reference is not self:
+            twin = self._float_twin()
+            if twin is not None:
+                reference, mode = twin
                 _mirror_modes(self.model, reference.model)
-                batch = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            if reference is not self or self.units_kind == "lora":
-                with _adapters_off(reference):
+                with mode, _adapters_off(reference):
+                    # labels keep their values: the twin's sparse LM head (if any) then projects as many rows as the
+                    # real model's, so rho is a fraction of full fine-tuning with the same head, as for a float base
+                    batch = {
+                        k: mode.from_tensor(v) if isinstance(v, torch.Tensor) and k not in _VALUED_INPUTS else v
+                        for k, v in batch.items()
+                    }
                     full = profile_model(reference.model, batch, loss_fn).full_flops
+            elif self.units_kind == "lora":
+                with _adapters_off(self):
+                    full = profile_model(self.model, batch, loss_fn).full_flops
         return profile, full
 
     @contextmanager
@@ -383,17 +392,19 @@ class GreenTrainerModel(LoraModel):
             for param, flag in flags:
                 param.requires_grad_(flag)
 
-    def _float_twin(self) -> GreenTrainerModel:
-        """This tuner, or for a quantized base the same architecture in float on ``meta`` (no weights, no memory).
+    def _float_twin(self) -> tuple[GreenTrainerModel, Any] | None:
+        """For a quantized base, the same architecture in float made of fake tensors on the same device (no weights,
+        no memory: :func:`~peft_greentrainer.twin.fake_twin`), and the mode it runs in; None for a float base.
 
         The twin gives the reference the budget is a fraction of: full fine-tuning, which a quantized model cannot
-        do. Unit costs still come from the real model, whose kernels (CPU flash attention, bitsandbytes matmuls)
-        are what each step runs. Its modes and checkpointing follow the real model's at every profile.
+        do, with the kernels the real device chooses. Unit costs still come from the real model, whose kernels (CPU
+        flash attention, bitsandbytes matmuls) are what each step runs. Its modes and checkpointing follow the real
+        model's at every profile.
         """
         if all(is_trainable_dtype(p) for p in self.model.parameters()):
-            return self
+            return None
         if "_twin" not in self.__dict__:
-            self.__dict__["_twin"] = weightless_twin(self, type(self.model))
+            self.__dict__["_twin"] = fake_twin(self, type(self.model))
         return self.__dict__["_twin"]
 
     def unit_costs(self, batch: Mapping[str, Any], loss_fn: LossFn = default_loss) -> UnitCosts:
@@ -453,7 +464,7 @@ class GreenTrainerModel(LoraModel):
         rho = self.greentrainer_config.rho
         if envelope.fits_alone(rho).any():  # the selector's own test
             return
-        floor = float(envelope.alone_costs().min())
+        floor = float(envelope.alone_costs().min()) / envelope.full_flops
         advice = math.ceil(floor * 10_000) / 10_000  # rounded up, so that following the advice is feasible
         while advice < floor:
             advice += 1e-4
@@ -673,9 +684,21 @@ class GreenTrainerModel(LoraModel):
             raise ValueError(
                 f"The optimizer does not hold {len(missing)} candidate tensor(s) (e.g. {missing[0]}), so selecting "
                 "them would train nothing. Create the optimizer while every candidate is trainable: after "
-                "get_peft_model and before any selection, without freezing parameters yourself (use "
-                "exclude_patterns to keep tensors out of the candidates)."
+                "get_peft_model and before any selection (on a model trained before, after "
+                "tuner.unfreeze_candidates(); GreenTrainerCallback does it for a new Trainer), without freezing "
+                "parameters yourself (use exclude_patterns to keep tensors out of the candidates)."
             )
+
+    def unfreeze_candidates(self) -> None:
+        """Make every candidate unit of the active adapter trainable again, as after ``get_peft_model``.
+
+        For training a model again (new data, a second stage): an optimizer created next holds every candidate, and
+        the next selection freezes the rest. Until that selection steps are not budget-checked, as before the first.
+        """
+        for unit in self.candidate_units():
+            for param in unit.parameters(self.model):
+                param.requires_grad_(True)
+        self.__dict__["_selection_applied"] = False
 
     def _note_stepped_tensors(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Count as trained every candidate the optimizer holds state for.

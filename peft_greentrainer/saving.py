@@ -30,27 +30,34 @@ def export_lora_adapter(model, save_directory: str | os.PathLike) -> None:
                 os.replace(os.path.join(nested, entry), os.path.join(directory, entry))
             os.rmdir(nested)
 
-    write_atomically(save_directory, write)
+    write_atomically(save_directory, write, keep_others=True)
 
 
 def save_adapter(model, save_directory: str | os.PathLike, **kwargs) -> None:
-    """``model.save_pretrained`` into a temporary sibling directory, renamed into place when complete.
+    """``model.save_pretrained`` into a temporary sibling directory, swapped into place when complete.
 
-    An interrupted save leaves the previous adapter (or nothing), never a half-written one.
+    An interrupted save leaves the previous adapter (or nothing), never a half-written one; files of the directory
+    that the save does not write (a tokenizer, other adapters' folders) stay. Like ``save_pretrained``, a process
+    with ``is_main_process=False`` writes nothing, so every rank of a distributed run can call it.
     """
-    write_atomically(save_directory, lambda directory: model.save_pretrained(directory, **kwargs))
+    if not kwargs.get("is_main_process", True):
+        return
+    write_atomically(save_directory, lambda directory: model.save_pretrained(directory, **kwargs), keep_others=True)
 
 
-def write_atomically(target: str | os.PathLike, write: Callable[[str], None]) -> None:
+def write_atomically(target: str | os.PathLike, write: Callable[[str], None], keep_others: bool = False) -> None:
     """``write(directory)`` into a hidden sibling of ``target``, then swap it in with renames on the same filesystem.
 
     A directory cannot replace a non-empty one in a single rename, so the previous ``target`` is moved aside first
     and moved back if the second rename fails: ``target`` is the old or the new complete directory at every point.
+    With ``keep_others``, entries of the previous ``target`` that ``write`` did not produce are then moved into the
+    new one (renames, so large folders cost nothing); were that interrupted, they wait in the ``.old-*`` sibling.
     """
     target = os.path.abspath(os.fspath(target))
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0o700 would hide the result from other users and services
     try:
         write(staging)
         if not os.path.isdir(target):
@@ -64,7 +71,16 @@ def write_atomically(target: str | os.PathLike, write: Callable[[str], None]) ->
         except BaseException:
             os.replace(backup, target)
             raise
-        shutil.rmtree(backup, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    for entry in os.listdir(backup) if keep_others else ():
+        if not os.path.lexists(os.path.join(target, entry)):
+            os.replace(os.path.join(backup, entry), os.path.join(target, entry))
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -25,6 +25,7 @@ sequence boundaries are ``-100`` labels, which the mask drops like any other.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -37,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 logger = logging.getLogger(__name__)
@@ -143,12 +145,15 @@ def _sparse_kwargs(lm: nn.Module, kwargs: Mapping[str, Any]) -> tuple[dict[str, 
         return None  # no values, so no mask: the dense forward is the only honest cost
     kwargs = dict(kwargs)
     kwargs.pop("labels")
-    mask, targets = next_token_targets(labels, kwargs.pop("shift_labels", None))
     inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-    if inputs is not None and inputs.device.type == "meta":
-        # profiling on meta (labels given on the CPU): the same number of head rows, rounded up per sequence
-        per_row = math.ceil(int(mask.sum()) / mask.shape[0])
-        kwargs["logits_to_keep"] = torch.arange(per_row, device="meta")
+    shapes_only = inputs is not None and (inputs.device.type == "meta" or isinstance(inputs, FakeTensor))
+    with unset_fake_temporarily() if shapes_only else contextlib.nullcontext():  # labels with values: real ones
+        mask, targets = next_token_targets(labels, kwargs.pop("shift_labels", None))
+        per_row = math.ceil(int(mask.sum()) / mask.shape[0]) if shapes_only else 0  # no device sync in training
+    if shapes_only:
+        # profiling a twin on meta or fake tensors (labels given with values): as many head rows, rounded up per
+        # sequence, as a positional index (a boolean mask would need the values the inputs lack)
+        kwargs["logits_to_keep"] = torch.arange(per_row, device=inputs.device)
     else:
         kwargs["logits_to_keep"] = mask.to(inputs.device if inputs is not None else labels.device)
     return kwargs, _Targets(targets, kwargs.get("num_items_in_batch"), int(lm.config.vocab_size))

@@ -1,8 +1,8 @@
 """A weightless twin of a tuned model: the same architecture and GreenTrainer config on ``meta``, for profiling.
 
-Profiles only need shapes, so a twin costs no memory. ``model.py`` uses one to price full fine-tuning of a quantized
-base (which cannot be fully fine-tuned itself); ``fsdp.py`` makes one of fake tensors on the real device to profile
-a sharded model as if it were whole.
+Profiles only need shapes, so a twin costs no memory. Both users make it of fake tensors on the real device
+(:func:`fake_twin`): ``model.py`` to price full fine-tuning of a quantized base (which cannot be fully fine-tuned
+itself), ``fsdp.py`` to profile a sharded model as if it were whole.
 """
 
 from __future__ import annotations
@@ -32,3 +32,38 @@ def weightless_twin(tuner, model_class: type[nn.Module]):
     twin.__dict__["_step_hook"].remove()
     keep_backprop_shallow(twin.model, quiet=True)
     return twin
+
+
+def fake_twin(tuner, model_class: type[nn.Module]):
+    """:func:`weightless_twin` made of fake tensors on ``tuner``'s device, and the ``FakeTensorMode`` to run it in.
+
+    Fake tensors hold no memory, like ``meta`` ones, but keep the device: kernels are chosen as on the real model
+    (SDPA runs its fused CPU/CUDA op, whose backward FlopCounterMode counts as 2.5x its forward, where ``meta`` falls
+    back to the math path and counts 2x), so the twin's profile is the real model's. Built on ``meta`` (PEFT's adapter
+    injection needs real ``.to()`` moves), then every tensor is made fake on the device.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    twin = weightless_twin(tuner, model_class)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    _make_fake(twin, mode, next(tuner.model.parameters()).device)
+    return twin, mode
+
+
+def _make_fake(module: nn.Module, mode, device: torch.device) -> None:
+    """Replace each ``meta`` parameter and buffer of ``module`` by a fake tensor on ``device`` (tied ones stay tied)."""
+    fakes: dict[int, torch.Tensor] = {}
+
+    def fake(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in fakes:
+            value = mode.fake_tensor_converter.from_meta_and_device(mode, tensor.detach(), device)
+            if isinstance(tensor, nn.Parameter):
+                value = nn.Parameter(value, requires_grad=tensor.requires_grad)
+            fakes[id(tensor)] = value
+        return fakes[id(tensor)]
+
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, tensor in list(store.items()):
+                if tensor is not None and tensor.device.type == "meta":
+                    store[name] = fake(tensor)

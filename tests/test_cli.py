@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -157,6 +158,13 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(tiny_checkpoint, tmp_pat
         out,
     )
     _fails([*base, "--model", str(tiny_checkpoint), "--dataset", data], capsys, "has no field 'input'", out)
+    fields = ["--input-field", "document", "--target-field", "summary"]
+    _fails(
+        [*base, "--model", str(tiny_checkpoint), "--dataset", data, *fields, "--batch-size", "100000"],
+        capsys,
+        "fewer than one batch of 100000",
+        out,
+    )
     _fails(
         [*base, "--model", str(tiny_checkpoint), "--dataset", str(tmp_path / "nope.jsonl")],
         capsys,
@@ -279,6 +287,42 @@ def test_profile_command_rejects_what_it_cannot_build(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_rows_without_a_field_are_skipped_not_trained_on_as_none(tmp_path, caplog):
+    from peft_greentrainer.cli.data import DataError, load_examples
+
+    rows = [{"document": f"text {i}", "summary": None if i % 3 == 0 else f"sum {i}"} for i in range(30)]
+    rows[1].pop("summary")  # missing, not null: the json builder fills it with null
+    file = tmp_path / "data.jsonl"
+    file.write_text("\n".join(json.dumps(r) for r in rows))
+    fields = {"input_field": "document", "target_field": "summary"}
+    with caplog.at_level(logging.WARNING):
+        examples = load_examples(str(file), "train", **fields) + load_examples(str(file), "eval", **fields)
+    assert len(examples) == 30 - 11 and all(e.target != "None" for e in examples)
+    assert "without 'document' or 'summary'" in caplog.text
+    file.write_text("\n".join(json.dumps({"document": "x", "summary": None}) for _ in range(5)))
+    with pytest.raises(DataError, match="lacks 'document' or 'summary'"):
+        load_examples(str(file), "train", **fields)
+
+
+def test_seq2seq_template_is_filled_as_the_causal_one_and_the_prompt_are(capsys):
+    from peft_greentrainer.cli.data import Example, tokenize_seq2seq
+
+    class Words:  # a whitespace tokenizer with the call signature the CLI uses
+        pad_token_id = 0
+
+        def __call__(self, texts, max_length, truncation, padding, return_tensors):
+            ids = [[len(w) for w in t.split()][:max_length] for t in texts]
+            ids = [row + [0] * (max_length - len(row)) for row in ids]
+            return {"input_ids": torch.tensor(ids), "attention_mask": (torch.tensor(ids) > 0).long()}
+
+    examples = [Example("aa bbb", "c")]
+    braces = tokenize_seq2seq(Words(), examples, "summarize {label}: {input} ->", 8, 4)  # other braces: literal
+    assert braces["input_ids"][0].tolist()[:5] == [9, 8, 2, 3, 2]
+    with pytest.raises(SystemExit):  # a template without {input} would train on no source text
+        main(["train", "--template", "summarize:"])
+    assert "has no {input}" in capsys.readouterr().err
+
+
 def test_embedded_data_loads_offline():
     from peft_greentrainer.cli.data import load_examples
 

@@ -11,6 +11,7 @@ import transformers
 from conftest import VOCAB, tiny_batch, tiny_config, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
+from peft_greentrainer.backprop import keep_backprop_shallow
 from peft_greentrainer.engine.profile import dummy_batch, measure_flops, profile_model
 from peft_greentrainer.engine.units import tensor_units
 
@@ -82,6 +83,27 @@ def test_trl_fused_lm_head_recompute_and_accumulation_are_counted():
         mask = np.arange(len(costs.units)) < deepest
         measured = sum(measure_flops(model, batch, _trainable(costs, mask)))
         assert costs.predicted_flops(mask) == pytest.approx(measured, rel=1e-9), deepest
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])  # a block ending in a matmul, or in a dropout
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_checkpointed_recompute_is_priced_as_torch_runs_it(arch, early_stop):
+    """Non-reentrant checkpointing stops recomputing a block once its last saved tensor is saved again (torch's
+    early stop), so a block whose last saving op is a matmul never reruns that matmul's kernel. Full fine-tuning
+    (rho's reference) is predicted exactly, and every selection at most as it is counted: never under."""
+    model = tiny_model(arch).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_backprop_shallow(model)  # as the tuner does: no forced input gradients
+    batch = tiny_batch(model)
+    with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+        costs = profile_model(model, batch).unit_costs(tensor_units(model))
+        everything = [n for n, _ in model.named_parameters()]
+        assert costs.full_flops == sum(measure_flops(model, batch, everything))
+        rng = np.random.default_rng(0)
+        for rho in (0.3, 0.5, 0.7, 0.9):
+            selection = costs.select(rng.random(len(costs.units)), rho)
+            measured = sum(measure_flops(model, batch, _trainable(costs, selection.mask)))
+            assert measured <= selection.flops * (1 + 1e-9) <= rho * costs.full_flops * (1 + 1e-9), (rho, measured)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from conftest import save_tiny_checkpoint, tiny_batch, tiny_model
 from datasets import Dataset
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
+from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, enable_sparse_lm_head
 from peft_greentrainer.backprop import INPUT_GRAD_HOOKS
 from peft_greentrainer.engine.profile import measure_flops
 
@@ -200,3 +200,22 @@ def test_trainer_with_bf16_autocast(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert model.greentrainer_state.history and np.isfinite(model.greentrainer_state.history[-1].importance)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense-head", "sparse-head"])
+def test_rho_reference_of_a_quantized_base_is_full_fine_tuning_of_its_float_model(checkpoint, kind, sparse):
+    """rho is a fraction of full fine-tuning of the base in float (what a quantized model cannot run): priced on a
+    twin of fake tensors on the real device, so attention runs the kernel the float model would (SDPA's fused op,
+    not meta's math path) and a sparse LM head skips the same positions."""
+    ids = torch.randint(3, 30, (2, 64), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :40] = -100  # a prompt
+    batch = {"input_ids": ids, "labels": labels}
+    config = GreenTrainerConfig(rho=0.7, units="lora", target_modules=TARGETS, sparse_lm_head=sparse)
+    tuner = get_peft_model(_quantized(checkpoint, kind, prepare=False), config).base_model.train()
+    reference = tuner.cost_profile(batch)[1]
+    float_model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).train()
+    if sparse:
+        enable_sparse_lm_head(float_model)
+    assert reference == sum(measure_flops(float_model, batch, [n for n, _ in float_model.named_parameters()]))

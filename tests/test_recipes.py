@@ -209,6 +209,20 @@ def test_the_envelope_bounds_every_shape():
         cost_envelope([costs[0], replace(costs[1], units=costs[1].units[::-1])])
 
 
+def test_one_shape_is_selected_on_whole_flop_counts_exactly():
+    """At a single batch shape the envelope is that shape's own FLOP counts, so the DP takes its exact path: the
+    selection is the optimum, not a grid's (test_selector checks the exact path against brute force; here: the
+    envelope's choice is as good as the shape's own, over many draws)."""
+    model = tiny_model("llama", num_hidden_layers=8, intermediate_size=176)  # 75 units: a grid is not enough
+    costs = profile_model(model, tiny_batch(model, 1, 40)).unit_costs(tensor_units(model))
+    envelope = cost_envelope([costs])
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        importance, rho = rng.lognormal(size=len(costs.units)), rng.uniform(0.35, 0.95)
+        exact = costs.select(importance, rho)
+        assert envelope.select(importance, rho).importance == pytest.approx(exact.importance, rel=1e-12)
+
+
 def test_profile_key_follows_shapes_checkpointing_and_modes():
     model = tiny_model("llama")
     batch = tiny_batch(model, 2, 16)
@@ -413,6 +427,28 @@ def test_load_best_model_at_end_gives_exactly_the_best_checkpoint(checkpoint, re
     actual = {k: v for k, v in model.state_dict().items()}
     different = [k for k, v in expected.state_dict().items() if not torch.equal(v, actual[k])]
     assert not different, different[:5]
+
+
+# ------------------------------------------------------------------------------ a second stage, a new Trainer
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_a_new_trainer_on_a_trained_model_trains_again(checkpoint, units, tmp_path):
+    """Training again (new data, a second stage) builds a new optimizer: it must hold every candidate, not only the
+    units the first run ended with, and the budget holds in both runs."""
+    tokenizer = _tokenizer(checkpoint)
+    model = _causal_lm(checkpoint, units)
+    for stage in range(2):
+        trainer = _train(
+            Trainer,
+            model=model,
+            args=_args(tmp_path / f"stage{stage}", learning_rate=LR[units]),
+            train_dataset=_lm_dataset(len(tokenizer)),
+            data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding="longest"),
+            callbacks=[GreenTrainerCallback()],
+        )
+        trainer.check_budget()
+        _assert_logged_ratios(trainer)
+    history = model.base_model.greentrainer_state.history
+    assert [r.step for r in history if r.reason == "importance"].count(0) == 2  # each stage selected at its start
 
 
 # ---------------------------------------------------------------------- checkpointing switched on later

@@ -672,6 +672,33 @@ def test_interrupted_swap_puts_the_previous_adapter_back(tmp_path, monkeypatch):
     _assert_equal_state_dicts(first, PeftModel.from_pretrained(tiny_model(arch), target).state_dict())
 
 
+def test_save_keeps_other_files_and_is_a_no_op_off_the_main_process(tmp_path):
+    """save_adapter replaces the adapter's own files as save_pretrained would, and leaves the rest of the directory
+    (a tokenizer, another adapter's folder); every rank may call it (accelerate's pattern): only the main one writes."""
+    arch = "llama"
+    model = _peft_model(arch, "lora")
+    _train_a_little(model, arch)
+    target = tmp_path / "adapter"
+    (target / "other").mkdir(parents=True)
+    (target / "tokenizer.json").write_text("{}")
+    (target / "other" / "adapter_config.json").write_text("{}")
+    save_adapter(model, target)
+    assert {"tokenizer.json", "other", "adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(target))
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    assert os.stat(target).st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's private 0o700
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    _train_a_little(model, arch)
+    save_adapter(model, target, is_main_process=False)  # another rank: nothing is written or removed
+    _assert_equal_state_dicts(saved, PeftModel.from_pretrained(tiny_model(arch), target).state_dict())
+    assert (target / "tokenizer.json").exists()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 # --------------------------------------------------------------------------------------------- 11. intervals
 def test_selection_every_k_steps(tmp_path):
     model = _peft_model("llama", "tensors", selection_interval_steps=3)
@@ -688,6 +715,22 @@ def test_selection_every_second_epoch(tmp_path):
     history = model.base_model.greentrainer_state.history
     assert [r.epoch for r in history] == [0.0, 2.0, 4.0]
     assert [r.step for r in history] == [0, 8, 16]
+
+
+def test_selection_every_pass_over_a_streamed_dataset(tmp_path):
+    """An IterableDataset has no length, so with max_steps the Trainer's epoch is a fraction of max_steps: selections
+    follow the passes over the data (on_epoch_begin), not that fraction."""
+    model = _peft_model("llama", "tensors")
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, max_steps=3 * N_SAMPLES // BATCH_SIZE),  # three passes
+        train_dataset=_dataset("llama").to_iterable_dataset(),
+        data_collator=_collate,
+        callbacks=[GreenTrainerCallback()],
+    )
+    trainer.train()
+    history = model.base_model.greentrainer_state.history
+    assert [r.step for r in history] == [0, N_SAMPLES // BATCH_SIZE, 2 * N_SAMPLES // BATCH_SIZE]
 
 
 def test_optimizer_missing_candidates_is_a_clear_error():

@@ -6,6 +6,7 @@ shape predicts every step exactly, and measured FLOPs can be compared with it st
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 
 from .embedded import EMBEDDED_DATASET, aclsum_dir
+
+logger = logging.getLogger(__name__)
 
 PAPER_TEMPLATE = "{input} TL;DR:"  # the paper's prompt for SciTLDR
 ACLSUM_QUESTIONS = {
@@ -64,7 +67,14 @@ def load_examples(
         cut = max(1, int(len(rows) * 0.8)) if len(rows) > 1 else len(rows)
         rows = rows.select(range(cut)) if split == "train" else rows.select(range(cut, len(rows)))
     else:
-        loaded = datasets.load_dataset(dataset)
+        try:
+            loaded = datasets.load_dataset(dataset)
+        except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+            raise DataError(
+                f"dataset {dataset!r} is neither a local json/jsonl/csv/parquet file nor a dataset that could be "
+                f"loaded from the Hugging Face Hub ({type(error).__name__}); pass a file path, or check the name and "
+                "the network"
+            ) from error
         names = ["train"] if split == "train" else [s for s in ("validation", "test") if s in loaded]
         if not names or names[0] not in loaded:
             raise DataError(f"dataset {dataset} has no {split} split (has {sorted(loaded)})")
@@ -75,7 +85,20 @@ def load_examples(
             f"dataset {dataset} has no field {', '.join(map(repr, missing))}; its fields are "
             f"{rows.column_names}: pass --input-field and --target-field"
         )
-    examples = [Example(str(r[input_field]), str(r[target_field])) for r in rows]
+    complete = [r for r in rows if r[input_field] is not None and r[target_field] is not None]
+    if not complete:
+        raise DataError(f"every {split} row of {dataset} lacks {input_field!r} or {target_field!r}")
+    if len(complete) < len(rows):  # a null would otherwise be trained on as the text "None"
+        logger.warning(
+            "Skipped %d of %d %s rows of %s without %r or %r.",
+            len(rows) - len(complete),
+            len(rows),
+            split,
+            dataset,
+            input_field,
+            target_field,
+        )
+    examples = [Example(str(r[input_field]), str(r[target_field])) for r in complete]
     return examples[:limit] if limit else examples
 
 
@@ -139,8 +162,9 @@ def tokenize_seq2seq(
     max_target_tokens: int,
 ) -> dict[str, torch.Tensor]:
     """Encoder input = the filled template, labels = the target, both padded to fixed lengths."""
+    prefix, _, suffix = template.partition("{input}")  # as tokenize_causal and the evaluation prompt do
     sources = tokenizer(
-        [template.format(input=e.source) for e in examples],
+        [prefix + e.source + suffix for e in examples],
         max_length=max_source_tokens,
         truncation=True,
         padding="max_length",

@@ -37,6 +37,12 @@ def _rho(text: str) -> float:
     return value
 
 
+def _template(value: str) -> str:
+    if "{input}" not in value:
+        raise argparse.ArgumentTypeError(f"{value!r} has no {{input}}: put it where the source text goes")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -73,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", help="local json/jsonl/csv/parquet file or hub name (default: embedded ACLSum)")
     train.add_argument("--input-field", default="input", help="field holding the source text (default: input)")
     train.add_argument("--target-field", default="target", help="field holding the target text (default: target)")
-    train.add_argument("--template", default="{input} TL;DR:", help="prompt template with {input} (paper's default)")
+    train.add_argument(
+        "--template", type=_template, default="{input} TL;DR:", help="prompt template with {input} (paper's default)"
+    )
     train.add_argument(
         "--task", choices=("summarization", "qa"), default="summarization", help="summarization: ROUGE; qa: exact match"
     )

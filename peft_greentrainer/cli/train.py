@@ -144,6 +144,11 @@ def load_data(args: argparse.Namespace) -> RunData:
                 f"dataset {args.dataset} gave {len(train_examples)} training and {len(eval_examples)} "
                 "evaluation examples; it needs at least one of each"
             )
+        if len(train_examples) < args.batch_size:  # whole batches only: fewer rows than one would train nothing
+            raise CliError(
+                f"dataset {args.dataset} gave {len(train_examples)} training examples, fewer than one batch of "
+                f"{args.batch_size}: lower --batch-size or add examples"
+            )
         model_path = args.model
         if model_path is None:
             print("Preparing the embedded model (converted once, then cached)...", file=sys.stderr)

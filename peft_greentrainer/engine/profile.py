@@ -23,6 +23,7 @@ special case: the encoder runs first, so its units are deeper than every decoder
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import defaultdict
@@ -257,10 +258,13 @@ def cost_envelope(costs: Sequence[UnitCosts]) -> UnitCosts:
     envelope bounds its cost at every one of the shapes, each as a fraction of full fine-tuning at that shape, so a
     selection within ``rho`` under the envelope is within ``rho`` at each shape. Attention grows quadratically with
     the sequence length, so the share of each unit moves with the length and no single shape bounds the others.
-    Every entry must list the same units in the same backward order (the same model in the same mode).
+    Every entry must list the same units in the same backward order (the same model in the same mode). One shape is
+    its own envelope, kept in FLOPs: whole numbers, on which the selector's DP is exact rather than on a grid.
     """
     if not costs:
         raise ValueError("cost_envelope needs the costs of at least one batch shape")
+    if len(costs) == 1:
+        return costs[0]
     names = [u.name for u in costs[0].units]
     for other in costs[1:]:
         if [u.name for u in other.units] != names:
@@ -601,6 +605,8 @@ def _checkpointed_blocks(model: nn.Module, recorder: _Recorder, counter: FlopCou
         first, flops_before = starts[id(module)].pop()
         last = recorder.next_index - 1
         flops = float(counter.get_total_flops()) - flops_before
+        if _stops_early(module):
+            flops -= _tail_never_recomputed(recorder.records, first)
         if last >= first and flops > 0 and torch.is_grad_enabled():
             name = f"recompute {type(module).__name__}"
             out.append(OpCost(index=last, name=name, forward=0.0, dy=[(last, flops)]))
@@ -615,6 +621,46 @@ def _checkpointed_blocks(model: nn.Module, recorder: _Recorder, counter: FlopCou
     finally:
         for handle in handles:
             handle.remove()
+
+
+# Ops whose backward needs no saved tensor (only shapes and dtypes), and matmuls, which save their inputs before
+# their kernel runs: what decides where non-reentrant checkpointing's early stop ends a block's recompute.
+_SAVES_NOTHING = frozenset(
+    {
+        *("add", "sub", "view", "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "slice"),
+        *("select", "unsqueeze", "squeeze", "split", "split_with_sizes", "clone", "_to_copy", "copy_", "cat"),
+        *("detach", "alias", "as_strided"),
+    }
+)
+_SAVES_INPUTS_FIRST = frozenset({"mm", "addmm", "bmm", "baddbmm"})
+
+
+def _stops_early(module: nn.Module) -> bool:
+    """Whether ``module``'s checkpoint stops recomputing once every saved tensor is saved again (torch's default
+    ``early_stop`` for non-reentrant checkpointing; reentrant checkpointing reruns the whole forward)."""
+    function = getattr(module, "_gradient_checkpointing_func", None)
+    keywords = function.keywords if isinstance(function, functools.partial) else {}
+    if keywords.get("use_reentrant") is not False:
+        return False
+    forced = torch.utils.checkpoint._enable_checkpoint_early_stop  # set_checkpoint_early_stop(...), if in effect
+    return bool(keywords.get("early_stop", True) if forced is None else forced)
+
+
+def _tail_never_recomputed(records: list, first: int) -> float:
+    """FLOPs at the end of a checkpointed block (ops from index ``first`` on) that an early-stopping recompute skips.
+
+    The recompute stops while saving the last tensor the block saved. If the block's last op that saves anything
+    is a matmul, that happens before its kernel runs (inputs are saved first), so the kernel is never recomputed;
+    any other last saving op (a norm, a dropout mask, a scaling) runs in full, and everything before it too.
+    """
+    for op, func, *_ in reversed(records):
+        if op.index < first:
+            break
+        name = getattr(func, "_opname", "")
+        if name in _SAVES_NOTHING:
+            continue
+        return op.forward if name in _SAVES_INPUTS_FIRST else 0.0
+    return 0.0
 
 
 def measure_flops(
