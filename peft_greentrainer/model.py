@@ -29,7 +29,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from typing import Any
@@ -327,7 +327,9 @@ class GreenTrainerModel(LoraModel):
         if self.units_kind == "lora":
             return self._lora_candidates(self.model, adapter)
         candidates = set(self._candidates[adapter])  # named as if no wrapper were inserted (fsdp.py)
-        return [u for u in fsdp.canonical_units(tensor_units(self.model)) if u.name in candidates]
+        units = [u for u in fsdp.canonical_units(tensor_units(self.model)) if u.name in candidates]
+        # PEFT's modules_to_save copies (the head it adds for sequence classification) train beside the base tensors
+        return units + fsdp.canonical_units(auxiliary_units(self.model, adapter))
 
     # ------------------------------------------------------------------ costs
     def cost_profile(self, batch: Mapping[str, Any], loss_fn: LossFn = default_loss) -> tuple[CostProfile, float]:
@@ -339,7 +341,7 @@ class GreenTrainerModel(LoraModel):
         with _training_mode(self.model):
             key = profile_key(self.model, batch)
             counts = labelled_counts(batch)
-            dense_head = attached_sparse_lm_head(self.model) is None
+            dense_head = not self._sparse_head_runs(batch)
             if not dense_head and counts is not None:  # a sparse head's cost follows each row's labelled positions
                 key = (key, tuple(counts.tolist()))
             cache = self.__dict__.setdefault("_profiles", {})
@@ -378,6 +380,17 @@ class GreenTrainerModel(LoraModel):
                 with _adapters_off(self):
                     full = profile_model(self.model, batch, loss_fn).full_flops
         return profile, full
+
+    def dense_head_full_flops(self, batch: Mapping[str, Any], loss_fn: LossFn = default_loss) -> float:
+        """Full fine-tuning FLOPs of a training step on ``batch`` with the dense LM head: what one would otherwise
+        run, next to ``rho``'s reference (``cost_profile``), which uses the run's own head."""
+        twin = self._float_twin()
+        models = [self.model] + ([twin[0].model] if twin is not None else [])
+        heads = [h for h in map(attached_sparse_lm_head, models) if h is not None]
+        with ExitStack() as stack, _training_mode(self.model):
+            for head in heads:
+                stack.enter_context(head.disabled())
+            return self._measure(batch, loss_fn)[1]
 
     @contextmanager
     def _profiling(self) -> Iterator[None]:
@@ -436,11 +449,18 @@ class GreenTrainerModel(LoraModel):
         """The one-row batch whose costs bound every row of ``batch``, and its key: ``profile_key``, and under a sparse
         LM head the bucketed count of labelled positions (``widened_labels``), which that head's cost grows with."""
         row = costliest_row(batch)
-        if attached_sparse_lm_head(self.model) is None:
+        if not self._sparse_head_runs(batch):
             return row, profile_key(self.model, row)
         row, labelled = widened_labels(row)
         inputs, signature = profile_key(self.model, row)
         return row, ((*inputs, ("labelled positions", repr(labelled))), signature)
+
+    def _sparse_head_runs(self, batch: Mapping[str, Any]) -> bool:
+        """Whether a training forward on ``batch`` runs the sparse LM head, whose cost follows the labels (not when
+        it is off, e.g. under FSDP2, nor for TRL's fused head or tuple outputs, which it leaves dense)."""
+        head = attached_sparse_lm_head(self.model)
+        tuple_outputs = batch.get("return_dict") is False
+        return head is not None and head.enabled and not batch.get("fused_lm_head") and not tuple_outputs
 
     def _learn_shapes(self, new: dict[tuple, UnitCosts]) -> dict[tuple, UnitCosts]:
         """Add the costs of new shapes. Every rank adds those of every rank, so all hold the same set of shapes."""
@@ -509,7 +529,8 @@ class GreenTrainerModel(LoraModel):
         schedulers set), not the current one: under warmup the current one is 0 at step 0, and would rank nothing.
         If no unit that fits has a positive importance, units are ranked by the loss reduction of a plain gradient
         step instead (and, should no gradient reach them, as many units as fit are trained): a selection is never
-        empty. The returned ``Selection`` gives the FLOPs of a step on the first batch.
+        empty. The returned ``Selection`` gives the FLOPs of a step on the first batch (with a sparse LM head, priced at
+        the top of its label-count bucket: an upper bound).
         """
         start = time.perf_counter()
         config = self.greentrainer_config
@@ -770,20 +791,23 @@ class GreenTrainerModel(LoraModel):
         """``state_dict`` (an adapter being loaded, units="tensors") plus the original values of the tensors this
         process trained since, which the adapter does not hold, so that loading gives the model the adapter saved.
 
-        A ``trainable`` load (resuming) first keeps the values of the tensors it overwrites that nothing has changed
-        yet: the base model's. Resuming restores a selection history whose tensors a best checkpoint loaded at the
-        end of training may not hold. Raises if a tensor to restore has no kept value (trained before anything was
-        saved, so not from this run).
+        A ``trainable`` load (resuming) in a run that reloads its best checkpoint at the end
+        (``load_best_model_at_end``, which ``GreenTrainerCallback`` tells the tuner) first keeps, on the CPU, the
+        values of the tensors it overwrites that nothing has changed yet: the base model's. Resuming restores a
+        selection history whose tensors that best checkpoint may not hold. Raises if a tensor to restore has no kept
+        value (trained before anything was saved, so not from this run).
         """
         state = self.greentrainer_state
         loaded = set(names)
         originals = self.__dict__.setdefault("_originals", {})
-        if trainable:
+        if trainable and self.__dict__.get("_reloads_best"):
             untouched = set(state.trained_tensors) | originals.keys()
             for name in names:
-                if name not in untouched:
-                    originals[name] = self.model.get_parameter(name).detach().to("cpu", copy=True)
-        later = [n for n in state.trained_tensors if n not in loaded]
+                value = self.model.get_parameter(name)
+                if name not in untouched and value.device.type != "meta":  # meta: offloaded, nothing to keep
+                    originals[name] = value.detach().to("cpu", copy=True)
+        copies = {n for u in auxiliary_units(self.model, self._selecting_adapter()) for n in u.param_names}
+        later = [n for n in state.trained_tensors if n not in loaded and n not in copies]  # PEFT loads the copies
         unknown = [n for n in later if n not in originals]
         if unknown:
             raise ValueError(
@@ -862,8 +886,12 @@ class GreenTrainerModel(LoraModel):
             # the selection state is back, and so must hold every candidate
             trained = tuner._candidates[adapter_name]
         prefix = BASE_PREFIX if any(k.startswith(BASE_PREFIX) for k in state_dict) else ""
+        # modules_to_save copies are PEFT's to save (under the wrapped module's own name), as for any adapter
+        copies = {n for u in auxiliary_units(tuner.model, adapter_name) for n in u.param_names}
         # clone: tied aliases share storage, which safetensors refuses; only the canonical name is saved anyway
-        return {f"{prefix}{name}": state_dict[f"{prefix}{name}"].detach().clone() for name in trained}
+        return {
+            f"{prefix}{name}": state_dict[f"{prefix}{name}"].detach().clone() for name in trained if name not in copies
+        }
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

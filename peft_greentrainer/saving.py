@@ -74,13 +74,24 @@ def write_atomically(target: str | os.PathLike, write: Callable[[str], None], ke
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    # an old file that shares a written file's stem is another format of it (adapter_model.bin next to a new
+    # adapter_model.safetensors, which loaders would prefer): superseded, not carried over
+    written = {os.path.splitext(entry)[0] for entry in os.listdir(target)}
     for entry in os.listdir(backup) if keep_others else ():
-        if not os.path.lexists(os.path.join(target, entry)):
+        if os.path.splitext(entry)[0] not in written:
             os.replace(os.path.join(backup, entry), os.path.join(target, entry))
     shutil.rmtree(backup, ignore_errors=True)
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where /proc says it (setting it races with other threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

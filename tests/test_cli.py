@@ -320,7 +320,7 @@ def test_seq2seq_template_is_filled_as_the_causal_one_and_the_prompt_are(capsys)
     assert braces["input_ids"][0].tolist()[:5] == [9, 8, 2, 3, 2]
     with pytest.raises(SystemExit):  # a template without {input} would train on no source text
         main(["train", "--template", "summarize:"])
-    assert "has no {input}" in capsys.readouterr().err
+    assert "must hold {input} once" in capsys.readouterr().err
 
 
 def test_embedded_data_loads_offline():

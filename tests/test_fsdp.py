@@ -155,7 +155,7 @@ def test_fsdp2_flops_per_rank_are_predicted_and_within_budget(units, runs):
         if units == "tensors":  # the profile of the fake twin is exact
             assert rank0["full_predicted"] == pytest.approx(full, rel=1e-12)
             assert measured == pytest.approx(predicted, rel=1e-9)
-        else:  # checkpointing: the profile charges a whole block's recompute, torch stops before its last matmul
+        else:  # checkpointing (FSDP's wrapper on the real model, transformers' on the twin): never under
             assert measured <= predicted * (1 + 1e-9)
             assert rank0["full_predicted"] >= full
 

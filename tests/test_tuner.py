@@ -682,8 +682,10 @@ def test_save_keeps_other_files_and_is_a_no_op_off_the_main_process(tmp_path):
     (target / "other").mkdir(parents=True)
     (target / "tokenizer.json").write_text("{}")
     (target / "other" / "adapter_config.json").write_text("{}")
+    (target / "adapter_model.bin").write_text("an older save in the other format")
     save_adapter(model, target)
     assert {"tokenizer.json", "other", "adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(target))
+    assert "adapter_model.bin" not in os.listdir(target)  # superseded by the new weights, whatever the format
     assert sorted(os.listdir(tmp_path)) == ["adapter"]
     assert os.stat(target).st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's private 0o700
     saved = {k: v.clone() for k, v in model.state_dict().items()}
@@ -957,3 +959,24 @@ def test_everything_a_lora_adapter_trains_is_a_unit_inside_the_budget(make_model
         full = sum(measure_flops(base, batch, reference))
     assert sum(measure_flops(base, batch)) / full == pytest.approx(logged, rel=1e-9)
     assert logged <= rho
+
+
+def test_a_sequence_classifier_head_is_a_unit_with_tensor_units_too(tmp_path):
+    """With units="tensors" PEFT still adds the classification head as a modules_to_save copy: it is a unit (selected
+    by the DP, not trained beside it), and the adapter saves and loads it as PEFT does."""
+    peft_model = get_peft_model(_sequence_classifier(), GreenTrainerConfig(rho=0.6, task_type="SEQ_CLS"))
+    tuner = peft_model.base_model
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 1])}
+    tuner.select_units([batch], optimizer)
+    assert "score.modules_to_save.default.weight" in tuner.greentrainer_state.selected
+    selected = set(tuner.greentrainer_state.selected)
+    in_units = {n for u in tuner.candidate_units() if u.name in selected for n in u.param_names}
+    assert {n for n, p in tuner.model.named_parameters() if p.requires_grad} == in_units
+    peft_model(**batch).loss.backward()
+    optimizer.step()
+    peft_model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(_sequence_classifier(), tmp_path).eval()
+    peft_model.eval()
+    assert torch.equal(loaded(**batch).logits, peft_model(**batch).logits)

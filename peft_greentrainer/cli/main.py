@@ -38,8 +38,8 @@ def _rho(text: str) -> float:
 
 
 def _template(value: str) -> str:
-    if "{input}" not in value:
-        raise argparse.ArgumentTypeError(f"{value!r} has no {{input}}: put it where the source text goes")
+    if value.count("{input}") != 1:  # the text around it is used as written (no other placeholders, no escapes)
+        raise argparse.ArgumentTypeError(f"{value!r} must hold {{input}} once, where the source text goes")
     return value
 
 

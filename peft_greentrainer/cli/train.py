@@ -244,29 +244,14 @@ def flops_references(peft_model, example: dict) -> dict[str, Any]:
 
     The dense figure is what a user would otherwise run; the same-head one isolates GreenTrainer's own saving.
     """
-    from contextlib import nullcontext
-
-    from ..engine.profile import profile_model
-    from ..engine.units import is_trainable_dtype
     from ..sparse_head import attached_sparse_lm_head, unsupported_reason
 
     tuner = peft_model.base_model
     same_head = tuner.cost_profile(example)[1]
-    head = attached_sparse_lm_head(tuner.model)
-    if head is None:
+    if attached_sparse_lm_head(tuner.model) is None:
         reason = unsupported_reason(tuner.model) or "--dense-lm-head"
         return {"lm_head": f"dense ({reason})", "full_flops_same_head": same_head, "full_flops_dense_head": same_head}
-    if not all(is_trainable_dtype(p) for p in tuner.model.parameters()):
-        # a quantized base is budgeted against its float twin on meta, whose labels have no values: a dense head
-        return {"lm_head": "sparse", "full_flops_same_head": None, "full_flops_dense_head": same_head}
-    adapters_off = peft_model.disable_adapter() if tuner.units_kind == "lora" else nullcontext()
-    was_training = tuner.model.training
-    tuner.model.train()  # a training step's costs, as the tuner's profile measures them
-    try:
-        with head.disabled(), adapters_off:
-            dense = profile_model(tuner.model, example).full_flops
-    finally:
-        tuner.model.train(was_training)
+    dense = tuner.dense_head_full_flops(example)
     return {"lm_head": "sparse", "full_flops_same_head": same_head, "full_flops_dense_head": dense}
 
 

@@ -298,8 +298,8 @@ def costliest_row(batch: Mapping[str, Any]) -> dict[str, Any]:
     Every op FlopCounterMode counts in a transformer (matmuls, attention) is linear in the batch size, so the costs as
     fractions of full fine-tuning do not depend on it: profiling one row is as exact and ``batch size`` times cheaper,
     and an uneven last batch is no new shape. A head that only projects labelled positions (the sparse LM head) costs
-    more on rows with more labels: the row with the most bounds every row of the batch. A batch whose tensors disagree
-    on the leading dimension is kept whole.
+    more on rows with more next-token targets: the row with the most bounds every row of the batch. A batch whose
+    tensors disagree on the leading dimension is kept whole.
     """
     if batch_size(batch) in (None, 1):
         return dict(batch)
@@ -309,11 +309,13 @@ def costliest_row(batch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def labelled_counts(batch: Mapping[str, Any]) -> torch.Tensor | None:
-    """Per row, the number of positions whose label counts in the loss; None without 2-D ``labels``."""
-    labels = batch.get("labels")
+    """Per row, the number of next-token targets the loss counts (a causal LM's ``labels[:, 1:]``, or
+    ``shift_labels`` as given): what a sparse LM head's cost grows with. None without 2-D labels with values."""
+    shifted = batch.get("shift_labels")
+    labels = shifted if isinstance(shifted, torch.Tensor) else batch.get("labels")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.device.type == "meta":
         return None  # on meta the labels have no values (and a sparse head then stays dense)
-    return (labels != -100).sum(dim=1)
+    return (labels[:, 0 if labels is shifted else 1 :] != -100).sum(dim=1)
 
 
 def batch_size(batch: Mapping[str, Any]) -> int | None:
