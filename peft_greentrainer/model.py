@@ -341,7 +341,7 @@ class GreenTrainerModel(LoraModel):
         with _training_mode(self.model):
             key = profile_key(self.model, batch)
             counts = labelled_counts(batch)
-            dense_head = not self._sparse_head_runs(batch)
+            dense_head = not self._head_follows_labels(batch)
             if not dense_head and counts is not None:  # a sparse head's cost follows each row's labelled positions
                 key = (key, tuple(counts.tolist()))
             cache = self.__dict__.setdefault("_profiles", {})
@@ -446,21 +446,23 @@ class GreenTrainerModel(LoraModel):
         return key
 
     def _row_key(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], tuple]:
-        """The one-row batch whose costs bound every row of ``batch``, and its key: ``profile_key``, and under a sparse
-        LM head the bucketed count of labelled positions (``widened_labels``), which that head's cost grows with."""
+        """The one-row batch whose costs bound every row of ``batch``, and its key: ``profile_key``, and where the LM
+        head projects only labelled positions (``_head_follows_labels``) their bucketed count (``widened_labels``)."""
         row = costliest_row(batch)
-        if not self._sparse_head_runs(batch):
+        if not self._head_follows_labels(batch):
             return row, profile_key(self.model, row)
         row, labelled = widened_labels(row)
         inputs, signature = profile_key(self.model, row)
         return row, ((*inputs, ("labelled positions", repr(labelled))), signature)
 
-    def _sparse_head_runs(self, batch: Mapping[str, Any]) -> bool:
-        """Whether a training forward on ``batch`` runs the sparse LM head, whose cost follows the labels (not when
-        it is off, e.g. under FSDP2, nor for TRL's fused head or tuple outputs, which it leaves dense)."""
+    def _head_follows_labels(self, batch: Mapping[str, Any]) -> bool:
+        """Whether the LM head of a training forward on ``batch`` projects only the labelled positions, so that its
+        cost follows the labels: our sparse head (when on: not under FSDP2, nor for tuple outputs), or TRL's fused
+        head (``fused_lm_head=True``), which does so on CUDA/XPU (Triton devices; elsewhere every position)."""
+        if batch.get("fused_lm_head"):
+            return True
         head = attached_sparse_lm_head(self.model)
-        tuple_outputs = batch.get("return_dict") is False
-        return head is not None and head.enabled and not batch.get("fused_lm_head") and not tuple_outputs
+        return head is not None and head.enabled and batch.get("return_dict") is not False
 
     def _learn_shapes(self, new: dict[tuple, UnitCosts]) -> dict[tuple, UnitCosts]:
         """Add the costs of new shapes. Every rank adds those of every rank, so all hold the same set of shapes."""

@@ -224,3 +224,34 @@ def test_widened_labels_price_a_row_at_its_bucket_top_and_keep_its_own_targets(s
 
 def _shift_left(labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+def test_trls_fused_head_projecting_only_labelled_rows_is_priced_by_label_count(monkeypatch):
+    """On CUDA/XPU TRL's fused LM head (SFTTrainer's default) projects only the labelled positions, so its cost, like
+    the sparse head's, follows the labels: a step at a known shape with more labels is priced before it runs.
+    Simulated here by TRL's own switch for that path (the head's matmuls are the same torch.mm on every device)."""
+    from trl.trainer import utils as trl_utils
+
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)
+    rho = 0.7
+    model = tiny_model("llama")
+    trl_utils.add_fused_lm_head(model)
+    tuner = get_peft_model(model, GreenTrainerConfig(rho=rho, sparse_lm_head=False)).base_model
+    optimizer = torch.optim.AdamW([p for p in tuner.model.parameters() if p.requires_grad])
+    generator = torch.Generator().manual_seed(0)
+
+    def batch(labelled: int) -> dict:
+        ids = torch.randint(3, VOCAB, (2, 32), generator=generator)
+        labels = ids.clone()
+        labels[:, : 32 - labelled] = -100
+        return {"input_ids": ids, "labels": labels, "fused_lm_head": True}
+
+    tuner.select_units([batch(2)], optimizer)
+    everything = [n for n, _ in tuner.model.named_parameters()]
+    for labelled in (2, 31):
+        step = batch(labelled)
+        tuner.model(**step).loss.backward()
+        logged = tuner.step_flops_ratios()[0]
+        trainable = [n for n, p in tuner.model.named_parameters() if p.requires_grad]
+        measured = sum(measure_flops(tuner.model, step, trainable)) / sum(measure_flops(tuner.model, step, everything))
+        assert measured <= logged + 1e-9 and logged <= rho + 1e-9, (labelled, measured, logged)
