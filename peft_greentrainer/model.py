@@ -62,7 +62,7 @@ from .engine.units import (
     parameter_aliases,
     tensor_units,
 )
-from .sparse_head import attached_sparse_lm_head, enable_sparse_lm_head, widened_labels
+from .sparse_head import LabelBucket, attached_sparse_lm_head, enable_sparse_lm_head, label_bucket
 from .twin import fake_twin
 
 logger = logging.getLogger(__name__)
@@ -436,24 +436,27 @@ class GreenTrainerModel(LoraModel):
     def _profile_rows(self, batch: Mapping[str, Any], new: dict[tuple, UnitCosts]) -> tuple:
         """The key of ``batch``'s shape; its costs (one row, current modes) go into ``new`` if not agreed on yet,
         measured unless this process measured them before (``cost_profile``)."""
-        row, key = self._row_key(batch)
+        row, key, bucket = self._row_key(batch)
         if key not in self._shape_costs and key not in new:
             measured = self.__dict__.setdefault("_measured_rows", {})
             if key not in measured:
                 profile, full = self._measure(row, _forward_only)
+                if bucket is not None:  # full fine-tuning at the bucket's fewest labels: a bound for every row in it
+                    full = self._measure(bucket.narrowed, _forward_only)[1]
                 measured[key] = profile.unit_costs(self.candidate_units(), full_flops=full)
             new[key] = measured[key]
         return key
 
-    def _row_key(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], tuple]:
-        """The one-row batch whose costs bound every row of ``batch``, and its key: ``profile_key``, and where the LM
-        head projects only labelled positions (``_head_follows_labels``) their bucketed count (``widened_labels``)."""
+    def _row_key(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], tuple, LabelBucket | None]:
+        """The one-row batch whose step costs bound every row of ``batch``, and its key: ``profile_key``, and where
+        the LM head projects only labelled positions (``_head_follows_labels``) their bucket (``label_bucket``: the
+        row is then widened to its top, and the bucket says what full fine-tuning costs at least)."""
         row = costliest_row(batch)
-        if not self._head_follows_labels(batch):
-            return row, profile_key(self.model, row)
-        row, labelled = widened_labels(row)
-        inputs, signature = profile_key(self.model, row)
-        return row, ((*inputs, ("labelled positions", repr(labelled))), signature)
+        bucket = label_bucket(row) if self._head_follows_labels(batch) else None
+        if bucket is None:
+            return row, profile_key(self.model, row), None
+        inputs, signature = profile_key(self.model, bucket.widened)
+        return bucket.widened, ((*inputs, ("labelled positions", repr(bucket.top))), signature), bucket
 
     def _head_follows_labels(self, batch: Mapping[str, Any]) -> bool:
         """Whether the LM head of a training forward on ``batch`` projects only the labelled positions, so that its

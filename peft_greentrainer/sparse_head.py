@@ -63,31 +63,48 @@ def next_token_targets(
 LABEL_BUCKETS = 16  # label counts priced per sequence length: a profile per bucket, not per count
 
 
-def widened_labels(row: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
-    """``row`` with more positions labelled, so that its largest per-sequence count of next-token targets is the top
-    of its bucket, and that count (None: no 2-D labels with values).
+@dataclass
+class LabelBucket:
+    """The label-count bucket of a row, and the row re-labelled at both ends of it (see :func:`label_bucket`)."""
 
-    The sparse head's cost grows with the labelled positions, so a cost measured on a row stands for rows with at
-    most as many. Pricing each count at the top of one of ``LABEL_BUCKETS`` buckets per sequence length never
-    under-prices a row and bounds how many profiles varying prompt lengths cost. Which positions are labelled, and
-    with which tokens, changes no FLOP count, so the added labels are token 0 at the first unlabelled positions.
+    top: int  # the most next-token targets a sequence in this bucket has
+    widened: dict[str, Any]  # the row with every sequence at ``top`` targets: what a step costs at most
+    narrowed: dict[str, Any]  # the row at the bucket's fewest targets: what full fine-tuning costs at least
+
+
+def label_bucket(row: Mapping[str, Any]) -> LabelBucket | None:
+    """The bucket of ``row``'s largest per-sequence count of next-token targets, one of ``LABEL_BUCKETS`` per
+    sequence length; None without 2-D labels with values.
+
+    A head that projects only labelled positions costs more on rows with more of them, in a step and in full
+    fine-tuning alike, and their ratio can move either way with the count. Pricing a step on the row widened to the
+    bucket's top, against full fine-tuning of the row narrowed to its bottom, bounds the ratio of every row in the
+    bucket from above, and bounds how many profiles varying prompt lengths cost. Which positions are labelled, and
+    with which tokens, changes no FLOP count: targets are added as token 0 at the first unlabelled positions, and
+    removed from the last labelled ones.
     """
     labels = row.get("labels")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.device.type == "meta":
-        return dict(row), None
+        return None
     shifted = row.get("shift_labels") if isinstance(row.get("shift_labels"), torch.Tensor) else None
     mask, _ = next_token_targets(labels, shifted)
     length = mask.shape[-1]
     usable = length if shifted is not None else length - 1  # without shift_labels the last position never counts
     step = max(1, math.ceil(length / LABEL_BUCKETS))
     counts = mask.sum(dim=-1)
-    top = min(usable, math.ceil(int(counts.max()) / step) * step)
-    widened = shifted.clone() if shifted is not None else labels.clone()
+    ceiling = math.ceil(int(counts.max()) / step) * step  # the bucket is (ceiling - step, ceiling]
+    top = min(usable, ceiling)
+    # one sequence: the bucket's fewest targets; several (a row kept whole): each could have none
+    bottom = max(0, ceiling - step + 1) if mask.shape[0] == 1 and ceiling else 0
+    name = "shift_labels" if shifted is not None else "labels"
     offset = 0 if shifted is not None else 1  # position t's target is labels[t + 1]
+    widened, narrowed = (row[name].clone() for _ in range(2))
     for seq in range(mask.shape[0]):
         free = (~mask[seq, :usable]).nonzero().flatten()[: max(0, top - int(counts[seq]))]
         widened[seq, free + offset] = 0
-    return {**row, "shift_labels" if shifted is not None else "labels": widened}, top
+        taken = mask[seq].nonzero().flatten()[min(bottom, int(counts[seq])) :]
+        narrowed[seq, taken + offset] = IGNORE_INDEX
+    return LabelBucket(top, {**row, name: widened}, {**row, name: narrowed})
 
 
 def language_model(model: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""A weightless twin of a tuned model: the same architecture and GreenTrainer config on ``meta``, for profiling.
+"""A weightless twin of a tuned model: the same architecture and GreenTrainer config, without weights, for profiling.
 
 Profiles only need shapes, so a twin costs no memory. Both users make it of fake tensors on the real device
 (:func:`fake_twin`): ``model.py`` to price full fine-tuning of a quantized base (which cannot be fully fine-tuned

@@ -15,8 +15,8 @@ from peft_greentrainer.engine.profile import measure_flops
 from peft_greentrainer.sparse_head import (
     LABEL_BUCKETS,
     attached_sparse_lm_head,
+    label_bucket,
     next_token_targets,
-    widened_labels,
 )
 
 CAUSAL = ["llama", "opt", "bloom", "gpt2"]
@@ -204,22 +204,51 @@ def test_more_labels_at_a_shape_already_priced_keep_the_budget():
 
 
 @pytest.mark.parametrize("shifted", [False, True], ids=["labels", "shift_labels"])
-def test_widened_labels_price_a_row_at_its_bucket_top_and_keep_its_own_targets(shifted):
+def test_a_label_bucket_spans_the_row_and_keeps_its_targets_at_each_end(shifted):
     generator = torch.Generator().manual_seed(1)
-    for _ in range(20):
+    for _ in range(40):
         length = int(torch.randint(2, 70, (1,), generator=generator))
-        labels = torch.randint(3, VOCAB, (2, length), generator=generator)
-        labels[torch.rand(2, length, generator=generator) < torch.rand(1, generator=generator)] = -100
+        sequences = int(torch.randint(1, 3, (1,), generator=generator))
+        labels = torch.randint(3, VOCAB, (sequences, length), generator=generator)
+        labels[torch.rand(sequences, length, generator=generator) < torch.rand(1, generator=generator)] = -100
         row = {"input_ids": labels.clamp(min=0), "labels": labels}
         if shifted:
             row["shift_labels"] = _shift_left(labels)
         mask, _ = next_token_targets(labels, row.get("shift_labels"))
-        widened, top = widened_labels(row)
-        wide_mask, _ = next_token_targets(widened["labels"], widened.get("shift_labels"))
+        bucket = label_bucket(row)
+        wide, _ = next_token_targets(bucket.widened["labels"], bucket.widened.get("shift_labels"))
+        narrow, _ = next_token_targets(bucket.narrowed["labels"], bucket.narrowed.get("shift_labels"))
         step = -(-length // LABEL_BUCKETS)
-        assert top >= int(mask.sum(1).max()) and (top % step == 0 or top == length - (not shifted))
-        assert (wide_mask.sum(1) == top).all()
-        assert wide_mask[mask].all()  # every real target is still one
+        assert bucket.top >= int(mask.sum(1).max()) and (bucket.top % step == 0 or bucket.top == length - (not shifted))
+        assert (wide.sum(1) == bucket.top).all() and wide[mask].all()  # every real target is still one
+        assert (narrow.sum(1) <= mask.sum(1)).all() and not narrow[~mask].any()  # only real targets, fewer
+        assert int(narrow.sum(1).max()) > bucket.top - step or sequences > 1 or bucket.top == 0  # the bottom
+
+
+def test_a_step_with_fewer_labels_than_its_bucket_top_stays_within_rho():
+    """With the head's weight frozen and an expensive selection, a step's share of full fine-tuning *falls* as labels
+    are added (the step pays the head twice per position, full fine-tuning three times): full fine-tuning is priced
+    at the bucket's fewest labels, so a step with fewer labels than the bucket's top is not under-priced."""
+    length = 128
+    ids = torch.randint(3, 4096, (2, length), generator=torch.Generator().manual_seed(0))
+
+    def batch(labelled: int) -> dict[str, torch.Tensor]:
+        labels = ids.clone()
+        labels[:, : length - labelled] = -100
+        return {"input_ids": ids, "labels": labels}
+
+    for rho in (0.8, 0.85, 0.9):
+        model = tiny_model("llama", vocab_size=4096, tie_word_embeddings=False)
+        config = GreenTrainerConfig(rho=rho, exclude_patterns=["lm_head"])
+        tuner = get_peft_model(model, config).base_model
+        tuner.select_units([batch(5)], torch.optim.AdamW([p for p in tuner.model.parameters() if p.requires_grad]))
+        step = batch(2)
+        tuner.model(**step).loss.backward()
+        logged = tuner.step_flops_ratios()[0]
+        everything = [n for n, _ in tuner.model.named_parameters()]
+        trainable = [n for n, p in tuner.model.named_parameters() if p.requires_grad]
+        measured = sum(measure_flops(tuner.model, step, trainable)) / sum(measure_flops(tuner.model, step, everything))
+        assert measured <= logged + 1e-9 and logged <= rho + 1e-9, (rho, measured, logged)
 
 
 def _shift_left(labels: torch.Tensor) -> torch.Tensor:
