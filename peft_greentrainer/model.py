@@ -425,7 +425,15 @@ class GreenTrainerModel(LoraModel):
         return profile.unit_costs(self.candidate_units(), full_flops=full)
 
     def min_feasible_rho(self, batch: Mapping[str, Any], loss_fn: LossFn = default_loss) -> float:
-        return self.unit_costs(batch, loss_fn).min_feasible_rho()
+        """The smallest rho that lets a unit train on ``batch``, priced as its training steps are (with an LM head
+        that projects only labelled positions: at its label bucket's ends), so that a rho at or above it does not
+        fail at the first selection."""
+        if not self._head_follows_labels(batch):
+            return self.unit_costs(batch, loss_fn).min_feasible_rho()
+        with _training_mode(self.model):
+            new: dict[tuple, UnitCosts] = {}
+            key = self._profile_rows(batch, new)
+        return (new.get(key) or self._shape_costs[key]).min_feasible_rho()
 
     @property
     def _shape_costs(self) -> dict[tuple, UnitCosts]:
@@ -449,14 +457,17 @@ class GreenTrainerModel(LoraModel):
 
     def _row_key(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], tuple, LabelBucket | None]:
         """The one-row batch whose step costs bound every row of ``batch``, and its key: ``profile_key``, and where
-        the LM head projects only labelled positions (``_head_follows_labels``) their bucket (``label_bucket``: the
-        row is then widened to its top, and the bucket says what full fine-tuning costs at least)."""
+        the LM head projects only labelled positions (``_head_follows_labels``) the label-count bucket of the batch's
+        mean (``label_bucket``: the row is then widened to the bucket's top, and full fine-tuning is priced at its
+        bottom)."""
         row = costliest_row(batch)
-        bucket = label_bucket(row) if self._head_follows_labels(batch) else None
+        counts = labelled_counts(batch) if self._head_follows_labels(batch) else None
+        bucket = label_bucket(row, float(counts.float().mean())) if counts is not None else None
         if bucket is None:
             return row, profile_key(self.model, row), None
         inputs, signature = profile_key(self.model, bucket.widened)
-        return bucket.widened, ((*inputs, ("labelled positions", repr(bucket.top))), signature), bucket
+        spanned = ("labelled positions", (bucket.bottom, bucket.top))
+        return bucket.widened, ((*inputs, spanned), signature), bucket
 
     def _head_follows_labels(self, batch: Mapping[str, Any]) -> bool:
         """Whether the LM head of a training forward on ``batch`` projects only the labelled positions, so that its
@@ -534,8 +545,9 @@ class GreenTrainerModel(LoraModel):
         schedulers set), not the current one: under warmup the current one is 0 at step 0, and would rank nothing.
         If no unit that fits has a positive importance, units are ranked by the loss reduction of a plain gradient
         step instead (and, should no gradient reach them, as many units as fit are trained): a selection is never
-        empty. The returned ``Selection`` gives the FLOPs of a step on the first batch (with a sparse LM head, priced at
-        the top of its label-count bucket: an upper bound).
+        empty. The returned ``Selection`` gives the FLOPs of a step on the first batch (with an LM head that projects
+        only labelled positions: at its label bucket's top, with ``full_flops`` and ``budget`` at its bottom, the
+        bound the budget is kept against).
         """
         start = time.perf_counter()
         config = self.greentrainer_config
@@ -1000,7 +1012,7 @@ def _describe(keys: list[tuple]) -> str:
     for inputs, _ in keys:
         tensors = {item[0]: item[1] for item in inputs if len(item) == 3}
         shapes.append(tensors.get("input_ids", next(iter(tensors.values()), ())))
-        labelled += [int(item[1]) for item in inputs if item[0] == "labelled positions" and item[1] != "None"]
+        labelled += [item[1][1] for item in inputs if item[0] == "labelled positions"]
     shapes = sorted(set(shapes))
     text = f"input shapes {', '.join(map(str, shapes[:4]))}{', ...' if len(shapes) > 4 else ''}"
     return text + (f", up to {max(labelled)} labelled positions per sequence" if labelled else "")

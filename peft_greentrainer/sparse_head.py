@@ -65,23 +65,26 @@ LABEL_BUCKETS = 16  # label counts priced per sequence length: a profile per buc
 
 @dataclass
 class LabelBucket:
-    """The label-count bucket of a row, and the row re-labelled at both ends of it (see :func:`label_bucket`)."""
+    """The label-count bucket of a batch's mean, and one of its rows re-labelled at both ends (:func:`label_bucket`)."""
 
-    top: int  # the most next-token targets a sequence in this bucket has
+    bottom: int  # the bucket is [bottom, top] next-token targets per sequence
+    top: int
     widened: dict[str, Any]  # the row with every sequence at ``top`` targets: what a step costs at most
-    narrowed: dict[str, Any]  # the row at the bucket's fewest targets: what full fine-tuning costs at least
+    narrowed: dict[str, Any]  # the row at ``bottom`` targets: what full fine-tuning costs at least
 
 
-def label_bucket(row: Mapping[str, Any]) -> LabelBucket | None:
-    """The bucket of ``row``'s largest per-sequence count of next-token targets, one of ``LABEL_BUCKETS`` per
-    sequence length; None without 2-D labels with values.
+def label_bucket(row: Mapping[str, Any], mean: float) -> LabelBucket | None:
+    """The bucket, one of ``LABEL_BUCKETS`` per sequence length, of ``mean``: a batch's mean count of next-token
+    targets per sequence; ``row`` (one of the batch's rows) re-labelled to the bucket's ends. None without 2-D labels
+    with values.
 
-    A head that projects only labelled positions costs more on rows with more of them, in a step and in full
-    fine-tuning alike, and their ratio can move either way with the count. Pricing a step on the row widened to the
-    bucket's top, against full fine-tuning of the row narrowed to its bottom, bounds the ratio of every row in the
-    bucket from above, and bounds how many profiles varying prompt lengths cost. Which positions are labelled, and
-    with which tokens, changes no FLOP count: targets are added as token 0 at the first unlabelled positions, and
-    removed from the last labelled ones.
+    A head that projects only labelled positions costs a fixed amount per labelled position, in a step and in full
+    fine-tuning alike, so a batch's costs, and their ratio, depend on its labels only through their mean count, and
+    the ratio can move either way with it. Pricing a step on the row widened to the bucket's top, against full
+    fine-tuning of the row narrowed to its bottom, bounds the ratio of every batch whose mean is in the bucket from
+    above, and bounds how many profiles varying prompt lengths cost. Which positions are labelled, and with which
+    tokens, changes no FLOP count: targets are added as token 0 at the first unlabelled positions, and removed from
+    the last labelled ones.
     """
     labels = row.get("labels")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.device.type == "meta":
@@ -91,20 +94,28 @@ def label_bucket(row: Mapping[str, Any]) -> LabelBucket | None:
     length = mask.shape[-1]
     usable = length if shifted is not None else length - 1  # without shift_labels the last position never counts
     step = max(1, math.ceil(length / LABEL_BUCKETS))
-    counts = mask.sum(dim=-1)
-    ceiling = math.ceil(int(counts.max()) / step) * step  # the bucket is (ceiling - step, ceiling]
-    top = min(usable, ceiling)
-    # one sequence: the bucket's fewest targets; several (a row kept whole): each could have none
-    bottom = max(0, ceiling - step + 1) if mask.shape[0] == 1 and ceiling else 0
+    index = math.ceil(mean / step)  # the bucket ((index - 1) * step, index * step]: its fewest whole count is one more
+    below = max(0, (index - 1) * step)
+    bottom, top = below + 1 if mean >= below + 1 else below, min(usable, index * step)
     name = "shift_labels" if shifted is not None else "labels"
     offset = 0 if shifted is not None else 1  # position t's target is labels[t + 1]
-    widened, narrowed = (row[name].clone() for _ in range(2))
+    return LabelBucket(
+        bottom,
+        top,
+        {**row, name: _with_targets(row[name], mask, top, usable, offset)},
+        {**row, name: _with_targets(row[name], mask, bottom, usable, offset)},
+    )
+
+
+def _with_targets(labels: torch.Tensor, mask: torch.Tensor, count: int, usable: int, offset: int) -> torch.Tensor:
+    """``labels`` with exactly ``count`` next-token targets per sequence: the real ones first, then added ones."""
+    labels = labels.clone()
     for seq in range(mask.shape[0]):
-        free = (~mask[seq, :usable]).nonzero().flatten()[: max(0, top - int(counts[seq]))]
-        widened[seq, free + offset] = 0
-        taken = mask[seq].nonzero().flatten()[min(bottom, int(counts[seq])) :]
-        narrowed[seq, taken + offset] = IGNORE_INDEX
-    return LabelBucket(top, {**row, name: widened}, {**row, name: narrowed})
+        real = mask[seq].nonzero().flatten()
+        labels[seq, real[count:] + offset] = IGNORE_INDEX
+        free = (~mask[seq, :usable]).nonzero().flatten()[: max(0, count - real.numel())]
+        labels[seq, free + offset] = 0
+    return labels
 
 
 def language_model(model: nn.Module) -> nn.Module:

@@ -87,9 +87,10 @@ def _args(tmp_path, **kwargs) -> TrainingArguments:
 class BudgetAudit:
     """Trainer mixin: after every training step, the step's FLOPs and full fine-tuning's on the same inputs.
 
-    The inputs are taken as the model's forward received them (a forward pre-hook; the last forward of the step is
-    the step's, after any forward GreenTrainer ran for profiling). Each distinct (shapes, flags, checkpointing) is
-    measured once, after the step, so GreenTrainer already knows the shape and profiles nothing during the count.
+    The inputs are taken as the model's forward received them (a forward pre-hook; the first forward of the step is
+    the step's: GreenTrainer's profiling forwards for a new shape run inside its pre-hook, after this one). Each
+    distinct (shapes, flags, checkpointing) is measured once, after the step, so GreenTrainer already knows the shape
+    and profiles nothing during the count.
     """
 
     def _audit_init(self, rho: float) -> None:
@@ -103,9 +104,11 @@ class BudgetAudit:
         return self.model.base_model.model
 
     def _remember_inputs(self, module, args, kwargs):
-        self._forward_inputs = dict(kwargs)
+        if self._forward_inputs is None:
+            self._forward_inputs = dict(kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._forward_inputs = None
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._measure(self._forward_inputs)
         return loss

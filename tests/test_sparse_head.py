@@ -204,7 +204,7 @@ def test_more_labels_at_a_shape_already_priced_keep_the_budget():
 
 
 @pytest.mark.parametrize("shifted", [False, True], ids=["labels", "shift_labels"])
-def test_a_label_bucket_spans_the_row_and_keeps_its_targets_at_each_end(shifted):
+def test_a_label_bucket_brackets_the_mean_and_relabels_the_row_to_its_ends(shifted):
     generator = torch.Generator().manual_seed(1)
     for _ in range(40):
         length = int(torch.randint(2, 70, (1,), generator=generator))
@@ -215,40 +215,46 @@ def test_a_label_bucket_spans_the_row_and_keeps_its_targets_at_each_end(shifted)
         if shifted:
             row["shift_labels"] = _shift_left(labels)
         mask, _ = next_token_targets(labels, row.get("shift_labels"))
-        bucket = label_bucket(row)
-        wide, _ = next_token_targets(bucket.widened["labels"], bucket.widened.get("shift_labels"))
-        narrow, _ = next_token_targets(bucket.narrowed["labels"], bucket.narrowed.get("shift_labels"))
-        step = -(-length // LABEL_BUCKETS)
-        assert bucket.top >= int(mask.sum(1).max()) and (bucket.top % step == 0 or bucket.top == length - (not shifted))
-        assert (wide.sum(1) == bucket.top).all() and wide[mask].all()  # every real target is still one
-        assert (narrow.sum(1) <= mask.sum(1)).all() and not narrow[~mask].any()  # only real targets, fewer
-        assert int(narrow.sum(1).max()) > bucket.top - step or sequences > 1 or bucket.top == 0  # the bottom
+        mean = float(mask.sum(1).float().mean())
+        bucket = label_bucket(row, mean)
+        assert bucket.bottom <= mean <= bucket.top <= bucket.bottom + -(-length // LABEL_BUCKETS)
+        for end, count in ((bucket.widened, bucket.top), (bucket.narrowed, bucket.bottom)):
+            relabelled, _ = next_token_targets(end["labels"], end.get("shift_labels"))
+            assert (relabelled.sum(1) == count).all()
+            for seq in range(sequences):  # the real targets come first
+                real = mask[seq].nonzero().flatten()
+                assert relabelled[seq, real[:count]].all()
 
 
 def test_a_step_with_fewer_labels_than_its_bucket_top_stays_within_rho():
     """With the head's weight frozen and an expensive selection, a step's share of full fine-tuning *falls* as labels
     are added (the step pays the head twice per position, full fine-tuning three times): full fine-tuning is priced
-    at the bucket's fewest labels, so a step with fewer labels than the bucket's top is not under-priced."""
+    at the bucket's fewest labels, so a step with fewer labels than the bucket's top is not under-priced, nor a batch
+    whose rows differ widely (its costs follow the mean count: the head's cost per position is fixed)."""
     length = 128
     ids = torch.randint(3, 4096, (2, length), generator=torch.Generator().manual_seed(0))
 
-    def batch(labelled: int) -> dict[str, torch.Tensor]:
+    def batch(*labelled: int) -> dict[str, torch.Tensor]:
         labels = ids.clone()
-        labels[:, : length - labelled] = -100
+        for row, count in enumerate(labelled):
+            labels[row, : length - count] = -100
         return {"input_ids": ids, "labels": labels}
 
     for rho in (0.8, 0.85, 0.9):
         model = tiny_model("llama", vocab_size=4096, tie_word_embeddings=False)
         config = GreenTrainerConfig(rho=rho, exclude_patterns=["lm_head"])
         tuner = get_peft_model(model, config).base_model
-        tuner.select_units([batch(5)], torch.optim.AdamW([p for p in tuner.model.parameters() if p.requires_grad]))
-        step = batch(2)
-        tuner.model(**step).loss.backward()
-        logged = tuner.step_flops_ratios()[0]
+        optimizer = torch.optim.AdamW([p for p in tuner.model.parameters() if p.requires_grad])
+        tuner.select_units([batch(5, 5)], optimizer)
         everything = [n for n, _ in tuner.model.named_parameters()]
-        trainable = [n for n, p in tuner.model.named_parameters() if p.requires_grad]
-        measured = sum(measure_flops(tuner.model, step, trainable)) / sum(measure_flops(tuner.model, step, everything))
-        assert measured <= logged + 1e-9 and logged <= rho + 1e-9, (rho, measured, logged)
+        for counts in ((2, 2), (100, 1), (100, 0), (50, 100)):  # rows far apart: the batch's mean decides
+            step = batch(*counts)
+            tuner.model(**step).loss.backward()
+            logged = tuner.step_flops_ratios()[0]
+            trainable = [n for n, p in tuner.model.named_parameters() if p.requires_grad]
+            counted = sum(measure_flops(tuner.model, step, trainable))
+            measured = counted / sum(measure_flops(tuner.model, step, everything))
+            assert measured <= logged + 1e-9 and logged <= rho + 1e-9, (rho, counts, measured, logged)
 
 
 def _shift_left(labels: torch.Tensor) -> torch.Tensor:
@@ -284,3 +290,21 @@ def test_trls_fused_head_projecting_only_labelled_rows_is_priced_by_label_count(
         trainable = [n for n, p in tuner.model.named_parameters() if p.requires_grad]
         measured = sum(measure_flops(tuner.model, step, trainable)) / sum(measure_flops(tuner.model, step, everything))
         assert measured <= logged + 1e-9 and logged <= rho + 1e-9, (labelled, measured, logged)
+
+
+def test_the_floor_a_run_is_told_is_the_floor_its_selection_uses():
+    """The CLI checks rho against min_feasible_rho before training: it prices the batch as the selection does (at its
+    label bucket's ends), so a rho just above it selects instead of failing later."""
+    ids = torch.randint(3, 4096, (2, 128), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :28] = -100
+    batch = {"input_ids": ids, "labels": labels}
+
+    def tuner(rho: float):
+        model = tiny_model("llama", vocab_size=4096, tie_word_embeddings=False)
+        return get_peft_model(model, GreenTrainerConfig(rho=rho, exclude_patterns=["lm_head"])).base_model
+
+    floor = tuner(0.99).min_feasible_rho(batch)
+    assert floor > tuner(0.99).unit_costs(batch).min_feasible_rho()  # the bucket's bound is above the batch's own
+    at_floor = tuner(floor + 1e-4)
+    at_floor.select_units([batch], torch.optim.AdamW([p for p in at_floor.model.parameters() if p.requires_grad]))
