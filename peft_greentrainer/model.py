@@ -448,7 +448,7 @@ class GreenTrainerModel(LoraModel):
         if key not in self._shape_costs and key not in new:
             measured = self.__dict__.setdefault("_measured_rows", {})
             if key not in measured:
-                profile, full = self._measure(row, _forward_only)
+                profile, full = self._measure(bucket.widened if bucket is not None else row, _forward_only)
                 if bucket is not None:  # full fine-tuning at the bucket's fewest labels: a bound for every row in it
                     full = self._measure(bucket.narrowed, _forward_only)[1]
                 measured[key] = profile.unit_costs(self.candidate_units(), full_flops=full)
@@ -458,16 +458,15 @@ class GreenTrainerModel(LoraModel):
     def _row_key(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], tuple, LabelBucket | None]:
         """The one-row batch whose step costs bound every row of ``batch``, and its key: ``profile_key``, and where
         the LM head projects only labelled positions (``_head_follows_labels``) the label-count bucket of the batch's
-        mean (``label_bucket``: the row is then widened to the bucket's top, and full fine-tuning is priced at its
-        bottom)."""
+        mean (``label_bucket``: the step is then priced on the row widened to the bucket's top, and full fine-tuning
+        at its bottom)."""
         row = costliest_row(batch)
         counts = labelled_counts(batch) if self._head_follows_labels(batch) else None
         bucket = label_bucket(row, float(counts.float().mean())) if counts is not None else None
         if bucket is None:
             return row, profile_key(self.model, row), None
-        inputs, signature = profile_key(self.model, bucket.widened)
-        spanned = ("labelled positions", (bucket.bottom, bucket.top))
-        return bucket.widened, ((*inputs, spanned), signature), bucket
+        inputs, signature = profile_key(self.model, row)  # re-labelling changes no shape
+        return row, ((*inputs, ("labelled positions", (bucket.bottom, bucket.top))), signature), bucket
 
     def _head_follows_labels(self, batch: Mapping[str, Any]) -> bool:
         """Whether the LM head of a training forward on ``batch`` projects only the labelled positions, so that its
@@ -823,7 +822,7 @@ class GreenTrainerModel(LoraModel):
                 value = self.model.get_parameter(name)
                 if name not in untouched and value.device.type != "meta":  # meta: offloaded, nothing to keep
                     originals[name] = value.detach().to("cpu", copy=True)
-        copies = {n for u in auxiliary_units(self.model, self._selecting_adapter()) for n in u.param_names}
+        copies = _auxiliary_names(self.model, self._selecting_adapter())
         later = [n for n in state.trained_tensors if n not in loaded and n not in copies]  # PEFT loads the copies
         unknown = [n for n in later if n not in originals]
         if unknown:
@@ -904,7 +903,7 @@ class GreenTrainerModel(LoraModel):
             trained = tuner._candidates[adapter_name]
         prefix = BASE_PREFIX if any(k.startswith(BASE_PREFIX) for k in state_dict) else ""
         # modules_to_save copies are PEFT's to save (under the wrapped module's own name), as for any adapter
-        copies = {n for u in auxiliary_units(tuner.model, adapter_name) for n in u.param_names}
+        copies = _auxiliary_names(tuner.model, adapter_name)
         # clone: tied aliases share storage, which safetensors refuses; only the canonical name is saved anyway
         return {
             f"{prefix}{name}": state_dict[f"{prefix}{name}"].detach().clone() for name in trained if name not in copies
@@ -937,6 +936,11 @@ class GreenTrainerModel(LoraModel):
                 f"{config.base_model_name_or_path or 'see adapter_config.json'})."
             )
         return tuner._with_original_values(dict(state_dict), names, trainable=not config.inference_mode)
+
+
+def _auxiliary_names(model: nn.Module, adapter_name: str) -> set[str]:
+    """The tensors of PEFT's ``modules_to_save`` copies (and the like) in ``model``: PEFT saves and loads them."""
+    return {name for unit in auxiliary_units(model, adapter_name) for name in unit.param_names}
 
 
 def _flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:

@@ -65,18 +65,30 @@ LABEL_BUCKETS = 16  # label counts priced per sequence length: a profile per buc
 
 @dataclass
 class LabelBucket:
-    """The label-count bucket of a batch's mean, and one of its rows re-labelled at both ends (:func:`label_bucket`)."""
+    """The label-count bucket of a batch's mean, and one of its rows re-labelled at both ends (:func:`label_bucket`),
+    built only when asked for: a step at a bucket already priced needs the bounds alone."""
 
     bottom: int  # the bucket is [bottom, top] next-token targets per sequence
     top: int
-    widened: dict[str, Any]  # the row with every sequence at ``top`` targets: what a step costs at most
-    narrowed: dict[str, Any]  # the row at ``bottom`` targets: what full fine-tuning costs at least
+    row: dict[str, Any]
+    mask: torch.Tensor  # the row's next-token targets
+    name: str  # the labels entry the targets are read from ("labels" or "shift_labels")
+
+    @functools.cached_property
+    def widened(self) -> dict[str, Any]:
+        """The row with every sequence at ``top`` targets: what a step costs at most."""
+        return {**self.row, self.name: _with_targets(self.row[self.name], self.mask, self.top, self.name)}
+
+    @functools.cached_property
+    def narrowed(self) -> dict[str, Any]:
+        """The row with every sequence at ``bottom`` targets: what full fine-tuning costs at least."""
+        return {**self.row, self.name: _with_targets(self.row[self.name], self.mask, self.bottom, self.name)}
 
 
 def label_bucket(row: Mapping[str, Any], mean: float) -> LabelBucket | None:
     """The bucket, one of ``LABEL_BUCKETS`` per sequence length, of ``mean``: a batch's mean count of next-token
-    targets per sequence; ``row`` (one of the batch's rows) re-labelled to the bucket's ends. None without 2-D labels
-    with values.
+    targets per sequence, with ``row`` (one of the batch's rows) to re-label to the bucket's ends. None without 2-D
+    labels with values.
 
     A head that projects only labelled positions costs a fixed amount per labelled position, in a step and in full
     fine-tuning alike, so a batch's costs, and their ratio, depend on its labels only through their mean count, and
@@ -90,25 +102,22 @@ def label_bucket(row: Mapping[str, Any], mean: float) -> LabelBucket | None:
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.device.type == "meta":
         return None
     shifted = row.get("shift_labels") if isinstance(row.get("shift_labels"), torch.Tensor) else None
-    mask, _ = next_token_targets(labels, shifted)
+    name = "shift_labels" if shifted is not None else "labels"
+    targets = shifted if shifted is not None else nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+    mask = targets != IGNORE_INDEX  # as next_token_targets, without gathering the targets
     length = mask.shape[-1]
-    usable = length if shifted is not None else length - 1  # without shift_labels the last position never counts
     step = max(1, math.ceil(length / LABEL_BUCKETS))
     index = math.ceil(mean / step)  # the bucket ((index - 1) * step, index * step]: its fewest whole count is one more
     below = max(0, (index - 1) * step)
+    usable = length if shifted is not None else length - 1  # without shift_labels the last position never counts
     bottom, top = below + 1 if mean >= below + 1 else below, min(usable, index * step)
-    name = "shift_labels" if shifted is not None else "labels"
-    offset = 0 if shifted is not None else 1  # position t's target is labels[t + 1]
-    return LabelBucket(
-        bottom,
-        top,
-        {**row, name: _with_targets(row[name], mask, top, usable, offset)},
-        {**row, name: _with_targets(row[name], mask, bottom, usable, offset)},
-    )
+    return LabelBucket(bottom, top, dict(row), mask, name)
 
 
-def _with_targets(labels: torch.Tensor, mask: torch.Tensor, count: int, usable: int, offset: int) -> torch.Tensor:
+def _with_targets(labels: torch.Tensor, mask: torch.Tensor, count: int, name: str) -> torch.Tensor:
     """``labels`` with exactly ``count`` next-token targets per sequence: the real ones first, then added ones."""
+    offset = 0 if name == "shift_labels" else 1  # position t's target is labels[t + 1]
+    usable = mask.shape[-1] - offset  # without shift_labels the last position never counts
     labels = labels.clone()
     for seq in range(mask.shape[0]):
         real = mask[seq].nonzero().flatten()
