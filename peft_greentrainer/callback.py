@@ -15,10 +15,12 @@ root on the local shards, and checkpoints are made to hold every unit and optimi
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
+from itertools import islice
 from typing import Any
 
 import torch
@@ -47,7 +49,9 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
 
     Args:
         loss_fn: ``loss_fn(model, batch) -> loss`` used for importance; defaults to ``model(**batch).loss``, which is
-            what the Trainer optimizes unless it was given a custom ``compute_loss``.
+            what the Trainer optimizes unless it changes the loss: a custom ``compute_loss`` or ``compute_loss_func``,
+            ``label_smoothing_factor``, or a TRL ``loss_type`` other than the model's cross-entropy. Pass that loss
+            here to rank units by what is trained.
         selected / last_selection_epoch / last_selection_step / epochs_completed / state: Written by the Trainer
             when it rebuilds the callback from a checkpoint (``restore_callback_states_from_checkpoint=True``); not
             meant to be passed.
@@ -236,7 +240,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         index = len(tuner.greentrainer_state.history)
         rank, world_size = ranks.rank_and_world_size()
         batches = importance_batches(
-            kwargs.get("train_dataloader"), config.importance_batches, args.seed + index, rank, world_size
+            kwargs.get("train_dataloader"), config.importance_batches, args.seed + index, rank, world_size, draw=index
         )
         # each rank evaluates its share of the global batches; averaged gradients make the importance that of the
         # global batch, the same on every rank (a no-op in a single process)
@@ -247,6 +251,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 kwargs.get("optimizer"),
                 loss_fn=self.loss_fn,
                 lr=args.learning_rate,
+                max_grad_norm=getattr(args, "max_grad_norm", None),
                 step=state.global_step,
                 epoch=float(state.epoch or 0.0),
             )
@@ -276,24 +281,30 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
 
 
 def importance_batches(
-    dataloader: DataLoader | None, count: int, seed: int, rank: int = 0, world_size: int = 1
+    dataloader: DataLoader | None, count: int, seed: int, rank: int = 0, world_size: int = 1, *, draw: int = 0
 ) -> Iterator[Mapping[str, Any]]:
     """``count`` training batches drawn with their own generator from the Trainer's dataset and collator.
 
     A separate loader leaves the Trainer's sampler, epoch counter and RNG untouched, so training sees the same data
     order with or without GreenTrainer, and a resumed run draws the same importance batches as an uninterrupted one.
-    The batches have the global batch size (per-device batch size x world size): with several processes, rank ``r``
-    gets the ``r``-th part of each, so that the ranks together evaluate what a single process would.
+    The collator is a copy, so one that keeps its own generator (masked-LM masking with a ``seed``) hands training
+    the same masks as without GreenTrainer. A streamed dataset cannot be sampled: the ``draw``-th selection reads it
+    from its ``draw * count``-th batch on (wrapping round at its end), so selections do not all rank units on the
+    stream's first batches. The batches have the global batch size (per-device batch size x world size): with
+    several processes, rank ``r`` gets the ``r``-th part of each, so that the ranks together evaluate what a single
+    process would.
     """
     if dataloader is None:
         raise ValueError("GreenTrainerCallback needs the Trainer's train_dataloader to estimate importance.")
     dataset = dataloader.dataset
+    collate_fn = _private_copy(dataloader.collate_fn)
     # accelerate's loaders know the global batch size; a data-parallel one has batch_size None
     batch_size = getattr(dataloader, "total_batch_size", None) or dataloader.batch_size or 1
     if isinstance(dataset, IterableDataset):
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=dataloader.collate_fn)
+        stream = _StreamFrom(dataset, draw * count * batch_size)
+        loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate_fn)
         with torch.random.fork_rng(devices=[]):
-            for batch in loader:
+            for batch in islice(loader, count):  # the stream goes round: it ends where the consumer's need does
                 if _length(batch) >= world_size:  # the same test on every rank: they evaluate as many batches
                     yield _rows(batch, ranks.importance_shard(_length(batch), rank, world_size))
         return
@@ -309,9 +320,42 @@ def importance_batches(
                 f"Importance batches of {batch_size} samples cannot be shared out to {world_size} processes."
             )
         chunks = [c[ranks.importance_shard(len(c), rank, world_size)] for c in chunks]
-    loader = DataLoader(dataset, batch_sampler=chunks, collate_fn=dataloader.collate_fn)
+    loader = DataLoader(dataset, batch_sampler=chunks, collate_fn=collate_fn)
     with torch.random.fork_rng(devices=[]):
         yield from loader
+
+
+class _StreamFrom(IterableDataset):
+    """``stream`` from its ``start``-th example on, continuing from its beginning once it ends (for as long as it is
+    read: a consumer takes what it needs); ``start`` wraps round a stream shorter than it."""
+
+    def __init__(self, stream: IterableDataset, start: int) -> None:
+        self.stream, self.start = stream, start
+
+    def __iter__(self) -> Iterator[Any]:
+        skip = self.start
+        while True:
+            seen = 0
+            for example in self.stream:
+                seen += 1
+                if skip:
+                    skip -= 1
+                    continue
+                yield example
+            if seen == 0:  # an empty stream
+                return
+            skip %= seen  # a whole pass skipped: only what is left of ``start`` modulo the stream's length
+
+
+def _private_copy(collate_fn: Callable) -> Callable:
+    """A copy of the Trainer's collator, so drawing importance batches leaves any random state it keeps alone.
+
+    Collators that cannot be copied (rare: ones holding locks or open files) are used as they are.
+    """
+    try:
+        return copy.deepcopy(collate_fn)
+    except Exception:  # any failure to copy only means sharing the original, as before
+        return collate_fn
 
 
 def _length(batch: Mapping[str, Any]) -> int:

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .engine.importance import optimizer_update
+from .engine.importance import clip_coefficient, optimizer_update, squared_norm
 from .engine.units import Unit, is_trainable_dtype
 
 logger = logging.getLogger(__name__)
@@ -282,6 +282,7 @@ def compute_importance(
     candidates: np.ndarray | Sequence[bool] | None = None,
     lr: float | None = None,
     group_lrs: Sequence[float | None] | None = None,
+    max_grad_norm: float | None = None,
 ) -> np.ndarray:
     """:func:`~peft_greentrainer.engine.importance.compute_importance` for an FSDP2-sharded ``model``.
 
@@ -306,6 +307,7 @@ def compute_importance(
     if tensors:
         count = _accumulate_gradients(root, list(tensors.values()), batches, loss_fn)
         try:
+            clip = _clip_coefficient(list(tensors.values()), count, max_grad_norm)
             with _each_warning_once(logging.getLogger("peft_greentrainer.engine.importance")):
                 for u, unit in enumerate(units):
                     seen = set()
@@ -313,7 +315,7 @@ def compute_importance(
                         if id(param) not in tensors or id(param) in seen:
                             continue
                         seen.add(id(param))
-                        local[u] -= _local_inner_product(param, count, optimizer, lr, group_lrs)
+                        local[u] -= _local_inner_product(param, count, optimizer, lr, group_lrs, clip)
         finally:
             for param in tensors.values():
                 param.grad = None
@@ -369,16 +371,34 @@ def _local_inner_product(
     optimizer: torch.optim.Optimizer | None,
     lr: float | None,
     group_lrs: Sequence[float | None] | None = None,
+    clip: float = 1.0,
 ) -> float:
-    """``sum(g * delta_w)`` over this rank's shard of ``param`` (the gradient averaged over ``count`` batches)."""
+    """``sum(g * delta_w)`` over this rank's shard of ``param`` (the gradient averaged over ``count`` batches; the
+    update from that gradient times ``clip``, as clipping scales it before the step)."""
     from torch.distributed.tensor import DTensor
 
-    grad = param.grad if param.grad is not None else torch.zeros_like(param)
-    grad = grad.to(torch.promote_types(grad.dtype, torch.float32)) / count
-    delta = optimizer_update(param, grad, optimizer, lr=lr, group_lrs=group_lrs)
+    grad = _mean_gradient(param, count)
+    delta = optimizer_update(param, grad if clip == 1.0 else grad * clip, optimizer, lr=lr, group_lrs=group_lrs)
     if isinstance(grad, DTensor):
         grad, delta = grad.to_local(), delta.to_local()
     return float(torch.dot(grad.reshape(-1), delta.reshape(-1).to(grad.dtype)))
+
+
+def _mean_gradient(param: nn.Parameter, count: int) -> torch.Tensor:
+    """``param``'s gradient summed over ``count`` batches, as their mean in (at least) float32."""
+    grad = param.grad if param.grad is not None else torch.zeros_like(param)
+    return grad.to(torch.promote_types(grad.dtype, torch.float32)) / count
+
+
+def _clip_coefficient(params: list[nn.Parameter], count: int, max_grad_norm: float | None) -> float:
+    """The clipping factor of the candidates' mean gradients: their squared norm summed over the sharding mesh."""
+    from torch.distributed.tensor import DTensor
+
+    if max_grad_norm is None or not max_grad_norm > 0:
+        return 1.0
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in (_mean_gradient(p, count) for p in params)]
+    total = _sum_across_ranks(np.array([squared_norm(local)]), params[0])
+    return clip_coefficient(float(total[0]), max_grad_norm)
 
 
 def _sum_across_ranks(local: np.ndarray, param: nn.Parameter | None) -> np.ndarray:

@@ -52,6 +52,7 @@ from .engine.profile import (
     labelled_counts,
     profile_key,
     profile_model,
+    routed_expert_modules,
 )
 from .engine.selector import Selection
 from .engine.units import (
@@ -154,6 +155,15 @@ class GreenTrainerModel(LoraModel):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         config = self.peft_config[adapter_name]
+        routed = [] if config.inference_mode else routed_expert_modules(model)
+        if routed:
+            raise ValueError(
+                f"GreenTrainer cannot keep its FLOPs budget on this model: {routed[0]} (and {len(routed) - 1} more) "
+                "route each token to some of their expert modules, so a step's FLOPs depend on the routing, not "
+                "only on the batch shape GreenTrainer prices. Mixture-of-experts models whose experts are stacked "
+                "tensors (transformers 5's Mixtral, Qwen2-MoE, OLMoE, ...) are priced exactly; for this one, use "
+                "plain LoRA (peft.LoraConfig)."
+            )
         self._drop_cached_profiles()
         if "_step_hook" not in self.__dict__:  # the budget check before every training forward (module docstring)
             self.__dict__["_step_hook"] = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
@@ -530,6 +540,7 @@ class GreenTrainerModel(LoraModel):
         *,
         loss_fn: LossFn | None = None,
         lr: float | None = None,
+        max_grad_norm: float | None = None,
         step: int = 0,
         epoch: float = 0.0,
     ) -> Selection:
@@ -542,6 +553,7 @@ class GreenTrainerModel(LoraModel):
 
         Importance uses the learning rate a schedule is based on (the param groups' ``initial_lr``, which LR
         schedulers set), not the current one: under warmup the current one is 0 at step 0, and would rank nothing.
+        Pass ``max_grad_norm`` if training clips gradients: the predicted update is then that of the clipped gradient.
         If no unit that fits has a positive importance, units are ranked by the loss reduction of a plain gradient
         step instead (and, should no gradient reach them, as many units as fit are trained): a selection is never
         empty. The returned ``Selection`` gives the FLOPs of a step on the first batch (with an LM head that projects
@@ -589,6 +601,7 @@ class GreenTrainerModel(LoraModel):
                     candidates=feasible,
                     lr=lr,
                     group_lrs=group_lrs,
+                    max_grad_norm=max_grad_norm,
                 )
             return ranks.average_across_ranks(values)
 

@@ -8,6 +8,7 @@ registrations, the profile and the measurement are exercised exactly as on a GPU
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -81,21 +82,27 @@ def _define_flash_attn_ops() -> None:
     def _(dout, q, k, v, dropout_p, causal):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:3])
-        ctx.causal = inputs[4]
 
-    def backward_formula(ctx, grad):
+class _FlashAttnFunction(torch.autograd.Function):
+    """flash_attn's own wiring (its ``FlashAttnFunc``): the ops have no autograd formula; this Python function calls
+    the backward op, which computes dq, dk and dv together."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, dropout_p: float, causal: bool):
+        ctx.save_for_backward(q, k, v)
+        ctx.causal = causal
+        return torch.ops.flash_attn._flash_attn_forward(q, k, v, dropout_p, causal)
+
+    @staticmethod
+    def backward(ctx, grad):
         q, k, v = ctx.saved_tensors
         return (*torch.ops.flash_attn._flash_attn_backward(grad, q, k, v, 0.0, ctx.causal), None, None)
-
-    forward.register_autograd(backward_formula, setup_context=setup_context)
 
 
 def _fake_flash_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """A transformers attention function that calls the flash_attn op as ``flash_attention_2`` does."""
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    return torch.ops.flash_attn._flash_attn_forward(q, k, v, dropout, True), None
+    return _FlashAttnFunction.apply(q, k, v, dropout, True), None
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +136,11 @@ def test_profile_of_a_flash_attention_model_matches_sdpa(flash_attention):
     assert flash.forward_flops == sdpa.forward_flops
     assert flash.full_backward_flops == pytest.approx(sdpa.full_backward_flops, rel=1e-9)
     assert flash.t_dw == pytest.approx(sdpa.t_dw)
+    # the fused backward is charged in full as soon as any of q, k, v needs a gradient (only v_proj trained too)
+    counted = [[op for op in profile.ops if op.forward] for profile in (flash, sdpa)]
+    for flash_op, sdpa_op in zip(*counted, strict=True):
+        assert [level for level, _ in flash_op.dy] == [level for level, _ in sdpa_op.dy]
+        assert [flops for _, flops in flash_op.dy] == pytest.approx([flops for _, flops in sdpa_op.dy], rel=1e-9)
 
 
 def _varlen_op(namespace: str, name: str):
@@ -191,3 +203,86 @@ def test_an_attention_op_without_formula_is_reported(caplog):
     with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.profile"):
         profile_model(Block(), {"x": torch.randn(2, 1, 4, 8)}, loss_fn=lambda model, batch: model(**batch).sum())
     assert any("my_attention" in r.getMessage() and "no FLOP formula" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------ mixture-of-experts grouped matmuls
+def _grouped_reference_flops(a, b, offs) -> int:
+    """2 x multiply-adds of the per-group matmuls ``aten._grouped_mm`` stands for, written as a loop."""
+    bounds = list(zip([0, *offs.tolist()[:-1]], offs.tolist(), strict=True))
+    if a.dim() == 2 and b.dim() == 3:  # tokens sorted by group, times their group's matrix
+        return sum(2 * (end - start) * a.shape[1] * b.shape[2] for start, end in bounds)
+    if a.dim() == 3 and b.dim() == 3:
+        return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+    if a.dim() == 2 and b.dim() == 2:  # the contraction split: one (M, N) product per group
+        return sum(2 * a.shape[0] * (end - start) * b.shape[1] for start, end in bounds)
+    return sum(2 * a.shape[1] * a.shape[2] * (end - start) for start, end in bounds)  # (G, M, K) x (K, N split)
+
+
+@pytest.mark.parametrize("case", ["2d-3d", "3d-3d", "2d-2d", "3d-2d"])
+def test_grouped_matmul_formula_counts_the_groups_matmuls(case: str) -> None:
+    register_flop_formulas()
+    groups, tokens, k, n, m = 3, 48, 16, 32, 16
+    offs = torch.tensor([16, 32, 48], dtype=torch.int32)
+    shapes = {
+        "2d-3d": ((tokens, k), (groups, k, n)),
+        "3d-3d": ((groups, m, k), (groups, k, n)),
+        "2d-2d": ((k, tokens), (tokens, n)),
+        "3d-2d": ((groups, m, k), (k, tokens)),
+    }[case]
+    a, b = (torch.randn(*shape, dtype=torch.bfloat16) for shape in shapes)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            torch._grouped_mm(a, b, offs=None if case == "3d-3d" else offs)
+    except (RuntimeError, NotImplementedError) as error:
+        pytest.skip(f"this torch build has no CPU grouped matmul: {error}")
+    assert counter.get_total_flops() == _grouped_reference_flops(a, b, offs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_are_counted_and_profiled_like_eager_experts(dtype: torch.dtype) -> None:
+    """transformers 5 runs MoE experts as one grouped matmul (aten's in bf16, its own op in float32): same counts and
+    the same profile as the per-expert loop, instead of experts that look free."""
+    import transformers
+
+    config = transformers.MixtralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    grouped = transformers.MixtralForCausalLM(config).to(dtype)
+    assert grouped.config._experts_implementation == "grouped_mm"
+    eager = transformers.MixtralForCausalLM(copy.deepcopy(config)).to(dtype)  # its own config: the switch sets it
+    eager.load_state_dict(grouped.state_dict())
+    eager.set_experts_implementation("eager")
+    batch = tiny_batch(grouped, batch_size=2, seq_len=16)
+    register_flop_formulas()  # as profiling does: transformers registers its op when a MoE model is first built
+    with FlopCounterMode(display=False) as counter:
+        grouped(**batch).loss.backward()
+    ops = {str(op) for op in counter.get_flop_counts()["Global"]}
+    assert ops & {"aten._grouped_mm", "transformers.grouped_mm_fallback"}, ops
+    assert measure_flops(grouped, batch) == pytest.approx(measure_flops(eager, batch), rel=1e-9)
+    profiles = [profile_model(model, batch) for model in (grouped, eager)]
+    assert profiles[0].forward_flops == pytest.approx(profiles[1].forward_flops, rel=1e-9)
+    assert profiles[0].full_backward_flops == pytest.approx(profiles[1].full_backward_flops, rel=1e-9)
+    assert profiles[0].t_dw == pytest.approx(profiles[1].t_dw, rel=1e-9)
+    assert min(flops for name, flops in profiles[0].t_dw.items() if "experts" in name) > 0
+
+
+def test_transformers_grouped_matmul_fallback_op_is_counted_with_its_backward() -> None:
+    """transformers' own grouped-matmul op (used where torch's kernel cannot run) hides its per-expert mm calls."""
+    import transformers.integrations.moe  # noqa: F401 - registers transformers::grouped_mm_fallback
+
+    register_flop_formulas()
+    tokens, k, n = torch.randn(12, 8, requires_grad=True), 8, 6
+    experts = torch.randn(3, k, n, requires_grad=True)
+    offs = torch.tensor([5, 5, 12])
+    with FlopCounterMode(display=False) as counter:
+        torch.ops.transformers.grouped_mm_fallback(tokens, experts, offs).sum().backward()
+    assert counter.get_total_flops() == 3 * 2 * 12 * k * n  # forward, then both gradients

@@ -501,6 +501,40 @@ def test_importance_matches_hand_computation(with_optimizer: bool) -> None:
         assert (got >= 0).all() and (got > 0).any()  # lr * ||g||^2
 
 
+@pytest.mark.parametrize("kind", ["adamw", "sgd_momentum"])
+def test_the_predicted_update_is_that_of_the_clipped_gradient(kind: str) -> None:
+    """Trainer clips before the step (max_grad_norm 1.0 by default): importance predicts the clipped step."""
+
+    def make_optimizer(params):
+        if kind == "adamw":
+            return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+        return torch.optim.SGD(params, lr=1e-1, momentum=0.9)
+
+    model = tiny_llama()
+    optimizer = make_optimizer(model.parameters())
+    train_steps(model, optimizer, 3)  # momentum state, so the clip changes more than the scale
+    units, batch = tensor_units(model), make_batches(1, seed=11)
+    norm = torch.nn.utils.get_total_norm(mean_grads(model, list(model.parameters()), batch))
+    max_norm = 0.2 * float(norm)  # clipping active
+
+    stepped = copy.deepcopy(model)
+    real = make_optimizer(stepped.parameters())
+    real.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # loading shares the state's tensors
+    stepped(**batch[0]).loss.backward()
+    torch.nn.utils.clip_grad_norm_(stepped.parameters(), max_norm)
+    real.step()
+    names, params = zip(*model.named_parameters(), strict=True)
+    grads = dict(zip(names, mean_grads(model, list(params), batch), strict=True))
+    deltas = {n: q.detach() - p.detach() for n, p, q in zip(names, params, stepped.parameters(), strict=True)}
+    expected = np.array([-sum(float((grads[n] * deltas[n]).sum()) for n in unit.param_names) for unit in units])
+
+    got = compute_importance(model, units, batch, optimizer, max_grad_norm=max_norm)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-6 * np.abs(expected).max())
+    unclipped = compute_importance(model, units, batch, optimizer)
+    assert np.abs(unclipped - expected).max() > 0.05 * np.abs(expected).max()
+    np.testing.assert_array_equal(compute_importance(model, units, batch, optimizer, max_grad_norm=1e9), unclipped)
+
+
 def test_tied_embedding_counts_once() -> None:
     model = tiny_opt()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

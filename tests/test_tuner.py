@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, export_lora_adapter, save_adapter
+from peft_greentrainer.callback import importance_batches
 from peft_greentrainer.engine.profile import measure_flops
 
 ARCHS = ["llama", "opt", "gpt2", "t5"]
@@ -723,16 +724,53 @@ def test_selection_every_pass_over_a_streamed_dataset(tmp_path):
     """An IterableDataset has no length, so with max_steps the Trainer's epoch is a fraction of max_steps: selections
     follow the passes over the data (on_epoch_begin), not that fraction."""
     model = _peft_model("llama", "tensors")
+    ranked_on = []  # the rows of the batches each importance ranks units on, by their first token
+
+    def numbered(row, index):
+        return {key: [3 + index, *row[key][1:]] for key in ("input_ids", "labels")}
+
+    def loss_fn(model, batch):
+        ranked_on.append(batch["input_ids"][:, 0].tolist())
+        return model(**batch).loss
+
     trainer = Trainer(
         model=model,
         args=_args(tmp_path, max_steps=3 * N_SAMPLES // BATCH_SIZE),  # three passes
-        train_dataset=_dataset("llama").to_iterable_dataset(),
+        train_dataset=_dataset("llama").map(numbered, with_indices=True).to_iterable_dataset(),
         data_collator=_collate,
-        callbacks=[GreenTrainerCallback()],
+        callbacks=[GreenTrainerCallback(loss_fn=loss_fn)],
     )
     trainer.train()
     history = model.base_model.greentrainer_state.history
     assert [r.step for r in history] == [0, N_SAMPLES // BATCH_SIZE, 2 * N_SAMPLES // BATCH_SIZE]
+    assert len(ranked_on) == 3 and len({tuple(rows) for rows in ranked_on}) == 3  # not the stream's head each time
+
+
+def test_importance_batches_read_on_through_a_stream_and_leave_the_collators_generator_alone():
+    """A stream cannot be sampled: each selection reads it further on, going round at its end. A collator with its
+    own generator (masked-LM masking with a seed) is copied, so training's masks are those it would get anyway."""
+    rows = [{"x": torch.tensor([i])} for i in range(10)]
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(rows)
+
+    class SeededCollator:
+        def __init__(self):
+            self.generator = torch.Generator().manual_seed(0)
+
+        def __call__(self, batch):
+            return {"x": torch.cat([r["x"] for r in batch]), "mask": torch.rand(len(batch), generator=self.generator)}
+
+    collator = SeededCollator()
+    stream = torch.utils.data.DataLoader(Stream(), batch_size=4, collate_fn=collator)
+    drawn = [[b["x"].tolist() for b in importance_batches(stream, 1, seed=0, draw=d)] for d in (0, 1, 2, 3, 6)]
+    assert drawn == [[[0, 1, 2, 3]], [[4, 5, 6, 7]], [[8, 9, 0, 1]], [[2, 3, 4, 5]], [[4, 5, 6, 7]]]
+    assert list(importance_batches(torch.utils.data.DataLoader(Stream(), batch_size=4), 1, 0, draw=1)) != []
+
+    sampled = torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=collator)
+    assert len(list(importance_batches(sampled, 2, seed=0))) == 2
+    assert torch.equal(collator.generator.get_state(), torch.Generator().manual_seed(0).get_state())
 
 
 def test_optimizer_missing_candidates_is_a_clear_error():
@@ -981,3 +1019,36 @@ def test_a_sequence_classifier_head_is_a_unit_with_tensor_units_too(tmp_path):
     loaded = PeftModel.from_pretrained(_sequence_classifier(), tmp_path).eval()
     peft_model.eval()
     assert torch.equal(loaded(**batch).logits, peft_model(**batch).logits)
+
+
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_experts_chosen_by_a_router_per_token_are_refused_with_the_reason(units):
+    """Per-expert modules (SwitchTransformers, NLLB-MoE) make a step's FLOPs depend on the routing, which no price per
+    batch shape can bound; experts stacked in one tensor (Mixtral in transformers 5) are priced exactly."""
+    config = transformers.SwitchTransformersConfig(
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_heads=4,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_experts=4,
+        vocab_size=VOCAB,
+        encoder_sparse_step=1,
+        decoder_sparse_step=1,
+    )
+    switch = transformers.SwitchTransformersForConditionalGeneration(config)
+    with pytest.raises(ValueError, match=r"experts .*depend on the routing.*peft\.LoraConfig"):
+        get_peft_model(switch, GreenTrainerConfig(rho=0.5, units=units))
+    mixtral = transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            num_local_experts=4,
+        )
+    )
+    get_peft_model(mixtral, GreenTrainerConfig(rho=0.5, units=units))

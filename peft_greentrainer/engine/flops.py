@@ -24,6 +24,11 @@ Both take ``q, k, v`` first (backward: ``dout, q, k, v``), laid out ``(batch, se
 ``(tokens, heads, head_dim)`` with ``cu_seqlens`` offsets when variable-length. They are charged what eager
 attention computes on the same shapes (``sdpa_flop_count``), so every implementation gives the same profile.
 
+Mixture-of-experts layers in transformers 5 run their experts as one grouped matmul by default
+(``experts_implementation="grouped_mm"``): ``aten._grouped_mm`` where torch has a kernel for it (bf16, CUDA SM80+,
+recent CPU builds), else transformers' own ``transformers::grouped_mm_fallback`` op and its backward. Without formulas
+every expert would count 0 and the DP would take the experts for free.
+
 Call :func:`register_flop_formulas` before counting (importing ``peft_greentrainer`` does it for the torch ops;
 profiling and measuring call it again so bitsandbytes ops are added once bitsandbytes is imported).
 """
@@ -92,6 +97,43 @@ def _int8_matmul(a, b, *args, out_val=None, **kwargs) -> int:
     return _linear_flops(a.shape, b.shape)
 
 
+def _grouped_mm(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``aten._grouped_mm(a, b, offs)``: one matmul per group, the groups splitting a dimension by ``offs``.
+
+    ``(T, K) x (G, K, N)``: each token's row times its group's matrix; ``(G, M, K) x (G, K, N)``: a batched matmul;
+    ``(M, T) x (T, N) -> (G, M, N)``: the contraction split into groups (a weight gradient); ``(G, M, K) x (K, N)``:
+    the columns split. Rows past the last offset (padding) are charged too: an upper bound.
+    """
+    if len(a_shape) == 3 and len(b_shape) == 2:
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+    return 2 * math.prod(a_shape) * b_shape[-1]
+
+
+def _grouped_mm_fallback(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """transformers' grouped matmul op: ``(S, K)`` tokens sorted by expert times ``(E, K, N)`` experts."""
+    return 2 * input_shape[0] * input_shape[1] * weight_shape[2]
+
+
+def _grouped_mm_fallback_backward(input_shape, weight_shape, offs_shape, grad_shape, *args, out_shape=None, **kwargs):
+    """Its backward computes both gradients, the input's and the experts', whichever are needed."""
+    return 2 * _grouped_mm_fallback(input_shape, weight_shape)
+
+
+def _register_grouped_matmuls() -> None:
+    """aten's grouped matmuls, and transformers' fallback ops once transformers' MoE integration registered them."""
+    _register([aten._grouped_mm], _grouped_mm)
+    if hasattr(aten, "_scaled_grouped_mm"):  # float8 experts: the same multiply-adds
+        _register([aten._scaled_grouped_mm], _grouped_mm)
+    names = set(torch._C._dispatch_get_all_op_names())
+    fallbacks = {
+        "grouped_mm_fallback": _grouped_mm_fallback,
+        "grouped_mm_fallback_backward": _grouped_mm_fallback_backward,
+    }
+    for name, formula in fallbacks.items():
+        if f"transformers::{name}" in names:
+            _register([getattr(torch.ops.transformers, name)], formula)
+
+
 def _attention_segments(q, k, cu_seqlens: list[torch.Tensor]) -> list[tuple[int, int]]:
     """(query length, key length) of each sequence: the batch rows, or the ``cu_seqlens`` segments when varlen."""
     if q.dim() == 4:  # (batch, seq, heads, head_dim)
@@ -154,13 +196,23 @@ def _register_flash_attention() -> None:
         _register([packet], formulas[kind], get_raw=True)
 
 
-def uncounted_attention_op(func) -> bool:
-    """True for an attention-like op FlopCounterMode has no formula for: the profile would under-predict it."""
+# op names that do matmul-class work: counted as 0 FLOPs without a formula, they would make a unit look free
+_MATMUL_LIKE = re.compile(r"attention|attn|(?:^|[_.:])(?:[a-z0-9]*mm|matmul|gemm|gemv|linear|conv\w*|einsum)(?:[_.]|$)")
+
+
+def is_attention_op(func) -> bool:
+    """True for an attention kernel (by its name): its fused backward computes every input's gradient at once."""
+    text = str(getattr(func, "overloadpacket", func)).lower()
+    return "attention" in text or "attn" in text
+
+
+def uncounted_matmul_op(func) -> bool:
+    """True for an attention- or matmul-like op FlopCounterMode has no formula for: the profile would under-predict
+    it."""
     packet = getattr(func, "overloadpacket", func)
     if packet in flop_registry:
         return False
-    text = str(packet).lower()
-    return "attention" in text or "attn" in text
+    return _MATMUL_LIKE.search(str(packet).lower()) is not None
 
 
 def _register_bitsandbytes() -> None:
@@ -189,3 +241,4 @@ def register_flop_formulas() -> None:
     _register([aten.addmm_], addmm_flop, get_raw=True)  # torch's own formula, already shape-wrapped
     _register_bitsandbytes()
     _register_flash_attention()
+    _register_grouped_matmuls()

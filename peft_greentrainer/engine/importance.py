@@ -511,6 +511,7 @@ def compute_importance(
     candidates: np.ndarray | Sequence[bool] | None = None,
     lr: float | None = None,
     group_lrs: Sequence[float | None] | None = None,
+    max_grad_norm: float | None = None,
 ) -> np.ndarray:
     """First-order loss reduction ``I_u = -sum(g_u * delta_w_u)`` of letting each unit take the next optimizer step.
 
@@ -545,6 +546,10 @@ def compute_importance(
             which predicts no update and makes every importance 0 (a warning says so); pass
             :func:`base_learning_rates` to rank units by the schedule's base lr. Only the update's scale depends on
             the lr, so for a single param group this changes importances by a common factor, not their ranking.
+        max_grad_norm: The norm training clips gradients to (``TrainingArguments.max_grad_norm``; None or 0: no
+            clipping). The optimizer steps on the clipped gradient, so ``delta_w`` is predicted from it too: scaled
+            as ``torch.nn.utils.clip_grad_norm_`` would scale the candidates' gradients (the step that trains them
+            all; training clips over the units it trains).
 
     Returns:
         float64 array with one importance per unit.
@@ -579,6 +584,7 @@ def compute_importance(
         return importance
 
     grads = _average_gradients(model, tensors, batches, loss_fn)
+    clip = clip_coefficient(squared_norm(grads), max_grad_norm)
 
     slots = _slot_map(optimizer) if optimizer is not None else {}
     notes: set[str] = set()
@@ -586,7 +592,8 @@ def compute_importance(
         total = 0.0
         for i in indices:
             param, grad = tensors[i], grads[i]
-            delta, param_notes = _update(param, grad, optimizer, slots.get(id(param)), lr, group_lrs)
+            stepped = grad if clip == 1.0 else grad.mul(clip)
+            delta, param_notes = _update(param, stepped, optimizer, slots.get(id(param)), lr, group_lrs)
             notes.update(param_notes)
             g = _as_work(grad, delta.dtype, delta.device)  # complex tensors: real inner product of (re, im) pairs
             d = torch.view_as_real(delta) if delta.is_complex() else delta
@@ -595,6 +602,18 @@ def compute_importance(
     if notes:
         logger.warning("importance: %s.", "; ".join(sorted(notes)))
     return importance
+
+
+def squared_norm(grads: Iterable[torch.Tensor]) -> float:
+    """Sum of squares of every entry of ``grads`` (local tensors, in their work dtype)."""
+    return float(sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads))
+
+
+def clip_coefficient(squared_grad_norm: float, max_grad_norm: float | None) -> float:
+    """What ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` multiplies gradients of this squared norm by."""
+    if max_grad_norm is None or not max_grad_norm > 0:
+        return 1.0
+    return min(1.0, float(max_grad_norm) / (math.sqrt(squared_grad_norm) + 1e-6))
 
 
 def _average_gradients(

@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .flops import register_flop_formulas, uncounted_attention_op
+from .flops import is_attention_op, register_flop_formulas, uncounted_matmul_op
 from .rng import fork_rng
 from .selector import (
     Selection,
@@ -287,6 +287,23 @@ def cost_envelope(costs: Sequence[UnitCosts]) -> UnitCosts:
     )
 
 
+def routed_expert_modules(model: nn.Module) -> list[str]:
+    """Containers of per-expert modules that a router sends tokens to (``experts.0``, ``experts.expert_1``, ...).
+
+    Which of them run, and on how many tokens, depends on the data, so a step's FLOPs are not a function of its batch
+    shape and no price per shape bounds them. Experts stacked in one tensor per projection (transformers 5's Mixtral,
+    Qwen2-MoE, OLMoE, ...) are not listed: every token reaches the same tensors, and their cost is fixed.
+    """
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.ModuleDict)) or "expert" not in name.rsplit(".", 1)[-1].lower():
+            continue
+        with_weights = [child for child in module.children() if any(True for _ in child.parameters())]
+        if len(with_weights) > 1:
+            found.append(name)
+    return found
+
+
 # Forward inputs that only scale the loss: they change no FLOPs and may differ from step to step.
 _LOSS_ONLY_INPUTS = ("num_items_in_batch",)
 
@@ -384,11 +401,12 @@ class _Recorder(TorchDispatchMode):
                 self.sources[o] = source
             return out
 
-        if forward == 0 and uncounted_attention_op(func) and func not in self.warned:
+        if forward == 0 and uncounted_matmul_op(func) and func not in self.warned:
             self.warned.add(func)
             logger.warning(
                 "%s has no FLOP formula, so its forward and backward count 0 and the budget under-predicts; register "
-                "one in peft_greentrainer/engine/flops.py (or use attn_implementation='sdpa').",
+                "one in peft_greentrainer/engine/flops.py (or use attn_implementation='sdpa' / "
+                "experts_implementation='eager').",
                 func,
             )
         index = self.next_index
@@ -489,6 +507,26 @@ def _backward_flops(func, roles: list, spec, requires_grad: set[int]) -> float:
     return float(counter.get_total_flops())
 
 
+def _unreplayed_backward(func, roles: list, forward: float, needing: int) -> float:
+    """Backward FLOPs of an op that cannot be replayed, when ``needing`` of its inputs need gradients.
+
+    flash_attn calls its kernels from a Python ``autograd.Function``, so they have no autograd formula to replay. Its
+    backward kernel computes dq, dk and dv together however few are needed: it recomputes the scores and runs four
+    more matmuls, ``3 d_qk + 2 d_v`` to the forward's ``d_qk + d_v`` (2.5x when the head dims agree; 3x, the most it
+    can be, when they are unknown). Other ops (bitsandbytes' matmuls) are taken as matmul-like: one forward's FLOPs
+    per input gradient.
+    """
+    if not needing:
+        return 0.0
+    if not is_attention_op(func):
+        return forward * needing
+    q, _, v = ([r for r in roles if isinstance(r, _TensorSpec) and r.dtype.is_floating_point][:3] + [None] * 3)[:3]
+    if q is None or v is None or not q.shape or not v.shape:
+        return 3.0 * forward
+    d_qk, d_v = q.shape[-1], v.shape[-1]
+    return forward * (3 * d_qk + 2 * d_v) / (d_qk + d_v)
+
+
 def _leaves_where(roles: list, wanted: Callable[[str], bool]) -> set[int]:
     return {i for i, r in enumerate(roles) if isinstance(r, _TensorSpec) and wanted(r.role)}
 
@@ -519,9 +557,9 @@ def _measure_op(op: OpCost, func, roles: list, spec, levels: list[int], cache: d
         try:
             cumulative = [_backward_flops(func, roles, spec, leaves) for leaves in needing]
             dw = [_backward_flops(func, roles, spec, leaves) for leaves in weights]
-        except Exception as error:  # an op without a meta kernel or autograd formula: assume matmul-like
-            logger.debug("Replaying %s failed (%s); assuming each gradient costs its forward FLOPs.", func, error)
-            cumulative = [op.forward * len(leaves) for leaves in needing]
+        except Exception as error:  # an op without a meta kernel or autograd formula
+            logger.debug("Replaying %s failed (%s); pricing its backward from its forward.", func, error)
+            cumulative = [_unreplayed_backward(func, roles, op.forward, len(leaves)) for leaves in needing]
             dw = [op.forward] * len(param_roles)
         cache[key] = (np.diff([0.0, *cumulative]).tolist(), dw)
     increments, dw = cache[key]
