@@ -65,7 +65,11 @@ def keep_backprop_shallow(model: nn.Module, quiet: bool = False) -> None:
     hooks = remove_forced_input_grads(model)
     blocks = make_checkpointing_non_reentrant(model)
     if (hooks or blocks) and not quiet:
-        logger.warning(
+        # once per model: TRL's DPO switches checkpointing off and on around every reference forward, putting the
+        # hook back each time
+        said_before = model.__dict__.setdefault("_greentrainer_told_backprop_fix", False)
+        model.__dict__["_greentrainer_told_backprop_fix"] = True
+        (logger.debug if said_before else logger.warning)(
             "GreenTrainer removed %d forced input-gradient hook(s) and switched %d checkpointed block(s) to "
             "non-reentrant checkpointing: both would force backprop down to the embeddings and discard the savings. "
             "Trainable parameters still get their gradients (non-reentrant checkpointing needs no input gradient).",

@@ -19,10 +19,13 @@ import copy
 import gc
 import logging
 import math
+import random
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from itertools import islice
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -287,42 +290,42 @@ def importance_batches(
 
     A separate loader leaves the Trainer's sampler, epoch counter and RNG untouched, so training sees the same data
     order with or without GreenTrainer, and a resumed run draws the same importance batches as an uninterrupted one.
-    The collator is a copy, so one that keeps its own generator (masked-LM masking with a ``seed``) hands training
-    the same masks as without GreenTrainer. A streamed dataset cannot be sampled: the ``draw``-th selection reads it
-    from its ``draw * count``-th batch on (wrapping round at its end), so selections do not all rank units on the
-    stream's first batches. The batches have the global batch size (per-device batch size x world size): with
-    several processes, rank ``r`` gets the ``r``-th part of each, so that the ranks together evaluate what a single
-    process would.
+    Random generators the collator keeps (masked-LM masking with a ``seed``) are put back as they were, so training
+    gets the same masks too. A streamed dataset cannot be sampled: the ``draw``-th selection reads it from a batch
+    further on each time (the ``draw * count``-th, going round a window of ``_STREAM_WINDOW`` batches so a selection
+    never reads far, and round the stream's end), so selections do not all rank units on its first batches. The
+    batches have the global batch size (per-device batch size x world size): with several processes, rank ``r`` gets
+    the ``r``-th part of each, so that the ranks together evaluate what a single process would.
     """
     if dataloader is None:
         raise ValueError("GreenTrainerCallback needs the Trainer's train_dataloader to estimate importance.")
-    dataset = dataloader.dataset
-    collate_fn = _private_copy(dataloader.collate_fn)
+    dataset, collate_fn = dataloader.dataset, dataloader.collate_fn
     # accelerate's loaders know the global batch size; a data-parallel one has batch_size None
     batch_size = getattr(dataloader, "total_batch_size", None) or dataloader.batch_size or 1
-    if isinstance(dataset, IterableDataset):
-        stream = _StreamFrom(dataset, draw * count * batch_size)
-        loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate_fn)
-        with torch.random.fork_rng(devices=[]):
-            for batch in islice(loader, count):  # the stream goes round: it ends where the consumer's need does
-                if _length(batch) >= world_size:  # the same test on every rank: they evaluate as many batches
-                    yield _rows(batch, ranks.importance_shard(_length(batch), rank, world_size))
-        return
-    generator = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(dataset, num_samples=min(len(dataset), count * batch_size), generator=generator)
-    indices = list(sampler)
-    chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    if world_size > 1:
-        # every rank must evaluate the same number of batches: a short last one that cannot be split is dropped
-        chunks = [c for c in chunks if len(c) >= world_size]
-        if not chunks:
-            raise ValueError(
-                f"Importance batches of {batch_size} samples cannot be shared out to {world_size} processes."
-            )
-        chunks = [c[ranks.importance_shard(len(c), rank, world_size)] for c in chunks]
-    loader = DataLoader(dataset, batch_sampler=chunks, collate_fn=collate_fn)
-    with torch.random.fork_rng(devices=[]):
-        yield from loader
+    with torch.random.fork_rng(devices=[]), _collator_generators_kept(collate_fn):
+        if isinstance(dataset, IterableDataset):
+            stream = _StreamFrom(dataset, (draw * count) % _STREAM_WINDOW * batch_size)
+            loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate_fn)
+            # every rank applies the same test, so they evaluate as many batches
+            batches = [b for b in islice(loader, count) if _length(b) >= world_size]
+            return iter([_rows(b, ranks.importance_shard(_length(b), rank, world_size)) for b in batches])
+        generator = torch.Generator().manual_seed(seed)
+        sampler = RandomSampler(dataset, num_samples=min(len(dataset), count * batch_size), generator=generator)
+        indices = list(sampler)
+        chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+        if world_size > 1:
+            # every rank must evaluate the same number of batches: a short last one that cannot be split is dropped
+            chunks = [c for c in chunks if len(c) >= world_size]
+            if not chunks:
+                raise ValueError(
+                    f"Importance batches of {batch_size} samples cannot be shared out to {world_size} processes."
+                )
+            chunks = [c[ranks.importance_shard(len(c), rank, world_size)] for c in chunks]
+        return iter(list(DataLoader(dataset, batch_sampler=chunks, collate_fn=collate_fn)))
+
+
+# how far into a stream a selection reads at most, in batches (reading is not free: a stream tokenizes as it goes)
+_STREAM_WINDOW = 64
 
 
 class _StreamFrom(IterableDataset):
@@ -347,15 +350,48 @@ class _StreamFrom(IterableDataset):
             skip %= seen  # a whole pass skipped: only what is left of ``start`` modulo the stream's length
 
 
-def _private_copy(collate_fn: Callable) -> Callable:
-    """A copy of the Trainer's collator, so drawing importance batches leaves any random state it keeps alone.
+_GENERATORS = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
 
-    Collators that cannot be copied (rare: ones holding locks or open files) are used as they are.
+
+@contextmanager
+def _collator_generators_kept(collate_fn: Callable) -> Iterator[None]:
+    """Put back the random generators the collator (or a collator it wraps, like the Trainer's column-removing one)
+    keeps in its attributes, as they were: their states, or ``None`` for one a seeded collator creates on first use.
     """
+    saved = []
+    wrapped = [v for v in getattr(collate_fn, "__dict__", {}).values() if callable(v) and hasattr(v, "__dict__")]
+    for owner in [collate_fn, *(v for v in wrapped if not isinstance(v, torch.nn.Module))]:
+        for name, value in list(getattr(owner, "__dict__", {}).items()):
+            if isinstance(value, _GENERATORS):
+                saved.append((owner, name, value, _generator_state(value)))
+            elif value is None and ("generator" in name or "rng" in name):
+                saved.append((owner, name, None, None))
     try:
-        return copy.deepcopy(collate_fn)
-    except Exception:  # any failure to copy only means sharing the original, as before
-        return collate_fn
+        yield
+    finally:
+        for owner, name, generator, state in saved:
+            if generator is not None:
+                _set_generator_state(generator, state)
+            setattr(owner, name, generator)
+
+
+def _generator_state(generator: Any) -> Any:
+    if isinstance(generator, torch.Generator):
+        return generator.get_state()
+    if isinstance(generator, np.random.Generator):
+        return copy.deepcopy(generator.bit_generator.state)
+    return generator.get_state() if isinstance(generator, np.random.RandomState) else generator.getstate()
+
+
+def _set_generator_state(generator: Any, state: Any) -> None:
+    if isinstance(generator, torch.Generator):
+        generator.set_state(state)
+    elif isinstance(generator, np.random.Generator):
+        generator.bit_generator.state = state
+    elif isinstance(generator, np.random.RandomState):
+        generator.set_state(state)
+    else:
+        generator.setstate(state)
 
 
 def _length(batch: Mapping[str, Any]) -> int:

@@ -122,6 +122,8 @@ def _forward_only(model: nn.Module, batch: Mapping[str, Any]) -> Any:
 
 
 _POSITIONAL = "__positional_"
+# what the tuner caches of its profiles (per batch shape, per row, per shape key): valid for the adapters active then
+_PROFILE_CACHES = ("_profiles", "_measured_rows", "_shape_costs_by_key")
 
 
 class GreenTrainerModel(LoraModel):
@@ -143,7 +145,8 @@ class GreenTrainerModel(LoraModel):
                     f"GreenTrainer with units='tensors' (adapter {tensors[0]!r}) trains the base model's own tensors "
                     "in place, so it cannot share a model with another adapter: each would overwrite the other's "
                     "weights. Use units='lora' for several adapters on one base model, or call get_peft_model on a "
-                    "fresh copy of the base model for each units='tensors' run."
+                    "fresh copy of the base model for each units='tensors' run (TRL's DPO and KTO trainers: pass a "
+                    "fresh copy as `ref_model=` instead of a reference adapter)."
                 )
         if config.units == "lora":
             super()._check_new_adapter_config(config)
@@ -187,10 +190,21 @@ class GreenTrainerModel(LoraModel):
         return self.__dict__.setdefault("_candidates_by_adapter", {})
 
     def _drop_cached_profiles(self) -> None:
-        """Cost profiles describe the model as it ran (which adapters were active): stale once adapters change."""
-        # unit costs are those of the candidates of the adapter active then
-        for cache in ("_profiles", "_measured_rows", "_shape_costs_by_key"):
+        """Cost profiles describe the model as it ran (which adapters it had and which were active): stale once
+        adapters are added or deleted."""
+        for cache in (*_PROFILE_CACHES, "_profiles_by_active_adapters"):
             self.__dict__.pop(cache, None)
+
+    def _switch_cached_profiles(self, previous: tuple[str, ...]) -> None:
+        """Keep the profiles of the adapters active until now for when they are active again, and bring back those of
+        the adapters now active: TRL's DPO switches to its reference adapter and back around every step, which would
+        otherwise profile every step's shape again."""
+        current = tuple(self.active_adapters)
+        if current == previous:
+            return
+        kept = self.__dict__.setdefault("_profiles_by_active_adapters", {})
+        kept[previous] = {cache: self.__dict__.pop(cache) for cache in _PROFILE_CACHES if cache in self.__dict__}
+        self.__dict__.update(kept.pop(current, {}))
 
     def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         """Attach the sparse LM head (``config.sparse_lm_head``) to the base model itself, so that everything that
@@ -295,8 +309,9 @@ class GreenTrainerModel(LoraModel):
         """Activate adapter(s) as LoRA does, then re-apply the activated adapter's last selection, if any."""
         if self.units_kind == "tensors" and not isinstance(adapter_name, str) and len(adapter_name) > 1:
             raise ValueError("units='tensors' has a single adapter (the base model's own tensors): nothing to combine.")
+        previous = tuple(self.active_adapters)
         super().set_adapter(adapter_name, inference_mode=inference_mode)
-        self._drop_cached_profiles()
+        self._switch_cached_profiles(previous)
         if not inference_mode:
             self._reapply_selection()
 
@@ -869,7 +884,7 @@ class GreenTrainerModel(LoraModel):
             raise RuntimeError(
                 "GreenTrainer with units='tensors' trains the base weights in place, so there is no adapter to "
                 "disable and the original weights are not kept. Load a fresh copy of the base model to compare "
-                "against it, or use units='lora'."
+                "against it (TRL's DPO and KTO trainers: pass it as `ref_model=`), or use units='lora'."
             )
 
     def disable_adapter_layers(self) -> None:

@@ -28,6 +28,10 @@ def weightless_twin(tuner, model_class: type[nn.Module]):
     config.use_cache = True
     with torch.device("meta"):
         base = model_class(config)
+    if getattr(config, "_experts_implementation", None) == "grouped_mm":
+        # experts run as one grouped matmul, whose meta kernel takes bf16 only (FLOP counts do not depend on dtype;
+        # the per-expert loop that would take float32 picks experts from the data, which fake tensors do not hold)
+        base.to(torch.bfloat16)
     twin = get_peft_model(base, copy.deepcopy(tuner.greentrainer_config)).base_model
     twin.__dict__["_step_hook"].remove()
     keep_backprop_shallow(twin.model, quiet=True)

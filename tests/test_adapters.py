@@ -106,6 +106,28 @@ def test_each_adapter_keeps_its_selection_across_set_adapter():
     assert tuner.greentrainer_state.selected == chosen_default
 
 
+def test_switching_to_another_adapter_and_back_profiles_no_shape_again(monkeypatch):
+    """TRL's DPO runs its reference adapter and comes back around every step: the active adapter's profiles stay, so
+    steps at shapes already priced profile nothing (before: two profiling forwards per step, over full FT's cost)."""
+    import peft_greentrainer.model as tuner_module
+
+    model = _two_adapters()
+    batch = _select_and_train(model, steps=1)
+    profiled = []
+    real_profile = tuner_module.profile_model
+    monkeypatch.setattr(tuner_module, "profile_model", lambda *a, **k: profiled.append(1) or real_profile(*a, **k))
+    for _ in range(2):
+        model.set_adapter("other")
+        with torch.no_grad():
+            model(**batch)
+        model.set_adapter("default")
+        model(**batch).loss.backward()
+    assert profiled == []
+    model.base_model.delete_adapter("other")  # the model changed: its shapes are priced again
+    model(**batch).loss.backward()
+    assert profiled
+
+
 def test_disable_adapter_keeps_the_selection():
     """PEFT re-enables an adapter by making all of it trainable: the budget must survive ``disable_adapter()``."""
     model = _two_adapters()

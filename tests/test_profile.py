@@ -207,3 +207,16 @@ def test_dummy_batch_shapes():
     assert batch["input_ids"].shape == (3, 10) and batch["labels"].shape == (3, 4)
     batch = dummy_batch(tiny_config("llama"), batch_size=2, seq_len=5)
     assert batch["input_ids"].device.type == "meta"
+
+
+def test_a_second_profile_in_one_autocast_block_still_sees_every_weight():
+    """bf16 autocast caches each weight's cast: a profile after another forward in the same block (a new shape's
+    step row, then its full fine-tuning reference) must still charge every weight's gradient."""
+    model = tiny_model("llama")
+    batch = tiny_batch(model, batch_size=1, seq_len=14)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = profile_model(model, batch)
+        second = profile_model(model, batch)
+        measured = sum(measure_flops(model, batch))
+    assert second.full_flops == first.full_flops == measured
+    assert second.t_dw == first.t_dw

@@ -772,6 +772,34 @@ def test_importance_batches_read_on_through_a_stream_and_leave_the_collators_gen
     assert len(list(importance_batches(sampled, 2, seed=0))) == 2
     assert torch.equal(collator.generator.get_state(), torch.Generator().manual_seed(0).get_state())
 
+    class LazilySeeded(SeededCollator):  # transformers' seeded collators create their generator on first use
+        def __init__(self):
+            self.generator = None
+
+        def __call__(self, batch):
+            self.generator = self.generator or torch.Generator().manual_seed(0)
+            return super().__call__(batch)
+
+    class Wrapper:  # the Trainer's column-removing collator around the user's
+        def __init__(self, data_collator):
+            self.data_collator = data_collator
+
+        def __call__(self, batch):
+            return self.data_collator(batch)
+
+    lazy = LazilySeeded()
+    list(importance_batches(torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=Wrapper(lazy)), 2, seed=0))
+    assert lazy.generator is None
+
+
+def test_batches_without_a_loss_are_a_clear_error():
+    """Preference and reward trainers' batches hold no labels: the error says to pass the loss they train."""
+    model = _peft_model("llama", "tensors")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batch = {"input_ids": _batch("llama")["input_ids"]}
+    with pytest.raises(ValueError, match=r"returned no loss.*loss_fn"):
+        model.base_model.select_units([batch], optimizer)
+
 
 def test_optimizer_missing_candidates_is_a_clear_error():
     model = _peft_model("llama", "tensors")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .profile import default_loss
 from .rng import fork_rng
 from .units import Unit, is_trainable_dtype
 
@@ -477,14 +478,6 @@ def optimizer_update(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    outputs = model(**batch)
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
-    if loss is None:
-        raise ValueError("model(**batch) returned no loss: include `labels` in the batches or pass `loss_fn`")
-    return loss
-
-
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {
         key: value.to(device) if isinstance(value, torch.Tensor) and value.device != device else value
@@ -563,7 +556,7 @@ def compute_importance(
         raise ValueError(
             "compute_importance needs either an optimizer or `lr` (for the delta_w = -lr * grad approximation)"
         )
-    loss_fn = loss_fn or _default_loss
+    loss_fn = loss_fn or default_loss
 
     # Distinct trainable tensors of the candidate units, in first-seen order.
     unit_tensors: list[list[int]] = [[] for _ in units]  # indices into `tensors`

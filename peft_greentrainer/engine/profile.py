@@ -86,7 +86,15 @@ _PARAMETER_PASSTHROUGH = {
 
 def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     """The loss transformers models compute themselves when ``labels`` are in the batch."""
-    return model(**batch).loss
+    outputs = model(**batch)
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "model(**batch) returned no loss, which GreenTrainer needs to profile and rank units: include `labels` in "
+            "the batches, or pass the loss training optimizes as `loss_fn` (GreenTrainerCallback(loss_fn=...); for "
+            "preference or reward trainers, whose batches hold no labels, a function of (model, batch) computing it)."
+        )
+    return loss
 
 
 @dataclass(frozen=True)
@@ -581,6 +589,9 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
     register_flop_formulas()
     canonical = {id(model.get_parameter(name)): name for name in parameter_aliases(model)}
     recomputed: list[OpCost] = []
+    # Inside autocast a weight is cast once and the copy reused: a cast cached by an earlier forward in the same block
+    # would hide which parameter a matmul reads, and that weight's gradient would go uncharged.
+    torch.clear_autocast_cache()
     with fork_rng(), FlopCounterMode(display=False) as counter:
         with _Recorder(counter, canonical) as recorder, _checkpointed_blocks(model, recorder, counter, recomputed):
             loss = loss_fn(model, batch)
