@@ -16,10 +16,13 @@ root on the local shards, and checkpoints are made to hold every unit and optimi
 from __future__ import annotations
 
 import copy
+import functools
 import gc
+import inspect
 import logging
 import math
 import random
+import types
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from itertools import islice
@@ -292,8 +295,8 @@ def importance_batches(
     order with or without GreenTrainer, and a resumed run draws the same importance batches as an uninterrupted one.
     Random generators the collator keeps (masked-LM masking with a ``seed``) are put back as they were, so training
     gets the same masks too. A streamed dataset cannot be sampled: the ``draw``-th selection reads it from a batch
-    further on each time (the ``draw * count``-th, going round a window of ``_STREAM_WINDOW`` batches so a selection
-    never reads far, and round the stream's end), so selections do not all rank units on its first batches. The
+    further on each time (the ``draw * count``-th, the ``_STREAM_DRAWS``-th selection starting again from the first,
+    so that none reads far; round the stream's end too), so selections do not all rank units on its first batches. The
     batches have the global batch size (per-device batch size x world size): with several processes, rank ``r`` gets
     the ``r``-th part of each, so that the ranks together evaluate what a single process would.
     """
@@ -304,7 +307,7 @@ def importance_batches(
     batch_size = getattr(dataloader, "total_batch_size", None) or dataloader.batch_size or 1
     with torch.random.fork_rng(devices=[]), _collator_generators_kept(collate_fn):
         if isinstance(dataset, IterableDataset):
-            stream = _StreamFrom(dataset, (draw * count) % _STREAM_WINDOW * batch_size)
+            stream = _StreamFrom(dataset, (draw % _STREAM_DRAWS) * count * batch_size)
             loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate_fn)
             # every rank applies the same test, so they evaluate as many batches
             batches = [b for b in islice(loader, count) if _length(b) >= world_size]
@@ -324,8 +327,9 @@ def importance_batches(
         return iter(list(DataLoader(dataset, batch_sampler=chunks, collate_fn=collate_fn)))
 
 
-# how far into a stream a selection reads at most, in batches (reading is not free: a stream tokenizes as it goes)
-_STREAM_WINDOW = 64
+# how many selections read a stream at different places before going round (reading is not free: a stream tokenizes
+# as it goes, so a selection reads at most this many times its batches)
+_STREAM_DRAWS = 16
 
 
 class _StreamFrom(IterableDataset):
@@ -355,17 +359,9 @@ _GENERATORS = (torch.Generator, np.random.Generator, np.random.RandomState, rand
 
 @contextmanager
 def _collator_generators_kept(collate_fn: Callable) -> Iterator[None]:
-    """Put back the random generators the collator (or a collator it wraps, like the Trainer's column-removing one)
-    keeps in its attributes, as they were: their states, or ``None`` for one a seeded collator creates on first use.
-    """
-    saved = []
-    wrapped = [v for v in getattr(collate_fn, "__dict__", {}).values() if callable(v) and hasattr(v, "__dict__")]
-    for owner in [collate_fn, *(v for v in wrapped if not isinstance(v, torch.nn.Module))]:
-        for name, value in list(getattr(owner, "__dict__", {}).items()):
-            if isinstance(value, _GENERATORS):
-                saved.append((owner, name, value, _generator_state(value)))
-            elif value is None and ("generator" in name or "rng" in name):
-                saved.append((owner, name, None, None))
+    """Put back the random generators the collator keeps, as they were: their states, or ``None`` for one a seeded
+    collator creates on first use."""
+    saved = [(owner, name, value, _generator_state(value)) for owner, name, value in _generator_slots(collate_fn)]
     try:
         yield
     finally:
@@ -375,12 +371,52 @@ def _collator_generators_kept(collate_fn: Callable) -> Iterator[None]:
             setattr(owner, name, generator)
 
 
+def _generator_slots(collate_fn: Callable, depth: int = 3) -> list[tuple[Any, str, Any]]:
+    """``(owner, attribute, generator)`` for each random generator reachable from the collator through attributes,
+    bound methods and partials (the Trainer's column-removing wrapper, a user's wrapper, ``collator.__call__``), a few
+    levels deep; unset attributes named like a generator are listed with ``None``. Models and tensors are not searched,
+    and generators whose state cannot be read (``random.SystemRandom``) are left out."""
+    found: list[tuple[Any, str, Any]] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any, depth: int) -> None:
+        if depth < 0 or id(obj) in seen or isinstance(obj, (torch.nn.Module, torch.Tensor, type, types.ModuleType)):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, functools.partial):
+            for inner in (obj.func, *obj.args, *obj.keywords.values()):
+                visit(inner, depth - 1)
+            return
+        if inspect.ismethod(obj):
+            visit(obj.__self__, depth)
+            return
+        for name, value in list(getattr(obj, "__dict__", {}).items()):
+            if isinstance(value, _GENERATORS):
+                if _generator_state(value) is not None:
+                    found.append((obj, name, value))
+            elif value is None and ("generator" in name or "rng" in name):
+                found.append((obj, name, None))
+            else:
+                visit(value, depth - 1)
+
+    visit(collate_fn, depth)
+    return found
+
+
 def _generator_state(generator: Any) -> Any:
+    """The generator's state (None for one that has none to read)."""
+    if generator is None:
+        return None
     if isinstance(generator, torch.Generator):
         return generator.get_state()
     if isinstance(generator, np.random.Generator):
         return copy.deepcopy(generator.bit_generator.state)
-    return generator.get_state() if isinstance(generator, np.random.RandomState) else generator.getstate()
+    if isinstance(generator, np.random.RandomState):
+        return generator.get_state()
+    try:
+        return generator.getstate()
+    except NotImplementedError:  # random.SystemRandom: the OS's entropy, nothing to put back
+        return None
 
 
 def _set_generator_state(generator: Any, state: Any) -> None:

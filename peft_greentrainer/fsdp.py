@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .engine.importance import clip_coefficient, optimizer_update, squared_norm
+from .engine.importance import NO_LOSS, clip_coefficient, optimizer_update, squared_norm
 from .engine.units import Unit, is_trainable_dtype
 
 logger = logging.getLogger(__name__)
@@ -344,6 +344,8 @@ def _accumulate_gradients(
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             for batch in batches:
                 loss = loss_fn(root, batch)
+                if loss is None:
+                    raise ValueError(NO_LOSS)
                 if loss.numel() != 1:
                     raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
                 count += 1

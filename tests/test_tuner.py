@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -790,6 +792,13 @@ def test_importance_batches_read_on_through_a_stream_and_leave_the_collators_gen
     lazy = LazilySeeded()
     list(importance_batches(torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=Wrapper(lazy)), 2, seed=0))
     assert lazy.generator is None
+    deep = SeededCollator()
+    entropy = Wrapper(deep)
+    entropy.rng = random.SystemRandom()  # no state to put back: left alone
+    for collate_fn in (Wrapper(Wrapper(deep)), functools.partial(deep.__call__), deep.__call__, entropy):
+        loader = torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=collate_fn)
+        assert len(list(importance_batches(loader, 1, seed=0))) == 1
+        assert torch.equal(deep.generator.get_state(), torch.Generator().manual_seed(0).get_state())
 
 
 def test_batches_without_a_loss_are_a_clear_error():
@@ -797,6 +806,7 @@ def test_batches_without_a_loss_are_a_clear_error():
     model = _peft_model("llama", "tensors")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batch = {"input_ids": _batch("llama")["input_ids"]}
+    assert model.base_model.cost_profile(batch)[1] > 0  # a profile needs only the forward pass
     with pytest.raises(ValueError, match=r"returned no loss.*loss_fn"):
         model.base_model.select_units([batch], optimizer)
 

@@ -609,6 +609,13 @@ def clip_coefficient(squared_grad_norm: float, max_grad_norm: float | None) -> f
     return min(1.0, float(max_grad_norm) / (math.sqrt(squared_grad_norm) + 1e-6))
 
 
+NO_LOSS = (
+    "model(**batch) returned no loss, which importance differentiates: include `labels` in the batches, or pass the "
+    "loss training optimizes as `loss_fn` (GreenTrainerCallback(loss_fn=...); for preference or reward trainers, whose "
+    "batches hold no labels, a function of (model, batch) computing it)."
+)
+
+
 def _average_gradients(
     model: nn.Module, tensors: list[torch.Tensor], batches: Iterable[Mapping[str, Any]], loss_fn: LossFn
 ) -> list[torch.Tensor]:
@@ -630,6 +637,8 @@ def _average_gradients(
         with fork_rng(), torch.enable_grad():
             for batch in batches:
                 loss = loss_fn(model, _to_device(batch, device))
+                if loss is None:
+                    raise ValueError(NO_LOSS)
                 if loss.numel() != 1:
                     raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
                 count += 1

@@ -84,17 +84,11 @@ _PARAMETER_PASSTHROUGH = {
 }
 
 
-def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """The loss transformers models compute themselves when ``labels`` are in the batch."""
+def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor | None:
+    """The loss transformers models compute themselves when ``labels`` are in the batch (None without them: a profile
+    only needs the forward pass; importance says what is missing)."""
     outputs = model(**batch)
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
-    if loss is None:
-        raise ValueError(
-            "model(**batch) returned no loss, which GreenTrainer needs to profile and rank units: include `labels` in "
-            "the batches, or pass the loss training optimizes as `loss_fn` (GreenTrainerCallback(loss_fn=...); for "
-            "preference or reward trainers, whose batches hold no labels, a function of (model, batch) computing it)."
-        )
-    return loss
+    return outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
 
 
 @dataclass(frozen=True)
