@@ -35,6 +35,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 
 from . import distributed, fsdp, ranks
+from .engine.profile import default_loss
 from .model import GreenTrainerModel, GreenTrainerState, find_tuner
 from .sparse_head import attached_sparse_lm_head
 
@@ -251,11 +252,14 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         # each rank evaluates its share of the global batches; averaged gradients make the importance that of the
         # global batch, the same on every rank (a no-op in a single process)
         averaged = [] if fsdp.is_sharded(tuner.model) else distributed.candidate_parameters(tuner)  # FSDP2 averages
+        loss_fn = self.loss_fn
+        if loss_fn is None and getattr(args, "average_tokens_across_devices", False):
+            loss_fn = ranks.weighted_by_target_share(default_loss)  # the model's mean over its targets, as trained
         with ranks.gradients_averaged_across_ranks(averaged):
             tuner.select_units(
                 batches,
                 kwargs.get("optimizer"),
-                loss_fn=self.loss_fn,
+                loss_fn=loss_fn,
                 lr=args.learning_rate,
                 max_grad_norm=getattr(args, "max_grad_norm", None),
                 step=state.global_step,

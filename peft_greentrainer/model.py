@@ -655,7 +655,8 @@ class GreenTrainerModel(LoraModel):
         else:
             mask = envelope.select(importance, config.rho, resolution=config.dp_resolution).mask
         ranks.check_agreement((tuple(map(repr, keys)), mask.tobytes()), "the batch shapes and the selected units")
-        self._set_trainable(envelope.units, mask)
+        # a re-selection for a new batch shape happens inside a step, possibly within a gradient-accumulation window
+        self._set_trainable(envelope.units, mask, within_step=reason == "batch shape")
         ratios = [self._ratio(key, mask) for key in keys]
         worst = self._shape_costs[keys[int(np.argmax(ratios))]]
         lora_ratio = None
@@ -792,8 +793,14 @@ class GreenTrainerModel(LoraModel):
         self._set_trainable(units, np.array([u.name in wanted for u in units]))
         self.greentrainer_state.selected = list(dict.fromkeys(selected))  # the order it was selected in
 
-    def _set_trainable(self, units: list[Unit], mask: np.ndarray) -> None:
+    def _set_trainable(self, units: list[Unit], mask: np.ndarray, *, within_step: bool = False) -> None:
         """Train the units of ``units`` marked in ``mask`` and freeze every other candidate.
+
+        Between steps a frozen unit's gradient is dropped, so that an optimizer skips it (momentum and weight decay
+        included). ``within_step`` (a re-selection inside a forward pass): gradients that earlier micro-batches of
+        the accumulation window already computed are kept and applied by the coming optimizer step: their FLOPs are
+        spent, and DDP, which saw the unit used in those micro-batches, must find them to reduce (FSDP2 keeps its
+        own copy anyway).
 
         Candidates missing from ``units`` (the profiled forward pass never used them, so their cost is unknown) are
         frozen too: a data-dependent path must not train outside the budget. With units="tensors", a tensor trained
@@ -823,7 +830,7 @@ class GreenTrainerModel(LoraModel):
                 if selected and keep_originals and name not in trained and name not in originals:
                     originals[name] = param.detach().to("cpu", copy=True)
                 param.requires_grad_(selected)
-                if not selected:
+                if not selected and not within_step:
                     param.grad = None  # an optimizer must skip it, momentum and weight decay included
             if selected:
                 trained.update(dict.fromkeys(unit.param_names))

@@ -6,7 +6,7 @@ Plain collectives with no knowledge of the tuner or the Trainer; the tuner (``mo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,6 +34,33 @@ def importance_shard(global_batch: int, rank: int, world_size: int) -> slice:
     averaged gradient is exactly the global batch's when the parts are equal (the batch size divides evenly).
     """
     return slice(global_batch * rank // world_size, global_batch * (rank + 1) // world_size)
+
+
+def weighted_by_target_share(loss_fn: Callable[[nn.Module, Any], torch.Tensor | None]) -> Callable:
+    """``loss_fn`` times this rank's share of the global batch's loss targets, times the world size.
+
+    Averaging the ranks' gradients of a mean-over-targets loss weights each rank's targets by its own count; with the
+    loss weighted so, the average is the gradient of the global batch's mean over its targets, which is what the
+    Trainer trains (``average_tokens_across_devices``) when ranks hold different numbers of labelled tokens. Every
+    rank must call it as often, in the same order (one all-reduce per call); the identity outside a multi-process job.
+    """
+    if not is_distributed():
+        return loss_fn
+    from .engine.profile import labelled_counts
+
+    world_size = dist.get_world_size()
+
+    def weighted(model: nn.Module, batch: Any) -> torch.Tensor | None:
+        loss = loss_fn(model, batch)
+        counts = labelled_counts(batch)
+        if loss is None or counts is None:  # the same on every rank: same model, same collator
+            return loss
+        local = counts.sum().to(device=loss.device, dtype=torch.float32)
+        total = local.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return loss * (local * world_size / total).to(loss.dtype) if float(total) > 0 else loss
+
+    return weighted
 
 
 @contextmanager

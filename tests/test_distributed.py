@@ -31,6 +31,8 @@ from peft_greentrainer.distributed import (
 
 SCRIPT = Path(__file__).parent / "distributed_scripts" / "train.py"
 PLAIN_LOOP = Path(__file__).parent / "distributed_scripts" / "plain_loop.py"
+ACCUMULATION = Path(__file__).parent / "distributed_scripts" / "accumulation_reselect.py"
+WEIGHTING = Path(__file__).parent / "distributed_scripts" / "importance_weighting.py"
 PER_DEVICE, WORLD = 2, 2
 
 
@@ -183,6 +185,29 @@ def test_plain_loop_with_wrap_ddp(tmp_path):
     trained = set(_differing(initial, rank0["state"]))
     at_wrap = {f"base_model.model.{name}" for name in model.base_model.candidate_units()[0].param_names}
     assert trained - at_wrap  # units frozen when DDP wrapped the model were trained, identically on both ranks
+
+
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_a_new_shape_within_an_accumulation_window_reselects_under_ddp(tmp_path, units):
+    """A selection made again inside the window's last micro-batch: the units it freezes keep the gradients the
+    window already computed (before: DDP raised "gradient which is undefined, but still allreduced"); the step
+    applies them, identically on both ranks."""
+    _launch(tmp_path / "run", "--units", units, script=ACCUMULATION)
+    rank0, rank1 = _ranks(tmp_path / "run")
+    assert rank0["reasons"] == ["importance", "batch shape"] == rank1["reasons"]
+    assert rank0["frozen"] and rank0["with_gradient"] == rank0["frozen"] == rank0["moved"]
+    assert not _differing(rank0["state"], rank1["state"])
+
+
+def test_importance_is_that_of_the_global_batch_when_ranks_hold_different_token_counts(tmp_path):
+    """The Trainer trains the global batch's mean over its targets (average_tokens_across_devices); averaging the
+    ranks' own means would weight rank 0's few targets as much as rank 1's many."""
+    _launch(tmp_path / "ddp", script=WEIGHTING)
+    _launch(tmp_path / "single", script=WEIGHTING, nproc=1)
+    ddp, single = (torch.load(tmp_path / run / "rank0.pt") for run in ("ddp", "single"))
+    assert ddp["weighted"] == pytest.approx(single["weighted"], rel=1e-4, abs=1e-9)
+    assert single["unweighted"] == pytest.approx(single["weighted"], rel=1e-6, abs=1e-12)  # the identity in one process
+    assert ddp["unweighted"] != pytest.approx(single["weighted"], rel=1e-2)
 
 
 @pytest.mark.slow
