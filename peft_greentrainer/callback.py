@@ -253,8 +253,8 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         # global batch, the same on every rank (a no-op in a single process)
         averaged = [] if fsdp.is_sharded(tuner.model) else distributed.candidate_parameters(tuner)  # FSDP2 averages
         loss_fn = self.loss_fn
-        if loss_fn is None and getattr(args, "average_tokens_across_devices", False):
-            loss_fn = ranks.weighted_by_target_share(default_loss)  # the model's mean over its targets, as trained
+        if loss_fn is None and getattr(args, "average_tokens_across_devices", False) and _takes_loss_kwargs(tuner):
+            loss_fn = ranks.weighted_by_target_share(default_loss)  # the global mean over targets, as trained
         with ranks.gradients_averaged_across_ranks(averaged):
             tuner.select_units(
                 batches,
@@ -288,6 +288,17 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 position = sum(1 for c in referrer if isinstance(c, DefaultFlowCallback))
                 referrer.insert(position, self)
                 return
+
+
+def _takes_loss_kwargs(tuner: GreenTrainerModel) -> bool:
+    """Whether the Trainer hands the model the global batch's target count (``num_items_in_batch``), so that ranks'
+    losses are means over the global batch's targets: as the Trainer decides it, from the model's
+    ``accepts_loss_kwargs`` or a ``**kwargs`` in its forward."""
+    model = tuner.model
+    if hasattr(model, "accepts_loss_kwargs"):
+        return bool(model.accepts_loss_kwargs)
+    parameters = inspect.signature(model.forward).parameters.values()
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def importance_batches(

@@ -798,9 +798,9 @@ class GreenTrainerModel(LoraModel):
 
         Between steps a frozen unit's gradient is dropped, so that an optimizer skips it (momentum and weight decay
         included). ``within_step`` (a re-selection inside a forward pass): gradients that earlier micro-batches of
-        the accumulation window already computed are kept and applied by the coming optimizer step: their FLOPs are
-        spent, and DDP, which saw the unit used in those micro-batches, must find them to reduce (FSDP2 keeps its
-        own copy anyway).
+        the accumulation window already computed (non-zero on some rank) are kept and applied by the coming optimizer
+        step: their FLOPs are spent, and DDP, which saw the unit used in those micro-batches, must find them to
+        reduce (FSDP2 keeps its own copy anyway). Zeroed ones (``zero_grad(set_to_none=False)``) are dropped.
 
         Candidates missing from ``units`` (the profiled forward pass never used them, so their cost is unknown) are
         frozen too: a data-dependent path must not train outside the budget. With units="tensors", a tensor trained
@@ -824,13 +824,15 @@ class GreenTrainerModel(LoraModel):
         trained = dict.fromkeys(state.trained_tensors)
         originals = self.__dict__.setdefault("_originals", {})
         keep_originals = self.units_kind == "tensors" and bool(trained)
+        frozen = [p for u in candidates if u.name not in chosen for p in u.parameters(self.model)]
+        kept = _accumulated_gradients(frozen) if within_step else set()  # a collective: every rank re-selects
         for unit in candidates:
             selected = unit.name in chosen
             for name, param in zip(unit.param_names, unit.parameters(self.model), strict=True):
                 if selected and keep_originals and name not in trained and name not in originals:
                     originals[name] = param.detach().to("cpu", copy=True)
                 param.requires_grad_(selected)
-                if not selected and not within_step:
+                if not selected and id(param) not in kept:
                     param.grad = None  # an optimizer must skip it, momentum and weight decay included
             if selected:
                 trained.update(dict.fromkeys(unit.param_names))
@@ -976,6 +978,13 @@ class GreenTrainerModel(LoraModel):
 def _auxiliary_names(model: nn.Module, adapter_name: str) -> set[str]:
     """The tensors of PEFT's ``modules_to_save`` copies (and the like) in ``model``: PEFT saves and loads them."""
     return {name for unit in auxiliary_units(model, adapter_name) for name in unit.param_names}
+
+
+def _accumulated_gradients(params: list[nn.Parameter]) -> set[int]:
+    """Ids of ``params`` holding a gradient that is non-zero on at least one rank (every rank gets the same set)."""
+    held = [p for p in params if p.grad is not None]
+    nonzero = ranks.average_across_ranks(np.array([float(bool(p.grad.any())) for p in held]))
+    return {id(p) for p, flag in zip(held, nonzero, strict=True) if flag > 0}
 
 
 def _flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:

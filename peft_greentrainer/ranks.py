@@ -52,7 +52,8 @@ def weighted_by_target_share(loss_fn: Callable[[nn.Module, Any], torch.Tensor | 
 
     def weighted(model: nn.Module, batch: Any) -> torch.Tensor | None:
         loss = loss_fn(model, batch)
-        counts = labelled_counts(batch)
+        encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        counts = labelled_counts(batch, shifts=not encoder_decoder)  # the targets the Trainer counts too
         if loss is None or counts is None:  # the same on every rank: same model, same collator
             return loss
         local = counts.sum().to(device=loss.device, dtype=torch.float32)

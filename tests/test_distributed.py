@@ -199,11 +199,12 @@ def test_a_new_shape_within_an_accumulation_window_reselects_under_ddp(tmp_path,
     assert not _differing(rank0["state"], rank1["state"])
 
 
-def test_importance_is_that_of_the_global_batch_when_ranks_hold_different_token_counts(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "t5"])  # next-token targets; every label (an encoder-decoder)
+def test_importance_is_that_of_the_global_batch_when_ranks_hold_different_token_counts(tmp_path, arch):
     """The Trainer trains the global batch's mean over its targets (average_tokens_across_devices); averaging the
     ranks' own means would weight rank 0's few targets as much as rank 1's many."""
-    _launch(tmp_path / "ddp", script=WEIGHTING)
-    _launch(tmp_path / "single", script=WEIGHTING, nproc=1)
+    _launch(tmp_path / "ddp", "--arch", arch, script=WEIGHTING)
+    _launch(tmp_path / "single", "--arch", arch, script=WEIGHTING, nproc=1)
     ddp, single = (torch.load(tmp_path / run / "rank0.pt") for run in ("ddp", "single"))
     assert ddp["weighted"] == pytest.approx(single["weighted"], rel=1e-4, abs=1e-9)
     assert single["unweighted"] == pytest.approx(single["weighted"], rel=1e-6, abs=1e-12)  # the identity in one process

@@ -872,6 +872,26 @@ def test_no_positive_importance_still_trains_what_fits():
     assert forward + backward <= 0.5 * _full_reference(model, batch)
 
 
+def test_units_frozen_inside_a_step_stay_still_when_gradients_are_zeroed_in_place():
+    """A re-selection inside a step keeps gradients the accumulation window computed, not the zeros a loop's
+    ``zero_grad(set_to_none=False)`` leaves: AdamW would move frozen units with momentum and weight decay."""
+    model = _peft_model("llama", "tensors", rho=0.75)
+    tuner = model.base_model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    tuner.select_units([_counting_batch(8)], optimizer)
+    tuner.restore_selection([u.name for u in tuner.candidate_units()])  # every unit has optimizer state
+    model(**_counting_batch(8)).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    model(**_counting_batch(128)).loss.backward()  # a new shape: selected again inside this forward
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad and "lora" not in n}
+    assert tuner.greentrainer_state.last.reason == "batch shape" and frozen
+    before = {n: p.detach().clone() for n, p in frozen.items()}
+    optimizer.step()
+    assert all(p.grad is None for p in frozen.values())
+    assert all(torch.equal(before[n], p) for n, p in frozen.items())
+
+
 @pytest.mark.parametrize("units", UNIT_KINDS)
 def test_budget_holds_at_every_sequence_length_trained(units):
     """Selected at 8 tokens, trained at up to 128: attention grows quadratically, so the selection made for the

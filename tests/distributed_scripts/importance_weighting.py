@@ -27,20 +27,23 @@ from peft_greentrainer.ranks import gradients_averaged_across_ranks, rank_and_wo
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--arch", default="llama")
     cli = parser.parse_args()
     torch.set_num_threads(1)
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
     rank, world_size = rank_and_world_size()
-    ids = torch.randint(3, 100, (4, 14), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[:2, :12] = -100  # the first two rows (rank 0's under DDP) are mostly prompt
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (4, 14), generator=generator)
+    labels = ids.clone() if cli.arch != "t5" else torch.randint(3, 100, (4, 7), generator=generator)
+    labels[:2, : labels.shape[1] - 2] = -100  # the first two rows (rank 0's under DDP) have few targets
     rows = slice(2 * rank, 2 * rank + 2) if world_size > 1 else slice(None)
     batch = {"input_ids": ids[rows], "labels": labels[rows]}
+    no_dropout = {"dropout_rate": 0.0} if cli.arch == "t5" else {}  # ranks draw other dropout masks than one process
     results = {}
     for name, loss_fn in (("weighted", weighted_by_target_share(default_loss)), ("unweighted", default_loss)):
         # a dense head: the units that fit then do not depend on how the labelled rows are spread over the ranks
-        model = get_peft_model(tiny_model("llama"), GreenTrainerConfig(rho=0.6, sparse_lm_head=False))
+        model = get_peft_model(tiny_model(cli.arch, **no_dropout), GreenTrainerConfig(rho=0.6, sparse_lm_head=False))
         tuner = model.base_model
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         with gradients_averaged_across_ranks(candidate_parameters(tuner)):
