@@ -983,7 +983,8 @@ def _auxiliary_names(model: nn.Module, adapter_name: str) -> set[str]:
 def _accumulated_gradients(params: list[nn.Parameter]) -> set[int]:
     """Ids of ``params`` holding a gradient that is non-zero on at least one rank (every rank gets the same set)."""
     held = [p for p in params if p.grad is not None]
-    nonzero = ranks.average_across_ranks(np.array([float(bool(p.grad.any())) for p in held]))
+    local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in held]  # FSDP2: this rank's shard
+    nonzero = ranks.average_across_ranks(np.array([float(bool(g.any())) for g in local]))
     return {id(p) for p, flag in zip(held, nonzero, strict=True) if flag > 0}
 
 
