@@ -43,6 +43,17 @@ def tiny_config(arch: str, **overrides):
             eos_token_id=2,
         ),
         "bloom": lambda: transformers.BloomConfig(hidden_size=64, n_layer=3, n_head=4, vocab_size=VOCAB),
+        "mixtral": lambda: transformers.MixtralConfig(  # experts stacked in one tensor per projection
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=128,
+        ),
         "gpt2": lambda: transformers.GPT2Config(
             n_embd=64, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=0, eos_token_id=0
         ),

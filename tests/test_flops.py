@@ -8,7 +8,6 @@ registrations, the profile and the measurement are exercised exactly as on a GPU
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest
@@ -242,24 +241,9 @@ def test_grouped_matmul_formula_counts_the_groups_matmuls(case: str) -> None:
 def test_grouped_experts_are_counted_and_profiled_like_eager_experts(dtype: torch.dtype) -> None:
     """transformers 5 runs MoE experts as one grouped matmul (aten's in bf16, its own op in float32): same counts and
     the same profile as the per-expert loop, instead of experts that look free."""
-    import transformers
-
-    config = transformers.MixtralConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    grouped = transformers.MixtralForCausalLM(config).to(dtype)
+    grouped = tiny_model("mixtral").to(dtype)
     assert grouped.config._experts_implementation == "grouped_mm"
-    eager = transformers.MixtralForCausalLM(copy.deepcopy(config)).to(dtype)  # its own config: the switch sets it
-    eager.load_state_dict(grouped.state_dict())
+    eager = tiny_model("mixtral").to(dtype)  # the same weights, its own config (the switch below sets it)
     eager.set_experts_implementation("eager")
     batch = tiny_batch(grouped, batch_size=2, seq_len=16)
     register_flop_formulas()  # as profiling does: transformers registers its op when a MoE model is first built

@@ -224,18 +224,7 @@ def test_rho_reference_of_a_quantized_base_is_full_fine_tuning_of_its_float_mode
 def test_rho_reference_of_a_quantized_mixture_of_experts_is_full_fine_tuning_of_its_float_model(tmp_path):
     """transformers 5 runs stacked experts as one grouped matmul, whose meta kernel takes bf16 only: the float twin
     that prices the reference must still run (and count the experts as the float model does)."""
-    config = transformers.MixtralConfig(
-        hidden_size=128,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path)
+    tiny_model("mixtral").save_pretrained(tmp_path)
     ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone()}
     quantized = transformers.AutoModelForCausalLM.from_pretrained(

@@ -1098,15 +1098,4 @@ def test_experts_chosen_by_a_router_per_token_are_refused_with_the_reason(units)
     switch = transformers.SwitchTransformersForConditionalGeneration(config)
     with pytest.raises(ValueError, match=r"experts .*depend on the routing.*peft\.LoraConfig"):
         get_peft_model(switch, GreenTrainerConfig(rho=0.5, units=units))
-    mixtral = transformers.MixtralForCausalLM(
-        transformers.MixtralConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            num_local_experts=4,
-        )
-    )
-    get_peft_model(mixtral, GreenTrainerConfig(rho=0.5, units=units))
+    get_peft_model(tiny_model("mixtral"), GreenTrainerConfig(rho=0.5, units=units))
