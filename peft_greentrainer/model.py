@@ -798,9 +798,9 @@ class GreenTrainerModel(LoraModel):
 
         Between steps a frozen unit's gradient is dropped, so that an optimizer skips it (momentum and weight decay
         included). ``within_step`` (a re-selection inside a forward pass): gradients that earlier micro-batches of
-        the accumulation window already computed (non-zero on some rank) are kept and applied by the coming optimizer
-        step: their FLOPs are spent, and DDP, which saw the unit used in those micro-batches, must find them to
-        reduce (FSDP2 keeps its own copy anyway). Zeroed ones (``zero_grad(set_to_none=False)``) are dropped.
+        the accumulation window already computed are kept and applied by the coming optimizer step: their FLOPs are
+        spent, and DDP, which saw the unit used in those micro-batches, must find them to reduce (FSDP2 keeps its
+        own copy anyway); see :func:`_accumulated_gradients` for zeroed ones.
 
         Candidates missing from ``units`` (the profiled forward pass never used them, so their cost is unknown) are
         frozen too: a data-dependent path must not train outside the budget. With units="tensors", a tensor trained
@@ -825,7 +825,7 @@ class GreenTrainerModel(LoraModel):
         originals = self.__dict__.setdefault("_originals", {})
         keep_originals = self.units_kind == "tensors" and bool(trained)
         frozen = [p for u in candidates if u.name not in chosen for p in u.parameters(self.model)]
-        kept = _accumulated_gradients(frozen) if within_step else set()  # a collective: every rank re-selects
+        kept = _accumulated_gradients(frozen) if within_step else set()
         for unit in candidates:
             selected = unit.name in chosen
             for name, param in zip(unit.param_names, unit.parameters(self.model), strict=True):
@@ -981,11 +981,17 @@ def _auxiliary_names(model: nn.Module, adapter_name: str) -> set[str]:
 
 
 def _accumulated_gradients(params: list[nn.Parameter]) -> set[int]:
-    """Ids of ``params`` holding a gradient that is non-zero on at least one rank (every rank gets the same set)."""
+    """Ids of ``params`` whose gradient a re-selection inside a step keeps.
+
+    Under DDP every gradient that exists: the reducer saw those units used in the window's earlier micro-batches and
+    fails on one it cannot find (a zero one included: a LoRA A matrix has a zero gradient while its B is zero). In one
+    process only non-zero ones: a gradient zeroed in place (``zero_grad(set_to_none=False)``) would let the optimizer
+    move a frozen unit by momentum and weight decay.
+    """
     held = [p for p in params if p.grad is not None]
-    local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in held]  # FSDP2: this rank's shard
-    nonzero = ranks.average_across_ranks(np.array([float(bool(g.any())) for g in local]))
-    return {id(p) for p, flag in zip(held, nonzero, strict=True) if flag > 0}
+    if ranks.is_distributed():
+        return {id(p) for p in held}
+    return {id(p) for p in held if bool(p.grad.any())}
 
 
 def _flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
