@@ -49,12 +49,12 @@ from .engine.profile import (
     cost_envelope,
     costliest_row,
     default_loss,
-    labelled_counts,
     profile_key,
     profile_model,
     routed_expert_modules,
 )
 from .engine.selector import Selection
+from .engine.targets import labelled_counts
 from .engine.units import (
     Unit,
     auxiliary_units,

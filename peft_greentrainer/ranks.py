@@ -46,7 +46,7 @@ def weighted_by_target_share(loss_fn: Callable[[nn.Module, Any], torch.Tensor | 
     """
     if not is_distributed():
         return loss_fn
-    from .engine.profile import labelled_counts
+    from .engine.targets import labelled_counts
 
     world_size = dist.get_world_size()
 

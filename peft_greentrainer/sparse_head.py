@@ -41,9 +41,9 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-logger = logging.getLogger(__name__)
+from .engine.targets import IGNORE_INDEX, aligned_targets
 
-IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
 
 
 def next_token_targets(
@@ -51,13 +51,12 @@ def next_token_targets(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mask, targets)``: positions whose next-token label is not ``-100``, and those labels (flattened).
 
-    Position ``t`` predicts ``labels[t + 1]`` (the shift every causal LM loss applies), so the last position never
-    counts. ``shift_labels`` (already shifted, as context-parallel training passes them) is used as given.
+    Position ``t`` predicts ``labels[t + 1]``, so the last position never counts; ``shift_labels`` are used as given
+    (:func:`~peft_greentrainer.engine.targets.aligned_targets`).
     """
-    if shift_labels is None:
-        shift_labels = nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
-    mask = shift_labels != IGNORE_INDEX
-    return mask, shift_labels[mask]
+    targets = aligned_targets(labels, shift_labels)
+    mask = targets != IGNORE_INDEX
+    return mask, targets[mask]
 
 
 LABEL_BUCKETS = 16  # label counts priced per sequence length: a profile per bucket, not per count
@@ -103,8 +102,7 @@ def label_bucket(row: Mapping[str, Any], mean: float) -> LabelBucket | None:
         return None
     shifted = row.get("shift_labels") if isinstance(row.get("shift_labels"), torch.Tensor) else None
     name = "shift_labels" if shifted is not None else "labels"
-    targets = shifted if shifted is not None else nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
-    mask = targets != IGNORE_INDEX  # as next_token_targets, without gathering the targets
+    mask = aligned_targets(labels, shifted) != IGNORE_INDEX  # as next_token_targets, without gathering the targets
     length = mask.shape[-1]
     step = max(1, math.ceil(length / LABEL_BUCKETS))
     index = math.ceil(mean / step)  # the bucket ((index - 1) * step, index * step]: its fewest whole count is one more

@@ -50,6 +50,7 @@ from .selector import (
     selection_backward_flops,
     smallest_ratio,
 )
+from .targets import labelled_counts
 from .units import Unit, parameter_aliases
 
 logger = logging.getLogger(__name__)
@@ -325,17 +326,6 @@ def costliest_row(batch: Mapping[str, Any]) -> dict[str, Any]:
     counts = labelled_counts(batch)
     row = int(torch.argmax(counts)) if counts is not None else 0
     return {k: v[row : row + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
-
-
-def labelled_counts(batch: Mapping[str, Any], *, shifts: bool = True) -> torch.Tensor | None:
-    """Per row, the number of targets the loss counts: a causal LM's next-token targets (``labels[:, 1:]``, or
-    ``shift_labels`` as given), every label when the model does not shift them (``shifts=False``: encoder-decoders).
-    What a sparse LM head's cost grows with. None without 2-D labels with values."""
-    shifted = batch.get("shift_labels")
-    labels = shifted if isinstance(shifted, torch.Tensor) else batch.get("labels")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.device.type == "meta":
-        return None  # on meta the labels have no values (and a sparse head then stays dense)
-    return (labels[:, 1 if shifts and labels is not shifted else 0 :] != -100).sum(dim=1)
 
 
 def batch_size(batch: Mapping[str, Any]) -> int | None:
