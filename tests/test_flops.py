@@ -16,7 +16,7 @@ from conftest import tiny_batch, tiny_model
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import AttentionInterface
 
-from peft_greentrainer.engine.flops import register_flop_formulas
+from peft_greentrainer.engine.flops import register_flop_formulas, uncounted_matmul_op
 from peft_greentrainer.engine.profile import measure_flops, profile_model
 
 
@@ -179,6 +179,26 @@ def test_varlen_flash_attention_counts_each_packed_sequence():
     with FlopCounterMode(display=False) as counter:
         op(*(x.to("meta") for x in (q, k, v)), None, offsets.to("meta"), offsets.to("meta"), 11, 11)
     assert counter.get_total_flops() >= expected
+
+
+@pytest.mark.parametrize(
+    ("name", "uncounted"),
+    [
+        ("aten._weight_int8pack_mm", True),  # a matmul torch has no formula for
+        ("aten._native_multi_head_attention", True),
+        ("aten.mm", False),  # has a formula
+        ("prims.convert_element_type", False),  # "conv" of convert
+        ("aten._convert_weight_to_int4pack", False),
+        ("symm_mem.one_shot_all_reduce", False),  # "mm" of the namespace only
+        ("aten.sum", False),
+    ],
+)
+def test_only_ops_that_multiply_are_reported_as_uncounted(name, uncounted):
+    namespace, op = name.split(".")
+    packet = getattr(getattr(torch.ops, namespace), op, None)
+    if packet is None:
+        pytest.skip(f"this torch build has no {name}")
+    assert uncounted_matmul_op(packet) is uncounted
 
 
 def test_an_attention_op_without_formula_is_reported(caplog):

@@ -196,14 +196,16 @@ def _register_flash_attention() -> None:
         _register([packet], formulas[kind], get_raw=True)
 
 
-# op names that do matmul-class work: counted as 0 FLOPs without a formula, they would make a unit look free
-_MATMUL_LIKE = re.compile(r"attention|attn|(?:^|[_.:])(?:[a-z0-9]*mm|matmul|gemm|gemv|linear|conv\w*|einsum)(?:[_.]|$)")
+# op names that do matmul-class work: counted as 0 FLOPs without a formula, they would make a unit look free. Attention
+# is recognised anywhere in the name (hub kernels name it in their namespace), matmul words only in the op's own name
+# (after the namespace: ``symm_mem``'s collectives and ``prims.convert_element_type`` multiply nothing)
+_ATTENTION_LIKE = re.compile(r"attention|attn")
+_MATMUL_LIKE = re.compile(r"(?:^|_)(?:[a-z0-9]*mm|matmul|gemm|gemv|linear|conv(?!ert)[a-z0-9]*|einsum)(?:_|$)")
 
 
 def is_attention_op(func) -> bool:
     """True for an attention kernel (by its name): its fused backward computes every input's gradient at once."""
-    text = str(getattr(func, "overloadpacket", func)).lower()
-    return "attention" in text or "attn" in text
+    return _ATTENTION_LIKE.search(str(getattr(func, "overloadpacket", func)).lower()) is not None
 
 
 def uncounted_matmul_op(func) -> bool:
@@ -212,7 +214,8 @@ def uncounted_matmul_op(func) -> bool:
     packet = getattr(func, "overloadpacket", func)
     if packet in flop_registry:
         return False
-    return _MATMUL_LIKE.search(str(packet).lower()) is not None
+    name = str(packet).lower()
+    return is_attention_op(packet) or _MATMUL_LIKE.search(name.split(".", 1)[-1]) is not None
 
 
 def _register_bitsandbytes() -> None:
