@@ -513,10 +513,10 @@ def _unreplayed_backward(func, roles: list, forward: float, needing: int) -> flo
         return 0.0
     if not is_attention_op(func):
         return forward * needing
-    q, _, v = ([r for r in roles if isinstance(r, _TensorSpec) and r.dtype.is_floating_point][:3] + [None] * 3)[:3]
-    if q is None or v is None or not q.shape or not v.shape:
+    float_inputs = [r for r in roles if isinstance(r, _TensorSpec) and r.dtype.is_floating_point]
+    if len(float_inputs) < 3 or not float_inputs[0].shape or not float_inputs[2].shape:
         return 3.0 * forward
-    d_qk, d_v = q.shape[-1], v.shape[-1]
+    d_qk, d_v = float_inputs[0].shape[-1], float_inputs[2].shape[-1]  # query, key, value come first
     return forward * (3 * d_qk + 2 * d_v) / (d_qk + d_v)
 
 
