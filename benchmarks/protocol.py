@@ -58,12 +58,16 @@ METHODS = (
 )
 # one setting of a method changed, run at that method's chosen learning rate (3 seeds, no grid): GreenTrainer's
 # importance probe, selection interval, and the sparse LM head it ships with (at the same dense-FT budget; with
-# tensor and with LoRA units)
+# tensor and with LoRA units); and the shipped head on the strongest baselines (the same training, fewer FLOPs)
 ABLATIONS = (
     "gt_tensors_0.5_probe1",
     "gt_tensors_0.5_resel8",
     "gt_tensors_0.5_shipped_head",
     "gt_lora_0.5_shipped_head",
+    "full_sparse_head",
+    "lora_sparse_head",
+    "lisa_sparse_head",
+    "badam_sparse_head",
 )
 SEEDS = (0, 1, 2)
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "protocol"

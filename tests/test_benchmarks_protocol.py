@@ -133,7 +133,7 @@ def _written(output: Path) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
-    keys = ["full", "gt_tensors_0.5", "lisa", "badam", "gt_lora_0.5", "gt_lora_at_lora", "gt_mixed_0.5"]
+    keys = ["full", "gt_tensors_0.5", "lisa", "badam", "gt_lora_0.5", "gt_lora_at_lora", "gt_mixed_0.5", "lora"]
     common = ["--quick", "--threads", "1", "--output-dir", str(tmp_path)]
     protocol.main([*common, "--stage", "ablations"])  # before their parent's grid: nothing to run at yet
     assert not (tmp_path / "runs").exists()
@@ -198,7 +198,8 @@ def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
     for key in protocol.ABLATIONS:  # 3 seeds each at their parent's chosen lr, nothing else
         lr = seed0_at_chosen_lr(key)["lr"]
         assert sorted((r["row"]["lr"], r["seed"]) for r in runs if r["key"] == key) == [(lr, s) for s in (0, 1, 2)]
-    default, probe1, resel8, shipped, lora_shipped = map(seed0_at_chosen_lr, ("gt_tensors_0.5", *protocol.ABLATIONS))
+    gt_keys = ["gt_tensors_0.5", "gt_tensors_0.5_probe1", "gt_tensors_0.5_resel8", "gt_tensors_0.5_shipped_head"]
+    default, probe1, resel8, shipped, lora_shipped = map(seed0_at_chosen_lr, [*gt_keys, "gt_lora_0.5_shipped_head"])
     assert len(probe1["selections"]) == len(default["selections"])  # once per epoch, a smaller probe
     assert probe1["selection_flops"] < default["selection_flops"]
     assert len(resel8["selections"]) == 8 and resel8["measured_flops_per_step"] <= 0.5 * full * (1 + 1e-6)
@@ -206,6 +207,12 @@ def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
     for row in (shipped, lora_shipped):
         counted = [s["flops"] for s in row["step_measurements"] if s["flops"] is not None]
         assert counted and max(counted) <= 0.5 * full * (1 + 1e-6), row["method"]
+    # a baseline with the sparse head trains the same course (the head is exact) for fewer FLOPs
+    for parent in ("full", "lora", "lisa", "badam"):
+        dense, sparse = seed0_at_chosen_lr(parent), seed0_at_chosen_lr(f"{parent}_sparse_head")
+        assert sparse["measured_flops_per_step"] < dense["measured_flops_per_step"], parent
+        assert sparse["measured_vs_predicted_max_rel_error"] < 0.02, parent
+        assert sparse["heldout_loss"]["test"] == pytest.approx(dense["heldout_loss"]["test"], rel=1e-3), parent
     markdown = (tmp_path / "protocol.md").read_text()
     grid_part, equal_steps = markdown.split("## Equal steps", 1)
     assert resel8["method"] in equal_steps and resel8["method"] not in grid_part
