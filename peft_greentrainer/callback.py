@@ -36,6 +36,7 @@ from transformers.trainer_callback import DefaultFlowCallback, ExportableState
 
 from . import distributed, fsdp, ranks
 from .engine.profile import default_loss
+from .engine.rng import fork_rng
 from .model import GreenTrainerModel, GreenTrainerState, find_tuner
 from .sparse_head import attached_sparse_lm_head
 
@@ -320,7 +321,7 @@ def importance_batches(
     dataset, collate_fn = dataloader.dataset, dataloader.collate_fn
     # accelerate's loaders know the global batch size; a data-parallel one has batch_size None
     batch_size = getattr(dataloader, "total_batch_size", None) or dataloader.batch_size or 1
-    with torch.random.fork_rng(devices=[]), _collator_generators_kept(collate_fn):
+    with fork_rng(), _collator_generators_kept(collate_fn):
         if isinstance(dataset, IterableDataset):
             stream = _StreamFrom(dataset, (draw % _STREAM_DRAWS) * count * batch_size)
             loader = DataLoader(stream, batch_size=batch_size, collate_fn=collate_fn)

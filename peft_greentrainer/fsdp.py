@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .engine.importance import NO_LOSS, clip_coefficient, optimizer_update, squared_norm
+from .engine.rng import fork_rng
 from .engine.units import Unit, is_trainable_dtype
 
 logger = logging.getLogger(__name__)
@@ -340,8 +341,7 @@ def _accumulate_gradients(
             param.requires_grad_(True)
         if hasattr(root, "set_requires_gradient_sync"):
             root.set_requires_gradient_sync(True)  # a plain loop may have left it off for accumulation
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with fork_rng(), torch.enable_grad():
             for batch in batches:
                 loss = loss_fn(root, batch)
                 if loss is None:

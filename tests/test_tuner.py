@@ -801,6 +801,23 @@ def test_importance_batches_read_on_through_a_stream_and_leave_the_collators_gen
         assert torch.equal(deep.generator.get_state(), torch.Generator().manual_seed(0).get_state())
 
 
+def test_importance_batches_leave_the_global_generators_a_plain_collator_draws_from_alone():
+    """A plain-function collator may draw from Python's or numpy's global generator (or torch's): the probe's draws
+    must not shift what training's batches get."""
+
+    def jittering(batch):
+        noise = [random.random(), float(np.random.rand()), float(torch.rand(()))]
+        return {"x": torch.cat([r["x"] for r in batch]), "noise": torch.tensor(noise)}
+
+    rows = [{"x": torch.tensor([i])} for i in range(8)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=4, collate_fn=jittering)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    expected = jittering(rows[:4])["noise"]
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    assert len(list(importance_batches(loader, 2, seed=0))) == 2
+    assert torch.equal(jittering(rows[:4])["noise"], expected)
+
+
 def test_batches_without_a_loss_are_a_clear_error():
     """Preference and reward trainers' batches hold no labels: the error says to pass the loss they train."""
     model = _peft_model("llama", "tensors")
