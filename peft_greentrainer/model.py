@@ -922,9 +922,11 @@ class GreenTrainerModel(LoraModel):
                 "unload() must return the original base model, but units='tensors' trained it in place. Use "
                 "merge_and_unload() to get the trained transformers model, or load a fresh base model."
             )
-        if hasattr(self.model, "peft_config"):
-            del self.model.peft_config
-        return self.model
+        # the base weights are already the trained ones; PEFT's own pass unwraps its modules_to_save copies (a
+        # SEQ_CLS head) into plain modules holding the trained values
+        return super()._unload_and_optionally_merge(
+            merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
@@ -938,6 +940,12 @@ class GreenTrainerModel(LoraModel):
             # no selection yet: every candidate was trainable; or a sharded FSDP2 checkpoint, which is loaded before
             # the selection state is back, and so must hold every candidate
             trained = tuner._candidates[adapter_name]
+        elif not tuner.__dict__.get("_selection_applied"):
+            # no selection in force (a trainable load, unfreeze_candidates()): steps without one, in a plain loop or
+            # a Trainer without the callback, may have changed any trainable candidate
+            params = dict(tuner.model.named_parameters(remove_duplicate=False))
+            loose = [n for n in tuner._candidates[adapter_name] if n in params and params[n].requires_grad]
+            trained = list(dict.fromkeys([*trained, *loose]))
         prefix = BASE_PREFIX if any(k.startswith(BASE_PREFIX) for k in state_dict) else ""
         # modules_to_save copies are PEFT's to save (under the wrapped module's own name), as for any adapter
         copies = _auxiliary_names(tuner.model, adapter_name)
@@ -955,6 +963,7 @@ class GreenTrainerModel(LoraModel):
         params = {fsdp.canonical_name(n): p for n, p in tuner.model.named_parameters(remove_duplicate=False)}
         mismatched = []
         names = []
+        state_dict = dict(state_dict)
         for key, value in state_dict.items():
             name = key.removeprefix(BASE_PREFIX)
             if name not in params:
@@ -962,8 +971,13 @@ class GreenTrainerModel(LoraModel):
                     f"The adapter holds tensor {name!r}, which this base model does not have: load it onto the "
                     f"base model it was trained from ({config.base_model_name_or_path or 'see adapter_config.json'})."
                 )
-            if tuple(params[name].shape) != tuple(value.shape):
-                mismatched.append(f"{name}: adapter {tuple(value.shape)} vs base {tuple(params[name].shape)}")
+            target = params[name]
+            if tuple(target.shape) != tuple(value.shape):
+                mismatched.append(f"{name}: adapter {tuple(value.shape)} vs base {tuple(target.shape)}")
+            # low_cpu_mem_usage loads by assigning the tensors as they are: give them the base's dtype and device,
+            # as a copying load does (an offloaded parameter, on meta, keeps the adapter's value where it is)
+            device = value.device if target.device.type == "meta" else target.device
+            state_dict[key] = value.to(device=device, dtype=target.dtype)
             names.append(name)
         if mismatched:
             raise ValueError(
@@ -972,7 +986,7 @@ class GreenTrainerModel(LoraModel):
                 + f"{'; ...' if len(mismatched) > 3 else ''}). Load it onto the base model it was trained from ("
                 f"{config.base_model_name_or_path or 'see adapter_config.json'})."
             )
-        return tuner._with_original_values(dict(state_dict), names, trainable=not config.inference_mode)
+        return tuner._with_original_values(state_dict, names, trainable=not config.inference_mode)
 
 
 def _auxiliary_names(model: nn.Module, adapter_name: str) -> set[str]:

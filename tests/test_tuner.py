@@ -818,6 +818,45 @@ def test_importance_batches_leave_the_global_generators_a_plain_collator_draws_f
     assert torch.equal(jittering(rows[:4])["noise"], expected)
 
 
+def test_an_adapter_loaded_trainable_and_trained_without_a_selection_saves_every_changed_tensor(tmp_path):
+    """A trainable load makes every candidate trainable until a selection: a plain loop (or a Trainer without the
+    callback) may change any of them, and the saved adapter must hold them all."""
+    model = _peft_model("llama", "tensors")
+    tuner = model.base_model
+    batch = _batch("llama")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tuner.select_units([batch], optimizer)
+    model.save_pretrained(tmp_path / "stage1")
+    stage1 = len(tuner.greentrainer_state.trained_tensors)
+
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "stage1", is_trainable=True)
+    optimizer = torch.optim.AdamW([p for p in loaded.parameters() if p.requires_grad], lr=1e-2)
+    loaded(**batch).loss.backward()
+    optimizer.step()
+    loaded.save_pretrained(tmp_path / "stage2")
+    reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "stage2").eval()
+    saved = load_file(tmp_path / "stage2" / "adapter_model.safetensors")
+    assert len(saved) > stage1
+    assert torch.equal(reloaded(**batch).logits, loaded.eval()(**batch).logits)
+
+
+def test_a_low_memory_load_onto_a_base_of_another_dtype_casts_as_a_copying_load_does(tmp_path):
+    """low_cpu_mem_usage assigns the adapter's tensors as they are: an fp32 adapter on a bf16 base must still give a
+    bf16 model, the same as the copying load."""
+    model = _peft_model("llama", "tensors")
+    batch = _batch("llama")
+    model.base_model.select_units([batch], torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+    model.save_pretrained(tmp_path)
+    logits = []
+    for low_memory in (False, True):
+        loaded = PeftModel.from_pretrained(
+            tiny_model("llama").to(torch.bfloat16), tmp_path, low_cpu_mem_usage=low_memory
+        ).eval()
+        assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+        logits.append(loaded(**batch).logits)
+    assert torch.equal(*logits)
+
+
 def test_batches_without_a_loss_are_a_clear_error():
     """Preference and reward trainers' batches hold no labels: the error says to pass the loss they train."""
     model = _peft_model("llama", "tensors")
@@ -1093,7 +1132,14 @@ def test_a_sequence_classifier_head_is_a_unit_with_tensor_units_too(tmp_path):
     peft_model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(_sequence_classifier(), tmp_path).eval()
     peft_model.eval()
-    assert torch.equal(loaded(**batch).logits, peft_model(**batch).logits)
+    trained = peft_model(**batch).logits
+    assert torch.equal(loaded(**batch).logits, trained)
+    # merged: a plain transformers model whose head is the trained one, as PEFT's LoRA gives it
+    merged = peft_model.merge_and_unload()
+    assert [n for n, _ in merged.named_parameters() if n.startswith("score")] == ["score.weight"]
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert torch.equal(reloaded(**batch).logits, trained)
 
 
 @pytest.mark.parametrize("units", ["tensors", "lora"])
