@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 
@@ -46,31 +49,40 @@ def save_adapter(model, save_directory: str | os.PathLike, **kwargs) -> None:
 
 
 def write_atomically(target: str | os.PathLike, write: Callable[[str], None], keep_others: bool = False) -> None:
-    """``write(directory)`` into a hidden sibling of ``target``, then swap it in with renames on the same filesystem.
+    """``write(directory)`` into a hidden sibling of ``target``, then swap it in on the same filesystem.
 
-    A directory cannot replace a non-empty one in a single rename, so the previous ``target`` is moved aside first
-    and moved back if the second rename fails: ``target`` is the old or the new complete directory at every point.
-    With ``keep_others``, entries of the previous ``target`` that ``write`` did not produce are then moved into the
-    new one (renames, so large folders cost nothing); were that interrupted, they wait in the ``.old-*`` sibling.
+    Where the OS swaps two directories in one step (Linux's ``renameat2``), ``target`` is the old or the new complete
+    directory at every point. Elsewhere the previous ``target`` is moved aside first and moved back if the second
+    rename fails; a process killed between the two leaves it in a ``.old-<name>-*`` sibling, which the next write
+    puts back first. With ``keep_others``, entries of the previous ``target`` that ``write`` did not produce are then
+    moved into the new one (renames, so large folders cost nothing), and its model card (``README.md``) is given to
+    ``write`` to update, as ``save_pretrained`` updates the one it finds.
     """
     target = os.path.abspath(os.fspath(target))
-    parent = os.path.dirname(target)
+    parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    _recover(parent, name)
+    staging = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0o700 would hide the result from other users and services
     try:
+        card = os.path.join(target, MODEL_CARD)
+        if keep_others and os.path.isfile(card):
+            shutil.copy2(card, os.path.join(staging, MODEL_CARD))
         write(staging)
         if not os.path.isdir(target):
             os.replace(staging, target)
             return
-        backup = tempfile.mkdtemp(prefix=".old-", dir=parent)
-        os.rmdir(backup)
-        os.replace(target, backup)
-        try:
-            os.replace(staging, target)
-        except BaseException:
-            os.replace(backup, target)
-            raise
+        if _exchange(staging, target):
+            backup = staging
+        else:
+            backup = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
+            os.rmdir(backup)
+            os.replace(target, backup)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(backup, target)
+                raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -81,6 +93,39 @@ def write_atomically(target: str | os.PathLike, write: Callable[[str], None], ke
         if os.path.splitext(entry)[0] not in written:
             os.replace(os.path.join(backup, entry), os.path.join(target, entry))
     shutil.rmtree(backup, ignore_errors=True)
+
+
+MODEL_CARD = "README.md"
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS or the
+    filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it (glibc < 2.28)
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), second)
+
+
+def _recover(parent: str, name: str) -> None:
+    """Put back a previous ``name`` that a killed write left moved aside (only where ``name`` itself is missing)."""
+    if os.path.exists(os.path.join(parent, name)):
+        return
+    aside = sorted(
+        (os.path.join(parent, entry) for entry in os.listdir(parent) if entry.startswith(f".old-{name}-")),
+        key=os.path.getmtime,
+    )
+    if aside:
+        os.replace(aside[-1], os.path.join(parent, name))
 
 
 def _umask() -> int:

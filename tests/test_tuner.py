@@ -23,7 +23,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, export_lora_adapter, save_adapter
+from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, export_lora_adapter, save_adapter, saving
 from peft_greentrainer.callback import importance_batches
 from peft_greentrainer.engine.profile import measure_flops
 
@@ -652,7 +652,12 @@ def test_interrupted_save_keeps_the_previous_adapter(units, tmp_path, monkeypatc
     assert sorted(os.listdir(tmp_path)) == ["adapter"]
 
 
-def test_interrupted_swap_puts_the_previous_adapter_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+def test_interrupted_swap_puts_the_previous_adapter_back(tmp_path, monkeypatch, swap):
+    """Linux swaps the directories in one step; elsewhere (or on a filesystem that cannot) the old one is moved aside
+    and back if the new one cannot move in."""
+    if swap == "two renames":
+        monkeypatch.setattr(saving, "_exchange", lambda first, second: False)
     arch = "llama"
     model = _peft_model(arch, "tensors")
     _train_a_little(model, arch)
@@ -668,11 +673,39 @@ def test_interrupted_swap_puts_the_previous_adapter_back(tmp_path, monkeypatch):
         replace(src, dst)
 
     monkeypatch.setattr(os, "replace", failing)
-    with pytest.raises(OSError, match="simulated"):
-        save_adapter(model, target)
+    if swap == "exchange" and sys.platform.startswith("linux"):
+        save_adapter(model, target)  # no rename moves the new adapter in
+        first = {k: v.clone() for k, v in model.state_dict().items()}
+    else:
+        with pytest.raises(OSError, match="simulated"):
+            save_adapter(model, target)
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["adapter"]
     _assert_equal_state_dicts(first, PeftModel.from_pretrained(tiny_model(arch), target).state_dict())
+
+
+def test_a_write_killed_between_its_two_renames_is_put_back_by_the_next(tmp_path):
+    """Where the swap takes two renames, a kill between them leaves the previous adapter in a ``.old-<name>-*``
+    sibling: the next write puts it back first, so that the files it does not write are kept."""
+    model = _peft_model("llama", "lora")
+    _train_a_little(model, "llama")
+    target = tmp_path / "adapter"
+    save_adapter(model, target)
+    (target / "tokenizer.json").write_text("{}")
+    os.replace(target, tmp_path / ".old-adapter-killed")  # where the kill left it
+    save_adapter(model, target)
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    assert {"tokenizer.json", "adapter_model.safetensors"} <= set(os.listdir(target))
+
+
+def test_a_save_updates_the_model_card_it_finds_as_save_pretrained_does(tmp_path):
+    model = _peft_model("llama", "lora")
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "README.md").write_text("---\nlicense: apache-2.0\n---\n\nOur notes on this adapter.\n")
+    save_adapter(model, target)
+    card = (target / "README.md").read_text()
+    assert "Our notes on this adapter." in card and "apache-2.0" in card
 
 
 def test_save_keeps_other_files_and_is_a_no_op_off_the_main_process(tmp_path):
