@@ -10,7 +10,9 @@ consumer can use: it is saved as a GreenTrainer config, as are adapters saved by
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ from typing import Literal
 from peft import LoraConfig
 
 from .registration import GREENTRAINER_PEFT_TYPE
+
+logger = logging.getLogger(__name__)
 
 UNIT_KINDS = ("tensors", "lora")
 METADATA_NAME = "greentrainer_config.json"
@@ -128,9 +132,11 @@ class GreenTrainerConfig(LoraConfig):
             if os.path.isfile(metadata):  # left by an earlier units="lora" save: it would describe another adapter
                 os.remove(metadata)
             return
-        self.to_lora_config().save_pretrained(save_directory, **kwargs)
+        lora_config = self.to_lora_config()
+        lora_config.save_pretrained(save_directory, **kwargs)
         with open(metadata, "w") as handle:
-            json.dump(self.greentrainer_fields(), handle, indent=2, sort_keys=True)
+            fields = {**self.greentrainer_fields(), FINGERPRINT: lora_fingerprint(lora_config)}
+            json.dump(fields, handle, indent=2, sort_keys=True)
 
     @classmethod
     def from_lora_config(cls, lora_config: LoraConfig, metadata: dict) -> GreenTrainerConfig:
@@ -146,13 +152,39 @@ class GreenTrainerConfig(LoraConfig):
         return cls(**lora_values, **metadata)
 
     @staticmethod
-    def read_metadata(directory: str | os.PathLike) -> dict | None:
-        """The GreenTrainer fields saved next to a LoRA ``adapter_config.json`` in ``directory``, if any."""
+    def read_metadata(directory: str | os.PathLike, lora_config: LoraConfig) -> dict | None:
+        """The GreenTrainer fields saved next to ``lora_config`` (the LoRA ``adapter_config.json`` of ``directory``),
+        if any. None, with a warning, when they were saved with another LoRA config: a plain LoRA adapter saved later
+        into the same directory (a reused output directory) is that adapter, not GreenTrainer's."""
         path = os.path.join(directory, METADATA_NAME)
         if not os.path.isfile(path):
             return None
         with open(path) as handle:
-            return json.load(handle)
+            metadata = json.load(handle)
+        saved_with = metadata.pop(FINGERPRINT, None)  # absent in files of earlier versions: trusted as before
+        if saved_with is not None and saved_with != lora_fingerprint(lora_config):
+            logger.warning(
+                "%s was saved with another LoRA config than the adapter_config.json beside it (a plain LoRA adapter "
+                "saved into the same directory later?), so the adapter loads as plain LoRA. Delete the file if that "
+                "is what the directory holds.",
+                path,
+            )
+            return None
+        return metadata
+
+
+FINGERPRINT = "lora_config_fingerprint"
+# what saving or hand-editing an adapter changes without making it another adapter
+_UNIDENTIFYING = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"}
+
+
+def lora_fingerprint(config: LoraConfig) -> str:
+    """A short hash of the LoRA fields that make an adapter what it is (rank, targets, scaling, ...)."""
+    values = {k: v for k, v in config.to_dict().items() if k not in _UNIDENTIFYING}
+    text = json.dumps(
+        values, sort_keys=True, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _init_fields(cls) -> set[str]:

@@ -315,6 +315,15 @@ class GreenTrainerModel(LoraModel):
         if not inference_mode:
             self._reapply_selection()
 
+    def add_weighted_adapter(self, adapters: list[str], *args, **kwargs) -> None:
+        """LoRA's weighted combination of adapters (units="lora"); units="tensors" has a single adapter."""
+        if any(self.peft_config[name].units == "tensors" for name in adapters if name in self.peft_config):
+            raise ValueError(
+                "units='tensors' has a single adapter (the base model's own tensors, trained in place): there are no "
+                "adapters to combine. Use units='lora' for adapters that add_weighted_adapter can combine."
+            )
+        return super().add_weighted_adapter(adapters, *args, **kwargs)
+
     def _reapply_selection(self) -> None:
         """PEFT makes every tensor of an activated (or re-enabled) adapter trainable: one that was trained under a
         budget goes back to the units of its last selection instead, so the budget is never silently lifted."""

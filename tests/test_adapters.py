@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from transformers import Trainer, TrainingArguments
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, export_lora_adapter
-from peft_greentrainer.config import METADATA_NAME
+from peft_greentrainer.config import FINGERPRINT, METADATA_NAME
 
 ARCH = "llama"
 TARGETS = {"default": ["q_proj", "v_proj"], "other": ["k_proj", "o_proj", "v_proj"]}
@@ -236,6 +236,26 @@ PLAIN_PEFT_CHECK = textwrap.dedent(
 )
 
 
+def test_a_plain_lora_adapter_saved_later_into_the_same_directory_loads_as_plain_lora(tmp_path, caplog):
+    """A reused output directory keeps an earlier run's greentrainer_config.json: it describes another LoRA config, so
+    it is not applied to the plain adapter saved there since. Editing the base model's path keeps it applied."""
+    config = GreenTrainerConfig(units="lora", rho=0.5, target_modules=["q_proj", "v_proj"], r=4)
+    get_peft_model(tiny_model(ARCH), config).save_pretrained(tmp_path)
+    adapter_config = tmp_path / "adapter_config.json"
+    edited = {**json.loads(adapter_config.read_text()), "base_model_name_or_path": "/elsewhere/the-base"}
+    adapter_config.write_text(json.dumps(edited))
+    assert isinstance(PeftConfig.from_pretrained(tmp_path), GreenTrainerConfig)
+
+    plain = get_peft_model(tiny_model(ARCH), LoraConfig(r=8, target_modules=["q_proj", "k_proj"]))
+    plain.save_pretrained(tmp_path)
+    assert (tmp_path / METADATA_NAME).exists()  # PEFT's own save leaves it
+    with caplog.at_level("WARNING", logger="peft_greentrainer.config"):
+        loaded = PeftConfig.from_pretrained(tmp_path)
+    assert type(loaded) is LoraConfig and loaded.r == 8
+    assert "loads as plain LoRA" in caplog.text
+    assert type(PeftModel.from_pretrained(tiny_model(ARCH), tmp_path).base_model).__name__ == "LoraModel"
+
+
 def test_each_adapter_is_saved_under_its_name_as_plain_lora(tmp_path):
     model = _two_adapters()
     _select_and_train(model)
@@ -250,7 +270,8 @@ def test_each_adapter_is_saved_under_its_name_as_plain_lora(tmp_path):
         written = json.loads((directory / "adapter_config.json").read_text())
         assert written["peft_type"] == "LORA" and "rho" not in written and "units" not in written
         assert sorted(written["target_modules"]) == sorted(TARGETS[name])
-        assert json.loads((directory / METADATA_NAME).read_text()) == model.peft_config[name].greentrainer_fields()
+        metadata = json.loads((directory / METADATA_NAME).read_text())
+        assert metadata.pop(FINGERPRINT) and metadata == model.peft_config[name].greentrainer_fields()
         config = PeftConfig.from_pretrained(directory)  # this package imported: the GreenTrainer config is back
         assert isinstance(config, GreenTrainerConfig) and config.units == "lora"
         assert config.greentrainer_fields() == model.peft_config[name].greentrainer_fields()
@@ -345,6 +366,9 @@ def test_tensor_units_refuse_delete_and_mixed_batches():
     batch = tiny_batch(model.base_model.model)
     with pytest.raises(ValueError, match="units='lora'"):
         model(input_ids=batch["input_ids"], adapter_names=["default", "default"])
+    with pytest.raises(ValueError, match="no adapters to combine"):
+        model.add_weighted_adapter(["default"], [1.0], "combined")
+    assert set(model.peft_config) == {"default"}
 
 
 def test_tensor_units_are_saved_in_the_greentrainer_format(tmp_path):
