@@ -169,7 +169,10 @@ class GreenTrainerModel(LoraModel):
             )
         self._drop_cached_profiles()
         if "_step_hook" not in self.__dict__:  # the budget check before every training forward (module docstring)
-            self.__dict__["_step_hook"] = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+            # outside any torch.compile'd forward: the check profiles and selects in Python (dynamo tracing it
+            # recompiled on every shape key and crashed on a cold cache)
+            check = torch.compiler.disable(self._before_forward)
+            self.__dict__["_step_hook"] = model.register_forward_pre_hook(check, with_kwargs=True)
         if config.units == "lora":
             super().inject_adapter(model, adapter_name, *args, **kwargs)
             candidates = [p for u in self._lora_candidates(model, adapter_name) for p in u.param_names]

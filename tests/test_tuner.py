@@ -890,6 +890,28 @@ def test_a_low_memory_load_onto_a_base_of_another_dtype_casts_as_a_copying_load_
     assert torch.equal(*logits)
 
 
+def test_the_budget_check_runs_outside_a_compiled_forward():
+    """torch_compile=True compiles the PEFT model's forward, hooks included: the check before each step profiles and
+    selects in Python, and traced by dynamo it recompiled at every shape and crashed on a cold cache."""
+    model = _peft_model("llama", "tensors", rho=0.6)
+    tuner = model.base_model
+    tuner.select_units([_batch("llama")], torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+    compiling = []
+    profile_rows = tuner._profile_rows
+
+    def spy(*args, **kwargs):
+        compiling.append(torch.compiler.is_compiling())
+        return profile_rows(*args, **kwargs)
+
+    tuner._profile_rows = spy
+    compiled = torch.compile(model, backend="eager")
+    batch = _batch("llama")
+    for cut in (0, 4):  # two shapes: the second is priced, and re-selected if need be, inside its forward
+        compiled(**{k: v[:, : v.shape[1] - cut] for k, v in batch.items()}).loss.backward()
+    assert compiling == [False, False]
+    assert all(ratio <= 0.6 for ratio in tuner.step_flops_ratios())
+
+
 def test_batches_without_a_loss_are_a_clear_error():
     """Preference and reward trainers' batches hold no labels: the error says to pass the loss they train."""
     model = _peft_model("llama", "tensors")
