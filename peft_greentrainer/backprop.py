@@ -13,6 +13,11 @@ GreenTrainer's savings away (measured in ``benchmarks/bench_kbit.py``):
 We remove every such hook and switch checkpointed blocks to non-reentrant checkpointing, which gives trainable
 parameters inside a block their gradients without any input gradient, and lets frozen blocks below the deepest
 selected unit be neither recomputed nor backpropagated.
+
+A third setting stops backprop altogether: on CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for fast
+inference the first time its layer runs in eval mode without gradients (an evaluation, ``generate``) and keeps it so;
+the packed matmul has no backward, so every later training step gets no gradient below that layer (or crashes). We
+unpack such weights before training, as bitsandbytes itself does before saving.
 """
 
 from __future__ import annotations
@@ -60,8 +65,25 @@ def make_checkpointing_non_reentrant(model: nn.Module) -> int:
     return switched
 
 
+def unpack_weights_packed_for_inference(model: nn.Module) -> int:
+    """Give bitsandbytes' 4-bit weights packed for CPU inference their trainable layout back; return how many."""
+    unpacked = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if not getattr(state, "packing_format_for_cpu", False):
+            continue
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # its own unpacking (bnb 0.50)
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        unpacked += 1
+    return unpacked
+
+
 def keep_backprop_shallow(model: nn.Module, quiet: bool = False) -> None:
-    """Apply both fixes; say what was changed and why."""
+    """Apply the fixes; say what was changed and why."""
+    if unpack_weights_packed_for_inference(model):
+        logger.debug("GreenTrainer unpacked 4-bit weights bitsandbytes had packed for CPU inference")
     hooks = remove_forced_input_grads(model)
     blocks = make_checkpointing_non_reentrant(model)
     if (hooks or blocks) and not quiet:

@@ -138,8 +138,8 @@ def save_tiny_checkpoint(directory, arch: str = "llama", seed: int = 0, hidden: 
         transformers.T5ForConditionalGeneration(config).save_pretrained(directory)
     else:
         config = transformers.LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,

@@ -239,3 +239,25 @@ def test_rho_reference_of_a_quantized_mixture_of_experts_is_full_fine_tuning_of_
     assert reference == get_peft_model(float_model, float_config).base_model.cost_profile(batch)[1]
     # the profile prices the router's backward a little low (the reference is then smaller: a stricter budget)
     assert 0.995 * measured <= reference <= measured
+
+
+@pytest.mark.slow
+def test_training_after_an_evaluation_on_the_cpu_still_reaches_every_adapter(checkpoint):
+    """bitsandbytes repacks 4-bit weights for CPU inference when a layer runs in eval mode without gradients (an
+    evaluation, generate) and keeps them so; the packed matmul has no backward, so later steps got no gradient below
+    it (units="lora": the adapters of lower layers stopped training, or the step crashed)."""
+    model = get_peft_model(
+        _quantized(checkpoint, "nf4"), GreenTrainerConfig(units="lora", rho=1.0, r=4, target_modules=TARGETS)
+    )
+    if not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules()):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack 4-bit weights here")
+    batch = _batch()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.base_model.select_units([batch], optimizer)
+    model.eval()
+    with torch.no_grad():
+        model.generate(input_ids=batch["input_ids"][:1, :5], max_new_tokens=2, do_sample=False)
+    model.train()
+    model(**batch).loss.backward()
+    adapters = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n}
+    assert adapters and all(g is not None and bool(g.any()) for g in adapters.values())
