@@ -276,6 +276,41 @@ def test_profile_command_sees_the_sparse_head(tmp_path, capsys):
     assert "with the same LM head (rho's reference)" in capsys.readouterr().out
 
 
+def test_unreadable_data_long_sequences_and_unusable_outputs_are_one_clear_line(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--model", str(tiny_checkpoint), "--no-energy", *TRAIN_ARGS]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(b"document,summary\nthe caf\xe9 model,the model\n")
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("document,summary\n")
+    data = str(tiny_checkpoint / "data.jsonl")
+    _fails([*base, "--output-dir", str(out), "--dataset", str(empty)], capsys, "is empty", out)
+    _fails([*base, "--output-dir", str(out), "--dataset", str(latin1)], capsys, "must be UTF-8", out)
+    _fails([*base, "--output-dir", str(out), "--dataset", str(header_only)], capsys, "cannot read", out)
+    # the tiny checkpoint has 256 positions
+    longer = [*base, "--dataset", data, "--max-source-tokens", "300"]
+    _fails([*longer, "--output-dir", str(out)], capsys, "exceed the 256 positions this model has", out)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("user data")
+    _fails([*base, "--dataset", data, "--output-dir", str(blocker / "run")], capsys, "is a file", blocker / "run")
+    # --overwrite of a file: a run that fails keeps it
+    failing = [*base, "--dataset", data, "--rho", "0.05", "--output-dir", str(blocker), "--overwrite"]
+    assert main(failing) == 2
+    assert "feasible floor" in capsys.readouterr().err and blocker.read_text() == "user data"
+
+
+def test_profile_command_builds_a_decoder_with_a_pad_token_and_checks_the_plot_path(tmp_path, capsys):
+    transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, pad_token_id=0).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    assert main(["profile", "--model", str(tmp_path / "gpt2"), "--seq-len", "16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["full_flops"] > 0
+    assert main(["profile", "--model", str(tmp_path / "gpt2"), "--plot", str(tmp_path / "absent" / "p.png")]) == 2
+    assert "its directory does not exist" in capsys.readouterr().err
+
+
 def test_profile_command_rejects_what_it_cannot_build(tmp_path, capsys):
     assert main(["profile", "--model", str(tmp_path / "absent")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -37,6 +37,24 @@ class Example:
     target: str
 
 
+def _read_file(path: Path, builder: str):
+    """The rows of a local data file, or a DataError that says what is wrong with it."""
+    import datasets
+
+    formats = {"json": "JSON lines (one object per line) or a JSON array", "csv": "CSV with a header row"}
+    expected = f"it must be UTF-8 {formats.get(builder, builder)}"
+    if path.stat().st_size == 0:
+        raise DataError(f"dataset file {path} is empty")
+    try:
+        rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except (datasets.exceptions.DatasetGenerationError, UnicodeDecodeError, ValueError, RuntimeError) as error:
+        cause = error.__cause__ or error.__context__ or error
+        raise DataError(f"cannot read {path} as {builder} ({type(cause).__name__}: {cause}); {expected}") from error
+    if len(rows) == 0:
+        raise DataError(f"dataset file {path} holds no rows; {expected}")
+    return rows
+
+
 def load_examples(
     dataset: str | None,
     split: str,
@@ -62,7 +80,7 @@ def load_examples(
         builder = FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise DataError(f"unsupported dataset file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
-        rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+        rows = _read_file(path, builder)
         rows = rows.shuffle(seed=seed)
         cut = max(1, int(len(rows) * 0.8)) if len(rows) > 1 else len(rows)
         rows = rows.select(range(cut)) if split == "train" else rows.select(range(cut, len(rows)))

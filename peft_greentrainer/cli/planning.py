@@ -32,6 +32,10 @@ def build_on_meta(model_path: str | Path):
         raise FileNotFoundError(f"{model_path} does not exist")
     config = transformers.AutoConfig.from_pretrained(str(path.parent if path.is_file() else path))
     cls = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
+    if not config.is_encoder_decoder:
+        # a decoder with a pad token checks the unmasked profiling batch for padding, which meta tensors cannot show
+        # (GPT-2 family); no FLOP depends on it (encoder-decoders need it to build their decoder inputs)
+        config.pad_token_id = None
     with torch.device("meta"):
         model = cls.from_config(config)
     model.train()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from .errors import CliError
 from .planning import plan, plot_plan
@@ -11,6 +12,8 @@ from .report import markdown_table
 
 
 def run_profile(args: argparse.Namespace) -> dict:
+    if args.plot and not Path(args.plot).absolute().parent.is_dir():
+        raise CliError(f"--plot {args.plot}: its directory does not exist")
     try:
         result = plan(
             args.model,

@@ -58,9 +58,13 @@ def run_train(args: argparse.Namespace) -> dict:
     _check_output_dir(output_dir, args.overwrite)
     data = load_data(args)
     result: dict = {}
-    if output_dir.exists() and args.overwrite and output_dir.is_file():
-        output_dir.unlink()
-    write_atomically(output_dir, lambda staging: result.update(train_into(Path(staging), args, data)))
+
+    def write(staging: str) -> None:
+        result.update(train_into(Path(staging), args, data))
+        if output_dir.is_file():  # --overwrite of a file: it goes only once the run has succeeded
+            output_dir.unlink()
+
+    write_atomically(output_dir, write)
     _print_summary(result, output_dir)
     return result
 
@@ -118,8 +122,18 @@ def _apply_defaults(args: argparse.Namespace) -> None:
 
 
 def _check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output directory the run could not write or would overwrite unasked."""
+    import os
+
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise CliError(f"output directory {path} exists and is not empty; pass --overwrite or choose another")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CliError(f"cannot create output directory {path}: {parent} is a file; choose another --output-dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write output directory {path}: {parent} is not writable; choose another --output-dir")
 
 
 def load_data(args: argparse.Namespace) -> RunData:
@@ -166,7 +180,24 @@ def tokenize(model, tokenizer, examples: Sequence, args: argparse.Namespace) -> 
     from .data import tokenize_causal, tokenize_seq2seq
 
     tokenize_examples = tokenize_seq2seq if model.config.is_encoder_decoder else tokenize_causal
-    return tokenize_examples(tokenizer, examples, args.template, args.max_source_tokens, args.max_target_tokens)
+    columns = tokenize_examples(tokenizer, examples, args.template, args.max_source_tokens, args.max_target_tokens)
+    limit = _position_limit(model.config)
+    length = columns["input_ids"].shape[1]
+    if limit is not None and length > limit and not model.config.is_encoder_decoder:
+        raise CliError(
+            f"sequences of {length} tokens (--max-source-tokens {args.max_source_tokens} + --max-target-tokens "
+            f"{args.max_target_tokens} + end of text) exceed the {limit} positions this model has; lower them"
+        )
+    return columns
+
+
+def _position_limit(config) -> int | None:
+    """The most positions a decoder-only model was built for (learned position embeddings fail beyond it)."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _announce(args: argparse.Namespace, data: RunData, columns: dict) -> None:
