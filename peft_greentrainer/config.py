@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from peft import LoraConfig
+from peft.utils import CONFIG_NAME
 
 from .registration import GREENTRAINER_PEFT_TYPE
 
@@ -132,10 +133,9 @@ class GreenTrainerConfig(LoraConfig):
             if os.path.isfile(metadata):  # left by an earlier units="lora" save: it would describe another adapter
                 os.remove(metadata)
             return
-        lora_config = self.to_lora_config()
-        lora_config.save_pretrained(save_directory, **kwargs)
+        self.to_lora_config().save_pretrained(save_directory, **kwargs)
         with open(metadata, "w") as handle:
-            fields = {**self.greentrainer_fields(), FINGERPRINT: lora_fingerprint(lora_config)}
+            fields = {**self.greentrainer_fields(), FINGERPRINT: lora_fingerprint(save_directory)}
             json.dump(fields, handle, indent=2, sort_keys=True)
 
     @classmethod
@@ -152,17 +152,17 @@ class GreenTrainerConfig(LoraConfig):
         return cls(**lora_values, **metadata)
 
     @staticmethod
-    def read_metadata(directory: str | os.PathLike, lora_config: LoraConfig) -> dict | None:
-        """The GreenTrainer fields saved next to ``lora_config`` (the LoRA ``adapter_config.json`` of ``directory``),
-        if any. None, with a warning, when they were saved with another LoRA config: a plain LoRA adapter saved later
-        into the same directory (a reused output directory) is that adapter, not GreenTrainer's."""
+    def read_metadata(directory: str | os.PathLike) -> dict | None:
+        """The GreenTrainer fields saved next to the LoRA ``adapter_config.json`` of ``directory``, if any. None, with
+        a warning, when they were saved with another LoRA config: a plain LoRA adapter saved later into the same
+        directory (a reused output directory) is that adapter, not GreenTrainer's."""
         path = os.path.join(directory, METADATA_NAME)
         if not os.path.isfile(path):
             return None
         with open(path) as handle:
             metadata = json.load(handle)
         saved_with = metadata.pop(FINGERPRINT, None)  # absent in files of earlier versions: trusted as before
-        if saved_with is not None and saved_with != lora_fingerprint(lora_config):
+        if saved_with is not None and saved_with != lora_fingerprint(directory):
             logger.warning(
                 "%s was saved with another LoRA config than the adapter_config.json beside it (a plain LoRA adapter "
                 "saved into the same directory later?), so the adapter loads as plain LoRA. Delete the file if that "
@@ -178,13 +178,15 @@ FINGERPRINT = "lora_config_fingerprint"
 _UNIDENTIFYING = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"}
 
 
-def lora_fingerprint(config: LoraConfig) -> str:
-    """A short hash of the LoRA fields that make an adapter what it is (rank, targets, scaling, ...)."""
-    values = {k: v for k, v in config.to_dict().items() if k not in _UNIDENTIFYING}
-    text = json.dumps(
-        values, sort_keys=True, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def lora_fingerprint(directory: str | os.PathLike) -> str | None:
+    """A short hash of the LoRA config written in ``directory`` (its ``adapter_config.json`` as stored, so that a
+    PEFT release with new fields reads the same hash from an old file), less what does not identify the adapter."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        values = {k: v for k, v in json.load(handle).items() if k not in _UNIDENTIFYING}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _init_fields(cls) -> set[str]:

@@ -40,7 +40,7 @@ from peft.tuners.lora import LoraModel
 from torch import nn
 
 from . import fsdp, ranks
-from .backprop import keep_backprop_shallow
+from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
 from .engine.importance import _unwrap_optimizer, base_learning_rates, compute_importance
 from .engine.profile import (
     CostProfile,
@@ -169,10 +169,7 @@ class GreenTrainerModel(LoraModel):
             )
         self._drop_cached_profiles()
         if "_step_hook" not in self.__dict__:  # the budget check before every training forward (module docstring)
-            # outside any torch.compile'd forward: the check profiles and selects in Python (dynamo tracing it
-            # recompiled on every shape key and crashed on a cold cache)
-            check = torch.compiler.disable(self._before_forward)
-            self.__dict__["_step_hook"] = model.register_forward_pre_hook(check, with_kwargs=True)
+            self.__dict__["_step_hook"] = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         if config.units == "lora":
             super().inject_adapter(model, adapter_name, *args, **kwargs)
             candidates = [p for u in self._lora_candidates(model, adapter_name) for p in u.param_names]
@@ -715,10 +712,14 @@ class GreenTrainerModel(LoraModel):
         self.__dict__["_step_ratios"] = [ratios[-1]]
         return ratios[-1], max(ratios)
 
+    # outside any torch.compile'd forward: the check profiles and selects in Python (dynamo tracing it recompiled on
+    # every shape key and crashed on a cold cache); disabled on the method, so a deep copy's hook is its own
+    @torch.compiler.disable
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the base model: keep the budget promise for the training step about to run."""
         if self.__dict__.get("_busy") or not module.training or not torch.is_grad_enabled():
             return  # profiling, importance, evaluation or generation: no training step
+        unpack_weights_packed_for_inference(self.model)  # an evaluation may have packed them, selection or not
         if not self.__dict__.get("_selection_applied"):
             return  # before the first selection every candidate trains (the optimizer is built over all of them)
         keep_backprop_shallow(self.model)  # checkpointing enabled since the last step would force backprop deeper
@@ -955,7 +956,7 @@ class GreenTrainerModel(LoraModel):
         elif not tuner.__dict__.get("_selection_applied"):
             # no selection in force (a trainable load, unfreeze_candidates()): steps without one, in a plain loop or
             # a Trainer without the callback, may have changed any trainable candidate
-            params = dict(tuner.model.named_parameters(remove_duplicate=False))
+            params = {fsdp.canonical_name(n): p for n, p in tuner.model.named_parameters(remove_duplicate=False)}
             loose = [n for n in tuner._candidates[adapter_name] if n in params and params[n].requires_grad]
             trained = list(dict.fromkeys([*trained, *loose]))
         prefix = BASE_PREFIX if any(k.startswith(BASE_PREFIX) for k in state_dict) else ""

@@ -107,7 +107,7 @@ def _load_lora_with_metadata_as(config_cls) -> None:
         if type(config) is not LoraConfig:
             return config
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        metadata = config_cls.read_metadata(directory, config) if os.path.isdir(directory) else None
+        metadata = config_cls.read_metadata(directory) if os.path.isdir(directory) else None
         return config if metadata is None else config_cls.from_lora_config(config, metadata)
 
     from_pretrained._greentrainer_hook = True

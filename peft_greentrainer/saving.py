@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -120,8 +121,9 @@ def _recover(parent: str, name: str) -> None:
     """Put back a previous ``name`` that a killed write left moved aside (only where ``name`` itself is missing)."""
     if os.path.exists(os.path.join(parent, name)):
         return
+    ours = re.compile(rf"\.old-{re.escape(name)}-[^-]+")  # mkdtemp's suffix has no "-": not another name's
     aside = sorted(
-        (os.path.join(parent, entry) for entry in os.listdir(parent) if entry.startswith(f".old-{name}-")),
+        (os.path.join(parent, entry) for entry in os.listdir(parent) if ours.fullmatch(entry)),
         key=os.path.getmtime,
     )
     if aside:

@@ -236,7 +236,7 @@ PLAIN_PEFT_CHECK = textwrap.dedent(
 )
 
 
-def test_a_plain_lora_adapter_saved_later_into_the_same_directory_loads_as_plain_lora(tmp_path, caplog):
+def test_a_plain_lora_adapter_saved_later_into_the_same_directory_loads_as_plain_lora(tmp_path, caplog, monkeypatch):
     """A reused output directory keeps an earlier run's greentrainer_config.json: it describes another LoRA config, so
     it is not applied to the plain adapter saved there since. Editing the base model's path keeps it applied."""
     config = GreenTrainerConfig(units="lora", rho=0.5, target_modules=["q_proj", "v_proj"], r=4)
@@ -245,6 +245,10 @@ def test_a_plain_lora_adapter_saved_later_into_the_same_directory_loads_as_plain
     edited = {**json.loads(adapter_config.read_text()), "base_model_name_or_path": "/elsewhere/the-base"}
     adapter_config.write_text(json.dumps(edited))
     assert isinstance(PeftConfig.from_pretrained(tmp_path), GreenTrainerConfig)
+    with monkeypatch.context() as patch:  # a later PEFT release, whose configs have a field more
+        to_dict = LoraConfig.to_dict
+        patch.setattr(LoraConfig, "to_dict", lambda self: {**to_dict(self), "a_new_field": None})
+        assert isinstance(PeftConfig.from_pretrained(tmp_path), GreenTrainerConfig)
 
     plain = get_peft_model(tiny_model(ARCH), LoraConfig(r=8, target_modules=["q_proj", "k_proj"]))
     plain.save_pretrained(tmp_path)

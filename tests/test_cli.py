@@ -289,9 +289,16 @@ def test_unreadable_data_long_sequences_and_unusable_outputs_are_one_clear_line(
     _fails([*base, "--output-dir", str(out), "--dataset", str(empty)], capsys, "is empty", out)
     _fails([*base, "--output-dir", str(out), "--dataset", str(latin1)], capsys, "must be UTF-8", out)
     _fails([*base, "--output-dir", str(out), "--dataset", str(header_only)], capsys, "cannot read", out)
-    # the tiny checkpoint has 256 positions
-    longer = [*base, "--dataset", data, "--max-source-tokens", "300"]
-    _fails([*longer, "--output-dir", str(out)], capsys, "exceed the 256 positions this model has", out)
+    # learned positions fail beyond their number (GPT-2); rotary ones run longer (the tiny Llama has 256)
+    gpt2 = tmp_path / "gpt2"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_checkpoint)
+    tokenizer.save_pretrained(gpt2)
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=24, vocab_size=len(tokenizer))
+    transformers.GPT2LMHeadModel(config).save_pretrained(gpt2)
+    learned = [*base[:1], "--model", str(gpt2), *base[3:], "--dataset", data, "--output-dir", str(out)]
+    _fails(learned, capsys, "exceed the 24 positions this model has", out)
+    rotary = [*base, "--dataset", data, "--max-source-tokens", "300", "--epochs", "1", "--output-dir", str(out)]
+    assert main(rotary) == 0 and out.is_dir()
     blocker = tmp_path / "a-file"
     blocker.write_text("user data")
     _fails([*base, "--dataset", data, "--output-dir", str(blocker / "run")], capsys, "is a file", blocker / "run")

@@ -242,7 +242,8 @@ def test_rho_reference_of_a_quantized_mixture_of_experts_is_full_fine_tuning_of_
 
 
 @pytest.mark.slow
-def test_training_after_an_evaluation_on_the_cpu_still_reaches_every_adapter(checkpoint):
+@pytest.mark.parametrize("selection", ["applied", "none in force"])
+def test_training_after_an_evaluation_on_the_cpu_still_reaches_every_adapter(checkpoint, selection):
     """bitsandbytes repacks 4-bit weights for CPU inference when a layer runs in eval mode without gradients (an
     evaluation, generate) and keeps them so; the packed matmul has no backward, so later steps got no gradient below
     it (units="lora": the adapters of lower layers stopped training, or the step crashed)."""
@@ -254,6 +255,8 @@ def test_training_after_an_evaluation_on_the_cpu_still_reaches_every_adapter(che
     batch = _batch()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.base_model.select_units([batch], optimizer)
+    if selection == "none in force":  # a second stage before its first selection, or a trainable load
+        model.base_model.unfreeze_candidates()
     model.eval()
     with torch.no_grad():
         model.generate(input_ids=batch["input_ids"][:1, :5], max_new_tokens=2, do_sample=False)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
 import os
+import pickle
 import random
 import re
 import subprocess
@@ -693,8 +695,9 @@ def test_a_write_killed_between_its_two_renames_is_put_back_by_the_next(tmp_path
     save_adapter(model, target)
     (target / "tokenizer.json").write_text("{}")
     os.replace(target, tmp_path / ".old-adapter-killed")  # where the kill left it
+    (tmp_path / ".old-adapter-2-k1lled00").mkdir()  # another directory's ("adapter-2"): not ours to put back
     save_adapter(model, target)
-    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+    assert sorted(os.listdir(tmp_path)) == [".old-adapter-2-k1lled00", "adapter"]
     assert {"tokenizer.json", "adapter_model.safetensors"} <= set(os.listdir(target))
 
 
@@ -851,9 +854,11 @@ def test_importance_batches_leave_the_global_generators_a_plain_collator_draws_f
     assert torch.equal(jittering(rows[:4])["noise"], expected)
 
 
-def test_an_adapter_loaded_trainable_and_trained_without_a_selection_saves_every_changed_tensor(tmp_path):
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "checkpoint-wrapped"])
+def test_an_adapter_loaded_trainable_and_trained_without_a_selection_saves_every_changed_tensor(tmp_path, wrapped):
     """A trainable load makes every candidate trainable until a selection: a plain loop (or a Trainer without the
-    callback) may change any of them, and the saved adapter must hold them all."""
+    callback) may change any of them, and the saved adapter must hold them all (layers in activation-checkpointing
+    wrappers, as accelerate's FSDP config applies, included)."""
     model = _peft_model("llama", "tensors")
     tuner = model.base_model
     batch = _batch("llama")
@@ -863,13 +868,20 @@ def test_an_adapter_loaded_trainable_and_trained_without_a_selection_saves_every
     stage1 = len(tuner.greentrainer_state.trained_tensors)
 
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "stage1", is_trainable=True)
+    if wrapped:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        layers = loaded.base_model.model.model.layers
+        for index, layer in enumerate(layers):
+            layers[index] = checkpoint_wrapper(layer)
     optimizer = torch.optim.AdamW([p for p in loaded.parameters() if p.requires_grad], lr=1e-2)
     loaded(**batch).loss.backward()
     optimizer.step()
     loaded.save_pretrained(tmp_path / "stage2")
     reloaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "stage2").eval()
     saved = load_file(tmp_path / "stage2" / "adapter_model.safetensors")
-    assert len(saved) > stage1
+    stepped = [n for n, p in loaded.named_parameters() if p.grad is not None]
+    assert len(saved) > stage1 and len(saved) == len(stepped)
     assert torch.equal(reloaded(**batch).logits, loaded.eval()(**batch).logits)
 
 
@@ -910,6 +922,13 @@ def test_the_budget_check_runs_outside_a_compiled_forward():
         compiled(**{k: v[:, : v.shape[1] - cut] for k, v in batch.items()}).loss.backward()
     assert compiling == [False, False]
     assert all(ratio <= 0.6 for ratio in tuner.step_flops_ratios())
+    # a deep copy (TRL's reference model, an EMA copy) checks its own steps, and the model still pickles
+    del tuner._profile_rows
+    clone = copy.deepcopy(model)
+    before = list(tuner.__dict__["_step_ratios"])
+    clone(**batch).loss.backward()
+    assert clone.base_model.step_flops_ratios() is not None and tuner.__dict__["_step_ratios"] == before
+    assert pickle.loads(pickle.dumps(model)).base_model.units_kind == "tensors"
 
 
 def test_batches_without_a_loss_are_a_clear_error():

@@ -181,9 +181,9 @@ def tokenize(model, tokenizer, examples: Sequence, args: argparse.Namespace) -> 
 
     tokenize_examples = tokenize_seq2seq if model.config.is_encoder_decoder else tokenize_causal
     columns = tokenize_examples(tokenizer, examples, args.template, args.max_source_tokens, args.max_target_tokens)
-    limit = _position_limit(model.config)
+    limit = _learned_position_limit(model)
     length = columns["input_ids"].shape[1]
-    if limit is not None and length > limit and not model.config.is_encoder_decoder:
+    if limit is not None and length > limit:
         raise CliError(
             f"sequences of {length} tokens (--max-source-tokens {args.max_source_tokens} + --max-target-tokens "
             f"{args.max_target_tokens} + end of text) exceed the {limit} positions this model has; lower them"
@@ -191,10 +191,19 @@ def tokenize(model, tokenizer, examples: Sequence, args: argparse.Namespace) -> 
     return columns
 
 
-def _position_limit(config) -> int | None:
-    """The most positions a decoder-only model was built for (learned position embeddings fail beyond it)."""
+def _learned_position_limit(model) -> int | None:
+    """The positions a decoder-only model with learned position embeddings has (GPT-2, OPT): an index error beyond
+    them. None where positions are computed (RoPE, ALiBi, relative: longer inputs run, scaled or not)."""
+    import torch
+
+    learned = any(
+        isinstance(module, torch.nn.Embedding) and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))
+        for name, module in model.named_modules()
+    )
+    if model.config.is_encoder_decoder or not learned:
+        return None
     for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, name, None)
+        value = getattr(model.config, name, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
