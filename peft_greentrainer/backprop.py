@@ -81,9 +81,7 @@ def unpack_weights_packed_for_inference(model: nn.Module) -> int:
 
 
 def keep_backprop_shallow(model: nn.Module, quiet: bool = False) -> None:
-    """Apply the fixes; say what was changed and why."""
-    if unpack_weights_packed_for_inference(model):
-        logger.debug("GreenTrainer unpacked 4-bit weights bitsandbytes had packed for CPU inference")
+    """Apply both fixes; say what was changed and why."""
     hooks = remove_forced_input_grads(model)
     blocks = make_checkpointing_non_reentrant(model)
     if (hooks or blocks) and not quiet:

@@ -597,6 +597,7 @@ class GreenTrainerModel(LoraModel):
         self._note_stepped_tensors(optimizer)
         self._check_optimizer_holds_candidates(optimizer)
         keep_backprop_shallow(self.model)  # checkpointing may have been switched on since the last selection
+        unpack_weights_packed_for_inference(self.model)  # an evaluation since may have packed 4-bit weights
         with _training_mode(self.model):  # the steps that follow run in training mode
             new: dict[tuple, UnitCosts] = {}
             first = self._profile_rows(batches[0], new)

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .engine.targets import labelled_counts
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -46,8 +48,6 @@ def weighted_by_target_share(loss_fn: Callable[[nn.Module, Any], torch.Tensor | 
     """
     if not is_distributed():
         return loss_fn
-    from .engine.targets import labelled_counts
-
     world_size = dist.get_world_size()
 
     def weighted(model: nn.Module, batch: Any) -> torch.Tensor | None:
