@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import sys
 import time
@@ -123,8 +124,6 @@ def _apply_defaults(args: argparse.Namespace) -> None:
 
 def _check_output_dir(path: Path, overwrite: bool) -> None:
     """Refuse, before any work, an output directory the run could not write or would overwrite unasked."""
-    import os
-
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise CliError(f"output directory {path} exists and is not empty; pass --overwrite or choose another")
     parent = path.absolute().parent
