@@ -45,11 +45,15 @@ def _read_file(path: Path, builder: str):
     expected = f"it must be UTF-8 {formats.get(builder, builder)}"
     if path.stat().st_size == 0:
         raise DataError(f"dataset file {path} is empty")
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its builders log a failed read with a traceback
     try:
         rows = datasets.load_dataset(builder, data_files=str(path), split="train")
     except (datasets.exceptions.DatasetGenerationError, UnicodeDecodeError, ValueError, RuntimeError) as error:
         cause = error.__cause__ or error.__context__ or error
         raise DataError(f"cannot read {path} as {builder} ({type(cause).__name__}: {cause}); {expected}") from error
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if len(rows) == 0:
         raise DataError(f"dataset file {path} holds no rows; {expected}")
     return rows
