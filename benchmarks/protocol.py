@@ -58,7 +58,8 @@ METHODS = (
 )
 # one setting of a method changed, run at that method's chosen learning rate (3 seeds, no grid): GreenTrainer's
 # importance probe, selection interval, and the sparse LM head it ships with (at the same dense-FT budget; with
-# tensor and with LoRA units); and the shipped head on the strongest baselines (the same training, fewer FLOPs)
+# tensor and with LoRA units); the shipped head on the strongest baselines (the same training, fewer FLOPs); and the
+# shipped-head rows with random importances (the same DP, budget and head)
 ABLATIONS = (
     "gt_tensors_0.5_probe1",
     "gt_tensors_0.5_resel8",
@@ -68,6 +69,8 @@ ABLATIONS = (
     "lora_sparse_head",
     "lisa_sparse_head",
     "badam_sparse_head",
+    "random_tensors_shipped_head",
+    "random_lora_shipped_head",
 )
 SEEDS = (0, 1, 2)
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "protocol"

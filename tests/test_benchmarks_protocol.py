@@ -203,10 +203,15 @@ def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
     assert len(probe1["selections"]) == len(default["selections"])  # once per epoch, a smaller probe
     assert probe1["selection_flops"] < default["selection_flops"]
     assert len(resel8["selections"]) == 8 and resel8["measured_flops_per_step"] <= 0.5 * full * (1 + 1e-6)
+    random_rows = list(map(seed0_at_chosen_lr, ["random_tensors_shipped_head", "random_lora_shipped_head"]))
     # the sparse head's FLOPs vary with each batch's labels: no step above half of dense full FT's
-    for row in (shipped, lora_shipped):
+    for row in (shipped, lora_shipped, *random_rows):
         counted = [s["flops"] for s in row["step_measurements"] if s["flops"] is not None]
         assert counted and max(counted) <= 0.5 * full * (1 + 1e-6), row["method"]
+    # random importances through the same DP: a selection each epoch, at the shipped rows' learning rates
+    for row, gt_row in zip(random_rows, (shipped, lora_shipped), strict=True):
+        assert len(row["selections"]) == len(gt_row["selections"]) and all(row["selections"]), row["method"]
+        assert row["lr"] == gt_row["lr"] and row["selection_flops"] < gt_row["selection_flops"]  # no backprop
     # a baseline with the sparse head trains the same course (the head is exact) for fewer FLOPs
     for parent in ("full", "lora", "lisa", "badam"):
         dense, sparse = seed0_at_chosen_lr(parent), seed0_at_chosen_lr(f"{parent}_sparse_head")
@@ -243,7 +248,9 @@ def test_grid_values_outside_the_grid_are_refused_before_any_work(tmp_path, caps
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("key", ["random", "gt_tensors_0.5", "gt_lora_0.5", "gt_tensors_0.5_shipped_head"])
+@pytest.mark.parametrize(
+    "key", ["random", "gt_tensors_0.5", "gt_lora_0.5", "gt_tensors_0.5_shipped_head", "random_lora_shipped_head"]
+)
 def test_every_counted_step_costs_what_is_predicted_when_rows_have_different_label_counts(key):
     # real prompts mask different numbers of labels per row; a method whose profile did not price the steps pays a
     # second profile inside step 0, counted in that step's FLOPs (the random baseline did, before the tuner's fix)

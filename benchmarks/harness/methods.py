@@ -22,6 +22,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, enable_sparse_lm_head
+from peft_greentrainer.callback import importance_batches
 from peft_greentrainer.engine.importance import base_learning_rates, compute_importance
 from peft_greentrainer.engine.profile import UnitCosts, costliest_row, profile_model
 from peft_greentrainer.engine.selector import min_unit_costs
@@ -197,36 +198,63 @@ def random_choice(costs: UnitCosts, rho: float, rng: np.random.Generator, resolu
 
 
 class RandomSelection(TrainerCallback):
-    """Each epoch: random positive importances (seeded), the same exact DP as GreenTrainer, applied as flags."""
+    """Each epoch: random positive importances (seeded), the same exact DP as GreenTrainer, applied as flags.
 
-    def __init__(self, tuner, example: dict, rho: float, seed: int):
-        self.tuner, self.example, self.rho = tuner, example, rho
+    ``probe_batches``: first price as many training batches as GreenTrainer's importance probe draws (a selection's
+    cost, as for GreenTrainer), so that steps on their shapes are not charged a profile (with a sparse LM head, every
+    new label bucket needs one).
+    """
+
+    def __init__(self, tuner, example: dict, rho: float, seed: int, probe_batches: int = 0):
+        self.tuner, self.example, self.rho, self.probe_batches = tuner, example, rho, probe_batches
         self.rng = np.random.default_rng(seed)
         self.records: list[list[str]] = []  # units selected at each selection
 
-    def on_epoch_begin(self, args, state, control, **kwargs):
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        draw = len(self.records)
+        if self.probe_batches:
+            for batch in importance_batches(train_dataloader, self.probe_batches, args.seed + draw, draw=draw):
+                self.tuner.min_feasible_rho(batch)  # prices the batch as its training steps are priced
         costs = self.tuner.unit_costs(self.example)  # profile cached by the tuner
         names = random_choice(costs, self.rho, self.rng, self.tuner.greentrainer_config.dp_resolution)
         self.tuner.restore_selection(names)
         self.records.append(names)
 
 
-def _random(work: Workload, options: MethodOptions) -> Method:
-    rho = options.baseline_rho
-    config = GreenTrainerConfig(units="tensors", rho=rho, sparse_lm_head=options.sparse_lm_head, task_type="CAUSAL_LM")
-    model = get_peft_model(work.new_model(), config)
-    tuner = model.base_model
-    costs = tuner.unit_costs(work.example)  # profiles now, outside the timed selection
-    selector = RandomSelection(tuner, work.example, rho, options.seed)
-    return Method(
-        f"random selection (rho {rho})",
-        model,
-        costs,
-        tuner.model,
-        selector=selector,
-        describe=_trained_of(lambda: selector.records, len(costs.units), "tensors"),
-        selections=lambda: selector.records,
-    )
+def _random(units: str = "tensors", shipped_head: bool = False) -> Builder:
+    """Random selection at FT-top-k's budget. ``units="lora"`` draws adapters instead of tensors; ``shipped_head``
+    trains with the sparse LM head at that budget of dense full fine-tuning, as the ``gt_*_shipped_head`` rows do:
+    the same selection with its importances replaced by chance."""
+
+    def build_random(work: Workload, options: MethodOptions) -> Method:
+        rho = options.baseline_rho
+        if shipped_head:
+            rho = min(1.0, rho * dense_over_sparse_full_flops(work))
+        lora = options.lora_config() if units == "lora" else {}
+        sparse = shipped_head or options.sparse_lm_head
+        config = GreenTrainerConfig(units=units, rho=rho, sparse_lm_head=sparse, task_type="CAUSAL_LM", **lora)
+        # priced in the mode the steps run in (the sparse head, if on, acts in training mode only)
+        model = get_peft_model(work.new_model().train(), config)
+        tuner = model.base_model
+        costs = tuner.unit_costs(work.example)  # profiles now, outside the timed selection
+        probe = options.importance_batches if shipped_head else 0  # the dense rows ran without (one shape)
+        selector = RandomSelection(tuner, work.example, rho, options.seed, probe)
+        name = f"random selection (rho {rho:g})"
+        if shipped_head:
+            head = "with the sparse LM head"
+            name = f"random selection of {units} at rho {options.baseline_rho:g} of dense full FT, {head}"
+        kind = "adapters" if units == "lora" else "tensors"
+        return Method(
+            name,
+            model,
+            costs,
+            tuner.model,
+            selector=selector,
+            describe=_trained_of(lambda: selector.records, len(costs.units), kind),
+            selections=lambda: selector.records,
+        )
+
+    return build_random
 
 
 # ------------------------------------------------------------------------------------------------- GreenTrainer
@@ -486,7 +514,7 @@ def _badam(work: Workload, options: MethodOptions) -> Method:
 register("full", "tensors", _full)
 register("lora", "lora", _lora)
 register("top_k", "tensors", _top_k)
-register("random", "tensors", _random)
+register("random", "tensors", _random())
 for _rho in (0.4, 0.5, 0.7):
     register(f"gt_tensors_{_rho}", "tensors", _greentrainer("tensors", _rho))
 register("gt_lora_0.5", "lora", _greentrainer("lora", 0.5))
@@ -511,6 +539,11 @@ register(
     _greentrainer("lora", 0.5, shipped_head=True),
     ablation_of="gt_lora_0.5",
 )
+
+# the shipped-head GreenTrainer rows with their importances replaced by chance, at their learning rates: does the
+# selection beat random choice through the same DP, budget and head?
+register("random_tensors_shipped_head", "tensors", _random("tensors", True), ablation_of="gt_tensors_0.5")
+register("random_lora_shipped_head", "lora", _random("lora", True), ablation_of="gt_lora_0.5")
 
 
 def _with_sparse_head(build: Builder) -> Builder:

@@ -53,6 +53,7 @@ def main() -> None:
     result = {"reasons": reasons, "frozen": sorted(frozen), "with_gradient": with_gradient, "moved": moved}
     torch.save({**result, "state": state}, os.path.join(cli.out, f"rank{rank}.pt"))
     dist.barrier()
+    dist.destroy_process_group()  # Gloo's worker threads outliving the interpreter abort the process at exit
 
 
 if __name__ == "__main__":

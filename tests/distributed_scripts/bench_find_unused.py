@@ -94,6 +94,7 @@ def main() -> None:
             print(f"  {name:26s} {1000 * value:8.1f} ms/step  {value / base:.3f} x full/find_unused=False")
         print(f"  greentrainer predicted FLOPs ratio: {selection.ratio:.3f}")
     dist.barrier()
+    dist.destroy_process_group()  # Gloo's worker threads outliving the interpreter abort the process at exit
 
 
 if __name__ == "__main__":

@@ -184,6 +184,7 @@ def main() -> None:
         torch.save(payload, os.path.join(cli.out, "result.pt"))
     if dist.is_initialized():
         dist.barrier()
+        dist.destroy_process_group()  # Gloo's worker threads outliving the interpreter abort the process at exit
 
 
 if __name__ == "__main__":

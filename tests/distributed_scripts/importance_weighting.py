@@ -53,6 +53,7 @@ def main() -> None:
         torch.save(results, os.path.join(cli.out, "rank0.pt"))
     if world_size > 1:
         dist.barrier()
+        dist.destroy_process_group()  # Gloo's worker threads outliving the interpreter abort the process at exit
 
 
 if __name__ == "__main__":

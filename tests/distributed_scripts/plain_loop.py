@@ -49,6 +49,7 @@ def main() -> None:
     state = {name: p.detach().clone() for name, p in model.named_parameters()}
     torch.save({"state": state, "history": history}, os.path.join(cli.out, f"rank{rank}.pt"))
     dist.barrier()
+    dist.destroy_process_group()  # Gloo's worker threads outliving the interpreter abort the process at exit
 
 
 if __name__ == "__main__":
