@@ -59,7 +59,7 @@ METHODS = (
 # one setting of a method changed, run at that method's chosen learning rate (3 seeds, no grid): GreenTrainer's
 # importance probe, selection interval, and the sparse LM head it ships with (at the same dense-FT budget; with
 # tensor and with LoRA units); the shipped head on the strongest baselines (the same training, fewer FLOPs); and the
-# shipped-head rows with random importances (the same DP, budget and head)
+# shipped-head rows with random importances (the same DP, budget and head) and with FT-top-k's rule instead
 ABLATIONS = (
     "gt_tensors_0.5_probe1",
     "gt_tensors_0.5_resel8",
@@ -71,6 +71,8 @@ ABLATIONS = (
     "badam_sparse_head",
     "random_tensors_shipped_head",
     "random_lora_shipped_head",
+    "top_k_tensors_shipped_head",
+    "top_k_lora_shipped_head",
 )
 SEEDS = (0, 1, 2)
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "protocol"

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import fsdp
+from .engine.units import requires_grad_kept
 from .model import GreenTrainerModel, find_tuner
 from .ranks import gradients_averaged_across_ranks, importance_shard, is_distributed, rank_and_world_size
 
@@ -191,8 +192,7 @@ def prepare_ddp(ddp: nn.parallel.DistributedDataParallel, candidates: Iterable[n
         reasons.append(f"{len(missing)} candidate tensors registered (they were frozen when DDP wrapped the model)")
     logger.info("GreenTrainer rebuilt the DDP gradient reducer: %s.", "; ".join(reasons))
 
-    flags = [(p, p.requires_grad) for p in candidates]
-    try:
+    with requires_grad_kept(candidates):
         for param in candidates:
             param.requires_grad_(True)
         ddp.reducer._remove_autograd_hooks()  # the old reducer must not see the next backward
@@ -203,9 +203,6 @@ def prepare_ddp(ddp: nn.parallel.DistributedDataParallel, candidates: Iterable[n
         ddp._ddp_init_helper(params, expect_sparse, names, False)
         for hook, state in ddp._comm_hooks:
             dist._register_comm_hook(ddp.reducer, state, hook)
-    finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)
     return True
 
 
@@ -224,14 +221,11 @@ def wrap_ddp(model: nn.Module, candidates: Iterable[nn.Parameter] | None = None,
     kwargs["find_unused_parameters"] = True
     if candidates is None:
         candidates = candidate_parameters(find_tuner(model))
-    flags = [(p, p.requires_grad) for p in candidates]
-    try:
-        for param, _ in flags:
+    candidates = list(candidates)
+    with requires_grad_kept(candidates):
+        for param in candidates:
             param.requires_grad_(True)
         return nn.parallel.DistributedDataParallel(model, **kwargs)
-    finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)
 
 
 def candidate_parameters(tuner: GreenTrainerModel) -> list[nn.Parameter]:

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .engine.importance import NO_LOSS, clip_coefficient, optimizer_update, squared_norm
+from .engine.importance import NO_LOSS, clip_coefficient, optimizer_update, squared_norm, unwrap_optimizer
 from .engine.rng import fork_rng
 from .engine.units import Unit, is_trainable_dtype
 
@@ -514,7 +514,7 @@ def prepare_checkpoint(tuner, optimizer: torch.optim.Optimizer | None) -> None:
     flags = [(p, p.requires_grad) for p in params]
     for param in params:
         param.requires_grad_(True)
-    inner = _unwrap(optimizer)
+    inner = unwrap_optimizer(optimizer)
     tuner.__dict__[_FLAGS_KEY] = (flags, inner, _add_fresh_states(inner) if inner is not None else [])
 
 
@@ -534,7 +534,7 @@ def finish_resume(optimizer: torch.optim.Optimizer | None) -> None:
     Loading gives every parameter that required grad a state (the checkpoint holds one for each); a parameter without
     one did not require grad then, and its saved state was not loaded: that is warned about.
     """
-    inner = _unwrap(optimizer)
+    inner = unwrap_optimizer(optimizer)
     if inner is None or type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
         return
     skipped = sum(1 for group in inner.param_groups for p in group["params"] if not inner.state.get(p))
@@ -549,12 +549,6 @@ def finish_resume(optimizer: torch.optim.Optimizer | None) -> None:
         step = state.get("step")
         if step is not None and float(step) == 0:
             del inner.state[param]
-
-
-def _unwrap(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
-    while optimizer is not None and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def _add_fresh_states(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:

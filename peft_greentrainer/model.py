@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -41,7 +40,7 @@ from torch import nn
 
 from . import fsdp, ranks
 from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
-from .engine.importance import _unwrap_optimizer, base_learning_rates, compute_importance
+from .engine.importance import base_learning_rates, compute_importance, unwrap_optimizer
 from .engine.profile import (
     CostProfile,
     UnitCosts,
@@ -53,7 +52,7 @@ from .engine.profile import (
     profile_model,
     routed_expert_modules,
 )
-from .engine.selector import Selection
+from .engine.selector import Selection, rounded_up_rho
 from .engine.targets import labelled_counts
 from .engine.units import (
     Unit,
@@ -61,6 +60,7 @@ from .engine.units import (
     is_trainable_dtype,
     lora_units,
     parameter_aliases,
+    requires_grad_kept,
     tensor_units,
 )
 from .sparse_head import LabelBucket, attached_sparse_lm_head, enable_sparse_lm_head, label_bucket
@@ -430,14 +430,12 @@ class GreenTrainerModel(LoraModel):
     def _profiling(self) -> Iterator[None]:
         """Forward passes run to measure costs or importance: no training step (the step check skips them), and
         every ``requires_grad`` flag is as before afterwards."""
-        flags = [(p, p.requires_grad) for p in self.model.parameters()]
         self.__dict__["_busy"] = self.__dict__.get("_busy", 0) + 1
         try:
-            yield
+            with requires_grad_kept(self.model.parameters()):
+                yield
         finally:
             self.__dict__["_busy"] -= 1
-            for param, flag in flags:
-                param.requires_grad_(flag)
 
     def _float_twin(self) -> tuple[GreenTrainerModel, Any] | None:
         """For a quantized base, the same architecture in float made of fake tensors on the same device (no weights,
@@ -533,10 +531,7 @@ class GreenTrainerModel(LoraModel):
         rho = self.greentrainer_config.rho
         if envelope.fits_alone(rho).any():  # the selector's own test
             return
-        floor = float(envelope.alone_costs().min()) / envelope.full_flops
-        advice = math.ceil(floor * 10_000) / 10_000  # rounded up, so that following the advice is feasible
-        while advice < floor:
-            advice += 1e-4
+        advice = rounded_up_rho(float(envelope.alone_costs().min()), envelope.full_flops)
         raise ValueError(
             f"rho={rho:g} is below the smallest feasible rho {advice:.4f} for this model at the batch shapes trained "
             f"on ({_describe(keys)}): the forward pass plus the cheapest single unit. Raise rho to at least "
@@ -614,7 +609,7 @@ class GreenTrainerModel(LoraModel):
 
         def importance_of(optimizer: torch.optim.Optimizer | None, lr: float | None) -> np.ndarray:
             # the gradient of the step it predicts (a Trainer may not have set training mode yet)
-            group_lrs = base_learning_rates(optimizer) if _unwrap_optimizer(optimizer) is not None else None
+            group_lrs = base_learning_rates(optimizer) if unwrap_optimizer(optimizer) is not None else None
             importance_fn = fsdp.compute_importance if fsdp.is_sharded(self.model) else compute_importance
             with _training_mode(self.model), self._profiling():
                 values = importance_fn(
@@ -754,7 +749,7 @@ class GreenTrainerModel(LoraModel):
 
     def _check_optimizer_holds_candidates(self, optimizer: torch.optim.Optimizer | None) -> None:
         """A unit the optimizer does not hold would be selected, get gradients, and silently never change."""
-        optimizer = _unwrap_optimizer(optimizer)
+        optimizer = unwrap_optimizer(optimizer)
         if optimizer is None:
             return
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -786,7 +781,7 @@ class GreenTrainerModel(LoraModel):
         Steps taken before the first selection (every candidate trainable then) change tensors no selection
         recorded; the saved adapter must hold them too, or loading it would silently miss those updates.
         """
-        optimizer = _unwrap_optimizer(optimizer)
+        optimizer = unwrap_optimizer(optimizer)
         if optimizer is None:
             return
         stepped = {id(p) for p, s in optimizer.state.items() if s}
@@ -912,16 +907,16 @@ class GreenTrainerModel(LoraModel):
 
     def disable_adapter_layers(self) -> None:
         self.check_can_disable_adapter()
-        self.__dict__["_flags_while_disabled"] = _flags(self.model)
+        self.__dict__["_flags_while_disabled"] = [(p, p.requires_grad) for p in self.model.parameters()]
         super().disable_adapter_layers()
 
     def enable_adapter_layers(self) -> None:
         if self.units_kind == "lora":
             super().enable_adapter_layers()  # PEFT makes every adapter trainable again: give the selection back
             flags = self.__dict__.pop("_flags_while_disabled", None)
-            if flags:
-                _restore_flags(flags)
-            else:
+            for param, flag in flags or []:
+                param.requires_grad_(flag)
+            if not flags:
                 self._reapply_selection()
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
@@ -1022,15 +1017,6 @@ def _accumulated_gradients(params: list[nn.Parameter]) -> set[int]:
     return {id(p) for p in held if bool(p.grad.any())}
 
 
-def _flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
-    return [(p, p.requires_grad) for p in model.parameters()]
-
-
-def _restore_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:
-    for param, flag in flags:
-        param.requires_grad_(flag)
-
-
 @contextmanager
 def _adapters_off(tuner: GreenTrainerModel):
     """LoRA layers off (for the base model's full fine-tuning reference); PEFT's switch back on would make every
@@ -1038,13 +1024,12 @@ def _adapters_off(tuner: GreenTrainerModel):
     if tuner.units_kind != "lora":
         yield
         return
-    flags = _flags(tuner.model)
-    LoraModel.disable_adapter_layers(tuner)
-    try:
-        yield
-    finally:
-        LoraModel.enable_adapter_layers(tuner)
-        _restore_flags(flags)
+    with requires_grad_kept(tuner.model.parameters()):
+        LoraModel.disable_adapter_layers(tuner)
+        try:
+            yield
+        finally:
+            LoraModel.enable_adapter_layers(tuner)
 
 
 def _positive(importance: np.ndarray, feasible: np.ndarray, gradient_step: Callable[[], np.ndarray] | None):

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .engine.targets import labelled_counts
+from .engine.units import requires_grad_kept
 
 
 def is_distributed() -> bool:
@@ -85,15 +86,11 @@ def gradients_averaged_across_ranks(params: Iterable[nn.Parameter]) -> Iterator[
         return grad.div_(world_size)
 
     unique = list({id(p): p for p in params}.values())
-    flags = [p.requires_grad for p in unique]
     handles = []
-    try:
+    with requires_grad_kept(unique):
         for param in unique:
             param.requires_grad_(True)  # a hook can only be registered on a tensor that requires grad
             handles.append(param.register_hook(average))
-    finally:
-        for param, flag in zip(unique, flags, strict=True):
-            param.requires_grad_(flag)
     try:
         yield
     finally:

@@ -204,8 +204,9 @@ def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
     assert probe1["selection_flops"] < default["selection_flops"]
     assert len(resel8["selections"]) == 8 and resel8["measured_flops_per_step"] <= 0.5 * full * (1 + 1e-6)
     random_rows = list(map(seed0_at_chosen_lr, ["random_tensors_shipped_head", "random_lora_shipped_head"]))
+    top_k_rows = list(map(seed0_at_chosen_lr, ["top_k_tensors_shipped_head", "top_k_lora_shipped_head"]))
     # the sparse head's FLOPs vary with each batch's labels: no step above half of dense full FT's
-    for row in (shipped, lora_shipped, *random_rows):
+    for row in (shipped, lora_shipped, *random_rows, *top_k_rows):
         counted = [s["flops"] for s in row["step_measurements"] if s["flops"] is not None]
         assert counted and max(counted) <= 0.5 * full * (1 + 1e-6), row["method"]
     # random importances through the same DP: a selection each epoch, at the shipped rows' learning rates
@@ -249,7 +250,15 @@ def test_grid_values_outside_the_grid_are_refused_before_any_work(tmp_path, caps
 
 
 @pytest.mark.parametrize(
-    "key", ["random", "gt_tensors_0.5", "gt_lora_0.5", "gt_tensors_0.5_shipped_head", "random_lora_shipped_head"]
+    "key",
+    [
+        "random",
+        "gt_tensors_0.5",
+        "gt_lora_0.5",
+        "gt_tensors_0.5_shipped_head",
+        "random_lora_shipped_head",
+        "top_k_lora_shipped_head",
+    ],
 )
 def test_every_counted_step_costs_what_is_predicted_when_rows_have_different_label_counts(key):
     # real prompts mask different numbers of labels per row; a method whose profile did not price the steps pays a

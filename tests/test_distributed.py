@@ -21,13 +21,13 @@ from peft import get_peft_model
 from torch.utils.data import DataLoader
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
-from peft_greentrainer.callback import importance_batches
 from peft_greentrainer.distributed import (
     check_backend,
     gradients_averaged_across_ranks,
     importance_shard,
     rank_and_world_size,
 )
+from peft_greentrainer.sampling import importance_batches
 
 SCRIPT = Path(__file__).parent / "distributed_scripts" / "train.py"
 PLAIN_LOOP = Path(__file__).parent / "distributed_scripts" / "plain_loop.py"

@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, export_lora_adapter, save_adapter, saving
-from peft_greentrainer.callback import importance_batches
 from peft_greentrainer.engine.profile import measure_flops
+from peft_greentrainer.sampling import importance_batches
 
 ARCHS = ["llama", "opt", "gpt2", "t5"]
 UNIT_KINDS = ["tensors", "lora"]

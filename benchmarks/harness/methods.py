@@ -22,11 +22,11 @@ from torch import nn
 from transformers import TrainerCallback
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, enable_sparse_lm_head
-from peft_greentrainer.callback import importance_batches
 from peft_greentrainer.engine.importance import base_learning_rates, compute_importance
 from peft_greentrainer.engine.profile import UnitCosts, costliest_row, profile_model
 from peft_greentrainer.engine.selector import min_unit_costs
 from peft_greentrainer.engine.units import lora_units, tensor_units
+from peft_greentrainer.sampling import importance_batches
 
 from .workload import Workload
 
@@ -166,28 +166,60 @@ def top_k_mask(costs: UnitCosts, k: int, num_blocks: int) -> np.ndarray:
     )
 
 
-def _top_k(work: Workload, options: MethodOptions) -> Method:
-    rho = options.baseline_rho
-    model = work.new_model()
-    costs = work.base_costs(model)
-    num_blocks = 1 + max(b for b in map(block_index, (u.name for u in costs.units)) if b is not None)
-    budget = rho * costs.full_flops
-    fitting = [k for k in range(num_blocks + 1) if costs.predicted_flops(top_k_mask(costs, k, num_blocks)) <= budget]
-    if not fitting:
-        raise SystemExit(f"FT-top-k: not even the final norm and head fit rho={rho}")
-    k = max(fitting)
-    mask = top_k_mask(costs, k, num_blocks)
-    trained = {id(p) for unit, keep in zip(costs.units, mask, strict=True) if keep for p in unit.parameters(model)}
-    for param in model.parameters():
-        param.requires_grad_(id(param) in trained)
-    head = [u.name for u, keep in zip(costs.units, mask, strict=True) if keep and block_index(u.name) is None]
-    return Method(
-        f"FT-top-k (k={k}, rho {rho})",
-        model,
-        costs,
-        model,
-        describe=lambda: f"last {k} of {num_blocks} blocks + {', '.join(head) or 'nothing else'}",
-    )
+def _top_k(units: str = "tensors", shipped_head: bool = False) -> Builder:
+    """FT-top-k at its budget: the units of the last k blocks (and those above every block), k as large as fits.
+
+    ``units="lora"``: the LoRA adapters of those blocks. ``shipped_head``: with the sparse LM head, at that budget
+    of dense full fine-tuning (as the ``gt_*_shipped_head`` rows); k is chosen on the training row with the most
+    labelled positions, so that no step costs more.
+    """
+
+    def build_top_k(work: Workload, options: MethodOptions) -> Method:
+        rho = options.baseline_rho
+        if units == "lora":
+            model, costs = _lora_model(work, options)
+            units_model = model.base_model.model
+        else:
+            model = units_model = work.new_model()
+            costs = work.base_costs(model)
+        bound = costs  # what k is chosen on
+        if shipped_head:
+            units_model.train()  # the head acts in training mode only
+            enable_sparse_lm_head(units_model)
+            full = costs.full_flops  # FLOPs stay fractions of dense full fine-tuning, the protocol's reference
+            bound = profile_model(units_model, busiest_batch(work)).unit_costs(costs.units, full_flops=full)
+            costs = profile_model(units_model, work.example).unit_costs(costs.units, full_flops=full)
+        blocks = [b for b in map(block_index, (u.name for u in costs.units)) if b is not None]
+        num_blocks = 1 + max(blocks)
+        budget = rho * costs.full_flops
+        fitting = [
+            k for k in range(num_blocks + 1) if bound.predicted_flops(top_k_mask(bound, k, num_blocks)) <= budget
+        ]
+        if not fitting:
+            raise SystemExit(f"FT-top-k: not even the final norm and head fit rho={rho}")
+        k = max(fitting)
+        mask = top_k_mask(costs, k, num_blocks)
+        trained = {
+            id(p) for unit, keep in zip(costs.units, mask, strict=True) if keep for p in unit.parameters(units_model)
+        }
+        for param in units_model.parameters():
+            param.requires_grad_(id(param) in trained)
+        if units == "lora":
+            name, what = (
+                f"LoRA top-k (k={k}, rho {rho:g} of dense full FT)",
+                f"the adapters of the last {k} of {num_blocks} blocks",
+            )
+        else:
+            head = [u.name for u, keep in zip(costs.units, mask, strict=True) if keep and block_index(u.name) is None]
+            name, what = (
+                f"FT-top-k (k={k}, rho {rho})",
+                f"last {k} of {num_blocks} blocks + {', '.join(head) or 'nothing else'}",
+            )
+        if shipped_head:
+            name += ", with the sparse LM head"
+        return Method(name, model, costs, units_model, describe=lambda: what)
+
+    return build_top_k
 
 
 def random_choice(costs: UnitCosts, rho: float, rng: np.random.Generator, resolution: int = 10_000) -> list[str]:
@@ -267,10 +299,14 @@ def dense_over_sparse_full_flops(work: Workload) -> float:
     """
     model = work.new_model().train()  # the sparse head acts in training mode only
     dense = profile_model(model, work.example).full_flops
-    row = costliest_row(work.train_columns)  # the training row with the most labelled positions
-    busiest = {k: v.expand(work.batch_size, *v.shape[1:]) for k, v in row.items()}
     enable_sparse_lm_head(model)
-    return dense / profile_model(model, busiest).full_flops
+    return dense / profile_model(model, busiest_batch(work)).full_flops
+
+
+def busiest_batch(work: Workload) -> dict:
+    """A training batch of the row with the most labelled positions: with the sparse LM head, no batch costs more."""
+    row = costliest_row(work.train_columns)
+    return {k: v.expand(work.batch_size, *v.shape[1:]) for k, v in row.items()}
 
 
 def _greentrainer(
@@ -513,7 +549,7 @@ def _badam(work: Workload, options: MethodOptions) -> Method:
 
 register("full", "tensors", _full)
 register("lora", "lora", _lora)
-register("top_k", "tensors", _top_k)
+register("top_k", "tensors", _top_k())
 register("random", "tensors", _random())
 for _rho in (0.4, 0.5, 0.7):
     register(f"gt_tensors_{_rho}", "tensors", _greentrainer("tensors", _rho))
@@ -544,6 +580,9 @@ register(
 # selection beat random choice through the same DP, budget and head?
 register("random_tensors_shipped_head", "tensors", _random("tensors", True), ablation_of="gt_tensors_0.5")
 register("random_lora_shipped_head", "lora", _random("lora", True), ablation_of="gt_lora_0.5")
+# and with FT-top-k's rule (the last blocks, as deep as fits) in their place
+register("top_k_tensors_shipped_head", "tensors", _top_k("tensors", True), ablation_of="gt_tensors_0.5")
+register("top_k_lora_shipped_head", "lora", _top_k("lora", True), ablation_of="gt_lora_0.5")
 
 
 def _with_sparse_head(build: Builder) -> Builder:

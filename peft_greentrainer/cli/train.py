@@ -7,7 +7,6 @@ output directory only when the run succeeded, so a failed run never leaves half 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -270,10 +269,12 @@ def wrap(model, args: argparse.Namespace):
 
 def _check_rho_floor(tuner, example: dict, rho: float) -> None:
     """Fail before any training when no selection can fit the budget."""
+    from ..engine.selector import rounded_up_rho
+
     floor = tuner.min_feasible_rho(example)
     if rho < floor:
         raise CliError(
-            f"rho={rho} is below this model's feasible floor {math.ceil(floor * 1e4) / 1e4:.4f} "
+            f"rho={rho} is below this model's feasible floor {rounded_up_rho(floor):.4f} "
             "(forward pass plus the cheapest unit); raise --rho"
         )
 

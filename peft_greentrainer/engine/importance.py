@@ -37,11 +37,11 @@ from torch import nn
 
 from .profile import default_loss
 from .rng import fork_rng
-from .units import Unit, is_trainable_dtype
+from .units import Unit, is_trainable_dtype, requires_grad_kept
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["base_learning_rates", "compute_importance", "optimizer_update"]
+__all__ = ["base_learning_rates", "compute_importance", "optimizer_update", "unwrap_optimizer"]
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
@@ -72,7 +72,7 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def _unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
+def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
     """Return the real optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer`` (``.optimizer``)."""
     seen = set()
     while optimizer is not None and id(optimizer) not in seen:
@@ -151,7 +151,7 @@ def base_learning_rates(optimizer: torch.optim.Optimizer) -> list[float | None]:
     included); groups without one give their current ``lr``. Under warmup the current lr is 0 at step 0, which would
     predict no update and make every importance 0; the base lr ranks units as the steps to come will move them.
     """
-    optimizer = _unwrap_optimizer(optimizer)
+    optimizer = unwrap_optimizer(optimizer)
     if optimizer is None:
         raise ValueError("base_learning_rates needs an optimizer")
     out: list[float | None] = []
@@ -464,7 +464,7 @@ def optimizer_update(
     Returns:
         A new tensor shaped like ``param``, in at least float32 (bf16/fp16 are upcast, float64 is kept).
     """
-    optimizer = _unwrap_optimizer(optimizer)
+    optimizer = unwrap_optimizer(optimizer)
     group_lrs = _check_group_lrs(optimizer, group_lrs)
     slot = _slot_map(optimizer).get(id(param)) if optimizer is not None else None
     delta, notes = _update(param, grad, optimizer, slot, lr, group_lrs)
@@ -550,7 +550,7 @@ def compute_importance(
     units = list(units)
     mask = _candidate_mask(candidates, len(units))
     importance = np.zeros(len(units), dtype=np.float64)
-    optimizer = _unwrap_optimizer(optimizer)
+    optimizer = unwrap_optimizer(optimizer)
     group_lrs = _check_group_lrs(optimizer, group_lrs)
     if optimizer is None and lr is None:
         raise ValueError(
@@ -626,10 +626,9 @@ def _average_gradients(
         raise ValueError("model has no parameters") from None
 
     params = list(model.parameters())
-    saved_flags = [(p, p.requires_grad) for p in params]
     sums = [torch.zeros(t.shape, dtype=_compute_dtype(t), device=t.device) for t in tensors]
     count = 0
-    try:
+    with requires_grad_kept(params):
         for p in params:
             p.requires_grad_(False)
         for t in tensors:
@@ -649,9 +648,6 @@ def _average_gradients(
                     if grad is not None:
                         acc.add_(grad.detach().to(acc.dtype))
                 del loss, batch_grads
-    finally:
-        for p, flag in saved_flags:
-            p.requires_grad_(flag)
     if count == 0:
         raise ValueError("batches is empty: at least one batch is needed to estimate gradients")
     if count > 1:

@@ -161,7 +161,7 @@ class UnitCosts:
         """
         if not self.fits_alone(rho).any():
             cheapest = float(self.alone_costs().min())
-            raise ValueError(infeasible_message(rho, self.min_feasible_rho(), cheapest, self.full_flops))
+            raise ValueError(infeasible_message(rho, cheapest, self.full_flops))
         span = max(self.full_flops, self.predicted_flops(np.ones(len(self.units), dtype=bool)))
         budget = span if rho >= 1 else rho * self.full_flops
         scaled = budget / span

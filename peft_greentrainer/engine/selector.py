@@ -213,33 +213,22 @@ def _check_rho(rho: object) -> float:
     return rho
 
 
-def check_feasible(
-    rho: float,
-    t_dw: object,
-    t_dy: object,
-    forward_flops: float,
-    *,
-    full_flops: float | None = None,
-    dy_head: float = 0.0,
-) -> None:
-    """Raise the ValueError ``select_units`` would for a rho too small to train any unit, before costly work."""
-    t_dw, t_dy = _check_costs(t_dw, t_dy)
-    forward = _as_scalar_cost("forward_flops", forward_flops)
-    dy_head = _as_scalar_cost("dy_head", dy_head)
-    full = _full_flops(t_dw, t_dy, forward, dy_head, full_flops)
-    _raise_if_infeasible(min(_check_rho(rho), 1.0), float(min_unit_costs(t_dw, t_dy, forward, dy_head).min()), full)
-
-
 def _raise_if_infeasible(rho: float, min_cost: float, full: float) -> None:
     if rho * full < min_cost:
-        raise ValueError(infeasible_message(rho, smallest_ratio(min_cost, full), min_cost, full))
+        raise ValueError(infeasible_message(rho, min_cost, full))
 
 
-def infeasible_message(rho: float, min_rho: float, min_cost: float, full: float) -> str:
-    # Round the advice *up* so that following it really is feasible.
-    advice = math.ceil(min_rho * 10_000) / 10_000
+def rounded_up_rho(min_cost: float, full: float = 1.0) -> float:
+    """The rho to advise for a unit costing ``min_cost`` of ``full``: to 4 decimals, rounded *up*, so that
+    following the advice really is feasible."""
+    advice = math.ceil(min_cost / full * 10_000) / 10_000
     while advice * full < min_cost:
         advice += 1e-4
+    return advice
+
+
+def infeasible_message(rho: float, min_cost: float, full: float) -> str:
+    advice = rounded_up_rho(min_cost, full)
     return (
         f"rho={rho:g} is below the smallest feasible rho {advice:.4f} for this model "
         f"(forward pass plus the cheapest single unit); raise rho to at least {advice:.4f}"

@@ -16,7 +16,8 @@ Units here are plain descriptions (names); the cost profile gives them their pos
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,18 @@ class Unit:
 
     def numel(self, model: nn.Module) -> int:
         return sum(p.numel() for p in self.parameters(model))
+
+
+@contextmanager
+def requires_grad_kept(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Every ``requires_grad`` flag of ``params`` as it was on leaving, whatever the block switched: measuring costs
+    or importance, or registering hooks, must not change what trains."""
+    flags = [(param, param.requires_grad) for param in params]
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
 
 
 def is_trainable_dtype(param: torch.Tensor) -> bool:
