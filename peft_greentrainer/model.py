@@ -41,6 +41,7 @@ from torch import nn
 from . import fsdp, ranks
 from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
 from .engine.importance import base_learning_rates, compute_importance, unwrap_optimizer
+from .engine.label_buckets import LabelBucket, label_bucket
 from .engine.profile import (
     CostProfile,
     UnitCosts,
@@ -63,7 +64,7 @@ from .engine.units import (
     requires_grad_kept,
     tensor_units,
 )
-from .sparse_head import LabelBucket, attached_sparse_lm_head, enable_sparse_lm_head, label_bucket
+from .sparse_head import attached_sparse_lm_head, enable_sparse_lm_head
 from .twin import fake_twin
 
 logger = logging.getLogger(__name__)

@@ -11,13 +11,9 @@ from conftest import VOCAB, tiny_model
 from peft import get_peft_model
 
 from peft_greentrainer import GreenTrainerConfig, enable_sparse_lm_head, sparse_lm_loss
+from peft_greentrainer.engine.label_buckets import LABEL_BUCKETS, label_bucket
 from peft_greentrainer.engine.profile import measure_flops
-from peft_greentrainer.sparse_head import (
-    LABEL_BUCKETS,
-    attached_sparse_lm_head,
-    label_bucket,
-    next_token_targets,
-)
+from peft_greentrainer.sparse_head import attached_sparse_lm_head, next_token_targets
 
 CAUSAL = ["llama", "opt", "bloom", "gpt2"]
 

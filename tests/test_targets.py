@@ -2,8 +2,9 @@
 
 import torch
 
+from peft_greentrainer.engine.label_buckets import label_bucket
 from peft_greentrainer.engine.targets import IGNORE_INDEX, aligned_targets, labelled_counts
-from peft_greentrainer.sparse_head import label_bucket, next_token_targets
+from peft_greentrainer.sparse_head import next_token_targets
 
 LABELS = torch.tensor([[-100, -100, 5, 6, 7], [-100, 3, 4, -100, -100]])
 
