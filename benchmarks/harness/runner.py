@@ -30,8 +30,8 @@ from transformers import TrainerCallback
 
 from peft_greentrainer.cli.data import TensorDataset
 from peft_greentrainer.cli.evaluation import generate, rouge
-from peft_greentrainer.cli.main import training_arguments
 from peft_greentrainer.cli.meter import StepMeter
+from peft_greentrainer.cli.train import training_arguments
 from peft_greentrainer.engine.flops import register_flop_formulas
 
 from .methods import Method

@@ -21,9 +21,8 @@ import warnings
 from collections.abc import Sequence
 
 from .errors import EXIT_USAGE, CliError
-from .train import training_arguments  # re-exported: benchmarks build their TrainingArguments from here
 
-__all__ = ["build_parser", "main", "training_arguments"]
+__all__ = ["build_parser", "main"]
 
 
 # ---------------------------------------------------------------------------------------------------- arguments

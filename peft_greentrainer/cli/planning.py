@@ -120,9 +120,9 @@ def supervised_tail_labels(batch_size: int, seq_len: int, label_tokens: int | No
 
 def plot_plan(result: dict[str, Any], path: str | Path) -> None:
     """Cost of training down to each depth (cheapest selection whose deepest unit is there) with budget lines."""
-    from .report import _pyplot
+    from .report import pyplot_headless
 
-    plt = _pyplot()
+    plt = pyplot_headless()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     curve = result["curve"]
     ax.plot(range(len(curve)), curve, color="tab:blue", label="forward + backward down to this unit")

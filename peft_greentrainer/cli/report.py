@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 
-def _pyplot():
+def pyplot_headless():
+    """matplotlib's pyplot, imported only when a plot is made (a command that draws nothing does not pay for it)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on servers and CI
@@ -21,7 +22,7 @@ def _pyplot():
 
 def plot_selections(units: Sequence[str], selections: Sequence[Sequence[str]], path: Path) -> None:
     """Heatmap: units in backward order (rows) x selection index (columns), dark = trained."""
-    plt = _pyplot()
+    plt = pyplot_headless()
     grid = np.array([[name in set(chosen) for chosen in selections] for name in units], dtype=float)
     height = min(12.0, 2.0 + 0.05 * len(units))
     fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.6 * len(selections)), height))
@@ -39,7 +40,7 @@ def plot_selections(units: Sequence[str], selections: Sequence[Sequence[str]], p
 
 def plot_flops(steps: Sequence[Mapping[str, Any]], predicted: Sequence[float], budget: float, path: Path) -> None:
     """Predicted and measured FLOPs per step, as a fraction of full fine-tuning, against the budget line."""
-    plt = _pyplot()
+    plt = pyplot_headless()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(len(predicted)), predicted, label="predicted", color="tab:blue")
     counted = [(s["step"], s["flops_ratio"]) for s in steps if s.get("flops_ratio") is not None]
@@ -57,7 +58,7 @@ def plot_flops(steps: Sequence[Mapping[str, Any]], predicted: Sequence[float], b
 
 
 def plot_loss(log_history: Sequence[Mapping[str, Any]], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot_headless()
     points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if points:
@@ -72,7 +73,7 @@ def plot_loss(log_history: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 def plot_energy(energy: Mapping[str, Any], path: Path) -> None:
     """Bars in Wh: this run (training + selections, stacked) against the full fine-tuning estimates."""
-    plt = _pyplot()
+    plt = pyplot_headless()
     selection = energy.get("selection_kwh") or 0.0
     labels, training, selections = ["this run"], [energy["energy_kwh"] - selection], [selection]
     if energy.get("full_finetuning_kwh") is not None:
