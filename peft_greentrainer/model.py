@@ -523,25 +523,22 @@ class GreenTrainerModel(LoraModel):
         self._shape_costs.update(new)
         return new
 
-    def _envelope(self, signature: tuple) -> tuple[UnitCosts, list[tuple]]:
-        """The cost envelope of every shape seen in the current modes (``signature``), and those shapes."""
+    def _feasible_envelope(self, signature: tuple) -> tuple[UnitCosts, list[tuple], np.ndarray]:
+        """The cost envelope of every shape seen in the current modes (``signature``), those shapes, and the units
+        that fit the budget on their own there (the cheapest selection with each as the deepest). A rho that affords
+        no unit is an error, raised before any importance is computed."""
         keys = sorted((k for k in self._shape_costs if k[1] == signature), key=repr)
-        return cost_envelope([self._shape_costs[k] for k in keys]), keys
-
-    def _check_feasible(self, envelope: UnitCosts, keys: list[tuple]) -> None:
+        envelope = cost_envelope([self._shape_costs[k] for k in keys])
         rho = self.greentrainer_config.rho
-        if envelope.fits_alone(rho).any():  # the selector's own test
-            return
+        feasible = envelope.fits_alone(rho)  # the selector's own test
+        if feasible.any():
+            return envelope, keys, feasible
         advice = rounded_up_rho(float(envelope.alone_costs().min()), envelope.full_flops)
         raise ValueError(
             f"rho={rho:g} is below the smallest feasible rho {advice:.4f} for this model at the batch shapes trained "
             f"on ({_describe(keys)}): the forward pass plus the cheapest single unit. Raise rho to at least "
             f"{advice:.4f}, or cap the sequence length (attention's share grows with it)."
         )
-
-    def _feasible(self, envelope: UnitCosts) -> np.ndarray:
-        """Units that fit the budget on their own (the cheapest selection with each as the deepest)."""
-        return envelope.fits_alone(self.greentrainer_config.rho)
 
     def _mask(self, costs: UnitCosts) -> np.ndarray:
         selected = set(self.greentrainer_state.selected)
@@ -600,33 +597,14 @@ class GreenTrainerModel(LoraModel):
             for batch in batches[1:]:
                 self._profile_rows(batch, new)
         self._learn_shapes(new)  # every rank now knows every rank's shapes: they decide on the same costs
-        envelope, keys = self._envelope(first[1])
-        # before computing importance: a rho that affords no unit is an error, raised now
-        self._check_feasible(envelope, keys)
-        # Only units that can fit at all need a gradient: backprop for importance stops at the deepest of them.
-        feasible = self._feasible(envelope)
+        envelope, keys, feasible = self._feasible_envelope(first[1])
         # the gradient collectives of a distributed importance follow the feasible set: it must be the same everywhere
         ranks.check_agreement((tuple(map(repr, keys)), feasible.tobytes()), "the batch shapes and the units that fit")
-
-        def importance_of(optimizer: torch.optim.Optimizer | None, lr: float | None) -> np.ndarray:
-            # the gradient of the step it predicts (a Trainer may not have set training mode yet)
-            group_lrs = base_learning_rates(optimizer) if unwrap_optimizer(optimizer) is not None else None
-            importance_fn = fsdp.compute_importance if fsdp.is_sharded(self.model) else compute_importance
-            with _training_mode(self.model), self._profiling():
-                values = importance_fn(
-                    self.model,
-                    envelope.units,
-                    batches,
-                    optimizer,
-                    loss_fn=loss_fn,
-                    candidates=feasible,
-                    lr=lr,
-                    group_lrs=group_lrs,
-                    max_grad_norm=max_grad_norm,
-                )
-            return ranks.average_across_ranks(values)
-
-        importance = _positive(importance_of(optimizer, lr), feasible, lambda: importance_of(None, 1.0))
+        # only units that can fit at all need a gradient: backprop for importance stops at the deepest of them
+        measure = functools.partial(
+            self._importance, batches, envelope.units, feasible, loss_fn=loss_fn, max_grad_norm=max_grad_norm
+        )
+        importance = _positive(measure(optimizer, lr), feasible, lambda: measure(None, 1.0))
         self.greentrainer_state.importance = {u.name: float(v) for u, v in zip(envelope.units, importance, strict=True)}
         mask = self._select(envelope, keys, importance, step=step, epoch=epoch, reason="importance", start=start)
         # in FLOPs of a step on the first batch (its costs are its first row's times its rows: linear in the batch)
@@ -640,6 +618,36 @@ class GreenTrainerModel(LoraModel):
             full_flops=rows * costs.full_flops,
             rho=config.rho,
         )
+
+    def _importance(
+        self,
+        batches: list[Mapping[str, Any]],
+        units: list[Unit],
+        feasible: np.ndarray,
+        optimizer: torch.optim.Optimizer | None,
+        lr: float | None,
+        *,
+        loss_fn: LossFn,
+        max_grad_norm: float | None,
+    ) -> np.ndarray:
+        """Importance of the ``feasible`` units on ``batches``, the same on every rank; without an optimizer, the loss
+        reduction of a plain gradient step at ``lr`` (``select_units``' fallback)."""
+        group_lrs = base_learning_rates(optimizer) if unwrap_optimizer(optimizer) is not None else None
+        importance_fn = fsdp.compute_importance if fsdp.is_sharded(self.model) else compute_importance
+        # the gradient of the step it predicts (a Trainer may not have set training mode yet)
+        with _training_mode(self.model), self._profiling():
+            values = importance_fn(
+                self.model,
+                units,
+                batches,
+                optimizer,
+                loss_fn=loss_fn,
+                candidates=feasible,
+                lr=lr,
+                group_lrs=group_lrs,
+                max_grad_norm=max_grad_norm,
+            )
+        return ranks.average_across_ranks(values)
 
     def _select(
         self,
@@ -735,9 +743,7 @@ class GreenTrainerModel(LoraModel):
         """The current selection costs more than rho at a new shape: select again, with the same importances,
         against every shape seen (every rank does, with the same data)."""
         start = time.perf_counter()
-        envelope, keys = self._envelope(signature)
-        self._check_feasible(envelope, keys)
-        feasible = self._feasible(envelope)
+        envelope, keys, feasible = self._feasible_envelope(signature)
         stored = self.greentrainer_state.importance
         if stored:
             importance = np.array([stored.get(u.name, 0.0) for u in envelope.units])
