@@ -40,13 +40,12 @@ from torch import nn
 
 from . import fsdp, ranks
 from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
+from .engine.costs import UnitCosts, cost_envelope
 from .engine.importance import base_learning_rates, compute_importance, unwrap_optimizer
 from .engine.label_buckets import LabelBucket, label_bucket
 from .engine.profile import (
     CostProfile,
-    UnitCosts,
     batch_size,
-    cost_envelope,
     costliest_row,
     default_loss,
     profile_key,

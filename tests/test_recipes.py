@@ -21,9 +21,9 @@ from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
+from peft_greentrainer.engine.costs import cost_envelope
 from peft_greentrainer.engine.profile import (
     batch_size,
-    cost_envelope,
     costliest_row,
     measure_flops,
     profile_key,

@@ -386,7 +386,7 @@ def test_finer_resolution_is_never_worse(instance, rho: float) -> None:
 def test_unit_costs_select_keeps_the_budget_when_units_together_cost_more_than_full_fine_tuning() -> None:
     """LoRA or mixed units add work: all of them together can cost more than full FT of the base, which the bare
     selector refuses as a reference; ``UnitCosts.select`` rescales, and stays the brute-force optimum within budget."""
-    from peft_greentrainer.engine.profile import UnitCosts
+    from peft_greentrainer.engine.costs import UnitCosts
     from peft_greentrainer.engine.units import Unit
 
     rng, checked = np.random.default_rng(7), 0

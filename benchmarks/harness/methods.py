@@ -22,8 +22,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, enable_sparse_lm_head
+from peft_greentrainer.engine.costs import UnitCosts
 from peft_greentrainer.engine.importance import base_learning_rates, compute_importance
-from peft_greentrainer.engine.profile import UnitCosts, costliest_row, profile_model
+from peft_greentrainer.engine.profile import costliest_row, profile_model
 from peft_greentrainer.engine.selector import min_unit_costs
 from peft_greentrainer.engine.units import lora_units, tensor_units
 from peft_greentrainer.sampling import importance_batches

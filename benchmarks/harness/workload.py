@@ -18,7 +18,8 @@ import transformers
 from torch import nn
 
 from peft_greentrainer.cli.data import ACLSUM_QUESTIONS, PAPER_TEMPLATE, Example, load_examples, tokenize_causal
-from peft_greentrainer.engine.profile import CostProfile, UnitCosts, profile_model
+from peft_greentrainer.engine.costs import UnitCosts
+from peft_greentrainer.engine.profile import CostProfile, profile_model
 from peft_greentrainer.engine.units import tensor_units
 
 

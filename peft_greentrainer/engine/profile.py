@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,16 +39,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .costs import UnitCosts
 from .flops import is_attention_op, register_flop_formulas, uncounted_matmul_op
 from .rng import fork_rng
-from .selector import (
-    Selection,
-    infeasible_message,
-    min_unit_costs,
-    select_units,
-    selection_backward_flops,
-    smallest_ratio,
-)
 from .targets import labelled_counts
 from .units import Unit, parameter_aliases
 
@@ -114,76 +106,6 @@ class OpCost:
     @property
     def dy_flops(self) -> float:
         return sum(flops for _, flops in self.dy)
-
-
-@dataclass
-class UnitCosts:
-    """Per-unit costs in backward order, ready for the selector (all FLOPs per training step).
-
-    ``dy_head`` is the activation-gradient cost above the first unit (paid as soon as anything is selected);
-    ``t_dy[j]`` the cost of crossing unit ``j`` and the parameter-free ops below it, down to unit ``j + 1``.
-    """
-
-    units: list[Unit]
-    t_dw: np.ndarray
-    t_dy: np.ndarray
-    forward_share: np.ndarray
-    dy_head: float
-    forward_flops: float
-    full_flops: float
-
-    def predicted_backward(self, mask: Sequence[bool] | np.ndarray) -> float:
-        return selection_backward_flops(np.asarray(mask, dtype=bool), self.t_dw, self.t_dy, self.dy_head)
-
-    def predicted_flops(self, mask: Sequence[bool] | np.ndarray) -> float:
-        return self.forward_flops + self.predicted_backward(mask)
-
-    def alone_costs(self) -> np.ndarray:
-        """FLOPs of a step that trains each unit alone (the cheapest selection with it as the deepest)."""
-        return min_unit_costs(self.t_dw, self.t_dy, self.forward_flops, self.dy_head)
-
-    def min_feasible_rho(self) -> float:
-        """Smallest rho that lets at least one unit train; below it only the forward pass would fit."""
-        return smallest_ratio(float(self.alone_costs().min()), self.full_flops)
-
-    def fits_alone(self, rho: float) -> np.ndarray:
-        """Units that fit ``rho * full_flops`` on their own; every unit at ``rho >= 1`` (no budget)."""
-        if rho >= 1:
-            return np.ones(len(self.units), dtype=bool)
-        return self.alone_costs() <= rho * self.full_flops
-
-    def select(self, importance: Sequence[float] | np.ndarray, rho: float, *, resolution: int = 10_000) -> Selection:
-        """The exact DP over these costs: the most total importance within ``rho * full_flops``.
-
-        ``rho >= 1`` lifts the budget (any unit may train), as the tuner does. The selector's reference must cover
-        training every unit, which units that add work (LoRA adapters) can together exceed: it is then their total,
-        with the budget unchanged; the returned ``Selection`` speaks of ``rho`` and ``full_flops`` as given.
-        """
-        if not self.fits_alone(rho).any():
-            cheapest = float(self.alone_costs().min())
-            raise ValueError(infeasible_message(rho, cheapest, self.full_flops))
-        span = max(self.full_flops, self.predicted_flops(np.ones(len(self.units), dtype=bool)))
-        budget = span if rho >= 1 else rho * self.full_flops
-        scaled = budget / span
-        while scaled * span < budget:  # rounding must not shrink the budget the feasibility test above used
-            scaled = math.nextafter(scaled, math.inf)
-        selection = select_units(
-            importance,
-            self.t_dw,
-            self.t_dy,
-            self.forward_flops,
-            scaled,
-            full_flops=span,
-            dy_head=self.dy_head,
-            resolution=resolution,
-        )
-        return replace(selection, rho=rho, full_flops=self.full_flops, budget=min(rho, 1.0) * self.full_flops)
-
-    def index(self, name: str) -> int:
-        for i, unit in enumerate(self.units):
-            if unit.name == name:
-                return i
-        raise KeyError(name)
 
 
 @dataclass
@@ -252,42 +174,6 @@ class CostProfile:
             forward_flops=self.forward_flops,
             full_flops=self.full_flops if full_flops is None else full_flops,
         )
-
-
-def cost_envelope(costs: Sequence[UnitCosts]) -> UnitCosts:
-    """Per-unit maxima over several batch shapes of the costs as fractions of full fine-tuning at that shape.
-
-    The result is in units of "full fine-tuning FLOPs" (``full_flops`` is 1): the cost of any selection under the
-    envelope bounds its cost at every one of the shapes, each as a fraction of full fine-tuning at that shape, so a
-    selection within ``rho`` under the envelope is within ``rho`` at each shape. Attention grows quadratically with
-    the sequence length, so the share of each unit moves with the length and no single shape bounds the others.
-    Every entry must list the same units in the same backward order (the same model in the same mode). One shape is
-    its own envelope, kept in FLOPs: whole numbers, on which the selector's DP is exact rather than on a grid.
-    """
-    if not costs:
-        raise ValueError("cost_envelope needs the costs of at least one batch shape")
-    if len(costs) == 1:
-        return costs[0]
-    names = [u.name for u in costs[0].units]
-    for other in costs[1:]:
-        if [u.name for u in other.units] != names:
-            raise ValueError(
-                "the batch shapes put the units in different backward orders (the forward pass takes a data-dependent "
-                "path); their costs cannot be bounded together"
-            )
-
-    def largest(values: Callable[[UnitCosts], Any]) -> Any:
-        return np.max([np.asarray(values(c), dtype=np.float64) / c.full_flops for c in costs], axis=0)
-
-    return UnitCosts(
-        units=list(costs[0].units),
-        t_dw=largest(lambda c: c.t_dw),
-        t_dy=largest(lambda c: c.t_dy),
-        forward_share=largest(lambda c: c.forward_share),
-        dy_head=float(largest(lambda c: c.dy_head)),
-        forward_flops=float(largest(lambda c: c.forward_flops)),
-        full_flops=1.0,
-    )
 
 
 def routed_expert_modules(model: nn.Module) -> list[str]:
