@@ -99,7 +99,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         model = kwargs.get("model")
         if model is not None:
             # a resumed run that reloads its best checkpoint needs the base values the resume load overwrites
-            find_tuner(model).__dict__["_reloads_best"] = bool(getattr(args, "load_best_model_at_end", False))
+            find_tuner(model)._runtime.reloads_best = bool(getattr(args, "load_best_model_at_end", False))
         if model is not None and find_tuner(model).greentrainer_state.history:
             # a model trained before (a second Trainer, a second stage): the optimizer this Trainer creates must
             # hold every candidate, so they are trainable until its first selection

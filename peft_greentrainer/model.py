@@ -122,14 +122,49 @@ def _forward_only(model: nn.Module, batch: Mapping[str, Any]) -> Any:
 
 
 _POSITIONAL = "__positional_"
-# what the tuner caches of its profiles (per batch shape, per row, per shape key): valid for the adapters active then
-_PROFILE_CACHES = ("_profiles", "_measured_rows", "_shape_costs_by_key")
+
+
+@dataclass
+class _ProfileCaches:
+    """What the tuner caches of its cost profiles: valid for the adapters active when they were measured."""
+
+    profiles: dict[tuple, tuple[CostProfile, float]] = field(default_factory=dict)  # by batch shape
+    measured_rows: dict[tuple, UnitCosts] = field(default_factory=dict)  # one row's costs, by shape key
+    shape_costs: dict[tuple, UnitCosts] = field(default_factory=dict)  # agreed on by every rank (_learn_shapes)
+
+
+@dataclass
+class _TunerRuntime:
+    """The tuner's working state, none of it saved with the adapter: caches, the budget check's hook and records, and
+    what a selection must know of the run. One object, so that it is declared in one place."""
+
+    step_hook: Any = None  # handle of the forward pre-hook that checks every training step's budget
+    candidates_by_adapter: dict[str, list[str]] = field(default_factory=dict)
+    states: dict[str, GreenTrainerState] = field(default_factory=dict)  # per adapter
+    caches: _ProfileCaches = field(default_factory=_ProfileCaches)
+    caches_by_active_adapters: dict[tuple[str, ...], _ProfileCaches] = field(default_factory=dict)
+    twin: Any = None  # (float twin, its fake mode) of a quantized base: built once
+    busy: int = 0  # > 0 while profiling or computing importance: forwards then are no training step
+    selection_applied: bool = False  # whether a selection is in force (the steps are then budget-checked)
+    position: tuple[int, float] | None = None  # the Trainer's (step, epoch), for records of in-step re-selections
+    step_ratios: list[float] = field(default_factory=list)  # each step's FLOPs ratio since the last read
+    warned_unused: set[str] = field(default_factory=set)
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)  # units="tensors": values before training
+    reloads_best: bool = False  # the Trainer reloads its best checkpoint at the end (load_best_model_at_end)
+    flags_while_disabled: list[tuple[nn.Parameter, bool]] | None = None
 
 
 class GreenTrainerModel(LoraModel):
     """Tuner for [`GreenTrainerConfig`]; see the module docstring for the two unit kinds."""
 
     prefix: str = "lora_"
+
+    @property
+    def _runtime(self) -> _TunerRuntime:
+        """Created on first use: PEFT's tuner injects the adapters from its ``__init__``, before code of ours after
+        it could run, and in ``__dict__`` rather than as an attribute because ``nn.Module`` would register the twin
+        model it may hold as a submodule, and the tuner forwards unknown attribute names to the base model."""
+        return self.__dict__.setdefault("_greentrainer_runtime", _TunerRuntime())
 
     # ------------------------------------------------------------------ construction
     def _check_new_adapter_config(self, config) -> None:
@@ -168,8 +203,8 @@ class GreenTrainerModel(LoraModel):
                 "plain LoRA (peft.LoraConfig)."
             )
         self._drop_cached_profiles()
-        if "_step_hook" not in self.__dict__:  # the budget check before every training forward (module docstring)
-            self.__dict__["_step_hook"] = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        if self._runtime.step_hook is None:  # the budget check before every training forward (module docstring)
+            self._runtime.step_hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         if config.units == "lora":
             super().inject_adapter(model, adapter_name, *args, **kwargs)
             candidates = [p for u in self._lora_candidates(model, adapter_name) for p in u.param_names]
@@ -187,13 +222,13 @@ class GreenTrainerModel(LoraModel):
     @property
     def _candidates(self) -> dict[str, list[str]]:
         """Per adapter name: the canonical names of the tensors its units are made of."""
-        return self.__dict__.setdefault("_candidates_by_adapter", {})
+        return self._runtime.candidates_by_adapter
 
     def _drop_cached_profiles(self) -> None:
         """Cost profiles describe the model as it ran (which adapters it had and which were active): stale once
         adapters are added or deleted."""
-        for cache in (*_PROFILE_CACHES, "_profiles_by_active_adapters"):
-            self.__dict__.pop(cache, None)
+        self._runtime.caches = _ProfileCaches()
+        self._runtime.caches_by_active_adapters.clear()
 
     def _switch_cached_profiles(self, previous: tuple[str, ...]) -> None:
         """Keep the profiles of the adapters active until now for when they are active again, and bring back those of
@@ -202,9 +237,9 @@ class GreenTrainerModel(LoraModel):
         current = tuple(self.active_adapters)
         if current == previous:
             return
-        kept = self.__dict__.setdefault("_profiles_by_active_adapters", {})
-        kept[previous] = {cache: self.__dict__.pop(cache) for cache in _PROFILE_CACHES if cache in self.__dict__}
-        self.__dict__.update(kept.pop(current, {}))
+        runtime = self._runtime
+        runtime.caches_by_active_adapters[previous] = runtime.caches
+        runtime.caches = runtime.caches_by_active_adapters.pop(current, None) or _ProfileCaches()
 
     def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         """Attach the sparse LM head (``config.sparse_lm_head``) to the base model itself, so that everything that
@@ -297,13 +332,13 @@ class GreenTrainerModel(LoraModel):
 
     @greentrainer_state.setter
     def greentrainer_state(self, state: GreenTrainerState) -> None:
-        self.__dict__.setdefault("_greentrainer_states", {})[self._selecting_adapter()] = state
+        self._runtime.states[self._selecting_adapter()] = state
 
     def state_of(self, adapter_name: str) -> GreenTrainerState:
         """The selection state of ``adapter_name``, active or not."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"No adapter named {adapter_name!r}; this model has {list(self.peft_config)}.")
-        return self.__dict__.setdefault("_greentrainer_states", {}).setdefault(adapter_name, GreenTrainerState())
+        return self._runtime.states.setdefault(adapter_name, GreenTrainerState())
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate adapter(s) as LoRA does, then re-apply the activated adapter's last selection, if any."""
@@ -342,7 +377,7 @@ class GreenTrainerModel(LoraModel):
             )
         super().delete_adapter(adapter_name)
         self._candidates.pop(adapter_name, None)
-        self.__dict__.get("_greentrainer_states", {}).pop(adapter_name, None)
+        self._runtime.states.pop(adapter_name, None)
         self._drop_cached_profiles()
 
     @contextmanager
@@ -378,15 +413,15 @@ class GreenTrainerModel(LoraModel):
             dense_head = not self._head_follows_labels(batch)
             if not dense_head and counts is not None:  # a sparse head's cost follows each row's labelled positions
                 key = (key, tuple(counts.tolist()))
-            cache = self.__dict__.setdefault("_profiles", {})
+            cache = self._runtime.caches.profiles
             if key not in cache:
                 cache[key] = self._measure(batch, loss_fn)
                 # training steps at this shape need no profile of their own: costs are linear in the batch size (a
                 # sparse head's steps are priced on rows widened to a bucket of labels: see _row_key)
                 if dense_head or counts is None:
                     costs = cache[key][0].unit_costs(self.candidate_units(), full_flops=cache[key][1])
-                    measured = self.__dict__.setdefault("_measured_rows", {})
-                    measured.setdefault(self._row_key(batch)[1], _scaled(costs, 1 / (batch_size(batch) or 1)))
+                    row_costs = _scaled(costs, 1 / (batch_size(batch) or 1))
+                    self._runtime.caches.measured_rows.setdefault(self._row_key(batch)[1], row_costs)
         return cache[key]
 
     def _measure(self, batch: Mapping[str, Any], loss_fn: LossFn) -> tuple[CostProfile, float]:
@@ -430,12 +465,12 @@ class GreenTrainerModel(LoraModel):
     def _profiling(self) -> Iterator[None]:
         """Forward passes run to measure costs or importance: no training step (the step check skips them), and
         every ``requires_grad`` flag is as before afterwards."""
-        self.__dict__["_busy"] = self.__dict__.get("_busy", 0) + 1
+        self._runtime.busy += 1
         try:
             with requires_grad_kept(self.model.parameters()):
                 yield
         finally:
-            self.__dict__["_busy"] -= 1
+            self._runtime.busy -= 1
 
     def _float_twin(self) -> tuple[GreenTrainerModel, Any] | None:
         """For a quantized base, the same architecture in float made of fake tensors on the same device (no weights,
@@ -448,9 +483,9 @@ class GreenTrainerModel(LoraModel):
         """
         if all(is_trainable_dtype(p) for p in self.model.parameters()):
             return None
-        if "_twin" not in self.__dict__:
-            self.__dict__["_twin"] = fake_twin(self, type(self.model))
-        return self.__dict__["_twin"]
+        if self._runtime.twin is None:
+            self._runtime.twin = fake_twin(self, type(self.model))
+        return self._runtime.twin
 
     def unit_costs(self, batch: Mapping[str, Any], loss_fn: LossFn = default_loss) -> UnitCosts:
         profile, full = self.cost_profile(batch, loss_fn)
@@ -471,14 +506,14 @@ class GreenTrainerModel(LoraModel):
     def _shape_costs(self) -> dict[tuple, UnitCosts]:
         """Costs of every batch shape trained or selected on (one row each), by ``profile_key``. Only
         ``_learn_shapes`` adds to it, so it is the same on every rank."""
-        return self.__dict__.setdefault("_shape_costs_by_key", {})
+        return self._runtime.caches.shape_costs
 
     def _profile_rows(self, batch: Mapping[str, Any], new: dict[tuple, UnitCosts]) -> tuple:
         """The key of ``batch``'s shape; its costs (one row, current modes) go into ``new`` if not agreed on yet,
         measured unless this process measured them before (``cost_profile``)."""
         row, key, bucket = self._row_key(batch)
         if key not in self._shape_costs and key not in new:
-            measured = self.__dict__.setdefault("_measured_rows", {})
+            measured = self._runtime.caches.measured_rows
             if key not in measured:
                 profile, full = self._measure(bucket.widened if bucket is not None else row, _forward_only)
                 if bucket is not None:  # full fine-tuning at the bucket's fewest labels: a bound for every row in it
@@ -705,15 +740,15 @@ class GreenTrainerModel(LoraModel):
     # ------------------------------------------------------------------ the check before every training step
     def note_training_position(self, step: int, epoch: float) -> None:
         """Tell the tuner the Trainer's position, for the records of re-selections made during a step."""
-        self.__dict__["_position"] = (step, epoch)
+        self._runtime.position = (step, epoch)
 
     def step_flops_ratios(self) -> tuple[float, float] | None:
         """FLOPs of the last training step as a fraction of full fine-tuning at its batch shape, and the largest
         since the previous call; None if no step ran since a selection was applied."""
-        ratios = self.__dict__.get("_step_ratios")
+        ratios = self._runtime.step_ratios
         if not ratios:
             return None
-        self.__dict__["_step_ratios"] = [ratios[-1]]
+        self._runtime.step_ratios = [ratios[-1]]
         return ratios[-1], max(ratios)
 
     # outside any torch.compile'd forward: the check profiles and selects in Python (dynamo tracing it recompiled on
@@ -721,10 +756,10 @@ class GreenTrainerModel(LoraModel):
     @torch.compiler.disable
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the base model: keep the budget promise for the training step about to run."""
-        if self.__dict__.get("_busy") or not module.training or not torch.is_grad_enabled():
+        if self._runtime.busy or not module.training or not torch.is_grad_enabled():
             return  # profiling, importance, evaluation or generation: no training step
         unpack_weights_packed_for_inference(self.model)  # an evaluation may have packed them, selection or not
-        if not self.__dict__.get("_selection_applied"):
+        if not self._runtime.selection_applied:
             return  # before the first selection every candidate trains (the optimizer is built over all of them)
         keep_backprop_shallow(self.model)  # checkpointing enabled since the last step would force backprop deeper
         batch = {**{f"{_POSITIONAL}{i:03d}": a for i, a in enumerate(args)}, **kwargs}
@@ -734,7 +769,7 @@ class GreenTrainerModel(LoraModel):
         rho = self.greentrainer_config.rho
         if learned and max(self._ratio(k) for k in learned) > rho * (1 + 1e-12):
             self._reselect(key[1])
-        ratios = self.__dict__.setdefault("_step_ratios", [])
+        ratios = self._runtime.step_ratios
         ratios.append(self._ratio(key))
         del ratios[:-1000]  # a plain loop may never read them
 
@@ -750,7 +785,7 @@ class GreenTrainerModel(LoraModel):
             importance = self._mask(envelope).astype(np.float64)
         importance = _positive(importance, feasible, None)
         last = self.greentrainer_state.last
-        step, epoch = self.__dict__.get("_position", (last.step, last.epoch) if last else (0, 0.0))
+        step, epoch = self._runtime.position or ((last.step, last.epoch) if last else (0, 0.0))
         self._select(envelope, keys, importance, step=step, epoch=epoch, reason="batch shape", start=start)
 
     def _check_optimizer_holds_candidates(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -779,7 +814,7 @@ class GreenTrainerModel(LoraModel):
         for unit in self.candidate_units():
             for param in unit.parameters(self.model):
                 param.requires_grad_(True)
-        self.__dict__["_selection_applied"] = False
+        self._runtime.selection_applied = False
 
     def _note_stepped_tensors(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Count as trained every candidate the optimizer holds state for.
@@ -827,7 +862,7 @@ class GreenTrainerModel(LoraModel):
         placed = {u.name for u in units}
         candidates = self.candidate_units()
         unplaced = [u.name for u in candidates if u.name not in placed]
-        warned = self.__dict__.setdefault("_warned_unused", set())
+        warned = self._runtime.warned_unused
         if set(unplaced) - warned:
             logger.warning(
                 "GreenTrainer froze %d unit(s) the profiled forward pass does not use (e.g. %s): their cost is "
@@ -837,7 +872,7 @@ class GreenTrainerModel(LoraModel):
             )
             warned.update(unplaced)
         trained = dict.fromkeys(state.trained_tensors)
-        originals = self.__dict__.setdefault("_originals", {})
+        originals = self._runtime.originals
         keep_originals = self.units_kind == "tensors" and bool(trained)
         frozen = [p for u in candidates if u.name not in chosen for p in u.parameters(self.model)]
         kept = _accumulated_gradients(frozen) if within_step else set()
@@ -853,7 +888,7 @@ class GreenTrainerModel(LoraModel):
                 trained.update(dict.fromkeys(unit.param_names))
         state.selected = [u.name for u, s in zip(units, mask, strict=True) if s]
         state.trained_tensors = list(trained)
-        self.__dict__["_selection_applied"] = True
+        self._runtime.selection_applied = True
 
     def _with_original_values(self, state_dict: dict, names: list[str], trainable: bool) -> dict:
         """``state_dict`` (an adapter being loaded, units="tensors") plus the original values of the tensors this
@@ -867,8 +902,8 @@ class GreenTrainerModel(LoraModel):
         """
         state = self.greentrainer_state
         loaded = set(names)
-        originals = self.__dict__.setdefault("_originals", {})
-        if trainable and self.__dict__.get("_reloads_best"):
+        originals = self._runtime.originals
+        if trainable and self._runtime.reloads_best:
             untouched = set(state.trained_tensors) | originals.keys()
             for name in names:
                 value = self.model.get_parameter(name)
@@ -913,21 +948,22 @@ class GreenTrainerModel(LoraModel):
 
     def disable_adapter_layers(self) -> None:
         self.check_can_disable_adapter()
-        self.__dict__["_flags_while_disabled"] = [(p, p.requires_grad) for p in self.model.parameters()]
+        self._runtime.flags_while_disabled = [(p, p.requires_grad) for p in self.model.parameters()]
         super().disable_adapter_layers()
 
     def enable_adapter_layers(self) -> None:
         if self.units_kind == "lora":
             super().enable_adapter_layers()  # PEFT makes every adapter trainable again: give the selection back
-            flags = self.__dict__.pop("_flags_while_disabled", None)
+            flags, self._runtime.flags_while_disabled = self._runtime.flags_while_disabled, None
             for param, flag in flags or []:
                 param.requires_grad_(flag)
             if not flags:
                 self._reapply_selection()
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
-        if "_step_hook" in self.__dict__:  # the returned model is a plain transformers model again
-            self.__dict__.pop("_step_hook").remove()
+        if self._runtime.step_hook is not None:  # the returned model is a plain transformers model again
+            self._runtime.step_hook.remove()
+            self._runtime.step_hook = None
         if self.units_kind == "lora":
             return super()._unload_and_optionally_merge(
                 merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
@@ -955,7 +991,7 @@ class GreenTrainerModel(LoraModel):
             # no selection yet: every candidate was trainable; or a sharded FSDP2 checkpoint, which is loaded before
             # the selection state is back, and so must hold every candidate
             trained = tuner._candidates[adapter_name]
-        elif not tuner.__dict__.get("_selection_applied"):
+        elif not tuner._runtime.selection_applied:
             # no selection in force (a trainable load, unfreeze_candidates()): steps without one, in a plain loop or
             # a Trainer without the callback, may have changed any trainable candidate
             params = {fsdp.canonical_name(n): p for n, p in tuner.model.named_parameters(remove_duplicate=False)}

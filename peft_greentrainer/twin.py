@@ -33,7 +33,7 @@ def weightless_twin(tuner, model_class: type[nn.Module]):
         # the per-expert loop that would take float32 picks experts from the data, which fake tensors do not hold)
         base.to(torch.bfloat16)
     twin = get_peft_model(base, copy.deepcopy(tuner.greentrainer_config)).base_model
-    twin.__dict__["_step_hook"].remove()
+    twin._runtime.step_hook.remove()
     keep_backprop_shallow(twin.model, quiet=True)
     return twin
 

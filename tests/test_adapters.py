@@ -177,7 +177,7 @@ def test_delete_adapter_forgets_its_candidates_and_state():
     model.delete_adapter("other")
     tuner = model.base_model
     assert set(model.peft_config) == {"default"} and set(tuner._candidates) == {"default"}
-    assert "other" not in tuner.__dict__["_greentrainer_states"]
+    assert "other" not in tuner._runtime.states
     assert not _adapter_params(model, "other")
     _select_and_train(model)  # the remaining adapter still selects
     assert tuner.greentrainer_state.selected

@@ -925,9 +925,9 @@ def test_the_budget_check_runs_outside_a_compiled_forward():
     # a deep copy (TRL's reference model, an EMA copy) checks its own steps, and the model still pickles
     del tuner._profile_rows
     clone = copy.deepcopy(model)
-    before = list(tuner.__dict__["_step_ratios"])
+    before = list(tuner._runtime.step_ratios)
     clone(**batch).loss.backward()
-    assert clone.base_model.step_flops_ratios() is not None and tuner.__dict__["_step_ratios"] == before
+    assert clone.base_model.step_flops_ratios() is not None and tuner._runtime.step_ratios == before
     assert pickle.loads(pickle.dumps(model)).base_model.units_kind == "tensors"
 
 
