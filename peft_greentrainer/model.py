@@ -149,6 +149,7 @@ class _TunerRuntime:
     position: tuple[int, float] | None = None  # the Trainer's (step, epoch), for records of in-step re-selections
     step_ratios: list[float] = field(default_factory=list)  # each step's FLOPs ratio since the last read
     warned_unused: set[str] = field(default_factory=set)
+    warned_without_selection: bool = False
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # units="tensors": values before training
     reloads_best: bool = False  # the Trainer reloads its best checkpoint at the end (load_best_model_at_end)
     flags_while_disabled: list[tuple[nn.Parameter, bool]] | None = None
@@ -755,12 +756,18 @@ class GreenTrainerModel(LoraModel):
     # every shape key and crashed on a cold cache); disabled on the method, so a deep copy's hook is its own
     @torch.compiler.disable
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook of the base model: keep the budget promise for the training step about to run."""
-        if self._runtime.busy or not module.training or not torch.is_grad_enabled():
+        """Forward pre-hook of the base model: keep the budget promise for the training step about to run.
+
+        A forward with gradients on is taken for a training step in eval mode too (a loop that evaluated and did not
+        call ``model.train()`` again trains so): it costs what its modes make it cost, and is checked as such.
+        """
+        if self._runtime.busy or not torch.is_grad_enabled():
             return  # profiling, importance, evaluation or generation: no training step
         unpack_weights_packed_for_inference(self.model)  # an evaluation may have packed them, selection or not
         if not self._runtime.selection_applied:
-            return  # before the first selection every candidate trains (the optimizer is built over all of them)
+            # before the first selection every candidate trains (the optimizer is built over all of them)
+            self._warn_once_without_selection(module)
+            return
         keep_backprop_shallow(self.model)  # checkpointing enabled since the last step would force backprop deeper
         batch = {**{f"{_POSITIONAL}{i:03d}": a for i, a in enumerate(args)}, **kwargs}
         new: dict[tuple, UnitCosts] = {}
@@ -772,6 +779,20 @@ class GreenTrainerModel(LoraModel):
         ratios = self._runtime.step_ratios
         ratios.append(self._ratio(key))
         del ratios[:-1000]  # a plain loop may never read them
+
+    def _warn_once_without_selection(self, module: nn.Module) -> None:
+        """Training with no selection ever made trains every candidate: no FLOPs saved, which the user would not
+        otherwise see (a Trainer given the model without GreenTrainerCallback)."""
+        if self._runtime.warned_without_selection or not module.training:
+            return
+        self._runtime.warned_without_selection = True
+        trains = "the base model's tensors (full fine-tuning)" if self.units_kind == "tensors" else "every adapter"
+        logger.warning(
+            "GreenTrainer: a training step runs with no selection in force, so it trains %s and saves no FLOPs. Add "
+            "GreenTrainerCallback() to the Trainer's callbacks (TRL's trainers too), or call "
+            "model.base_model.select_units(batches, optimizer) in a plain training loop before its steps.",
+            trains,
+        )
 
     def _reselect(self, signature: tuple) -> None:
         """The current selection costs more than rho at a new shape: select again, with the same importances,

@@ -201,6 +201,19 @@ def test_profile_has_no_side_effects():
     assert torch.equal(rng, torch.get_rng_state())
 
 
+def test_measuring_a_step_between_its_backward_and_its_optimizer_step_leaves_the_gradients_alone():
+    """As a budget audit does: the gradients the optimizer then applies are the step's own, not added to."""
+    model = tiny_model("llama")
+    batch = tiny_batch(model)
+    model(**batch).loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    up_proj = model.model.layers[0].mlp.up_proj.weight
+    measure_flops(model, batch, trainable=["model.layers.0.mlp.up_proj.weight"])
+    measure_flops(model, batch)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    assert all(p.requires_grad for p in model.parameters()) and up_proj.grad is not None
+
+
 def test_dummy_batch_shapes():
     config = tiny_config("t5")
     batch = dummy_batch(config, batch_size=3, seq_len=10, target_len=4, device="cpu")

@@ -1022,16 +1022,19 @@ def test_units_frozen_inside_a_step_stay_still_when_gradients_are_zeroed_in_plac
     assert all(torch.equal(before[n], p) for n, p in frozen.items())
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("units", UNIT_KINDS)
-def test_budget_holds_at_every_sequence_length_trained(units):
+def test_budget_holds_at_every_sequence_length_trained(units, mode):
     """Selected at 8 tokens, trained at up to 128: attention grows quadratically, so the selection made for the
-    short shape would overspend at the long ones. Each new shape is checked before its step runs."""
+    short shape would overspend at the long ones. Each new shape is checked before its step runs, also in a loop
+    that trains in eval mode (it evaluated and did not call ``model.train()`` again)."""
     rho = 0.75
     kwargs = {"target_modules": ["q_proj", "v_proj", "up_proj"]} if units == "lora" else {}
     model = _peft_model("llama", units, rho=rho, **kwargs)
     tuner = model.base_model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     tuner.select_units([_counting_batch(8)], optimizer)
+    getattr(model, mode)()
     ratios = {}
     for seq_len in (8, 32, 64, 128, 32):
         batch = _counting_batch(seq_len)
@@ -1046,6 +1049,25 @@ def test_budget_holds_at_every_sequence_length_trained(units):
     assert len(set(ratios.values())) > 1  # the logged ratio is the step's, at its shape
     reasons = [r.reason for r in tuner.greentrainer_state.history]
     assert reasons[0] == "importance" and "batch shape" in reasons  # a longer shape forced a cheaper selection
+
+
+@pytest.mark.parametrize("units", UNIT_KINDS)
+def test_training_steps_with_no_selection_in_force_are_reported_once(units, caplog):
+    """A Trainer given the model without GreenTrainerCallback trains every candidate: the user is told, once."""
+    model = _peft_model("llama", units)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with caplog.at_level("WARNING", logger="peft_greentrainer.model"):
+        with torch.no_grad():
+            model(**_counting_batch(8))  # an evaluation is no training step
+        assert "no selection in force" not in caplog.text
+        for _ in range(2):
+            model(**_counting_batch(8)).loss.backward()
+        assert caplog.text.count("no selection in force") == 1 and "GreenTrainerCallback()" in caplog.text
+        caplog.clear()
+        model.base_model.select_units([_counting_batch(8)], optimizer)
+        model(**_counting_batch(8)).loss.backward()
+    assert "no selection in force" not in caplog.text
 
 
 @pytest.mark.parametrize("sparse_lm_head", [False, True])

@@ -43,7 +43,7 @@ from .costs import UnitCosts
 from .flops import is_attention_op, register_flop_formulas, uncounted_matmul_op
 from .rng import fork_rng
 from .targets import labelled_counts
-from .units import Unit, parameter_aliases
+from .units import Unit, parameter_aliases, requires_grad_kept
 
 logger = logging.getLogger(__name__)
 
@@ -597,26 +597,30 @@ def measure_flops(
     and RNG state are restored afterwards. This is the ground truth the profile is checked against.
     """
     register_flop_formulas()
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    grads = {name: p.grad for name, p in model.named_parameters()}
-    if trainable is not None:
-        wanted = {id(model.get_parameter(n)) for n in trainable}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in wanted and (p.dtype.is_floating_point or p.dtype.is_complex))
-    try:
-        with fork_rng():
-            with FlopCounterMode(display=False) as counter:
-                loss = loss_fn(model, batch)
-            forward = float(counter.get_total_flops())
-            backward = 0.0
-            if loss.requires_grad:
+    params = list(model.parameters())
+    # set aside, not kept in place: backward would add into existing gradient tensors, whose values restoring the
+    # same tensors would not undo (a step audited between its backward and its optimizer step would train on more)
+    grads = [p.grad for p in params]
+    with requires_grad_kept(params):
+        if trainable is not None:
+            wanted = {id(model.get_parameter(n)) for n in trainable}
+            for p in params:
+                p.requires_grad_(id(p) in wanted and (p.dtype.is_floating_point or p.dtype.is_complex))
+        try:
+            for p in params:
+                p.grad = None
+            with fork_rng():
                 with FlopCounterMode(display=False) as counter:
-                    loss.backward()
-                backward = float(counter.get_total_flops())
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
-            p.grad = grads[name]
+                    loss = loss_fn(model, batch)
+                forward = float(counter.get_total_flops())
+                backward = 0.0
+                if loss.requires_grad:
+                    with FlopCounterMode(display=False) as counter:
+                        loss.backward()
+                    backward = float(counter.get_total_flops())
+        finally:
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad
     return forward, backward
 
 
