@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -89,8 +90,9 @@ class GreenTrainerConfig(LoraConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = GREENTRAINER_PEFT_TYPE
-        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not math.isfinite(self.rho):
+        if isinstance(self.rho, bool) or not isinstance(self.rho, numbers.Real) or not math.isfinite(self.rho):
             raise ValueError(f"rho must be a number in (0, 1], got {self.rho!r}.")
+        self.rho = float(self.rho)  # a numpy scalar (from a sweep) would not serialise to adapter_config.json
         if not 0 < self.rho <= 1:
             raise ValueError(
                 f"rho must be in (0, 1] (a fraction of full fine-tuning FLOPs), got {self.rho}; "
@@ -100,13 +102,15 @@ class GreenTrainerConfig(LoraConfig):
             raise ValueError(f"units must be one of {UNIT_KINDS}, got {self.units!r}.")
         for name in ("selection_interval", "importance_batches", "dp_resolution"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            setattr(self, name, int(value))
         if not isinstance(self.sparse_lm_head, bool):
             raise ValueError(f"sparse_lm_head must be True or False, got {self.sparse_lm_head!r}.")
         steps = self.selection_interval_steps
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
             raise ValueError(f"selection_interval_steps must be a positive integer or None, got {steps!r}.")
+        self.selection_interval_steps = None if steps is None else int(steps)
         for name in ("include_patterns", "exclude_patterns"):
             value = getattr(self, name)
             if isinstance(value, str):

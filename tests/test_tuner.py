@@ -483,6 +483,15 @@ def test_rho_outside_unit_interval_is_rejected_at_config_creation(rho):
         GreenTrainerConfig(rho=rho)
 
 
+def test_numpy_numbers_from_a_sweep_are_accepted_and_saved_as_plain_numbers(tmp_path):
+    numbers = {"rho": np.float32(0.5), "importance_batches": np.int64(2), "selection_interval_steps": np.int32(3)}
+    config = GreenTrainerConfig(**numbers)
+    assert (config.rho, config.importance_batches, config.selection_interval_steps) == (0.5, 2, 3)
+    assert type(config.rho) is float and type(config.importance_batches) is int
+    config.save_pretrained(tmp_path)  # JSON: numpy scalars would not serialise
+    assert GreenTrainerConfig.from_pretrained(tmp_path).rho == 0.5
+
+
 def test_unknown_units_is_rejected():
     with pytest.raises(ValueError, match="units must be one of"):
         GreenTrainerConfig(units="layers")
