@@ -205,3 +205,52 @@ def write_report(
         *energy_section(energy),
     ]
     (directory / "report.md").write_text("\n".join(text))
+
+
+def summary_rows(metrics: dict) -> list[list[str]]:
+    """The run's short result table (report.md and the console), from ``metrics``."""
+    before, after = metrics["before"], metrics["after"]
+    measured = metrics["measured_flops_ratio"]
+    vs_dense = metrics["measured_flops_ratio_vs_dense_full"]
+    kept = metrics["lm_head_kept_share"]
+    rows = [[f"{name} before / after", f"{before[name]:.2f} / {after[name]:.2f}"] for name in after]
+    rows += [
+        ["LM head", metrics["lm_head"] + (f", on {100 * kept:.0f}% of positions" if kept is not None else "")],
+        ["FLOPs ratio predicted", f"{metrics['predicted_flops_ratio']:.3f}"],
+        ["FLOPs ratio measured", f"{measured:.3f}" if measured is not None else "not counted"],
+        ["FLOPs vs dense full fine-tuning", f"{vs_dense:.3f}" if vs_dense is not None else "not counted"],
+        ["training wall time", f"{metrics['train_seconds']:.0f} s ({metrics['steps']} steps)"],
+        ["selection overhead", f"{100 * metrics['selection_overhead']:.1f}% of training time"],
+        ["units selected (last)", f"{metrics['units_selected_last']} of {metrics['units_total']}"],
+    ]
+    return rows + _energy_rows(metrics["energy"])
+
+
+def _energy_rows(energy: dict | None) -> list[list[str]]:
+    if energy is None:
+        return [["energy", "not measured (--no-energy)"]]
+    if not energy["measured"]:
+        return [["energy", f"not measured: {energy['error']}"]]
+    rows = [
+        [
+            "energy (CodeCarbon)",
+            f"{1000 * energy['energy_kwh']:.3g} Wh, {1000 * energy['emissions_kg']:.3g} g CO2-eq ({energy['mode']})",
+        ]
+    ]
+    if energy["selection_kwh"] is not None:
+        rows.append(["energy of selections", f"{1000 * energy['selection_kwh']:.3g} Wh (by time share)"])
+    if energy["full_finetuning_kwh"] is not None:
+        rows.append(
+            [
+                "full fine-tuning, estimated",
+                f"{1000 * energy['full_finetuning_kwh']:.3g} Wh ({energy['full_finetuning_basis']}, same LM head)",
+            ]
+        )
+    if energy["full_finetuning_dense_head_kwh"] is not None:
+        rows.append(
+            [
+                "full fine-tuning, dense LM head, estimated",
+                f"{1000 * energy['full_finetuning_dense_head_kwh']:.3g} Wh (FLOPs ratio)",
+            ]
+        )
+    return rows

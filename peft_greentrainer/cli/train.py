@@ -432,20 +432,27 @@ def collect_metrics(
     after: Evaluation,
 ) -> dict:
     """Everything the report shows, JSON-ready: settings, scores, FLOPs predicted and measured, time, selections,
-    the LM head and the energy receipt."""
-    import numpy as np
+    the LM head and the energy receipt; ``summary_rows`` is its short table."""
+    from .report import summary_rows
+
+    metrics = {
+        **_settings(args, data, example),
+        "before": before,
+        "after": after.scores,
+        **_flops_metrics(tuner, example, references, run),
+        "examples_after": [
+            {"source": e.source, "reference": e.target, "prediction": p}
+            for e, p in zip(data.eval, after.predictions, strict=True)
+        ],
+    }
+    metrics["summary_rows"] = summary_rows(metrics)
+    return metrics
+
+
+def _settings(args: argparse.Namespace, data: RunData, example: dict) -> dict:
     import torch
 
-    history = tuner.greentrainer_state.history
-    full_flops = tuner.cost_profile(example)[1]
-    dense_full = references["full_flops_dense_head"]
-    steps = run.meter.to_list()
-    for step in steps:
-        step["flops_ratio"] = step["flops"] / full_flops if step["flops"] is not None else None
-    predicted = predicted_ratio_per_step(history, run.trainer.state.global_step)
-    measured = [s["flops_ratio"] for s in steps if s["flops_ratio"] is not None]
-    selection_seconds = sum(r.seconds for r in history)
-    metrics = {
+    return {
         "model": data.model_label,
         "dataset": data.data_label,
         "units": args.units,
@@ -456,9 +463,33 @@ def collect_metrics(
         "train_examples": len(data.train),
         "eval_examples": len(data.eval),
         "sequence_tokens": int(example["input_ids"].shape[1]),
-        "before": before,
-        "after": after.scores,
-        "predicted_flops_ratio": float(np.mean(predicted)) if predicted else None,
+        "torch_threads": torch.get_num_threads(),
+        "template": args.template,
+        "max_source_tokens": args.max_source_tokens,
+        "max_target_tokens": args.max_target_tokens,
+    }
+
+
+def _flops_metrics(tuner, example: dict, references: dict, run: TrainedRun) -> dict:
+    """FLOPs per step, predicted and counted, as fractions of full fine-tuning with the run's LM head and with a
+    dense one; time, selections and the energy receipt beside them."""
+    import numpy as np
+
+    history = tuner.greentrainer_state.history
+    full_flops = tuner.cost_profile(example)[1]
+    dense_full = references["full_flops_dense_head"]
+    steps = run.meter.to_list()
+    for step in steps:
+        step["flops_ratio"] = step["flops"] / full_flops if step["flops"] is not None else None
+    predicted = predicted_ratio_per_step(history, run.trainer.state.global_step)
+    predicted_ratio = float(np.mean(predicted)) if predicted else None
+    measured = [s["flops_ratio"] for s in steps if s["flops_ratio"] is not None]
+    counted = [s["flops"] for s in steps if s["flops"] is not None]
+    log = run.trainer.state.log_history
+    kept = [h["greentrainer/lm_head_kept_share"] for h in log if "greentrainer/lm_head_kept_share" in h]
+    selection_seconds = sum(r.seconds for r in history)
+    return {
+        "predicted_flops_ratio": predicted_ratio,
         "measured_flops_ratio": float(np.mean(measured)) if measured else None,
         "full_finetuning_flops_per_step": full_flops,
         "train_seconds": run.seconds,
@@ -469,36 +500,14 @@ def collect_metrics(
         "units_selected_last": len(history[-1].selected) if history else 0,
         "selections": [vars(r) for r in history],
         "step_measurements": steps,
-        "final_loss": next((h["loss"] for h in reversed(run.trainer.state.log_history) if "loss" in h), None),
-        "torch_threads": torch.get_num_threads(),
-        "examples_after": [
-            {"source": e.source, "reference": e.target, "prediction": p}
-            for e, p in zip(data.eval, after.predictions, strict=True)
-        ],
-        "template": args.template,
-        "max_source_tokens": args.max_source_tokens,
-        "max_target_tokens": args.max_target_tokens,
+        "final_loss": next((h["loss"] for h in reversed(log) if "loss" in h), None),
+        "lm_head": references["lm_head"],
+        "lm_head_kept_share": float(np.mean(kept)) if kept else None,
+        "full_finetuning_dense_head_flops_per_step": dense_full,
+        "predicted_flops_ratio_vs_dense_full": predicted_ratio * full_flops / dense_full if predicted else None,
+        "measured_flops_ratio_vs_dense_full": float(np.mean(counted)) / dense_full if counted else None,
+        "energy": energy_metrics(run.energy, same_head_to_dense=dense_full / full_flops),
     }
-    counted = [s["flops"] for s in steps if s["flops"] is not None]
-    kept = [
-        h["greentrainer/lm_head_kept_share"]
-        for h in run.trainer.state.log_history
-        if "greentrainer/lm_head_kept_share" in h
-    ]
-    metrics.update(
-        {
-            "lm_head": references["lm_head"],
-            "lm_head_kept_share": float(np.mean(kept)) if kept else None,
-            "full_finetuning_dense_head_flops_per_step": dense_full,
-            "predicted_flops_ratio_vs_dense_full": (
-                metrics["predicted_flops_ratio"] * full_flops / dense_full if predicted else None
-            ),
-            "measured_flops_ratio_vs_dense_full": float(np.mean(counted)) / dense_full if counted else None,
-            "energy": energy_metrics(run.energy, same_head_to_dense=dense_full / full_flops),
-        }
-    )
-    metrics["summary_rows"] = _summary_rows(metrics)
-    return metrics
 
 
 def energy_metrics(receipt, same_head_to_dense: float) -> dict | None:
@@ -519,54 +528,6 @@ def predicted_ratio_per_step(history: Sequence, steps: int) -> list[float]:
         in_force = [r for r in history if r.step <= step]
         predicted.append(in_force[-1].predicted_ratio if in_force else 1.0)
     return predicted
-
-
-def _summary_rows(metrics: dict) -> list[list[str]]:
-    before, after = metrics["before"], metrics["after"]
-    measured = metrics["measured_flops_ratio"]
-    vs_dense = metrics["measured_flops_ratio_vs_dense_full"]
-    kept = metrics["lm_head_kept_share"]
-    rows = [[f"{name} before / after", f"{before[name]:.2f} / {after[name]:.2f}"] for name in after]
-    rows += [
-        ["LM head", metrics["lm_head"] + (f", on {100 * kept:.0f}% of positions" if kept is not None else "")],
-        ["FLOPs ratio predicted", f"{metrics['predicted_flops_ratio']:.3f}"],
-        ["FLOPs ratio measured", f"{measured:.3f}" if measured is not None else "not counted"],
-        ["FLOPs vs dense full fine-tuning", f"{vs_dense:.3f}" if vs_dense is not None else "not counted"],
-        ["training wall time", f"{metrics['train_seconds']:.0f} s ({metrics['steps']} steps)"],
-        ["selection overhead", f"{100 * metrics['selection_overhead']:.1f}% of training time"],
-        ["units selected (last)", f"{metrics['units_selected_last']} of {metrics['units_total']}"],
-    ]
-    return rows + _energy_rows(metrics["energy"])
-
-
-def _energy_rows(energy: dict | None) -> list[list[str]]:
-    if energy is None:
-        return [["energy", "not measured (--no-energy)"]]
-    if not energy["measured"]:
-        return [["energy", f"not measured: {energy['error']}"]]
-    rows = [
-        [
-            "energy (CodeCarbon)",
-            f"{1000 * energy['energy_kwh']:.3g} Wh, {1000 * energy['emissions_kg']:.3g} g CO2-eq ({energy['mode']})",
-        ]
-    ]
-    if energy["selection_kwh"] is not None:
-        rows.append(["energy of selections", f"{1000 * energy['selection_kwh']:.3g} Wh (by time share)"])
-    if energy["full_finetuning_kwh"] is not None:
-        rows.append(
-            [
-                "full fine-tuning, estimated",
-                f"{1000 * energy['full_finetuning_kwh']:.3g} Wh ({energy['full_finetuning_basis']}, same LM head)",
-            ]
-        )
-    if energy["full_finetuning_dense_head_kwh"] is not None:
-        rows.append(
-            [
-                "full fine-tuning, dense LM head, estimated",
-                f"{1000 * energy['full_finetuning_dense_head_kwh']:.3g} Wh (FLOPs ratio)",
-            ]
-        )
-    return rows
 
 
 def write_run_report(staging: Path, metrics: dict, tuner, example: dict, run: TrainedRun) -> None:
