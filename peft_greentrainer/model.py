@@ -150,6 +150,7 @@ class _TunerRuntime:
     step_ratios: list[float] = field(default_factory=list)  # each step's FLOPs ratio since the last read
     warned_unused: set[str] = field(default_factory=set)
     warned_without_selection: bool = False
+    warned_eval_mode: bool = False
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # units="tensors": values before training
     reloads_best: bool = False  # the Trainer reloads its best checkpoint at the end (load_best_model_at_end)
     flags_while_disabled: list[tuple[nn.Parameter, bool]] | None = None
@@ -758,15 +759,19 @@ class GreenTrainerModel(LoraModel):
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the base model: keep the budget promise for the training step about to run.
 
-        A forward with gradients on is taken for a training step in eval mode too (a loop that evaluated and did not
-        call ``model.train()`` again trains so): it costs what its modes make it cost, and is checked as such.
+        A forward with gradients on in eval mode is not checked: it may be an evaluation run without
+        ``torch.no_grad()`` (on one rank only, where checking it would wait for the others), so the user is told
+        once instead (:meth:`_warn_once_in_eval_mode_with_gradients`).
         """
         if self._runtime.busy or not torch.is_grad_enabled():
             return  # profiling, importance, evaluation or generation: no training step
+        if not module.training:
+            self._warn_once_in_eval_mode_with_gradients()
+            return
         unpack_weights_packed_for_inference(self.model)  # an evaluation may have packed them, selection or not
         if not self._runtime.selection_applied:
             # before the first selection every candidate trains (the optimizer is built over all of them)
-            self._warn_once_without_selection(module)
+            self._warn_once_without_selection()
             return
         keep_backprop_shallow(self.model)  # checkpointing enabled since the last step would force backprop deeper
         batch = {**{f"{_POSITIONAL}{i:03d}": a for i, a in enumerate(args)}, **kwargs}
@@ -780,10 +785,22 @@ class GreenTrainerModel(LoraModel):
         ratios.append(self._ratio(key))
         del ratios[:-1000]  # a plain loop may never read them
 
-    def _warn_once_without_selection(self, module: nn.Module) -> None:
+    def _warn_once_in_eval_mode_with_gradients(self) -> None:
+        """A training step in eval mode (a loop that evaluated and did not call ``model.train()`` again) would run
+        unchecked; an evaluation with gradients on is told how to be cheaper."""
+        if self._runtime.warned_eval_mode or not self._runtime.selection_applied:
+            return
+        self._runtime.warned_eval_mode = True
+        logger.warning(
+            "GreenTrainer: a forward pass runs in eval mode with gradients on. If it is a training step, call "
+            "model.train() before it: steps in eval mode are not checked against the FLOPs budget. If it is an "
+            "evaluation, run it under torch.no_grad() (as Trainer.evaluate does), which also saves its memory."
+        )
+
+    def _warn_once_without_selection(self) -> None:
         """Training with no selection ever made trains every candidate: no FLOPs saved, which the user would not
         otherwise see (a Trainer given the model without GreenTrainerCallback)."""
-        if self._runtime.warned_without_selection or not module.training:
+        if self._runtime.warned_without_selection:
             return
         self._runtime.warned_without_selection = True
         trains = "the base model's tensors (full fine-tuning)" if self.units_kind == "tensors" else "every adapter"

@@ -209,10 +209,10 @@ def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
     for row in (shipped, lora_shipped, *random_rows, *top_k_rows):
         counted = [s["flops"] for s in row["step_measurements"] if s["flops"] is not None]
         assert counted and max(counted) <= 0.5 * full * (1 + 1e-6), row["method"]
-    # random importances through the same DP: a selection each epoch, at the shipped rows' learning rates
+    # chance importances through GreenTrainer's selection, at the shipped rows' learning rates: no backprop to pay
     for row, gt_row in zip(random_rows, (shipped, lora_shipped), strict=True):
-        assert len(row["selections"]) == len(gt_row["selections"]) and all(row["selections"]), row["method"]
-        assert row["lr"] == gt_row["lr"] and row["selection_flops"] < gt_row["selection_flops"]  # no backprop
+        assert row["selections"] and all(row["selections"]), row["method"]
+        assert row["lr"] == gt_row["lr"] and row["selection_flops"] < gt_row["selection_flops"]
     # a baseline with the sparse head trains the same course (the head is exact) for fewer FLOPs
     for parent in ("full", "lora", "lisa", "badam"):
         dense, sparse = seed0_at_chosen_lr(parent), seed0_at_chosen_lr(f"{parent}_sparse_head")

@@ -1031,19 +1031,16 @@ def test_units_frozen_inside_a_step_stay_still_when_gradients_are_zeroed_in_plac
     assert all(torch.equal(before[n], p) for n, p in frozen.items())
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("units", UNIT_KINDS)
-def test_budget_holds_at_every_sequence_length_trained(units, mode):
+def test_budget_holds_at_every_sequence_length_trained(units):
     """Selected at 8 tokens, trained at up to 128: attention grows quadratically, so the selection made for the
-    short shape would overspend at the long ones. Each new shape is checked before its step runs, also in a loop
-    that trains in eval mode (it evaluated and did not call ``model.train()`` again)."""
+    short shape would overspend at the long ones. Each new shape is checked before its step runs."""
     rho = 0.75
     kwargs = {"target_modules": ["q_proj", "v_proj", "up_proj"]} if units == "lora" else {}
     model = _peft_model("llama", units, rho=rho, **kwargs)
     tuner = model.base_model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     tuner.select_units([_counting_batch(8)], optimizer)
-    getattr(model, mode)()
     ratios = {}
     for seq_len in (8, 32, 64, 128, 32):
         batch = _counting_batch(seq_len)
@@ -1058,6 +1055,26 @@ def test_budget_holds_at_every_sequence_length_trained(units, mode):
     assert len(set(ratios.values())) > 1  # the logged ratio is the step's, at its shape
     reasons = [r.reason for r in tuner.greentrainer_state.history]
     assert reasons[0] == "importance" and "batch shape" in reasons  # a longer shape forced a cheaper selection
+
+
+def test_a_forward_with_gradients_in_eval_mode_is_reported_once_and_changes_nothing(caplog):
+    """An evaluation without torch.no_grad(), or a training step in eval mode: it is not checked (on one rank of a
+    DDP run the check would wait for the others), so the user is told what to do."""
+    model = _peft_model("llama", "tensors", rho=0.5)
+    tuner = model.base_model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    tuner.select_units([_counting_batch(8)], optimizer)
+    model.train()
+    model(**_counting_batch(8)).loss.backward()
+    history, trainable = len(tuner.greentrainer_state.history), [p.requires_grad for p in model.parameters()]
+    model.eval()
+    with caplog.at_level("WARNING", logger="peft_greentrainer.model"):
+        for seq_len in (8, 64):
+            model(**_counting_batch(seq_len)).loss.item()
+    assert caplog.text.count("eval mode with gradients on") == 1 and "model.train()" in caplog.text
+    assert "torch.no_grad()" in caplog.text
+    assert len(tuner.greentrainer_state.history) == history  # no selection made for it
+    assert [p.requires_grad for p in model.parameters()] == trainable
 
 
 @pytest.mark.parametrize("units", UNIT_KINDS)

@@ -27,7 +27,6 @@ from peft_greentrainer.engine.importance import base_learning_rates, compute_imp
 from peft_greentrainer.engine.profile import costliest_row, profile_model
 from peft_greentrainer.engine.selector import min_unit_costs
 from peft_greentrainer.engine.units import lora_units, tensor_units
-from peft_greentrainer.sampling import importance_batches
 
 from .workload import Workload
 
@@ -170,8 +169,9 @@ def top_k_mask(costs: UnitCosts, k: int, num_blocks: int) -> np.ndarray:
 def _top_k(units: str = "tensors", shipped_head: bool = False) -> Builder:
     """FT-top-k at its budget: the units of the last k blocks (and those above every block), k as large as fits.
 
-    ``units="lora"``: the LoRA adapters of those blocks. ``shipped_head``: with the sparse LM head, at that budget
-    of dense full fine-tuning (as the ``gt_*_shipped_head`` rows); k is chosen on the training row with the most
+    ``units="lora"``: the last k LoRA adapters in backward order (adapters, not blocks: a whole block of them may not
+    fit a budget that its output projection does). ``shipped_head``: with the sparse LM head, at that budget of
+    dense full fine-tuning (as the ``gt_*_shipped_head`` rows); k is chosen on the training row with the most
     labelled positions, so that no step costs more.
     """
 
@@ -190,27 +190,26 @@ def _top_k(units: str = "tensors", shipped_head: bool = False) -> Builder:
             full = costs.full_flops  # FLOPs stay fractions of dense full fine-tuning, the protocol's reference
             bound = profile_model(units_model, busiest_batch(work)).unit_costs(costs.units, full_flops=full)
             costs = profile_model(units_model, work.example).unit_costs(costs.units, full_flops=full)
-        blocks = [b for b in map(block_index, (u.name for u in costs.units)) if b is not None]
-        num_blocks = 1 + max(blocks)
-        budget = rho * costs.full_flops
-        fitting = [
-            k for k in range(num_blocks + 1) if bound.predicted_flops(top_k_mask(bound, k, num_blocks)) <= budget
-        ]
+        num_blocks = 1 + max(b for b in map(block_index, (u.name for u in costs.units)) if b is not None)
+        if units == "lora":
+            masks = [np.arange(len(costs.units)) < k for k in range(1, len(costs.units) + 1)]
+        else:
+            masks = [top_k_mask(costs, k, num_blocks) for k in range(num_blocks + 1)]
+        fitting = [i for i, mask in enumerate(masks) if bound.predicted_flops(mask) <= rho * costs.full_flops]
         if not fitting:
-            raise SystemExit(f"FT-top-k: not even the final norm and head fit rho={rho}")
-        k = max(fitting)
-        mask = top_k_mask(costs, k, num_blocks)
+            smallest = "last adapter" if units == "lora" else "final norm and head"
+            raise SystemExit(f"FT-top-k: not even the {smallest} fits rho={rho}")
+        mask = masks[fitting[-1]]
         trained = {
             id(p) for unit, keep in zip(costs.units, mask, strict=True) if keep for p in unit.parameters(units_model)
         }
         for param in units_model.parameters():
             param.requires_grad_(id(param) in trained)
         if units == "lora":
-            name, what = (
-                f"LoRA top-k (k={k}, rho {rho:g} of dense full FT)",
-                f"the adapters of the last {k} of {num_blocks} blocks",
-            )
+            k = int(mask.sum())
+            name, what = f"LoRA top-k (k={k}, rho {rho:g} of dense full FT)", f"the last {k} of {len(mask)} adapters"
         else:
+            k = fitting[-1]
             head = [u.name for u, keep in zip(costs.units, mask, strict=True) if keep and block_index(u.name) is None]
             name, what = (
                 f"FT-top-k (k={k}, rho {rho})",
@@ -231,63 +230,36 @@ def random_choice(costs: UnitCosts, rho: float, rng: np.random.Generator, resolu
 
 
 class RandomSelection(TrainerCallback):
-    """Each epoch: random positive importances (seeded), the same exact DP as GreenTrainer, applied as flags.
+    """Each epoch: random positive importances (seeded), the same exact DP as GreenTrainer, applied as flags."""
 
-    ``probe_batches``: first price as many training batches as GreenTrainer's importance probe draws (a selection's
-    cost, as for GreenTrainer), so that steps on their shapes are not charged a profile (with a sparse LM head, every
-    new label bucket needs one).
-    """
-
-    def __init__(self, tuner, example: dict, rho: float, seed: int, probe_batches: int = 0):
-        self.tuner, self.example, self.rho, self.probe_batches = tuner, example, rho, probe_batches
+    def __init__(self, tuner, example: dict, rho: float, seed: int):
+        self.tuner, self.example, self.rho = tuner, example, rho
         self.rng = np.random.default_rng(seed)
         self.records: list[list[str]] = []  # units selected at each selection
 
-    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        draw = len(self.records)
-        if self.probe_batches:
-            for batch in importance_batches(train_dataloader, self.probe_batches, args.seed + draw, draw=draw):
-                self.tuner.min_feasible_rho(batch)  # prices the batch as its training steps are priced
+    def on_epoch_begin(self, args, state, control, **kwargs):
         costs = self.tuner.unit_costs(self.example)  # profile cached by the tuner
         names = random_choice(costs, self.rho, self.rng, self.tuner.greentrainer_config.dp_resolution)
         self.tuner.restore_selection(names)
         self.records.append(names)
 
 
-def _random(units: str = "tensors", shipped_head: bool = False) -> Builder:
-    """Random selection at FT-top-k's budget. ``units="lora"`` draws adapters instead of tensors; ``shipped_head``
-    trains with the sparse LM head at that budget of dense full fine-tuning, as the ``gt_*_shipped_head`` rows do:
-    the same selection with its importances replaced by chance."""
-
-    def build_random(work: Workload, options: MethodOptions) -> Method:
-        rho = options.baseline_rho
-        if shipped_head:
-            rho = min(1.0, rho * dense_over_sparse_full_flops(work))
-        lora = options.lora_config() if units == "lora" else {}
-        sparse = shipped_head or options.sparse_lm_head
-        config = GreenTrainerConfig(units=units, rho=rho, sparse_lm_head=sparse, task_type="CAUSAL_LM", **lora)
-        # priced in the mode the steps run in (the sparse head, if on, acts in training mode only)
-        model = get_peft_model(work.new_model().train(), config)
-        tuner = model.base_model
-        costs = tuner.unit_costs(work.example)  # profiles now, outside the timed selection
-        probe = options.importance_batches if shipped_head else 0  # the dense rows ran without (one shape)
-        selector = RandomSelection(tuner, work.example, rho, options.seed, probe)
-        name = f"random selection (rho {rho:g})"
-        if shipped_head:
-            head = "with the sparse LM head"
-            name = f"random selection of {units} at rho {options.baseline_rho:g} of dense full FT, {head}"
-        kind = "adapters" if units == "lora" else "tensors"
-        return Method(
-            name,
-            model,
-            costs,
-            tuner.model,
-            selector=selector,
-            describe=_trained_of(lambda: selector.records, len(costs.units), kind),
-            selections=lambda: selector.records,
-        )
-
-    return build_random
+def _random(work: Workload, options: MethodOptions) -> Method:
+    rho = options.baseline_rho
+    config = GreenTrainerConfig(units="tensors", rho=rho, sparse_lm_head=options.sparse_lm_head, task_type="CAUSAL_LM")
+    model = get_peft_model(work.new_model(), config)
+    tuner = model.base_model
+    costs = tuner.unit_costs(work.example)  # profiles now, outside the timed selection
+    selector = RandomSelection(tuner, work.example, rho, options.seed)
+    return Method(
+        f"random selection (rho {rho})",
+        model,
+        costs,
+        tuner.model,
+        selector=selector,
+        describe=_trained_of(lambda: selector.records, len(costs.units), "tensors"),
+        selections=lambda: selector.records,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- GreenTrainer
@@ -316,6 +288,7 @@ def _greentrainer(
     importance_batches: int | None = None,
     selection_count: int | None = None,
     shipped_head: bool = False,
+    chance: bool = False,
 ) -> Callable[[Workload, MethodOptions], Method]:
     """GreenTrainer at ``rho``; ``rho=None`` (units="lora" only): at the FLOPs of LoRA with the same adapters.
 
@@ -323,6 +296,9 @@ def _greentrainer(
     most; exactly for the protocol's 150 steps and 8), evenly over the run (``selection_interval_steps``), instead of
     once per epoch. ``shipped_head`` trains with the sparse LM head GreenTrainer ships with, its budget still ``rho``
     of dense full fine-tuning (the protocol's common reference): what a user gets for half of their usual full FT.
+    ``chance``: the random-selection baseline of that row: everything as GreenTrainer does it (the probe batches
+    priced, the DP over the same shapes, re-selections at new ones), with importances drawn at random instead of
+    computed.
     """
 
     def build_greentrainer(work: Workload, options: MethodOptions) -> Method:
@@ -355,6 +331,8 @@ def _greentrainer(
             raise SystemExit(f"GreenTrainer units={units}: rho={budget} is below this model's feasible {floor:.4f}")
         costs = tuner.unit_costs(work.example)
         history = tuner.greentrainer_state.history
+        if chance:
+            _draw_importances_at_random(tuner, options.seed)
 
         def selections() -> list[list[str]]:
             return [list(record.selected) for record in history]
@@ -367,8 +345,12 @@ def _greentrainer(
         if shipped_head:
             suffix = f"rho {rho:g} of dense full FT, with its sparse LM head (any method could use it)"
         kind = "adapters" if units == "lora" else "tensors"
+        name = f"GreenTrainer {units} {suffix}"
+        if chance:
+            name = f"random selection of {kind} through GreenTrainer's DP at rho {rho:g} of dense full FT"
+            name += ", with the sparse LM head" if shipped_head else ""
         return Method(
-            f"GreenTrainer {units} {suffix}",
+            name,
             model,
             costs,
             tuner.model,
@@ -378,6 +360,18 @@ def _greentrainer(
         )
 
     return build_greentrainer
+
+
+def _draw_importances_at_random(tuner, seed: int) -> None:
+    """Replace the tuner's importance by positive values drawn at random (seeded), one per unit: each selection is
+    then GreenTrainer's own, importance aside. Reaches into the tuner's private ``_importance`` on purpose: this
+    baseline exists to measure what the importance is worth."""
+    rng = np.random.default_rng(seed)
+
+    def chance(batches, units, feasible, optimizer, lr, **kwargs) -> np.ndarray:
+        return rng.uniform(0.01, 1.0, len(units))
+
+    tuner._importance = chance
 
 
 # ------------------------------------------------------------------------------------------------- mixed units
@@ -551,7 +545,7 @@ def _badam(work: Workload, options: MethodOptions) -> Method:
 register("full", "tensors", _full)
 register("lora", "lora", _lora)
 register("top_k", "tensors", _top_k())
-register("random", "tensors", _random())
+register("random", "tensors", _random)
 for _rho in (0.4, 0.5, 0.7):
     register(f"gt_tensors_{_rho}", "tensors", _greentrainer("tensors", _rho))
 register("gt_lora_0.5", "lora", _greentrainer("lora", 0.5))
@@ -579,8 +573,18 @@ register(
 
 # the shipped-head GreenTrainer rows with their importances replaced by chance, at their learning rates: does the
 # selection beat random choice through the same DP, budget and head?
-register("random_tensors_shipped_head", "tensors", _random("tensors", True), ablation_of="gt_tensors_0.5")
-register("random_lora_shipped_head", "lora", _random("lora", True), ablation_of="gt_lora_0.5")
+register(
+    "random_tensors_shipped_head",
+    "tensors",
+    _greentrainer("tensors", 0.5, shipped_head=True, chance=True),
+    ablation_of="gt_tensors_0.5",
+)
+register(
+    "random_lora_shipped_head",
+    "lora",
+    _greentrainer("lora", 0.5, shipped_head=True, chance=True),
+    ablation_of="gt_lora_0.5",
+)
 # and with FT-top-k's rule (the last blocks, as deep as fits) in their place
 register("top_k_tensors_shipped_head", "tensors", _top_k("tensors", True), ablation_of="gt_tensors_0.5")
 register("top_k_lora_shipped_head", "lora", _top_k("lora", True), ablation_of="gt_lora_0.5")

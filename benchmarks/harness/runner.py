@@ -282,6 +282,52 @@ def _cumulative(values: list[float]) -> list[float]:
     return np.concatenate([[0.0], np.cumsum(values)]).tolist()
 
 
+def _new_trainer(
+    method: Method,
+    work: Workload,
+    settings: TrainSettings,
+    lr: float,
+    scratch: str,
+    callbacks: list[TrainerCallback],
+    sampler: FixedOrderSampler,
+) -> OrderedTrainer:
+    transformers.set_seed(settings.seed)
+    optimizers = (method.optimizer(method.model, lr), None) if method.optimizer else (None, None)
+    trainer = OrderedTrainer(
+        model=method.model,
+        args=_trainer_arguments(scratch, settings, lr),
+        train_dataset=TensorDataset(work.train_columns),
+        callbacks=callbacks,
+        sampler=sampler,
+        optimizers=optimizers,
+    )
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+    return trainer
+
+
+def _curve_rows(
+    points: list[tuple[int, float]],
+    per_step: list[float],
+    step_seconds: list[float],
+    selection_events: list[tuple[int, float, float]],
+) -> list[dict[str, float]]:
+    """Each held-out loss point with the training FLOPs and seconds spent before it, selections included."""
+
+    def before(step: int, index: int) -> float:
+        return sum(event[index] for event in selection_events if event[0] < step)
+
+    flops_so_far, seconds_so_far = _cumulative(per_step), _cumulative(step_seconds)
+    return [
+        {
+            "step": step,
+            "loss": loss,
+            "flops": flops_so_far[step] + before(step, 2),
+            "seconds": seconds_so_far[min(step, len(seconds_so_far) - 1)] + before(step, 1),
+        }
+        for step, loss in points
+    ]
+
+
 def train(method: Method, work: Workload, settings: TrainSettings, lr: float) -> dict[str, Any]:
     """Train ``method`` for the settings' steps at ``lr`` and return everything measured, as one JSON-able row."""
     cpu_start = time.process_time()
@@ -303,17 +349,7 @@ def train(method: Method, work: Workload, settings: TrainSettings, lr: float) ->
     progress = Progress(settings.progress_every) if settings.progress_every else None
     callbacks = [c for c in (metered, units, meter, curve, progress) if c is not None]
     with tempfile.TemporaryDirectory() as scratch:
-        transformers.set_seed(settings.seed)
-        optimizers = (method.optimizer(method.model, lr), None) if method.optimizer else (None, None)
-        trainer = OrderedTrainer(
-            model=method.model,
-            args=_trainer_arguments(scratch, settings, lr),
-            train_dataset=TensorDataset(work.train_columns),
-            callbacks=callbacks,
-            sampler=sampler,
-            optimizers=optimizers,
-        )
-        trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+        trainer = _new_trainer(method, work, settings, lr, scratch, callbacks, sampler)
         release_memory()
         with RssSampler() as rss:
             start = time.perf_counter()
@@ -333,20 +369,7 @@ def train(method: Method, work: Workload, settings: TrainSettings, lr: float) ->
     step_seconds = [s["seconds"] if s["flops"] is None or median_step is None else median_step for s in measurements]
     selection_events = metered.events if metered else []
     selection_seconds = sum(s for _, s, _ in selection_events)
-
-    def before(step: int, index: int) -> float:
-        return sum(event[index] for event in selection_events if event[0] < step)
-
-    flops_so_far, seconds_so_far = _cumulative(per_step), _cumulative(step_seconds)
-    curve_rows = [
-        {
-            "step": step,
-            "loss": loss,
-            "flops": flops_so_far[step] + before(step, 2),
-            "seconds": seconds_so_far[min(step, len(seconds_so_far) - 1)] + before(step, 1),
-        }
-        for step, loss in (curve.points if curve else [])
-    ]
+    curve_rows = _curve_rows(curve.points if curve else [], per_step, step_seconds, selection_events)
     return {
         "key": method.key,
         "method": method.name,
