@@ -239,9 +239,18 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         config = tuner.greentrainer_config
         index = len(tuner.greentrainer_state.history)
         rank, world_size = ranks.rank_and_world_size()
-        batches = importance_batches(
-            kwargs.get("train_dataloader"), config.importance_batches, args.seed + index, rank, world_size, draw=index
+        loader = kwargs.get("train_dataloader")
+        batches = list(
+            importance_batches(loader, config.importance_batches, args.seed + index, rank, world_size, draw=index)
         )
+        if batches and not isinstance(batches[0], Mapping):
+            raise TypeError(
+                "GreenTrainerCallback ranks units on batches from the Trainer's data loader, and this one yields "
+                f"{type(batches[0]).__name__} objects, not model inputs: the trainer builds its inputs in each step "
+                "(TRL's GRPO and RLOO generate their completions there), so the callback has nothing to estimate "
+                "importance on. Train it with plain LoRA (peft.LoraConfig), or call model.base_model.select_units("
+                "batches, optimizer) yourself with batches shaped as its training forward."
+            )
         # each rank evaluates its share of the global batches; averaged gradients make the importance that of the
         # global batch, the same on every rank (a no-op in a single process)
         averaged = [] if fsdp.is_sharded(tuner.model) else distributed.candidate_parameters(tuner)  # FSDP2 averages

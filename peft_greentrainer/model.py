@@ -347,6 +347,14 @@ class GreenTrainerModel(LoraModel):
         if self.units_kind == "tensors" and not isinstance(adapter_name, str) and len(adapter_name) > 1:
             raise ValueError("units='tensors' has a single adapter (the base model's own tensors): nothing to combine.")
         previous = tuple(self.active_adapters)
+        if self._runtime.busy:
+            # a loss being probed for importance switches adapters (TRL's DPO/KTO run their reference adapter between
+            # the policy's forward and the backward): which tensors take a gradient stays as the probe set it, or
+            # checkpointed blocks would recompute with other flags than they ran with
+            with requires_grad_kept(self.model.parameters()):
+                super().set_adapter(adapter_name, inference_mode=inference_mode)
+            self._switch_cached_profiles(previous)
+            return
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._switch_cached_profiles(previous)
         if not inference_mode:
@@ -617,12 +625,16 @@ class GreenTrainerModel(LoraModel):
         config = self.greentrainer_config
         loss_fn = loss_fn or default_loss
         device = next(self.model.parameters()).device
-        batches = [
-            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-            for b in islice(batches, config.importance_batches)
-        ]
+        batches = list(islice(batches, config.importance_batches))
         if not batches:
             raise ValueError("select_units needs at least one training batch to estimate importance.")
+        if not all(isinstance(b, Mapping) for b in batches):
+            kinds = sorted({type(b).__name__ for b in batches if not isinstance(b, Mapping)})
+            raise TypeError(
+                f"select_units needs batches of model inputs (mappings such as {{'input_ids': ..., 'labels': ...}}, "
+                f"as the model's forward takes them), got {', '.join(kinds)}."
+            )
+        batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
         self._note_stepped_tensors(optimizer)
         self._check_optimizer_holds_candidates(optimizer)
         keep_backprop_shallow(self.model)  # checkpointing may have been switched on since the last selection

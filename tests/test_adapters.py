@@ -128,6 +128,37 @@ def test_switching_to_another_adapter_and_back_profiles_no_shape_again(monkeypat
     assert profiled
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_loss_that_runs_a_reference_adapter_can_rank_units(checkpointing):
+    """TRL's DPO/KTO loss switches to its reference adapter and back between the policy's forward and the backward:
+    the switch must not change which tensors take a gradient mid-probe (checkpointed blocks recompute with the flags
+    they were saved with; before: a CheckpointError at the first selection, TRL's default gradient checkpointing)."""
+    every_linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # at this rho only part of the last block's adapters can fit: the probe trains fewer tensors than PEFT activates
+    model = get_peft_model(tiny_model(ARCH), _config("default", target_modules=every_linear, rho=0.45))
+    model.add_adapter("other", _config("other"))
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = tiny_batch(model.base_model.model)
+
+    def reference_loss(inner, batch):  # as DPO's: the trainer's PeftModel switches adapters
+        policy = inner(**batch)
+        model.set_adapter("other")
+        with torch.no_grad():
+            inner(**batch)
+        model.set_adapter("default")
+        return policy.loss
+
+    optimizer = _optimizer(model)
+    selection = model.base_model.select_units([batch], optimizer, loss_fn=reference_loss)
+    assert selection.mask.any()
+    chosen = model.base_model.greentrainer_state.selected
+    trainable = {n for n, p in _adapter_params(model, "default").items() if p.requires_grad}
+    assert trainable and all(any(f"{unit}.lora_" in n for unit in chosen) for n in trainable)
+    assert not any(p.requires_grad for p in _adapter_params(model, "other").values())
+
+
 def test_disable_adapter_keeps_the_selection():
     """PEFT re-enables an adapter by making all of it trainable: the budget must survive ``disable_adapter()``."""
     model = _two_adapters()

@@ -492,6 +492,23 @@ def test_numpy_numbers_from_a_sweep_are_accepted_and_saved_as_plain_numbers(tmp_
     assert GreenTrainerConfig.from_pretrained(tmp_path).rho == 0.5
 
 
+def test_a_trainer_whose_loader_yields_no_model_inputs_is_told_what_to_do(tmp_path):
+    """TRL's GRPO and RLOO collate prompts as a list (identity) and generate the model inputs inside each step."""
+    model = _peft_model("llama", "lora")
+    prompts = datasets.Dataset.from_list([{"prompt": f"count {i}"} for i in range(8)])
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, remove_unused_columns=False),
+        train_dataset=prompts,
+        data_collator=lambda rows: rows,
+        callbacks=[GreenTrainerCallback()],
+    )
+    with pytest.raises(TypeError, match=r"yields list objects, not model inputs.*GRPO.*plain LoRA"):
+        trainer.train()
+    with pytest.raises(TypeError, match="batches of model inputs"):
+        model.base_model.select_units([[{"prompt": "count"}]])
+
+
 def test_unknown_units_is_rejected():
     with pytest.raises(ValueError, match="units must be one of"):
         GreenTrainerConfig(units="layers")
