@@ -385,6 +385,59 @@ def test_trl_sft_trainer(checkpoint, packing, units, rho, tmp_path):
     _assert_logged_ratios(trainer, rho=rho)
 
 
+def _preferences(n: int = 16) -> datasets.Dataset:
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        start = rng.randrange(20)
+        prompt = [WORDS[(start + t) % 20] for t in range(rng.randint(3, 8))]
+        chosen = [WORDS[(start + len(prompt) + t) % 20] for t in range(3)]
+        rejected = [WORDS[rng.randrange(20)] for _ in range(3)]
+        completions = {"chosen": " " + " ".join(chosen), "rejected": " " + " ".join(rejected)}
+        rows.append({"prompt": " ".join(prompt), **completions})
+    return datasets.Dataset.from_list(rows)
+
+
+@pytest.mark.slow
+def test_trl_dpo_trainer_with_lora_units_and_its_default_checkpointing(checkpoint, tmp_path):
+    """DPOTrainer on a GreenTrainer-LoRA PeftModel runs its reference adapter inside the loss the units are ranked
+    on, with gradient checkpointing on (DPOConfig's default); before: a CheckpointError at the first selection."""
+    import trl
+
+    model = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(checkpoint), _config("lora", rho=0.5))
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        bf16=False,
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=LR["lora"],
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    assert args.gradient_checkpointing
+    trainer = None
+    callback = GreenTrainerCallback(loss_fn=lambda inner, batch: trainer.compute_loss(inner, batch))
+    trainer = trl.DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=_preferences(),
+        processing_class=_tokenizer(checkpoint),
+        callbacks=[callback],
+    )
+    tuner = model.base_model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    selected = {unit for record in tuner.greentrainer_state.history for unit in record.selected}
+    assert selected and len(selected) < len(tuner.candidate_units())
+    changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p)]
+    assert changed and all(any(f"{unit}.lora_" in n for unit in selected) for n in changed)
+    assert tuner.step_flops_ratios()[1] <= 0.5  # the most any step since the last read cost
+
+
 # ------------------------------------------------------------------------------- load_best_model_at_end
 @pytest.mark.parametrize("resumed", [False, True], ids=["one-run", "resumed"])
 def test_load_best_model_at_end_gives_exactly_the_best_checkpoint(checkpoint, resumed, tmp_path):
