@@ -386,15 +386,12 @@ def test_trl_sft_trainer(checkpoint, packing, units, rho, tmp_path):
 
 
 def _preferences(n: int = 16) -> datasets.Dataset:
-    rng = random.Random(0)
-    rows = []
-    for _ in range(n):
-        start = rng.randrange(20)
-        prompt = [WORDS[(start + t) % 20] for t in range(rng.randint(3, 8))]
-        chosen = [WORDS[(start + len(prompt) + t) % 20] for t in range(3)]
-        rejected = [WORDS[rng.randrange(20)] for _ in range(3)]
-        completions = {"chosen": " " + " ".join(chosen), "rejected": " " + " ".join(rejected)}
-        rows.append({"prompt": " ".join(prompt), **completions})
+    """The prompt/completion pairs, the completion chosen over three random words."""
+    rng = random.Random(1)
+    rows = [
+        {"prompt": row["prompt"], "chosen": row["completion"], "rejected": " " + " ".join(rng.choices(WORDS[:20], k=3))}
+        for row in _prompt_completion(n)
+    ]
     return datasets.Dataset.from_list(rows)
 
 
