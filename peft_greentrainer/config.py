@@ -55,7 +55,8 @@ class GreenTrainerConfig(LoraConfig):
             (see ``sparse_head.py``): the same loss and gradients, without the LM-head work on prompt and padding.
             The cost profile measures what runs, so ``rho`` is then a fraction of full fine-tuning *with the same
             sparse head*. Models it cannot be exact for (encoder-decoders, forwards without a boolean
-            ``logits_to_keep``) keep the dense head, with one log line.
+            ``logits_to_keep``) keep the dense head, with one log line; so do FSDP2-sharded models and
+            ``return_dict=False`` forwards. The dense head is then what is priced.
     """
 
     rho: float = field(

@@ -279,6 +279,19 @@ class GreenTrainerModel(LoraModel):
             "considered, or widen include_patterns/exclude_patterns."
         )
 
+    def _freeze_left_out(self, model: nn.Module) -> None:
+        """units="lora": adapters and extra trained tensors (``modules_to_save`` copies, biases) that
+        include_patterns/exclude_patterns leave out are not candidates, so they never train: nothing may train at a
+        cost the budget does not hold. PEFT adds a task head to ``modules_to_save`` after injection, so every
+        selection applies this again."""
+        adapter = self.active_adapters[0]
+        candidates = {n for u in self._lora_candidates(model, adapter) for n in u.param_names}
+        extra = auxiliary_units(model, adapter, self.peft_config[adapter].bias)
+        for unit in fsdp.canonical_units(lora_units(model, adapter) + extra):
+            for name in unit.param_names:
+                if name not in candidates:
+                    model.get_parameter(name).requires_grad_(False)
+
     def _lora_candidates(self, model: nn.Module, adapter_name: str) -> list[Unit]:
         config = self.peft_config[adapter_name]
         # names as if no wrapper (fsdp.py); PEFT adds a task head to modules_to_save after injection: found each time
@@ -293,12 +306,7 @@ class GreenTrainerModel(LoraModel):
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         if self.units_kind == "lora":
             super()._mark_only_adapters_as_trainable(model)
-            # adapters that include_patterns/exclude_patterns leave out are not candidates: they never train
-            candidates = {n for u in self._lora_candidates(model, self.active_adapters[0]) for n in u.param_names}
-            for unit in fsdp.canonical_units(lora_units(model, self.active_adapters[0])):
-                for name in unit.param_names:
-                    if name not in candidates:
-                        model.get_parameter(name).requires_grad_(False)
+            self._freeze_left_out(model)
             return
         ((name, config),) = self.peft_config.items()  # units="tensors" is alone on its model
         # Every candidate is trainable until the first selection: an optimizer built now must hold all of them.
@@ -936,6 +944,8 @@ class GreenTrainerModel(LoraModel):
                     param.grad = None  # an optimizer must skip it, momentum and weight decay included
             if selected:
                 trained.update(dict.fromkeys(unit.param_names))
+        if self.units_kind == "lora" and len(self.active_adapters) == 1:
+            self._freeze_left_out(self.model)
         state.selected = [u.name for u, s in zip(units, mask, strict=True) if s]
         state.trained_tensors = list(trained)
         self._runtime.selection_applied = True

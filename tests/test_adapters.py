@@ -159,6 +159,20 @@ def test_a_loss_that_runs_a_reference_adapter_can_rank_units(checkpointing):
     assert not any(p.requires_grad for p in _adapter_params(model, "other").values())
 
 
+def test_extra_trained_tensors_the_patterns_leave_out_never_train():
+    """A modules_to_save copy (PEFT makes it after injection) excluded from the candidates would train outside the
+    selection, at a cost the budget does not hold (before: trainable after every selection)."""
+    config = _config(modules_to_save=["lm_head"], exclude_patterns=[r"lm_head"], sparse_lm_head=False)
+    model = get_peft_model(tiny_model(ARCH, tie_word_embeddings=False), config)
+    assert not any("lm_head" in u.name for u in model.base_model.candidate_units())
+    batch = _select_and_train(model, steps=1)
+    head = model.base_model.model.lm_head.modules_to_save["default"].weight
+    assert not head.requires_grad and head.grad is None
+    before = head.detach().clone()
+    model(**batch).loss.backward()
+    assert head.grad is None and torch.equal(head, before)
+
+
 def test_disable_adapter_keeps_the_selection():
     """PEFT re-enables an adapter by making all of it trainable: the budget must survive ``disable_adapter()``."""
     model = _two_adapters()
