@@ -22,6 +22,7 @@ from typing import Literal
 from peft import LoraConfig
 from peft.utils import CONFIG_NAME
 
+from .engine.importance import OPTIMIZER_STATES
 from .registration import GREENTRAINER_PEFT_TYPE
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,12 @@ class GreenTrainerConfig(LoraConfig):
         importance_batches: Training batches whose averaged gradient gives the importance of each unit. One (the
             paper's "one extra iteration") costs about one training step at ``rho``; on SmolLM2-135M mid-training, a
             one-batch choice kept 98.5% of the importance of a 16-batch one, four batches 99.3% (bench_importance.py).
+        importance_optimizer_state: What the importance's predicted update ``delta_w`` reads of the optimizer's
+            state. ``"current"`` (the paper's definition): each unit's next step, from the moments the optimizer holds
+            for it. ``"fresh"``: every unit's step as if it were its first (Adam's: ``-lr * sign(g)``), which scores
+            units that have trained and units that have not alike; under ``"current"``, Adam's moments make a trained
+            unit's next step smaller and less aligned with the current gradient than a new unit's first step, so a
+            re-selection favours units not trained before.
         dp_resolution: Budget resolution of the dynamic program (time and memory grow linearly with it).
         include_patterns: Regular expressions: only units whose name matches one are candidates.
         exclude_patterns: Regular expressions: units whose name matches one are never candidates.
@@ -73,6 +80,10 @@ class GreenTrainerConfig(LoraConfig):
     )
     importance_batches: int = field(
         default=1, metadata={"help": "Number of training batches used to estimate unit importance."}
+    )
+    importance_optimizer_state: Literal["current", "fresh"] = field(
+        default="current",
+        metadata={"help": "'current': delta_w from the optimizer's state; 'fresh': as if no unit had trained yet."},
     )
     dp_resolution: int = field(
         default=10_000, metadata={"help": "Budget resolution of the exact dynamic program (cost is linear in it)."}
@@ -106,6 +117,9 @@ class GreenTrainerConfig(LoraConfig):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
             setattr(self, name, int(value))
+        state = self.importance_optimizer_state
+        if state not in OPTIMIZER_STATES:
+            raise ValueError(f"importance_optimizer_state must be one of {OPTIMIZER_STATES}, got {state!r}.")
         if not isinstance(self.sparse_lm_head, bool):
             raise ValueError(f"sparse_lm_head must be True or False, got {self.sparse_lm_head!r}.")
         steps = self.selection_interval_steps

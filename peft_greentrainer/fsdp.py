@@ -284,6 +284,7 @@ def compute_importance(
     lr: float | None = None,
     group_lrs: Sequence[float | None] | None = None,
     max_grad_norm: float | None = None,
+    optimizer_state: str = "current",
 ) -> np.ndarray:
     """:func:`~peft_greentrainer.engine.importance.compute_importance` for an FSDP2-sharded ``model``.
 
@@ -316,7 +317,7 @@ def compute_importance(
                         if id(param) not in tensors or id(param) in seen:
                             continue
                         seen.add(id(param))
-                        local[u] -= _local_inner_product(param, count, optimizer, lr, group_lrs, clip)
+                        local[u] -= _local_inner_product(param, count, optimizer, lr, group_lrs, clip, optimizer_state)
         finally:
             for param in tensors.values():
                 param.grad = None
@@ -374,13 +375,15 @@ def _local_inner_product(
     lr: float | None,
     group_lrs: Sequence[float | None] | None = None,
     clip: float = 1.0,
+    optimizer_state: str = "current",
 ) -> float:
     """``sum(g * delta_w)`` over this rank's shard of ``param`` (the gradient averaged over ``count`` batches; the
     update from that gradient times ``clip``, as clipping scales it before the step)."""
     from torch.distributed.tensor import DTensor
 
     grad = _mean_gradient(param, count)
-    delta = optimizer_update(param, grad if clip == 1.0 else grad * clip, optimizer, lr=lr, group_lrs=group_lrs)
+    stepped = grad if clip == 1.0 else grad * clip
+    delta = optimizer_update(param, stepped, optimizer, lr=lr, group_lrs=group_lrs, optimizer_state=optimizer_state)
     if isinstance(grad, DTensor):
         grad, delta = grad.to_local(), delta.to_local()
     return float(torch.dot(grad.reshape(-1), delta.reshape(-1).to(grad.dtype)))

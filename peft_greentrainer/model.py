@@ -702,6 +702,7 @@ class GreenTrainerModel(LoraModel):
                 lr=lr,
                 group_lrs=group_lrs,
                 max_grad_norm=max_grad_norm,
+                optimizer_state=self.greentrainer_config.importance_optimizer_state,
             )
         return ranks.average_across_ranks(values)
 

@@ -136,6 +136,53 @@ def test_optimizer_update_matches_real_step(kind: str, steps: int) -> None:
         torch.testing.assert_close(delta, expected[name], rtol=1e-5, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_a_fresh_update_is_the_first_step_of_the_same_optimizer_without_its_state(kind: str) -> None:
+    model = tiny_llama().double()
+    optimizer = OPTIMIZERS[kind](two_groups(model))
+    train_steps(model, optimizer, 3)
+    state_before = copy.deepcopy(optimizer.state_dict())
+
+    named = dict(model.named_parameters())
+    grads = dict(zip(named, mean_grads(model, list(named.values()), make_batches(1, seed=3)), strict=True))
+    unstated = OPTIMIZERS[kind](two_groups(model))  # the same hyper-parameters, no state
+    expected = real_step_change(model, unstated, grads)
+    for name, param in named.items():
+        delta = optimizer_update(param, grads[name], optimizer, optimizer_state="fresh")
+        torch.testing.assert_close(delta, expected[name], rtol=1e-5, atol=1e-12, msg=name)
+    torch.testing.assert_close(optimizer.state_dict(), state_before)
+    with pytest.raises(ValueError, match="optimizer_state must be one of"):
+        optimizer_update(named["lm_head.weight"], grads["lm_head.weight"], optimizer, optimizer_state="zero")
+
+
+def test_current_state_importance_favours_units_that_have_not_trained_and_fresh_does_not() -> None:
+    """Why ``optimizer_state="fresh"`` exists: after some units trained under Adam, their next step is smaller and
+    less aligned with the gradient than an untrained unit's first (sign) step, so the paper's importance ranks them
+    below where a fresh start, which scores every unit as ``lr * sum|g|`` up to weight decay, puts them."""
+    model = tiny_llama()
+    units = [u for u in tensor_units(model) if u.name.startswith("model.layers")]
+    trained, untrained = units[: len(units) // 2], units[len(units) // 2 :]
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for unit in trained:
+        for param in unit.parameters(model):
+            param.requires_grad_(True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    train_steps(model, optimizer, 20)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    optimizer.add_param_group({"params": [p for u in untrained for p in u.parameters(model)]})
+
+    batches = make_batches(2, seed=11)
+    current = compute_importance(model, units, batches, optimizer)
+    fresh = compute_importance(model, units, batches, optimizer, optimizer_state="fresh")
+    params = [p for u in units for p in u.parameters(model)]
+    l1 = np.array([float(g.abs().sum()) for g in mean_grads(model, params, batches)]) * 1e-3
+    np.testing.assert_allclose(fresh, l1, rtol=1e-3)  # every unit at its first step: lr * |g|_1
+    np.testing.assert_allclose(current[len(trained) :], fresh[len(trained) :], rtol=1e-5)
+    assert (current[: len(trained)] < 0.9 * fresh[: len(trained)]).all()
+
+
 def test_optimizer_update_float32_model_adamw() -> None:
     model = tiny_llama()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)

@@ -289,6 +289,7 @@ def _greentrainer(
     selection_count: int | None = None,
     shipped_head: bool = False,
     chance: bool = False,
+    optimizer_state: str = "current",
 ) -> Callable[[Workload, MethodOptions], Method]:
     """GreenTrainer at ``rho``; ``rho=None`` (units="lora" only): at the FLOPs of LoRA with the same adapters.
 
@@ -298,7 +299,7 @@ def _greentrainer(
     of dense full fine-tuning (the protocol's common reference): what a user gets for half of their usual full FT.
     ``chance``: the random-selection baseline of that row: everything as GreenTrainer does it (the probe batches
     priced, the DP over the same shapes, re-selections at new ones), with importances drawn at random instead of
-    computed.
+    computed. ``optimizer_state``: the config's ``importance_optimizer_state``.
     """
 
     def build_greentrainer(work: Workload, options: MethodOptions) -> Method:
@@ -320,6 +321,7 @@ def _greentrainer(
             importance_batches=importance_batches or options.importance_batches,
             selection_interval_steps=interval,
             sparse_lm_head=shipped_head or options.sparse_lm_head,
+            importance_optimizer_state=optimizer_state,
             task_type="CAUSAL_LM",
             **lora,
         )
@@ -344,6 +346,8 @@ def _greentrainer(
             suffix += f", re-selected every {interval} steps"
         if shipped_head:
             suffix = f"rho {rho:g} of dense full FT, with its sparse LM head (any method could use it)"
+        if optimizer_state != "current":
+            suffix += f", importance from a {optimizer_state} optimizer state"
         kind = "adapters" if units == "lora" else "tensors"
         name = f"GreenTrainer {units} {suffix}"
         if chance:
@@ -584,6 +588,14 @@ register(
     "lora",
     _greentrainer("lora", 0.5, shipped_head=True, chance=True),
     ablation_of="gt_lora_0.5",
+)
+# the shipped tensors row with its importance read as if no unit had trained (importance_optimizer_state="fresh"):
+# with the optimizer's moments, a re-selection favoured the units not trained before and swapped most of them
+register(
+    "gt_tensors_0.5_shipped_head_fresh",
+    "tensors",
+    _greentrainer("tensors", 0.5, shipped_head=True, optimizer_state="fresh"),
+    ablation_of="gt_tensors_0.5",
 )
 # and with FT-top-k's rule (the last blocks, as deep as fits) in their place
 register("top_k_tensors_shipped_head", "tensors", _top_k("tensors", True), ablation_of="gt_tensors_0.5")

@@ -41,12 +41,15 @@ from .units import Unit, is_trainable_dtype, requires_grad_kept
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["base_learning_rates", "compute_importance", "optimizer_update", "unwrap_optimizer"]
+__all__ = ["OPTIMIZER_STATES", "base_learning_rates", "compute_importance", "optimizer_update", "unwrap_optimizer"]
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
 # bitsandbytes' ``Optimizer2State.init_state`` quantises 8-bit moments in blocks of this many elements.
 _BNB_BLOCKSIZE = 256
+
+# What the predicted update reads: the optimizer's state as it is, or none (every unit as at its first step).
+OPTIMIZER_STATES = ("current", "fresh")
 
 _MIRRORED = (
     "torch Adam/AdamW/SGD and subclasses, bitsandbytes Adam-family (8-bit, 32-bit, paged), transformers Adafactor"
@@ -351,6 +354,7 @@ def _update(
     slot: _Slot | None,
     lr: float | None,
     group_lrs: Sequence[float | None] | None,
+    optimizer_state: str = "current",
 ) -> tuple[torch.Tensor, list[str]]:
     """delta_w in work dtype (same shape/dtype kind as ``param`` upcast), plus notes on approximations."""
     dtype = _compute_dtype(param)
@@ -380,7 +384,7 @@ def _update(
         override = group_lrs[slot.group_index] if group_lrs is not None else None
         group_lr = override if override is not None else group.get("lr")  # None: relative-step Adafactor
         step_lr = float(group_lr) if group_lr is not None else None
-        state = _read_state(optimizer, param)
+        state = _read_state(optimizer, param) if optimizer_state == "current" else {}
         adafactor = _adafactor_class()
         bnb_config = None
         if isinstance(optimizer, torch.optim.Adam):  # AdamW subclasses Adam in torch >= 2.6
@@ -430,6 +434,7 @@ def optimizer_update(
     *,
     lr: float | None = None,
     group_lrs: Sequence[float | None] | None = None,
+    optimizer_state: str = "current",
 ) -> torch.Tensor:
     """delta_w the optimizer would apply to `param` for gradient `grad`, computed without touching its state.
 
@@ -460,14 +465,18 @@ def optimizer_update(
         group_lrs: One learning rate (or None: keep the group's own) per param group of ``optimizer``, used in place
             of the group's current ``lr``; e.g. :func:`base_learning_rates`, since under warmup the current lr is 0
             at step 0. Relative-step Adafactor groups compute their lr from the step count and ignore it.
+        optimizer_state: ``"current"``: the next step, from the optimizer's state as it is. ``"fresh"``: the step
+            the optimizer would take if it held no state for ``param`` (its first step: Adam's is ``-lr * sign(g)``
+            up to eps), the same hyper-parameters otherwise.
 
     Returns:
         A new tensor shaped like ``param``, in at least float32 (bf16/fp16 are upcast, float64 is kept).
     """
     optimizer = unwrap_optimizer(optimizer)
     group_lrs = _check_group_lrs(optimizer, group_lrs)
+    _check_optimizer_state(optimizer_state)
     slot = _slot_map(optimizer).get(id(param)) if optimizer is not None else None
-    delta, notes = _update(param, grad, optimizer, slot, lr, group_lrs)
+    delta, notes = _update(param, grad, optimizer, slot, lr, group_lrs, optimizer_state)
     if notes:
         logger.warning("importance: %s.", "; ".join(sorted(set(notes))))
     return delta
@@ -476,6 +485,11 @@ def optimizer_update(
 # ----------------------------------------------------------------------------------------------------------------
 # Importance
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_optimizer_state(optimizer_state: str) -> None:
+    if optimizer_state not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATES}, got {optimizer_state!r}")
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -505,6 +519,7 @@ def compute_importance(
     lr: float | None = None,
     group_lrs: Sequence[float | None] | None = None,
     max_grad_norm: float | None = None,
+    optimizer_state: str = "current",
 ) -> np.ndarray:
     """First-order loss reduction ``I_u = -sum(g_u * delta_w_u)`` of letting each unit take the next optimizer step.
 
@@ -543,6 +558,11 @@ def compute_importance(
             clipping). The optimizer steps on the clipped gradient, so ``delta_w`` is predicted from it too: scaled
             as ``torch.nn.utils.clip_grad_norm_`` would scale the candidates' gradients (the step that trains them
             all; training clips over the units it trains).
+        optimizer_state: ``"current"`` (the paper's definition): each unit's next step, from the moments the
+            optimizer holds for it. ``"fresh"``: every unit's step as if the optimizer held no state for it. Adam's
+            moments make a unit that has trained take a smaller next step, less aligned with the current gradient,
+            than the sign step of a unit that has not, so under ``"current"`` a re-selection favours units not
+            trained before; ``"fresh"`` scores all units alike.
 
     Returns:
         float64 array with one importance per unit.
@@ -552,6 +572,7 @@ def compute_importance(
     importance = np.zeros(len(units), dtype=np.float64)
     optimizer = unwrap_optimizer(optimizer)
     group_lrs = _check_group_lrs(optimizer, group_lrs)
+    _check_optimizer_state(optimizer_state)
     if optimizer is None and lr is None:
         raise ValueError(
             "compute_importance needs either an optimizer or `lr` (for the delta_w = -lr * grad approximation)"
@@ -586,7 +607,9 @@ def compute_importance(
         for i in indices:
             param, grad = tensors[i], grads[i]
             stepped = grad if clip == 1.0 else grad.mul(clip)
-            delta, param_notes = _update(param, stepped, optimizer, slots.get(id(param)), lr, group_lrs)
+            delta, param_notes = _update(
+                param, stepped, optimizer, slots.get(id(param)), lr, group_lrs, optimizer_state
+            )
             notes.update(param_notes)
             g = _as_work(grad, delta.dtype, delta.device)  # complex tensors: real inner product of (re, im) pairs
             d = torch.view_as_real(delta) if delta.is_complex() else delta
