@@ -40,6 +40,7 @@ from torch import nn
 
 from . import fsdp, ranks
 from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
+from .config import GreenTrainerConfig
 from .engine.costs import UnitCosts, cost_envelope
 from .engine.importance import base_learning_rates, compute_importance, unwrap_optimizer
 from .engine.label_buckets import LabelBucket, label_bucket
@@ -285,18 +286,25 @@ class GreenTrainerModel(LoraModel):
         cost the budget does not hold. PEFT adds a task head to ``modules_to_save`` after injection, so every
         selection applies this again."""
         adapter = self.active_adapters[0]
-        candidates = {n for u in self._lora_candidates(model, adapter) for n in u.param_names}
-        extra = auxiliary_units(model, adapter, self.peft_config[adapter].bias)
-        for unit in fsdp.canonical_units(lora_units(model, adapter) + extra):
-            for name in unit.param_names:
-                if name not in candidates:
-                    model.get_parameter(name).requires_grad_(False)
+        units = self._adapter_units(model, adapter)
+        candidates = {id(u) for u in self._within_patterns(units, self.peft_config[adapter])}
+        for unit in units:
+            if id(unit) not in candidates:
+                for param in unit.parameters(model):
+                    param.requires_grad_(False)
 
     def _lora_candidates(self, model: nn.Module, adapter_name: str) -> list[Unit]:
-        config = self.peft_config[adapter_name]
-        # names as if no wrapper (fsdp.py); PEFT adds a task head to modules_to_save after injection: found each time
-        aux = auxiliary_units(model, adapter_name, config.bias)
-        units = fsdp.canonical_units(lora_units(model, adapter_name) + aux)
+        return self._within_patterns(self._adapter_units(model, adapter_name), self.peft_config[adapter_name])
+
+    def _adapter_units(self, model: nn.Module, adapter_name: str) -> list[Unit]:
+        """Every LoRA adapter and extra trained tensor of ``adapter_name``, named as if no wrapper (fsdp.py). Found
+        anew each time: PEFT adds a task head to ``modules_to_save`` after injection."""
+        extra = auxiliary_units(model, adapter_name, self.peft_config[adapter_name].bias)
+        return fsdp.canonical_units(lora_units(model, adapter_name) + extra)
+
+    @staticmethod
+    def _within_patterns(units: list[Unit], config: GreenTrainerConfig) -> list[Unit]:
+        """The units include_patterns/exclude_patterns admit."""
         if config.include_patterns:
             units = [u for u in units if any(re.search(p, u.name) for p in config.include_patterns)]
         if config.exclude_patterns:
@@ -812,6 +820,8 @@ class GreenTrainerModel(LoraModel):
         if self._runtime.warned_eval_mode or not self._runtime.selection_applied:
             return
         self._runtime.warned_eval_mode = True
+        if ranks.rank_and_world_size()[0] != 0:  # one line per job, not per process
+            return
         logger.warning(
             "GreenTrainer: a forward pass runs in eval mode with gradients on. If it is a training step, call "
             "model.train() before it: steps in eval mode are not checked against the FLOPs budget. If it is an "
@@ -824,6 +834,8 @@ class GreenTrainerModel(LoraModel):
         if self._runtime.warned_without_selection:
             return
         self._runtime.warned_without_selection = True
+        if ranks.rank_and_world_size()[0] != 0:  # every rank trains alike: one line per job
+            return
         trains = "the base model's tensors (full fine-tuning)" if self.units_kind == "tensors" else "every adapter"
         logger.warning(
             "GreenTrainer: a training step runs with no selection in force, so it trains %s and saves no FLOPs. Add "

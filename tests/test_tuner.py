@@ -1143,6 +1143,28 @@ def test_training_steps_with_no_selection_in_force_are_reported_once(units, capl
     assert "no selection in force" not in caplog.text
 
 
+def test_the_one_time_warnings_come_from_the_first_rank_only(caplog, monkeypatch):
+    """Under DDP every rank runs the same steps: one line per job, not one per process."""
+    from peft_greentrainer import ranks
+
+    model = _peft_model("llama", "tensors")
+    model.train()
+    monkeypatch.setattr(ranks, "rank_and_world_size", lambda: (1, 2))
+    with caplog.at_level("WARNING", logger="peft_greentrainer.model"):
+        model(**_counting_batch(8)).loss.backward()
+        model.base_model.select_units([_counting_batch(8)], lr=1e-3)
+        model.eval()
+        model(**_counting_batch(8))
+    assert "no selection in force" not in caplog.text and "eval mode" not in caplog.text
+    monkeypatch.setattr(ranks, "rank_and_world_size", lambda: (0, 2))
+    model = _peft_model("llama", "tensors")
+    with caplog.at_level("WARNING", logger="peft_greentrainer.model"):
+        model.train()(**_counting_batch(8)).loss.backward()
+        model.base_model.select_units([_counting_batch(8)], lr=1e-3)
+        model.eval()(**_counting_batch(8))
+    assert "no selection in force" in caplog.text and "eval mode" in caplog.text
+
+
 @pytest.mark.parametrize("sparse_lm_head", [False, True])
 def test_a_profiled_shape_is_not_profiled_again_at_its_training_steps(sparse_lm_head, monkeypatch):
     """Rows with different numbers of labels cost the same under a dense head: the selection's profile prices the
