@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import transformers
-from peft import PeftModel
+from peft import PeftConfig, PeftModel
 
 import peft_greentrainer  # noqa: F401  (registers the method for PeftModel.from_pretrained)
 from peft_greentrainer.cli.data import Example
@@ -60,9 +60,12 @@ def test_train_writes_a_loadable_adapter_and_report(tiny_checkpoint, tmp_path, u
             str(out),
             *TRAIN_ARGS,
             *([] if units == "tensors" else ["--dense-lm-head", "--no-energy"]),
+            *([] if units == "tensors" else ["--importance-optimizer-state", "fresh"]),
         ]
     )
     assert code == 0
+    saved = PeftConfig.from_pretrained(str(out))
+    assert saved.importance_optimizer_state == ("current" if units == "tensors" else "fresh")
     for name in (
         "adapter_config.json",
         "adapter_model.safetensors",
