@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import protocol
+from benchmarks import protocol, selection_churn
 from benchmarks.harness import methods, report, runner, workload
 from peft_greentrainer import enable_sparse_lm_head
 from peft_greentrainer.engine.profile import profile_model
@@ -288,3 +288,19 @@ def test_shipped_head_budget_is_at_most_rho_of_dense_full_finetuning_on_every_ba
     for start in range(0, work.train_size, work.batch_size):
         batch = {k: v[start : start + work.batch_size] for k, v in work.train_columns.items()}
         assert profile_model(model, batch).full_flops * ratio <= dense * (1 + 1e-9)
+
+
+def test_selection_churn_reads_the_selections_runs_store(tmp_path, capsys):
+    for key, seed, selections in [
+        ("kept", 0, [["a", "b"], ["a", "b"]]),
+        ("swapped", 0, [["a", "b"], ["c", "d"], ["c", "e"]]),
+        ("once", 0, [["a"]]),  # one selection: nothing to compare
+    ]:
+        row = {"lr": 1e-3, "selections": selections, "heldout_loss": {"test": 2.5}}
+        protocol.write_json(tmp_path / key / "lr0.001-seed0.json", {"key": key, "seed": seed, "row": row})
+    rows = {r["key"]: r for r in selection_churn.rows(tmp_path)}
+    assert set(rows) == {"kept", "swapped"}
+    assert rows["kept"]["mean_jaccard"] == 1.0 and rows["kept"]["distinct_units"] == 2
+    assert rows["swapped"]["mean_jaccard"] == pytest.approx((0 + 1 / 3) / 2) and rows["swapped"]["distinct_units"] == 5
+    selection_churn.main(["--runs", str(tmp_path), "--methods", "swapped"])
+    assert "| swapped | 0.001 | 0 | 3 | 0.17 | 5 | 2.5000 |" in capsys.readouterr().out
