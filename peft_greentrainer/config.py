@@ -51,10 +51,11 @@ class GreenTrainerConfig(LoraConfig):
             one-batch choice kept 98.5% of the importance of a 16-batch one, four batches 99.3% (bench_importance.py).
         importance_optimizer_state: What the importance's predicted update ``delta_w`` reads of the optimizer's
             state. ``"current"`` (the paper's definition): each unit's next step, from the moments the optimizer holds
-            for it. ``"fresh"``: every unit's step as if it were its first (Adam's: ``-lr * sign(g)``), which scores
-            units that have trained and units that have not alike; under ``"current"``, Adam's moments make a trained
-            unit's next step smaller and less aligned with the current gradient than a new unit's first step, so a
-            re-selection favours units not trained before.
+            for it. ``"fresh"``: every unit's step as if it were its first (Adam's: ``-lr * sign(g)``, plus AdamW's
+            decay term; a relative-step Adafactor's at step 1's size, the same factor for every unit). Under
+            ``"current"``, Adam's moments typically make a trained unit's next step smaller and less aligned with the
+            current gradient than an untrained unit's first step, so a re-selection favours units not trained before;
+            ``"fresh"`` scores both alike.
         dp_resolution: Budget resolution of the dynamic program (time and memory grow linearly with it).
         include_patterns: Regular expressions: only units whose name matches one are candidates.
         exclude_patterns: Regular expressions: units whose name matches one are never candidates.
@@ -138,8 +139,14 @@ class GreenTrainerConfig(LoraConfig):
         return LoraConfig(**{k: v for k, v in values.items() if k in _init_fields(LoraConfig)})
 
     def greentrainer_fields(self) -> dict:
-        """GreenTrainer's own fields (those a ``LoraConfig`` does not have), JSON-ready."""
-        return {name: getattr(self, name) for name in _own_fields()}
+        """GreenTrainer's own fields (those a ``LoraConfig`` does not have), JSON-ready. A field added after the first
+        release is left out while it holds its default, so that earlier versions, which refuse fields they do not
+        know, still load the adapter whenever it means to them what it means here."""
+        return {
+            name: getattr(self, name)
+            for name in _own_fields()
+            if not (name in _ADDED_LATER and getattr(self, name) == _ADDED_LATER[name])
+        }
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """units="lora": a plain ``LoraConfig`` in ``adapter_config.json`` plus ``greentrainer_config.json``.
@@ -193,6 +200,8 @@ class GreenTrainerConfig(LoraConfig):
 
 
 FINGERPRINT = "lora_config_fingerprint"
+# fields added after the first release, with the default that reproduces the earlier behaviour
+_ADDED_LATER = {"importance_optimizer_state": "current"}
 # what saving or hand-editing an adapter changes without making it another adapter
 _UNIDENTIFYING = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"}
 

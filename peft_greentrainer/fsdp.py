@@ -46,7 +46,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .engine.importance import NO_LOSS, clip_coefficient, optimizer_update, squared_norm, unwrap_optimizer
+from .engine.importance import (
+    NO_LOSS,
+    OPTIMIZER_STATES,
+    clip_coefficient,
+    optimizer_update,
+    squared_norm,
+    unwrap_optimizer,
+)
 from .engine.rng import fork_rng
 from .engine.units import Unit, is_trainable_dtype
 
@@ -302,6 +309,8 @@ def compute_importance(
         raise ValueError(f"candidates has {mask.size} entries but there are {len(units)} units")
     if optimizer is None and lr is None:
         raise ValueError("compute_importance needs either an optimizer or `lr` (for delta_w = -lr * grad)")
+    if optimizer_state not in OPTIMIZER_STATES:  # before any backward pass, as the single-process path
+        raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATES}, got {optimizer_state!r}")
     loss_fn = loss_fn or default_loss
     tensors = {id(p): p for u, unit in enumerate(units) if mask[u] for p in unit.parameters(model)}
     tensors = {key: p for key, p in tensors.items() if is_trainable_dtype(p)}

@@ -820,12 +820,12 @@ class GreenTrainerModel(LoraModel):
         if self._runtime.warned_eval_mode or not self._runtime.selection_applied:
             return
         self._runtime.warned_eval_mode = True
-        if ranks.rank_and_world_size()[0] != 0:  # one line per job, not per process
-            return
+        rank, world_size = ranks.rank_and_world_size()  # on any rank: an evaluation may run on one rank only
         logger.warning(
-            "GreenTrainer: a forward pass runs in eval mode with gradients on. If it is a training step, call "
+            "GreenTrainer%s: a forward pass runs in eval mode with gradients on. If it is a training step, call "
             "model.train() before it: steps in eval mode are not checked against the FLOPs budget. If it is an "
-            "evaluation, run it under torch.no_grad() (as Trainer.evaluate does), which also saves its memory."
+            "evaluation, run it under torch.no_grad() (as Trainer.evaluate does), which also saves its memory.",
+            f" (rank {rank})" if world_size > 1 else "",
         )
 
     def _warn_once_without_selection(self) -> None:

@@ -499,6 +499,24 @@ def test_no_side_effects_bitsandbytes_and_adafactor(kind: str) -> None:
     assert np.isfinite(first).all() and (first > 0).any()
 
 
+def test_a_fresh_bitsandbytes_update_needs_no_state_layout_it_knows(caplog: pytest.LogCaptureFixture) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    model = small_llama()
+    optimizer = bnb.optim.AdamW8bit(model.parameters(), lr=1e-2)
+    train_steps(model, optimizer, 2)
+    up = dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+    state = optimizer.state[up]
+    state["absmax1"] = torch.cat([state["absmax1"], state["absmax1"]])  # a block size this code does not know
+    grad = mean_grads(model, [up], make_batches(1, seed=3))[0]
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.importance"):
+        fresh = optimizer_update(up, grad, optimizer, optimizer_state="fresh")
+        assert not caplog.records
+        unstated = optimizer_update(up, grad, bnb.optim.AdamW8bit(model.parameters(), lr=1e-2))
+        torch.testing.assert_close(fresh, unstated)
+        optimizer_update(up, grad, optimizer)  # the current state cannot be read: approximated, and said
+    assert "AdamW8bit is not mirrored" in caplog.text
+
+
 def test_unmirrored_bitsandbytes_optimizer_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     bnb = pytest.importorskip("bitsandbytes")
     model = small_llama()

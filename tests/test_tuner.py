@@ -517,9 +517,14 @@ def test_a_fresh_state_importance_selects_as_if_no_unit_had_trained(tmp_path, un
     assert trained.importance != pytest.approx(unstated.importance, rel=1e-3)
     with pytest.raises(ValueError, match="importance_optimizer_state must be one of"):
         GreenTrainerConfig(importance_optimizer_state="none")
-    config = GreenTrainerConfig(units=units, importance_optimizer_state="fresh", target_modules=["q_proj"])
-    config.save_pretrained(tmp_path)
-    assert PeftConfig.from_pretrained(tmp_path).importance_optimizer_state == "fresh"
+    for state in ("fresh", "current"):
+        config = GreenTrainerConfig(units=units, importance_optimizer_state=state, target_modules=["q_proj"])
+        config.save_pretrained(tmp_path / state)
+        assert PeftConfig.from_pretrained(tmp_path / state).importance_optimizer_state == state
+    if units == "lora":  # at its default the field is not written: earlier versions refuse fields they do not know
+        written = {s: json.loads((tmp_path / s / "greentrainer_config.json").read_text()) for s in ("current", "fresh")}
+        assert "importance_optimizer_state" not in written["current"]
+        assert written["fresh"]["importance_optimizer_state"] == "fresh"
 
 
 def test_a_trainer_whose_loader_yields_no_model_inputs_is_told_what_to_do(tmp_path):
@@ -1143,26 +1148,21 @@ def test_training_steps_with_no_selection_in_force_are_reported_once(units, capl
     assert "no selection in force" not in caplog.text
 
 
-def test_the_one_time_warnings_come_from_the_first_rank_only(caplog, monkeypatch):
-    """Under DDP every rank runs the same steps: one line per job, not one per process."""
+def test_under_ddp_the_no_selection_warning_comes_from_the_first_rank_and_eval_mode_from_any(caplog, monkeypatch):
+    """Every rank runs the same training steps: one line per job. An evaluation may run on one rank only, so the
+    eval-mode line comes from whichever rank runs it, naming it."""
     from peft_greentrainer import ranks
 
-    model = _peft_model("llama", "tensors")
-    model.train()
-    monkeypatch.setattr(ranks, "rank_and_world_size", lambda: (1, 2))
-    with caplog.at_level("WARNING", logger="peft_greentrainer.model"):
-        model(**_counting_batch(8)).loss.backward()
-        model.base_model.select_units([_counting_batch(8)], lr=1e-3)
-        model.eval()
-        model(**_counting_batch(8))
-    assert "no selection in force" not in caplog.text and "eval mode" not in caplog.text
-    monkeypatch.setattr(ranks, "rank_and_world_size", lambda: (0, 2))
-    model = _peft_model("llama", "tensors")
-    with caplog.at_level("WARNING", logger="peft_greentrainer.model"):
-        model.train()(**_counting_batch(8)).loss.backward()
-        model.base_model.select_units([_counting_batch(8)], lr=1e-3)
-        model.eval()(**_counting_batch(8))
-    assert "no selection in force" in caplog.text and "eval mode" in caplog.text
+    for rank in (1, 0):
+        caplog.clear()
+        monkeypatch.setattr(ranks, "rank_and_world_size", lambda rank=rank: (rank, 2))
+        model = _peft_model("llama", "tensors")
+        with caplog.at_level("WARNING", logger="peft_greentrainer.model"):
+            model.train()(**_counting_batch(8)).loss.backward()
+            model.base_model.select_units([_counting_batch(8)], lr=1e-3)
+            model.eval()(**_counting_batch(8))
+        assert ("no selection in force" in caplog.text) == (rank == 0)
+        assert f"GreenTrainer (rank {rank}): a forward pass runs in eval mode" in caplog.text
 
 
 @pytest.mark.parametrize("sparse_lm_head", [False, True])

@@ -220,8 +220,11 @@ def _sgd_update(
     return g.mul(-lr)
 
 
-def _bnb_adam_config(optimizer: torch.optim.Optimizer, slot: _Slot, param: torch.Tensor) -> dict[str, Any] | None:
-    """The per-parameter config of a bitsandbytes Adam-family optimizer whose step is mirrored, else None.
+def _bnb_adam_config(
+    optimizer: torch.optim.Optimizer, slot: _Slot, param: torch.Tensor, state: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The per-parameter config of a bitsandbytes Adam-family optimizer whose step is mirrored from ``state`` (the
+    parameter's, or none for a fresh step), else None.
 
     ``bnb.optim.Adam``/``AdamW`` and their ``8bit``/``32bit``/``Paged`` variants are all ``Optimizer2State`` running
     the "adam" kernel. Looked up in ``sys.modules``: an instance exists only if bitsandbytes is already imported.
@@ -235,7 +238,6 @@ def _bnb_adam_config(optimizer: torch.optim.Optimizer, slot: _Slot, param: torch
     config = optimizer.get_config(slot.group_index, slot.param_index, slot.group)  # builds a new dict; reads only
     if float(config.get("max_unorm", 0.0)) > 0:
         return None
-    state = _read_state(optimizer, param)
     for index in (1, 2):
         moment = state.get(f"state{index}")
         if moment is None:
@@ -398,7 +400,7 @@ def _update(
             delta = _adafactor_update(w, g, group, state, step_lr)
             if group.get("relative_step"):
                 step_lr = None  # the lr comes from the step count; overrides and the zero-lr check do not apply
-        elif (bnb_config := _bnb_adam_config(optimizer, slot, param)) is not None:
+        elif (bnb_config := _bnb_adam_config(optimizer, slot, param, state)) is not None:
             delta = _bnb_adam_update(w, g, bnb_config, state, float(step_lr))
         else:
             if step_lr is None:  # any constant scale ranks units alike
@@ -560,9 +562,9 @@ def compute_importance(
             all; training clips over the units it trains).
         optimizer_state: ``"current"`` (the paper's definition): each unit's next step, from the moments the
             optimizer holds for it. ``"fresh"``: every unit's step as if the optimizer held no state for it. Adam's
-            moments make a unit that has trained take a smaller next step, less aligned with the current gradient,
-            than the sign step of a unit that has not, so under ``"current"`` a re-selection favours units not
-            trained before; ``"fresh"`` scores all units alike.
+            moments typically make a unit that has trained take a smaller next step, less aligned with the current
+            gradient, than the sign step of a unit that has not, so under ``"current"`` a re-selection favours units
+            not trained before; ``"fresh"`` scores all units alike.
 
     Returns:
         float64 array with one importance per unit.
