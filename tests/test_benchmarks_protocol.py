@@ -205,10 +205,11 @@ def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
     assert len(resel8["selections"]) == 8 and resel8["measured_flops_per_step"] <= 0.5 * full * (1 + 1e-6)
     random_rows = list(map(seed0_at_chosen_lr, ["random_tensors_shipped_head", "random_lora_shipped_head"]))
     top_k_rows = list(map(seed0_at_chosen_lr, ["top_k_tensors_shipped_head", "top_k_lora_shipped_head"]))
-    fresh = seed0_at_chosen_lr("gt_tensors_0.5_shipped_head_fresh")
-    assert fresh["lr"] == shipped["lr"] and "fresh optimizer state" in fresh["method"]
+    fresh_rows = list(map(seed0_at_chosen_lr, ["gt_tensors_0.5_shipped_head_fresh", "gt_lora_0.5_shipped_head_fresh"]))
+    for row, gt_row in zip(fresh_rows, (shipped, lora_shipped), strict=True):
+        assert row["lr"] == gt_row["lr"] and "fresh optimizer state" in row["method"]
     # the sparse head's FLOPs vary with each batch's labels: no step above half of dense full FT's
-    for row in (shipped, lora_shipped, fresh, *random_rows, *top_k_rows):
+    for row in (shipped, lora_shipped, *fresh_rows, *random_rows, *top_k_rows):
         counted = [s["flops"] for s in row["step_measurements"] if s["flops"] is not None]
         assert counted and max(counted) <= 0.5 * full * (1 + 1e-6), row["method"]
     # chance importances through GreenTrainer's selection, at the shipped rows' learning rates: no backprop to pay

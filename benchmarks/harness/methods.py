@@ -597,6 +597,12 @@ register(
     _greentrainer("tensors", 0.5, shipped_head=True, optimizer_state="fresh"),
     ablation_of="gt_tensors_0.5",
 )
+register(
+    "gt_lora_0.5_shipped_head_fresh",
+    "lora",
+    _greentrainer("lora", 0.5, shipped_head=True, optimizer_state="fresh"),
+    ablation_of="gt_lora_0.5",
+)
 # and with FT-top-k's rule (the last blocks, as deep as fits) in their place
 register("top_k_tensors_shipped_head", "tensors", _top_k("tensors", True), ablation_of="gt_tensors_0.5")
 register("top_k_lora_shipped_head", "lora", _top_k("lora", True), ablation_of="gt_lora_0.5")
