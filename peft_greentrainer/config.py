@@ -22,7 +22,7 @@ from typing import Literal
 from peft import LoraConfig
 from peft.utils import CONFIG_NAME
 
-from .engine.importance import OPTIMIZER_STATES
+from .engine.importance import OPTIMIZER_STATES, OptimizerState
 from .registration import GREENTRAINER_PEFT_TYPE
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class GreenTrainerConfig(LoraConfig):
     importance_batches: int = field(
         default=1, metadata={"help": "Number of training batches used to estimate unit importance."}
     )
-    importance_optimizer_state: Literal["current", "fresh"] = field(
+    importance_optimizer_state: OptimizerState = field(
         default="current",
         metadata={"help": "'current': delta_w from the optimizer's state; 'fresh': as if no unit had trained yet."},
     )

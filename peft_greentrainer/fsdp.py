@@ -48,7 +48,8 @@ from torch import nn
 
 from .engine.importance import (
     NO_LOSS,
-    OPTIMIZER_STATES,
+    OptimizerState,
+    check_optimizer_state,
     clip_coefficient,
     optimizer_update,
     squared_norm,
@@ -291,7 +292,7 @@ def compute_importance(
     lr: float | None = None,
     group_lrs: Sequence[float | None] | None = None,
     max_grad_norm: float | None = None,
-    optimizer_state: str = "current",
+    optimizer_state: OptimizerState = "current",
 ) -> np.ndarray:
     """:func:`~peft_greentrainer.engine.importance.compute_importance` for an FSDP2-sharded ``model``.
 
@@ -309,8 +310,7 @@ def compute_importance(
         raise ValueError(f"candidates has {mask.size} entries but there are {len(units)} units")
     if optimizer is None and lr is None:
         raise ValueError("compute_importance needs either an optimizer or `lr` (for delta_w = -lr * grad)")
-    if optimizer_state not in OPTIMIZER_STATES:  # before any backward pass, as the single-process path
-        raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATES}, got {optimizer_state!r}")
+    check_optimizer_state(optimizer_state)  # before any backward pass
     loss_fn = loss_fn or default_loss
     tensors = {id(p): p for u, unit in enumerate(units) if mask[u] for p in unit.parameters(model)}
     tensors = {key: p for key, p in tensors.items() if is_trainable_dtype(p)}
@@ -384,7 +384,7 @@ def _local_inner_product(
     lr: float | None,
     group_lrs: Sequence[float | None] | None = None,
     clip: float = 1.0,
-    optimizer_state: str = "current",
+    optimizer_state: OptimizerState = "current",
 ) -> float:
     """``sum(g * delta_w)`` over this rank's shard of ``param`` (the gradient averaged over ``count`` batches; the
     update from that gradient times ``clip``, as clipping scales it before the step)."""

@@ -411,3 +411,14 @@ def test_default_learning_rate_is_the_protocols_on_the_embedded_run_and_the_pape
     explicit = build_parser().parse_args(["train", "--units", units, "--device", "cpu", "--lr", "5e-5"])
     _apply_defaults(explicit)
     assert explicit.lr == 5e-5
+
+
+def test_the_importance_optimizer_state_choices_are_the_engines():
+    from peft_greentrainer.engine.importance import OPTIMIZER_STATES
+
+    action = next(
+        a
+        for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
+        if a.dest == "importance_optimizer_state"
+    )
+    assert tuple(action.choices) == OPTIMIZER_STATES

@@ -29,7 +29,7 @@ import numbers
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -41,7 +41,15 @@ from .units import Unit, is_trainable_dtype, requires_grad_kept
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OPTIMIZER_STATES", "base_learning_rates", "compute_importance", "optimizer_update", "unwrap_optimizer"]
+__all__ = [
+    "OPTIMIZER_STATES",
+    "OptimizerState",
+    "base_learning_rates",
+    "check_optimizer_state",
+    "compute_importance",
+    "optimizer_update",
+    "unwrap_optimizer",
+]
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
@@ -49,7 +57,8 @@ LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 _BNB_BLOCKSIZE = 256
 
 # What the predicted update reads: the optimizer's state as it is, or none (every unit as at its first step).
-OPTIMIZER_STATES = ("current", "fresh")
+OptimizerState = Literal["current", "fresh"]
+OPTIMIZER_STATES: tuple[str, ...] = get_args(OptimizerState)
 
 _MIRRORED = (
     "torch Adam/AdamW/SGD and subclasses, bitsandbytes Adam-family (8-bit, 32-bit, paged), transformers Adafactor"
@@ -356,7 +365,7 @@ def _update(
     slot: _Slot | None,
     lr: float | None,
     group_lrs: Sequence[float | None] | None,
-    optimizer_state: str = "current",
+    optimizer_state: OptimizerState = "current",
 ) -> tuple[torch.Tensor, list[str]]:
     """delta_w in work dtype (same shape/dtype kind as ``param`` upcast), plus notes on approximations."""
     dtype = _compute_dtype(param)
@@ -436,7 +445,7 @@ def optimizer_update(
     *,
     lr: float | None = None,
     group_lrs: Sequence[float | None] | None = None,
-    optimizer_state: str = "current",
+    optimizer_state: OptimizerState = "current",
 ) -> torch.Tensor:
     """delta_w the optimizer would apply to `param` for gradient `grad`, computed without touching its state.
 
@@ -476,7 +485,7 @@ def optimizer_update(
     """
     optimizer = unwrap_optimizer(optimizer)
     group_lrs = _check_group_lrs(optimizer, group_lrs)
-    _check_optimizer_state(optimizer_state)
+    check_optimizer_state(optimizer_state)
     slot = _slot_map(optimizer).get(id(param)) if optimizer is not None else None
     delta, notes = _update(param, grad, optimizer, slot, lr, group_lrs, optimizer_state)
     if notes:
@@ -489,7 +498,8 @@ def optimizer_update(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_optimizer_state(optimizer_state: str) -> None:
+def check_optimizer_state(optimizer_state: str) -> None:
+    """Refuse a value ``optimizer_state`` does not take, before any work."""
     if optimizer_state not in OPTIMIZER_STATES:
         raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATES}, got {optimizer_state!r}")
 
@@ -521,7 +531,7 @@ def compute_importance(
     lr: float | None = None,
     group_lrs: Sequence[float | None] | None = None,
     max_grad_norm: float | None = None,
-    optimizer_state: str = "current",
+    optimizer_state: OptimizerState = "current",
 ) -> np.ndarray:
     """First-order loss reduction ``I_u = -sum(g_u * delta_w_u)`` of letting each unit take the next optimizer step.
 
@@ -574,7 +584,7 @@ def compute_importance(
     importance = np.zeros(len(units), dtype=np.float64)
     optimizer = unwrap_optimizer(optimizer)
     group_lrs = _check_group_lrs(optimizer, group_lrs)
-    _check_optimizer_state(optimizer_state)
+    check_optimizer_state(optimizer_state)
     if optimizer is None and lr is None:
         raise ValueError(
             "compute_importance needs either an optimizer or `lr` (for the delta_w = -lr * grad approximation)"
