@@ -22,7 +22,6 @@ from typing import Literal
 from peft import LoraConfig
 from peft.utils import CONFIG_NAME
 
-from .engine.importance import OPTIMIZER_STATES, OptimizerState
 from .registration import GREENTRAINER_PEFT_TYPE
 
 logger = logging.getLogger(__name__)
@@ -49,13 +48,6 @@ class GreenTrainerConfig(LoraConfig):
         importance_batches: Training batches whose averaged gradient gives the importance of each unit. One (the
             paper's "one extra iteration") costs about one training step at ``rho``; on SmolLM2-135M mid-training, a
             one-batch choice kept 98.5% of the importance of a 16-batch one, four batches 99.3% (bench_importance.py).
-        importance_optimizer_state: What the importance's predicted update ``delta_w`` reads of the optimizer's
-            state. ``"current"`` (the paper's definition): each unit's next step, from the moments the optimizer holds
-            for it. ``"fresh"``: every unit's step as if it were its first (Adam's: ``-lr * sign(g)``, plus AdamW's
-            decay term; a relative-step Adafactor's at step 1's size, the same factor for every unit). Under
-            ``"current"``, Adam's moments typically make a trained unit's next step smaller and less aligned with the
-            current gradient than an untrained unit's first step, so a re-selection favours units not trained before;
-            ``"fresh"`` scores both alike.
         dp_resolution: Budget resolution of the dynamic program (time and memory grow linearly with it).
         include_patterns: Regular expressions: only units whose name matches one are candidates.
         exclude_patterns: Regular expressions: units whose name matches one are never candidates.
@@ -81,10 +73,6 @@ class GreenTrainerConfig(LoraConfig):
     )
     importance_batches: int = field(
         default=1, metadata={"help": "Number of training batches used to estimate unit importance."}
-    )
-    importance_optimizer_state: OptimizerState = field(
-        default="current",
-        metadata={"help": "'current': delta_w from the optimizer's state; 'fresh': as if no unit had trained yet."},
     )
     dp_resolution: int = field(
         default=10_000, metadata={"help": "Budget resolution of the exact dynamic program (cost is linear in it)."}
@@ -118,9 +106,6 @@ class GreenTrainerConfig(LoraConfig):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
             setattr(self, name, int(value))
-        state = self.importance_optimizer_state
-        if state not in OPTIMIZER_STATES:
-            raise ValueError(f"importance_optimizer_state must be one of {OPTIMIZER_STATES}, got {state!r}.")
         if not isinstance(self.sparse_lm_head, bool):
             raise ValueError(f"sparse_lm_head must be True or False, got {self.sparse_lm_head!r}.")
         steps = self.selection_interval_steps
@@ -139,14 +124,8 @@ class GreenTrainerConfig(LoraConfig):
         return LoraConfig(**{k: v for k, v in values.items() if k in _init_fields(LoraConfig)})
 
     def greentrainer_fields(self) -> dict:
-        """GreenTrainer's own fields (those a ``LoraConfig`` does not have), JSON-ready. A field added after the first
-        release is left out while it holds its default, so that earlier versions, which refuse fields they do not
-        know, still load the adapter whenever it means to them what it means here."""
-        return {
-            name: getattr(self, name)
-            for name in _own_fields()
-            if not (name in _ADDED_LATER and getattr(self, name) == _ADDED_LATER[name])
-        }
+        """GreenTrainer's own fields (those a ``LoraConfig`` does not have), JSON-ready."""
+        return {name: getattr(self, name) for name in _own_fields()}
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """units="lora": a plain ``LoraConfig`` in ``adapter_config.json`` plus ``greentrainer_config.json``.
@@ -200,8 +179,6 @@ class GreenTrainerConfig(LoraConfig):
 
 
 FINGERPRINT = "lora_config_fingerprint"
-# fields added after the first release, with the default that reproduces the earlier behaviour
-_ADDED_LATER = {"importance_optimizer_state": "current"}
 # what saving or hand-editing an adapter changes without making it another adapter
 _UNIDENTIFYING = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"}
 

@@ -46,15 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .engine.importance import (
-    NO_LOSS,
-    OptimizerState,
-    check_optimizer_state,
-    clip_coefficient,
-    optimizer_update,
-    squared_norm,
-    unwrap_optimizer,
-)
+from .engine.importance import NO_LOSS, clip_coefficient, optimizer_update, squared_norm, unwrap_optimizer
 from .engine.rng import fork_rng
 from .engine.units import Unit, is_trainable_dtype
 
@@ -292,7 +284,6 @@ def compute_importance(
     lr: float | None = None,
     group_lrs: Sequence[float | None] | None = None,
     max_grad_norm: float | None = None,
-    optimizer_state: OptimizerState = "current",
 ) -> np.ndarray:
     """:func:`~peft_greentrainer.engine.importance.compute_importance` for an FSDP2-sharded ``model``.
 
@@ -310,7 +301,6 @@ def compute_importance(
         raise ValueError(f"candidates has {mask.size} entries but there are {len(units)} units")
     if optimizer is None and lr is None:
         raise ValueError("compute_importance needs either an optimizer or `lr` (for delta_w = -lr * grad)")
-    check_optimizer_state(optimizer_state)  # before any backward pass
     loss_fn = loss_fn or default_loss
     tensors = {id(p): p for u, unit in enumerate(units) if mask[u] for p in unit.parameters(model)}
     tensors = {key: p for key, p in tensors.items() if is_trainable_dtype(p)}
@@ -326,7 +316,7 @@ def compute_importance(
                         if id(param) not in tensors or id(param) in seen:
                             continue
                         seen.add(id(param))
-                        local[u] -= _local_inner_product(param, count, optimizer, lr, group_lrs, clip, optimizer_state)
+                        local[u] -= _local_inner_product(param, count, optimizer, lr, group_lrs, clip)
         finally:
             for param in tensors.values():
                 param.grad = None
@@ -384,15 +374,13 @@ def _local_inner_product(
     lr: float | None,
     group_lrs: Sequence[float | None] | None = None,
     clip: float = 1.0,
-    optimizer_state: OptimizerState = "current",
 ) -> float:
     """``sum(g * delta_w)`` over this rank's shard of ``param`` (the gradient averaged over ``count`` batches; the
     update from that gradient times ``clip``, as clipping scales it before the step)."""
     from torch.distributed.tensor import DTensor
 
     grad = _mean_gradient(param, count)
-    stepped = grad if clip == 1.0 else grad * clip
-    delta = optimizer_update(param, stepped, optimizer, lr=lr, group_lrs=group_lrs, optimizer_state=optimizer_state)
+    delta = optimizer_update(param, grad if clip == 1.0 else grad * clip, optimizer, lr=lr, group_lrs=group_lrs)
     if isinstance(grad, DTensor):
         grad, delta = grad.to_local(), delta.to_local()
     return float(torch.dot(grad.reshape(-1), delta.reshape(-1).to(grad.dtype)))

@@ -710,7 +710,6 @@ class GreenTrainerModel(LoraModel):
                 lr=lr,
                 group_lrs=group_lrs,
                 max_grad_norm=max_grad_norm,
-                optimizer_state=self.greentrainer_config.importance_optimizer_state,
             )
         return ranks.average_across_ranks(values)
 

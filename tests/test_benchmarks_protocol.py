@@ -9,14 +9,16 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import protocol, selection_churn
 from benchmarks.harness import methods, report, runner, workload
 from peft_greentrainer import enable_sparse_lm_head
-from peft_greentrainer.engine.profile import profile_model
+from peft_greentrainer.engine.profile import default_loss, profile_model
 
 
 def _tiny_work() -> workload.Workload:
@@ -205,11 +207,10 @@ def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
     assert len(resel8["selections"]) == 8 and resel8["measured_flops_per_step"] <= 0.5 * full * (1 + 1e-6)
     random_rows = list(map(seed0_at_chosen_lr, ["random_tensors_shipped_head", "random_lora_shipped_head"]))
     top_k_rows = list(map(seed0_at_chosen_lr, ["top_k_tensors_shipped_head", "top_k_lora_shipped_head"]))
-    fresh_rows = list(map(seed0_at_chosen_lr, ["gt_tensors_0.5_shipped_head_fresh", "gt_lora_0.5_shipped_head_fresh"]))
-    for row, gt_row in zip(fresh_rows, (shipped, lora_shipped), strict=True):
-        assert row["lr"] == gt_row["lr"] and "fresh optimizer state" in row["method"]
+    fresh = seed0_at_chosen_lr("gt_tensors_0.5_shipped_head_fresh")
+    assert fresh["lr"] == shipped["lr"] and "fresh optimizer state" in fresh["method"]
     # the sparse head's FLOPs vary with each batch's labels: no step above half of dense full FT's
-    for row in (shipped, lora_shipped, *fresh_rows, *random_rows, *top_k_rows):
+    for row in (shipped, lora_shipped, fresh, *random_rows, *top_k_rows):
         counted = [s["flops"] for s in row["step_measurements"] if s["flops"] is not None]
         assert counted and max(counted) <= 0.5 * full * (1 + 1e-6), row["method"]
     # chance importances through GreenTrainer's selection, at the shipped rows' learning rates: no backprop to pay
@@ -305,3 +306,28 @@ def test_selection_churn_reads_the_selections_runs_store(tmp_path, capsys):
     assert rows["swapped"]["mean_jaccard"] == pytest.approx((0 + 1 / 3) / 2) and rows["swapped"]["distinct_units"] == 5
     selection_churn.main(["--runs", str(tmp_path), "--methods", "swapped"])
     assert "| swapped | 0.001 | 0 | 3 | 0.17 | 5 | 2.5000 |" in capsys.readouterr().out
+
+
+def test_the_fresh_state_ablation_scores_units_as_an_optimizer_without_moments_would():
+    work = _tiny_work()
+    method = methods.build("gt_tensors_0.5_shipped_head_fresh", work, methods.MethodOptions(seed=0, total_steps=2))
+    tuner = method.model.base_model
+    model = tuner.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    batch = {k: v[: work.batch_size] for k, v in work.train_columns.items()}
+    for _ in range(3):  # moments that differ from a first step's
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    state = {id(p): s["exp_avg"].clone() for p, s in optimizer.state.items()}
+    units = tuner.candidate_units()
+    feasible = np.ones(len(units), dtype=bool)
+    kwargs = {"loss_fn": default_loss, "max_grad_norm": None}
+    fresh = tuner._importance([batch], units, feasible, optimizer, None, **kwargs)  # the ablation's
+    unstated = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    expected = type(tuner)._importance(tuner, [batch], units, feasible, unstated, None, **kwargs)
+    current = type(tuner)._importance(tuner, [batch], units, feasible, optimizer, None, **kwargs)
+    np.testing.assert_allclose(fresh, expected, rtol=1e-6)
+    assert not np.allclose(fresh, current, rtol=1e-2)
+    assert all(torch.equal(s["exp_avg"], state[id(p)]) for p, s in optimizer.state.items())  # read, not stepped

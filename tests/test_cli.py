@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import transformers
-from peft import PeftConfig, PeftModel
+from peft import PeftModel
 
 import peft_greentrainer  # noqa: F401  (registers the method for PeftModel.from_pretrained)
 from peft_greentrainer.cli.data import Example
@@ -60,12 +60,9 @@ def test_train_writes_a_loadable_adapter_and_report(tiny_checkpoint, tmp_path, u
             str(out),
             *TRAIN_ARGS,
             *([] if units == "tensors" else ["--dense-lm-head", "--no-energy"]),
-            *([] if units == "tensors" else ["--importance-optimizer-state", "fresh"]),
         ]
     )
     assert code == 0
-    saved = PeftConfig.from_pretrained(str(out))
-    assert saved.importance_optimizer_state == ("current" if units == "tensors" else "fresh")
     for name in (
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -411,14 +408,3 @@ def test_default_learning_rate_is_the_protocols_on_the_embedded_run_and_the_pape
     explicit = build_parser().parse_args(["train", "--units", units, "--device", "cpu", "--lr", "5e-5"])
     _apply_defaults(explicit)
     assert explicit.lr == 5e-5
-
-
-def test_the_importance_optimizer_state_choices_are_the_engines():
-    from peft_greentrainer.engine.importance import OPTIMIZER_STATES
-
-    action = next(
-        a
-        for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
-        if a.dest == "importance_optimizer_state"
-    )
-    assert tuple(action.choices) == OPTIMIZER_STATES

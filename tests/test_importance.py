@@ -136,53 +136,6 @@ def test_optimizer_update_matches_real_step(kind: str, steps: int) -> None:
         torch.testing.assert_close(delta, expected[name], rtol=1e-5, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
-def test_a_fresh_update_is_the_first_step_of_the_same_optimizer_without_its_state(kind: str) -> None:
-    model = tiny_llama().double()
-    optimizer = OPTIMIZERS[kind](two_groups(model))
-    train_steps(model, optimizer, 3)
-    state_before = copy.deepcopy(optimizer.state_dict())
-
-    named = dict(model.named_parameters())
-    grads = dict(zip(named, mean_grads(model, list(named.values()), make_batches(1, seed=3)), strict=True))
-    unstated = OPTIMIZERS[kind](two_groups(model))  # the same hyper-parameters, no state
-    expected = real_step_change(model, unstated, grads)
-    for name, param in named.items():
-        delta = optimizer_update(param, grads[name], optimizer, optimizer_state="fresh")
-        torch.testing.assert_close(delta, expected[name], rtol=1e-5, atol=1e-12, msg=name)
-    torch.testing.assert_close(optimizer.state_dict(), state_before)
-    with pytest.raises(ValueError, match="optimizer_state must be one of"):
-        optimizer_update(named["lm_head.weight"], grads["lm_head.weight"], optimizer, optimizer_state="zero")
-
-
-def test_current_state_importance_favours_units_that_have_not_trained_and_fresh_does_not() -> None:
-    """Why ``optimizer_state="fresh"`` exists: after some units trained under Adam, their next step is smaller and
-    less aligned with the gradient than an untrained unit's first (sign) step, so the paper's importance ranks them
-    below where a fresh start, which scores every unit as ``lr * sum|g|`` up to weight decay, puts them."""
-    model = tiny_llama()
-    units = [u for u in tensor_units(model) if u.name.startswith("model.layers")]
-    trained, untrained = units[: len(units) // 2], units[len(units) // 2 :]
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for unit in trained:
-        for param in unit.parameters(model):
-            param.requires_grad_(True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-    train_steps(model, optimizer, 20)
-    for param in model.parameters():
-        param.requires_grad_(True)
-    optimizer.add_param_group({"params": [p for u in untrained for p in u.parameters(model)]})
-
-    batches = make_batches(2, seed=11)
-    current = compute_importance(model, units, batches, optimizer)
-    fresh = compute_importance(model, units, batches, optimizer, optimizer_state="fresh")
-    params = [p for u in units for p in u.parameters(model)]
-    l1 = np.array([float(g.abs().sum()) for g in mean_grads(model, params, batches)]) * 1e-3
-    np.testing.assert_allclose(fresh, l1, rtol=1e-3)  # every unit at its first step: lr * |g|_1
-    np.testing.assert_allclose(current[len(trained) :], fresh[len(trained) :], rtol=1e-5)
-    assert (current[: len(trained)] < 0.9 * fresh[: len(trained)]).all()
-
-
 def test_optimizer_update_float32_model_adamw() -> None:
     model = tiny_llama()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
@@ -497,24 +450,6 @@ def test_no_side_effects_bitsandbytes_and_adafactor(kind: str) -> None:
     assert_same(before, snapshot(model, optimizer))
     np.testing.assert_array_equal(first, compute_importance(model, units, make_batches(2), optimizer))
     assert np.isfinite(first).all() and (first > 0).any()
-
-
-def test_a_fresh_bitsandbytes_update_needs_no_state_layout_it_knows(caplog: pytest.LogCaptureFixture) -> None:
-    bnb = pytest.importorskip("bitsandbytes")
-    model = small_llama()
-    optimizer = bnb.optim.AdamW8bit(model.parameters(), lr=1e-2)
-    train_steps(model, optimizer, 2)
-    up = dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
-    state = optimizer.state[up]
-    state["absmax1"] = torch.cat([state["absmax1"], state["absmax1"]])  # a block size this code does not know
-    grad = mean_grads(model, [up], make_batches(1, seed=3))[0]
-    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.importance"):
-        fresh = optimizer_update(up, grad, optimizer, optimizer_state="fresh")
-        assert not caplog.records
-        unstated = optimizer_update(up, grad, bnb.optim.AdamW8bit(model.parameters(), lr=1e-2))
-        torch.testing.assert_close(fresh, unstated)
-        optimizer_update(up, grad, optimizer)  # the current state cannot be read: approximated, and said
-    assert "AdamW8bit is not mirrored" in caplog.text
 
 
 def test_unmirrored_bitsandbytes_optimizer_warns_once(caplog: pytest.LogCaptureFixture) -> None:

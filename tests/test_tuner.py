@@ -492,41 +492,6 @@ def test_numpy_numbers_from_a_sweep_are_accepted_and_saved_as_plain_numbers(tmp_
     assert GreenTrainerConfig.from_pretrained(tmp_path).rho == 0.5
 
 
-@pytest.mark.parametrize("units", UNIT_KINDS)
-def test_a_fresh_state_importance_selects_as_if_no_unit_had_trained(tmp_path, units):
-    """``importance_optimizer_state="fresh"`` scores a re-selection as a new AdamW would: the moments the units
-    selected before have gathered do not count against them; "current" reads them."""
-    selections = {}
-    for state in ("current", "fresh"):
-        model = _peft_model("llama", units, rho=0.6, importance_optimizer_state=state)
-        batch = _batch("llama")
-        candidates = [p for u in model.base_model.candidate_units() for p in u.parameters(model.base_model.model)]
-        optimizer = torch.optim.AdamW(candidates, lr=1e-2)
-        first = model.base_model.select_units([batch], optimizer)
-        for _ in range(3):
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        trained = model.base_model.select_units([batch], optimizer)
-        unstated = model.base_model.select_units([batch], torch.optim.AdamW(candidates, lr=1e-2))
-        selections[state] = (first, trained, unstated)
-    first, trained, unstated = selections["fresh"]
-    assert trained.importance == pytest.approx(unstated.importance, rel=1e-6)
-    np.testing.assert_array_equal(trained.mask, unstated.mask)
-    first, trained, unstated = selections["current"]
-    assert trained.importance != pytest.approx(unstated.importance, rel=1e-3)
-    with pytest.raises(ValueError, match="importance_optimizer_state must be one of"):
-        GreenTrainerConfig(importance_optimizer_state="none")
-    for state in ("fresh", "current"):
-        config = GreenTrainerConfig(units=units, importance_optimizer_state=state, target_modules=["q_proj"])
-        config.save_pretrained(tmp_path / state)
-        assert PeftConfig.from_pretrained(tmp_path / state).importance_optimizer_state == state
-    if units == "lora":  # at its default the field is not written: earlier versions refuse fields they do not know
-        written = {s: json.loads((tmp_path / s / "greentrainer_config.json").read_text()) for s in ("current", "fresh")}
-        assert "importance_optimizer_state" not in written["current"]
-        assert written["fresh"]["importance_optimizer_state"] == "fresh"
-
-
 def test_a_trainer_whose_loader_yields_no_model_inputs_is_told_what_to_do(tmp_path):
     """TRL's GRPO and RLOO collate prompts as a list (identity) and generate the model inputs inside each step."""
     model = _peft_model("llama", "lora")

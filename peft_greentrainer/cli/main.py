@@ -96,12 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--importance-batches", type=_positive_int, default=1, help="batches per importance probe")
     train.add_argument(
-        "--importance-optimizer-state",
-        choices=("current", "fresh"),  # engine.importance.OPTIMIZER_STATES, spelled out: --help imports no torch
-        default="current",
-        help="the importance's update: from the optimizer's state, or as every unit's first step (see the README)",
-    )
-    train.add_argument(
         "--lr",
         type=float,
         default=None,

@@ -29,7 +29,7 @@ import numbers
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,24 +41,12 @@ from .units import Unit, is_trainable_dtype, requires_grad_kept
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "OPTIMIZER_STATES",
-    "OptimizerState",
-    "base_learning_rates",
-    "check_optimizer_state",
-    "compute_importance",
-    "optimizer_update",
-    "unwrap_optimizer",
-]
+__all__ = ["base_learning_rates", "compute_importance", "optimizer_update", "unwrap_optimizer"]
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
 # bitsandbytes' ``Optimizer2State.init_state`` quantises 8-bit moments in blocks of this many elements.
 _BNB_BLOCKSIZE = 256
-
-# What the predicted update reads: the optimizer's state as it is, or none (every unit as at its first step).
-OptimizerState = Literal["current", "fresh"]
-OPTIMIZER_STATES: tuple[str, ...] = get_args(OptimizerState)
 
 _MIRRORED = (
     "torch Adam/AdamW/SGD and subclasses, bitsandbytes Adam-family (8-bit, 32-bit, paged), transformers Adafactor"
@@ -229,11 +217,8 @@ def _sgd_update(
     return g.mul(-lr)
 
 
-def _bnb_adam_config(
-    optimizer: torch.optim.Optimizer, slot: _Slot, param: torch.Tensor, state: Mapping[str, Any]
-) -> dict[str, Any] | None:
-    """The per-parameter config of a bitsandbytes Adam-family optimizer whose step is mirrored from ``state`` (the
-    parameter's, or none for a fresh step), else None.
+def _bnb_adam_config(optimizer: torch.optim.Optimizer, slot: _Slot, param: torch.Tensor) -> dict[str, Any] | None:
+    """The per-parameter config of a bitsandbytes Adam-family optimizer whose step is mirrored, else None.
 
     ``bnb.optim.Adam``/``AdamW`` and their ``8bit``/``32bit``/``Paged`` variants are all ``Optimizer2State`` running
     the "adam" kernel. Looked up in ``sys.modules``: an instance exists only if bitsandbytes is already imported.
@@ -247,6 +232,7 @@ def _bnb_adam_config(
     config = optimizer.get_config(slot.group_index, slot.param_index, slot.group)  # builds a new dict; reads only
     if float(config.get("max_unorm", 0.0)) > 0:
         return None
+    state = _read_state(optimizer, param)
     for index in (1, 2):
         moment = state.get(f"state{index}")
         if moment is None:
@@ -365,7 +351,6 @@ def _update(
     slot: _Slot | None,
     lr: float | None,
     group_lrs: Sequence[float | None] | None,
-    optimizer_state: OptimizerState = "current",
 ) -> tuple[torch.Tensor, list[str]]:
     """delta_w in work dtype (same shape/dtype kind as ``param`` upcast), plus notes on approximations."""
     dtype = _compute_dtype(param)
@@ -395,7 +380,7 @@ def _update(
         override = group_lrs[slot.group_index] if group_lrs is not None else None
         group_lr = override if override is not None else group.get("lr")  # None: relative-step Adafactor
         step_lr = float(group_lr) if group_lr is not None else None
-        state = _read_state(optimizer, param) if optimizer_state == "current" else {}
+        state = _read_state(optimizer, param)
         adafactor = _adafactor_class()
         bnb_config = None
         if isinstance(optimizer, torch.optim.Adam):  # AdamW subclasses Adam in torch >= 2.6
@@ -409,7 +394,7 @@ def _update(
             delta = _adafactor_update(w, g, group, state, step_lr)
             if group.get("relative_step"):
                 step_lr = None  # the lr comes from the step count; overrides and the zero-lr check do not apply
-        elif (bnb_config := _bnb_adam_config(optimizer, slot, param, state)) is not None:
+        elif (bnb_config := _bnb_adam_config(optimizer, slot, param)) is not None:
             delta = _bnb_adam_update(w, g, bnb_config, state, float(step_lr))
         else:
             if step_lr is None:  # any constant scale ranks units alike
@@ -445,7 +430,6 @@ def optimizer_update(
     *,
     lr: float | None = None,
     group_lrs: Sequence[float | None] | None = None,
-    optimizer_state: OptimizerState = "current",
 ) -> torch.Tensor:
     """delta_w the optimizer would apply to `param` for gradient `grad`, computed without touching its state.
 
@@ -476,18 +460,14 @@ def optimizer_update(
         group_lrs: One learning rate (or None: keep the group's own) per param group of ``optimizer``, used in place
             of the group's current ``lr``; e.g. :func:`base_learning_rates`, since under warmup the current lr is 0
             at step 0. Relative-step Adafactor groups compute their lr from the step count and ignore it.
-        optimizer_state: ``"current"``: the next step, from the optimizer's state as it is. ``"fresh"``: the step
-            the optimizer would take if it held no state for ``param`` (its first step: Adam's is ``-lr * sign(g)``
-            up to eps), the same hyper-parameters otherwise.
 
     Returns:
         A new tensor shaped like ``param``, in at least float32 (bf16/fp16 are upcast, float64 is kept).
     """
     optimizer = unwrap_optimizer(optimizer)
     group_lrs = _check_group_lrs(optimizer, group_lrs)
-    check_optimizer_state(optimizer_state)
     slot = _slot_map(optimizer).get(id(param)) if optimizer is not None else None
-    delta, notes = _update(param, grad, optimizer, slot, lr, group_lrs, optimizer_state)
+    delta, notes = _update(param, grad, optimizer, slot, lr, group_lrs)
     if notes:
         logger.warning("importance: %s.", "; ".join(sorted(set(notes))))
     return delta
@@ -496,12 +476,6 @@ def optimizer_update(
 # ----------------------------------------------------------------------------------------------------------------
 # Importance
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def check_optimizer_state(optimizer_state: str) -> None:
-    """Refuse a value ``optimizer_state`` does not take, before any work."""
-    if optimizer_state not in OPTIMIZER_STATES:
-        raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATES}, got {optimizer_state!r}")
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -531,7 +505,6 @@ def compute_importance(
     lr: float | None = None,
     group_lrs: Sequence[float | None] | None = None,
     max_grad_norm: float | None = None,
-    optimizer_state: OptimizerState = "current",
 ) -> np.ndarray:
     """First-order loss reduction ``I_u = -sum(g_u * delta_w_u)`` of letting each unit take the next optimizer step.
 
@@ -570,11 +543,6 @@ def compute_importance(
             clipping). The optimizer steps on the clipped gradient, so ``delta_w`` is predicted from it too: scaled
             as ``torch.nn.utils.clip_grad_norm_`` would scale the candidates' gradients (the step that trains them
             all; training clips over the units it trains).
-        optimizer_state: ``"current"`` (the paper's definition): each unit's next step, from the moments the
-            optimizer holds for it. ``"fresh"``: every unit's step as if the optimizer held no state for it. Adam's
-            moments typically make a unit that has trained take a smaller next step, less aligned with the current
-            gradient, than the sign step of a unit that has not, so under ``"current"`` a re-selection favours units
-            not trained before; ``"fresh"`` scores all units alike.
 
     Returns:
         float64 array with one importance per unit.
@@ -584,7 +552,6 @@ def compute_importance(
     importance = np.zeros(len(units), dtype=np.float64)
     optimizer = unwrap_optimizer(optimizer)
     group_lrs = _check_group_lrs(optimizer, group_lrs)
-    check_optimizer_state(optimizer_state)
     if optimizer is None and lr is None:
         raise ValueError(
             "compute_importance needs either an optimizer or `lr` (for the delta_w = -lr * grad approximation)"
@@ -619,9 +586,7 @@ def compute_importance(
         for i in indices:
             param, grad = tensors[i], grads[i]
             stepped = grad if clip == 1.0 else grad.mul(clip)
-            delta, param_notes = _update(
-                param, stepped, optimizer, slots.get(id(param)), lr, group_lrs, optimizer_state
-            )
+            delta, param_notes = _update(param, stepped, optimizer, slots.get(id(param)), lr, group_lrs)
             notes.update(param_notes)
             g = _as_work(grad, delta.dtype, delta.device)  # complex tensors: real inner product of (re, im) pairs
             d = torch.view_as_real(delta) if delta.is_complex() else delta
