@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -60,6 +59,7 @@ from .engine.units import (
     auxiliary_units,
     is_trainable_dtype,
     lora_units,
+    matches_any,
     parameter_aliases,
     requires_grad_kept,
     tensor_units,
@@ -306,9 +306,9 @@ class GreenTrainerModel(LoraModel):
     def _within_patterns(units: list[Unit], config: GreenTrainerConfig) -> list[Unit]:
         """The units include_patterns/exclude_patterns admit."""
         if config.include_patterns:
-            units = [u for u in units if any(re.search(p, u.name) for p in config.include_patterns)]
+            units = [u for u in units if matches_any(u.name, config.include_patterns)]
         if config.exclude_patterns:
-            units = [u for u in units if not any(re.search(p, u.name) for p in config.exclude_patterns)]
+            units = [u for u in units if not matches_any(u.name, config.exclude_patterns)]
         return units
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:

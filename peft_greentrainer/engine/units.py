@@ -70,7 +70,8 @@ def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
     return {names[0]: names for names in by_tensor.values()}
 
 
-def _matches(name: str, patterns: Sequence[str] | None) -> bool:
+def matches_any(name: str, patterns: Sequence[str] | None) -> bool:
+    """Whether ``re.search`` finds one of ``patterns`` in ``name`` (none given: False)."""
     return any(re.search(pattern, name) for pattern in patterns or ())
 
 
@@ -95,9 +96,9 @@ def tensor_units(
             continue
         if allowed is not None and canonical not in allowed:
             continue
-        if include and not any(_matches(n, include) for n in all_names):
+        if include and not any(matches_any(n, include) for n in all_names):
             continue
-        if exclude and any(_matches(n, exclude) for n in all_names):
+        if exclude and any(matches_any(n, exclude) for n in all_names):
             continue
         units.append(Unit(name=canonical, param_names=(canonical,), aliases=tuple(all_names[1:])))
     return units
