@@ -331,3 +331,23 @@ def test_the_fresh_state_ablation_scores_units_as_an_optimizer_without_moments_w
     np.testing.assert_allclose(fresh, expected, rtol=1e-6)
     assert not np.allclose(fresh, current, rtol=1e-2)
     assert all(torch.equal(s["exp_avg"], state[id(p)]) for p, s in optimizer.state.items())  # read, not stepped
+
+
+def test_the_gradient_step_ablation_scores_units_by_their_squared_gradient_norm_times_the_base_lr():
+    work = _tiny_work()
+    method = methods.build("gt_tensors_0.5_shipped_head_sgd", work, methods.MethodOptions(seed=0, total_steps=2))
+    assert "plain gradient step" in method.name
+    tuner = method.model.base_model
+    model = tuner.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0)  # warmup: the current lr is 0, the base 1e-3
+    batch = {k: v[: work.batch_size] for k, v in work.train_columns.items()}
+    units = tuner.candidate_units()
+    feasible = np.ones(len(units), dtype=bool)
+    scored = tuner._importance([batch], units, feasible, optimizer, None, loss_fn=default_loss, max_grad_norm=None)
+    grads = torch.autograd.grad(model(**batch).loss, params)
+    squared = {id(p): float((g.double() ** 2).sum()) for p, g in zip(params, grads, strict=True)}
+    expected = [1e-3 * sum(squared[id(p)] for p in dict.fromkeys(u.parameters(model))) for u in units]
+    np.testing.assert_allclose(scored, expected, rtol=1e-4)
+    assert not optimizer.state  # read, not stepped

@@ -289,7 +289,7 @@ def _greentrainer(
     selection_count: int | None = None,
     shipped_head: bool = False,
     chance: bool = False,
-    fresh_state: bool = False,
+    importance: str | None = None,
 ) -> Callable[[Workload, MethodOptions], Method]:
     """GreenTrainer at ``rho``; ``rho=None`` (units="lora" only): at the FLOPs of LoRA with the same adapters.
 
@@ -299,7 +299,7 @@ def _greentrainer(
     of dense full fine-tuning (the protocol's common reference): what a user gets for half of their usual full FT.
     ``chance``: the random-selection baseline of that row: everything as GreenTrainer does it (the probe batches
     priced, the DP over the same shapes, re-selections at new ones), with importances drawn at random instead of
-    computed. ``fresh_state``: importances computed as if the optimizer held no state (every unit at its first step).
+    computed. ``importance``: a variant of the importance formula to measure (a key of ``IMPORTANCE_VARIANTS``).
     """
 
     def build_greentrainer(work: Workload, options: MethodOptions) -> Method:
@@ -334,8 +334,8 @@ def _greentrainer(
         history = tuner.greentrainer_state.history
         if chance:
             _draw_importances_at_random(tuner, options.seed)
-        if fresh_state:
-            _importance_from_fresh_state(tuner)
+        if importance:
+            IMPORTANCE_VARIANTS[importance][0](tuner)
 
         def selections() -> list[list[str]]:
             return [list(record.selected) for record in history]
@@ -347,8 +347,8 @@ def _greentrainer(
             suffix += f", re-selected every {interval} steps"
         if shipped_head:
             suffix = f"rho {rho:g} of dense full FT, with its sparse LM head (any method could use it)"
-        if fresh_state:
-            suffix += ", importance from a fresh optimizer state"
+        if importance:
+            suffix += IMPORTANCE_VARIANTS[importance][1]
         kind = "adapters" if units == "lora" else "tensors"
         name = f"GreenTrainer {units} {suffix}"
         if chance:
@@ -394,6 +394,31 @@ def _importance_from_fresh_state(tuner) -> None:
         return computed(batches, units, feasible, optimizer, lr, **kwargs)
 
     tuner._importance = fresh
+
+
+def _importance_of_a_gradient_step(tuner) -> None:
+    """Score every unit by the paper's formula for a plain gradient step, ``lr * |g_u|^2``, whatever the optimizer.
+    Under AdamW a unit's first step is about ``-lr * sign(g)``, so the shipped importance is about ``lr * |g_u|_1``,
+    which grows with the unit's size: at a first selection the DP buys whole top blocks, MLP matrices first. The
+    squared gradient norm instead ranks units by how steeply the loss falls along them, favouring the small, steep
+    tensors (norms, key/value projections) that random choice also reaches deeper for. Reaches into the tuner's
+    private ``_importance`` on purpose, as the random baseline does."""
+    computed = tuner._importance
+
+    def gradient_step(batches, units, feasible, optimizer, lr, **kwargs) -> np.ndarray:
+        inner = unwrap_optimizer(optimizer)
+        if inner is not None:
+            lr = inner.param_groups[0].get("initial_lr", inner.param_groups[0]["lr"])
+        return computed(batches, units, feasible, None, lr or 1.0, **kwargs)  # no optimizer: delta_w = -lr * g
+
+    tuner._importance = gradient_step
+
+
+# the importance formulas the ablations put in the tuner's place, and what the row's name says of them
+IMPORTANCE_VARIANTS: dict[str, tuple[Callable, str]] = {
+    "fresh": (_importance_from_fresh_state, ", importance from a fresh optimizer state"),
+    "sgd": (_importance_of_a_gradient_step, ", importance of a plain gradient step"),
+}
 
 
 # ------------------------------------------------------------------------------------------------- mixed units
@@ -612,7 +637,15 @@ register(
 register(
     "gt_tensors_0.5_shipped_head_fresh",
     "tensors",
-    _greentrainer("tensors", 0.5, shipped_head=True, fresh_state=True),
+    _greentrainer("tensors", 0.5, shipped_head=True, importance="fresh"),
+    ablation_of="gt_tensors_0.5",
+)
+# and with the importance of a plain gradient step (``lr * |g|^2``), which does not grow with a tensor's size as AdamW's
+# first step (``lr * |g|_1``) does: at a first selection it reaches blocks 11-29 for their norms and projections
+register(
+    "gt_tensors_0.5_shipped_head_sgd",
+    "tensors",
+    _greentrainer("tensors", 0.5, shipped_head=True, importance="sgd"),
     ablation_of="gt_tensors_0.5",
 )
 # and with FT-top-k's rule (the last blocks, as deep as fits) in their place
