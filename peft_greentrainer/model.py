@@ -723,15 +723,19 @@ class GreenTrainerModel(LoraModel):
         epoch: float,
         reason: str,
         start: float,
+        within: np.ndarray | None = None,
     ) -> np.ndarray:
         """Solve the DP under the envelope, apply it, record it, return the mask; every rank must call it with the
-        same data."""
+        same data. ``within``: choose only among these units (the others must have importance 0, so the optimum
+        over the subsets of ``within`` is the DP's optimum restricted to it; dropping units never raises a cost)."""
         config = self.greentrainer_config
         every = np.ones(len(envelope.units), dtype=bool)
         if config.rho >= 1:
-            mask = every
+            mask = every if within is None else within.copy()
         else:
             mask = envelope.select(importance, config.rho, resolution=config.dp_resolution).mask
+            if within is not None:
+                mask = mask & within
         ranks.check_agreement((tuple(map(repr, keys)), mask.tobytes()), "the batch shapes and the selected units")
         # a re-selection for a new batch shape happens inside a step, possibly within a gradient-accumulation window
         self._set_trainable(envelope.units, mask, within_step=reason == "batch shape")
@@ -854,9 +858,32 @@ class GreenTrainerModel(LoraModel):
         else:  # a state saved without importances: keep what was selected, as much of it as fits
             importance = self._mask(envelope).astype(np.float64)
         importance = _positive(importance, feasible, None)
+        current = self._mask(envelope)
+        # inside an accumulation window a unit selected now would train on the window's later micro-batches only:
+        # choose among the units selected so far, unless none of them fits the new shape
+        within = current if self._window_under_way(envelope, current) else None
+        if within is not None and not np.any(importance[current & feasible] > 0):
+            logger.warning(
+                "GreenTrainer: no unit selected so far fits the budget at the new batch shape in the middle of a "
+                "gradient-accumulation window; the units selected now train on the window's remaining micro-batches "
+                "only."
+            )
+            within = None
+        if within is not None:
+            importance = np.where(within, importance, 0.0)
         last = self.greentrainer_state.last
         step, epoch = self._runtime.position or ((last.step, last.epoch) if last else (0, 0.0))
-        self._select(envelope, keys, importance, step=step, epoch=epoch, reason="batch shape", start=start)
+        self._select(
+            envelope, keys, importance, step=step, epoch=epoch, reason="batch shape", start=start, within=within
+        )
+
+    def _window_under_way(self, envelope: UnitCosts, current: np.ndarray) -> bool:
+        """Whether earlier micro-batches of this step left gradients on the selected units (on any rank: every rank
+        must decide alike), i.e. a re-selection now happens in the middle of a gradient-accumulation window."""
+        params = [
+            p for unit, on in zip(envelope.units, current, strict=True) if on for p in unit.parameters(self.model)
+        ]
+        return ranks.any_across_ranks(bool(_accumulated_gradients(params)))
 
     def _check_optimizer_holds_candidates(self, optimizer: torch.optim.Optimizer | None) -> None:
         """A unit the optimizer does not hold would be selected, get gradients, and silently never change."""

@@ -1048,6 +1048,32 @@ def test_units_frozen_inside_a_step_stay_still_when_gradients_are_zeroed_in_plac
     assert all(torch.equal(before[n], p) for n, p in frozen.items())
 
 
+@pytest.mark.parametrize("mid_window", [True, False])
+def test_a_new_shape_inside_an_accumulation_window_selects_among_the_units_selected_so_far(mid_window):
+    """A unit first selected in the middle of a window would train on its later micro-batches only: a re-selection
+    there keeps a subset of the selection; at a window's start it may choose any unit."""
+    rho = 0.75
+    model = _peft_model("llama", "tensors", rho=rho)
+    tuner = model.base_model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tuner.select_units([_counting_batch(8)], optimizer)
+    before = set(tuner.greentrainer_state.selected)
+    # the stored importances now favour every unit not selected: an unrestricted re-selection takes some of them
+    tuner.greentrainer_state.importance = {u.name: 1.0 if u.name in before else 1e6 for u in tuner.candidate_units()}
+    model(**_counting_batch(8)).loss.backward()  # the window's first micro-batch
+    if not mid_window:
+        optimizer.step()
+        optimizer.zero_grad()
+    batch = _counting_batch(128)
+    model(**batch).loss.backward()  # a new shape, selected again inside this forward
+    state = tuner.greentrainer_state
+    after = set(state.selected)
+    assert state.last.reason == "batch shape" and after
+    assert (after <= before) == mid_window
+    forward, backward = measure_flops(tuner.model, batch)
+    assert forward + backward <= rho * _full_reference(model, batch) * (1 + 1e-9)
+
+
 @pytest.mark.parametrize("units", UNIT_KINDS)
 def test_budget_holds_at_every_sequence_length_trained(units):
     """Selected at 8 tokens, trained at up to 128: attention grows quadratically, so the selection made for the
