@@ -132,6 +132,7 @@ class _ProfileCaches:
     profiles: dict[tuple, tuple[CostProfile, float]] = field(default_factory=dict)  # by batch shape
     measured_rows: dict[tuple, UnitCosts] = field(default_factory=dict)  # one row's costs, by shape key
     shape_costs: dict[tuple, UnitCosts] = field(default_factory=dict)  # agreed on by every rank (_learn_shapes)
+    checked_modes: tuple | None = None  # the modes (profile_key's second part) at whose every shape the selection fits
 
 
 @dataclass
@@ -737,6 +738,7 @@ class GreenTrainerModel(LoraModel):
             if within is not None:
                 mask = mask & within
         ranks.check_agreement((tuple(map(repr, keys)), mask.tobytes()), "the batch shapes and the selected units")
+        self._runtime.caches.checked_modes = keys[0][1]  # the envelope holds every shape known in these modes
         # a re-selection for a new batch shape happens inside a step, possibly within a gradient-accumulation window
         self._set_trainable(envelope.units, mask, within_step=reason == "batch shape")
         ratios = [self._ratio(key, mask) for key in keys]
@@ -810,9 +812,12 @@ class GreenTrainerModel(LoraModel):
         new: dict[tuple, UnitCosts] = {}
         key = self._profile_rows(batch, new)
         learned = [k for k in self._learn_shapes(new) if k[1] == key[1]]
+        if key[1] != self._runtime.caches.checked_modes:  # back in modes whose known shapes the selection has not met
+            learned = [k for k in self._shape_costs if k[1] == key[1]]
         rho = self.greentrainer_config.rho
         if learned and max(self._ratio(k) for k in learned) > rho * (1 + 1e-12):
             self._reselect(key[1])
+        self._runtime.caches.checked_modes = key[1]
         ratios = self._runtime.step_ratios
         ratios.append(self._ratio(key))
         del ratios[:-1000]  # a plain loop may never read them
@@ -939,6 +944,7 @@ class GreenTrainerModel(LoraModel):
             raise ValueError(f"Cannot restore the selection: unknown units {sorted(unknown)[:5]}.")
         self._set_trainable(units, np.array([u.name in wanted for u in units]))
         self.greentrainer_state.selected = list(dict.fromkeys(selected))  # the order it was selected in
+        self._runtime.caches.checked_modes = None  # the next step checks it at every shape known in its modes
 
     def _set_trainable(self, units: list[Unit], mask: np.ndarray, *, within_step: bool = False) -> None:
         """Train the units of ``units`` marked in ``mask`` and freeze every other candidate.
