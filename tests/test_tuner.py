@@ -1254,16 +1254,29 @@ def test_profile_cache_keys_on_checkpointing():
     assert plain.full_backward_flops < backward <= checkpointed.full_backward_flops
 
 
+def _selected_on_a_short_shape(rho: float = 0.75):
+    """A tensor-unit model selected at 8 tokens, whose selection costs more than ``rho`` at 128 tokens."""
+    model = _peft_model("llama", "tensors", rho=rho)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    short, long = _counting_batch(8), _counting_batch(128)
+    model.base_model.select_units([short], optimizer)
+    return model, optimizer, short, long
+
+
+def _assert_the_step_fits(model, batch) -> None:
+    """A training step on ``batch`` (forward and backward), measured with FlopCounterMode, within the budget."""
+    model(**batch).loss.backward()
+    forward, backward = measure_flops(model.base_model.model, batch)
+    rho = model.peft_config["default"].rho
+    assert forward + backward <= rho * _full_reference(model, batch) * (1 + 1e-9)
+
+
 def test_a_selection_made_under_checkpointing_is_checked_against_the_shapes_trained_without_it():
     """Costs are kept per mode (checkpointing changes what a step computes). A selection made for the shapes of one
     mode must still fit the shapes already trained in the other when the run switches back: they are known, so no
     new shape would trigger the check."""
-    rho = 0.75
-    model = _peft_model("llama", "tensors", rho=rho)
+    model, optimizer, short, long = _selected_on_a_short_shape()
     tuner = model.base_model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    short, long = _counting_batch(8), _counting_batch(128)
-    tuner.select_units([short], optimizer)
     for batch in (short, long):  # the long shape forces a cheaper selection
         model(**batch).loss.backward()
         optimizer.step()
@@ -1271,29 +1284,21 @@ def test_a_selection_made_under_checkpointing_is_checked_against_the_shapes_trai
     model.gradient_checkpointing_enable()
     tuner.select_units([short], optimizer)  # knows only the short shape in this mode
     model.gradient_checkpointing_disable()
-    model(**long).loss.backward()  # a shape trained before in this mode
-    forward, backward = measure_flops(tuner.model, long)
-    assert forward + backward <= rho * _full_reference(model, long) * (1 + 1e-9)
+    _assert_the_step_fits(model, long)  # a shape trained before in this mode
     logged, _ = tuner.step_flops_ratios()
-    assert logged <= rho
+    assert logged <= model.peft_config["default"].rho
 
 
 def test_a_restored_selection_is_checked_at_the_shapes_already_trained():
     """Replaying a selection made for other shapes: the next step at a known shape must not run over the budget."""
-    rho = 0.75
-    model = _peft_model("llama", "tensors", rho=rho)
+    model, optimizer, _, long = _selected_on_a_short_shape()
     tuner = model.base_model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    short, long = _counting_batch(8), _counting_batch(128)
-    tuner.select_units([short], optimizer)
     made_for_short = list(tuner.greentrainer_state.selected)
     model(**long).loss.backward()  # forces a cheaper selection
     assert tuner.greentrainer_state.last.reason == "batch shape"
     optimizer.zero_grad()
     tuner.restore_selection(made_for_short)
-    model(**long).loss.backward()
-    forward, backward = measure_flops(tuner.model, long)
-    assert forward + backward <= rho * _full_reference(model, long) * (1 + 1e-9)
+    _assert_the_step_fits(model, long)
 
 
 def _sequence_classifier() -> torch.nn.Module:
