@@ -75,6 +75,7 @@ ABLATIONS = (
     "top_k_lora_shipped_head",
     "gt_tensors_0.5_shipped_head_fresh",
     "gt_tensors_0.5_shipped_head_sgd",
+    "gt_lora_0.5_shipped_head_sgd",
 )
 SEEDS = (0, 1, 2)
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "protocol"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -41,7 +42,7 @@ from . import fsdp, ranks
 from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
 from .config import GreenTrainerConfig
 from .engine.costs import UnitCosts, cost_envelope
-from .engine.importance import base_learning_rates, compute_importance, unwrap_optimizer
+from .engine.importance import base_learning_rates, compute_importance, plain_gradient_step, unwrap_optimizer
 from .engine.label_buckets import LabelBucket, label_bucket
 from .engine.profile import (
     CostProfile,
@@ -135,6 +136,36 @@ class _ProfileCaches:
     checked_modes: tuple | None = None  # the modes (profile_key's second part) at whose every shape the selection fits
 
 
+class _AccumulationWindow:
+    """Training forwards since the last step of the optimizer followed (a step hook resets the count), so that a
+    re-selection knows whether it falls inside a gradient-accumulation window. Pickled or copied, it follows no
+    optimizer (the hook belongs to the original) until the next ``select_units``."""
+
+    def __init__(self) -> None:
+        self.forwards = 0
+        self._optimizer: weakref.ref | None = None
+        self._hook: Any = None
+
+    def follow(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.following(optimizer):
+            return
+        if self._hook is not None:
+            self._hook.remove()
+        self._optimizer = weakref.ref(optimizer)
+        self._hook = optimizer.register_step_post_hook(self._window_ends)
+        self.forwards = 0
+
+    def following(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        followed = self._optimizer() if self._optimizer is not None else None
+        return followed is not None and (optimizer is None or followed is optimizer)
+
+    def _window_ends(self, *_: Any) -> None:
+        self.forwards = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"forwards": 0, "_optimizer": None, "_hook": None}
+
+
 @dataclass
 class _TunerRuntime:
     """The tuner's working state, none of it saved with the adapter: caches, the budget check's hook and records, and
@@ -150,6 +181,7 @@ class _TunerRuntime:
     selection_applied: bool = False  # whether a selection is in force (the steps are then budget-checked)
     position: tuple[int, float] | None = None  # the Trainer's (step, epoch), for records of in-step re-selections
     step_ratios: list[float] = field(default_factory=list)  # each step's FLOPs ratio since the last read
+    window: _AccumulationWindow = field(default_factory=_AccumulationWindow)
     warned_unused: set[str] = field(default_factory=set)
     warned_without_selection: bool = False
     warned_eval_mode: bool = False
@@ -654,6 +686,9 @@ class GreenTrainerModel(LoraModel):
         batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
         self._note_stepped_tensors(optimizer)
         self._check_optimizer_holds_candidates(optimizer)
+        inner = unwrap_optimizer(optimizer)
+        if inner is not None:
+            self._runtime.window.follow(inner)
         keep_backprop_shallow(self.model)  # checkpointing may have been switched on since the last selection
         unpack_weights_packed_for_inference(self.model)  # an evaluation since may have packed 4-bit weights
         with _training_mode(self.model):  # the steps that follow run in training mode
@@ -697,7 +732,10 @@ class GreenTrainerModel(LoraModel):
     ) -> np.ndarray:
         """Importance of the ``feasible`` units on ``batches``, the same on every rank; without an optimizer, the loss
         reduction of a plain gradient step at ``lr`` (``select_units``' fallback)."""
-        group_lrs = base_learning_rates(optimizer) if unwrap_optimizer(optimizer) is not None else None
+        optimizer = unwrap_optimizer(optimizer)
+        if optimizer is not None and self.greentrainer_config.importance_update == "gradient":
+            optimizer = plain_gradient_step(optimizer)
+        group_lrs = base_learning_rates(optimizer) if optimizer is not None else None
         importance_fn = fsdp.compute_importance if fsdp.is_sharded(self.model) else compute_importance
         # the gradient of the step it predicts (a Trainer may not have set training mode yet)
         with _training_mode(self.model), self._profiling():
@@ -818,6 +856,7 @@ class GreenTrainerModel(LoraModel):
         if learned and max(self._ratio(k) for k in learned) > rho * (1 + 1e-12):
             self._reselect(key[1])
         self._runtime.caches.checked_modes = key[1]
+        self._runtime.window.forwards += 1
         ratios = self._runtime.step_ratios
         ratios.append(self._ratio(key))
         del ratios[:-1000]  # a plain loop may never read them
@@ -867,7 +906,7 @@ class GreenTrainerModel(LoraModel):
         # inside an accumulation window a unit selected now would train on the window's later micro-batches only:
         # choose among the units selected so far, unless none of them fits the new shape
         within = current if self._window_under_way(envelope, current) else None
-        if within is not None and not np.any(importance[current & feasible] > 0):
+        if within is not None and not np.any(current & feasible):
             logger.warning(
                 "GreenTrainer: no unit selected so far fits the budget at the new batch shape in the middle of a "
                 "gradient-accumulation window; the units selected now train on the window's remaining micro-batches "
@@ -876,6 +915,8 @@ class GreenTrainerModel(LoraModel):
             within = None
         if within is not None:
             importance = np.where(within, importance, 0.0)
+            if not np.any(importance[feasible] > 0):  # none of them valued (a replayed selection): as many as fit
+                importance = (within & feasible).astype(np.float64)
         last = self.greentrainer_state.last
         step, epoch = self._runtime.position or ((last.step, last.epoch) if last else (0, 0.0))
         self._select(
@@ -883,12 +924,20 @@ class GreenTrainerModel(LoraModel):
         )
 
     def _window_under_way(self, envelope: UnitCosts, current: np.ndarray) -> bool:
-        """Whether earlier micro-batches of this step left gradients on the selected units (on any rank: every rank
-        must decide alike), i.e. a re-selection now happens in the middle of a gradient-accumulation window."""
+        """Whether training forwards ran since the optimizer's last step (on any rank: every rank must decide alike),
+        i.e. a re-selection now happens in the middle of a gradient-accumulation window.
+
+        Counted through a step hook on the optimizer ``select_units`` was given: gradients cannot tell, since FSDP2
+        accumulates a window's gradients in unsharded copies, not in ``.grad``. Without one, non-zero gradients on
+        the selected units tell (a DDP loop may zero them in place at a window's start).
+        """
+        window = self._runtime.window
+        if window.following():
+            return ranks.any_across_ranks(window.forwards > 0)
         params = [
             p for unit, on in zip(envelope.units, current, strict=True) if on for p in unit.parameters(self.model)
         ]
-        return ranks.any_across_ranks(bool(_accumulated_gradients(params)))
+        return ranks.any_across_ranks(any(p.grad is not None and bool(p.grad.any()) for p in params))
 
     def _check_optimizer_holds_candidates(self, optimizer: torch.optim.Optimizer | None) -> None:
         """A unit the optimizer does not hold would be selected, get gradients, and silently never change."""
@@ -942,9 +991,11 @@ class GreenTrainerModel(LoraModel):
         unknown = wanted - {u.name for u in units}
         if unknown:
             raise ValueError(f"Cannot restore the selection: unknown units {sorted(unknown)[:5]}.")
+        changed = wanted != set(self.greentrainer_state.selected)
         self._set_trainable(units, np.array([u.name in wanted for u in units]))
         self.greentrainer_state.selected = list(dict.fromkeys(selected))  # the order it was selected in
-        self._runtime.caches.checked_modes = None  # the next step checks it at every shape known in its modes
+        if changed:  # the next step checks it at every shape known in its modes
+            self._runtime.caches.checked_modes = None
 
     def _set_trainable(self, units: list[Unit], mask: np.ndarray, *, within_step: bool = False) -> None:
         """Train the units of ``units`` marked in ``mask`` and freeze every other candidate.

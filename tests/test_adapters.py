@@ -344,7 +344,8 @@ def test_each_adapter_is_saved_under_its_name_as_plain_lora(tmp_path):
 def test_config_round_trip_keeps_every_field(tmp_path):
     config = GreenTrainerConfig(
         units="lora", rho=0.7, r=8, lora_alpha=32, target_modules=["q_proj"], use_dora=True,
-        selection_interval_steps=5, importance_batches=2, dp_resolution=500, include_patterns=["layers\\.1"],
+        selection_interval_steps=5, importance_batches=2, importance_update="gradient", dp_resolution=500,
+        include_patterns=["layers\\.1"],
         exclude_patterns="v_proj", modules_to_save=["lm_head"],
     )  # fmt: skip
     config.save_pretrained(tmp_path)

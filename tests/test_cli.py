@@ -59,10 +59,13 @@ def test_train_writes_a_loadable_adapter_and_report(tiny_checkpoint, tmp_path, u
             "--output-dir",
             str(out),
             *TRAIN_ARGS,
-            *([] if units == "tensors" else ["--dense-lm-head", "--no-energy"]),
+            *(["--importance-update", "gradient"] if units == "tensors" else ["--dense-lm-head", "--no-energy"]),
         ]
     )
     assert code == 0
+    saved = "adapter_config.json" if units == "tensors" else "greentrainer_config.json"
+    expected_update = "gradient" if units == "tensors" else "optimizer"
+    assert json.loads((out / saved).read_text())["importance_update"] == expected_update
     for name in (
         "adapter_config.json",
         "adapter_model.safetensors",

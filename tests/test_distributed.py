@@ -33,6 +33,7 @@ SCRIPT = Path(__file__).parent / "distributed_scripts" / "train.py"
 PLAIN_LOOP = Path(__file__).parent / "distributed_scripts" / "plain_loop.py"
 ACCUMULATION = Path(__file__).parent / "distributed_scripts" / "accumulation_reselect.py"
 WEIGHTING = Path(__file__).parent / "distributed_scripts" / "importance_weighting.py"
+WINDOW = Path(__file__).parent / "distributed_scripts" / "accumulation_window.py"
 PER_DEVICE, WORLD = 2, 2
 
 
@@ -197,6 +198,28 @@ def test_a_new_shape_within_an_accumulation_window_reselects_under_ddp(tmp_path,
     assert rank0["reasons"] == ["importance", "batch shape"] == rank1["reasons"]
     assert rank0["frozen"] and rank0["with_gradient"] == rank0["frozen"] == rank0["moved"]
     assert not _differing(rank0["state"], rank1["state"])
+
+
+@pytest.mark.parametrize(
+    ("wrap", "units", "window", "zero_in_place"),
+    [
+        ("ddp", "tensors", "inside", False),
+        ("ddp", "tensors", "start", True),
+        ("fsdp2", "lora", "inside", False),
+        ("fsdp2", "tensors", "start", False),
+    ],
+)
+def test_a_new_shape_inside_a_window_keeps_to_the_units_selected_so_far_under_ddp_and_fsdp2(
+    tmp_path, wrap, units, window, zero_in_place
+):
+    """Inside a window a unit added would train on its later micro-batches only; at a window's start any unit may
+    be chosen, gradients zeroed in place or not. FSDP2 accumulates in unsharded copies, so ``.grad`` cannot tell."""
+    flags = ["--wrap", wrap, "--units", units, "--window", window, *(["--zero-in-place"] * zero_in_place)]
+    _launch(tmp_path, *flags, script=WINDOW)
+    rank0, rank1 = _ranks(tmp_path)
+    assert rank0["reasons"][-1] == "batch shape" and rank0["after"] == rank1["after"]
+    before, after = set(rank0["before"]), set(rank0["after"])
+    assert after and (after <= before) == (window == "inside")
 
 
 @pytest.mark.parametrize("arch", ["llama", "t5"])  # next-token targets; every label (an encoder-decoder)

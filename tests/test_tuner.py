@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, export_lora_adapter, save_adapter, saving
-from peft_greentrainer.engine.profile import measure_flops
+from peft_greentrainer.engine.profile import default_loss, measure_flops
 from peft_greentrainer.sampling import importance_batches
 
 ARCHS = ["llama", "opt", "gpt2", "t5"]
@@ -512,6 +512,33 @@ def test_a_trainer_whose_loader_yields_no_model_inputs_is_told_what_to_do(tmp_pa
 def test_unknown_units_is_rejected():
     with pytest.raises(ValueError, match="units must be one of"):
         GreenTrainerConfig(units="layers")
+    with pytest.raises(ValueError, match="importance_update must be one of"):
+        GreenTrainerConfig(importance_update="adam")
+
+
+@pytest.mark.parametrize("units", UNIT_KINDS)
+def test_the_gradient_importance_update_scores_a_plain_gradient_step_at_each_groups_base_lr(units):
+    """``importance_update="gradient"``: importance ``lr * |g|^2`` with each param group's base learning rate (under
+    warmup too), whatever the optimizer's moments; the optimizer is only read."""
+    model = _peft_model("llama", units, importance_update="gradient")
+    tuner = model.base_model
+    params = [p for p in model.parameters() if p.requires_grad]
+    half = len(params) // 2
+    optimizer, _ = _warmup_optimizer([{"params": params[:half]}, {"params": params[half:], "lr": 3e-2}])
+    batch = _batch("llama")
+    model(**batch).loss.backward()  # moments a first step's would differ from
+    optimizer.step()
+    optimizer.zero_grad()
+    state = {id(p): s["exp_avg"].clone() for p, s in optimizer.state.items()}
+    units_ = tuner.candidate_units()
+    feasible = np.ones(len(units_), dtype=bool)
+    scored = tuner._importance([batch], units_, feasible, optimizer, None, loss_fn=default_loss, max_grad_norm=None)
+    grads = torch.autograd.grad(model(**batch).loss, params)
+    lr_of = {id(p): 1e-2 if i < half else 3e-2 for i, p in enumerate(params)}
+    step = {id(p): lr_of[id(p)] * float((g.double() ** 2).sum()) for p, g in zip(params, grads, strict=True)}
+    expected = [sum(step[id(p)] for p in dict.fromkeys(u.parameters(tuner.model))) for u in units_]
+    np.testing.assert_allclose(scored, expected, rtol=1e-4)
+    assert all(torch.equal(s["exp_avg"], state[id(p)]) for p, s in optimizer.state.items())
 
 
 def test_lora_targets_matching_nothing_is_a_clear_error():
@@ -1072,6 +1099,37 @@ def test_a_new_shape_inside_an_accumulation_window_selects_among_the_units_selec
     assert (after <= before) == mid_window
     forward, backward = measure_flops(tuner.model, batch)
     assert forward + backward <= rho * _full_reference(model, batch) * (1 + 1e-9)
+
+
+def test_inside_a_window_units_selected_without_importance_are_kept_as_far_as_they_fit():
+    """A replayed selection whose units hold no stored importance: inside a window the re-selection still keeps to
+    them (as many as fit), rather than choosing others that would train on the window's later micro-batches only."""
+    model, _, short, long = _selected_on_a_short_shape()
+    tuner = model.base_model
+    before = set(tuner.greentrainer_state.selected)
+    tuner.greentrainer_state.importance = {u.name: 0.0 if u.name in before else 1.0 for u in tuner.candidate_units()}
+    model(**short).loss.backward()  # the window's first micro-batch
+    _assert_the_step_fits(model, long)  # a new shape, selected again inside this forward
+    after = set(tuner.greentrainer_state.selected)
+    assert tuner.greentrainer_state.last.reason == "batch shape" and after and after <= before
+
+
+def test_restoring_the_selection_in_force_does_not_check_every_known_shape_again(monkeypatch):
+    """TRL's DPO switches to its reference adapter and back around every step, and switching back restores the
+    policy's selection: unchanged, it needs no check at every shape known (there may be hundreds)."""
+    model, _, short, _ = _selected_on_a_short_shape()
+    tuner = model.base_model
+    for seq_len in (8, 12, 16, 20):
+        model(**_counting_batch(seq_len)).loss.backward()
+    calls = []
+    original = type(tuner)._ratio
+    monkeypatch.setattr(type(tuner), "_ratio", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    tuner.restore_selection(list(tuner.greentrainer_state.selected))
+    model(**short).loss.backward()
+    assert len(calls) == 1  # the step's own ratio, for the log
+    tuner.restore_selection(list(tuner.greentrainer_state.selected)[:-1])  # another selection: checked everywhere
+    model(**short).loss.backward()
+    assert len(calls) >= 1 + 4
 
 
 @pytest.mark.parametrize("units", UNIT_KINDS)

@@ -321,6 +321,7 @@ def _greentrainer(
             importance_batches=importance_batches or options.importance_batches,
             selection_interval_steps=interval,
             sparse_lm_head=shipped_head or options.sparse_lm_head,
+            importance_update="gradient" if importance == "gradient" else "optimizer",
             task_type="CAUSAL_LM",
             **lora,
         )
@@ -334,8 +335,8 @@ def _greentrainer(
         history = tuner.greentrainer_state.history
         if chance:
             _draw_importances_at_random(tuner, options.seed)
-        if importance:
-            IMPORTANCE_VARIANTS[importance][0](tuner)
+        if importance and IMPORTANCE_VARIANTS[importance][1] is not None:
+            IMPORTANCE_VARIANTS[importance][1](tuner)
 
         def selections() -> list[list[str]]:
             return [list(record.selected) for record in history]
@@ -348,7 +349,7 @@ def _greentrainer(
         if shipped_head:
             suffix = f"rho {rho:g} of dense full FT, with its sparse LM head (any method could use it)"
         if importance:
-            suffix += IMPORTANCE_VARIANTS[importance][1]
+            suffix += IMPORTANCE_VARIANTS[importance][0]
         kind = "adapters" if units == "lora" else "tensors"
         name = f"GreenTrainer {units} {suffix}"
         if chance:
@@ -396,28 +397,11 @@ def _importance_from_fresh_state(tuner) -> None:
     tuner._importance = fresh
 
 
-def _importance_of_a_gradient_step(tuner) -> None:
-    """Score every unit by the paper's formula for a plain gradient step, ``lr * |g_u|^2``, whatever the optimizer.
-    Under AdamW a unit's first step is about ``-lr * sign(g)``, so the shipped importance is about ``lr * |g_u|_1``,
-    which grows with the unit's size: at a first selection the DP buys whole top blocks, MLP matrices first. The
-    squared gradient norm instead ranks units by how steeply the loss falls along them, favouring the small, steep
-    tensors (norms, key/value projections) that random choice also reaches deeper for. Reaches into the tuner's
-    private ``_importance`` on purpose, as the random baseline does."""
-    computed = tuner._importance
-
-    def gradient_step(batches, units, feasible, optimizer, lr, **kwargs) -> np.ndarray:
-        inner = unwrap_optimizer(optimizer)
-        if inner is not None:
-            lr = inner.param_groups[0].get("initial_lr", inner.param_groups[0]["lr"])
-        return computed(batches, units, feasible, None, lr or 1.0, **kwargs)  # no optimizer: delta_w = -lr * g
-
-    tuner._importance = gradient_step
-
-
-# the importance formulas the ablations put in the tuner's place, and what the row's name says of them
-IMPORTANCE_VARIANTS: dict[str, tuple[Callable, str]] = {
-    "fresh": (_importance_from_fresh_state, ", importance from a fresh optimizer state"),
-    "sgd": (_importance_of_a_gradient_step, ", importance of a plain gradient step"),
+# the importance variants the ablations measure: what the row's name says, and the harness's stand-in for the
+# tuner's importance (None: the package's own ``importance_update="gradient"``)
+IMPORTANCE_VARIANTS: dict[str, tuple[str, Callable | None]] = {
+    "fresh": (", importance from a fresh optimizer state", _importance_from_fresh_state),
+    "gradient": (", importance of a plain gradient step", None),
 }
 
 
@@ -640,13 +624,20 @@ register(
     _greentrainer("tensors", 0.5, shipped_head=True, importance="fresh"),
     ablation_of="gt_tensors_0.5",
 )
-# and with the importance of a plain gradient step (``lr * |g|^2``), which does not grow with a tensor's size as AdamW's
-# first step (``lr * |g|_1``) does: at a first selection it reaches blocks 11-29 for their norms and projections
+# and with the importance of a plain gradient step (``lr * |g|^2``, the package's ``importance_update="gradient"``),
+# which does not grow with a tensor's size as AdamW's first step (``lr * |g|_1``) does: at a first selection it reaches
+# blocks 11-29 for their norms and projections; with adapters too
 register(
     "gt_tensors_0.5_shipped_head_sgd",
     "tensors",
-    _greentrainer("tensors", 0.5, shipped_head=True, importance="sgd"),
+    _greentrainer("tensors", 0.5, shipped_head=True, importance="gradient"),
     ablation_of="gt_tensors_0.5",
+)
+register(
+    "gt_lora_0.5_shipped_head_sgd",
+    "lora",
+    _greentrainer("lora", 0.5, shipped_head=True, importance="gradient"),
+    ablation_of="gt_lora_0.5",
 )
 # and with FT-top-k's rule (the last blocks, as deep as fits) in their place
 register("top_k_tensors_shipped_head", "tensors", _top_k("tensors", True), ablation_of="gt_tensors_0.5")

@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--importance-batches", type=_positive_int, default=1, help="batches per importance probe")
     train.add_argument(
+        "--importance-update",
+        choices=("optimizer", "gradient"),
+        default="optimizer",
+        help="the update importance predicts: the optimizer's next step (the paper's) or a plain gradient step",
+    )
+    train.add_argument(
         "--lr",
         type=float,
         default=None,

@@ -260,6 +260,7 @@ def wrap(model, args: argparse.Namespace):
         selection_interval=args.selection_interval,
         selection_interval_steps=args.selection_interval_steps,
         importance_batches=args.importance_batches,
+        importance_update=args.importance_update,
         sparse_lm_head=not args.dense_lm_head,
         task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM",
         **lora,

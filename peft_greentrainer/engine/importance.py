@@ -41,7 +41,7 @@ from .units import Unit, is_trainable_dtype, requires_grad_kept
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["base_learning_rates", "compute_importance", "optimizer_update", "unwrap_optimizer"]
+__all__ = ["base_learning_rates", "compute_importance", "optimizer_update", "plain_gradient_step", "unwrap_optimizer"]
 
 LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
@@ -159,6 +159,20 @@ def base_learning_rates(optimizer: torch.optim.Optimizer) -> list[float | None]:
         value = group.get("initial_lr", group.get("lr"))
         out.append(None if value is None else float(value))
     return out
+
+
+def plain_gradient_step(optimizer: torch.optim.Optimizer) -> torch.optim.SGD:
+    """An optimizer over the same param groups whose next update is ``-lr * g``, ``lr`` each group's base learning
+    rate (:func:`base_learning_rates`): the importance it gives is ``lr * |g|^2``, the loss reduction of a plain
+    gradient step, whatever ``optimizer``'s kind and state. It holds no state and is only read."""
+    optimizer = unwrap_optimizer(optimizer)
+    if optimizer is None:
+        raise ValueError("plain_gradient_step needs an optimizer")
+    groups = [
+        {"params": list(group["params"]), "lr": lr or 0.0}
+        for group, lr in zip(optimizer.param_groups, base_learning_rates(optimizer), strict=True)
+    ]
+    return torch.optim.SGD(groups, lr=0.0)
 
 
 def _adam_update(

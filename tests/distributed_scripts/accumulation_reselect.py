@@ -1,8 +1,9 @@
 """A plain DDP loop with gradient accumulation whose last micro-batch brings a new batch shape on every rank.
 
-The shape is priced inside that micro-batch's forward and the selection made again: units frozen then already hold
-gradients from the window's earlier micro-batch, which DDP must find to reduce. Used by ``tests/test_distributed.py``;
-each rank writes ``rank{r}.pt`` (selections, the frozen tensors' state before and after the step) to ``--out``.
+The shape is priced inside that micro-batch's forward and the selection made again, among the units selected so far:
+those it drops already hold gradients from the window's earlier micro-batch, which DDP must find to reduce. Used by
+``tests/test_distributed.py``; each rank writes ``rank{r}.pt`` (selections, the state of the tensors it froze before
+and after the step) to ``--out``.
 """
 
 from __future__ import annotations
@@ -34,16 +35,21 @@ def main() -> None:
     model = get_peft_model(tiny_model("llama"), GreenTrainerConfig(rho=0.6, units=cli.units, **extra))
     tuner = model.base_model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    short, long = (tiny_batch(model, batch_size=2, seq_len=n, seed=rank + n) for n in (8, 40))
+    short, long = (tiny_batch(model, batch_size=2, seq_len=n, seed=rank + n) for n in (8, 128))
     with gradients_averaged_across_ranks(candidate_parameters(tuner)):
         tuner.select_units([short], optimizer)
-    tuner.restore_selection([u.name for u in tuner.candidate_units()])  # every unit trains in the first window
+    selected = {
+        id(p)
+        for u in tuner.candidate_units()
+        if u.name in tuner.greentrainer_state.selected
+        for p in u.parameters(tuner.model)
+    }
     ddp = wrap_ddp(model)
     with ddp.no_sync():
         (ddp(**short).loss / 2).backward()
     (ddp(**long).loss / 2).backward()  # a new shape: selected again inside this forward
     names = {id(p): n for n, p in model.named_parameters()}
-    frozen = {names[id(p)]: p for p in candidate_parameters(tuner) if not p.requires_grad}
+    frozen = {names[id(p)]: p for p in candidate_parameters(tuner) if not p.requires_grad and id(p) in selected}
     with_gradient = sorted(n for n, p in frozen.items() if p.grad is not None)
     before = {n: p.detach().clone() for n, p in frozen.items()}
     optimizer.step()
