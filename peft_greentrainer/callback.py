@@ -127,7 +127,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
             self.saved_state = saved.get("state")
             if self.saved_state:
                 tuner.greentrainer_state = GreenTrainerState.from_dict(self.saved_state)
-            tuner.restore_selection(self.selected)
+            tuner.restore_selection(self.selected, kwargs.get("optimizer"))
             if fsdp.is_sharded(tuner.model):
                 fsdp.finish_resume(kwargs.get("optimizer"))
             logger.info(

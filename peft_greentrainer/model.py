@@ -133,7 +133,8 @@ class _ProfileCaches:
     profiles: dict[tuple, tuple[CostProfile, float]] = field(default_factory=dict)  # by batch shape
     measured_rows: dict[tuple, UnitCosts] = field(default_factory=dict)  # one row's costs, by shape key
     shape_costs: dict[tuple, UnitCosts] = field(default_factory=dict)  # agreed on by every rank (_learn_shapes)
-    checked_modes: tuple | None = None  # the modes (profile_key's second part) at whose every shape the selection fits
+    # (modes, selected units): the selection that fits every shape known in those modes (profile_key's second part)
+    checked: tuple[tuple, frozenset[str]] | None = None
 
 
 class _AccumulationWindow:
@@ -146,14 +147,22 @@ class _AccumulationWindow:
         self._optimizer: weakref.ref | None = None
         self._hook: Any = None
 
-    def follow(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.following(optimizer):
+    def follow(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Follow ``optimizer``'s steps (unwrapped; None or one without step hooks: follow none)."""
+        inner = unwrap_optimizer(optimizer)
+        if inner is None or self.following(inner):
             return
+        self.stop()
+        try:
+            hook = inner.register_step_post_hook(self._window_ends)
+        except AttributeError:  # a wrapper that never ran Optimizer.__init__: gradients will have to tell
+            return
+        self._optimizer, self._hook, self.forwards = weakref.ref(inner), hook, 0
+
+    def stop(self) -> None:
         if self._hook is not None:
             self._hook.remove()
-        self._optimizer = weakref.ref(optimizer)
-        self._hook = optimizer.register_step_post_hook(self._window_ends)
-        self.forwards = 0
+        self._optimizer, self._hook, self.forwards = None, None, 0
 
     def following(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
         followed = self._optimizer() if self._optimizer is not None else None
@@ -686,9 +695,7 @@ class GreenTrainerModel(LoraModel):
         batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
         self._note_stepped_tensors(optimizer)
         self._check_optimizer_holds_candidates(optimizer)
-        inner = unwrap_optimizer(optimizer)
-        if inner is not None:
-            self._runtime.window.follow(inner)
+        self._runtime.window.follow(optimizer)
         keep_backprop_shallow(self.model)  # checkpointing may have been switched on since the last selection
         unpack_weights_packed_for_inference(self.model)  # an evaluation since may have packed 4-bit weights
         with _training_mode(self.model):  # the steps that follow run in training mode
@@ -776,9 +783,10 @@ class GreenTrainerModel(LoraModel):
             if within is not None:
                 mask = mask & within
         ranks.check_agreement((tuple(map(repr, keys)), mask.tobytes()), "the batch shapes and the selected units")
-        self._runtime.caches.checked_modes = keys[0][1]  # the envelope holds every shape known in these modes
         # a re-selection for a new batch shape happens inside a step, possibly within a gradient-accumulation window
         self._set_trainable(envelope.units, mask, within_step=reason == "batch shape")
+        # the envelope holds every shape known in these modes
+        self._runtime.caches.checked = (keys[0][1], frozenset(self.greentrainer_state.selected))
         ratios = [self._ratio(key, mask) for key in keys]
         worst = self._shape_costs[keys[int(np.argmax(ratios))]]
         lora_ratio = None
@@ -850,12 +858,13 @@ class GreenTrainerModel(LoraModel):
         new: dict[tuple, UnitCosts] = {}
         key = self._profile_rows(batch, new)
         learned = [k for k in self._learn_shapes(new) if k[1] == key[1]]
-        if key[1] != self._runtime.caches.checked_modes:  # back in modes whose known shapes the selection has not met
+        if self._runtime.caches.checked != (key[1], frozenset(self.greentrainer_state.selected)):
+            # another selection (restored) or other modes (checkpointing toggled): check it at every known shape
             learned = [k for k in self._shape_costs if k[1] == key[1]]
         rho = self.greentrainer_config.rho
         if learned and max(self._ratio(k) for k in learned) > rho * (1 + 1e-12):
             self._reselect(key[1])
-        self._runtime.caches.checked_modes = key[1]
+        self._runtime.caches.checked = (key[1], frozenset(self.greentrainer_state.selected))
         self._runtime.window.forwards += 1
         ratios = self._runtime.step_ratios
         ratios.append(self._ratio(key))
@@ -937,7 +946,7 @@ class GreenTrainerModel(LoraModel):
         params = [
             p for unit, on in zip(envelope.units, current, strict=True) if on for p in unit.parameters(self.model)
         ]
-        return ranks.any_across_ranks(any(p.grad is not None and bool(p.grad.any()) for p in params))
+        return ranks.any_across_ranks(any(_local_gradient_is_nonzero(p) for p in params))
 
     def _check_optimizer_holds_candidates(self, optimizer: torch.optim.Optimizer | None) -> None:
         """A unit the optimizer does not hold would be selected, get gradients, and silently never change."""
@@ -966,6 +975,7 @@ class GreenTrainerModel(LoraModel):
             for param in unit.parameters(self.model):
                 param.requires_grad_(True)
         self._runtime.selection_applied = False
+        self._runtime.window.stop()  # the optimizer created next is the one to follow
 
     def _note_stepped_tensors(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Count as trained every candidate the optimizer holds state for.
@@ -983,19 +993,20 @@ class GreenTrainerModel(LoraModel):
         state = self.greentrainer_state
         state.trained_tensors = list(dict.fromkeys([*state.trained_tensors, *names]))
 
-    def restore_selection(self, selected: Iterable[str]) -> None:
-        """Re-apply a selection by unit names (resuming from a checkpoint, or replaying a logged selection)."""
+    def restore_selection(self, selected: Iterable[str], optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Re-apply a selection by unit names (resuming from a checkpoint, or replaying a logged selection); the
+        next training step checks it at every batch shape known. Pass the optimizer that trains on, as to
+        ``select_units``, so that a re-selection inside an accumulation window is recognised as such."""
         selected = list(selected)
         wanted = set(selected)
         units = self.candidate_units()
         unknown = wanted - {u.name for u in units}
         if unknown:
             raise ValueError(f"Cannot restore the selection: unknown units {sorted(unknown)[:5]}.")
-        changed = wanted != set(self.greentrainer_state.selected)
         self._set_trainable(units, np.array([u.name in wanted for u in units]))
         self.greentrainer_state.selected = list(dict.fromkeys(selected))  # the order it was selected in
-        if changed:  # the next step checks it at every shape known in its modes
-            self._runtime.caches.checked_modes = None
+        if optimizer is not None:
+            self._runtime.window.follow(optimizer)
 
     def _set_trainable(self, units: list[Unit], mask: np.ndarray, *, within_step: bool = False) -> None:
         """Train the units of ``units`` marked in ``mask`` and freeze every other candidate.
@@ -1199,6 +1210,15 @@ class GreenTrainerModel(LoraModel):
 def _auxiliary_names(model: nn.Module, adapter_name: str) -> set[str]:
     """The tensors of PEFT's ``modules_to_save`` copies (and the like) in ``model``: PEFT saves and loads them."""
     return {name for unit in auxiliary_units(model, adapter_name) for name in unit.param_names}
+
+
+def _local_gradient_is_nonzero(param: nn.Parameter) -> bool:
+    """Whether ``param`` holds a non-zero gradient on this rank (a sharded one's local part: no collective)."""
+    grad = param.grad
+    if grad is None:
+        return False
+    local = grad.to_local() if hasattr(grad, "to_local") else grad
+    return bool(local.any())
 
 
 def _accumulated_gradients(params: list[nn.Parameter]) -> set[int]:

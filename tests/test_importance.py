@@ -15,7 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from peft_greentrainer.engine.importance import base_learning_rates, compute_importance, optimizer_update
+from peft_greentrainer.engine.importance import (
+    base_learning_rates,
+    compute_importance,
+    optimizer_update,
+    plain_gradient_step,
+)
 from peft_greentrainer.engine.units import Unit, lora_units, tensor_units
 
 VOCAB = 64
@@ -706,3 +711,19 @@ def test_errors_and_unknown_optimizer(caplog: pytest.LogCaptureFixture) -> None:
     assert len(records) == 1 and "Adagrad" in records[0].getMessage()
     assert np.isfinite(result).all() and (result >= 0).all()
     np.testing.assert_allclose(result, compute_importance(model, units, make_batches(1), lr=0.01), rtol=1e-6)
+
+
+def test_a_plain_gradient_step_takes_each_groups_base_lr_and_needs_one_in_every_group_or_none():
+    first, second = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([{"params": [first]}, {"params": [second], "lr": 3e-2}], lr=1e-2)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0)  # warmup: the current lrs are 0
+    step = plain_gradient_step(optimizer)
+    assert [g["lr"] for g in step.param_groups] == [1e-2, 3e-2] and not step.state
+    assert [g["params"] for g in step.param_groups] == [[first], [second]]
+    for group in optimizer.param_groups:  # no learning rate anywhere (Adafactor's relative step): one scale
+        group.pop("initial_lr")
+        group["lr"] = None
+    assert [g["lr"] for g in plain_gradient_step(optimizer).param_groups] == [1.0, 1.0]
+    optimizer.param_groups[1]["lr"] = 1e-3  # only some: which scale would be right is unknown
+    with pytest.raises(ValueError, match=r"group 0 of AdamW has none.*importance_update='optimizer'"):
+        plain_gradient_step(optimizer)

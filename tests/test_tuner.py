@@ -27,6 +27,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, export_lora_adapter, save_adapter, saving
 from peft_greentrainer.engine.profile import default_loss, measure_flops
+from peft_greentrainer.model import GreenTrainerState
 from peft_greentrainer.sampling import importance_batches
 
 ARCHS = ["llama", "opt", "gpt2", "t5"]
@@ -1112,6 +1113,22 @@ def test_inside_a_window_units_selected_without_importance_are_kept_as_far_as_th
     _assert_the_step_fits(model, long)  # a new shape, selected again inside this forward
     after = set(tuner.greentrainer_state.selected)
     assert tuner.greentrainer_state.last.reason == "batch shape" and after and after <= before
+
+
+def test_a_state_restored_in_process_is_checked_at_the_shapes_learned_since_it_was_saved():
+    """Resuming in the same process (the callback replaces the state, then restores its selection): the selection
+    restored equals the restored state's, yet shapes learned after that state was saved never met it."""
+    model, optimizer, short, long = _selected_on_a_short_shape()
+    tuner = model.base_model
+    saved = tuner.greentrainer_state.to_dict()  # a checkpoint made for the short shape
+    for batch in (short, long):  # the long shape forces a cheaper selection
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert tuner.greentrainer_state.last.reason == "batch shape"
+    tuner.greentrainer_state = GreenTrainerState.from_dict(saved)
+    tuner.restore_selection(list(tuner.greentrainer_state.selected), optimizer)
+    _assert_the_step_fits(model, long)
 
 
 def test_restoring_the_selection_in_force_does_not_check_every_known_shape_again(monkeypatch):

@@ -164,13 +164,22 @@ def base_learning_rates(optimizer: torch.optim.Optimizer) -> list[float | None]:
 def plain_gradient_step(optimizer: torch.optim.Optimizer) -> torch.optim.SGD:
     """An optimizer over the same param groups whose next update is ``-lr * g``, ``lr`` each group's base learning
     rate (:func:`base_learning_rates`): the importance it gives is ``lr * |g|^2``, the loss reduction of a plain
-    gradient step, whatever ``optimizer``'s kind and state. It holds no state and is only read."""
+    gradient step, whatever ``optimizer``'s kind and state. A stand-in that holds no state and is only read; groups
+    without a learning rate (Adafactor's relative step) all count 1.0."""
     optimizer = unwrap_optimizer(optimizer)
     if optimizer is None:
         raise ValueError("plain_gradient_step needs an optimizer")
+    lrs = base_learning_rates(optimizer)
+    if None in lrs:
+        if any(lr is not None for lr in lrs):
+            raise ValueError(
+                f"importance_update='gradient' weighs each param group by its learning rate, but group "
+                f"{lrs.index(None)} of {type(optimizer).__name__} has none (Adafactor's relative step?): give every "
+                "group a learning rate, or use importance_update='optimizer'."
+            )
+        lrs = [1.0] * len(lrs)  # one scale for all (e.g. Adafactor's relative step): the ranking is |g|^2's
     groups = [
-        {"params": list(group["params"]), "lr": lr or 0.0}
-        for group, lr in zip(optimizer.param_groups, base_learning_rates(optimizer), strict=True)
+        {"params": list(group["params"]), "lr": lr} for group, lr in zip(optimizer.param_groups, lrs, strict=True)
     ]
     return torch.optim.SGD(groups, lr=0.0)
 
