@@ -737,8 +737,9 @@ class GreenTrainerModel(LoraModel):
         loss_fn: LossFn,
         max_grad_norm: float | None,
     ) -> np.ndarray:
-        """Importance of the ``feasible`` units on ``batches``, the same on every rank; without an optimizer, the loss
-        reduction of a plain gradient step at ``lr`` (``select_units``' fallback)."""
+        """Importance of the ``feasible`` units on ``batches``, the same on every rank: of the optimizer's next step,
+        or (``importance_update="gradient"``, or without an optimizer: ``select_units``' fallback at ``lr``) of a plain
+        gradient step."""
         optimizer = unwrap_optimizer(optimizer)
         if optimizer is not None and self.greentrainer_config.importance_update == "gradient":
             optimizer = plain_gradient_step(optimizer)

@@ -164,8 +164,8 @@ def base_learning_rates(optimizer: torch.optim.Optimizer) -> list[float | None]:
 def plain_gradient_step(optimizer: torch.optim.Optimizer) -> torch.optim.SGD:
     """An optimizer over the same param groups whose next update is ``-lr * g``, ``lr`` each group's base learning
     rate (:func:`base_learning_rates`): the importance it gives is ``lr * |g|^2``, the loss reduction of a plain
-    gradient step, whatever ``optimizer``'s kind and state. A stand-in that holds no state and is only read; groups
-    without a learning rate (Adafactor's relative step) all count 1.0."""
+    gradient step, whatever ``optimizer``'s kind and state. A stand-in that holds no state and is only read. If no
+    group has a learning rate (Adafactor's relative step), all count 1.0; if only some lack one, it is an error."""
     optimizer = unwrap_optimizer(optimizer)
     if optimizer is None:
         raise ValueError("plain_gradient_step needs an optimizer")
