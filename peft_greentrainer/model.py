@@ -859,13 +859,15 @@ class GreenTrainerModel(LoraModel):
         new: dict[tuple, UnitCosts] = {}
         key = self._profile_rows(batch, new)
         learned = [k for k in self._learn_shapes(new) if k[1] == key[1]]
-        if self._runtime.caches.checked != (key[1], frozenset(self.greentrainer_state.selected)):
+        in_force = (key[1], frozenset(self.greentrainer_state.selected))
+        if self._runtime.caches.checked != in_force:
             # another selection (restored) or other modes (checkpointing toggled): check it at every known shape
             learned = [k for k in self._shape_costs if k[1] == key[1]]
         rho = self.greentrainer_config.rho
         if learned and max(self._ratio(k) for k in learned) > rho * (1 + 1e-12):
-            self._reselect(key[1])
-        self._runtime.caches.checked = (key[1], frozenset(self.greentrainer_state.selected))
+            self._reselect(key[1])  # _select records the new selection as checked
+        else:
+            self._runtime.caches.checked = in_force
         self._runtime.window.forwards += 1
         ratios = self._runtime.step_ratios
         ratios.append(self._ratio(key))
