@@ -211,12 +211,12 @@ def _root(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------------ cost profile
 def measure_on_twin(tuner, batch: Mapping[str, Any], loss_fn: LossFn):
     """``tuner._measure`` on the non-sharded fake twin, set to the modes and checkpointing of the real model."""
+    from .twin import fake_inputs
+
     twin, mode = _twin(tuner)
     _dense_lm_head(twin.model)
     _mirror_modes(tuner.model, twin.model)
-    with mode:
-        batch = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        return twin._measure(batch, loss_fn)
+    return twin._measure(fake_inputs(batch, mode), loss_fn)
 
 
 def _twin(tuner):

@@ -41,6 +41,7 @@ from torch import nn
 from . import fsdp, ranks
 from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
 from .config import GreenTrainerConfig
+from .engine.attention_spans import attention_extremes, attention_follows_values
 from .engine.costs import UnitCosts, cost_envelope
 from .engine.importance import base_learning_rates, compute_importance, plain_gradient_step, unwrap_optimizer
 from .engine.label_buckets import LabelBucket, label_bucket
@@ -66,12 +67,11 @@ from .engine.units import (
     tensor_units,
 )
 from .sparse_head import attached_sparse_lm_head, enable_sparse_lm_head
-from .twin import fake_twin
+from .twin import fake_inputs, fake_twin
 
 logger = logging.getLogger(__name__)
 
 BASE_PREFIX = "base_model.model."
-_VALUED_INPUTS = ("labels", "shift_labels")  # what a sparse LM head reads the values of
 LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
 
@@ -485,11 +485,13 @@ class GreenTrainerModel(LoraModel):
             if key not in cache:
                 cache[key] = self._measure(batch, loss_fn)
                 # training steps at this shape need no profile of their own: costs are linear in the batch size (a
-                # sparse head's steps are priced on rows widened to a bucket of labels: see _row_key)
-                if dense_head or counts is None:
+                # sparse head's steps are priced on rows widened to a bucket of labels: see _row_keys)
+                # (attention that follows the values: steps are priced at the row's spans' extremes instead)
+                rows = self._row_keys(batch)
+                if (dense_head or counts is None) and len(rows) == 1:
                     costs = cache[key][0].unit_costs(self.candidate_units(), full_flops=cache[key][1])
                     row_costs = _scaled(costs, 1 / (batch_size(batch) or 1))
-                    self._runtime.caches.measured_rows.setdefault(self._row_key(batch)[1], row_costs)
+                    self._runtime.caches.measured_rows.setdefault(rows[0][1], row_costs)
         return cache[key]
 
     def _measure(self, batch: Mapping[str, Any], loss_fn: LossFn) -> tuple[CostProfile, float]:
@@ -505,14 +507,10 @@ class GreenTrainerModel(LoraModel):
             if twin is not None:
                 reference, mode = twin
                 _mirror_modes(self.model, reference.model)
-                with mode, _adapters_off(reference):
+                with _adapters_off(reference):
                     # labels keep their values: the twin's sparse LM head (if any) then projects as many rows as the
                     # real model's, so rho is a fraction of full fine-tuning with the same head, as for a float base
-                    batch = {
-                        k: mode.from_tensor(v) if isinstance(v, torch.Tensor) and k not in _VALUED_INPUTS else v
-                        for k, v in batch.items()
-                    }
-                    full = profile_model(reference.model, batch, loss_fn).full_flops
+                    full = profile_model(reference.model, fake_inputs(batch, mode), loss_fn).full_flops
             elif self.units_kind == "lora":
                 with _adapters_off(self):
                     full = profile_model(self.model, batch, loss_fn).full_flops
@@ -542,7 +540,8 @@ class GreenTrainerModel(LoraModel):
 
     def _float_twin(self) -> tuple[GreenTrainerModel, Any] | None:
         """For a quantized base, the same architecture in float made of fake tensors on the same device (no weights,
-        no memory: :func:`~peft_greentrainer.twin.fake_twin`), and the mode it runs in; None for a float base.
+        no memory: :func:`~peft_greentrainer.twin.fake_twin`), and the mode its inputs are made fake in
+        (:func:`~peft_greentrainer.twin.fake_inputs`); None for a float base.
 
         The twin gives the reference the budget is a fraction of: full fine-tuning, which a quantized model cannot
         do, with the kernels the real device chooses. Unit costs still come from the real model, whose kernels (CPU
@@ -561,14 +560,14 @@ class GreenTrainerModel(LoraModel):
 
     def min_feasible_rho(self, batch: Mapping[str, Any], loss_fn: LossFn = default_loss) -> float:
         """The smallest rho that lets a unit train on ``batch``, priced as its training steps are (with an LM head
-        that projects only labelled positions: at its label bucket's ends), so that a rho at or above it does not
-        fail at the first selection."""
-        if not self._head_follows_labels(batch):
+        that projects only labelled positions: at its label bucket's ends; with attention that follows the values: at
+        its spans' extremes), so that a rho at or above it does not fail at the first selection."""
+        if not self._head_follows_labels(batch) and len(self._row_keys(batch)) == 1:
             return self.unit_costs(batch, loss_fn).min_feasible_rho()
         with _training_mode(self.model):
             new: dict[tuple, UnitCosts] = {}
-            key = self._profile_rows(batch, new)
-        return (new.get(key) or self._shape_costs[key]).min_feasible_rho()
+            keys = self._profile_rows(batch, new)
+        return cost_envelope([new.get(key) or self._shape_costs[key] for key in keys]).min_feasible_rho()
 
     @property
     def _shape_costs(self) -> dict[tuple, UnitCosts]:
@@ -576,32 +575,44 @@ class GreenTrainerModel(LoraModel):
         ``_learn_shapes`` adds to it, so it is the same on every rank."""
         return self._runtime.caches.shape_costs
 
-    def _profile_rows(self, batch: Mapping[str, Any], new: dict[tuple, UnitCosts]) -> tuple:
-        """The key of ``batch``'s shape; its costs (one row, current modes) go into ``new`` if not agreed on yet,
-        measured unless this process measured them before (``cost_profile``)."""
-        row, key, bucket = self._row_key(batch)
-        if key not in self._shape_costs and key not in new:
-            measured = self._runtime.caches.measured_rows
-            if key not in measured:
-                profile, full = self._measure(bucket.widened if bucket is not None else row, _forward_only)
-                if bucket is not None:  # full fine-tuning at the bucket's fewest labels: a bound for every row in it
-                    full = self._measure(bucket.narrowed, _forward_only)[1]
-                measured[key] = profile.unit_costs(self.candidate_units(), full_flops=full)
-            new[key] = measured[key]
-        return key
+    def _profile_rows(self, batch: Mapping[str, Any], new: dict[tuple, UnitCosts]) -> list[tuple]:
+        """The keys ``batch``'s steps are priced at (``_row_keys``); the costs of those not agreed on yet (one row,
+        current modes) go into ``new``, measured unless this process measured them before (``cost_profile``)."""
+        keys = []
+        for row, key, bucket in self._row_keys(batch):
+            if key not in self._shape_costs and key not in new:
+                measured = self._runtime.caches.measured_rows
+                if key not in measured:
+                    profile, full = self._measure(bucket.widened if bucket is not None else row, _forward_only)
+                    if bucket is not None:  # full fine-tuning at the bucket's fewest labels: bounds every row in it
+                        full = self._measure(bucket.narrowed, _forward_only)[1]
+                    measured[key] = profile.unit_costs(self.candidate_units(), full_flops=full)
+                new[key] = measured[key]
+            keys.append(key)
+        return keys
 
-    def _row_key(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], tuple, LabelBucket | None]:
-        """The one-row batch whose step costs bound every row of ``batch``, and its key: ``profile_key``, and where
-        the LM head projects only labelled positions (``_head_follows_labels``) the label-count bucket of the batch's
-        mean (``label_bucket``: the step is then priced on the row widened to the bucket's top, and full fine-tuning
-        at its bottom)."""
+    def _row_keys(self, batch: Mapping[str, Any]) -> list[tuple[dict[str, Any], tuple, LabelBucket | None]]:
+        """One-row batches whose step costs bound every row of ``batch`` together, each with its key and label bucket.
+
+        Usually one: the costliest row, keyed by ``profile_key``. Where the LM head projects only labelled positions
+        (``_head_follows_labels``) the key adds the label-count bucket of the batch's mean (``label_bucket``: the step
+        is then priced on the row widened to the bucket's top, and full fine-tuning at its bottom). Where attention
+        runs only within the sequences the inputs delimit (``attention_follows_values``: flash attention on padded or
+        packed rows) there are two, the row's spans' extremes (``attention_extremes``): a selection within rho at both
+        is within rho whatever the sequences.
+        """
         row = costliest_row(batch)
+        spans = attention_extremes(row) if attention_follows_values(self.model) else None
         counts = labelled_counts(batch) if self._head_follows_labels(batch) else None
-        bucket = label_bucket(row, float(counts.float().mean())) if counts is not None else None
-        if bucket is None:
-            return row, profile_key(self.model, row), None
-        inputs, signature = profile_key(self.model, row)  # re-labelling changes no shape
-        return row, ((*inputs, ("labelled positions", (bucket.bottom, bucket.top))), signature), bucket
+        priced = []
+        for span, variant in spans or [(None, row)]:
+            inputs, signature = profile_key(self.model, variant)
+            bucket = label_bucket(variant, float(counts.float().mean())) if counts is not None else None
+            extra = [] if span is None else [("attention spans", span)]
+            if bucket is not None:  # re-labelling changes no shape
+                extra.append(("labelled positions", (bucket.bottom, bucket.top)))
+            priced.append((variant, ((*inputs, *extra), signature), bucket))
+        return priced
 
     def _head_follows_labels(self, batch: Mapping[str, Any]) -> bool:
         """Whether the LM head of a training forward on ``batch`` projects only the labelled positions, so that its
@@ -704,7 +715,7 @@ class GreenTrainerModel(LoraModel):
             for batch in batches[1:]:
                 self._profile_rows(batch, new)
         self._learn_shapes(new)  # every rank now knows every rank's shapes: they decide on the same costs
-        envelope, keys, feasible = self._feasible_envelope(first[1])
+        envelope, keys, feasible = self._feasible_envelope(first[0][1])
         # the gradient collectives of a distributed importance follow the feasible set: it must be the same everywhere
         ranks.check_agreement((tuple(map(repr, keys)), feasible.tobytes()), "the batch shapes and the units that fit")
         # only units that can fit at all need a gradient: backprop for importance stops at the deepest of them
@@ -714,8 +725,9 @@ class GreenTrainerModel(LoraModel):
         importance = _positive(measure(optimizer, lr), feasible, lambda: measure(None, 1.0))
         self.greentrainer_state.importance = {u.name: float(v) for u, v in zip(envelope.units, importance, strict=True)}
         mask = self._select(envelope, keys, importance, step=step, epoch=epoch, reason="importance", start=start)
-        # in FLOPs of a step on the first batch (its costs are its first row's times its rows: linear in the batch)
-        costs, rows = self._shape_costs[first], batch_size(batches[0]) or 1
+        # in FLOPs of a step on the first batch (its costs are its first row's times its rows: linear in the batch),
+        # at the bound it is priced at
+        costs, rows = self._shape_costs[max(first, key=lambda k: self._ratio(k, mask))], batch_size(batches[0]) or 1
         return Selection(
             mask=mask,
             flops=rows * costs.predicted_flops(mask),
@@ -826,8 +838,9 @@ class GreenTrainerModel(LoraModel):
         self._runtime.position = (step, epoch)
 
     def step_flops_ratios(self) -> tuple[float, float] | None:
-        """FLOPs of the last training step as a fraction of full fine-tuning at its batch shape, and the largest
-        since the previous call; None if no step ran since a selection was applied."""
+        """FLOPs of the last training step as a fraction of full fine-tuning at its batch shape (the bound it is
+        priced at: with attention that follows the values, at its spans' extremes), and the largest since the
+        previous call; None if no step ran since a selection was applied."""
         ratios = self._runtime.step_ratios
         if not ratios:
             return None
@@ -857,20 +870,21 @@ class GreenTrainerModel(LoraModel):
         keep_backprop_shallow(self.model)  # checkpointing enabled since the last step would force backprop deeper
         batch = {**{f"{_POSITIONAL}{i:03d}": a for i, a in enumerate(args)}, **kwargs}
         new: dict[tuple, UnitCosts] = {}
-        key = self._profile_rows(batch, new)
-        learned = [k for k in self._learn_shapes(new) if k[1] == key[1]]
-        in_force = (key[1], frozenset(self.greentrainer_state.selected))
+        keys = self._profile_rows(batch, new)
+        signature = keys[0][1]
+        learned = [k for k in self._learn_shapes(new) if k[1] == signature]
+        in_force = (signature, frozenset(self.greentrainer_state.selected))
         if self._runtime.caches.checked != in_force:
             # another selection (restored) or other modes (checkpointing toggled): check it at every known shape
-            learned = [k for k in self._shape_costs if k[1] == key[1]]
+            learned = [k for k in self._shape_costs if k[1] == signature]
         rho = self.greentrainer_config.rho
         if learned and max(self._ratio(k) for k in learned) > rho * (1 + 1e-12):
-            self._reselect(key[1])  # _select records the new selection as checked
+            self._reselect(signature)  # _select records the new selection as checked
         else:
             self._runtime.caches.checked = in_force
         self._runtime.window.forwards += 1
         ratios = self._runtime.step_ratios
-        ratios.append(self._ratio(key))
+        ratios.append(max(self._ratio(k) for k in keys))
         del ratios[:-1000]  # a plain loop may never read them
 
     def _warn_once_in_eval_mode_with_gradients(self) -> None:

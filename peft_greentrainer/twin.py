@@ -8,11 +8,16 @@ itself), ``fsdp.py`` to profile a sharded model as if it were whole.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from .backprop import keep_backprop_shallow
+from .engine.attention_spans import SPAN_INPUTS
+
+VALUED_INPUTS = ("labels", "shift_labels", *SPAN_INPUTS)  # inputs a twin's step reads the values of
 
 
 def weightless_twin(tuner, model_class: type[nn.Module]):
@@ -39,7 +44,8 @@ def weightless_twin(tuner, model_class: type[nn.Module]):
 
 
 def fake_twin(tuner, model_class: type[nn.Module]):
-    """:func:`weightless_twin` made of fake tensors on ``tuner``'s device, and the ``FakeTensorMode`` to run it in.
+    """:func:`weightless_twin` made of fake tensors on ``tuner``'s device, and the ``FakeTensorMode`` they belong to
+    (inputs are made fake with it: :func:`fake_inputs`).
 
     Fake tensors hold no memory, like ``meta`` ones, but keep the device: kernels are chosen as on the real model
     (SDPA runs its fused CPU/CUDA op, whose backward FlopCounterMode counts as 2.5x its forward, where ``meta`` falls
@@ -52,6 +58,21 @@ def fake_twin(tuner, model_class: type[nn.Module]):
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     _make_fake(twin, mode, next(tuner.model.parameters()).device)
     return twin, mode
+
+
+def fake_inputs(batch: Mapping[str, Any], mode) -> dict[str, Any]:
+    """``batch`` for a twin made by :func:`fake_twin`: every tensor made fake on its device, except those whose values
+    decide what a step computes, which keep them: the labels (a sparse LM head projects the labelled rows) and the
+    inputs that delimit attention's sequences (``SPAN_INPUTS``).
+
+    transformers and flash attention read those values (``attention_mask.all()``, the packed-sequence test on
+    ``position_ids``), which a fake tensor cannot answer. So the twin runs outside ``mode``: ops on its fake weights
+    and activations still run fake (a fake tensor dispatches to its own mode), while ops on real inputs alone run for
+    real on these few small tensors.
+    """
+    return {
+        k: v if k in VALUED_INPUTS or not isinstance(v, torch.Tensor) else mode.from_tensor(v) for k, v in batch.items()
+    }
 
 
 def _make_fake(module: nn.Module, mode, device: torch.device) -> None:

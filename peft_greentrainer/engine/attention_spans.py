@@ -1,0 +1,78 @@
+"""Attention spans: how a step is priced where attention runs only within the sequences the inputs' values delimit.
+
+Flash attention (``attn_implementation="flash_attention_2"``, kernels-hub builds) and attention functions registered
+with transformers' ``AttentionInterface`` may attend only among the tokens of one sequence: the unpadded tokens of
+each row (``attention_mask``), or the sequences packed into one row (``position_ids`` that restart, or
+``cu_seq_lens_q`` / ``cu_seq_lens_k`` from ``DataCollatorWithFlattening``). Their FLOPs then follow the sum of the
+squared sequence lengths, which changes from batch to batch at one shape (TRL's packing and padding-free batches).
+Every other op costs the same whatever the values.
+
+So at one shape a step's cost and full fine-tuning's are both affine in that sum, and their ratio is monotonic in it:
+a selection within rho with the row attended as one sequence and as sequences of a single token is within rho at
+every batch of the shape. Eager attention and SDPA attend over every position whatever the mask (masked scores are
+computed, then discarded), so their cost follows shapes alone and needs no spans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["SPAN_INPUTS", "attention_extremes", "attention_follows_values"]
+
+# the inputs whose values delimit the sequences that flash-style attention attends within
+SPAN_INPUTS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
+_DENSE_IMPLEMENTATIONS = {None, "eager", "sdpa"}  # attend over every position: cost follows shapes
+
+
+def attention_follows_values(model: nn.Module) -> bool:
+    """Whether some attention of ``model`` may attend only within sequences read from input values: any
+    implementation but eager and SDPA (flash attention, kernels-hub and custom registered functions, flex)."""
+    implementations = {getattr(getattr(m, "config", None), "_attn_implementation", None) for m in model.modules()}
+    return bool(implementations - _DENSE_IMPLEMENTATIONS)
+
+
+def attention_extremes(row: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]] | None:
+    """``row`` (one row of a batch) with its attention spanning the whole row as one sequence, and cut into sequences
+    of one token, each named; None if no input of it delimits sequences (it is then attended as a whole).
+
+    A 2-D ``attention_mask`` becomes all ones, and a single attended token; ``position_ids`` one count from the row's
+    first position, and every token at that position (flash attention's packed-sequence test then cuts every token
+    apart); ``cu_seq_lens_q`` / ``_k`` one sequence of all tokens, and one per token, with ``max_length_q`` / ``_k``
+    to match. Nothing else changes: shapes, labels and every other input stay the row's.
+    """
+    if not any(_delimits(name, row.get(name)) for name in SPAN_INPUTS):
+        return None
+    whole, single = dict(row), dict(row)
+    mask = row.get("attention_mask")
+    if _delimits("attention_mask", mask):
+        whole["attention_mask"] = torch.ones_like(mask)
+        single["attention_mask"] = torch.zeros_like(mask)
+        single["attention_mask"][..., 0] = 1
+    positions = row.get("position_ids")
+    if _delimits("position_ids", positions):
+        first = positions.min()
+        counting = torch.arange(positions.shape[-1], device=positions.device, dtype=positions.dtype)
+        whole["position_ids"] = (counting + first).expand_as(positions).clone()
+        single["position_ids"] = torch.full_like(positions, int(first))
+    for side in ("q", "k"):
+        offsets = row.get(f"cu_seq_lens_{side}")
+        if not _delimits(f"cu_seq_lens_{side}", offsets):
+            continue
+        tokens = int(offsets[-1])
+        whole[f"cu_seq_lens_{side}"] = torch.tensor([0, tokens], dtype=offsets.dtype, device=offsets.device)
+        single[f"cu_seq_lens_{side}"] = torch.arange(tokens + 1, dtype=offsets.dtype, device=offsets.device)
+        if f"max_length_{side}" in row:
+            whole[f"max_length_{side}"], single[f"max_length_{side}"] = tokens, 1
+    return [("one sequence", whole), ("one token per sequence", single)]
+
+
+def _delimits(name: str, value: Any) -> bool:
+    """Whether input ``name`` holds values that delimit sequences (a 4-D mask is the user's own, and ``meta`` tensors
+    hold no values: both are left as they are)."""
+    if not isinstance(value, torch.Tensor) or value.numel() == 0 or value.device.type == "meta":
+        return False
+    return value.dim() == 2 if name == "attention_mask" else True
