@@ -41,7 +41,7 @@ from torch import nn
 from . import fsdp, ranks
 from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
 from .config import GreenTrainerConfig
-from .engine.attention_spans import attention_extremes, attention_follows_values
+from .engine.attention_spans import attention_extremes, attention_follows_values, encoder_decoder_error
 from .engine.costs import UnitCosts, cost_envelope
 from .engine.importance import base_learning_rates, compute_importance, plain_gradient_step, unwrap_optimizer
 from .engine.label_buckets import LabelBucket, label_bucket
@@ -603,6 +603,8 @@ class GreenTrainerModel(LoraModel):
         """
         row = costliest_row(batch)
         spans = attention_extremes(row) if attention_follows_values(self.model) else None
+        if spans is not None and getattr(self.model.config, "is_encoder_decoder", False):
+            raise NotImplementedError(encoder_decoder_error(self.model))
         counts = labelled_counts(batch) if self._head_follows_labels(batch) else None
         priced = []
         for span, variant in spans or [(None, row)]:

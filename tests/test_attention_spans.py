@@ -20,7 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 from peft_greentrainer import GreenTrainerConfig
 from peft_greentrainer.engine.attention_spans import attention_extremes, attention_follows_values
-from peft_greentrainer.engine.profile import measure_flops
+from peft_greentrainer.engine.profile import costliest_row, measure_flops, profile_key
 
 SEGMENTED = "segmented_eager_for_tests"
 VOCAB = 64
@@ -153,6 +153,47 @@ def test_steps_stay_within_rho_whatever_sequences_the_inputs_delimit(form, order
         full = sum(measure_flops(tuner.model, batch, everything))
         measured = sum(measure_flops(tuner.model, batch, trainable)) / full
         assert measured <= logged + 1e-9 and logged <= rho + 1e-9, (measured, logged)
+
+
+def test_packings_at_one_shape_cost_two_profiles_and_dense_attention_keeps_one_per_shape():
+    """Each packing at a known shape is priced by the shape's two extremes, not profiled again; under eager or SDPA
+    attention the key of a padded batch is its shape's, as before, and a new mask at that shape costs nothing."""
+    model = get_peft_model(transformers.LlamaForCausalLM(_config()), GreenTrainerConfig(rho=0.6, units="tensors"))
+    tuner = model.base_model
+    packings = [[16] * 16, [256], [100, 100, 56], [1] * 128 + [128]]
+    tuner.select_units([_packed(packings[0], "cu_seq_lens")], torch.optim.AdamW(model.parameters()))
+    for lengths in packings:
+        model(**_packed(lengths, "cu_seq_lens")).loss.backward()
+    assert len(tuner._shape_costs) == 2
+
+    dense = get_peft_model(
+        transformers.LlamaForCausalLM(_config("sdpa")), GreenTrainerConfig(rho=0.6, sparse_lm_head=False)
+    )
+    padded = _packed([20, 12], "padded")
+    (key,) = [key for _, key, _ in dense.base_model._row_keys(padded)]
+    assert key == profile_key(dense.base_model.model, costliest_row(padded))
+    dense.base_model.select_units([padded], torch.optim.AdamW(dense.parameters()))
+    dense(**_packed([20, 3], "padded")).loss.backward()
+    assert list(dense.base_model._shape_costs) == [key]
+
+
+def test_an_encoder_decoder_under_such_attention_is_refused_with_what_to_do():
+    """Its cross-attention costs both sides' lengths together, which two priced rows cannot bound."""
+    config = transformers.BartConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        attn_implementation=SEGMENTED,
+    )
+    model = get_peft_model(transformers.BartForConditionalGeneration(config), GreenTrainerConfig(rho=0.7))
+    padded = _packed([12, 5], "padded")
+    with pytest.raises(NotImplementedError, match="attn_implementation='sdpa'"):
+        model.base_model.select_units([padded], torch.optim.AdamW(model.parameters()))
 
 
 def test_a_quantized_base_with_such_attention_prices_padded_and_packed_batches(tmp_path):

@@ -11,6 +11,10 @@ So at one shape a step's cost and full fine-tuning's are both affine in that sum
 a selection within rho with the row attended as one sequence and as sequences of a single token is within rho at
 every batch of the shape. Eager attention and SDPA attend over every position whatever the mask (masked scores are
 computed, then discarded), so their cost follows shapes alone and needs no spans.
+
+An encoder-decoder model has no such single sum: its cross-attention costs the product of the two sides' lengths (and
+under flash attention reads both from the encoder's mask), so two priced rows do not bound its steps. The tuner
+refuses it under such attention (:func:`encoder_decoder_error`).
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SPAN_INPUTS", "attention_extremes", "attention_follows_values"]
+__all__ = ["SPAN_INPUTS", "attention_extremes", "attention_follows_values", "encoder_decoder_error"]
 
 # the inputs whose values delimit the sequences that flash-style attention attends within
-SPAN_INPUTS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
+_MASKS = ("attention_mask", "decoder_attention_mask")
+_POSITIONS = ("position_ids", "decoder_position_ids")
+_OFFSETS = ("cu_seq_lens_q", "cu_seq_lens_k")
+SPAN_INPUTS = (*_MASKS, *_POSITIONS, *_OFFSETS)
 _DENSE_IMPLEMENTATIONS = {None, "eager", "sdpa"}  # attend over every position: cost follows shapes
 
 
@@ -35,38 +42,50 @@ def attention_follows_values(model: nn.Module) -> bool:
     return bool(implementations - _DENSE_IMPLEMENTATIONS)
 
 
+def encoder_decoder_error(model: nn.Module) -> str:
+    """What to tell a user whose encoder-decoder ``model`` trains on padded or packed rows under attention whose cost
+    follows the values (see the module docstring)."""
+    implementations = {getattr(getattr(m, "config", None), "_attn_implementation", None) for m in model.modules()}
+    named = ", ".join(sorted(str(i) for i in implementations - _DENSE_IMPLEMENTATIONS))
+    return (
+        f"GreenTrainer cannot bound the FLOPs of an encoder-decoder model under {named} attention on padded or packed "
+        "batches: that attention costs the encoder's and the decoder's sequence lengths together, which the batch "
+        "shape does not show, so the budget could not be kept. Load the model with attn_implementation='sdpa' (or "
+        "'eager'), whose cost follows the batch shape."
+    )
+
+
 def attention_extremes(row: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]] | None:
     """``row`` (one row of a batch) with its attention spanning the whole row as one sequence, and cut into sequences
     of one token, each named; None if no input of it delimits sequences (it is then attended as a whole).
 
-    A 2-D ``attention_mask`` becomes all ones, and a single attended token; ``position_ids`` one count from the row's
-    first position, and every token at that position (flash attention's packed-sequence test then cuts every token
-    apart); ``cu_seq_lens_q`` / ``_k`` one sequence of all tokens, and one per token, with ``max_length_q`` / ``_k``
-    to match. Nothing else changes: shapes, labels and every other input stay the row's.
+    A 2-D ``attention_mask`` (``decoder_attention_mask``) becomes all ones, and a single attended token;
+    ``position_ids`` (``decoder_position_ids``) one count from the row's first position, and every token at that
+    position (flash attention's packed-sequence test then cuts every token apart); ``cu_seq_lens_q`` / ``_k`` one
+    sequence of all tokens, and one per token, with ``max_length_q`` / ``_k`` to match. Nothing else changes: shapes,
+    labels and every other input stay the row's.
     """
     if not any(_delimits(name, row.get(name)) for name in SPAN_INPUTS):
         return None
     whole, single = dict(row), dict(row)
-    mask = row.get("attention_mask")
-    if _delimits("attention_mask", mask):
-        whole["attention_mask"] = torch.ones_like(mask)
-        single["attention_mask"] = torch.zeros_like(mask)
-        single["attention_mask"][..., 0] = 1
-    positions = row.get("position_ids")
-    if _delimits("position_ids", positions):
-        first = positions.min()
-        counting = torch.arange(positions.shape[-1], device=positions.device, dtype=positions.dtype)
-        whole["position_ids"] = (counting + first).expand_as(positions).clone()
-        single["position_ids"] = torch.full_like(positions, int(first))
-    for side in ("q", "k"):
-        offsets = row.get(f"cu_seq_lens_{side}")
-        if not _delimits(f"cu_seq_lens_{side}", offsets):
-            continue
-        tokens = int(offsets[-1])
-        whole[f"cu_seq_lens_{side}"] = torch.tensor([0, tokens], dtype=offsets.dtype, device=offsets.device)
-        single[f"cu_seq_lens_{side}"] = torch.arange(tokens + 1, dtype=offsets.dtype, device=offsets.device)
-        if f"max_length_{side}" in row:
-            whole[f"max_length_{side}"], single[f"max_length_{side}"] = tokens, 1
+    for name in _MASKS:
+        if _delimits(name, mask := row.get(name)):
+            whole[name] = torch.ones_like(mask)
+            single[name] = torch.zeros_like(mask)
+            single[name][..., 0] = 1
+    for name in _POSITIONS:
+        if _delimits(name, positions := row.get(name)):
+            first = positions.min()
+            counting = torch.arange(positions.shape[-1], device=positions.device, dtype=positions.dtype)
+            whole[name] = (counting + first).expand_as(positions).clone()
+            single[name] = torch.full_like(positions, int(first))
+    for name in _OFFSETS:
+        if _delimits(name, offsets := row.get(name)):
+            tokens, longest = int(offsets[-1]), name.replace("cu_seq_lens", "max_length")
+            whole[name] = torch.tensor([0, tokens], dtype=offsets.dtype, device=offsets.device)
+            single[name] = torch.arange(tokens + 1, dtype=offsets.dtype, device=offsets.device)
+            if longest in row:
+                whole[longest], single[longest] = tokens, 1
     return [("one sequence", whole), ("one token per sequence", single)]
 
 
@@ -75,4 +94,4 @@ def _delimits(name: str, value: Any) -> bool:
     hold no values: both are left as they are)."""
     if not isinstance(value, torch.Tensor) or value.numel() == 0 or value.device.type == "meta":
         return False
-    return value.dim() == 2 if name == "attention_mask" else True
+    return value.dim() == 2 if name in _MASKS else True
