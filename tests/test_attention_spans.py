@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -18,9 +19,9 @@ from peft import get_peft_model
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from peft_greentrainer import GreenTrainerConfig
+from peft_greentrainer import GreenTrainerConfig, fsdp
 from peft_greentrainer.engine.attention_spans import attention_extremes, attention_follows_values
-from peft_greentrainer.engine.profile import costliest_row, measure_flops, profile_key
+from peft_greentrainer.engine.profile import costliest_row, default_loss, measure_flops, profile_key
 
 SEGMENTED = "segmented_eager_for_tests"
 VOCAB = 64
@@ -216,3 +217,21 @@ def test_a_quantized_base_with_such_attention_prices_padded_and_packed_batches(t
     for batch in (padded, packed):
         model(**batch).loss.backward()
         assert model.base_model.step_flops_ratios()[0] <= 0.6 + 1e-9
+
+
+@pytest.mark.parametrize("form", ["position_ids", "cu_seq_lens", "padded"])
+def test_the_fsdp_twin_prices_such_batches_as_the_model_itself(form):
+    """An FSDP2-sharded model is profiled on a twin of fake tensors, which keeps the span inputs' values: its profile
+    and full fine-tuning FLOPs equal the model's own."""
+    tuner = get_peft_model(transformers.LlamaForCausalLM(_config()), GreenTrainerConfig(sparse_lm_head=False))
+    tuner = tuner.base_model.train()
+    batch = _packed([10, 22], form)
+    (profile, full), (twin_profile, twin_full) = (
+        tuner._measure(batch, default_loss),
+        fsdp.measure_on_twin(tuner, batch, default_loss),
+    )
+    assert twin_full == full
+    units = tuner.candidate_units()
+    mine, twins = (p.unit_costs(units, full_flops=full) for p in (profile, twin_profile))
+    assert np.array_equal(mine.t_dw, twins.t_dw) and np.array_equal(mine.t_dy, twins.t_dy)
+    assert mine.forward_flops == twins.forward_flops
