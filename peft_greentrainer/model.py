@@ -42,7 +42,7 @@ from . import fsdp, ranks
 from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
 from .config import GreenTrainerConfig
 from .engine.attention_spans import attention_extremes, attention_follows_values, encoder_decoder_error
-from .engine.costs import UnitCosts, cost_envelope
+from .engine.costs import UnitCosts, cost_envelope, select_at_every_shape
 from .engine.importance import base_learning_rates, compute_importance, plain_gradient_step, unwrap_optimizer
 from .engine.label_buckets import LabelBucket, label_bucket
 from .engine.profile import (
@@ -786,15 +786,17 @@ class GreenTrainerModel(LoraModel):
         start: float,
         within: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Solve the DP under the envelope, apply it, record it, return the mask; every rank must call it with the
-        same data. ``within``: choose only among these units (the others must have importance 0, so the optimum
-        over the subsets of ``within`` is the DP's optimum restricted to it; dropping units never raises a cost)."""
+        """Solve the DP at every shape of ``keys`` (``select_at_every_shape``), apply it, record it, return the mask;
+        every rank must call it with the same data. ``within``: choose only among these units (the others must have
+        importance 0, so the optimum over the subsets of ``within`` is the DP's optimum restricted to it; dropping
+        units never raises a cost)."""
         config = self.greentrainer_config
         every = np.ones(len(envelope.units), dtype=bool)
         if config.rho >= 1:
             mask = every if within is None else within.copy()
         else:
-            mask = envelope.select(importance, config.rho, resolution=config.dp_resolution).mask
+            shapes = [self._shape_costs[key] for key in keys]
+            mask = select_at_every_shape(shapes, importance, config.rho, resolution=config.dp_resolution)
             if within is not None:
                 mask = mask & within
         ranks.check_agreement((tuple(map(repr, keys)), mask.tobytes()), "the batch shapes and the selected units")

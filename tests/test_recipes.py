@@ -21,7 +21,7 @@ from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
-from peft_greentrainer.engine.costs import cost_envelope
+from peft_greentrainer.engine.costs import cost_envelope, select_at_every_shape
 from peft_greentrainer.engine.profile import (
     batch_size,
     costliest_row,
@@ -210,6 +210,24 @@ def test_the_envelope_bounds_every_shape():
     assert len(set(ratios)) == len(ratios)  # the shares really move with the length
     with pytest.raises(ValueError, match="different backward orders"):
         cost_envelope([costs[0], replace(costs[1], units=costs[1].units[::-1])])
+
+
+def test_a_selection_at_several_shapes_spends_what_the_envelope_leaves_and_keeps_rho_at_each():
+    """Units peak at different lengths, so the envelope's selection costs less than rho at every shape; raising its
+    budget while each shape is checked selects more importance, never over rho at any shape."""
+    model = tiny_model("llama", num_hidden_layers=6)
+    units = tensor_units(model)
+    costs = [profile_model(model, tiny_batch(model, 1, length)).unit_costs(units) for length in (4, 24, 96)]
+    envelope, rng, gained = cost_envelope(costs), np.random.default_rng(0), 0
+    for _ in range(40):
+        importance, rho = rng.lognormal(size=len(units)), rng.uniform(0.4, 0.9)
+        mask = select_at_every_shape(costs, importance, rho)
+        assert all(c.predicted_flops(mask) <= rho * c.full_flops * (1 + 1e-12) for c in costs)
+        plain = envelope.select(importance, rho).mask
+        assert importance[mask].sum() >= importance[plain].sum()
+        gained += importance[mask].sum() > importance[plain].sum() * 1.01
+    assert gained >= 20  # the envelope alone leaves budget unspent in most draws
+    assert np.array_equal(select_at_every_shape(costs[:1], importance, rho), costs[0].select(importance, rho).mask)
 
 
 def test_one_shape_is_its_own_envelope_so_the_dp_stays_exact():
