@@ -48,10 +48,10 @@ def encoder_decoder_error(model: nn.Module) -> str:
     implementations = {getattr(getattr(m, "config", None), "_attn_implementation", None) for m in model.modules()}
     named = ", ".join(sorted(str(i) for i in implementations - _DENSE_IMPLEMENTATIONS))
     return (
-        f"GreenTrainer cannot bound the FLOPs of an encoder-decoder model under {named} attention on padded or packed "
-        "batches: that attention costs the encoder's and the decoder's sequence lengths together, which the batch "
-        "shape does not show, so the budget could not be kept. Load the model with attn_implementation='sdpa' (or "
-        "'eager'), whose cost follows the batch shape."
+        f"GreenTrainer cannot bound the FLOPs of an encoder-decoder model under {named} attention on batches with an "
+        "attention mask or positions (padded or packed rows): that attention costs the encoder's and the decoder's "
+        "sequence lengths together, which the batch shape does not show, so the budget could not be kept. Load the "
+        "model with attn_implementation='sdpa' (or 'eager'), whose cost follows the batch shape."
     )
 
 

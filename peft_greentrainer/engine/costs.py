@@ -153,8 +153,8 @@ def select_at_every_shape(
     if len(shapes) == 1 or rho >= 1:
         return best.mask
 
-    def within_rho(mask: np.ndarray) -> bool:
-        return all(shape.predicted_flops(mask) <= rho * shape.full_flops * (1 + 1e-12) for shape in shapes)
+    def within_rho(mask: np.ndarray) -> bool:  # strictly: a raised budget may reach the edge, never past it
+        return all(shape.predicted_flops(mask) <= rho * shape.full_flops for shape in shapes)
 
     low, high = rho, 1.0  # at 1 the envelope's DP selects every unit, which costs full fine-tuning
     for _ in range(SLACK_SEARCH_STEPS):
