@@ -18,6 +18,7 @@ from transformers import AttentionInterface
 
 from peft_greentrainer.engine.flops import register_flop_formulas, uncounted_matmul_op
 from peft_greentrainer.engine.profile import measure_flops, profile_model
+from peft_greentrainer.engine.units import tensor_units
 
 
 def _heads_first(q, k, v):
@@ -135,11 +136,13 @@ def test_profile_of_a_flash_attention_model_matches_sdpa(flash_attention):
     assert flash.forward_flops == sdpa.forward_flops
     assert flash.full_backward_flops == pytest.approx(sdpa.full_backward_flops, rel=1e-9)
     assert flash.t_dw == pytest.approx(sdpa.t_dw)
-    # the fused backward is charged in full as soon as any of q, k, v needs a gradient (only v_proj trained too)
-    counted = [[op for op in profile.ops if op.forward] for profile in (flash, sdpa)]
-    for flash_op, sdpa_op in zip(*counted, strict=True):
-        assert [level for level, _ in flash_op.dy] == [level for level, _ in sdpa_op.dy]
-        assert [flops for _, flops in flash_op.dy] == pytest.approx([flops for _, flops in sdpa_op.dy], rel=1e-9)
+    # the fused backward is charged in full as soon as any of q, k, v needs a gradient (only v_proj trained too): each
+    # unit's activation-gradient cost is SDPA's (op indices may differ: SDPA can add ops to repeat key/value heads)
+    units = tensor_units(tiny_model("llama"))
+    flash_costs, sdpa_costs = flash.unit_costs(units), sdpa.unit_costs(units)
+    assert [u.name for u in flash_costs.units] == [u.name for u in sdpa_costs.units]
+    assert flash_costs.t_dy == pytest.approx(sdpa_costs.t_dy, rel=1e-9)
+    assert flash_costs.dy_head == pytest.approx(sdpa_costs.dy_head, rel=1e-9)
 
 
 def _varlen_op(namespace: str, name: str):
@@ -290,3 +293,40 @@ def test_transformers_grouped_matmul_fallback_op_is_counted_with_its_backward() 
     with FlopCounterMode(display=False) as counter:
         torch.ops.transformers.grouped_mm_fallback(tokens, experts, offs).sum().backward()
     assert counter.get_total_flops() == 3 * 2 * 12 * k * n  # forward, then both gradients
+
+
+def test_sdpa_kernels_count_grouped_query_attention_where_torch_formulas_reject_it(monkeypatch) -> None:
+    """Before torch 2.13 (the GPU machine runs 2.11), torch's SDPA formulas raise on fewer key/value heads than query
+    heads, so counting a grouped-query model under SDPA on CUDA crashed. There they are replaced: one score matrix per
+    query head, as torch 2.13 counts."""
+    from torch.utils import flop_counter
+
+    from peft_greentrainer.engine import flops
+
+    torch_counts_it = flops._torch_counts_grouped_query_attention()
+    aten = torch.ops.aten
+    forward_ops = [aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_flash_attention]
+    backward_ops = [
+        aten._scaled_dot_product_efficient_attention_backward,
+        aten._scaled_dot_product_flash_attention_backward,
+    ]
+
+    def strict_forward(q, k, v, *args, out_shape=None, **kwargs):  # as torch 2.11 counts
+        if q[1] != k[1]:
+            raise AssertionError("sdpa_flop_count: query/key/value shapes are incompatible")
+        return sdpa_flop_count(q, k, v)
+
+    for op in forward_ops + backward_ops:  # an older torch's registry, restored afterwards
+        monkeypatch.setitem(flop_counter.flop_registry, op, flop_counter.shape_wrapper(strict_forward))
+    monkeypatch.setattr(flops, "_torch_counts_grouped_query_attention", lambda: False)
+    register_flop_formulas()
+
+    q, k, v = (torch.empty(2, heads, 16, 8, device="meta") for heads in (8, 2, 2))
+    expanded = torch.empty(2, 8, 16, 8, device="meta")
+    for op in forward_ops:
+        assert flop_counter.flop_registry[op](q, k, v, out_val=None) == sdpa_flop_count(q.shape, q.shape, q.shape)
+    for op in backward_ops:
+        counted = flop_counter.flop_registry[op](q, q, k, v, out_val=None)  # grad_out is shaped as the query
+        assert counted == flop_counter.sdpa_backward_flop_count(q.shape, q.shape, expanded.shape, expanded.shape)
+    if torch_counts_it:  # the same count as torch's own grouped-query formula
+        assert sdpa_flop_count(q.shape, k.shape, v.shape) == sdpa_flop_count(q.shape, q.shape, q.shape)

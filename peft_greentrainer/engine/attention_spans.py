@@ -38,21 +38,25 @@ _DENSE_IMPLEMENTATIONS = {None, "eager", "sdpa"}  # attend over every position: 
 def attention_follows_values(model: nn.Module) -> bool:
     """Whether some attention of ``model`` may attend only within sequences read from input values: any
     implementation but eager and SDPA (flash attention, kernels-hub and custom registered functions, flex)."""
-    implementations = {getattr(getattr(m, "config", None), "_attn_implementation", None) for m in model.modules()}
-    return bool(implementations - _DENSE_IMPLEMENTATIONS)
+    return bool(_value_following_implementations(model))
 
 
 def encoder_decoder_error(model: nn.Module) -> str:
     """What to tell a user whose encoder-decoder ``model`` trains on padded or packed rows under attention whose cost
     follows the values (see the module docstring)."""
-    implementations = {getattr(getattr(m, "config", None), "_attn_implementation", None) for m in model.modules()}
-    named = ", ".join(sorted(str(i) for i in implementations - _DENSE_IMPLEMENTATIONS))
+    named = ", ".join(sorted(_value_following_implementations(model)))
     return (
         f"GreenTrainer cannot bound the FLOPs of an encoder-decoder model under {named} attention on batches with an "
         "attention mask or positions (padded or packed rows): that attention costs the encoder's and the decoder's "
         "sequence lengths together, which the batch shape does not show, so the budget could not be kept. Load the "
         "model with attn_implementation='sdpa' (or 'eager'), whose cost follows the batch shape."
     )
+
+
+def _value_following_implementations(model: nn.Module) -> set[str]:
+    """The attention implementations of ``model``'s modules (and sub-models' configs) other than eager and SDPA."""
+    implementations = {getattr(getattr(m, "config", None), "_attn_implementation", None) for m in model.modules()}
+    return {str(i) for i in implementations - _DENSE_IMPLEMENTATIONS}
 
 
 def attention_extremes(row: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]] | None:

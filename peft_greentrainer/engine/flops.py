@@ -9,9 +9,11 @@ project (profiles, tests, benchmarks) wrong there while it is right on the ``met
 * bitsandbytes' quantized matmuls (``gemm_4bit``, ``gemv_4bit``, ``int8_mixed_scaled_mm``, ``int8_scaled_mm``,
   ``int8_linear_matmul``): a quantized matmul does the same multiply-adds as the float one it replaces.
 
-On CUDA, SDPA's flash / memory-efficient / cuDNN kernels already have formulas in torch. Flash attention outside
-torch does not, and a kernel that counts 0 forward FLOPs is also skipped backward, so the profile would
-under-predict every attention layer:
+On CUDA, SDPA's flash / memory-efficient / cuDNN kernels already have formulas in torch; before torch 2.13 those
+reject grouped-query attention (fewer key/value heads, as SDPA runs Llama 3, Qwen or SmolLM2 with ``enable_gqa``),
+so there they are replaced by formulas that charge one score matrix per query head, as torch 2.13's do. Flash
+attention outside torch has no formula, and a kernel that counts 0 forward FLOPs is also skipped backward, so the
+profile would under-predict every attention layer:
 
 * the ``flash_attn`` package (``attn_implementation="flash_attention_2"``), whose custom ops are
   ``flash_attn::_flash_attn_forward`` / ``_flash_attn_backward`` and their ``_varlen_`` variants (padding-free
@@ -70,12 +72,57 @@ def _register(targets: list, formula, *, get_raw: bool = False) -> None:
         register_flop_formula(missing, get_raw=get_raw)(formula)
 
 
-def _cpu_flash_forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
+def _per_query_head(query_shape, shape) -> tuple[int, ...]:
+    """``shape`` (a key or value of shape ``(batch, heads, seq, dim)``) with as many heads as the query: with
+    grouped-query attention each key/value head serves several query heads, and the kernel computes one score matrix
+    per query head. Older torch formulas (before 2.13) reject fewer key/value heads than query heads."""
+    batch, _, seq, dim = shape
+    return (batch, query_shape[1], seq, dim)
 
 
-def _cpu_flash_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """SDPA forward FLOPs, grouped-query attention included (the CPU flash kernel; the CUDA kernels on older torch)."""
+    return sdpa_flop_count(
+        query_shape, _per_query_head(query_shape, key_shape), _per_query_head(query_shape, value_shape)
+    )
+
+
+def _attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    """SDPA backward FLOPs, grouped-query attention included."""
+    return sdpa_backward_flop_count(
+        grad_out_shape, query_shape, _per_query_head(query_shape, key_shape), _per_query_head(query_shape, value_shape)
+    )
+
+
+def _torch_counts_grouped_query_attention() -> bool:
+    """Whether this torch's SDPA formulas accept fewer key/value heads than query heads (torch 2.13 on)."""
+    try:
+        sdpa_flop_count((1, 4, 2, 8), (1, 2, 2, 8), (1, 2, 2, 8))
+    except AssertionError:
+        return False
+    return True
+
+
+def _register_sdpa_with_grouped_queries() -> None:
+    """Replace torch's SDPA formulas where they reject grouped-query attention (torch before 2.13): SDPA runs a
+    grouped-query model (Llama 3, Qwen, SmolLM2) with ``enable_gqa=True`` and fewer key/value heads, and counting it
+    would raise."""
+    if _torch_counts_grouped_query_attention():
+        return
+    table = {
+        _attention_flops: ["_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                           "_scaled_dot_product_cudnn_attention"],
+        _attention_backward_flops: ["_scaled_dot_product_flash_attention_backward",
+                                    "_scaled_dot_product_efficient_attention_backward",
+                                    "_scaled_dot_product_cudnn_attention_backward"],
+    }  # fmt: skip
+    for formula, names in table.items():
+        packets = [getattr(aten, name) for name in names if hasattr(aten, name)]
+        if all(getattr(flop_registry.get(p), "__wrapped__", None) is formula for p in packets):
+            continue  # replaced already
+        for packet in packets:
+            flop_registry.pop(packet, None)
+        _register(packets, formula)
 
 
 def _linear_flops(activation_shape, weight_shape) -> int:
@@ -166,9 +213,9 @@ def _flash_attention_flops(args: tuple, kwargs: dict, *, backward: bool) -> int:
             (1, heads_kv, k_len, value_dim),
         )
         if backward:
-            total += sdpa_backward_flop_count((1, heads_q, q_len, value_dim), query, key, value)
+            total += _attention_backward_flops((1, heads_q, q_len, value_dim), query, key, value)
         else:
-            total += sdpa_flop_count(query, key, value)
+            total += _attention_flops(query, key, value)
     return total
 
 
@@ -239,8 +286,9 @@ def _register_bitsandbytes() -> None:
 
 def register_flop_formulas() -> None:
     """Make FlopCounterMode count the kernels above; safe to call any number of times."""
-    _register([aten._scaled_dot_product_flash_attention_for_cpu], _cpu_flash_forward)
-    _register([aten._scaled_dot_product_flash_attention_for_cpu_backward], _cpu_flash_backward)
+    _register([aten._scaled_dot_product_flash_attention_for_cpu], _attention_flops)
+    _register([aten._scaled_dot_product_flash_attention_for_cpu_backward], _attention_backward_flops)
+    _register_sdpa_with_grouped_queries()
     _register([aten.addmm_], addmm_flop, get_raw=True)  # torch's own formula, already shape-wrapped
     _register_bitsandbytes()
     _register_flash_attention()
