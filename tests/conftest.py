@@ -9,6 +9,7 @@ import socket
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 transformers.logging.set_verbosity_error()
@@ -86,6 +87,40 @@ def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     model = cls(config) if arch == "t5" else cls.from_config(config)
     model.train()
     return model
+
+
+def _sparse_head_unavailable() -> str | None:
+    from peft_greentrainer.sparse_head import unsupported_reason
+
+    with torch.device("meta"):
+        return unsupported_reason(transformers.AutoModelForCausalLM.from_config(tiny_config("llama")))
+
+
+# why this transformers cannot run the sparse LM head (before 5.21 models slice logits_to_keep by hand), or None;
+# there the head stays dense, which the tests of the fallback check
+SPARSE_HEAD_UNAVAILABLE = _sparse_head_unavailable()
+needs_sparse_head = pytest.mark.skipif(
+    SPARSE_HEAD_UNAVAILABLE is not None, reason=f"this transformers' LM head stays dense: {SPARSE_HEAD_UNAVAILABLE}"
+)
+_TRANSFORMERS = Version(transformers.__version__)
+# from 5.21 on the head must run: a reason found there is a regression, not an older transformers to skip on
+assert SPARSE_HEAD_UNAVAILABLE is None or _TRANSFORMERS.release < (5, 21), SPARSE_HEAD_UNAVAILABLE
+# before transformers 5.18 OPT's forward reads its own all-ones mask, which meta tensors cannot answer
+needs_opt_on_meta = pytest.mark.skipif(
+    Version("5.18") > _TRANSFORMERS, reason="OPT cannot run on meta before transformers 5.18"
+)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' non-reentrant activation checkpointing (``gradient_checkpointing_enable`` before 5.23)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
+def row_scaling_rel(rel: float) -> float:
+    """The tolerance of a one-row profile scaled to the whole batch: exact, but before transformers 5.20 Llama's
+    rotary embedding runs one small matmul for the whole batch, which scaling over-counts (a few parts per million)."""
+    return rel if Version("5.20") <= _TRANSFORMERS else max(rel, 1e-4)
 
 
 def tiny_batch(model: torch.nn.Module, batch_size: int = 2, seq_len: int = 24, seed: int = 1) -> dict:

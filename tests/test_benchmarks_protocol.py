@@ -15,6 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from conftest import SPARSE_HEAD_UNAVAILABLE, needs_sparse_head
+
 from benchmarks import protocol, selection_churn
 from benchmarks.harness import methods, report, runner, workload
 from peft_greentrainer import enable_sparse_lm_head
@@ -220,7 +222,8 @@ def test_quick_protocol_writes_one_file_per_run_resumes_and_reports(tmp_path):
     # a baseline with the sparse head trains the same course (the head is exact) for fewer FLOPs
     for parent in ("full", "lora", "lisa", "badam"):
         dense, sparse = seed0_at_chosen_lr(parent), seed0_at_chosen_lr(f"{parent}_sparse_head")
-        assert sparse["measured_flops_per_step"] < dense["measured_flops_per_step"], parent
+        if SPARSE_HEAD_UNAVAILABLE is None:  # (an older transformers keeps the head dense: the same FLOPs)
+            assert sparse["measured_flops_per_step"] < dense["measured_flops_per_step"], parent
         assert sparse["measured_vs_predicted_max_rel_error"] < 0.02, parent
         assert sparse["heldout_loss"]["test"] == pytest.approx(dense["heldout_loss"]["test"], rel=1e-3), parent
     markdown = (tmp_path / "protocol.md").read_text()
@@ -278,6 +281,7 @@ def test_every_counted_step_costs_what_is_predicted_when_rows_have_different_lab
     assert row["measured_vs_predicted_max_rel_error"] < (0.02 if key.endswith("shipped_head") else 1e-6)
 
 
+@needs_sparse_head
 def test_shipped_head_budget_is_at_most_rho_of_dense_full_finetuning_on_every_batch():
     work = _tiny_work()
     built = work.new_model

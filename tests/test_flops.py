@@ -176,7 +176,8 @@ def test_varlen_flash_attention_counts_each_packed_sequence():
     k = v = torch.randn(sum(lengths), heads_kv, dim)
     with FlopCounterMode(display=False) as counter:
         op(q, k, v, None, offsets, offsets, max(lengths), max(lengths))
-    expected = sum(sdpa_flop_count((1, heads_q, n, dim), (1, heads_kv, n, dim), (1, heads_kv, n, dim)) for n in lengths)
+    # per sequence and query head: scores (n x dim by dim x n) and their product with the values, 2 FLOPs per MAC
+    expected = sum(2 * 2 * heads_q * n * n * dim for n in lengths)
     assert counter.get_total_flops() == expected
     # on meta the offsets cannot be read: charged as one sequence of all tokens, an upper bound
     with FlopCounterMode(display=False) as counter:
@@ -305,10 +306,15 @@ def test_sdpa_kernels_count_grouped_query_attention_where_torch_formulas_reject_
 
     torch_counts_it = flops._torch_counts_grouped_query_attention()
     aten = torch.ops.aten
-    forward_ops = [aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_flash_attention]
+    forward_ops = [
+        aten._scaled_dot_product_efficient_attention,
+        aten._scaled_dot_product_flash_attention,
+        aten._scaled_dot_product_cudnn_attention,
+    ]
     backward_ops = [
         aten._scaled_dot_product_efficient_attention_backward,
         aten._scaled_dot_product_flash_attention_backward,
+        aten._scaled_dot_product_cudnn_attention_backward,
     ]
 
     def strict_forward(q, k, v, *args, out_shape=None, **kwargs):  # as torch 2.11 counts
@@ -316,12 +322,20 @@ def test_sdpa_kernels_count_grouped_query_attention_where_torch_formulas_reject_
             raise AssertionError("sdpa_flop_count: query/key/value shapes are incompatible")
         return sdpa_flop_count(q, k, v)
 
-    for op in forward_ops + backward_ops:  # an older torch's registry, restored afterwards
-        monkeypatch.setitem(flop_counter.flop_registry, op, flop_counter.shape_wrapper(strict_forward))
+    def strict_backward(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+        if q[1] != k[1]:
+            raise AssertionError("sdpa_backward_flop_count: batch/heads/dimension mismatch among tensors")
+        return flop_counter.sdpa_backward_flop_count(grad_out, q, k, v)
+
+    for ops, formula in ((forward_ops, strict_forward), (backward_ops, strict_backward)):
+        for op in ops:  # an older torch's registry, restored afterwards
+            monkeypatch.setitem(flop_counter.flop_registry, op, flop_counter.shape_wrapper(formula))
+    q, k, v = (torch.empty(2, heads, 16, 8, device="meta") for heads in (8, 2, 2))
+    with pytest.raises(AssertionError):
+        flop_counter.flop_registry[backward_ops[0]](q, q, k, v, out_val=None)
     monkeypatch.setattr(flops, "_torch_counts_grouped_query_attention", lambda: False)
     register_flop_formulas()
 
-    q, k, v = (torch.empty(2, heads, 16, 8, device="meta") for heads in (8, 2, 2))
     expanded = torch.empty(2, 8, 16, 8, device="meta")
     for op in forward_ops:
         assert flop_counter.flop_registry[op](q, k, v, out_val=None) == sdpa_flop_count(q.shape, q.shape, q.shape)

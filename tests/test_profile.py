@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import VOCAB, tiny_batch, tiny_config, tiny_model
+from conftest import VOCAB, needs_opt_on_meta, tiny_batch, tiny_config, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from peft_greentrainer.backprop import keep_backprop_shallow
@@ -107,6 +107,7 @@ def test_checkpointed_recompute_is_priced_as_torch_runs_it(arch, early_stop):
 
 
 @pytest.mark.slow
+@needs_opt_on_meta
 def test_opt_2_7b_on_meta_device():
     config = transformers.OPTConfig(
         hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32, word_embed_proj_dim=2560

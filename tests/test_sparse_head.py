@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 import transformers
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, needs_sparse_head, tiny_model
 from peft import get_peft_model
 
 from peft_greentrainer import GreenTrainerConfig, enable_sparse_lm_head, sparse_lm_loss
@@ -57,6 +57,7 @@ def _assert_same(dense, sparse) -> None:
         assert torch.allclose(sparse_grads[name], grad, rtol=0, atol=1e-6), name
 
 
+@needs_sparse_head
 @pytest.mark.parametrize("arch", CAUSAL)
 @pytest.mark.parametrize("make_batch", [_ragged_batch, _packed_batch], ids=["ragged", "packed"])
 @pytest.mark.parametrize("num_items", [None, 40], ids=["mean", "num_items_in_batch"])
@@ -79,6 +80,7 @@ def test_loss_and_gradients_equal_the_dense_head(arch, make_batch, num_items):
     assert attached_sparse_lm_head(model) is None
 
 
+@needs_sparse_head
 def test_the_head_runs_only_on_kept_positions_and_evaluation_stays_dense():
     model = tiny_model("llama")
     batch = _ragged_batch()
@@ -140,6 +142,7 @@ def test_trainer_with_the_helper_trains_like_the_dense_trainer(tmp_path):
         assert torch.allclose(p, q, atol=1e-6), name
 
 
+@needs_sparse_head
 @pytest.mark.parametrize("units", ["tensors", "lora"])
 def test_tuner_profiles_budgets_and_measures_the_sparse_head(units):
     """On by default: the profile predicts the FLOPs that run, and the floor drops with the head's work."""
@@ -288,6 +291,7 @@ def test_trls_fused_head_projecting_only_labelled_rows_is_priced_by_label_count(
         assert measured <= logged + 1e-9 and logged <= rho + 1e-9, (labelled, measured, logged)
 
 
+@needs_sparse_head
 def test_the_floor_a_run_is_told_is_the_floor_its_selection_uses():
     """The CLI checks rho against min_feasible_rho before training: it prices the batch as the selection does (at its
     label bucket's ends), so a rho just above it selects instead of failing later."""

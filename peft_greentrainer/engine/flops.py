@@ -104,9 +104,11 @@ def _torch_counts_grouped_query_attention() -> bool:
 
 
 def _register_sdpa_with_grouped_queries() -> None:
-    """Replace torch's SDPA formulas where they reject grouped-query attention (torch before 2.13): SDPA runs a
-    grouped-query model (Llama 3, Qwen, SmolLM2) with ``enable_gqa=True`` and fewer key/value heads, and counting it
-    would raise."""
+    """Replace torch's SDPA formulas where they reject grouped-query attention (torch before 2.13): transformers runs a
+    grouped-query model (Llama 3, Qwen, SmolLM2) through SDPA with ``enable_gqa=True`` and fewer key/value heads, and
+    counting it would raise. (The lower-level ``_flash_attention_forward`` / ``_efficient_attention_forward`` ops keep
+    torch's formulas: the counter sees them only where nested tensors are passed to SDPA, which transformers does
+    not do.)"""
     if _torch_counts_grouped_query_attention():
         return
     table = {

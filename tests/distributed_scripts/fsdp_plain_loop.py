@@ -26,7 +26,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from conftest import tiny_model
+from conftest import row_scaling_rel, tiny_model
 from peft import get_peft_model
 
 from peft_greentrainer import GreenTrainerConfig, fsdp
@@ -87,7 +87,8 @@ def main() -> None:
     optimizer.step()
     ratio = tuner.step_flops_ratios()[0]
     predicted = ratio * tuner.cost_profile(local)[1]
-    assert float(counter.get_total_flops()) == predicted, (counter.get_total_flops(), predicted)
+    measured = float(counter.get_total_flops())
+    assert measured <= predicted and predicted - measured <= row_scaling_rel(0.0) * predicted, (measured, predicted)
     dist.barrier()
     if rank == 0:
         print(f"FSDP2 CHECK PASSED on {world} x {device.type}: selection {selection.mask.sum()} units, {ratio:.3f}x")

@@ -15,12 +15,12 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
-from train import collate, dataset
+from train import CHECKPOINTING, collate, dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples"))
-from conftest import tiny_model
+from conftest import enable_activation_checkpointing, tiny_model
 from fsdp import fsdp_on_cpu  # examples/fsdp.py: accelerate enables FSDP on GPU-like devices only
 from peft import get_peft_model
 
@@ -100,7 +100,7 @@ def main() -> None:
     tuner = model.base_model
     sharding = {}
     if cli.activation_checkpointing and not cli.fsdp:  # the single-process reference: transformers' own
-        sharding = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
+        sharding = {CHECKPOINTING: True, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}}
     if cli.fsdp:
         fsdp_config = {
             "version": 2,
@@ -176,7 +176,7 @@ def main() -> None:
     if rank == 0:
         reference = tiny_model("llama")
         if cli.activation_checkpointing:
-            reference.activation_checkpointing_enable({"use_reentrant": False})
+            enable_activation_checkpointing(reference)
         full_measured = sum(measure_flops(reference, batch, [n for n, _ in reference.named_parameters()]))
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         payload = {"state": state, "ranks": ranks, "losses": losses, "world_size": world_size}

@@ -24,6 +24,9 @@ from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
 from peft_greentrainer import distributed as gt_distributed
 
 SEQ_LEN = 16
+# TrainingArguments' checkpointing switch: gradient_checkpointing before transformers 5.23 (the GPU machine has 5.17)
+_ARGUMENTS = TrainingArguments.__dataclass_fields__
+CHECKPOINTING = next(n for n in ("activation_checkpointing", "gradient_checkpointing") if n in _ARGUMENTS)
 
 
 def dataset(n: int) -> datasets.Dataset:
@@ -186,7 +189,7 @@ def main() -> None:
         disable_tqdm=True,
         ddp_find_unused_parameters={"default": None, "true": True, "false": False}[cli.find_unused],
         ddp_static_graph=cli.static_graph or None,
-        activation_checkpointing=cli.activation_checkpointing,
+        **{CHECKPOINTING: cli.activation_checkpointing},
         fsdp=cli.fsdp,
         # FSDP1 syncs module states through an accelerator device, which a CPU run lacks
         fsdp_config={"version": cli.fsdp_version, "sync_module_states": False} if cli.fsdp_version else None,
