@@ -297,9 +297,9 @@ def test_transformers_grouped_matmul_fallback_op_is_counted_with_its_backward() 
 
 
 def test_sdpa_kernels_count_grouped_query_attention_where_torch_formulas_reject_it(monkeypatch) -> None:
-    """Before torch 2.13 (the GPU machine runs 2.11), torch's SDPA formulas raise on fewer key/value heads than query
+    """Before torch 2.12 (the GPU machine runs 2.11), torch's SDPA formulas raise on fewer key/value heads than query
     heads, so counting a grouped-query model under SDPA on CUDA crashed. There they are replaced: one score matrix per
-    query head, as torch 2.13 counts."""
+    query head, as torch 2.12 counts."""
     from torch.utils import flop_counter
 
     from peft_greentrainer.engine import flops

@@ -9,9 +9,9 @@ project (profiles, tests, benchmarks) wrong there while it is right on the ``met
 * bitsandbytes' quantized matmuls (``gemm_4bit``, ``gemv_4bit``, ``int8_mixed_scaled_mm``, ``int8_scaled_mm``,
   ``int8_linear_matmul``): a quantized matmul does the same multiply-adds as the float one it replaces.
 
-On CUDA, SDPA's flash / memory-efficient / cuDNN kernels already have formulas in torch; before torch 2.13 those
+On CUDA, SDPA's flash / memory-efficient / cuDNN kernels already have formulas in torch; before torch 2.12 those
 reject grouped-query attention (fewer key/value heads, as SDPA runs Llama 3, Qwen or SmolLM2 with ``enable_gqa``),
-so there they are replaced by formulas that charge one score matrix per query head, as torch 2.13's do. Flash
+so there they are replaced by formulas that charge one score matrix per query head, as torch 2.12's do. Flash
 attention outside torch has no formula, and a kernel that counts 0 forward FLOPs is also skipped backward, so the
 profile would under-predict every attention layer:
 
@@ -75,7 +75,7 @@ def _register(targets: list, formula, *, get_raw: bool = False) -> None:
 def _per_query_head(query_shape, shape) -> tuple[int, ...]:
     """``shape`` (a key or value of shape ``(batch, heads, seq, dim)``) with as many heads as the query: with
     grouped-query attention each key/value head serves several query heads, and the kernel computes one score matrix
-    per query head. Older torch formulas (before 2.13) reject fewer key/value heads than query heads."""
+    per query head. Older torch formulas (before 2.12) reject fewer key/value heads than query heads."""
     batch, _, seq, dim = shape
     return (batch, query_shape[1], seq, dim)
 
@@ -95,7 +95,7 @@ def _attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shap
 
 
 def _torch_counts_grouped_query_attention() -> bool:
-    """Whether this torch's SDPA formulas accept fewer key/value heads than query heads (torch 2.13 on)."""
+    """Whether this torch's SDPA formulas accept fewer key/value heads than query heads (torch 2.12 on)."""
     try:
         sdpa_flop_count((1, 4, 2, 8), (1, 2, 2, 8), (1, 2, 2, 8))
     except AssertionError:
@@ -104,7 +104,7 @@ def _torch_counts_grouped_query_attention() -> bool:
 
 
 def _register_sdpa_with_grouped_queries() -> None:
-    """Replace torch's SDPA formulas where they reject grouped-query attention (torch before 2.13): transformers runs a
+    """Replace torch's SDPA formulas where they reject grouped-query attention (torch before 2.12): transformers runs a
     grouped-query model (Llama 3, Qwen, SmolLM2) through SDPA with ``enable_gqa=True`` and fewer key/value heads, and
     counting it would raise. (The lower-level ``_flash_attention_forward`` / ``_efficient_attention_forward`` ops keep
     torch's formulas: the counter sees them only where nested tensors are passed to SDPA, which transformers does
