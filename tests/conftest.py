@@ -111,6 +111,14 @@ needs_opt_on_meta = pytest.mark.skipif(
 )
 
 
+# TrainingArguments' checkpointing switch: gradient_checkpointing before transformers 5.23 (the GPU machine has 5.17)
+CHECKPOINTING = next(
+    n
+    for n in ("activation_checkpointing", "gradient_checkpointing")
+    if n in transformers.TrainingArguments.__dataclass_fields__
+)
+
+
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """transformers' non-reentrant activation checkpointing (``gradient_checkpointing_enable`` before 5.23)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable

@@ -15,12 +15,12 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
-from train import CHECKPOINTING, collate, dataset
+from train import collate, dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples"))
-from conftest import enable_activation_checkpointing, tiny_model
+from conftest import CHECKPOINTING, enable_activation_checkpointing, tiny_model
 from fsdp import fsdp_on_cpu  # examples/fsdp.py: accelerate enables FSDP on GPU-like devices only
 from peft import get_peft_model
 

@@ -17,16 +17,13 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from conftest import VOCAB, tiny_model
+from conftest import CHECKPOINTING, VOCAB, tiny_model
 from peft import get_peft_model
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
 from peft_greentrainer import distributed as gt_distributed
 
 SEQ_LEN = 16
-# TrainingArguments' checkpointing switch: gradient_checkpointing before transformers 5.23 (the GPU machine has 5.17)
-_ARGUMENTS = TrainingArguments.__dataclass_fields__
-CHECKPOINTING = next(n for n in ("activation_checkpointing", "gradient_checkpointing") if n in _ARGUMENTS)
 
 
 def dataset(n: int) -> datasets.Dataset:
