@@ -52,6 +52,7 @@ from .engine.profile import (
     default_loss,
     profile_key,
     profile_model,
+    returns_dict,
     routed_expert_modules,
 )
 from .engine.selector import Selection, rounded_up_rho
@@ -623,7 +624,7 @@ class GreenTrainerModel(LoraModel):
         if batch.get("fused_lm_head"):
             return True
         head = attached_sparse_lm_head(self.model)
-        return head is not None and head.enabled and batch.get("return_dict") is not False
+        return head is not None and head.enabled and returns_dict(self.model, batch)
 
     def _learn_shapes(self, new: dict[tuple, UnitCosts]) -> dict[tuple, UnitCosts]:
         """Add the costs of new shapes. Every rank adds those of every rank, so all hold the same set of shapes."""

@@ -41,6 +41,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from .engine.profile import returns_dict
 from .engine.targets import IGNORE_INDEX, aligned_targets
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def _sparse_kwargs(lm: nn.Module, kwargs: Mapping[str, Any]) -> tuple[dict[str, 
         return None
     if kwargs.get("fused_lm_head"):
         return None  # TRL's SFTTrainer computes the head and the loss itself (chunked), from the labels
-    if kwargs.get("return_dict", getattr(lm.config, "return_dict", True)) is False:
+    if not returns_dict(lm, kwargs):
         return None  # tuple outputs have no named slot for the loss
     if labels.device.type == "meta":
         return None  # no values, so no mask: the dense forward is the only honest cost

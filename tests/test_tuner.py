@@ -172,6 +172,54 @@ def test_trainer_trains_within_budget(arch, units, tmp_path):
     assert all(0 < entry["greentrainer/flops_ratio"] <= rho for entry in trainer.state.log_history if "loss" in entry)
 
 
+def _task_dataset(task_type: str, n: int = N_SAMPLES) -> datasets.Dataset:
+    """Counting sequences with the targets of a classification, token-classification or extractive-QA head."""
+    ids = [[3 + (7 * i + t) % (VOCAB - 3) for t in range(SEQ_LEN)] for i in range(n)]
+    columns = {"input_ids": ids, "attention_mask": [[1] * SEQ_LEN for _ in ids]}
+    if task_type == "SEQ_CLS":
+        columns["labels"] = [i % 3 for i in range(n)]
+    elif task_type == "TOKEN_CLS":
+        columns["labels"] = [[token % 3 for token in row] for row in ids]
+    else:
+        columns["start_positions"] = [i % 4 for i in range(n)]
+        columns["end_positions"] = [4 + i % 4 for i in range(n)]
+    return datasets.Dataset.from_dict(columns)
+
+
+@pytest.mark.parametrize("units", UNIT_KINDS)
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"])
+def test_task_heads_train_within_budget(task_type, units, tmp_path):
+    """PEFT's wrappers for these heads pass ``return_dict=True`` themselves: a step must find the shape its
+    selection was priced at, not profile it again inside the step (which once cost the step 1.8x its budget)."""
+    rho = 0.5
+    heads = {
+        "SEQ_CLS": transformers.AutoModelForSequenceClassification,
+        "TOKEN_CLS": transformers.AutoModelForTokenClassification,
+        "QUESTION_ANS": transformers.AutoModelForQuestionAnswering,
+    }
+    torch.manual_seed(0)
+    base = heads[task_type].from_config(tiny_config("llama", num_labels=3, pad_token_id=0))
+    model = get_peft_model(base, _config("llama", units, rho=rho, task_type=task_type))
+    data = _task_dataset(task_type)
+    probe = SelectionProbe(_collate([data[i] for i in range(BATCH_SIZE)]))
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=data,
+        data_collator=_collate,
+        callbacks=[GreenTrainerCallback(), probe],
+    )
+    trainer.train()
+
+    assert [c["record"].epoch for c in probe.checks] == [0.0, 1.0]
+    for check in probe.checks:
+        assert check["chosen"] and check["trainable"] == check["chosen"]
+        assert check["flops"] <= rho * check["full"], (check["flops"] / check["full"], check["record"])
+        assert check["flops"] <= check["record"].predicted_ratio * check["full"] * (1 + 1e-9)
+    assert len(model.base_model._shape_costs) == 1  # every step of one shape, priced once
+    assert all(0 < entry["greentrainer/flops_ratio"] <= rho for entry in trainer.state.log_history if "loss" in entry)
+
+
 # ------------------------------------------------------------------------------------------ 2. save / load round trip
 def _train_a_little(model, arch: str, steps: int = 2, lr: float = 1e-2) -> dict[str, torch.Tensor]:
     """One selection, then a few AdamW steps: the selected weights move away from their initial values."""

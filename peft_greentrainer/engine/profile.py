@@ -220,6 +220,13 @@ def batch_size(batch: Mapping[str, Any]) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
+def returns_dict(model: nn.Module, batch: Mapping[str, Any]) -> bool:
+    """Whether a transformers forward of ``model`` on ``batch`` returns a ``ModelOutput`` rather than a tuple: the
+    ``return_dict`` it is given, else its config's (``None`` means the config's too)."""
+    value = batch.get("return_dict")
+    return bool(value) if value is not None else getattr(getattr(model, "config", None), "return_dict", True)
+
+
 def profile_key(model: nn.Module, batch: Mapping[str, Any]) -> tuple:
     """What a cost profile of ``model`` on ``batch`` depends on: input shapes and dtypes, plain-value inputs, and which
     modules are in eval mode or checkpoint their forward (both change what a training step computes)."""
@@ -227,6 +234,8 @@ def profile_key(model: nn.Module, batch: Mapping[str, Any]) -> tuple:
     for name, value in sorted(batch.items()):
         if name in _LOSS_ONLY_INPUTS or value is None:  # None: the default (PEFT passes some explicitly)
             continue
+        if name == "return_dict" and value == returns_dict(model, {}):  # the default spelled out (PEFT's wrappers
+            continue  # for classification, token classification and question answering pass it)
         if isinstance(value, torch.Tensor):
             inputs.append((name, tuple(value.shape), str(value.dtype)))
         elif isinstance(value, (bool, int, float, str)):
