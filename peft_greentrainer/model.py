@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from peft.tuners.lora import LoraModel
+from peft.utils import PeftType
 from torch import nn
 
 from . import fsdp, ranks
@@ -252,7 +253,8 @@ class GreenTrainerModel(LoraModel):
         if self._runtime.step_hook is None:  # the budget check before every training forward (module docstring)
             self._runtime.step_hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         if config.units == "lora":
-            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            with _seen_as_lora(config):
+                super().inject_adapter(model, adapter_name, *args, **kwargs)
             candidates = [p for u in self._lora_candidates(model, adapter_name) for p in u.param_names]
             if not candidates:
                 raise ValueError(
@@ -1227,6 +1229,19 @@ class GreenTrainerModel(LoraModel):
                 f"{config.base_model_name_or_path or 'see adapter_config.json'})."
             )
         return tuner._with_original_values(state_dict, names, trainable=not config.inference_mode)
+
+
+@contextmanager
+def _seen_as_lora(config: GreenTrainerConfig) -> Iterator[None]:
+    """units="lora" injects PEFT's own LoRA layers, so PEFT's injection must treat the config as LoRA: it keys some
+    steps on ``peft_type`` (mapping transformers 4's Mixtral expert names ``w1``/``w2``/``w3`` to transformers 5's
+    stacked experts, refusing Mamba's ``out_proj`` and ``conv1d``), which our own type would silently skip."""
+    own = config.peft_type
+    config.peft_type = PeftType.LORA
+    try:
+        yield
+    finally:
+        config.peft_type = own
 
 
 def _auxiliary_names(model: nn.Module, adapter_name: str) -> set[str]:

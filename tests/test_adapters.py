@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+import transformers
 from conftest import tiny_batch, tiny_model
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.config import PeftConfigMixin
@@ -428,3 +429,25 @@ def test_tensor_units_are_saved_in_the_greentrainer_format(tmp_path):
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "GREENTRAINER"
     assert not (tmp_path / METADATA_NAME).exists()
+
+
+def test_lora_units_are_injected_as_peft_injects_lora():
+    """PEFT keys some injection steps on the LoRA type: mapping transformers 4's Mixtral expert names to transformers
+    5's stacked experts (which our own type once skipped silently, training attention adapters only), and refusing
+    modules LoRA breaks (Mamba's out_proj, whose saved adapter did not reproduce the model)."""
+    targets = ["q_proj", "w1", "w2", "w3"]
+
+    def adapted(config) -> set[str]:
+        model = get_peft_model(tiny_model("mixtral"), config)
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+
+    lora = adapted(LoraConfig(r=4, target_modules=targets))
+    assert any(".mlp.experts." in name for name in lora)
+    assert adapted(GreenTrainerConfig(units="lora", r=4, target_modules=targets)) == lora
+
+    config = transformers.MambaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, state_size=8)
+    with pytest.raises(ValueError, match=r"out_proj.*incompatible with Mamba"):
+        get_peft_model(
+            transformers.MambaForCausalLM(config),
+            GreenTrainerConfig(units="lora", target_modules=["in_proj", "out_proj"]),
+        )
