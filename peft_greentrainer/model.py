@@ -253,6 +253,10 @@ class GreenTrainerModel(LoraModel):
         if self._runtime.step_hook is None:  # the budget check before every training forward (module docstring)
             self._runtime.step_hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         if config.units == "lora":
+            # PEFT renames transformers 4's expert targets before it fills in the default targets, and that renaming
+            # turns unset targets into an empty set, which LoRA's own injection then refuses (PEFT 0.21, MoE
+            # models): fill in the defaults first
+            self._prepare_adapter_config(config, self.get_model_config(model))
             with _seen_as_lora(config):
                 super().inject_adapter(model, adapter_name, *args, **kwargs)
             candidates = [p for u in self._lora_candidates(model, adapter_name) for p in u.param_names]
