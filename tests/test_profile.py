@@ -189,6 +189,36 @@ def test_biases_norms_and_attention_scores_are_accounted():
     assert score_ops, "parameter-free ops (attention scores) carry activation-gradient cost"
 
 
+class _RecurrenceIntoABuffer(torch.nn.Module):
+    """Fills a preallocated output one time step at a time through views, as RWKV's CPU recurrence does; its decay
+    parameter is first used after the projection, so only the write into the buffer links it to the output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.project = torch.nn.Linear(8, 8)
+        self.decay = torch.nn.Parameter(torch.full((8,), 0.5))
+        self.output = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.project(x)
+        state = torch.zeros_like(h[:, 0])
+        steps = torch.zeros_like(h)
+        for t in range(h.shape[1]):
+            state = state * self.decay + h[:, t]
+            steps[:, t] = state
+        return {"loss": torch.nn.functional.mse_loss(self.output(steps), labels)}
+
+
+def test_writes_through_views_reach_the_buffer_they_fill():
+    model = _RecurrenceIntoABuffer()
+    batch = {"x": torch.randn(2, 5, 8), "labels": torch.randn(2, 5, 8)}
+    costs = profile_model(model, batch).unit_costs(tensor_units(model))
+    for unit in costs.units:  # training the decay alone still passes the gradient back through the output layer
+        mask = np.array([u.name == unit.name for u in costs.units])
+        _, measured = measure_flops(model, batch, _trainable(costs, mask))
+        assert costs.predicted_backward(mask) == pytest.approx(measured), unit.name
+
+
 def test_profile_has_no_side_effects():
     model = tiny_model("llama")
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)

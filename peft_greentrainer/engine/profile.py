@@ -309,9 +309,11 @@ class _Recorder(TorchDispatchMode):
         for o in outputs:
             if _differentiable(o):
                 self.latest[o] = latest
-        # in-place and out= ops write into an argument: it now depends on the inputs too
+        # in-place and out= ops write into an argument: it now depends on the inputs too, and so does the tensor it
+        # is a view of (RWKV's CPU recurrence fills its output one time step at a time through views)
         for x in _mutated_arguments(func, args, kwargs):
-            self.latest[x] = max(latest, self.latest.get(x, -1))
+            for written in (x, x._base) if x._base is not None else (x,):
+                self.latest[written] = max(latest, self.latest.get(written, -1))
         return out
 
     def _role(self, x: torch.Tensor, levels: list[int]) -> _TensorSpec:
