@@ -46,6 +46,7 @@ from .engine.attention_spans import attention_extremes, attention_follows_values
 from .engine.costs import UnitCosts, cost_envelope, select_at_every_shape
 from .engine.importance import base_learning_rates, compute_importance, plain_gradient_step, unwrap_optimizer
 from .engine.label_buckets import LabelBucket, label_bucket
+from .engine.length_fit import LengthFit, length_family
 from .engine.profile import (
     CostProfile,
     batch_size,
@@ -135,6 +136,7 @@ class _ProfileCaches:
     profiles: dict[tuple, tuple[CostProfile, float]] = field(default_factory=dict)  # by batch shape
     measured_rows: dict[tuple, UnitCosts] = field(default_factory=dict)  # one row's costs, by shape key
     shape_costs: dict[tuple, UnitCosts] = field(default_factory=dict)  # agreed on by every rank (_learn_shapes)
+    length_fits: dict[tuple, LengthFit] = field(default_factory=dict)  # by shape family (length_fit.length_family)
     # (modes, selected units): the selection that fits every shape known in those modes (profile_key's second part)
     checked: tuple[tuple, frozenset[str]] | None = None
 
@@ -590,13 +592,28 @@ class GreenTrainerModel(LoraModel):
             if key not in self._shape_costs and key not in new:
                 measured = self._runtime.caches.measured_rows
                 if key not in measured:
-                    profile, full = self._measure(bucket.widened if bucket is not None else row, _forward_only)
-                    if bucket is not None:  # full fine-tuning at the bucket's fewest labels: bounds every row in it
-                        full = self._measure(bucket.narrowed, _forward_only)[1]
-                    measured[key] = profile.unit_costs(self.candidate_units(), full_flops=full)
+                    measured[key] = self._row_costs(row, key, bucket)
                 new[key] = measured[key]
             keys.append(key)
         return keys
+
+    def _row_costs(self, row: dict[str, Any], key: tuple, bucket: LabelBucket | None) -> UnitCosts:
+        """One row's costs at ``key``: from the polynomial the lengths profiled before follow exactly where there is
+        one (``length_fit``: padding per batch brings a new length at almost every step), profiled otherwise."""
+        found = length_family(key)
+        fit = self._runtime.caches.length_fits.setdefault(found[0], LengthFit()) if found is not None else None
+        labels = (bucket.top, bucket.bottom) if bucket is not None else (None, None)
+        if fit is not None:
+            predicted = fit.predict(found[1], *labels, self.candidate_units())
+            if predicted is not None:
+                return predicted
+        profile, full = self._measure(bucket.widened if bucket is not None else row, _forward_only)
+        if bucket is not None:  # full fine-tuning at the bucket's fewest labels: bounds every row in it
+            full = self._measure(bucket.narrowed, _forward_only)[1]
+        costs = profile.unit_costs(self.candidate_units(), full_flops=full)
+        if fit is not None:
+            fit.add(found[1], *labels, costs)
+        return costs
 
     def _row_keys(self, batch: Mapping[str, Any]) -> list[tuple[dict[str, Any], tuple, LabelBucket | None]]:
         """One-row batches whose step costs bound every row of ``batch`` together, each with its key and label bucket.

@@ -4,11 +4,15 @@ measured the same way, and the saved adapter loaded back."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
 from benchmarks.families import CASES, collate, example, full_fine_tuning_flops
+from peft_greentrainer.engine.length_fit import LengthFit
 from peft_greentrainer.engine.profile import measure_flops
 
 RHO = 0.6  # the tiniest models' cheapest LoRA unit needs just above 0.5
@@ -47,3 +51,48 @@ def test_each_family_keeps_its_budget_and_round_trips(family, units, tmp_path):
     loaded.eval()
     with torch.no_grad():  # equal weights; Mamba's LoRA on x_proj runs in another order (plain LoRA too): 1e-6 apart
         torch.testing.assert_close(_outputs(model, batch), _outputs(loaded, batch))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "mamba", "bert-classification", "qwen3_moe"])
+def test_lengths_padded_per_batch_are_priced_without_a_profile_and_exactly(family, units, monkeypatch):
+    """Once profiled lengths pin the polynomial the costs follow, a new length between them costs no profile; the
+    costs it is priced at equal what a profile of it measures, entry for entry."""
+    case = CASES[family]
+    model = get_peft_model(case.model(), case.peft_config(units, RHO))
+    tuner = model.base_model
+    rows = random.Random(0)
+
+    def batch(step: int) -> dict:
+        return collate([example(model.config, case.task_type, rows.randint(6, 40), 3 * step + i) for i in range(3)])
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    tuner.select_units([batch(0)], optimizer)
+    profiles, predicted = [], []
+    measure = tuner._measure
+    monkeypatch.setattr(tuner, "_measure", lambda *a, **k: profiles.append(1) or measure(*a, **k))
+    for step in range(1, 30):
+        inputs = batch(step)
+        before = (len(profiles), set(tuner._runtime.caches.measured_rows))
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        new = set(tuner._runtime.caches.measured_rows) - before[1]
+        if new and len(profiles) == before[0]:
+            predicted.append((inputs, new))
+    assert len(predicted) >= 10, "most new lengths after the first few are priced without a profile"
+
+    monkeypatch.setattr(LengthFit, "predict", lambda *a, **k: None)
+    for inputs, keys in predicted:
+        for row, key, bucket in tuner._row_keys(inputs):
+            if key in keys:
+                expected, actual = tuner._row_costs(row, key, bucket), tuner._runtime.caches.measured_rows[key]
+                assert [u.name for u in actual.units] == [u.name for u in expected.units]
+                for name in ("t_dw", "t_dy", "forward_share"):
+                    assert np.array_equal(getattr(actual, name), getattr(expected, name)), name
+                assert (actual.dy_head, actual.forward_flops, actual.full_flops) == (
+                    expected.dy_head,
+                    expected.forward_flops,
+                    expected.full_flops,
+                )
