@@ -61,7 +61,9 @@ def test_a_polynomial_family_is_predicted_exactly_between_the_profiled_lengths(c
     for point in points:
         assert fit.predict(*point, UNITS) is None  # nothing agreed yet: every length is profiled
         fit.add(*point, costs(*point))
-    assume(fit.agreed)  # four points pin the coefficients (unless their label counts follow the length exactly)
+    assume(
+        fit.agreed_step and fit.agreed_full
+    )  # four points pin the coefficients (unless their label counts follow the length exactly)
     assert not fit.broken
     low, high = min(p[0] for p in points), max(p[0] for p in points)
     for length in range(low, high + 1, max(1, (high - low) // 7)):

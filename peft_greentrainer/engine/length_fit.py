@@ -16,6 +16,7 @@ prediction off for that family for good; lengths outside the profiled range are 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -105,31 +106,39 @@ class _Sample:
     full: Fraction
 
 
-def _fit(points: list[tuple[int, ...]], values: list[list[Fraction]]) -> tuple[list[int], list[list[Fraction]]] | None:
+@dataclass
+class _Polynomial:
+    """Exact coefficients of a vector of costs over the basis of :func:`_basis`, kept as integer numerators over one
+    common denominator, so that evaluating them is integer arithmetic (numpy object arrays of Python ints)."""
+
+    numerators: np.ndarray  # (basis size, entries), dtype object: Python ints
+    denominator: int
+
+    def at(self, basis: tuple[int, ...]) -> np.ndarray:
+        """The entries at ``basis``, times the denominator (Python ints)."""
+        return np.array(basis, dtype=object) @ self.numerators
+
+    def equals(self, basis: tuple[int, ...], values: list[Fraction]) -> bool:
+        scaled = self.at(basis)
+        return all(Fraction(int(v), self.denominator) == value for v, value in zip(scaled, values, strict=True))
+
+    def floats(self, basis: tuple[int, ...]) -> list[float]:
+        return [int(v) / self.denominator for v in self.at(basis)]  # int / int rounds correctly
+
+
+def _fit(points: list[tuple[int, ...]], values: list[list[Fraction]]) -> tuple[list[int], _Polynomial] | None:
     """Exact coefficients from the first points that pin them all (their indices too), or None if they do not yet."""
     chosen: list[int] = []
     for i, point in enumerate(points):
         if _independent([points[j] for j in chosen] + [point]):
             chosen.append(i)
         if len(chosen) == len(point):
-            inverse = _solve([points[j] for j in chosen])
-            width = len(values[0])
-            coefficients = [
-                [
-                    sum((inverse[r][c] * values[chosen[c]][v] for c in range(len(chosen))), Fraction(0))
-                    for v in range(width)
-                ]
-                for r in range(len(chosen))
-            ]
-            return chosen, coefficients
+            inverse = np.array(_solve([points[j] for j in chosen]), dtype=object)
+            coefficients = inverse @ np.array([values[j] for j in chosen], dtype=object)
+            denominator = math.lcm(*(c.denominator for c in coefficients.flat))
+            numerators = np.array([[int(c * denominator) for c in row] for row in coefficients], dtype=object)
+            return chosen, _Polynomial(numerators, denominator)
     return None
-
-
-def _evaluate(coefficients: list[list[Fraction]], basis: tuple[int, ...]) -> list[Fraction]:
-    return [
-        sum((row[v] * b for row, b in zip(coefficients, basis, strict=True)), Fraction(0))
-        for v in range(len(coefficients[0]))
-    ]
 
 
 class LengthFit:
@@ -144,10 +153,11 @@ class LengthFit:
     def __init__(self) -> None:
         self.units: list[str] | None = None
         self.samples: list[_Sample] = []  # kept until the coefficients are pinned
-        self.step: list[list[Fraction]] | None = None
-        self.full: list[list[Fraction]] | None = None
+        self.step: _Polynomial | None = None
+        self.full: _Polynomial | None = None
         self.lengths: list[int] = []
-        self.agreed = 0  # profiles that matched the pinned coefficients exactly
+        self.agreed_step = 0  # profiles that matched the pinned coefficients exactly, of the step and of full FT
+        self.agreed_full = 0
         self.broken = False
 
     def add(self, length: int, step_labels: int | None, full_labels: int | None, costs: UnitCosts) -> None:
@@ -172,31 +182,34 @@ class LengthFit:
             full = _fit([s.full_basis for s in self.samples], [[s.full] for s in self.samples])
             if step is None or full is None:
                 return
-            (pinning, self.step), (_, self.full) = step, full
-            unchecked, self.samples = [s for i, s in enumerate(self.samples) if i not in pinning], []
+            (step_pinning, self.step), (full_pinning, self.full) = step, full
+            checks = [(s, i not in step_pinning, i not in full_pinning) for i, s in enumerate(self.samples)]
+            self.samples = []
         else:
-            unchecked = [sample]
-        for other in unchecked:  # the profiles the coefficients were not fitted from must agree, exactly
-            if _evaluate(self.step, other.step_basis) != other.step or _evaluate(self.full, other.full_basis) != [
-                other.full
-            ]:
+            checks = [(sample, True, True)]
+        for other, against_step, against_full in checks:  # profiles not fitted from must agree, exactly
+            if against_step and not self.step.equals(other.step_basis, other.step):
                 self.broken = True
-                return
-            self.agreed += 1
+            if against_full and not self.full.equals(other.full_basis, [other.full]):
+                self.broken = True
+            self.agreed_step += against_step
+            self.agreed_full += against_full
 
     def predict(
         self, length: int, step_labels: int | None, full_labels: int | None, candidates: list
     ) -> UnitCosts | None:
         """The costs at ``length`` for ``candidates`` (the units, in any order), or None where not known exactly."""
-        if self.broken or not self.agreed or self.step is None or self.full is None:
+        if self.broken or not (self.agreed_step and self.agreed_full) or self.step is None or self.full is None:
             return None
-        if not min(self.lengths) <= length <= max(self.lengths) or (step_labels is None) != (len(self.step) == 3):
+        if not min(self.lengths) <= length <= max(self.lengths) or (step_labels is None) != (
+            len(self.step.numerators) == 3
+        ):
             return None
         by_name = {u.name: u for u in candidates}
         if self.units is None or any(name not in by_name for name in self.units):
             return None
-        step = [float(v) for v in _evaluate(self.step, _basis(length, step_labels))]
-        (full,) = _evaluate(self.full, _basis(length, full_labels))
+        step = self.step.floats(_basis(length, step_labels))
+        (full,) = self.full.floats(_basis(length, full_labels))
         count = len(self.units)
         arrays = [np.array(step[i * count : (i + 1) * count], dtype=np.float64) for i in range(len(_ARRAYS))]
         return UnitCosts(
