@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, end_rank_process, tiny_model
 from peft import get_peft_model
 
 from peft_greentrainer import GreenTrainerConfig, fsdp
@@ -82,3 +82,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_rank_process()

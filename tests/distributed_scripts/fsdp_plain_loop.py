@@ -26,7 +26,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from conftest import row_scaling_rel, tiny_model
+from conftest import end_rank_process, row_scaling_rel, tiny_model
 from peft import get_peft_model
 
 from peft_greentrainer import GreenTrainerConfig, fsdp
@@ -97,3 +97,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_rank_process()

@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples"))
-from conftest import CHECKPOINTING, enable_activation_checkpointing, tiny_model
+from conftest import CHECKPOINTING, enable_activation_checkpointing, end_rank_process, tiny_model
 from fsdp import fsdp_on_cpu  # examples/fsdp.py: accelerate enables FSDP on GPU-like devices only
 from peft import get_peft_model
 
@@ -189,3 +189,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_rank_process()

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from conftest import tiny_model
+from conftest import end_rank_process, tiny_model
 from peft import get_peft_model
 
 from peft_greentrainer import GreenTrainerConfig
@@ -58,3 +58,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_rank_process()

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from conftest import CHECKPOINTING, VOCAB, tiny_model
+from conftest import CHECKPOINTING, VOCAB, end_rank_process, tiny_model
 from peft import get_peft_model
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
@@ -218,14 +218,8 @@ def main() -> None:
         payload["audit"] = audit(model, trainer.steps)
         payload["reasons"] = [r.reason for r in tuner.greentrainer_state.history]
     torch.save(payload, os.path.join(cli.out, f"rank{rank}.pt"))
-    if cli.skip_prepare_ddp:
-        # the negative control leaves DDP's reducer in the state its misuse made (units it registered frozen, units
-        # it never registered trained): under load its teardown at interpreter exit hung now and then (3 runs in about
-        # 25, results already written), so this process ends without it
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 if __name__ == "__main__":
     main()
+    end_rank_process()
