@@ -612,7 +612,16 @@ class GreenTrainerModel(LoraModel):
             full = self._measure(bucket.narrowed, _forward_only)[1]
         costs = profile.unit_costs(self.candidate_units(), full_flops=full)
         if fit is not None:
+            was_broken = fit.broken
             fit.add(found[1], *labels, costs)
+            if fit.broken and not was_broken and fit.predictions:
+                logger.warning(
+                    "GreenTrainer: the costs of this model stopped following one polynomial of the sequence length at "
+                    "length %d, after %d lengths had been priced from it (they may have been priced too low); every "
+                    "new length is profiled from now on.",
+                    found[1],
+                    fit.predictions,
+                )
         return costs
 
     def _row_keys(self, batch: Mapping[str, Any]) -> list[tuple[dict[str, Any], tuple, LabelBucket | None]]:

@@ -81,7 +81,7 @@ def test_lengths_padded_per_batch_are_priced_without_a_profile_and_exactly(famil
         new = set(tuner._runtime.caches.measured_rows) - before[1]
         if new and len(profiles) == before[0]:
             predicted.append((inputs, new))
-    assert len(predicted) >= 10, "most new lengths after the first few are priced without a profile"
+    assert len(predicted) >= 5, "new lengths between those profiled are priced without a profile"
 
     monkeypatch.setattr(LengthFit, "predict", lambda *a, **k: None)
     for inputs, keys in predicted:

@@ -62,168 +62,158 @@ def _basis(length: int, labels: int | None) -> tuple[int, ...]:
     return (1, length, length * length) if labels is None else (1, length, length * length, labels)
 
 
-def _solve(rows: list[tuple[int, ...]]) -> list[list[Fraction]]:
-    """The inverse of the square design matrix ``rows``, exactly."""
-    size = len(rows)
-    matrix = [[Fraction(v) for v in row] + [Fraction(int(i == j)) for j in range(size)] for i, row in enumerate(rows)]
-    for col in range(size):
-        pivot = next(r for r in range(col, size) if matrix[r][col] != 0)
-        matrix[col], matrix[pivot] = matrix[pivot], matrix[col]
-        lead = matrix[col][col]
-        matrix[col] = [v / lead for v in matrix[col]]
-        for r in range(size):
-            if r != col and matrix[r][col] != 0:
-                factor = matrix[r][col]
-                matrix[r] = [a - factor * b for a, b in zip(matrix[r], matrix[col], strict=True)]
-    return [row[size:] for row in matrix]
-
-
-def _independent(rows: list[tuple[int, ...]]) -> bool:
-    """Whether ``rows`` are linearly independent, exactly."""
-    matrix = [[Fraction(v) for v in row] for row in rows]
-    rank = 0
-    for col in range(len(matrix[0])):
-        pivot = next((r for r in range(rank, len(matrix)) if matrix[r][col] != 0), None)
+def _combination(points: list[tuple[int, ...]], query: tuple[int, ...]) -> list[Fraction] | None:
+    """``alpha`` with ``query == sum(alpha[i] * points[i])``, exactly, or None if ``query`` is outside their span."""
+    if not points:
+        return None
+    # the augmented system points^T alpha = query, one row per basis coordinate
+    rows = [[Fraction(p[c]) for p in points] + [Fraction(query[c])] for c in range(len(query))]
+    unknowns, pivots, rank = len(points), [], 0
+    for col in range(unknowns):
+        pivot = next((r for r in range(rank, len(rows)) if rows[r][col] != 0), None)
         if pivot is None:
             continue
-        matrix[rank], matrix[pivot] = matrix[pivot], matrix[rank]
-        for r in range(rank + 1, len(matrix)):
-            factor = matrix[r][col] / matrix[rank][col]
-            matrix[r] = [a - factor * b for a, b in zip(matrix[r], matrix[rank], strict=True)]
+        rows[rank], rows[pivot] = rows[pivot], rows[rank]
+        lead = rows[rank][col]
+        rows[rank] = [v / lead for v in rows[rank]]
+        for r in range(len(rows)):
+            if r != rank and rows[r][col] != 0:
+                factor = rows[r][col]
+                rows[r] = [a - factor * b for a, b in zip(rows[r], rows[rank], strict=True)]
+        pivots.append(col)
         rank += 1
-    return rank == len(matrix)
+    if any(row[-1] != 0 for row in rows[rank:]):
+        return None  # inconsistent: not a combination of the points
+    alpha = [Fraction(0)] * unknowns
+    for r, col in enumerate(pivots):
+        alpha[col] = rows[r][-1]
+    return alpha
 
 
 @dataclass
-class _Sample:
-    """One profiled row: the step's entries and full fine-tuning, each with the basis of the point it was measured
-    at."""
+class _Span:
+    """Profiled points whose bases are linearly independent, with their entries (Python ints): any point in their
+    span has its entries fixed by them, exactly, if the costs are the polynomial."""
 
-    length: int
-    step_basis: tuple[int, ...]
-    step: list[Fraction]
-    full_basis: tuple[int, ...]
-    full: Fraction
+    points: list[tuple[int, ...]]
+    values: list[np.ndarray]  # dtype object: Python ints
 
-
-@dataclass
-class _Polynomial:
-    """Exact coefficients of a vector of costs over the basis of :func:`_basis`, kept as integer numerators over one
-    common denominator, so that evaluating them is integer arithmetic (numpy object arrays of Python ints)."""
-
-    numerators: np.ndarray  # (basis size, entries), dtype object: Python ints
-    denominator: int
-
-    def at(self, basis: tuple[int, ...]) -> np.ndarray:
-        """The entries at ``basis``, times the denominator (Python ints)."""
-        return np.array(basis, dtype=object) @ self.numerators
-
-    def equals(self, basis: tuple[int, ...], values: list[Fraction]) -> bool:
-        scaled = self.at(basis)
-        return all(Fraction(int(v), self.denominator) == value for v, value in zip(scaled, values, strict=True))
-
-    def floats(self, basis: tuple[int, ...]) -> list[float]:
-        return [int(v) / self.denominator for v in self.at(basis)]  # int / int rounds correctly
+    def at(self, basis: tuple[int, ...]) -> np.ndarray | None:
+        """The entries at ``basis`` (Python ints), or None outside the span or where they would not be whole."""
+        if self.points and len(basis) != len(self.points[0]):
+            return None  # a head of the other kind: not this family's polynomial
+        alpha = _combination(self.points, basis)
+        if alpha is None:
+            return None
+        denominator = math.lcm(*(a.denominator for a in alpha))
+        total = sum(
+            (int(a * denominator) * v for a, v in zip(alpha, self.values, strict=True)), np.zeros_like(self.values[0])
+        )
+        if any(int(t) % denominator for t in total):
+            return None
+        return np.array([int(t) // denominator for t in total], dtype=object)
 
 
-def _fit(points: list[tuple[int, ...]], values: list[list[Fraction]]) -> tuple[list[int], _Polynomial] | None:
-    """Exact coefficients from the first points that pin them all (their indices too), or None if they do not yet."""
-    chosen: list[int] = []
-    for i, point in enumerate(points):
-        if _independent([points[j] for j in chosen] + [point]):
-            chosen.append(i)
-        if len(chosen) == len(point):
-            inverse = np.array(_solve([points[j] for j in chosen]), dtype=object)
-            coefficients = inverse @ np.array([values[j] for j in chosen], dtype=object)
-            denominator = math.lcm(*(c.denominator for c in coefficients.flat))
-            numerators = np.array([[int(c * denominator) for c in row] for row in coefficients], dtype=object)
-            return chosen, _Polynomial(numerators, denominator)
-    return None
+def _whole(values: list[float]) -> np.ndarray | None:
+    """FLOP counts as Python ints, or None if any is not a whole number (exactness could not be checked)."""
+    if not all(float(v).is_integer() for v in values):
+        return None
+    return np.array([int(v) for v in values], dtype=object)
 
 
 class LengthFit:
     """The costs of one family of shapes as exact polynomials of the length (and labelled positions).
 
     :meth:`add` takes each profiled row's costs: the step's entries measured at ``step_labels`` labelled positions,
-    full fine-tuning at ``full_labels`` (a sparse LM head's bucket ends; both None with a dense head). :meth:`predict`
-    answers once every profile beyond those that pinned the coefficients agreed with them exactly (one at least),
-    and only between the shortest and the longest length profiled.
+    full fine-tuning at ``full_labels`` (a sparse LM head's bucket ends; both None with a dense head). A profile whose
+    point the earlier ones span is a check, and it counts only at a length none of the spanning ones has: a check at
+    a length already profiled (another label bucket) says nothing of how costs follow the length. :meth:`predict`
+    answers once ``CHECKS`` lengths checked out and none failed, only at whole, non-negative entries, only between
+    the shortest and the longest length profiled, and only at a residue modulo ``PERIOD`` a profiled length had.
     """
+
+    CHECKS = 2  # lengths beyond the spanning ones a family's profiles must match at before it predicts
+    PERIOD = 8  # costs can also follow the length's residue (pooling to ceil(L / 2), ceil(L / 4)): predicted only at
+    # residues modulo this that a profile had
 
     def __init__(self) -> None:
         self.units: list[str] | None = None
-        self.samples: list[_Sample] = []  # kept until the coefficients are pinned
-        self.step: _Polynomial | None = None
-        self.full: _Polynomial | None = None
-        self.lengths: list[int] = []
-        self.agreed_step = 0  # profiles that matched the pinned coefficients exactly, of the step and of full FT
-        self.agreed_full = 0
+        self.step = _Span([], [])
+        self.full = _Span([], [])
+        self.pinned: set[int] = set()  # lengths of the spanning profiles
+        self.checked: set[int] = set()  # other lengths whose profiles matched exactly
         self.broken = False
+        self.predictions = 0  # lengths priced from the polynomial so far
+
+    @property
+    def lengths(self) -> set[int]:
+        return self.pinned | self.checked
 
     def add(self, length: int, step_labels: int | None, full_labels: int | None, costs: UnitCosts) -> None:
         if self.broken:
             return
         names = [u.name for u in costs.units]
         self.units = names if self.units is None else self.units
-        if names != self.units or (step_labels is None) != (full_labels is None):
-            self.broken = True  # another backward order, or the head changed kind: not one family after all
+        step, full = _whole(_step_values(costs)), _whole([costs.full_flops])
+        kind = self.step.points[0] if self.step.points else _basis(length, step_labels)
+        if (
+            names != self.units
+            or (step_labels is None) != (full_labels is None)
+            or len(kind) != len(_basis(length, step_labels))
+            or step is None
+            or full is None
+        ):
+            self.broken = True  # another backward order, the head changed kind, or counts not whole
             return
-        sample = _Sample(
-            length,
-            _basis(length, step_labels),
-            _step_values(costs),
-            _basis(length, full_labels),
-            Fraction(costs.full_flops),
-        )
-        self.lengths.append(length)
-        if self.step is None:
-            self.samples.append(sample)
-            step = _fit([s.step_basis for s in self.samples], [s.step for s in self.samples])
-            full = _fit([s.full_basis for s in self.samples], [[s.full] for s in self.samples])
-            if step is None or full is None:
-                return
-            (step_pinning, self.step), (full_pinning, self.full) = step, full
-            checks = [(s, i not in step_pinning, i not in full_pinning) for i, s in enumerate(self.samples)]
-            self.samples = []
-        else:
-            checks = [(sample, True, True)]
-        for other, against_step, against_full in checks:  # profiles not fitted from must agree, exactly
-            if against_step and not self.step.equals(other.step_basis, other.step):
-                self.broken = True
-            if against_full and not self.full.equals(other.full_basis, [other.full]):
-                self.broken = True
-            self.agreed_step += against_step
-            self.agreed_full += against_full
+        checks = []
+        for span, basis, values in (
+            (self.step, _basis(length, step_labels), step),
+            (self.full, _basis(length, full_labels), full),
+        ):
+            expected = span.at(basis)
+            if expected is None and _combination(span.points, basis) is None:
+                span.points.append(basis)  # a new direction: pins more of the polynomial
+                span.values.append(values)
+                self.pinned.add(length)
+            else:
+                checks.append(
+                    expected is not None and all(int(a) == int(b) for a, b in zip(expected, values, strict=True))
+                )
+        if not all(checks):
+            self.broken = True
+        elif checks and length not in self.pinned:
+            self.checked.add(length)
 
     def predict(
         self, length: int, step_labels: int | None, full_labels: int | None, candidates: list
     ) -> UnitCosts | None:
         """The costs at ``length`` for ``candidates`` (the units, in any order), or None where not known exactly."""
-        if self.broken or not (self.agreed_step and self.agreed_full) or self.step is None or self.full is None:
+        if self.broken or len(self.checked) < self.CHECKS or not min(self.lengths) <= length <= max(self.lengths):
             return None
-        if not min(self.lengths) <= length <= max(self.lengths) or (step_labels is None) != (
-            len(self.step.numerators) == 3
-        ):
+        if length % self.PERIOD not in {other % self.PERIOD for other in self.lengths}:
             return None
         by_name = {u.name: u for u in candidates}
         if self.units is None or any(name not in by_name for name in self.units):
             return None
-        step = self.step.floats(_basis(length, step_labels))
-        (full,) = self.full.floats(_basis(length, full_labels))
+        step, full = self.step.at(_basis(length, step_labels)), self.full.at(_basis(length, full_labels))
+        if step is None or full is None or any(v < 0 for v in step) or full[0] <= 0:
+            return None
+        self.predictions += 1
         count = len(self.units)
-        arrays = [np.array(step[i * count : (i + 1) * count], dtype=np.float64) for i in range(len(_ARRAYS))]
+        values = [float(v) for v in step]
+        arrays = [np.array(values[i * count : (i + 1) * count], dtype=np.float64) for i in range(len(_ARRAYS))]
         return UnitCosts(
             units=[by_name[name] for name in self.units],
             t_dw=arrays[0],
             t_dy=arrays[1],
             forward_share=arrays[2],
-            dy_head=step[-2],
-            forward_flops=step[-1],
-            full_flops=float(full),
+            dy_head=values[-2],
+            forward_flops=values[-1],
+            full_flops=float(full[0]),
         )
 
 
-def _step_values(costs: UnitCosts) -> list[Fraction]:
-    """The entries a step's cost is made of, in a fixed order, exactly."""
-    values = [Fraction(float(v)) for name in _ARRAYS for v in getattr(costs, name)]
-    return values + [Fraction(float(getattr(costs, name))) for name in _SCALARS]
+def _step_values(costs: UnitCosts) -> list[float]:
+    """The entries a step's cost is made of, in a fixed order."""
+    values = [float(v) for name in _ARRAYS for v in getattr(costs, name)]
+    return values + [float(getattr(costs, name)) for name in _SCALARS]
