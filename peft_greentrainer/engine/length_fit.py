@@ -98,13 +98,14 @@ class _Span:
     points: list[tuple[int, ...]]
     values: list[np.ndarray]  # dtype object: Python ints
 
-    def at(self, basis: tuple[int, ...]) -> np.ndarray | None:
-        """The entries at ``basis`` (Python ints), or None outside the span or where they would not be whole."""
+    def combination(self, basis: tuple[int, ...]) -> list[Fraction] | None:
+        """How ``basis`` combines the points, or None outside their span (or a head of the other kind)."""
         if self.points and len(basis) != len(self.points[0]):
-            return None  # a head of the other kind: not this family's polynomial
-        alpha = _combination(self.points, basis)
-        if alpha is None:
             return None
+        return _combination(self.points, basis)
+
+    def value(self, alpha: list[Fraction]) -> np.ndarray | None:
+        """The entries of the point ``alpha`` combines (Python ints), or None where they would not be whole."""
         denominator = math.lcm(*(a.denominator for a in alpha))
         total = sum(
             (int(a * denominator) * v for a, v in zip(alpha, self.values, strict=True)), np.zeros_like(self.values[0])
@@ -112,6 +113,11 @@ class _Span:
         if any(int(t) % denominator for t in total):
             return None
         return np.array([int(t) // denominator for t in total], dtype=object)
+
+    def at(self, basis: tuple[int, ...]) -> np.ndarray | None:
+        """The entries at ``basis``, or None outside the span or where they would not be whole."""
+        alpha = self.combination(basis)
+        return None if alpha is None else self.value(alpha)
 
 
 def _whole(values: list[float]) -> np.ndarray | None:
@@ -170,12 +176,13 @@ class LengthFit:
             (self.step, _basis(length, step_labels), step),
             (self.full, _basis(length, full_labels), full),
         ):
-            expected = span.at(basis)
-            if expected is None and _combination(span.points, basis) is None:
+            alpha = span.combination(basis)
+            if alpha is None:
                 span.points.append(basis)  # a new direction: pins more of the polynomial
                 span.values.append(values)
                 self.pinned.add(length)
             else:
+                expected = span.value(alpha)
                 checks.append(
                     expected is not None and all(int(a) == int(b) for a, b in zip(expected, values, strict=True))
                 )
