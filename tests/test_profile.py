@@ -219,6 +219,32 @@ def test_writes_through_views_reach_the_buffer_they_fill():
         assert costs.predicted_backward(mask) == pytest.approx(measured), unit.name
 
 
+class _TriangularSolve(torch.nn.Module):
+    """Solves a unit lower-triangular system built from its input, as Qwen3.5's gated delta rule does: the solve
+    counts nothing forward, and its backward runs a batched matmul that FlopCounterMode counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys = torch.nn.Linear(8, 8)
+        self.values = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        k = self.keys(x)
+        system = (k @ k.transpose(-1, -2)).tril(-1) + torch.eye(x.shape[1])
+        solved = torch.linalg.solve_triangular(system, self.values(x), upper=False, unitriangular=True)
+        return {"loss": torch.nn.functional.mse_loss(solved, labels)}
+
+
+def test_a_solve_that_counts_nothing_forward_is_charged_its_backward():
+    model = _TriangularSolve()
+    batch = {"x": torch.randn(2, 6, 8) / 4, "labels": torch.randn(2, 6, 8)}
+    costs = profile_model(model, batch).unit_costs(tensor_units(model))
+    for unit in costs.units:
+        mask = np.array([u.name == unit.name for u in costs.units])
+        _, measured = measure_flops(model, batch, _trainable(costs, mask))
+        _check(costs.predicted_backward(mask), measured, unit.name)
+
+
 def test_profile_has_no_side_effects():
     model = tiny_model("llama")
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)

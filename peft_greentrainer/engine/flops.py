@@ -257,6 +257,17 @@ def is_attention_op(func) -> bool:
     return _ATTENTION_LIKE.search(str(getattr(func, "overloadpacket", func)).lower()) is not None
 
 
+# Linear-algebra ops FlopCounterMode counts nothing for forward, whose backward runs matmuls it does count (the
+# gradients of a triangular solve are another solve and a batched matmul): Qwen3.5's gated delta rule solves one.
+_LINALG_WITH_MATMUL_BACKWARD = re.compile(r"^(linalg_|triangular_solve|cholesky|lu_solve|inverse|solve)")
+
+
+def backward_may_count_without_forward(func) -> bool:
+    """True for an op whose forward FlopCounterMode counts as 0 but whose backward it may count (linear algebra)."""
+    name = getattr(func, "_opname", str(func).split(".")[-2] if "." in str(func) else str(func))
+    return _LINALG_WITH_MATMUL_BACKWARD.match(name) is not None
+
+
 def uncounted_matmul_op(func) -> bool:
     """True for an attention- or matmul-like op FlopCounterMode has no formula for: the profile would under-predict
     it."""

@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .costs import UnitCosts
-from .flops import is_attention_op, register_flop_formulas, uncounted_matmul_op
+from .flops import backward_may_count_without_forward, is_attention_op, register_flop_formulas, uncounted_matmul_op
 from .rng import fork_rng
 from .targets import labelled_counts
 from .units import Unit, parameter_aliases, requires_grad_kept
@@ -432,7 +432,7 @@ def _measure_op(op: OpCost, func, roles: list, spec, levels: list[int], cache: d
     inputs at that level start needing gradients too. Each level is replayed with all inputs at or above it needing
     gradients, so fused kernels that produce all input gradients at once (SDPA) are charged once, not per input.
     """
-    if op.forward == 0:
+    if op.forward == 0 and not backward_may_count_without_forward(func):
         return  # no matmul-class work forward means none backward either (norms, casts, embeddings)
     param_roles = list(dict.fromkeys(r.role for r in roles if isinstance(r, _TensorSpec) and r.role.startswith("p")))
     key = _replay_key(func, roles)
