@@ -264,7 +264,7 @@ _LINALG_WITH_MATMUL_BACKWARD = re.compile(r"^(linalg_|triangular_solve|cholesky|
 
 def backward_may_count_without_forward(func) -> bool:
     """True for an op whose forward FlopCounterMode counts as 0 but whose backward it may count (linear algebra)."""
-    name = getattr(func, "_opname", str(func).split(".")[-2] if "." in str(func) else str(func))
+    name = str(getattr(func, "overloadpacket", func)).split(".", 1)[-1]  # as uncounted_matmul_op reads it
     return _LINALG_WITH_MATMUL_BACKWARD.match(name) is not None
 
 
