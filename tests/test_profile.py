@@ -245,6 +245,60 @@ def test_a_solve_that_counts_nothing_forward_is_charged_its_backward():
         _check(costs.predicted_backward(mask), measured, unit.name)
 
 
+class _ScanWithAFinalState(torch.nn.Module):
+    """A chunked linear-attention scan, as Qwen3.5's gated delta rule runs one in training: the last chunk also updates
+    the recurrent state, a matmul whose result nobody reads, so backward never runs through it. ``returns_state``
+    hands the state to the caller instead, where a training loss may use it."""
+
+    def __init__(self, returns_state: bool = False) -> None:
+        super().__init__()
+        self.keys = torch.nn.Linear(8, 8)
+        self.values = torch.nn.Linear(8, 8)
+        self.output = torch.nn.Linear(8, 8)
+        self.returns_state = returns_state
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        k, v = self.keys(x), self.values(x)
+        state = torch.zeros(x.shape[0], 8, 8)
+        chunks = []
+        for start in range(0, x.shape[1], 4):
+            k_chunk, v_chunk = k[:, start : start + 4], v[:, start : start + 4]
+            chunks.append(k_chunk @ state)
+            state = state + k_chunk.transpose(-1, -2) @ v_chunk
+        outputs = {"loss": torch.nn.functional.mse_loss(self.output(torch.cat(chunks, 1)), labels)}
+        return {**outputs, "state": state} if self.returns_state else outputs
+
+
+def test_work_whose_result_never_reaches_the_loss_is_not_charged():
+    model = _ScanWithAFinalState()
+    batch = {"x": torch.randn(2, 8, 8), "labels": torch.randn(2, 8, 8)}
+    for param in model.parameters():  # what is charged must not depend on what the current selection trains
+        param.requires_grad_(False)
+    profile = profile_model(model, batch)
+    forward, backward = measure_flops(model, batch, [n for n, _ in model.named_parameters()])
+    assert profile.full_flops == forward + backward  # the last state update's backward would add 2 x 2 x 2x8x4x8
+    costs = profile.unit_costs(tensor_units(model))
+    for unit in costs.units:
+        mask = np.array([u.name == unit.name for u in costs.units])
+        _, measured = measure_flops(model, batch, _trainable(costs, mask))
+        assert costs.predicted_backward(mask) >= measured, unit.name  # never under: dead work only is dropped
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_an_output_the_model_returns_stays_charged_for_losses_that_use_it():
+    """The profile backpropagates from the model's own loss; a trainer's loss may also use anything it returns."""
+    model = _ScanWithAFinalState(returns_state=True)
+    batch = {"x": torch.randn(2, 8, 8), "labels": torch.randn(2, 8, 8)}
+    profile = profile_model(model, batch)
+
+    def loss_with_the_state(model, batch):
+        outputs = model(**batch)
+        return outputs["loss"] + outputs["state"].square().mean()
+
+    forward, backward = measure_flops(model, batch, [n for n, _ in model.named_parameters()], loss_with_the_state)
+    assert profile.full_flops == forward + backward
+
+
 def test_profile_has_no_side_effects():
     model = tiny_model("llama")
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)

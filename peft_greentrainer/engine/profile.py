@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -256,6 +257,9 @@ class _Recorder(TorchDispatchMode):
         self.params = {pid for pid in canonical}
         self.sources = WeakIdKeyDictionary()  # tensor -> canonical parameter name it re-presents
         self.latest = WeakIdKeyDictionary()  # activation -> index of the latest parameter-consuming op behind it
+        self.producer = WeakIdKeyDictionary()  # output of a recorded op -> that op's index (the last writer's)
+        # op index -> the autograd nodes its outputs were seen with: held, so that their ids stay theirs
+        self.grad_nodes: dict[int, list[torch.autograd.graph.Node]] = defaultdict(list)
         self.records: list[tuple[OpCost, Any, list, Any, list[int]]] = []  # op, func, leaf specs, treespec, levels
         self.next_index = 0
         self.warned: set = set()
@@ -299,6 +303,7 @@ class _Recorder(TorchDispatchMode):
             )
         index = self.next_index
         self.next_index += 1
+        self._note_grad_nodes(tensor_leaves)
         levels = sorted(
             {self.latest[x] for x in tensor_leaves if x in self.latest and _differentiable(x)}, reverse=True
         )
@@ -307,6 +312,7 @@ class _Recorder(TorchDispatchMode):
         self.records.append((op, func, roles, spec, levels))
         latest = max([index if distinct_sources else -1] + [self.latest[x] for x in tensor_leaves if x in self.latest])
         for o in outputs:
+            self.producer[o] = index
             if _differentiable(o):
                 self.latest[o] = latest
         # in-place and out= ops write into an argument: it now depends on the inputs too, and so does the tensor it
@@ -314,7 +320,17 @@ class _Recorder(TorchDispatchMode):
         for x in _mutated_arguments(func, args, kwargs):
             for written in (x, x._base) if x._base is not None else (x,):
                 self.latest[written] = max(latest, self.latest.get(written, -1))
+                self.producer[written] = index
         return out
+
+    def _note_grad_nodes(self, inputs: list[torch.Tensor]) -> None:
+        """Note the autograd node each input came out of, next to the op that wrote it: autograd has attached the node
+        by the time a later op reads the tensor (not yet while the writing op dispatches)."""
+        for x in inputs:
+            node = x.grad_fn
+            index = self.producer.get(x)
+            if node is not None and index is not None and all(node is not n for n in self.grad_nodes[index]):
+                self.grad_nodes[index].append(node)
 
     def _role(self, x: torch.Tensor, levels: list[int]) -> _TensorSpec:
         source = self._source(x)
@@ -474,11 +490,12 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
     # Inside autocast a weight is cast once and the copy reused: a cast cached by an earlier forward in the same block
     # would hide which parameter a matmul reads, and that weight's gradient would go uncharged.
     torch.clear_autocast_cache()
-    with fork_rng(), FlopCounterMode(display=False) as counter:
+    with fork_rng(), FlopCounterMode(display=False) as counter, _full_graph(model) as roots:
         with _Recorder(counter, canonical) as recorder, _checkpointed_blocks(model, recorder, counter, recomputed):
             loss = loss_fn(model, batch)
         forward_flops = float(counter.get_total_flops())
-    del loss
+        dead = _ops_backward_never_reaches(recorder.grad_nodes, [loss, *roots] if roots else [])
+    del loss, roots
 
     cache: dict = {}
     first_use: dict[str, int] = {}
@@ -486,7 +503,8 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
     share: dict[str, float] = defaultdict(float)
     ops = []
     for op, func, roles, spec, levels in recorder.records:
-        _measure_op(op, func, roles, spec, levels, cache)
+        if op.index not in dead:
+            _measure_op(op, func, roles, spec, levels, cache)
         ops.append(op)
         total_dw = sum(op.dw.values())
         for name, flops in op.dw.items():
@@ -515,6 +533,62 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
         t_dw=dict(t_dw),
         forward_share=dict(share),
     )
+
+
+@contextmanager
+def _full_graph(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """During the profiled forward, autograd records the graph full fine-tuning backpropagates through: every float
+    parameter needs a gradient, and nothing is saved for a backward that never runs (no activation memory).
+
+    Yields the tensors the model's outermost call returns (empty if ``loss_fn`` never called it): with the loss,
+    what a training loss can be computed from.
+    """
+    outputs: list[torch.Tensor] = []
+
+    def returned(module, args, output):
+        outputs.extend(x for x in tree_flatten(output)[0] if isinstance(x, torch.Tensor))
+
+    params = list(model.parameters())
+    with requires_grad_kept(params), torch.autograd.graph.saved_tensors_hooks(_drop, _dropped):
+        for param in params:
+            if param.dtype.is_floating_point or param.dtype.is_complex:
+                param.requires_grad_(True)
+        handle = model.register_forward_hook(returned)
+        try:
+            yield outputs
+        finally:
+            handle.remove()
+
+
+def _drop(tensor: torch.Tensor) -> weakref.ref:
+    return weakref.ref(tensor)  # not the tensor: freed as soon as the forward is done with it
+
+
+def _dropped(packed: weakref.ref) -> torch.Tensor:
+    tensor = packed()
+    if tensor is None:
+        raise RuntimeError("A profile's forward keeps no tensor for backward; its graph cannot be backpropagated.")
+    return tensor
+
+
+def _ops_backward_never_reaches(grad_nodes: Mapping[int, list], roots: list) -> set[int]:
+    """Recorded ops whose backward never runs, because no autograd path leads from ``roots`` to them.
+
+    An op's output can be discarded unread (the final state of a linear-attention scan in training) while its inputs
+    carry gradients: charging its backward would over-count full fine-tuning, the reference of ``rho``. Only ops seen
+    in the graph are judged; an op whose node was never seen (its output not read by a later op, or computed inside
+    a custom ``autograd.Function``) keeps its cost, so this can only lower a charge that autograd really skips.
+    """
+    if not roots or not isinstance(roots[0], torch.Tensor) or roots[0].grad_fn is None:
+        return set()  # no loss to backpropagate from: nothing is known dead
+    nodes = [t.grad_fn for t in roots if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    reached: dict[int, torch.autograd.graph.Node] = {}  # id -> node, held so that no id is reused while walking
+    while nodes:
+        node = nodes.pop()
+        if id(node) not in reached:
+            reached[id(node)] = node
+            nodes.extend(following for following, _ in node.next_functions if following is not None)
+    return {index for index, seen in grad_nodes.items() if not any(id(node) in reached for node in seen)}
 
 
 def is_checkpointed(module: nn.Module) -> bool:
