@@ -50,6 +50,14 @@ SIZE = dict(
     max_position_embeddings=128,
     pad_token_id=0,
 )
+LINEAR_ATTENTION = dict(
+    head_dim=16,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    layer_types=["linear_attention", "full_attention"],
+)
 ENCODER = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 SEQ2SEQ = dict(
     vocab_size=VOCAB,
@@ -107,6 +115,29 @@ CASES = {
     "gptj": Case(lambda: transformers.GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)),
     "qwen3_moe": Case(
         _causal("qwen3_moe", head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    ),
+    # hybrids of linear and full attention, whose scans also compute a final state that training discards
+    "qwen3_5_text": Case(_causal("qwen3_5_text", **LINEAR_ATTENTION), targets=["q_proj", "v_proj", "in_proj_qkv"]),
+    "qwen3_next": Case(
+        _causal(
+            "qwen3_next",
+            **LINEAR_ATTENTION,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+        ),
+        targets=["q_proj", "v_proj", "in_proj_qkvz"],
+    ),
+    "minimax": Case(
+        _causal(
+            "minimax",
+            head_dim=16,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            layer_types=["linear_attention", "full_attention"],
+            block_size=16,
+        )
     ),
     "mamba": Case(
         lambda: transformers.MambaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, state_size=8),

@@ -55,6 +55,19 @@ def test_each_family_keeps_its_budget_and_round_trips(family, units, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("units", ["tensors", "lora"])
+@pytest.mark.parametrize("family", list(CASES))
+def test_full_fine_tuning_that_rho_refers_to_is_priced_exactly(family, units):
+    """Every step is held to rho times the reference: one counted above what full fine-tuning runs would let steps
+    spend more than promised (the hybrids' linear-attention scans compute a final state no backward goes through)."""
+    case = CASES[family]
+    model = get_peft_model(case.model(), case.peft_config(units, RHO))
+    batch = collate([example(model.config, case.task_type, length, seed) for seed, length in enumerate((40, 33))])
+    _, reference = model.base_model.cost_profile(batch)
+    assert reference == full_fine_tuning_flops(model, batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("units", ["tensors", "lora"])
 @pytest.mark.parametrize("family", ["qwen2", "gemma2", "mamba", "bert-classification", "qwen3_moe"])
 def test_lengths_padded_per_batch_are_priced_without_a_profile_and_exactly(family, units, monkeypatch):
     """Once profiled lengths pin the polynomial the costs follow, a new length between them costs no profile; the

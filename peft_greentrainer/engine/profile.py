@@ -19,6 +19,9 @@ Charging ``x``'s gradient exactly then never under-predicts (the budget is a pro
 residual blocks: ``k_proj``'s input does not pay when only ``q_proj`` of its layer is selected, and the encoder output
 read by a decoder's cross-attention pays only when an encoder unit is selected. Encoder-decoder models need no
 special case: the encoder runs first, so its units are deeper than every decoder unit and pay the decoder path.
+
+An op is charged nothing backward when autograd would never reach it: the profiled forward records full fine-tuning's
+graph, and ops no path from the loss (or the model's outputs) leads to are left out, as a discarded final state is.
 """
 
 from __future__ import annotations
@@ -494,8 +497,10 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
         with _Recorder(counter, canonical) as recorder, _checkpointed_blocks(model, recorder, counter, recomputed):
             loss = loss_fn(model, batch)
         forward_flops = float(counter.get_total_flops())
-        dead = _ops_backward_never_reaches(recorder.grad_nodes, [loss, *roots] if roots else [])
-    del loss, roots
+        returned = [x for x in tree_flatten(loss)[0] if isinstance(x, torch.Tensor)]  # a loss, or the outputs
+        dead = _ops_backward_never_reaches(recorder.grad_nodes, [*returned, *roots]) if roots else set()
+    del loss, roots, returned
+    recorder.grad_nodes.clear()  # the graph they hold
 
     cache: dict = {}
     first_use: dict[str, int] = {}
@@ -545,7 +550,7 @@ def _full_graph(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """
     outputs: list[torch.Tensor] = []
 
-    def returned(module, args, output):
+    def keep_outputs(module, args, output):
         outputs.extend(x for x in tree_flatten(output)[0] if isinstance(x, torch.Tensor))
 
     params = list(model.parameters())
@@ -553,7 +558,7 @@ def _full_graph(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         for param in params:
             if param.dtype.is_floating_point or param.dtype.is_complex:
                 param.requires_grad_(True)
-        handle = model.register_forward_hook(returned)
+        handle = model.register_forward_hook(keep_outputs)
         try:
             yield outputs
         finally:
@@ -571,17 +576,18 @@ def _dropped(packed: weakref.ref) -> torch.Tensor:
     return tensor
 
 
-def _ops_backward_never_reaches(grad_nodes: Mapping[int, list], roots: list) -> set[int]:
-    """Recorded ops whose backward never runs, because no autograd path leads from ``roots`` to them.
+def _ops_backward_never_reaches(grad_nodes: Mapping[int, list], roots: list[torch.Tensor]) -> set[int]:
+    """Recorded ops whose backward never runs, because no autograd path leads from ``roots`` (what ``loss_fn``
+    returned, and what the model returned to it) to them.
 
     An op's output can be discarded unread (the final state of a linear-attention scan in training) while its inputs
     carry gradients: charging its backward would over-count full fine-tuning, the reference of ``rho``. Only ops seen
     in the graph are judged; an op whose node was never seen (its output not read by a later op, or computed inside
     a custom ``autograd.Function``) keeps its cost, so this can only lower a charge that autograd really skips.
     """
-    if not roots or not isinstance(roots[0], torch.Tensor) or roots[0].grad_fn is None:
-        return set()  # no loss to backpropagate from: nothing is known dead
-    nodes = [t.grad_fn for t in roots if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    nodes = [t.grad_fn for t in roots if t.grad_fn is not None]
+    if not nodes:
+        return set()  # nothing to backpropagate from (a forward without grad): nothing is known dead
     reached: dict[int, torch.autograd.graph.Node] = {}  # id -> node, held so that no id is reused while walking
     while nodes:
         node = nodes.pop()
