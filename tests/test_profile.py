@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -297,6 +298,41 @@ def test_an_output_the_model_returns_stays_charged_for_losses_that_use_it():
 
     forward, backward = measure_flops(model, batch, [n for n, _ in model.named_parameters()], loss_with_the_state)
     assert profile.full_flops == forward + backward
+
+
+class _DoubledOutsideTheDispatcher(torch.autograd.Function):
+    """Writes its output the way a Triton or CUDA-extension kernel does: into memory torch allocated, unseen."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        out.numpy()[...] = 2 * x.detach().numpy()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return 2 * grad
+
+
+class _WithAnUnseenKernel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(8, 8)
+        self.second = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = _DoubledOutsideTheDispatcher.apply(self.first(x))
+        return {"loss": torch.nn.functional.mse_loss(self.second(hidden), labels)}
+
+
+def test_a_kernel_the_dispatcher_does_not_see_is_named_in_a_warning(caplog):
+    """No FLOP count sees such a kernel, so the budget cannot cover it: the user hears which module runs one."""
+    batch = {"x": torch.randn(2, 8), "labels": torch.randn(2, 8)}
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer"):
+        profile_model(tiny_model("llama"), tiny_batch(tiny_model("llama")))
+        assert "dispatcher does not see" not in caplog.text
+        profile_model(_WithAnUnseenKernel(), batch)
+    assert "in _WithAnUnseenKernel a tensor allocated by aten.empty_like" in caplog.text  # where the kernel ran
 
 
 def test_profile_has_no_side_effects():

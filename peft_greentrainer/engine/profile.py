@@ -266,6 +266,7 @@ class _Recorder(TorchDispatchMode):
         self.records: list[tuple[OpCost, Any, list, Any, list[int]]] = []  # op, func, leaf specs, treespec, levels
         self.next_index = 0
         self.warned: set = set()
+        self.unseen = _UnseenWrites(counter)
 
     def _source(self, t: torch.Tensor) -> str | None:
         name = self.canonical.get(id(t))
@@ -283,6 +284,9 @@ class _Recorder(TorchDispatchMode):
 
         leaves, spec = tree_flatten((args, kwargs))
         tensor_leaves = [x for x in leaves if isinstance(x, torch.Tensor)]
+        unseen = self.unseen.follow(func, args, kwargs, tensor_leaves, out)
+        if unseen is not None:
+            _warn_unseen_kernel(*unseen)
         sources = [self._source(x) for x in tensor_leaves]
         is_act = [x in self.latest for x in tensor_leaves]
         if not any(sources) and not any(is_act):
@@ -344,6 +348,67 @@ class _Recorder(TorchDispatchMode):
         else:
             role = "const"
         return _TensorSpec(tuple(x.shape), tuple(x.stride()), x.dtype, role)
+
+
+# Ops that return memory as they found it: a kernel launched outside the dispatcher fills what they allocate
+_ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
+
+
+class _UnseenWrites:
+    """Finds tensors allocated uninitialised and then read before any op the dispatcher saw wrote them.
+
+    Such a tensor was filled by a kernel launched outside torch's dispatcher (a Triton or CUDA-extension kernel called
+    directly, as flash-linear-attention, mamba-ssm, causal-conv1d or Liger do): FlopCounterMode counts none of its
+    FLOPs, in the profile or in any measurement, so the budget does not cover them.
+    """
+
+    def __init__(self, counter: FlopCounterMode) -> None:
+        self.counter = counter
+        self.unwritten = WeakIdKeyDictionary()  # tensor -> (the op that allocated it, the module that ran it)
+
+    def follow(self, func, args, kwargs, tensors: list[torch.Tensor], out) -> tuple[str, str] | None:
+        """Note what ``func`` allocates and writes; where a tensor it reads unwritten was allocated, if any."""
+        name = getattr(func, "_opname", "")
+        if name in _ALLOCATIONS:
+            for o in tree_flatten(out)[0]:
+                if isinstance(o, torch.Tensor):
+                    self.unwritten[o] = (str(func), self._module())
+            return None
+        written = _mutated_arguments(func, args, kwargs)
+        found = None
+        # views and ``*_like``/``new_*`` factories read only shapes; ops that write a tensor need not read it
+        reads_values = not (getattr(func, "is_view", False) or name.endswith("_like") or name.startswith("new_"))
+        if self.unwritten and reads_values:
+            for x in tensors:
+                if x.numel() and not any(x is w for w in written):
+                    found = found or self.unwritten.get(x) or (x._base is not None and self.unwritten.get(x._base))
+        for x in written:
+            for target in (x, x._base) if x._base is not None else (x,):
+                self.unwritten.pop(target, None)
+        return found or None
+
+    def _module(self) -> str:
+        """The innermost module running (FlopCounterMode tracks them by qualified name)."""
+        modules = getattr(getattr(self.counter, "mod_tracker", None), "parents", ()) or ("the model",)
+        return max(modules, key=len)
+
+
+_UNSEEN_WARNED: set[str] = set()
+
+
+def _warn_unseen_kernel(allocated: str, module: str) -> None:
+    """Say once per module where a kernel ran that no FLOP count sees."""
+    if module in _UNSEEN_WARNED:
+        return
+    _UNSEEN_WARNED.add(module)
+    logger.warning(
+        "GreenTrainer: in %s a tensor allocated by %s was filled by a kernel torch's dispatcher does not see (a "
+        "Triton or CUDA-extension kernel called directly, e.g. flash-linear-attention, mamba-ssm, causal-conv1d, "
+        "Liger). FlopCounterMode counts none of its FLOPs, so neither does the budget: rho bounds the rest of each "
+        "step. Load the model without such kernels to have them counted.",
+        module,
+        allocated,
+    )
 
 
 def _differentiable(t: torch.Tensor) -> bool:
