@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 import transformers
 from conftest import VOCAB, needs_opt_on_meta, tiny_batch, tiny_config, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from peft_greentrainer.backprop import keep_backprop_shallow
@@ -298,6 +301,125 @@ def test_an_output_the_model_returns_stays_charged_for_losses_that_use_it():
 
     forward, backward = measure_flops(model, batch, [n for n, _ in model.named_parameters()], loss_with_the_state)
     assert profile.full_flops == forward + backward
+
+
+def _never_under_predicted(model: torch.nn.Module, batch: dict, train_loss=None) -> None:
+    """Every unit alone, and all together, is priced at least at what a step training it measures."""
+    costs = profile_model(model, batch).unit_costs(tensor_units(model))
+    measure = {} if train_loss is None else {"loss_fn": train_loss}
+    masks = [np.array([u.name == unit.name for u in costs.units]) for unit in costs.units]
+    for mask in [*masks, np.ones(len(costs.units), bool)]:
+        _, measured = measure_flops(model, batch, _trainable(costs, mask), **measure)
+        assert costs.predicted_backward(mask) >= measured, _trainable(costs, mask)
+
+
+class _GradientThroughInputsOnly(torch.autograd.Function):
+    """Runs ``function`` under grad in its forward and backpropagates through that graph itself, as transformers'
+    PocketTTS loss does: no edge of the step's graph leads to the ops it ran."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, function: torch.nn.Module) -> torch.Tensor:
+        with torch.enable_grad():
+            outputs = function(inputs)
+        ctx.save_for_backward(inputs, outputs)
+        return outputs.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        inputs, outputs = ctx.saved_tensors
+        return torch.autograd.grad(outputs, inputs, grad)[0], None
+
+
+class _BackpropagatesItself(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Linear(8, 8, bias=False)
+        self.head = torch.nn.Linear(8, 8, bias=False)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.encoder(x)
+        target = _GradientThroughInputsOnly.apply(hidden, self.head)
+        return {"loss": torch.nn.functional.mse_loss(self.head(hidden) - target, labels)}
+
+
+def test_a_function_that_backpropagates_through_its_own_graph_keeps_that_graph_charged():
+    _never_under_predicted(_BackpropagatesItself(), {"x": torch.randn(2, 6, 8), "labels": torch.randn(2, 6, 8)})
+
+
+class _KeywordIntoACheckpointedLayer(torch.nn.Module):
+    """transformers' checkpointed layers bind keyword arguments into a closure: under reentrant checkpointing, the
+    step's graph has no edge to what made them, yet the recompute's own backward reaches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        class Layer(GradientCheckpointingLayer):
+            def __init__(self) -> None:
+                super().__init__()
+                self.linear = torch.nn.Linear(8, 8)
+
+            def forward(self, hidden: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+                return self.linear(hidden) * scale
+
+        self.scales = torch.nn.Linear(8, 8, bias=False)
+        self.inputs = torch.nn.Linear(8, 8, bias=False)
+        self.layer = Layer()
+        self.layer.gradient_checkpointing = True
+        self.layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=True)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.layer(self.inputs(x), scale=self.scales(x))
+        return {"loss": torch.nn.functional.mse_loss(out, labels)}
+
+
+def test_reentrant_checkpointing_keeps_what_its_layers_read_by_keyword_charged():
+    batch = {"x": torch.randn(2, 6, 8), "labels": torch.randn(2, 6, 8)}
+    _never_under_predicted(_KeywordIntoACheckpointedLayer(), batch)
+
+
+class _DiscardsAProbe(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Linear(8, 8)
+        self.probe = torch.nn.Linear(8, 8)
+        self.output = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.encoder(x)
+        self.probe(hidden)  # its result is dropped: only a forward hook can use it
+        return {"loss": torch.nn.functional.mse_loss(self.output(hidden), labels)}
+
+
+def test_a_discarded_output_a_forward_hook_captures_stays_charged():
+    """A trainer's loss may add a term on what a hook captured (an auxiliary loss on an intermediate)."""
+    model, captured = _DiscardsAProbe(), {}
+    model.probe.register_forward_hook(lambda module, args, output: captured.update(probe=output))
+
+    def loss_with_the_probe(model, batch):
+        return model(**batch)["loss"] + captured["probe"].square().mean()
+
+    batch = {"x": torch.randn(2, 6, 8), "labels": torch.randn(2, 6, 8)}
+    _never_under_predicted(model, batch, loss_with_the_probe)
+
+
+def test_the_profile_leaves_no_cast_of_a_frozen_weight_in_the_autocast_cache():
+    """The profile trains every weight to record the full graph; a cast it cached would outlive it in the step."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    model[0].weight.requires_grad_(False)
+    casts = []
+
+    class CountCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            casts.append(func is torch.ops.aten._to_copy.default and args[0] is model[0].weight)
+            return func(*args, **(kwargs or {}))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        profile_model(model, {"input": torch.randn(2, 8)}, lambda m, b: m(b["input"]).float().sum())
+        model[0].weight.requires_grad_(True)  # as if selected: a cached cast would be served without a new cast
+        with CountCasts():
+            model[0](torch.randn(2, 8))
+    assert any(casts)
 
 
 class _DoubledOutsideTheDispatcher(torch.autograd.Function):

@@ -558,14 +558,16 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
     # Inside autocast a weight is cast once and the copy reused: a cast cached by an earlier forward in the same block
     # would hide which parameter a matmul reads, and that weight's gradient would go uncharged.
     torch.clear_autocast_cache()
-    with fork_rng(), FlopCounterMode(display=False) as counter, _full_graph(model) as roots:
+    # (roots first: FlopCounterMode's module tracking registers a global forward hook of its own)
+    with fork_rng(), _full_graph(model) as roots, FlopCounterMode(display=False) as counter:
         with _Recorder(counter, canonical) as recorder, _checkpointed_blocks(model, recorder, counter, recomputed):
             loss = loss_fn(model, batch)
         forward_flops = float(counter.get_total_flops())
-        returned = [x for x in tree_flatten(loss)[0] if isinstance(x, torch.Tensor)]  # a loss, or the outputs
-        dead = _ops_backward_never_reaches(recorder.grad_nodes, [*returned, *roots]) if roots else set()
-    del loss, roots, returned
+        roots.add(loss)  # a loss, or the outputs
+        dead = _ops_backward_never_reaches(recorder.grad_nodes, roots.nodes) if roots.model_called else set()
+    del loss, roots
     recorder.grad_nodes.clear()  # the graph they hold
+    torch.clear_autocast_cache()  # casts of weights the step keeps frozen, made while the profile trained them all
 
     cache: dict = {}
     first_use: dict[str, int] = {}
@@ -605,27 +607,39 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
     )
 
 
+@dataclass
+class _Roots:
+    """Where a training loss can start backpropagating from: the autograd nodes of what ``loss_fn`` returned, of what
+    the model returned (a trainer's loss may use any output), and of what any module returned to a forward hook (a
+    loss may use what a hook captures, such as an attention module's discarded state)."""
+
+    model: nn.Module
+    every_module: bool  # a global forward hook (of the caller's) may capture any module's output
+    nodes: list[torch.autograd.graph.Node] = field(default_factory=list)
+    model_called: bool = False
+
+    def add(self, value: Any) -> None:
+        self.nodes += [x.grad_fn for x in tree_flatten(value)[0] if isinstance(x, torch.Tensor) and x.grad_fn]
+
+    def module_returned(self, module: nn.Module, args: Any, output: Any) -> None:
+        if module is self.model or module._forward_hooks or self.every_module:
+            self.add(output)
+        self.model_called = self.model_called or module is self.model
+
+
 @contextmanager
-def _full_graph(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+def _full_graph(model: nn.Module) -> Iterator[_Roots]:
     """During the profiled forward, autograd records the graph full fine-tuning backpropagates through: every float
-    parameter needs a gradient, and nothing is saved for a backward that never runs (no activation memory).
-
-    Yields the tensors the model's outermost call returns (empty if ``loss_fn`` never called it): with the loss,
-    what a training loss can be computed from.
-    """
-    outputs: list[torch.Tensor] = []
-
-    def keep_outputs(module, args, output):
-        outputs.extend(x for x in tree_flatten(output)[0] if isinstance(x, torch.Tensor))
-
+    parameter needs a gradient, and nothing is saved for a backward that never runs (no activation memory)."""
+    roots = _Roots(model, every_module=bool(torch.nn.modules.module._global_forward_hooks))
     params = list(model.parameters())
     with requires_grad_kept(params), torch.autograd.graph.saved_tensors_hooks(_drop, _dropped):
         for param in params:
             if param.dtype.is_floating_point or param.dtype.is_complex:
                 param.requires_grad_(True)
-        handle = model.register_forward_hook(keep_outputs)
+        handle = torch.nn.modules.module.register_module_forward_hook(roots.module_returned)
         try:
-            yield outputs
+            yield roots
         finally:
             handle.remove()
 
@@ -641,25 +655,41 @@ def _dropped(packed: weakref.ref) -> torch.Tensor:
     return tensor
 
 
-def _ops_backward_never_reaches(grad_nodes: Mapping[int, list], roots: list[torch.Tensor]) -> set[int]:
-    """Recorded ops whose backward never runs, because no autograd path leads from ``roots`` (what ``loss_fn``
-    returned, and what the model returned to it) to them.
+def _ops_backward_never_reaches(grad_nodes: Mapping[int, list], roots: list[torch.autograd.graph.Node]) -> set[int]:
+    """Recorded ops whose backward never runs, because no autograd path leads from ``roots`` to them.
 
     An op's output can be discarded unread (the final state of a linear-attention scan in training) while its inputs
     carry gradients: charging its backward would over-count full fine-tuning, the reference of ``rho``. Only ops seen
     in the graph are judged; an op whose node was never seen (its output not read by a later op, or computed inside
     a custom ``autograd.Function``) keeps its cost, so this can only lower a charge that autograd really skips.
+
+    A custom ``autograd.Function`` may run autograd itself in its backward (``torch.autograd.grad`` through a graph
+    it kept, as reentrant checkpointing does), reaching ops no edge leads to: unless it is one known not to, nothing
+    is judged dead.
     """
-    nodes = [t.grad_fn for t in roots if t.grad_fn is not None]
-    if not nodes:
-        return set()  # nothing to backpropagate from (a forward without grad): nothing is known dead
     reached: dict[int, torch.autograd.graph.Node] = {}  # id -> node, held so that no id is reused while walking
+    nodes = list(roots)
     while nodes:
         node = nodes.pop()
-        if id(node) not in reached:
-            reached[id(node)] = node
-            nodes.extend(following for following, _ in node.next_functions if following is not None)
+        if id(node) in reached:
+            continue
+        if _may_run_autograd(node):
+            logger.debug("%s may backpropagate through a graph of its own; no op is judged dead.", type(node))
+            return set()
+        reached[id(node)] = node
+        nodes.extend(following for following, _ in node.next_functions if following is not None)
+    if not reached:
+        return set()  # nothing to backpropagate from (a forward without grad): nothing is known dead
     return {index for index, seen in grad_nodes.items() if not any(id(node) in reached for node in seen)}
+
+
+# Custom autograd.Functions whose backward computes gradients from what they saved, without autograd of its own
+_PLAIN_BACKWARD_FUNCTIONS = ("bitsandbytes.autograd._functions.", "trl.kernels.", "flash_attn.")
+
+
+def _may_run_autograd(node: torch.autograd.graph.Node) -> bool:
+    function = getattr(node, "_forward_cls", None)  # set on the nodes of Python autograd.Functions only
+    return function is not None and not f"{function.__module__}.".startswith(_PLAIN_BACKWARD_FUNCTIONS)
 
 
 def is_checkpointed(module: nn.Module) -> bool:
