@@ -704,18 +704,23 @@ def is_checkpointed(module: nn.Module) -> bool:
 @contextmanager
 def _checkpointed_blocks(model: nn.Module, recorder: _Recorder, counter: FlopCounterMode, out: list[OpCost]):
     """Record, for each checkpointed block that runs, its forward FLOPs and its last op: its recompute cost."""
-    starts: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    starts: dict[int, list[tuple[int, float, bool]]] = defaultdict(list)
 
     def before(module, args, kwargs):
-        starts[id(module)].append((recorder.next_index, float(counter.get_total_flops())))
+        # A block run without grad has no backward to recompute for; but transformers before 5.2x checkpoint the
+        # whole call, hooks included, so reentrant checkpointing runs them under no_grad: inputs that need a
+        # gradient say that a backward will come
+        inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        backward = torch.is_grad_enabled() or any(x.requires_grad for x in inputs)
+        starts[id(module)].append((recorder.next_index, float(counter.get_total_flops()), backward))
 
     def after(module, args, kwargs, output):
-        first, flops_before = starts[id(module)].pop()
+        first, flops_before, backward = starts[id(module)].pop()
         last = recorder.next_index - 1
         flops = float(counter.get_total_flops()) - flops_before
         if _stops_early(module):
             flops -= _tail_never_recomputed(recorder.records, first)
-        if last >= first and flops > 0 and torch.is_grad_enabled():
+        if last >= first and flops > 0 and backward:
             name = f"recompute {type(module).__name__}"
             out.append(OpCost(index=last, name=name, forward=0.0, dy=[(last, flops)]))
 
