@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from peft_greentrainer.backprop import keep_backprop_shallow
+from peft_greentrainer.engine import profile as profile_module
 from peft_greentrainer.engine.profile import dummy_batch, measure_flops, profile_model
 from peft_greentrainer.engine.units import tensor_units
 
@@ -383,24 +384,61 @@ class _DiscardsAProbe(torch.nn.Module):
         super().__init__()
         self.encoder = torch.nn.Linear(8, 8)
         self.probe = torch.nn.Linear(8, 8)
+        self.reader = torch.nn.Linear(8, 8)
         self.output = torch.nn.Linear(8, 8)
+        self.keeps_probe = False
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         hidden = self.encoder(x)
-        self.probe(hidden)  # its result is dropped: only a forward hook can use it
+        probe = self.probe(hidden)
+        if self.keeps_probe:
+            self.last_probe = probe
+        self.reader(probe)  # dropped: only a hook, or what a module keeps, can use them
         return {"loss": torch.nn.functional.mse_loss(self.output(hidden), labels)}
 
 
-def test_a_discarded_output_a_forward_hook_captures_stays_charged():
-    """A trainer's loss may add a term on what a hook captured (an auxiliary loss on an intermediate)."""
-    model, captured = _DiscardsAProbe(), {}
-    model.probe.register_forward_hook(lambda module, args, output: captured.update(probe=output))
+_CAPTURES = {
+    "a forward hook, of the output": lambda model, kept: model.probe.register_forward_hook(
+        lambda module, args, output: kept.update(probe=output)
+    ),
+    "a forward pre-hook of its reader": lambda model, kept: model.reader.register_forward_pre_hook(
+        lambda module, args: kept.update(probe=args[0])
+    ),
+    "a global forward pre-hook": lambda model, kept: torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: kept.update(probe=args[0]) if module is model.reader else None
+    ),
+    "an attribute of the module": lambda model, kept: setattr(model, "keeps_probe", True),
+}
+
+
+@pytest.mark.parametrize("capture", list(_CAPTURES))
+def test_a_discarded_output_a_loss_can_still_capture_stays_charged(capture):
+    """A trainer's loss may add a term on an intermediate the model drops (an auxiliary loss), captured by a hook."""
+    model, kept = _DiscardsAProbe(), {}
+    handle = _CAPTURES[capture](model, kept)
 
     def loss_with_the_probe(model, batch):
-        return model(**batch)["loss"] + captured["probe"].square().mean()
+        loss = model(**batch)["loss"]
+        return loss + (kept["probe"] if kept else model.last_probe).square().mean()
 
-    batch = {"x": torch.randn(2, 6, 8), "labels": torch.randn(2, 6, 8)}
-    _never_under_predicted(model, batch, loss_with_the_probe)
+    try:
+        _never_under_predicted(model, {"x": torch.randn(2, 6, 8), "labels": torch.randn(2, 6, 8)}, loss_with_the_probe)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def test_a_profile_inside_cached_parametrizations_leaves_the_step_a_graph_it_can_backpropagate():
+    """The profile keeps no tensor for backward; a weight it cached must not be what the step then trains through."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    model = torch.nn.Sequential(parametrizations.weight_norm(torch.nn.Linear(8, 8)), torch.nn.Linear(8, 8))
+    model[0].parametrizations.weight.original0.requires_grad_(False)
+    batch = {"input": torch.randn(2, 8)}
+    with parametrize.cached():
+        profile_model(model, batch, lambda m, b: m(b["input"]).sum())
+        model(batch["input"]).sum().backward()
+    assert model[0].parametrizations.weight.original1.grad is not None
 
 
 def test_the_profile_leaves_no_cast_of_a_frozen_weight_in_the_autocast_cache():
@@ -447,14 +485,43 @@ class _WithAnUnseenKernel(torch.nn.Module):
         return {"loss": torch.nn.functional.mse_loss(self.second(hidden), labels)}
 
 
-def test_a_kernel_the_dispatcher_does_not_see_is_named_in_a_warning(caplog):
+def test_a_kernel_the_dispatcher_does_not_see_is_named_in_a_warning(caplog, monkeypatch):
     """No FLOP count sees such a kernel, so the budget cannot cover it: the user hears which module runs one."""
+    monkeypatch.setattr(profile_module, "_UNSEEN_WARNED", set())  # said once per module and process
     batch = {"x": torch.randn(2, 8), "labels": torch.randn(2, 8)}
     with caplog.at_level(logging.WARNING, logger="peft_greentrainer"):
         profile_model(tiny_model("llama"), tiny_batch(tiny_model("llama")))
         assert "dispatcher does not see" not in caplog.text
         profile_model(_WithAnUnseenKernel(), batch)
     assert "in _WithAnUnseenKernel a tensor allocated by aten.empty_like" in caplog.text  # where the kernel ran
+
+
+_FILLED_THROUGH_THE_DISPATCHER = {
+    "an alias from detach()": lambda buffer, values: buffer.detach().copy_(values),
+    "an alias from .data": lambda buffer, values: buffer.data.copy_(values),
+    "a list written by _foreach_copy_": lambda buffer, values: torch._foreach_copy_([buffer], [values]),
+    "views written one by one": lambda buffer, values: [row.copy_(v) for row, v in zip(buffer, values, strict=True)],
+}
+
+
+@pytest.mark.parametrize("fill", list(_FILLED_THROUGH_THE_DISPATCHER))
+def test_memory_filled_by_ops_the_dispatcher_sees_is_not_named(fill, caplog, monkeypatch):
+    monkeypatch.setattr(profile_module, "_UNSEEN_WARNED", set())  # said once per module and process
+
+    class FillsABuffer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hidden = self.linear(x)
+            buffer = torch.empty_like(hidden)
+            _FILLED_THROUGH_THE_DISPATCHER[fill](buffer, hidden.detach())
+            return (hidden + buffer).sum()
+
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer"):
+        profile_model(FillsABuffer(), {"x": torch.randn(2, 8)}, lambda model, batch: model(batch["x"]))
+    assert "dispatcher does not see" not in caplog.text
 
 
 def test_profile_has_no_side_effects():

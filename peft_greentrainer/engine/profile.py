@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
@@ -355,42 +356,53 @@ _ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "
 
 
 class _UnseenWrites:
-    """Finds tensors allocated uninitialised and then read before any op the dispatcher saw wrote them.
+    """Finds memory allocated uninitialised and then read before any op the dispatcher saw wrote it.
 
-    Such a tensor was filled by a kernel launched outside torch's dispatcher (a Triton or CUDA-extension kernel called
-    directly, as flash-linear-attention, mamba-ssm, causal-conv1d or Liger do): FlopCounterMode counts none of its
-    FLOPs, in the profile or in any measurement, so the budget does not cover them.
+    Such memory was filled by a kernel launched outside torch's dispatcher (a Triton or CUDA-extension kernel called
+    directly, as flash-linear-attention, mamba-ssm, causal-conv1d or Liger do), whose FLOPs no FlopCounterMode counts.
+    Memory is followed by its storage, so writes through any alias (a view, ``detach()``, ``.data``) count.
     """
 
     def __init__(self, counter: FlopCounterMode) -> None:
         self.counter = counter
-        self.unwritten = WeakIdKeyDictionary()  # tensor -> (the op that allocated it, the module that ran it)
+        self.unwritten: dict[int, tuple[str, str]] = {}  # storage address -> (the allocating op, the module running)
 
     def follow(self, func, args, kwargs, tensors: list[torch.Tensor], out) -> tuple[str, str] | None:
-        """Note what ``func`` allocates and writes; where a tensor it reads unwritten was allocated, if any."""
+        """Note what ``func`` allocates and writes; where memory it reads unwritten was allocated, if any."""
         name = getattr(func, "_opname", "")
+        outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         if name in _ALLOCATIONS:
-            for o in tree_flatten(out)[0]:
-                if isinstance(o, torch.Tensor):
-                    self.unwritten[o] = (str(func), self._module())
+            for address in filter(None, map(_storage_address, outputs)):
+                self.unwritten[address] = (str(func), self._module())
+            return None
+        if not self.unwritten:
             return None
         written = _mutated_arguments(func, args, kwargs)
         found = None
         # views and ``*_like``/``new_*`` factories read only shapes; ops that write a tensor need not read it
-        reads_values = not (getattr(func, "is_view", False) or name.endswith("_like") or name.startswith("new_"))
-        if self.unwritten and reads_values:
+        if not (getattr(func, "is_view", False) or name.endswith("_like") or name.startswith("new_")):
             for x in tensors:
-                if x.numel() and not any(x is w for w in written):
-                    found = found or self.unwritten.get(x) or (x._base is not None and self.unwritten.get(x._base))
-        for x in written:
-            for target in (x, x._base) if x._base is not None else (x,):
-                self.unwritten.pop(target, None)
-        return found or None
+                if not any(x is w for w in written):
+                    found = found or self.unwritten.get(_storage_address(x))
+        fresh = [] if getattr(func, "is_view", False) else outputs  # an op's own output is memory it wrote
+        for x in [*written, *fresh]:
+            self.unwritten.pop(_storage_address(x), None)
+        return found
 
     def _module(self) -> str:
         """The innermost module running (FlopCounterMode tracks them by qualified name)."""
         modules = getattr(getattr(self.counter, "mod_tracker", None), "parents", ()) or ("the model",)
         return max(modules, key=len)
+
+
+def _storage_address(x: torch.Tensor) -> int | None:
+    """Where ``x``'s memory lies; None where there is none to fill (meta and fake tensors, sparse layouts)."""
+    if x.device.type == "meta" or isinstance(x, FakeTensor) or x.layout != torch.strided or not x.numel():
+        return None
+    try:
+        return x.untyped_storage().data_ptr() or None
+    except (RuntimeError, NotImplementedError):  # subclasses and nested tensors without one plain storage
+        return None
 
 
 _UNSEEN_WARNED: set[str] = set()
@@ -404,8 +416,9 @@ def _warn_unseen_kernel(allocated: str, module: str) -> None:
     logger.warning(
         "GreenTrainer: in %s a tensor allocated by %s was filled by a kernel torch's dispatcher does not see (a "
         "Triton or CUDA-extension kernel called directly, e.g. flash-linear-attention, mamba-ssm, causal-conv1d, "
-        "Liger). FlopCounterMode counts none of its FLOPs, so neither does the budget: rho bounds the rest of each "
-        "step. Load the model without such kernels to have them counted.",
+        "Liger). If it does matmul-class work (attention, a scan, a fused linear layer), FlopCounterMode counts none "
+        "of it, so neither does the budget: rho bounds the rest of each step; load the model without such kernels to "
+        "have it counted. Element-wise kernels (norms, activations) count 0 anyway.",
         module,
         allocated,
     )
@@ -427,14 +440,15 @@ def _is_passthrough(func) -> bool:
 
 
 def _mutated_arguments(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors ``func`` writes into, lists of them (``out=[...]``, ``_foreach_*_``) included."""
     mutated = []
     schema = func._schema
     for i, argument in enumerate(schema.arguments):
         if argument.alias_info is None or not argument.alias_info.is_write:
             continue
         value = args[i] if i < len(args) else kwargs.get(argument.name)
-        if isinstance(value, torch.Tensor):
-            mutated.append(value)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        mutated += [x for x in values if isinstance(x, torch.Tensor)]
     return mutated
 
 
@@ -561,9 +575,11 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
     # (roots first: FlopCounterMode's module tracking registers a global forward hook of its own)
     with fork_rng(), _full_graph(model) as roots, FlopCounterMode(display=False) as counter:
         with _Recorder(counter, canonical) as recorder, _checkpointed_blocks(model, recorder, counter, recomputed):
+            roots.ours = _global_hooks()
             loss = loss_fn(model, batch)
         forward_flops = float(counter.get_total_flops())
         roots.add(loss)  # a loss, or the outputs
+        roots.add_kept_on_modules()
         dead = _ops_backward_never_reaches(recorder.grad_nodes, roots.nodes) if roots.model_called else set()
     del loss, roots
     recorder.grad_nodes.clear()  # the graph they hold
@@ -610,38 +626,57 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
 @dataclass
 class _Roots:
     """Where a training loss can start backpropagating from: the autograd nodes of what ``loss_fn`` returned, of what
-    the model returned (a trainer's loss may use any output), and of what any module returned to a forward hook (a
-    loss may use what a hook captures, such as an attention module's discarded state)."""
+    the model returned (a trainer's loss may use any output), of what a hook can capture (the inputs and outputs of
+    modules with hooks, every module's while the caller has global hooks), and of tensors kept on modules."""
 
     model: nn.Module
-    every_module: bool  # a global forward hook (of the caller's) may capture any module's output
+    callers_global_hooks: int  # global forward (pre-)hooks registered before the profile
     nodes: list[torch.autograd.graph.Node] = field(default_factory=list)
     model_called: bool = False
+    ours: int = 0  # global hooks once the profile's own are in place (FlopCounterMode's module tracking has some)
 
     def add(self, value: Any) -> None:
         self.nodes += [x.grad_fn for x in tree_flatten(value)[0] if isinstance(x, torch.Tensor) and x.grad_fn]
 
-    def module_returned(self, module: nn.Module, args: Any, output: Any) -> None:
-        if module is self.model or module._forward_hooks or self.every_module:
+    def module_returned(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        every = self.callers_global_hooks or _global_hooks() > self.ours  # one registered inside loss_fn, too
+        if module is self.model or module._forward_hooks or every:
             self.add(output)
+        if module._forward_pre_hooks or every:
+            self.add((args, kwargs))
         self.model_called = self.model_called or module is self.model
+
+    def add_kept_on_modules(self) -> None:
+        for module in self.model.modules():
+            for value in vars(module).values():
+                self.add(value)
+
+
+def _global_hooks() -> int:
+    hooks = torch.nn.modules.module
+    return len(hooks._global_forward_hooks) + len(hooks._global_forward_pre_hooks)
 
 
 @contextmanager
 def _full_graph(model: nn.Module) -> Iterator[_Roots]:
     """During the profiled forward, autograd records the graph full fine-tuning backpropagates through: every float
-    parameter needs a gradient, and nothing is saved for a backward that never runs (no activation memory)."""
-    roots = _Roots(model, every_module=bool(torch.nn.modules.module._global_forward_hooks))
+    parameter needs a gradient, and nothing is saved for a backward that never runs (no activation memory). Weights
+    that parametrizations cached meanwhile are dropped with it: a training step must not reuse their graph."""
+    roots = _Roots(model, callers_global_hooks=_global_hooks())
     params = list(model.parameters())
+    parametrized = getattr(torch.nn.utils.parametrize, "_cache", {})
+    cached = set(parametrized)
     with requires_grad_kept(params), torch.autograd.graph.saved_tensors_hooks(_drop, _dropped):
         for param in params:
             if param.dtype.is_floating_point or param.dtype.is_complex:
                 param.requires_grad_(True)
-        handle = torch.nn.modules.module.register_module_forward_hook(roots.module_returned)
+        handle = torch.nn.modules.module.register_module_forward_hook(roots.module_returned, with_kwargs=True)
         try:
             yield roots
         finally:
             handle.remove()
+            for key in set(parametrized) - cached:
+                parametrized.pop(key, None)
 
 
 def _drop(tensor: torch.Tensor) -> weakref.ref:
