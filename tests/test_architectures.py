@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model
 
 from benchmarks.families import CASES, collate, example, full_fine_tuning_flops
 from peft_greentrainer.engine.length_fit import LengthFit
-from peft_greentrainer.engine.profile import measure_flops
+from peft_greentrainer.engine.profile import measure_flops, profile_model
 
 RHO = 0.6  # the tiniest models' cheapest LoRA unit needs just above 0.5
 
@@ -64,6 +64,19 @@ def test_full_fine_tuning_that_rho_refers_to_is_priced_exactly(family, units):
     batch = collate([example(model.config, case.task_type, length, seed) for seed, length in enumerate((40, 33))])
     _, reference = model.base_model.cost_profile(batch)
     assert reference == full_fine_tuning_flops(model, batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(CASES))
+def test_full_fine_tuning_under_activation_checkpointing_is_priced_exactly(family):
+    """Each block's recompute stops where torch's early stop ends it: after the last tensor it saves (Falcon's block
+    ends in an in-place add, Granite's in a product with a Python number: neither saves one)."""
+    case = CASES[family]
+    model = case.model().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = collate([example(model.config, case.task_type, length, seed) for seed, length in enumerate((12, 9))])
+    forward, backward = measure_flops(model, batch, [name for name, _ in model.named_parameters()])
+    assert profile_model(model, batch).full_flops == forward + backward
 
 
 @pytest.mark.slow

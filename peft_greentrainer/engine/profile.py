@@ -777,7 +777,7 @@ _SAVES_NOTHING = frozenset(
     {
         *("add", "sub", "view", "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "slice"),
         *("select", "unsqueeze", "squeeze", "split", "split_with_sizes", "clone", "_to_copy", "copy_", "cat"),
-        *("detach", "alias", "as_strided"),
+        *("detach", "alias", "as_strided", "add_", "sub_"),
     }
 )
 _SAVES_INPUTS_FIRST = frozenset({"mm", "addmm", "bmm", "baddbmm"})
@@ -801,14 +801,19 @@ def _tail_never_recomputed(records: list, first: int) -> float:
     is a matmul, that happens before its kernel runs (inputs are saved first), so the kernel is never recomputed;
     any other last saving op (a norm, a dropout mask, a scaling) runs in full, and everything before it too.
     """
-    for op, func, *_ in reversed(records):
+    for op, func, roles, *_ in reversed(records):
         if op.index < first:
             break
         name = getattr(func, "_opname", "")
-        if name in _SAVES_NOTHING:
+        if name in _SAVES_NOTHING or _scales_by_a_number(name, roles):
             continue
         return op.forward if name in _SAVES_INPUTS_FIRST else 0.0
     return 0.0
+
+
+def _scales_by_a_number(name: str, roles: list) -> bool:
+    """A product or quotient with a Python number (Granite's residual multiplier): autograd saves nothing for it."""
+    return name in ("mul", "div", "mul_", "div_") and sum(isinstance(r, _TensorSpec) for r in roles) == 1
 
 
 def measure_flops(
