@@ -21,7 +21,8 @@ read by a decoder's cross-attention pays only when an encoder unit is selected. 
 special case: the encoder runs first, so its units are deeper than every decoder unit and pay the decoder path.
 
 An op is charged nothing backward when autograd would never reach it: the profiled forward records full fine-tuning's
-graph, and ops no path from the loss (or the model's outputs) leads to are left out, as a discarded final state is.
+graph, and ops no path leads to from the loss, the model's outputs, or what hooks and modules can keep of the forward
+are left out, as a discarded final state is (``_Roots``).
 """
 
 from __future__ import annotations
