@@ -218,8 +218,10 @@ def main() -> None:
         payload["audit"] = audit(model, trainer.steps)
         payload["reasons"] = [r.reason for r in tuner.greentrainer_state.history]
     torch.save(payload, os.path.join(cli.out, f"rank{rank}.pt"))
+    # here, not after main returns: freeing main's locals (the DDP model, its destroyed process group) joined a gloo
+    # thread that never ended, twice in full suites under load (py-spy: std::thread::join below main's return)
+    end_rank_process()
 
 
 if __name__ == "__main__":
     main()
-    end_rank_process()
