@@ -78,6 +78,7 @@ def main() -> None:
     torch.save(result, os.path.join(cli.out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()  # Gloo's worker threads outliving the interpreter abort the process at exit
+    end_rank_process()  # before main's locals (DDP, its process group) are freed: see train.py
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def main() -> None:
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()  # Gloo's worker threads outliving the interpreter abort the process at exit
+    end_rank_process()  # before main's locals (DDP, its process group) are freed: see train.py
 
 
 if __name__ == "__main__":
