@@ -82,5 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    end_rank_process()
+    main()  # which ends the process itself
