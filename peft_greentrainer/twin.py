@@ -33,15 +33,21 @@ def weightless_twin(tuner, model_class: type[nn.Module]):
     # keys and values, it adds no FLOPs
     config.use_cache = True
     with torch.device("meta"):
-        base = model_class(config)
-    if getattr(config, "_experts_implementation", None) == "grouped_mm":
-        # experts run as one grouped matmul, whose meta kernel takes bf16 only (FLOP counts do not depend on dtype;
-        # the per-expert loop that would take float32 picks experts from the data, which fake tensors do not hold)
-        base.to(torch.bfloat16)
+        base = runnable_on_meta(model_class(config))
     twin = get_peft_model(base, copy.deepcopy(tuner.greentrainer_config)).base_model
     twin._runtime.step_hook.remove()
     keep_backprop_shallow(twin.model, quiet=True)
     return twin
+
+
+def runnable_on_meta(model: nn.Module) -> nn.Module:
+    """``model``, built on ``meta``, made able to run there: experts run as one grouped matmul (transformers 5's default
+    for mixture-of-experts models), whose meta kernel takes bf16 only, are cast to it. FLOP counts do not depend on
+    dtype, and the per-expert loop that would take float32 picks experts from the data, which meta tensors do not hold.
+    """
+    if getattr(model.config, "_experts_implementation", None) == "grouped_mm":
+        model.to(torch.bfloat16)
+    return model
 
 
 def fake_twin(tuner, model_class: type[nn.Module]):

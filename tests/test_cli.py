@@ -234,6 +234,19 @@ CONFIGS = {
     "llama-7b": transformers.LlamaConfig(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
     ),
+    # experts run as one grouped matmul (transformers 5's default), whose meta kernel takes bf16 only
+    "qwen3-30b-a3b": transformers.Qwen3MoeConfig(
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        vocab_size=151936,
+    ),
     "flan-t5-large": transformers.T5Config(
         d_model=1024,
         d_ff=2816,

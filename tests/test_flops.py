@@ -12,6 +12,7 @@ import logging
 
 import pytest
 import torch
+import transformers
 from conftest import tiny_batch, tiny_model
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import AttentionInterface
@@ -344,3 +345,49 @@ def test_sdpa_kernels_count_grouped_query_attention_where_torch_formulas_reject_
         assert counted == flop_counter.sdpa_backward_flop_count(q.shape, q.shape, expanded.shape, expanded.shape)
     if torch_counts_it:  # the same count as torch's own grouped-query formula
         assert sdpa_flop_count(q.shape, k.shape, v.shape) == sdpa_flop_count(q.shape, q.shape, q.shape)
+
+
+def _meta_and_cpu_profiles(model: torch.nn.Module) -> tuple:
+    """The profile of ``model`` on a batch, and of its weightless copy on ``meta`` on the same batch's shape."""
+    model.config.pad_token_id = model.config.pad_token_id if model.config.is_encoder_decoder else None
+    batch = tiny_batch(model)
+    with torch.device("meta"):
+        twin = type(model)(model.config).train()
+    meta_batch = {k: v.to("meta") for k, v in batch.items()}
+    return profile_model(twin, meta_batch), profile_model(model, batch), (twin, meta_batch), (model, batch)
+
+
+def _falcon_multi_query() -> torch.nn.Module:
+    """One key/value head broadcast over the query heads without ``enable_gqa``: no fused kernel takes it."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True, alibi=False
+    )
+    return transformers.AutoModelForCausalLM.from_config(config).train()
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "bloom", "gpt2-without-dropout", "falcon-multi-query"])
+def test_a_meta_profile_counts_attention_as_a_fused_kernel_does(arch: str) -> None:
+    """On ``meta`` SDPA has no fused kernel and falls back to its math path, whose backward counts 2x its forward where
+    fused kernels (CPU flash, CUDA's) count 2.5x: planning from a config under-counted attention. Meta profiles and
+    measurements now count what the CPU counts wherever it runs fused (grouped-query Llama), and math where every device
+    does (Falcon's key/value head broadcast without ``enable_gqa``)."""
+    if arch == "falcon-multi-query":
+        model = _falcon_multi_query()
+    elif arch == "gpt2-without-dropout":  # the CPU's flash kernel takes no dropout
+        model = tiny_model("gpt2", attn_pdrop=0.0)
+    else:
+        model = tiny_model(arch)
+    meta, cpu, meta_step, cpu_step = _meta_and_cpu_profiles(model)
+    assert (meta.forward_flops, meta.full_backward_flops) == (cpu.forward_flops, cpu.full_backward_flops)
+    assert meta.t_dw == cpu.t_dw
+    assert measure_flops(*meta_step) == measure_flops(*cpu_step)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_a_meta_profile_counts_attention_fused_where_only_a_gpu_runs_it_so(arch: str) -> None:
+    """Under dropout (GPT-2) or with a position bias that trains (T5) the CPU runs SDPA's math path and a GPU a fused
+    kernel; a meta profile counts the GPU's, a little above the CPU's."""
+    meta, cpu, *_ = _meta_and_cpu_profiles(tiny_model(arch))
+    assert meta.forward_flops == cpu.forward_flops
+    assert cpu.full_backward_flops < meta.full_backward_flops < 1.05 * cpu.full_backward_flops

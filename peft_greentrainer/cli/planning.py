@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..engine.profile import dummy_batch, profile_model
+from ..twin import runnable_on_meta
 
 
 def build_on_meta(model_path: str | Path):
@@ -37,7 +38,7 @@ def build_on_meta(model_path: str | Path):
         # (GPT-2 family); no FLOP depends on it (encoder-decoders need it to build their decoder inputs)
         config.pad_token_id = None
     with torch.device("meta"):
-        model = cls.from_config(config)
+        model = runnable_on_meta(cls.from_config(config))
     model.train()
     return model
 

@@ -31,6 +31,12 @@ Mixture-of-experts layers in transformers 5 run their experts as one grouped mat
 recent CPU builds), else transformers' own ``transformers::grouped_mm_fallback`` op and its backward. Without formulas
 every expert would count 0 and the DP would take the experts for free.
 
+On the ``meta`` device SDPA has no fused kernel and runs its math path, whose backward counts 2x its forward where every
+fused kernel's (CPU flash; CUDA flash, memory-efficient, cuDNN) counts 2.5x: it recomputes the scores. Profiles and
+measurements on ``meta`` (planning a model from its config) run under :func:`fused_attention_on_meta`, which sends
+SDPA there to CUDA's memory-efficient op wherever a GPU would run a fused kernel, so they count what a GPU run counts.
+The CPU runs the math path in two more cases (dropout, a bias that trains), where a meta profile over-counts it.
+
 Call :func:`register_flop_formulas` before counting (importing ``peft_greentrainer`` does it for the torch ops;
 profiling and measuring call it again so bitsandbytes ops are added once bitsandbytes is imported).
 """
@@ -41,8 +47,10 @@ import logging
 import math
 import re
 import sys
+from contextlib import contextmanager
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import (
     addmm_flop,
     flop_registry,
@@ -306,3 +314,47 @@ def register_flop_formulas() -> None:
     _register_bitsandbytes()
     _register_flash_attention()
     _register_grouped_matmuls()
+
+
+class _FusedAttentionOnMeta(TorchFunctionMode):
+    """Runs SDPA on ``meta`` tensors as a GPU's fused kernel would run it (see the module text)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            fused = _fused_meta_attention(*args, **kwargs)
+            if fused is not None:
+                return fused
+        return func(*args, **kwargs)
+
+
+def _fused_meta_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+) -> torch.Tensor | None:
+    """SDPA through ``aten._scaled_dot_product_efficient_attention``, the fused kernel that takes every input a GPU's
+    fused kernels take (dropout, a trained bias as T5's); None where no fused kernel would run, or the inputs are not
+    meta tensors of (batch, heads, length, head dim)."""
+    tensors = (query, key, value)
+    if not all(type(t) is torch.Tensor and t.device.type == "meta" and t.dim() == 4 for t in tensors):
+        return None
+    if key.shape[1] != query.shape[1]:
+        # fused kernels take fewer key/value heads only as groups (``enable_gqa``); heads broadcast without it (Falcon's
+        # multi-query attention) run the math path on every device
+        if not enable_gqa or query.shape[1] % key.shape[1]:
+            return None
+        groups = query.shape[1] // key.shape[1]  # as the math path does: each key/value head serves a group
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool:  # as SDPA does: an additive bias
+        attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(~attn_mask, float("-inf"))
+    log_sumexp = any(t.requires_grad for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor))
+    out, *_ = aten._scaled_dot_product_efficient_attention(
+        query, key, value, attn_mask, log_sumexp, dropout_p, is_causal, scale=scale
+    )
+    return out
+
+
+@contextmanager
+def fused_attention_on_meta():
+    """Count SDPA on ``meta`` as a GPU's fused kernels count it (backward 2.5x forward), not as its math path (2x)."""
+    with _FusedAttentionOnMeta():
+        yield

@@ -46,7 +46,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .costs import UnitCosts
-from .flops import backward_may_count_without_forward, is_attention_op, register_flop_formulas, uncounted_matmul_op
+from .flops import (
+    backward_may_count_without_forward,
+    fused_attention_on_meta,
+    is_attention_op,
+    register_flop_formulas,
+    uncounted_matmul_op,
+)
 from .rng import fork_rng
 from .targets import labelled_counts
 from .units import Unit, parameter_aliases, requires_grad_kept
@@ -286,7 +292,8 @@ class _Recorder(TorchDispatchMode):
 
         leaves, spec = tree_flatten((args, kwargs))
         tensor_leaves = [x for x in leaves if isinstance(x, torch.Tensor)]
-        unseen = self.unseen.follow(func, args, kwargs, tensor_leaves, out)
+        written = _mutated_arguments(func, args, kwargs)
+        unseen = self.unseen.follow(func, tensor_leaves, written, out)
         if unseen is not None:
             _warn_unseen_kernel(*unseen)
         sources = [self._source(x) for x in tensor_leaves]
@@ -326,10 +333,10 @@ class _Recorder(TorchDispatchMode):
                 self.latest[o] = latest
         # in-place and out= ops write into an argument: it now depends on the inputs too, and so does the tensor it
         # is a view of (RWKV's CPU recurrence fills its output one time step at a time through views)
-        for x in _mutated_arguments(func, args, kwargs):
-            for written in (x, x._base) if x._base is not None else (x,):
-                self.latest[written] = max(latest, self.latest.get(written, -1))
-                self.producer[written] = index
+        for x in written:
+            for target in (x, x._base) if x._base is not None else (x,):
+                self.latest[target] = max(latest, self.latest.get(target, -1))
+                self.producer[target] = index
         return out
 
     def _note_grad_nodes(self, inputs: list[torch.Tensor]) -> None:
@@ -368,8 +375,9 @@ class _UnseenWrites:
         self.counter = counter
         self.unwritten: dict[int, tuple[str, str]] = {}  # storage address -> (the allocating op, the module running)
 
-    def follow(self, func, args, kwargs, tensors: list[torch.Tensor], out) -> tuple[str, str] | None:
-        """Note what ``func`` allocates and writes; where memory it reads unwritten was allocated, if any."""
+    def follow(self, func, tensors: list[torch.Tensor], written: list[torch.Tensor], out) -> tuple[str, str] | None:
+        """Note what ``func`` allocates and writes (``written``: the arguments it writes into); where memory it reads
+        unwritten was allocated, if any."""
         name = getattr(func, "_opname", "")
         outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         if name in _ALLOCATIONS:
@@ -378,7 +386,6 @@ class _UnseenWrites:
             return None
         if not self.unwritten:
             return None
-        written = _mutated_arguments(func, args, kwargs)
         found = None
         # views and ``*_like``/``new_*`` factories read only shapes; ops that write a tensor need not read it
         if not (getattr(func, "is_view", False) or name.endswith("_like") or name.startswith("new_")):
@@ -574,7 +581,7 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
     # would hide which parameter a matmul reads, and that weight's gradient would go uncharged.
     torch.clear_autocast_cache()
     # (roots first: FlopCounterMode's module tracking registers a global forward hook of its own)
-    with fork_rng(), _full_graph(model) as roots, FlopCounterMode(display=False) as counter:
+    with fork_rng(), fused_attention_on_meta(), _full_graph(model) as roots, FlopCounterMode(display=False) as counter:
         with _Recorder(counter, canonical) as recorder, _checkpointed_blocks(model, recorder, counter, recomputed):
             roots.ours = _global_hooks()
             loss = loss_fn(model, batch)
@@ -841,7 +848,7 @@ def measure_flops(
         try:
             for p in params:
                 p.grad = None
-            with fork_rng():
+            with fork_rng(), fused_attention_on_meta():
                 with FlopCounterMode(display=False) as counter:
                     loss = loss_fn(model, batch)
                 forward = float(counter.get_total_flops())
