@@ -16,10 +16,11 @@ import logging
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from peft import LoraConfig
+from peft import LoraConfig, PeftConfig
 from peft.utils import CONFIG_NAME
 
 from .registration import GREENTRAINER_PEFT_TYPE
@@ -133,6 +134,38 @@ class GreenTrainerConfig(LoraConfig):
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [value])
+            for pattern in getattr(self, name) or ():
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise ValueError(f"{name} holds {pattern!r}, which is not a regular expression: {error}.") from None
+        if self.units == "lora" and self.layer_replication:
+            raise ValueError(
+                "layer_replication deepens the model before training, so rho would be a fraction of full fine-tuning "
+                "of the deeper model, not of the base model given. Replicate the layers first "
+                "(peft.tuners.tuners_utils.replicate_layers(model, layer_map)) and tune the result, whose full "
+                "fine-tuning rho then refers to."
+            )
+        ignored = self._lora_fields_set()
+        if self.units == "tensors" and ignored:
+            logger.warning(
+                "GreenTrainerConfig: %s set, but units='tensors' trains the base model's own tensors in place and "
+                "ignores LoRA fields. Pass units='lora' to train LoRA adapters; include_patterns/exclude_patterns "
+                "choose which tensors are candidates.",
+                ", ".join(ignored),
+            )
+
+    def _lora_fields_set(self) -> list[str]:
+        """The LoRA fields given values other than their defaults (``modules_to_save`` aside: PEFT's task models fill
+        it with their head, which units="tensors" trains as a base tensor)."""
+        changed = []
+        for name, spec in LoraConfig.__dataclass_fields__.items():
+            if name in PeftConfig.__dataclass_fields__ or name == "modules_to_save" or not spec.init:
+                continue
+            default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+            if getattr(self, name, default) != default:
+                changed.append(name)
+        return changed
 
     def to_lora_config(self) -> LoraConfig:
         """The plain ``LoraConfig`` with the same LoRA fields (what a units="lora" adapter is saved as)."""

@@ -223,7 +223,8 @@ class GreenTrainerModel(LoraModel):
         sit on top of) the same weights, and switching between them could not give either one its weights back.
         """
         if len(self.peft_config) > 1:
-            tensors = [name for name, other in self.peft_config.items() if other.units == "tensors"]
+            # transformers' load_adapter may put a plain LoraConfig beside this one
+            tensors = [name for name, other in self.peft_config.items() if getattr(other, "units", "") == "tensors"]
             if tensors:
                 raise ValueError(
                     f"GreenTrainer with units='tensors' (adapter {tensors[0]!r}) trains the base model's own tensors "

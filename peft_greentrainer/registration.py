@@ -8,7 +8,12 @@ without this package. Two PEFT behaviours need a hook, both idempotent and inert
 
 * Loading: PEFT builds the config from ``adapter_config.json`` alone, which says LoRA. With this package imported, a
   LoRA directory that also holds ``greentrainer_config.json`` loads as the ``GreenTrainerConfig`` it was saved from
-  (local directories; from the Hub it loads as plain LoRA). Directories without that file are untouched.
+  (local directories; from the Hub it loads as plain LoRA). Directories without that file are untouched. Where the
+  adapter joins plain LoRA it stays plain LoRA, as without this package: ``load_adapter`` of a PeftModel of another
+  method, and transformers' own ``model.load_adapter`` (which has no GreenTrainer tuner to train with). The other
+  way round, a plain ``LoraConfig`` added to (or loaded into) a GreenTrainer model joins it as a units="lora"
+  ``GreenTrainerConfig`` with the active adapter's GreenTrainer fields (a DPO reference adapter, say), where PEFT
+  would refuse to mix the two methods.
 * ``PeftModel.disable_adapter()`` inspects the adapter layers before it asks the tuner to disable them, so a tuner
   that has none (units="tensors") would fail there with PEFT's unrelated "No adapter layers found". The hook lets the
   tuner refuse first, with its own message.
@@ -17,6 +22,7 @@ without this package. Two PEFT behaviours need a hook, both idempotent and inert
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 
@@ -51,6 +57,8 @@ def register(config_cls, model_cls) -> None:
 
     _let_tuners_refuse_disable_adapter()
     _load_lora_with_metadata_as(config_cls)
+    _keep_plain_lora_plain()
+    _let_plain_lora_join(config_cls)
     if PEFT_TYPE_TO_TUNER_MAPPING.get(GREENTRAINER_PEFT_TYPE) is model_cls:
         return
     try:
@@ -104,7 +112,7 @@ def _load_lora_with_metadata_as(config_cls) -> None:
     @functools.wraps(original)
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
         config = original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        if type(config) is not LoraConfig:
+        if type(config) is not LoraConfig or _AS_PLAIN_LORA.get():
             return config
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         metadata = config_cls.read_metadata(directory) if os.path.isdir(directory) else None
@@ -112,3 +120,67 @@ def _load_lora_with_metadata_as(config_cls) -> None:
 
     from_pretrained._greentrainer_hook = True
     PeftConfigMixin.from_pretrained = classmethod(from_pretrained)
+
+
+# set while an adapter is loaded where it joins plain LoRA: its GreenTrainer metadata is then not read
+_AS_PLAIN_LORA = contextvars.ContextVar("greentrainer_load_as_plain_lora", default=False)
+
+
+@contextlib.contextmanager
+def _loading_as_plain_lora(plain: bool = True):
+    token = _AS_PLAIN_LORA.set(plain)
+    try:
+        yield
+    finally:
+        _AS_PLAIN_LORA.reset(token)
+
+
+def _keep_plain_lora_plain() -> None:
+    """Wrap ``PeftModel.load_adapter`` (on a model of another method) and transformers' ``load_adapter`` to load a
+    units="lora" adapter as the plain LoRA adapter it is on disk (idempotent)."""
+    from peft import PeftModel
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    original = PeftModel.load_adapter
+    if not getattr(original, "_greentrainer_hook", False):
+
+        @functools.wraps(original)
+        def load_adapter(self, *args, **kwargs):
+            with _loading_as_plain_lora(self.peft_type != GREENTRAINER_PEFT_TYPE):
+                return original(self, *args, **kwargs)
+
+        load_adapter._greentrainer_hook = True
+        PeftModel.load_adapter = load_adapter
+
+    original_hf = PeftAdapterMixin.load_adapter
+    if not getattr(original_hf, "_greentrainer_hook", False):
+
+        @functools.wraps(original_hf)
+        def load_adapter_hf(self, *args, **kwargs):
+            with _loading_as_plain_lora():
+                return original_hf(self, *args, **kwargs)
+
+        load_adapter_hf._greentrainer_hook = True
+        PeftAdapterMixin.load_adapter = load_adapter_hf
+
+
+def _let_plain_lora_join(config_cls) -> None:
+    """Wrap ``PeftModel.add_adapter``: a plain ``LoraConfig`` added to a GreenTrainer model becomes a units="lora"
+    ``config_cls`` with the active adapter's GreenTrainer fields (``load_adapter`` adds through it too)."""
+    from peft import LoraConfig, PeftModel
+
+    original = PeftModel.add_adapter
+    if getattr(original, "_greentrainer_hook", False):
+        return
+
+    @functools.wraps(original)
+    def add_adapter(self, adapter_name, peft_config, *args, **kwargs):
+        if type(peft_config) is LoraConfig and self.peft_type == GREENTRAINER_PEFT_TYPE:
+            fields = {**self.peft_config[self.active_adapter].greentrainer_fields(), "units": "lora"}
+            inference_mode = peft_config.inference_mode
+            peft_config = config_cls.from_lora_config(peft_config, fields)
+            peft_config.inference_mode = inference_mode
+        return original(self, adapter_name, peft_config, *args, **kwargs)
+
+    add_adapter._greentrainer_hook = True
+    PeftModel.add_adapter = add_adapter

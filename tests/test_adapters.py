@@ -395,6 +395,40 @@ def test_plain_lora_directories_load_as_lora(tmp_path):
     assert type(PeftConfig.from_pretrained(tmp_path)) is LoraConfig
 
 
+def test_a_units_lora_adapter_joins_plain_lora_as_plain_lora(tmp_path):
+    """With this package imported, a plain LoRA model (a process serving several LoRAs) loads a GreenTrainer-trained
+    adapter as the LoRA adapter it is on disk, as without the package; so does transformers' own ``load_adapter``,
+    which has no GreenTrainer tuner to train with (its budget hook and sparse head stay off a plain model)."""
+    trained = get_peft_model(tiny_model(ARCH), _config("default"))
+    trained.save_pretrained(tmp_path / "greentrainer")
+    get_peft_model(tiny_model(ARCH), LoraConfig(r=4, target_modules=["k_proj"])).save_pretrained(tmp_path / "plain")
+    batch = tiny_batch(trained.base_model.model)
+
+    plain = PeftModel.from_pretrained(tiny_model(ARCH), tmp_path / "plain")
+    plain.load_adapter(tmp_path / "greentrainer", adapter_name="green")
+    assert type(plain.peft_config["green"]) is LoraConfig
+    plain.set_adapter("green")
+    torch.testing.assert_close(_logits(plain, batch), _logits(trained, batch), atol=0, rtol=0)
+
+    base = tiny_model(ARCH)
+    base.load_adapter(str(tmp_path / "greentrainer"), adapter_name="green", is_trainable=True)
+    assert type(base.peft_config["green"]) is LoraConfig and not base._forward_pre_hooks
+    base.train()
+    assert base(**batch).logits.shape == (*batch["input_ids"].shape, base.config.vocab_size)  # no sparse head
+
+
+def test_plain_lora_joins_a_greentrainer_model_with_its_fields(tmp_path):
+    """A reference adapter for DPO, say: PEFT would refuse to mix the two methods on one model."""
+    get_peft_model(tiny_model(ARCH), LoraConfig(r=4, target_modules=["k_proj"])).save_pretrained(tmp_path)
+    model = get_peft_model(tiny_model(ARCH), _config("default", rho=0.7))
+    model.load_adapter(tmp_path, adapter_name="reference")
+    model.add_adapter("added", LoraConfig(r=2, target_modules=["o_proj"]))
+    for name, r in (("reference", 4), ("added", 2)):
+        config = model.peft_config[name]
+        assert type(config) is GreenTrainerConfig and (config.units, config.rho, config.r) == ("lora", 0.7, r)
+    assert model.peft_config["reference"].inference_mode and not model.peft_config["added"].inference_mode
+
+
 # ------------------------------------------------------------------------------- units="tensors": one adapter
 def test_tensor_units_refuse_a_second_adapter_and_say_why():
     model = get_peft_model(tiny_model(ARCH), GreenTrainerConfig(units="tensors"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
 import math
 import os
 import pickle
@@ -563,6 +564,25 @@ def test_unknown_units_is_rejected():
         GreenTrainerConfig(units="layers")
     with pytest.raises(ValueError, match="importance_update must be one of"):
         GreenTrainerConfig(importance_update="adam")
+
+
+def test_lora_fields_with_tensor_units_are_named_in_a_warning(caplog):
+    """A ``LoraConfig`` ported with the default units="tensors" would train every base tensor in place, silently."""
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.config"):
+        GreenTrainerConfig(rho=0.5, units="lora", r=16, target_modules=["q_proj"])
+        GreenTrainerConfig(rho=0.5, modules_to_save=["score"])  # PEFT's task models fill it with their head
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.config"):
+        GreenTrainerConfig(rho=0.5, r=16, target_modules=["q_proj"], use_dora=True)
+    (record,) = caplog.records
+    assert "r, target_modules, use_dora set" in record.getMessage() and "units='lora'" in record.getMessage()
+
+
+def test_a_bad_pattern_and_layer_replication_are_clear_errors():
+    with pytest.raises(ValueError, match=r"include_patterns holds '\(', which is not a regular expression"):
+        GreenTrainerConfig(include_patterns=["("])
+    with pytest.raises(ValueError, match=r"layer_replication deepens the model.*replicate_layers"):
+        GreenTrainerConfig(units="lora", layer_replication=[[0, 2], [1, 2]])
 
 
 @pytest.mark.parametrize("units", UNIT_KINDS)
