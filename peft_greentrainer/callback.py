@@ -15,6 +15,7 @@ root on the local shards, and checkpoints are made to hold every unit and optimi
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import logging
@@ -257,7 +258,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         loss_fn = self.loss_fn
         if loss_fn is None and getattr(args, "average_tokens_across_devices", False) and _takes_loss_kwargs(tuner):
             loss_fn = ranks.weighted_by_target_share(default_loss)  # the global mean over targets, as trained
-        with ranks.gradients_averaged_across_ranks(averaged):
+        with ranks.gradients_averaged_across_ranks(averaged), _training_autocast(args, tuner):
             tuner.select_units(
                 batches,
                 kwargs.get("optimizer"),
@@ -290,6 +291,20 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 position = sum(1 for c in referrer if isinstance(c, DefaultFlowCallback))
                 referrer.insert(position, self)
                 return
+
+
+def _training_autocast(args: TrainingArguments, tuner: GreenTrainerModel) -> contextlib.AbstractContextManager:
+    """The bf16 autocast a ``Trainer(bf16=True)`` trains under, for the selection's forward and backward passes.
+
+    accelerate enters it around the wrapped model's forward only, and the selection calls the tuner's model directly:
+    without it, importance would run in float32, on a GPU slower than a training step and with about twice its
+    activation memory. fp16 stays in float32: its gradients would need the Trainer's loss scaling, which callbacks
+    are not given.
+    """
+    if not getattr(args, "bf16", False):
+        return contextlib.nullcontext()
+    device = next((p.device.type for p in tuner.model.parameters()), "cpu")
+    return torch.autocast(device_type=device, dtype=torch.bfloat16)
 
 
 def _takes_loss_kwargs(tuner: GreenTrainerModel) -> bool:

@@ -173,6 +173,31 @@ def test_trainer_trains_within_budget(arch, units, tmp_path):
     assert all(0 < entry["greentrainer/flops_ratio"] <= rho for entry in trainer.state.log_history if "loss" in entry)
 
 
+@pytest.mark.parametrize("units", UNIT_KINDS)
+def test_selection_runs_under_the_bf16_autocast_the_trainer_trains_under(units, tmp_path, monkeypatch):
+    """accelerate enters autocast around the wrapped model's forward only; the selection, which calls the tuner's model
+    directly, ran its importance in float32 (on a GPU slower than a step, with twice its activation memory)."""
+    import peft_greentrainer.model as tuner_module
+
+    seen = []
+    importance = tuner_module.compute_importance
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return importance(*args, **kwargs)
+
+    monkeypatch.setattr(tuner_module, "compute_importance", recording)
+    rho = 0.5
+    model = _peft_model("llama", units, rho=rho)
+    _trainer(model, tmp_path, [GreenTrainerCallback()], "llama", bf16=True).train()
+    assert seen == [torch.bfloat16, torch.bfloat16]  # one selection per epoch
+    log = model.base_model.greentrainer_state.history
+    assert len(log) == 2 and all(record.predicted_ratio <= rho for record in log)
+    seen.clear()
+    _trainer(model, tmp_path, [GreenTrainerCallback()], "llama", bf16=False).train()
+    assert seen == [None, None]
+
+
 def _task_dataset(task_type: str, n: int = N_SAMPLES) -> datasets.Dataset:
     """Counting sequences with the targets of a classification, token-classification or extractive-QA head."""
     ids = [[3 + (7 * i + t) % (VOCAB - 3) for t in range(SEQ_LEN)] for i in range(n)]
