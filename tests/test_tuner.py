@@ -1307,6 +1307,17 @@ def test_training_steps_with_no_selection_in_force_are_reported_once(units, capl
     assert "no selection in force" not in caplog.text
 
 
+@pytest.mark.parametrize("units", UNIT_KINDS)
+def test_an_adapter_loaded_for_inference_is_not_said_to_train_in_train_mode(units, tmp_path, caplog):
+    """Dropout sampling at inference runs forwards in train mode with gradients on; nothing trains there."""
+    _peft_model("llama", units).save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    loaded.train()
+    with caplog.at_level("WARNING", logger="peft_greentrainer.model"):
+        loaded(**_counting_batch(8))
+    assert "no selection in force" not in caplog.text
+
+
 def test_under_ddp_the_no_selection_warning_comes_from_the_first_rank_and_eval_mode_from_any(caplog, monkeypatch):
     """Every rank runs the same training steps: one line per job. An evaluation may run on one rank only, so the
     eval-mode line comes from whichever rank runs it, naming it."""
