@@ -947,7 +947,7 @@ class GreenTrainerModel(LoraModel):
         self._runtime.warned_without_selection = True
         if ranks.rank_and_world_size()[0] != 0:  # every rank trains alike: one line per job
             return
-        if not any(p.requires_grad for unit in self.candidate_units() for p in unit.parameters(self.model)):
+        if not any(p.requires_grad for p in self.model.parameters()):
             return  # an adapter loaded for inference (is_trainable=False), run in train mode: nothing trains
         trains = "the base model's tensors (full fine-tuning)" if self.units_kind == "tensors" else "every adapter"
         logger.warning(
