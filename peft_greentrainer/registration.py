@@ -4,7 +4,7 @@ PEFT looks methods up by ``PeftType``, a closed enum. We add the member ``GREENT
 idempotently), then register the config and tuner classes. After ``import peft_greentrainer``, ``get_peft_model``,
 ``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and the state-dict helpers all know the method.
 A units="lora" adapter is saved as a plain LoRA adapter with GreenTrainer's fields alongside (config.py), so it loads
-without this package. Two PEFT behaviours need a hook, both idempotent and inert for other methods' adapters:
+without this package. Some PEFT behaviours need a hook, each idempotent and inert for other methods' adapters:
 
 * Loading: PEFT builds the config from ``adapter_config.json`` alone, which says LoRA. With this package imported, a
   LoRA directory that also holds ``greentrainer_config.json`` loads as the ``GreenTrainerConfig`` it was saved from
@@ -176,7 +176,7 @@ def _let_plain_lora_join(config_cls) -> None:
     @functools.wraps(original)
     def add_adapter(self, adapter_name, peft_config, *args, **kwargs):
         if type(peft_config) is LoraConfig and self.peft_type == GREENTRAINER_PEFT_TYPE:
-            fields = {**self.peft_config[self.active_adapter].greentrainer_fields(), "units": "lora"}
+            fields = {**self.peft_config[self.active_adapters[0]].greentrainer_fields(), "units": "lora"}
             inference_mode = peft_config.inference_mode
             peft_config = config_cls.from_lora_config(peft_config, fields)
             peft_config.inference_mode = inference_mode
