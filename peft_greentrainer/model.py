@@ -498,7 +498,9 @@ class GreenTrainerModel(LoraModel):
                 # sparse head's steps are priced on rows widened to a bucket of labels: see _row_keys)
                 # (attention that follows the values: steps are priced at the row's spans' extremes instead)
                 rows = self._row_keys(batch)
-                if (dense_head or counts is None) and len(rows) == 1:
+                # not from several rows: a step's costs need not be linear in them (a weight computed from parameters
+                # alone, as a LoRA on a parameter builds, costs the same for any number of rows)
+                if (dense_head or counts is None) and len(rows) == 1 and (batch_size(batch) or 1) == 1:
                     costs = cache[key][0].unit_costs(self.candidate_units(), full_flops=cache[key][1])
                     row_costs = _scaled(costs, 1 / (batch_size(batch) or 1))
                     self._runtime.caches.measured_rows.setdefault(rows[0][1], row_costs)
@@ -572,8 +574,6 @@ class GreenTrainerModel(LoraModel):
         """The smallest rho that lets a unit train on ``batch``, priced as its training steps are (with an LM head
         that projects only labelled positions: at its label bucket's ends; with attention that follows the values: at
         its spans' extremes), so that a rho at or above it does not fail at the first selection."""
-        if not self._head_follows_labels(batch) and len(self._row_keys(batch)) == 1:
-            return self.unit_costs(batch, loss_fn).min_feasible_rho()
         with _training_mode(self.model):
             new: dict[tuple, UnitCosts] = {}
             keys = self._profile_rows(batch, new)

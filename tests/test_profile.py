@@ -569,3 +569,42 @@ def test_a_second_profile_in_one_autocast_block_still_sees_every_weight():
         measured = sum(measure_flops(model, batch))
     assert second.full_flops == first.full_flops == measured
     assert second.t_dw == first.t_dw
+
+
+def _adapted(case: str):
+    """LoRA whose weight is computed from parameters alone at every forward: on stacked experts (``target_parameters``,
+    PEFT's ``ParamWrapper`` folds ``B @ A`` into the expert tensor) or trainable token rows of a tied embedding."""
+    from peft import get_peft_model
+
+    import peft_greentrainer  # noqa: F401  (registers the method)
+    from peft_greentrainer import GreenTrainerConfig
+
+    if case == "lora-on-stacked-experts":
+        base = tiny_model("mixtral")
+        lora = {"target_modules": ["q_proj"], "target_parameters": ["mlp.experts.gate_up_proj"]}
+    else:
+        base = tiny_model("llama", tie_word_embeddings=True)
+        lora = {"target_modules": ["q_proj"], "trainable_token_indices": [5, 7], "ensure_weight_tying": True}
+    config = GreenTrainerConfig(rho=1.0, units="lora", r=4, sparse_lm_head=False, **lora)
+    return get_peft_model(base, config)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("case", ["lora-on-stacked-experts", "trainable-tokens-on-a-tied-embedding"])
+def test_a_weight_computed_from_parameters_alone_is_priced_by_those_parameters(case: str, rows: int) -> None:
+    """Such a weight needs a gradient only when one of its parameters trains, whatever trains deeper; the profile
+    charged its gradient to every deeper unit (up to 0.16 of full fine-tuning above the count on a tiny Mixtral, 0.03
+    on tied token rows), and charged PEFT's discarded parametrization check too. Every single unit and all of them
+    together are priced exactly."""
+    model = _adapted(case)
+    tuner = model.base_model
+    batch = tiny_batch(tuner.model, batch_size=rows)
+    costs = tuner.unit_costs(batch)
+    for selection in [[i] for i in range(len(costs.units))] + [list(range(len(costs.units)))]:
+        mask = np.zeros(len(costs.units), dtype=bool)
+        mask[selection] = True
+        trained = [n for i in selection for n in costs.units[i].param_names]
+        measured = sum(measure_flops(tuner.model, batch, trained))
+        assert costs.predicted_flops(mask) == pytest.approx(measured, rel=1e-9), [
+            costs.units[i].name for i in selection
+        ]

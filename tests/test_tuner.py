@@ -1570,3 +1570,25 @@ def test_experts_chosen_by_a_router_per_token_are_refused_with_the_reason(units)
     with pytest.raises(ValueError, match=r"experts .*depend on the routing.*peft\.LoraConfig"):
         get_peft_model(switch, GreenTrainerConfig(rho=0.5, units=units))
     get_peft_model(tiny_model("mixtral"), GreenTrainerConfig(rho=0.5, units=units))
+
+
+def test_a_floor_asked_first_does_not_price_later_steps_from_a_whole_batch():
+    """A weight built from parameters alone (LoRA on stacked experts) costs the same for any number of rows, so a
+    batch's costs divided by its rows under-price a one-row step. ``min_feasible_rho`` profiled the whole batch and
+    seeded the per-row prices with that quotient: a later selection at rho 0.8 then ran a one-row step at 0.82."""
+    rho = 0.8
+    lora = {"r": 4, "target_modules": ["q_proj"], "target_parameters": ["mlp.experts.gate_up_proj"]}
+    model = get_peft_model(
+        tiny_model("mixtral"), GreenTrainerConfig(rho=rho, units="lora", sparse_lm_head=False, **lora)
+    )
+    tuner = model.base_model
+    two_rows, one_row = _counting_batch(16, size=2), _counting_batch(16, size=1)
+    floor = tuner.min_feasible_rho(two_rows)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    tuner.select_units([two_rows], optimizer)
+    assert floor <= tuner.greentrainer_state.last.predicted_ratio <= rho
+    base = tiny_model("mixtral")
+    full = sum(measure_flops(base, one_row, [n for n, p in base.named_parameters() if p.dtype.is_floating_point]))
+    model.train()
+    step = sum(measure_flops(model, one_row))  # the budget check runs inside, before the step's own flags are read
+    assert step <= rho * full * (1 + 1e-12), step / full

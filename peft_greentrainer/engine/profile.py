@@ -114,6 +114,10 @@ class OpCost:
     dw: dict[str, float] = field(default_factory=dict)
     # (threshold, flops): activation-gradient work paid when the deepest selected unit is used at op <= threshold
     dy: list[tuple[int, float]] = field(default_factory=list)
+    # (parameters, flops): gradient of an input computed from those parameters alone, paid when any of them trains
+    derived: list[tuple[frozenset[str], float]] = field(default_factory=list)
+    # what those gradients add to full fine-tuning's backward, computed together with the activations' (exact there)
+    derived_full: float = 0.0
 
     @property
     def dy_flops(self) -> float:
@@ -131,6 +135,8 @@ class CostProfile:
         first_use: Canonical parameter name -> index of the first op that consumes it.
         t_dw: Canonical parameter name -> FLOPs of its weight gradient, summed over all its uses (tied weights).
         forward_share: Canonical parameter name -> forward FLOPs of the ops that consume it.
+        derived: (parameter names, FLOPs): gradients of tensors computed from parameters alone (a weight with a LoRA
+            delta folded in, a tied weight with trainable token rows): paid when any of those parameters trains.
     """
 
     forward_flops: float
@@ -139,6 +145,7 @@ class CostProfile:
     first_use: dict[str, int]
     t_dw: dict[str, float]
     forward_share: dict[str, float]
+    derived: list[tuple[frozenset[str], float]] = field(default_factory=list)
 
     @property
     def full_flops(self) -> float:
@@ -176,6 +183,9 @@ class CostProfile:
         below_next = np.append(above[1:], dy_above(-1)) if len(above) else above
         t_dy = below_next - above
         t_dw = np.array([sum(self.t_dw.get(n, 0.0) for n in u.param_names) for u in ordered], dtype=np.float64)
+        for j, unit in enumerate(ordered):  # once per unit that holds any of the parameters (more: never less)
+            names = set(unit.param_names)
+            t_dw[j] += sum(flops for sources, flops in self.derived if not names.isdisjoint(sources))
         share = np.array([sum(self.forward_share.get(n, 0.0) for n in u.param_names) for u in ordered])
         return UnitCosts(
             units=ordered,
@@ -269,6 +279,11 @@ class _Recorder(TorchDispatchMode):
         self.sources = WeakIdKeyDictionary()  # tensor -> canonical parameter name it re-presents
         self.latest = WeakIdKeyDictionary()  # activation -> index of the latest parameter-consuming op behind it
         self.producer = WeakIdKeyDictionary()  # output of a recorded op -> that op's index (the last writer's)
+        # activation computed from parameters and constants alone -> those parameters: it needs a gradient exactly
+        # when one of them trains, whatever units lie deeper (``latest`` would charge it for any deeper unit)
+        self.derived = WeakIdKeyDictionary()
+        self.data = WeakIdKeyDictionary()  # the batch's tensors and those computed from them
+        self.pending: tuple[int, list[torch.Tensor]] | None = None  # the last recorded op's outputs (grad_fn unset)
         # op index -> the autograd nodes its outputs were seen with: held, so that their ids stay theirs
         self.grad_nodes: dict[int, list[torch.autograd.graph.Node]] = defaultdict(list)
         self.records: list[tuple[OpCost, Any, list, Any, list[int]]] = []  # op, func, leaf specs, treespec, levels
@@ -284,6 +299,7 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self.note_pending_nodes()
         if func in _METADATA_OPS:
             return func(*args, **kwargs)
         before = self.counter.get_total_flops()
@@ -296,6 +312,11 @@ class _Recorder(TorchDispatchMode):
         unseen = self.unseen.follow(func, tensor_leaves, written, out)
         if unseen is not None:
             _warn_unseen_kernel(*unseen)
+        reads_data = any(x in self.data for x in tensor_leaves)
+        if reads_data:  # the batch, and whatever is computed from it
+            for o in [*tree_flatten(out)[0], *written]:
+                if isinstance(o, torch.Tensor):
+                    self.data[o] = True
         sources = [self._source(x) for x in tensor_leaves]
         is_act = [x in self.latest for x in tensor_leaves]
         if not any(sources) and not any(is_act):
@@ -320,24 +341,63 @@ class _Recorder(TorchDispatchMode):
         index = self.next_index
         self.next_index += 1
         self._note_grad_nodes(tensor_leaves)
-        levels = sorted(
-            {self.latest[x] for x in tensor_leaves if x in self.latest and _differentiable(x)}, reverse=True
-        )
-        roles = [self._role(x, levels) if isinstance(x, torch.Tensor) else x for x in leaves]
+        # the roles ``_role`` gives: a parameter (even one written into) is one; an activation computed from
+        # parameters alone pays when they train; any other activation by the threshold of its ``latest``
+        acts = [x for x in tensor_leaves if x in self.latest and _differentiable(x) and not self._source(x)]
+        levels = sorted({self.latest[x] for x in acts if self._derived(x) is None}, reverse=True)
+        derived_inputs = list(dict.fromkeys(d for x in acts if (d := self._derived(x)) is not None))
+        roles = [self._role(x, levels, derived_inputs) if isinstance(x, torch.Tensor) else x for x in leaves]
         op = OpCost(index=index, name=str(func), forward=forward, dw=dict.fromkeys(distinct_sources, 0.0))
+        op.derived = [(names, 0.0) for names in derived_inputs]
         self.records.append((op, func, roles, spec, levels))
         latest = max([index if distinct_sources else -1] + [self.latest[x] for x in tensor_leaves if x in self.latest])
+        # its outputs are computed from parameters alone if every activation it reads is
+        derived = None
+        read = [self._derived(x) for x in tensor_leaves if x in self.latest]
+        if not reads_data and all(d is not None for d in read):
+            derived = frozenset(distinct_sources).union(*read)
+            derived = derived if 0 < len(derived) <= _DERIVED_NAMES else None
         for o in outputs:
             self.producer[o] = index
             if _differentiable(o):
                 self.latest[o] = latest
+                if derived is not None:
+                    self.derived[o] = derived
+        self.pending = (index, [o for o in outputs if _differentiable(o)])
         # in-place and out= ops write into an argument: it now depends on the inputs too, and so does the tensor it
         # is a view of (RWKV's CPU recurrence fills its output one time step at a time through views)
         for x in written:
             for target in (x, x._base) if x._base is not None else (x,):
+                # what it was computed from before (a parameter or a constant: itself), if from parameters alone
+                before = (
+                    self._derived(target) if target in self.latest else frozenset(filter(None, [self._source(target)]))
+                )
                 self.latest[target] = max(latest, self.latest.get(target, -1))
                 self.producer[target] = index
+                if derived is not None and before is not None and len(derived | before) <= _DERIVED_NAMES:
+                    self.derived[target] = derived | before
+                else:  # judged by ``latest`` from now on, and so are its views
+                    self.derived.pop(target, None)
         return out
+
+    def _derived(self, x: torch.Tensor) -> frozenset[str] | None:
+        """The parameters ``x`` is computed from, if from parameters and constants alone (and never written into)."""
+        found = self.derived.get(x)
+        if found is None or x._base is None or x._base not in self.latest:
+            return found
+        base = self.derived.get(x._base)  # written into since the view was taken: what was written counts too
+        return None if base is None else found | base
+
+    def note_pending_nodes(self) -> None:
+        """Note the autograd node of the last recorded op's outputs, attached once that op returned through autograd:
+        an output nothing reads (a parametrization's consistency check, discarded) is judged by it too."""
+        if self.pending is not None:
+            index, outputs = self.pending
+            self.pending = None
+            for o in outputs:
+                node = o.grad_fn
+                if node is not None and all(node is not n for n in self.grad_nodes[index]):
+                    self.grad_nodes[index].append(node)
 
     def _note_grad_nodes(self, inputs: list[torch.Tensor]) -> None:
         """Note the autograd node each input came out of, next to the op that wrote it: autograd has attached the node
@@ -348,15 +408,21 @@ class _Recorder(TorchDispatchMode):
             if node is not None and index is not None and all(node is not n for n in self.grad_nodes[index]):
                 self.grad_nodes[index].append(node)
 
-    def _role(self, x: torch.Tensor, levels: list[int]) -> _TensorSpec:
+    def _role(self, x: torch.Tensor, levels: list[int], derived: list[frozenset[str]]) -> _TensorSpec:
         source = self._source(x)
         if source:
             role = f"param:{source}"
+        elif (found := self._derived(x)) is not None and _differentiable(x):
+            role = f"derived:{derived.index(found)}"
         elif x in self.latest and _differentiable(x):
             role = f"act:{levels.index(self.latest[x])}"  # rank of its threshold: 0 = latest
         else:
             role = "const"
         return _TensorSpec(tuple(x.shape), tuple(x.stride()), x.dtype, role)
+
+
+# Most parameters a tensor computed from parameters alone is followed with (beyond: judged by ``latest``)
+_DERIVED_NAMES = 16
 
 
 # Ops that return memory as they found it: a kernel launched outside the dispatcher fills what they allocate
@@ -550,15 +616,22 @@ def _measure_op(op: OpCost, func, roles: list, spec, levels: list[int], cache: d
             for rank in range(len(levels))
         ]
         weights = [_leaves_where(roles, lambda role, p=p: role == p) for p in param_roles]
+        derived = [_leaves_where(roles, lambda role, j=j: role == f"derived:{j}") for j in range(len(op.derived))]
         try:
             cumulative = [_backward_flops(func, roles, spec, leaves) for leaves in needing]
             dw = [_backward_flops(func, roles, spec, leaves) for leaves in weights]
+            dd = [_backward_flops(func, roles, spec, leaves) for leaves in derived]
+            joint = _backward_flops(func, roles, spec, set().union(*needing, *derived)) if derived else 0.0
+            joint -= cumulative[-1] if derived and cumulative else 0.0
         except Exception as error:  # an op without a meta kernel or autograd formula
             logger.debug("Replaying %s failed (%s); pricing its backward from its forward.", func, error)
             cumulative = [_unreplayed_backward(func, roles, op.forward, len(leaves)) for leaves in needing]
             dw = [op.forward] * len(param_roles)
-        cache[key] = (np.diff([0.0, *cumulative]).tolist(), dw)
-    increments, dw = cache[key]
+            dd = [_unreplayed_backward(func, roles, op.forward, len(leaves)) for leaves in derived]
+            joint = sum(dd)
+        cache[key] = (np.diff([0.0, *cumulative]).tolist(), dw, dd, joint)
+    increments, dw, dd, op.derived_full = cache[key]
+    op.derived = [(names, flops) for (names, _), flops in zip(op.derived, dd, strict=True)]
     op.dy = [(level, flops) for level, flops in zip(levels, increments, strict=True) if flops]
     for role, flops in zip(param_roles, dw, strict=True):
         op.dw[role.removeprefix("param:")] = flops
@@ -584,7 +657,11 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
     with fork_rng(), fused_attention_on_meta(), _full_graph(model) as roots, FlopCounterMode(display=False) as counter:
         with _Recorder(counter, canonical) as recorder, _checkpointed_blocks(model, recorder, counter, recomputed):
             roots.ours = _global_hooks()
+            for value in tree_flatten(list(batch.values()))[0]:
+                if isinstance(value, torch.Tensor):
+                    recorder.data[value] = True
             loss = loss_fn(model, batch)
+            recorder.note_pending_nodes()
         forward_flops = float(counter.get_total_flops())
         roots.add(loss)  # a loss, or the outputs
         roots.add_kept_on_modules()
@@ -620,7 +697,8 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
         # every block's recompute as soon as anything is selected (conservative: the budget stays a promise).
         recomputed = [replace(op, dy=[(recorder.next_index, op.dy_flops)]) for op in recomputed]
     ops.extend(recomputed)
-    full_backward = sum(op.dy_flops for op in ops) + sum(t_dw.values())
+    derived = [(names, flops) for op in ops for names, flops in op.derived if flops]
+    full_backward = sum(op.dy_flops for op in ops) + sum(t_dw.values()) + sum(op.derived_full for op in ops)
     return CostProfile(
         forward_flops=forward_flops,
         full_backward_flops=full_backward,
@@ -628,6 +706,7 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
         first_use=first_use,
         t_dw=dict(t_dw),
         forward_share=dict(share),
+        derived=derived,
     )
 
 
