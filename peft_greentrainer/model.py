@@ -498,9 +498,9 @@ class GreenTrainerModel(LoraModel):
                 # sparse head's steps are priced on rows widened to a bucket of labels: see _row_keys)
                 # (attention that follows the values: steps are priced at the row's spans' extremes instead)
                 rows = self._row_keys(batch)
-                # not from several rows: a step's costs need not be linear in them (a weight computed from parameters
-                # alone, as a LoRA on a parameter builds, costs the same for any number of rows)
-                if (dense_head or counts is None) and len(rows) == 1 and (batch_size(batch) or 1) == 1:
+                # unless an op computes on parameters alone (``B @ A`` folded into a weight, as PEFT's LoRA on a
+                # parameter does), which costs the same for any number of rows
+                if (dense_head or counts is None) and len(rows) == 1 and cache[key][0].scales_with_rows:
                     costs = cache[key][0].unit_costs(self.candidate_units(), full_flops=cache[key][1])
                     row_costs = _scaled(costs, 1 / (batch_size(batch) or 1))
                     self._runtime.caches.measured_rows.setdefault(rows[0][1], row_costs)

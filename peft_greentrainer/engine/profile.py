@@ -137,6 +137,8 @@ class CostProfile:
         forward_share: Canonical parameter name -> forward FLOPs of the ops that consume it.
         derived: (parameter names, FLOPs): gradients of tensors computed from parameters alone (a weight with a LoRA
             delta folded in, a tied weight with trainable token rows): paid when any of those parameters trains.
+        scales_with_rows: Whether every op that counts FLOPs reads the batch, so that costs are proportional to its
+            rows; False where one computes on parameters alone (``B @ A`` folded into a weight), whose cost does not.
     """
 
     forward_flops: float
@@ -146,6 +148,7 @@ class CostProfile:
     t_dw: dict[str, float]
     forward_share: dict[str, float]
     derived: list[tuple[frozenset[str], float]] = field(default_factory=list)
+    scales_with_rows: bool = True
 
     @property
     def full_flops(self) -> float:
@@ -284,6 +287,7 @@ class _Recorder(TorchDispatchMode):
         self.derived = WeakIdKeyDictionary()
         self.data = WeakIdKeyDictionary()  # the batch's tensors and those computed from them
         self.pending: tuple[int, list[torch.Tensor]] | None = None  # the last recorded op's outputs (grad_fn unset)
+        self.batch_independent = False  # an op counted FLOPs on parameters alone
         # op index -> the autograd nodes its outputs were seen with: held, so that their ids stay theirs
         self.grad_nodes: dict[int, list[torch.autograd.graph.Node]] = defaultdict(list)
         self.records: list[tuple[OpCost, Any, list, Any, list[int]]] = []  # op, func, leaf specs, treespec, levels
@@ -350,6 +354,7 @@ class _Recorder(TorchDispatchMode):
         op = OpCost(index=index, name=str(func), forward=forward, dw=dict.fromkeys(distinct_sources, 0.0))
         op.derived = [(names, 0.0) for names in derived_inputs]
         self.records.append((op, func, roles, spec, levels))
+        self.batch_independent |= forward > 0 and not reads_data
         latest = max([index if distinct_sources else -1] + [self.latest[x] for x in tensor_leaves if x in self.latest])
         # its outputs are computed from parameters alone if every activation it reads is
         derived = None
@@ -707,6 +712,7 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
         t_dw=dict(t_dw),
         forward_share=dict(share),
         derived=derived,
+        scales_with_rows=not recorder.batch_independent,
     )
 
 
