@@ -28,32 +28,36 @@ import logging
 import torch
 from torch import nn
 
+from .engine.module_tree import ModuleTree
+
 logger = logging.getLogger(__name__)
 
 # transformers' PreTrainedModel.enable_input_require_grads and PEFT's fallback in prepare_model_for_kbit_training
 INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
 
 
-def remove_forced_input_grads(model: nn.Module) -> int:
-    """Remove every forward hook that makes a module's output require grad; return how many were removed."""
+def remove_forced_input_grads(model: nn.Module, tree: ModuleTree | None = None) -> int:
+    """Remove every forward hook that makes a module's output require grad; return how many were removed.
+    ``tree``: ``model``'s modules, listed before (it runs before every training step)."""
     removed = 0
-    for module in model.modules():
-        for key, hook in list(module._forward_hooks.items()):
-            if getattr(hook, "__name__", "") in INPUT_GRAD_HOOKS:
-                del module._forward_hooks[key]
-                removed += 1
-        if hasattr(module, "_require_grads_hook"):
+    for module in (tree or ModuleTree(model)).modules:
+        if module._forward_hooks:  # most modules have none
+            for key, hook in list(module._forward_hooks.items()):
+                if getattr(hook, "__name__", "") in INPUT_GRAD_HOOKS:
+                    del module._forward_hooks[key]
+                    removed += 1
+        # a plain attribute (enable_input_require_grads sets it), in __dict__: hasattr would raise and catch an
+        # AttributeError in nn.Module.__getattr__ for every other module
+        if "_require_grads_hook" in module.__dict__:
             del module._require_grads_hook  # its handle would now point at nothing
     return removed
 
 
-def make_checkpointing_non_reentrant(model: nn.Module) -> int:
+def make_checkpointing_non_reentrant(model: nn.Module, tree: ModuleTree | None = None) -> int:
     """Switch transformers' checkpointed layers to ``use_reentrant=False``; return how many were switched."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     switched = 0
-    for module in model.modules():
-        if not isinstance(module, GradientCheckpointingLayer) or not module.gradient_checkpointing:
+    for _, module in (tree or ModuleTree(model)).checkpointing_layers:
+        if not module.gradient_checkpointing:
             continue
         function = getattr(module, "_gradient_checkpointing_func", None)
         keywords = dict(getattr(function, "keywords", {}) or {})
@@ -65,10 +69,10 @@ def make_checkpointing_non_reentrant(model: nn.Module) -> int:
     return switched
 
 
-def unpack_weights_packed_for_inference(model: nn.Module) -> int:
+def unpack_weights_packed_for_inference(model: nn.Module, tree: ModuleTree | None = None) -> int:
     """Give bitsandbytes' 4-bit weights packed for CPU inference their trainable layout back; return how many."""
     unpacked = 0
-    for module in model.modules():
+    for module in (tree or ModuleTree(model)).quantized_weight_holders:
         weight = getattr(module, "weight", None)
         state = getattr(weight, "quant_state", None)
         if not getattr(state, "packing_format_for_cpu", False):
@@ -80,10 +84,11 @@ def unpack_weights_packed_for_inference(model: nn.Module) -> int:
     return unpacked
 
 
-def keep_backprop_shallow(model: nn.Module, quiet: bool = False) -> None:
-    """Apply both fixes; say what was changed and why."""
-    hooks = remove_forced_input_grads(model)
-    blocks = make_checkpointing_non_reentrant(model)
+def keep_backprop_shallow(model: nn.Module, quiet: bool = False, tree: ModuleTree | None = None) -> None:
+    """Apply both fixes; say what was changed and why. ``tree``: ``model``'s modules, listed before."""
+    tree = tree or ModuleTree(model)
+    hooks = remove_forced_input_grads(model, tree)
+    blocks = make_checkpointing_non_reentrant(model, tree)
     if (hooks or blocks) and not quiet:
         # once per model: TRL's DPO switches checkpointing off and on around every reference forward, putting the
         # hook back each time

@@ -47,11 +47,14 @@ from .engine.costs import UnitCosts, cost_envelope, select_at_every_shape
 from .engine.importance import base_learning_rates, compute_importance, plain_gradient_step, unwrap_optimizer
 from .engine.label_buckets import LabelBucket, label_bucket
 from .engine.length_fit import LengthFit, length_family
+from .engine.module_tree import ModuleTree
 from .engine.profile import (
     CostProfile,
     batch_size,
     costliest_row,
     default_loss,
+    input_key,
+    module_modes,
     profile_key,
     profile_model,
     returns_dict,
@@ -201,6 +204,7 @@ class _TunerRuntime:
     originals: dict[str, torch.Tensor] = field(default_factory=dict)  # units="tensors": values before training
     reloads_best: bool = False  # the Trainer reloads its best checkpoint at the end (load_best_model_at_end)
     flags_while_disabled: list[tuple[nn.Parameter, bool]] | None = None
+    module_tree: ModuleTree | None = None  # the base model's modules, listed again when the tree changes
 
 
 class GreenTrainerModel(LoraModel):
@@ -281,9 +285,17 @@ class GreenTrainerModel(LoraModel):
 
     def _drop_cached_profiles(self) -> None:
         """Cost profiles describe the model as it ran (which adapters it had and which were active): stale once
-        adapters are added or deleted."""
+        adapters are added or deleted (and the listed modules, which would keep deleted ones alive until the next
+        step)."""
         self._runtime.caches = _ProfileCaches()
         self._runtime.caches_by_active_adapters.clear()
+        self._runtime.module_tree = None
+
+    def _module_tree(self) -> ModuleTree:
+        """The base model's modules, from the listing of an earlier call while their tree is the same
+        (:meth:`ModuleTree.of <peft_greentrainer.engine.module_tree.ModuleTree.of>`)."""
+        tree = self._runtime.module_tree = ModuleTree.of(self.model, self._runtime.module_tree)
+        return tree
 
     def _switch_cached_profiles(self, previous: tuple[str, ...]) -> None:
         """Keep the profiles of the adapters active until now for when they are active again, and bring back those of
@@ -486,7 +498,7 @@ class GreenTrainerModel(LoraModel):
         module modes (:func:`~peft_greentrainer.engine.profile.profile_key`): one forward pass the first time.
         """
         with _training_mode(self.model):
-            key = profile_key(self.model, batch)
+            key = profile_key(self.model, batch, self._module_tree())
             counts = labelled_counts(batch)
             dense_head = not self._head_follows_labels(batch)
             if not dense_head and counts is not None:  # a sparse head's cost follows each row's labelled positions
@@ -585,11 +597,13 @@ class GreenTrainerModel(LoraModel):
         ``_learn_shapes`` adds to it, so it is the same on every rank."""
         return self._runtime.caches.shape_costs
 
-    def _profile_rows(self, batch: Mapping[str, Any], new: dict[tuple, UnitCosts]) -> list[tuple]:
+    def _profile_rows(
+        self, batch: Mapping[str, Any], new: dict[tuple, UnitCosts], tree: ModuleTree | None = None
+    ) -> list[tuple]:
         """The keys ``batch``'s steps are priced at (``_row_keys``); the costs of those not agreed on yet (one row,
         current modes) go into ``new``, measured unless this process measured them before (``cost_profile``)."""
         keys = []
-        for row, key, bucket in self._row_keys(batch):
+        for row, key, bucket in self._row_keys(batch, tree):
             if key not in self._shape_costs and key not in new:
                 measured = self._runtime.caches.measured_rows
                 if key not in measured:
@@ -625,7 +639,9 @@ class GreenTrainerModel(LoraModel):
                 )
         return costs
 
-    def _row_keys(self, batch: Mapping[str, Any]) -> list[tuple[dict[str, Any], tuple, LabelBucket | None]]:
+    def _row_keys(
+        self, batch: Mapping[str, Any], tree: ModuleTree | None = None
+    ) -> list[tuple[dict[str, Any], tuple, LabelBucket | None]]:
         """One-row batches whose step costs bound every row of ``batch`` together, each with its key and label bucket.
 
         Usually one: the costliest row, keyed by ``profile_key``. Where the LM head projects only labelled positions
@@ -633,17 +649,25 @@ class GreenTrainerModel(LoraModel):
         is then priced on the row widened to the bucket's top, and full fine-tuning at its bottom). Where attention
         runs only within the sequences the inputs delimit (``attention_follows_values``: flash attention on padded or
         packed rows) there are two, the row's spans' extremes (``attention_extremes``): a selection within rho at both
-        is within rho whatever the sequences.
+        is within rho whatever the sequences. ``tree``: the base model's modules, listed before.
+
+        It runs before every training step: the label counts come to the host once (one wait for the device), and
+        the modules are read from ``tree`` once for every row priced.
         """
-        row = costliest_row(batch)
-        spans = attention_extremes(row) if attention_follows_values(self.model) else None
+        tree = tree or self._module_tree()
+        head_follows_labels = self._head_follows_labels(batch)
+        found = labelled_counts(batch) if head_follows_labels or batch_size(batch) not in (None, 1) else None
+        counts = found.tolist() if found is not None else None
+        row = costliest_row(batch, counts)
+        spans = attention_extremes(row) if attention_follows_values(self.model, tree) else None
         if spans is not None and getattr(self.model.config, "is_encoder_decoder", False):
             raise NotImplementedError(encoder_decoder_error(self.model))
-        counts = labelled_counts(batch) if self._head_follows_labels(batch) else None
+        mean = sum(counts) / len(counts) if head_follows_labels and counts is not None else None
+        signature = module_modes(tree)  # profile_key's second part: the same for every row
         priced = []
         for span, variant in spans or [(None, row)]:
-            inputs, signature = profile_key(self.model, variant)
-            bucket = label_bucket(variant, float(counts.float().mean())) if counts is not None else None
+            inputs = input_key(self.model, variant)
+            bucket = label_bucket(variant, mean) if mean is not None else None
             extra = [] if span is None else [("attention spans", span)]
             if bucket is not None:  # re-labelling changes no shape
                 extra.append(("labelled positions", (bucket.bottom, bucket.top)))
@@ -743,8 +767,9 @@ class GreenTrainerModel(LoraModel):
         self._note_stepped_tensors(optimizer)
         self._check_optimizer_holds_candidates(optimizer)
         self._runtime.window.follow(optimizer)
-        keep_backprop_shallow(self.model)  # checkpointing may have been switched on since the last selection
-        unpack_weights_packed_for_inference(self.model)  # an evaluation since may have packed 4-bit weights
+        tree = self._module_tree()
+        keep_backprop_shallow(self.model, tree=tree)  # checkpointing may have been switched on since the last selection
+        unpack_weights_packed_for_inference(self.model, tree)  # an evaluation since may have packed 4-bit weights
         with _training_mode(self.model):  # the steps that follow run in training mode
             new: dict[tuple, UnitCosts] = {}
             first = self._profile_rows(batches[0], new)
@@ -900,15 +925,16 @@ class GreenTrainerModel(LoraModel):
         if not module.training:
             self._warn_once_in_eval_mode_with_gradients()
             return
-        unpack_weights_packed_for_inference(self.model)  # an evaluation may have packed them, selection or not
+        tree = self._module_tree()  # listed once per module tree, not walked at every step
+        unpack_weights_packed_for_inference(self.model, tree)  # an evaluation may have packed them, selection or not
         if not self._runtime.selection_applied:
             # before the first selection every candidate trains (the optimizer is built over all of them)
             self._warn_once_without_selection()
             return
-        keep_backprop_shallow(self.model)  # checkpointing enabled since the last step would force backprop deeper
+        keep_backprop_shallow(self.model, tree=tree)  # checkpointing enabled since the last step would force it deeper
         batch = {**{f"{_POSITIONAL}{i:03d}": a for i, a in enumerate(args)}, **kwargs}
         new: dict[tuple, UnitCosts] = {}
-        keys = self._profile_rows(batch, new)
+        keys = self._profile_rows(batch, new, tree)
         signature = keys[0][1]
         learned = [k for k in self._learn_shapes(new) if k[1] == signature]
         in_force = (signature, frozenset(self.greentrainer_state.selected))

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, export_lora_adapter, save_adapter, saving
-from peft_greentrainer.engine.profile import default_loss, measure_flops
+from peft_greentrainer.engine.profile import default_loss, measure_flops, profile_key
 from peft_greentrainer.model import GreenTrainerState
 from peft_greentrainer.sampling import importance_batches
 
@@ -1478,6 +1478,38 @@ def test_a_restored_selection_is_checked_at_the_shapes_already_trained():
     optimizer.zero_grad()
     tuner.restore_selection(made_for_short)
     _assert_the_step_fits(model, long)
+
+
+def test_modes_changed_between_steps_reach_the_step_check():
+    """The check reads the modules from a listing kept from step to step (``engine/module_tree.py``). Checkpointing
+    switched on, and a layer put in eval mode, between two steps change no module tree: the next step must still be
+    priced in its new modes (the key a fresh walk gives), within the budget, with the input-gradient hook that
+    checkpointing installs removed."""
+    model, optimizer, short, long = _selected_on_a_short_shape()
+    tuner = model.base_model
+
+    def step(batch):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert tuner._runtime.caches.checked[0] == profile_key(tuner.model, batch)[1]  # a fresh walk's modes
+        return tuner._runtime.module_tree
+
+    listed = step(long)
+    assert step(short) is listed  # nothing changed: the listing is reused
+    model.gradient_checkpointing_enable()
+    assert step(short) is listed
+    assert tuner._runtime.caches.checked[0][1] == tuple(f"model.layers.{i}" for i in range(3))
+    assert not [h for m in tuner.model.modules() for h in m._forward_hooks.values() if "inputs_require" in str(h)]
+    _assert_the_step_fits(model, long)
+    optimizer.zero_grad()
+    tuner.model.model.layers[1].eval()
+    assert step(short) is listed
+    in_eval, checkpointed = tuner._runtime.caches.checked[0]
+    assert "model.layers.1" in in_eval and checkpointed == ("model.layers.0", "model.layers.2")
+    _assert_the_step_fits(model, long)
+    logged, _ = tuner.step_flops_ratios()
+    assert logged <= model.peft_config["default"].rho
 
 
 def _sequence_classifier() -> torch.nn.Module:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .module_tree import ModuleTree
+
 __all__ = ["SPAN_INPUTS", "attention_extremes", "attention_follows_values", "encoder_decoder_error"]
 
 # the inputs whose values delimit the sequences that flash-style attention attends within
@@ -35,10 +37,11 @@ SPAN_INPUTS = (*_MASKS, *_POSITIONS, *_OFFSETS)
 _DENSE_IMPLEMENTATIONS = {None, "eager", "sdpa"}  # attend over every position: cost follows shapes
 
 
-def attention_follows_values(model: nn.Module) -> bool:
+def attention_follows_values(model: nn.Module, tree: ModuleTree | None = None) -> bool:
     """Whether some attention of ``model`` may attend only within sequences read from input values: any
-    implementation but eager and SDPA (flash attention, kernels-hub and custom registered functions, flex)."""
-    return bool(_value_following_implementations(model))
+    implementation but eager and SDPA (flash attention, kernels-hub and custom registered functions, flex).
+    ``tree``: ``model``'s modules, listed before (read at every step: the implementation can be switched)."""
+    return bool(_value_following_implementations(model, tree))
 
 
 def encoder_decoder_error(model: nn.Module) -> str:
@@ -53,9 +56,11 @@ def encoder_decoder_error(model: nn.Module) -> str:
     )
 
 
-def _value_following_implementations(model: nn.Module) -> set[str]:
+def _value_following_implementations(model: nn.Module, tree: ModuleTree | None = None) -> set[str]:
     """The attention implementations of ``model``'s modules (and sub-models' configs) other than eager and SDPA."""
-    implementations = {getattr(getattr(m, "config", None), "_attn_implementation", None) for m in model.modules()}
+    holders = (tree or ModuleTree(model)).config_holders
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in holders)}  # layers share their model's
+    implementations = {getattr(c, "_attn_implementation", None) for c in configs.values()}
     return {str(i) for i in implementations - _DENSE_IMPLEMENTATIONS}
 
 

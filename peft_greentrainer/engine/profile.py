@@ -31,7 +31,7 @@ import functools
 import logging
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -53,6 +53,7 @@ from .flops import (
     register_flop_formulas,
     uncounted_matmul_op,
 )
+from .module_tree import ModuleTree, checkpointing_layer_class
 from .rng import fork_rng
 from .targets import labelled_counts
 from .units import Unit, parameter_aliases, requires_grad_kept
@@ -222,7 +223,7 @@ def routed_expert_modules(model: nn.Module) -> list[str]:
 _LOSS_ONLY_INPUTS = ("num_items_in_batch",)
 
 
-def costliest_row(batch: Mapping[str, Any]) -> dict[str, Any]:
+def costliest_row(batch: Mapping[str, Any], counts: Sequence[int] | None = None) -> dict[str, Any]:
     """``batch`` cut to one sample, when every tensor in it has the same leading (batch) dimension: the sample with the
     most positions whose label counts (``labels != -100``), the first one if there are no labels or a tie.
 
@@ -230,12 +231,15 @@ def costliest_row(batch: Mapping[str, Any]) -> dict[str, Any]:
     fractions of full fine-tuning do not depend on it: profiling one row is as exact and ``batch size`` times cheaper,
     and an uneven last batch is no new shape. A head that only projects labelled positions (the sparse LM head) costs
     more on rows with more next-token targets: the row with the most bounds every row of the batch. A batch whose
-    tensors disagree on the leading dimension is kept whole.
+    tensors disagree on the leading dimension is kept whole. ``counts``: ``labelled_counts(batch)`` already read to
+    the host, which spares the check before every step a wait for the device.
     """
     if batch_size(batch) in (None, 1):
         return dict(batch)
-    counts = labelled_counts(batch)
-    row = int(torch.argmax(counts)) if counts is not None else 0
+    if counts is None:
+        found = labelled_counts(batch)
+        counts = found.tolist() if found is not None else None
+    row = counts.index(max(counts)) if counts is not None else 0  # the first of the largest, as torch.argmax
     return {k: v[row : row + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
 
 
@@ -252,9 +256,15 @@ def returns_dict(model: nn.Module, batch: Mapping[str, Any]) -> bool:
     return bool(value) if value is not None else getattr(getattr(model, "config", None), "return_dict", True)
 
 
-def profile_key(model: nn.Module, batch: Mapping[str, Any]) -> tuple:
+def profile_key(model: nn.Module, batch: Mapping[str, Any], tree: ModuleTree | None = None) -> tuple:
     """What a cost profile of ``model`` on ``batch`` depends on: input shapes and dtypes, plain-value inputs, and which
-    modules are in eval mode or checkpoint their forward (both change what a training step computes)."""
+    modules are in eval mode or checkpoint their forward (both change what a training step computes). ``tree``:
+    ``model``'s modules, listed before."""
+    return (input_key(model, batch), module_modes(tree or ModuleTree(model)))
+
+
+def input_key(model: nn.Module, batch: Mapping[str, Any]) -> tuple:
+    """The first part of ``profile_key``: input shapes and dtypes, plain-value inputs."""
     inputs = []
     for name, value in sorted(batch.items()):
         if name in _LOSS_ONLY_INPUTS or value is None:  # None: the default (PEFT passes some explicitly)
@@ -265,10 +275,15 @@ def profile_key(model: nn.Module, batch: Mapping[str, Any]) -> tuple:
             inputs.append((name, tuple(value.shape), str(value.dtype)))
         elif isinstance(value, (bool, int, float, str)):
             inputs.append((name, repr(value)))
-    modules = list(model.named_modules())
-    in_eval = tuple(name for name, module in modules if not module.training)
-    checkpointed = tuple(name for name, module in modules if is_checkpointed(module))
-    return (tuple(inputs), (in_eval, checkpointed))
+    return tuple(inputs)
+
+
+def module_modes(tree: ModuleTree) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The second part of ``profile_key``: the names of the modules in eval mode and of those that checkpoint their
+    forward (``is_checkpointed``), each in ``named_modules`` order."""
+    in_eval = tuple(name for name, module in tree.named if not module.training)
+    checkpointed = tuple(name for name, m in tree.checkpointing_layers if m.gradient_checkpointing and m.training)
+    return in_eval, checkpointed
 
 
 class _Recorder(TorchDispatchMode):
@@ -822,11 +837,8 @@ def _may_run_autograd(node: torch.autograd.graph.Node) -> bool:
 
 def is_checkpointed(module: nn.Module) -> bool:
     """Whether this module checkpoints its forward: transformers' checkpointed layers, while training."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # pragma: no cover - transformers always has it in the supported range
-        return False
-    return isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing and module.training
+    layer = checkpointing_layer_class()
+    return layer is not None and isinstance(module, layer) and module.gradient_checkpointing and module.training
 
 
 @contextmanager
