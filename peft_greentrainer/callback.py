@@ -258,7 +258,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         loss_fn = self.loss_fn
         if loss_fn is None and getattr(args, "average_tokens_across_devices", False) and _takes_loss_kwargs(tuner):
             loss_fn = ranks.weighted_by_target_share(default_loss)  # the global mean over targets, as trained
-        with ranks.gradients_averaged_across_ranks(averaged), _training_autocast(args, tuner):
+        with ranks.gradients_averaged_across_ranks(averaged), _training_autocast(args):
             tuner.select_units(
                 batches,
                 kwargs.get("optimizer"),
@@ -293,7 +293,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 return
 
 
-def _training_autocast(args: TrainingArguments, tuner: GreenTrainerModel) -> contextlib.AbstractContextManager:
+def _training_autocast(args: TrainingArguments) -> contextlib.AbstractContextManager:
     """The bf16 autocast a ``Trainer(bf16=True)`` trains under, for the selection's forward and backward passes.
 
     accelerate enters it around the wrapped model's forward only, and the selection calls the tuner's model directly:
@@ -303,8 +303,7 @@ def _training_autocast(args: TrainingArguments, tuner: GreenTrainerModel) -> con
     """
     if not getattr(args, "bf16", False):
         return contextlib.nullcontext()
-    device = next((p.device.type for p in tuner.model.parameters()), "cpu")
-    return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return torch.autocast(device_type=args.device.type, dtype=torch.bfloat16)  # the device accelerate autocasts
 
 
 def _takes_loss_kwargs(tuner: GreenTrainerModel) -> bool:

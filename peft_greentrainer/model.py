@@ -140,6 +140,8 @@ class _ProfileCaches:
     measured_rows: dict[tuple, UnitCosts] = field(default_factory=dict)  # one row's costs, by shape key
     shape_costs: dict[tuple, UnitCosts] = field(default_factory=dict)  # agreed on by every rank (_learn_shapes)
     length_fits: dict[tuple, LengthFit] = field(default_factory=dict)  # by shape family (length_fit.length_family)
+    # a profile computed FLOPs on parameters alone: a step's costs grow by less than a row's per row (_profile_rows)
+    fixed_costs_per_step: bool = False
     # (modes, selected units): the selection that fits every shape known in those modes (profile_key's second part)
     checked: tuple[tuple, frozenset[str]] | None = None
 
@@ -603,14 +605,34 @@ class GreenTrainerModel(LoraModel):
         """The keys ``batch``'s steps are priced at (``_row_keys``); the costs of those not agreed on yet (one row,
         current modes) go into ``new``, measured unless this process measured them before (``cost_profile``)."""
         keys = []
+        caches = self._runtime.caches
         for row, key, bucket in self._row_keys(batch, tree):
             if key not in self._shape_costs and key not in new:
-                measured = self._runtime.caches.measured_rows
-                if key not in measured:
-                    measured[key] = self._row_costs(row, key, bucket)
-                new[key] = measured[key]
+                if key not in caches.measured_rows:
+                    caches.measured_rows[key] = self._row_costs(row, key, bucket)
+                new[key] = caches.measured_rows[key]
             keys.append(key)
+            more = _each_row_more_key(key)
+            if caches.fixed_costs_per_step and batch_size(row) == 1:
+                # a step of B rows costs one row's costs plus B - 1 times what each row more adds, so a selection
+                # within rho at both is within rho at every B; one row alone does not bound them (DeBERTa's relative
+                # position projections cost the same for any number of rows, and full fine-tuning pays their backward)
+                if more not in self._shape_costs and more not in new:
+                    if more not in caches.measured_rows:
+                        caches.measured_rows[more] = self._each_row_more_costs(row, caches.measured_rows[key], bucket)
+                    new[more] = caches.measured_rows[more]
+                keys.append(more)
         return keys
+
+    def _each_row_more_costs(self, row: dict[str, Any], one: UnitCosts, bucket: LabelBucket | None) -> UnitCosts:
+        """What a second copy of ``row`` adds to a step (``one``: the row's own costs): two rows profiled, less one."""
+        profile, full = self._measure(_twice(bucket.widened if bucket is not None else row), _forward_only)
+        if bucket is not None:
+            full = self._measure(_twice(bucket.narrowed), _forward_only)[1]
+        two = profile.unit_costs(self.candidate_units(), full_flops=full)
+        if [u.name for u in two.units] != [u.name for u in one.units]:
+            raise RuntimeError("two rows put the units in another backward order than one row; cannot price rows")
+        return _difference(two, one)
 
     def _row_costs(self, row: dict[str, Any], key: tuple, bucket: LabelBucket | None) -> UnitCosts:
         """One row's costs at ``key``: from the polynomial the lengths profiled before follow exactly where there is
@@ -623,6 +645,7 @@ class GreenTrainerModel(LoraModel):
             if predicted is not None:
                 return predicted
         profile, full = self._measure(bucket.widened if bucket is not None else row, _forward_only)
+        self._runtime.caches.fixed_costs_per_step |= not profile.scales_with_rows
         if bucket is not None:  # full fine-tuning at the bucket's fewest labels: bounds every row in it
             full = self._measure(bucket.narrowed, _forward_only)[1]
         costs = profile.unit_costs(self.candidate_units(), full_flops=full)
@@ -970,11 +993,11 @@ class GreenTrainerModel(LoraModel):
         otherwise see (a Trainer given the model without GreenTrainerCallback)."""
         if self._runtime.warned_without_selection:
             return
+        if not any(p.requires_grad for p in self.model.parameters()):
+            return  # an adapter loaded for inference (is_trainable=False), run in train mode: nothing trains
         self._runtime.warned_without_selection = True
         if ranks.rank_and_world_size()[0] != 0:  # every rank trains alike: one line per job
             return
-        if not any(p.requires_grad for p in self.model.parameters()):
-            return  # an adapter loaded for inference (is_trainable=False), run in train mode: nothing trains
         trains = "the base model's tensors (full fine-tuning)" if self.units_kind == "tensors" else "every adapter"
         logger.warning(
             "GreenTrainer: a training step runs with no selection in force, so it trains %s and saves no FLOPs. Add "
@@ -1362,6 +1385,29 @@ def _positive(importance: np.ndarray, feasible: np.ndarray, gradient_step: Calla
             return fallback
     logger.warning("GreenTrainer: no unit that fits the budget has a positive importance; training as many as fit.")
     return feasible.astype(np.float64)
+
+
+def _each_row_more_key(key: tuple) -> tuple:
+    """The shape key of what each row beyond the first adds at ``key`` (the same modes: ``key[1]``)."""
+    return ((*key[0], ("each row more", True)), key[1])
+
+
+def _twice(row: dict[str, Any]) -> dict[str, Any]:
+    """A one-row batch with its row twice."""
+    return {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in row.items()}
+
+
+def _difference(two: UnitCosts, one: UnitCosts) -> UnitCosts:
+    """``two``'s costs less ``one``'s, none below zero (a cost that does not grow is not refunded)."""
+    return replace(
+        two,
+        t_dw=np.maximum(two.t_dw - one.t_dw, 0.0),
+        t_dy=np.maximum(two.t_dy - one.t_dy, 0.0),
+        forward_share=np.maximum(two.forward_share - one.forward_share, 0.0),
+        dy_head=max(two.dy_head - one.dy_head, 0.0),
+        forward_flops=max(two.forward_flops - one.forward_flops, 0.0),
+        full_flops=two.full_flops - one.full_flops,
+    )
 
 
 def _scaled(costs: UnitCosts, factor: float) -> UnitCosts:

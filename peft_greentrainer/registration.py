@@ -146,7 +146,8 @@ def _keep_plain_lora_plain() -> None:
 
         @functools.wraps(original)
         def load_adapter(self, *args, **kwargs):
-            with _loading_as_plain_lora(self.peft_type != GREENTRAINER_PEFT_TYPE):
+            # (PeftMixedModel calls this on itself and has no peft_type: its adapters are never GreenTrainer's)
+            with _loading_as_plain_lora(getattr(self, "peft_type", None) != GREENTRAINER_PEFT_TYPE):
                 return original(self, *args, **kwargs)
 
         load_adapter._greentrainer_hook = True
@@ -176,7 +177,9 @@ def _let_plain_lora_join(config_cls) -> None:
     @functools.wraps(original)
     def add_adapter(self, adapter_name, peft_config, *args, **kwargs):
         if type(peft_config) is LoraConfig and self.peft_type == GREENTRAINER_PEFT_TYPE:
+            # the active adapter's patterns name its modules, not this adapter's
             fields = {**self.peft_config[self.active_adapters[0]].greentrainer_fields(), "units": "lora"}
+            fields.update(include_patterns=None, exclude_patterns=None)
             inference_mode = peft_config.inference_mode
             peft_config = config_cls.from_lora_config(peft_config, fields)
             peft_config.inference_mode = inference_mode

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from conftest import tiny_batch, tiny_model
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftMixedModel, PeftModel, get_peft_model
 from peft.config import PeftConfigMixin
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
@@ -410,6 +410,9 @@ def test_a_units_lora_adapter_joins_plain_lora_as_plain_lora(tmp_path):
     plain.set_adapter("green")
     torch.testing.assert_close(_logits(plain, batch), _logits(trained, batch), atol=0, rtol=0)
 
+    mixed = PeftMixedModel.from_pretrained(tiny_model(ARCH), tmp_path / "plain")
+    mixed.load_adapter(tmp_path / "plain", adapter_name="again")  # PeftMixedModel has no peft_type of its own
+
     base = tiny_model(ARCH)
     base.load_adapter(str(tmp_path / "greentrainer"), adapter_name="green", is_trainable=True)
     assert type(base.peft_config["green"]) is LoraConfig and not base._forward_pre_hooks
@@ -420,7 +423,8 @@ def test_a_units_lora_adapter_joins_plain_lora_as_plain_lora(tmp_path):
 def test_plain_lora_joins_a_greentrainer_model_with_its_fields(tmp_path):
     """A reference adapter for DPO, say: PEFT would refuse to mix the two methods on one model."""
     get_peft_model(tiny_model(ARCH), LoraConfig(r=4, target_modules=["k_proj"])).save_pretrained(tmp_path)
-    model = get_peft_model(tiny_model(ARCH), _config("default", rho=0.7))
+    # its patterns name the active adapter's modules, not the joining one's (which they would leave no candidate)
+    model = get_peft_model(tiny_model(ARCH), _config("default", rho=0.7, include_patterns=[r"q_proj"]))
     model.load_adapter(tmp_path, adapter_name="reference")
     model.add_adapter("added", LoraConfig(r=2, target_modules=["o_proj"]))
     for name, r in (("reference", 4), ("added", 2)):

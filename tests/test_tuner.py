@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -1315,7 +1316,10 @@ def test_an_adapter_loaded_for_inference_is_not_said_to_train_in_train_mode(unit
     loaded.train()
     with caplog.at_level("WARNING", logger="peft_greentrainer.model"):
         loaded(**_counting_batch(8))
-    assert "no selection in force" not in caplog.text
+        assert "no selection in force" not in caplog.text
+        loaded.base_model.unfreeze_candidates()  # training it after all, without a selection: now it is said
+        loaded(**_counting_batch(8))
+    assert "no selection in force" in caplog.text
 
 
 def test_under_ddp_the_no_selection_warning_comes_from_the_first_rank_and_eval_mode_from_any(caplog, monkeypatch):
@@ -1624,3 +1628,37 @@ def test_a_floor_asked_first_does_not_price_later_steps_from_a_whole_batch():
     model.train()
     step = sum(measure_flops(model, one_row))  # the budget check runs inside, before the step's own flags are read
     assert step <= rho * full * (1 + 1e-12), step / full
+
+
+@pytest.mark.parametrize("units", UNIT_KINDS)
+def test_steps_of_any_batch_size_keep_rho_where_some_costs_do_not_grow_with_the_rows(units):
+    """DeBERTa-v2 projects its relative position embeddings in every layer, on parameters alone: a cost that does not
+    grow with the batch, whose backward full fine-tuning pays and a selection need not. One row's ratio then bounds no
+    larger batch (an 8-row step ran at 0.75 of full fine-tuning at rho 0.6); a step is priced at one row and at what
+    each further row adds, which bound every batch size together."""
+    config = transformers.DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, relative_attention=True, position_buckets=32, pos_att_type=["p2c", "c2p"],
+        max_relative_positions=64, num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.DebertaV2ForSequenceClassification(config)
+    rho = 0.6
+    lora = {"r": 8, "target_modules": ["query_proj", "value_proj", "key_proj"]} if units == "lora" else {}
+    model = get_peft_model(base, GreenTrainerConfig(rho=rho, units=units, task_type="SEQ_CLS", **lora))
+    tuner = model.base_model
+
+    def batch(rows: int, seed: int = 1) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, VOCAB, (rows, 16), generator=generator)
+        return {"input_ids": ids, "labels": torch.randint(0, 2, (rows,), generator=generator)}
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    tuner.select_units([batch(8)], optimizer)
+    names = [n for n, p in tuner.model.named_parameters() if p.dtype.is_floating_point and "lora_" not in n]
+    for rows in (1, 2, 8, 32):
+        step = sum(measure_flops(model, batch(rows)))  # the step's own flags, after its budget check
+        with model.disable_adapter() if units == "lora" else contextlib.nullcontext():
+            full = sum(measure_flops(tuner.model, batch(rows), names))
+        assert step <= rho * full * (1 + 1e-12), (rows, step / full)
