@@ -138,8 +138,9 @@ class CostProfile:
         forward_share: Canonical parameter name -> forward FLOPs of the ops that consume it.
         derived: (parameter names, FLOPs): gradients of tensors computed from parameters alone (a weight with a LoRA
             delta folded in, a tied weight with trainable token rows): paid when any of those parameters trains.
-        scales_with_rows: Whether every op that counts FLOPs reads the batch, so that costs are proportional to its
-            rows; False where one computes on parameters alone (``B @ A`` folded into a weight), whose cost does not.
+        scales_with_rows: False where an op counts FLOPs on parameters alone (``B @ A`` folded into a weight,
+            DeBERTa's relative position projections), whose cost does not grow with the batch's rows (ops that read
+            no parameter and no activation are not followed: on the models seen they count none).
     """
 
     forward_flops: float
