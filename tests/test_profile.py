@@ -608,3 +608,40 @@ def test_a_weight_computed_from_parameters_alone_is_priced_by_those_parameters(c
         assert costs.predicted_flops(mask) == pytest.approx(measured, rel=1e-9), [
             costs.units[i].name for i in selection
         ]
+
+
+class _WritesUnderAView(torch.nn.Module):
+    """A view taken before its base is written into (through the base, or through another view) reads what was
+    written: ``before`` writes a product of parameters into a zero buffer, ``after`` an activation into a weight."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        self.embed = torch.nn.Embedding(VOCAB, 16)
+        self.first = torch.nn.Linear(16, 16, bias=False)
+        self.second = torch.nn.Linear(16, 16, bias=False)
+        self.p = torch.nn.Parameter(torch.randn(16, 16) / 16)
+        self.q = torch.nn.Parameter(torch.randn(16, 16) / 16)
+        self.head = torch.nn.Linear(16, VOCAB, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.case == "written-through-the-base":
+            hidden = self.first(self.embed(input_ids))
+            buffer = torch.zeros(16, 16)
+            view = buffer[:]
+            buffer.copy_(self.p @ self.q)
+        else:  # "written-through-another-view"
+            weight = self.p @ self.q
+            view = weight[:]
+            hidden = self.first(self.embed(input_ids))
+            weight[:1].copy_(hidden.mean((0, 1))[None])
+        logits = self.head(self.second(hidden @ view))
+        return {"loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())}
+
+
+@pytest.mark.parametrize("case", ["written-through-the-base", "written-through-another-view"])
+def test_a_view_reads_what_was_written_into_its_base_after_it_was_taken(case: str) -> None:
+    """Priced as it was when taken, the view cost nothing backward: p and q alone were priced below their step."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    _never_under_predicted(_WritesUnderAView(case), {"input_ids": ids, "labels": ids.clone()})

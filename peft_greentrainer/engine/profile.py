@@ -332,6 +332,7 @@ class _Recorder(TorchDispatchMode):
         unseen = self.unseen.follow(func, tensor_leaves, written, out)
         if unseen is not None:
             _warn_unseen_kernel(*unseen)
+        self._follow_bases(tensor_leaves)
         reads_data = any(x in self.data for x in tensor_leaves)
         if reads_data:  # the batch, and whatever is computed from it
             for o in [*tree_flatten(out)[0], *written]:
@@ -400,6 +401,18 @@ class _Recorder(TorchDispatchMode):
                 else:  # judged by ``latest`` from now on, and so are its views
                     self.derived.pop(target, None)
         return out
+
+    def _follow_bases(self, tensors: list[torch.Tensor]) -> None:
+        """A view reads what was written into its base after it was taken (through the base or another view): it
+        depends on what that was computed from, as autograd sees it."""
+        for x in tensors:
+            base = x._base
+            if base is None:
+                continue
+            if base in self.latest and self.latest.get(x, -1) < self.latest[base]:
+                self.latest[x] = self.latest[base]
+            if base in self.data:
+                self.data[x] = True
 
     def _derived(self, x: torch.Tensor) -> frozenset[str] | None:
         """The parameters ``x`` is computed from, if from parameters and constants alone (and never written into)."""
