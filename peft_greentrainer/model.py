@@ -809,17 +809,29 @@ class GreenTrainerModel(LoraModel):
         importance = _positive(measure(optimizer, lr), feasible, lambda: measure(None, 1.0))
         self.greentrainer_state.importance = {u.name: float(v) for u, v in zip(envelope.units, importance, strict=True)}
         mask = self._select(envelope, keys, importance, step=step, epoch=epoch, reason="importance", start=start)
-        # in FLOPs of a step on the first batch (its costs are its first row's times its rows: linear in the batch),
-        # at the bound it is priced at
-        costs, rows = self._shape_costs[max(first, key=lambda k: self._ratio(k, mask))], batch_size(batches[0]) or 1
+        # in FLOPs of a step on the first batch, at the bound it is priced at
+        rows = batch_size(batches[0]) or 1
+        steps = [self._step_figures(k, first, rows, mask) for k in first if k[0][-1:] != _EACH_ROW_MORE]
+        flops, backward, full = max(steps, key=lambda figures: figures[0] / figures[2])
         return Selection(
             mask=mask,
-            flops=rows * costs.predicted_flops(mask),
-            backward_flops=rows * costs.predicted_backward(mask),
+            flops=flops,
+            backward_flops=backward,
             importance=float(importance[mask].sum()),
-            budget=rows * min(config.rho, 1.0) * costs.full_flops,
-            full_flops=rows * costs.full_flops,
+            budget=min(config.rho, 1.0) * full,
+            full_flops=full,
             rho=config.rho,
+        )
+
+    def _step_figures(self, key: tuple, keys: list[tuple], rows: int, mask: np.ndarray) -> tuple[float, float, float]:
+        """(FLOPs, backward FLOPs, full fine-tuning's FLOPs) of a step of ``rows`` rows priced at ``key``: its row's
+        costs, and each further row's (the row's own again, unless ``keys`` price what each row more adds)."""
+        one = self._shape_costs[key]
+        more = self._shape_costs[_each_row_more_key(key)] if _each_row_more_key(key) in keys else one
+        return (
+            one.predicted_flops(mask) + (rows - 1) * more.predicted_flops(mask),
+            one.predicted_backward(mask) + (rows - 1) * more.predicted_backward(mask),
+            one.full_flops + (rows - 1) * more.full_flops,
         )
 
     def _importance(
@@ -1387,9 +1399,12 @@ def _positive(importance: np.ndarray, feasible: np.ndarray, gradient_step: Calla
     return feasible.astype(np.float64)
 
 
+_EACH_ROW_MORE = (("each row more", True),)
+
+
 def _each_row_more_key(key: tuple) -> tuple:
     """The shape key of what each row beyond the first adds at ``key`` (the same modes: ``key[1]``)."""
-    return ((*key[0], ("each row more", True)), key[1])
+    return ((*key[0], *_EACH_ROW_MORE), key[1])
 
 
 def _twice(row: dict[str, Any]) -> dict[str, Any]:

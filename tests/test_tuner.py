@@ -1655,10 +1655,12 @@ def test_steps_of_any_batch_size_keep_rho_where_some_costs_do_not_grow_with_the_
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
-    tuner.select_units([batch(8)], optimizer)
+    selection = tuner.select_units([batch(8)], optimizer)
     names = [n for n, p in tuner.model.named_parameters() if p.dtype.is_floating_point and "lora_" not in n]
     for rows in (1, 2, 8, 32):
         step = sum(measure_flops(model, batch(rows)))  # the step's own flags, after its budget check
         with model.disable_adapter() if units == "lora" else contextlib.nullcontext():
             full = sum(measure_flops(tuner.model, batch(rows), names))
         assert step <= rho * full * (1 + 1e-12), (rows, step / full)
+        if rows == 8:  # the selection's figures are those of a step on its batch: one row, and seven more
+            assert (selection.flops, selection.full_flops) == pytest.approx((step, full), rel=1e-9)
