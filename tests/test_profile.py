@@ -645,3 +645,17 @@ def test_a_view_reads_what_was_written_into_its_base_after_it_was_taken(case: st
     torch.manual_seed(0)
     ids = torch.randint(0, VOCAB, (2, 8))
     _never_under_predicted(_WritesUnderAView(case), {"input_ids": ids, "labels": ids.clone()})
+
+
+def test_full_fine_tuning_is_not_charged_what_only_a_hook_could_keep() -> None:
+    """A caller's global module hooks (an outer FlopCounterMode's module tracking) make every module's output a place
+    a loss could start from, PEFT's discarded parametrization check too: charged to a unit that is safe, but charged
+    to rho's reference it made every ratio too low (a reviewer's probe: a one-row step at 0.905 at rho 0.8)."""
+    model = _adapted("lora-on-stacked-experts")
+    tuner = model.base_model
+    batch = tiny_batch(tuner.model, batch_size=1)
+    everything = [n for n, p in tuner.model.named_parameters() if p.dtype.is_floating_point]
+    _, full_backward = measure_flops(tuner.model, batch, everything)
+    with FlopCounterMode(display=False):
+        watched = profile_model(tuner.model, batch)
+    assert watched.full_backward_flops == profile_model(tuner.model, batch).full_backward_flops == full_backward

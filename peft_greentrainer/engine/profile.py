@@ -697,9 +697,15 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
             loss = loss_fn(model, batch)
             recorder.note_pending_nodes()
         forward_flops = float(counter.get_total_flops())
-        roots.add(loss)  # a loss, or the outputs
+        roots.add(loss, essential=True)  # a loss, or the outputs
         roots.add_kept_on_modules()
-        dead = _ops_backward_never_reaches(recorder.grad_nodes, roots.nodes) if roots.model_called else set()
+        dead, dead_for_reference = set(), set()
+        if roots.model_called:
+            dead = _ops_backward_never_reaches(recorder.grad_nodes, roots.nodes)
+            # full fine-tuning surely backpropagates from the loss and the outputs only: what a hook or a module may
+            # keep could train too, which a unit is charged for, but rho's reference is not (a larger one would let
+            # every step cost more): PEFT's discarded parametrization check, seen by a caller's global hooks
+            dead_for_reference = _ops_backward_never_reaches(recorder.grad_nodes, roots.essential) | dead
     del loss, roots
     recorder.grad_nodes.clear()  # the graph they hold
     torch.clear_autocast_cache()  # casts of weights the step keeps frozen, made while the profile trained them all
@@ -732,7 +738,12 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
         recomputed = [replace(op, dy=[(recorder.next_index, op.dy_flops)]) for op in recomputed]
     ops.extend(recomputed)
     derived = [(names, flops) for op in ops for names, flops in op.derived if flops]
-    full_backward = sum(op.dy_flops for op in ops) + sum(t_dw.values()) + sum(op.derived_full for op in ops)
+    recorded = {id(op) for op, *_ in recorder.records}
+    full_backward = sum(
+        op.dy_flops + sum(op.dw.values()) + op.derived_full
+        for op in ops
+        if id(op) not in recorded or op.index not in dead_for_reference
+    )
     return CostProfile(
         forward_flops=forward_flops,
         full_backward_flops=full_backward,
@@ -754,16 +765,21 @@ class _Roots:
     model: nn.Module
     callers_global_hooks: int  # global forward (pre-)hooks registered before the profile
     nodes: list[torch.autograd.graph.Node] = field(default_factory=list)
+    # the loss's and the model's outputs alone: what full fine-tuning, rho's reference, surely backpropagates from
+    essential: list[torch.autograd.graph.Node] = field(default_factory=list)
     model_called: bool = False
     ours: int = 0  # global hooks once the profile's own are in place (FlopCounterMode's module tracking has some)
 
-    def add(self, value: Any) -> None:
-        self.nodes += [x.grad_fn for x in tree_flatten(value)[0] if isinstance(x, torch.Tensor) and x.grad_fn]
+    def add(self, value: Any, essential: bool = False) -> None:
+        found = [x.grad_fn for x in tree_flatten(value)[0] if isinstance(x, torch.Tensor) and x.grad_fn]
+        self.nodes += found
+        if essential:
+            self.essential += found
 
     def module_returned(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         every = self.callers_global_hooks or _global_hooks() > self.ours  # one registered inside loss_fn, too
         if module is self.model or module._forward_hooks or every:
-            self.add(output)
+            self.add(output, essential=module is self.model)
         if module._forward_pre_hooks or every:
             self.add((args, kwargs))
         self.model_called = self.model_called or module is self.model
