@@ -619,7 +619,8 @@ class GreenTrainerModel(LoraModel):
                 # position projections cost the same for any number of rows, and full fine-tuning pays their backward)
                 if more not in self._shape_costs and more not in new:
                     if more not in caches.measured_rows:
-                        caches.measured_rows[more] = self._each_row_more_costs(row, caches.measured_rows[key], bucket)
+                        one = new[key] if key in new else self._shape_costs[key]  # (another rank's, maybe)
+                        caches.measured_rows[more] = self._each_row_more_costs(row, one, bucket)
                     new[more] = caches.measured_rows[more]
                 keys.append(more)
         return keys
