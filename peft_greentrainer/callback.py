@@ -124,7 +124,10 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
             self.selected = list(saved["selected"])
             self.last_selection_epoch = int(saved.get("last_selection_epoch", -1))
             self.last_selection_step = int(saved.get("last_selection_step", -1))
-            self.epochs_completed = int(saved.get("epochs_completed", math.floor((state.epoch or 0.0) + 1e-6)))
+            # a checkpoint saved at an epoch's last step is written before on_epoch_end counts that epoch, and the
+            # resumed Trainer skips it: the passes its state has finished count too
+            finished = math.floor((state.epoch or 0.0) + 1e-6)
+            self.epochs_completed = max(int(saved.get("epochs_completed", finished)), finished)
             self.saved_state = saved.get("state")
             if self.saved_state:
                 tuner.greentrainer_state = GreenTrainerState.from_dict(self.saved_state)

@@ -38,6 +38,7 @@ import torch
 from peft.tuners.lora import LoraModel
 from peft.utils import PeftType
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from . import fsdp, ranks
 from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
@@ -60,7 +61,9 @@ from .engine.profile import (
     returns_dict,
     routed_expert_modules,
 )
+from .engine.rng import running_stats_kept
 from .engine.selector import Selection, rounded_up_rho
+from .engine.step_loss import as_batch, probe_loss, step_loss
 from .engine.targets import labelled_counts
 from .engine.units import (
     Unit,
@@ -123,15 +126,6 @@ class GreenTrainerState:
         return cls(list(data.get("selected", [])), list(data.get("trained_tensors", [])), history, importance)
 
 
-def _forward_only(model: nn.Module, batch: Mapping[str, Any]) -> Any:
-    """The forward pass a training step runs on ``batch`` (positional inputs kept under ``_POSITIONAL`` keys)."""
-    args = [batch[key] for key in sorted(k for k in batch if k.startswith(_POSITIONAL))]
-    return model(*args, **{k: v for k, v in batch.items() if not k.startswith(_POSITIONAL)})
-
-
-_POSITIONAL = "__positional_"
-
-
 @dataclass
 class _ProfileCaches:
     """What the tuner caches of its cost profiles: valid for the adapters active when they were measured."""
@@ -142,6 +136,11 @@ class _ProfileCaches:
     length_fits: dict[tuple, LengthFit] = field(default_factory=dict)  # by shape family (length_fit.length_family)
     # a profile computed FLOPs on parameters alone: a step's costs grow by less than a row's per row (_profile_rows)
     fixed_costs_per_step: bool = False
+    # whether a step's costs grow faster than its rows (an in-batch contrastive loss: rows x rows logits), which
+    # steps are then priced on their whole batch; None: not checked yet (_rows_couple)
+    rows_couple: bool | None = None
+    # the outputs a caller's loss_fn reads, the roots of rho's reference (step_loss); None: not probed yet
+    loss_reads: frozenset[str] | None = None
     # (modes, selected units): the selection that fits every shape known in those modes (profile_key's second part)
     checked: tuple[tuple, frozenset[str]] | None = None
 
@@ -260,7 +259,10 @@ class GreenTrainerModel(LoraModel):
             )
         self._drop_cached_profiles()
         if self._runtime.step_hook is None:  # the budget check before every training forward (module docstring)
-            self._runtime.step_hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+            # first: it prices the inputs as given, before a hook rewrites them (a sparse LM head already attached)
+            self._runtime.step_hook = model.register_forward_pre_hook(
+                self._before_forward, with_kwargs=True, prepend=True
+            )
         if config.units == "lora":
             # PEFT renames transformers 4's expert targets before it fills in the default targets, and that renaming
             # turns unset targets into an empty set, which LoRA's own injection then refuses (PEFT 0.21, MoE
@@ -511,10 +513,12 @@ class GreenTrainerModel(LoraModel):
                 # training steps at this shape need no profile of their own: costs are linear in the batch size (a
                 # sparse head's steps are priced on rows widened to a bucket of labels: see _row_keys)
                 # (attention that follows the values: steps are priced at the row's spans' extremes instead)
+                self._check_rows_couple(batch)
                 rows = self._row_keys(batch)
                 # unless an op computes on parameters alone (``B @ A`` folded into a weight, as PEFT's LoRA on a
-                # parameter does), which costs the same for any number of rows
-                if (dense_head or counts is None) and len(rows) == 1 and cache[key][0].scales_with_rows:
+                # parameter does), which costs the same for any number of rows, or rows are priced whole
+                linear = cache[key][0].scales_with_rows and not self._runtime.caches.rows_couple
+                if (dense_head or counts is None) and len(rows) == 1 and linear:
                     costs = cache[key][0].unit_costs(self.candidate_units(), full_flops=cache[key][1])
                     row_costs = _scaled(costs, 1 / (batch_size(batch) or 1))
                     self._runtime.caches.measured_rows.setdefault(rows[0][1], row_costs)
@@ -556,10 +560,10 @@ class GreenTrainerModel(LoraModel):
     @contextmanager
     def _profiling(self) -> Iterator[None]:
         """Forward passes run to measure costs or importance: no training step (the step check skips them), and
-        every ``requires_grad`` flag is as before afterwards."""
+        every ``requires_grad`` flag and batch norm's running statistics are as before afterwards."""
         self._runtime.busy += 1
         try:
-            with requires_grad_kept(self.model.parameters()):
+            with requires_grad_kept(self.model.parameters()), running_stats_kept(self.model):
                 yield
         finally:
             self._runtime.busy -= 1
@@ -606,6 +610,7 @@ class GreenTrainerModel(LoraModel):
         current modes) go into ``new``, measured unless this process measured them before (``cost_profile``)."""
         keys = []
         caches = self._runtime.caches
+        self._check_rows_couple(batch)
         for row, key, bucket in self._row_keys(batch, tree):
             if key not in self._shape_costs and key not in new:
                 if key not in caches.measured_rows:
@@ -625,11 +630,37 @@ class GreenTrainerModel(LoraModel):
                 keys.append(more)
         return keys
 
+    def _check_rows_couple(self, batch: Mapping[str, Any]) -> None:
+        """Find out, at the first batch of several rows, whether steps must be priced on whole batches."""
+        caches = self._runtime.caches
+        if caches.rows_couple is None and (batch_size(batch) or 1) > 1:
+            caches.rows_couple = self._rows_couple(costliest_row(batch))
+
+    def _rows_couple(self, row: dict[str, Any]) -> bool:
+        """Whether ``row`` repeated costs more than in proportion to its copies, once a cost that does not grow with
+        them is set apart (checked once: it is the model's and its loss's, not the shape's). Every cost a
+        transformer's step counts is linear in the rows, but a loss that scores every row against every other
+        (CLIP's) is not: priced from one row, a 256-row step cost 0.62 of full fine-tuning at rho 0.5. One and two
+        copies profiled; where two cost other than twice one, three as well, and the second difference compared
+        with 0 (a cost that does not grow, DeBERTa's relative positions, leaves it 0)."""
+        costs, orders = [], set()
+        for n in (1, 2, 3):
+            profile, full = self._measure(_copies(row, n), self._step_loss)
+            found = profile.unit_costs(self.candidate_units(), full_flops=full)
+            orders.add(tuple(u.name for u in found.units))
+            if len(orders) > 1:
+                return True  # another backward order: not one model repeated; price whole batches
+            costs.append(_cost_fields(found))
+            if n == 2 and all(np.allclose(b, 2 * a, rtol=1e-9) for a, b in zip(*costs, strict=True)):
+                return False
+        one, two, three = costs
+        return not all(np.allclose(a + c, 2 * b, rtol=1e-9) for a, b, c in zip(one, two, three, strict=True))
+
     def _each_row_more_costs(self, row: dict[str, Any], one: UnitCosts, bucket: LabelBucket | None) -> UnitCosts:
         """What a second copy of ``row`` adds to a step (``one``: the row's own costs): two rows profiled, less one."""
-        profile, full = self._measure(_twice(bucket.widened if bucket is not None else row), _forward_only)
+        profile, full = self._measure(_copies(bucket.widened if bucket is not None else row, 2), self._step_loss)
         if bucket is not None:
-            full = self._measure(_twice(bucket.narrowed), _forward_only)[1]
+            full = self._measure(_copies(bucket.narrowed, 2), self._step_loss)[1]
         two = profile.unit_costs(self.candidate_units(), full_flops=full)
         if [u.name for u in two.units] != [u.name for u in one.units]:
             raise RuntimeError("two rows put the units in another backward order than one row; cannot price rows")
@@ -645,10 +676,10 @@ class GreenTrainerModel(LoraModel):
             predicted = fit.predict(found[1], *labels, self.candidate_units())
             if predicted is not None:
                 return predicted
-        profile, full = self._measure(bucket.widened if bucket is not None else row, _forward_only)
+        profile, full = self._measure(bucket.widened if bucket is not None else row, self._step_loss)
         self._runtime.caches.fixed_costs_per_step |= not profile.scales_with_rows
         if bucket is not None:  # full fine-tuning at the bucket's fewest labels: bounds every row in it
-            full = self._measure(bucket.narrowed, _forward_only)[1]
+            full = self._measure(bucket.narrowed, self._step_loss)[1]
         costs = profile.unit_costs(self.candidate_units(), full_flops=full)
         if fit is not None:
             was_broken = fit.broken
@@ -682,7 +713,7 @@ class GreenTrainerModel(LoraModel):
         head_follows_labels = self._head_follows_labels(batch)
         found = labelled_counts(batch) if head_follows_labels or batch_size(batch) not in (None, 1) else None
         counts = found.tolist() if found is not None else None
-        row = costliest_row(batch, counts)
+        row = dict(batch) if self._runtime.caches.rows_couple else costliest_row(batch, counts)
         spans = attention_extremes(row) if attention_follows_values(self.model, tree) else None
         if spans is not None and getattr(self.model.config, "is_encoder_decoder", False):
             raise NotImplementedError(encoder_decoder_error(self.model))
@@ -795,9 +826,10 @@ class GreenTrainerModel(LoraModel):
         keep_backprop_shallow(self.model, tree=tree)  # checkpointing may have been switched on since the last selection
         unpack_weights_packed_for_inference(self.model, tree)  # an evaluation since may have packed 4-bit weights
         with _training_mode(self.model):  # the steps that follow run in training mode
+            priced = self._forward_inputs(batches, loss_fn)
             new: dict[tuple, UnitCosts] = {}
-            first = self._profile_rows(batches[0], new)
-            for batch in batches[1:]:
+            first = self._profile_rows(priced[0], new)
+            for batch in priced[1:]:
                 self._profile_rows(batch, new)
         self._learn_shapes(new)  # every rank now knows every rank's shapes: they decide on the same costs
         envelope, keys, feasible = self._feasible_envelope(first[0][1])
@@ -811,7 +843,7 @@ class GreenTrainerModel(LoraModel):
         self.greentrainer_state.importance = {u.name: float(v) for u, v in zip(envelope.units, importance, strict=True)}
         mask = self._select(envelope, keys, importance, step=step, epoch=epoch, reason="importance", start=start)
         # in FLOPs of a step on the first batch, at the bound it is priced at
-        rows = batch_size(batches[0]) or 1
+        rows = 1 if self._runtime.caches.rows_couple else batch_size(priced[0]) or 1  # (priced whole, then)
         steps = [self._step_figures(k, first, rows, mask) for k in first if k[0][-1:] != _EACH_ROW_MORE]
         flops, backward, full = max(steps, key=lambda figures: figures[0] / figures[2])
         return Selection(
@@ -823,6 +855,34 @@ class GreenTrainerModel(LoraModel):
             full_flops=full,
             rho=config.rho,
         )
+
+    def _forward_inputs(self, batches: list[Mapping[str, Any]], loss_fn: LossFn) -> list[Mapping[str, Any]]:
+        """The inputs the model's forward receives in a training step on each of ``batches``: the batches themselves
+        under the default loss; under a caller's ``loss_fn``, what it gives the forward (its batches may hold more,
+        such as targets the forward does not take: ``probe_loss``). The first time, ``loss_fn`` runs to its end on
+        each batch, without a backward, to see which outputs its loss reads, the roots of rho's reference; later it
+        is stopped before the forward runs."""
+        if loss_fn is default_loss:
+            return batches
+        learn = self._runtime.caches.loss_reads is None
+        priced, reads = [], set()
+        with self._profiling():
+            for batch in batches:
+                try:
+                    inputs, read = probe_loss(self.model, loss_fn, batch, reads=learn)
+                except LookupError:  # no training forward to price (importance says what is missing)
+                    return batches
+                priced.append(inputs)
+                reads |= read or set()
+        if learn:
+            known = frozenset().union(*ranks.gather(frozenset(reads)))  # the same roots on every rank
+            self._drop_cached_profiles()  # profiled from other roots
+            self._runtime.caches.loss_reads = known
+        return priced
+
+    def _step_loss(self, model: nn.Module, batch: Mapping[str, Any]) -> Any:
+        """A training step's forward on ``batch``, returning what it backpropagates from (``step_loss``)."""
+        return step_loss(model, batch, self._runtime.caches.loss_reads)
 
     def _step_figures(self, key: tuple, keys: list[tuple], rows: int, mask: np.ndarray) -> tuple[float, float, float]:
         """(FLOPs, backward FLOPs, full fine-tuning's FLOPs) of a step of ``rows`` rows priced at ``key``: its row's
@@ -968,7 +1028,7 @@ class GreenTrainerModel(LoraModel):
             self._warn_once_without_selection()
             return
         keep_backprop_shallow(self.model, tree=tree)  # checkpointing enabled since the last step would force it deeper
-        batch = {**{f"{_POSITIONAL}{i:03d}": a for i, a in enumerate(args)}, **kwargs}
+        batch = as_batch(args, kwargs)
         new: dict[tuple, UnitCosts] = {}
         keys = self._profile_rows(batch, new, tree)
         signature = keys[0][1]
@@ -1408,9 +1468,18 @@ def _each_row_more_key(key: tuple) -> tuple:
     return ((*key[0], *_EACH_ROW_MORE), key[1])
 
 
-def _twice(row: dict[str, Any]) -> dict[str, Any]:
-    """A one-row batch with its row twice."""
-    return {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in row.items()}
+def _copies(row: dict[str, Any], n: int) -> dict[str, Any]:
+    """A one-row batch with its row ``n`` times (tensors nested in its inputs too)."""
+    return {
+        k: tree_map(lambda v: torch.cat([v] * n) if isinstance(v, torch.Tensor) and v.dim() > 0 else v, v)
+        for k, v in row.items()
+    }
+
+
+def _cost_fields(costs: UnitCosts) -> list[np.ndarray]:
+    """Every cost of ``costs`` (what a step of its units pays), as arrays."""
+    names = ("t_dw", "t_dy", "dy_head", "forward_flops", "full_flops")
+    return [np.asarray(getattr(costs, name), dtype=np.float64) for name in names]
 
 
 def _difference(two: UnitCosts, one: UnitCosts) -> UnitCosts:

@@ -290,8 +290,10 @@ def test_work_whose_result_never_reaches_the_loss_is_not_charged():
     assert all(not p.requires_grad for p in model.parameters())
 
 
-def test_an_output_the_model_returns_stays_charged_for_losses_that_use_it():
-    """The profile backpropagates from the model's own loss; a trainer's loss may also use anything it returns."""
+def test_an_output_the_model_returns_stays_charged_to_units_but_the_reference_follows_the_loss():
+    """A trainer's loss may also use anything the model returns: each unit is charged for that. Full fine-tuning,
+    rho's reference, is priced from the loss the model returns alone: an output no loss reads would make it look
+    dearer, and every step's budget larger (a loss reading more only makes the budget stricter)."""
     model = _ScanWithAFinalState(returns_state=True)
     batch = {"x": torch.randn(2, 8, 8), "labels": torch.randn(2, 8, 8)}
     profile = profile_model(model, batch)
@@ -300,8 +302,10 @@ def test_an_output_the_model_returns_stays_charged_for_losses_that_use_it():
         outputs = model(**batch)
         return outputs["loss"] + outputs["state"].square().mean()
 
-    forward, backward = measure_flops(model, batch, [n for n, _ in model.named_parameters()], loss_with_the_state)
-    assert profile.full_flops == forward + backward
+    everything = [n for n, _ in model.named_parameters()]
+    assert profile.full_flops == sum(measure_flops(model, batch, everything))
+    assert profile.full_flops < sum(measure_flops(model, batch, everything, loss_with_the_state))
+    _never_under_predicted(model, batch, loss_with_the_state)
 
 
 def _never_under_predicted(model: torch.nn.Module, batch: dict, train_loss=None) -> None:

@@ -175,11 +175,17 @@ def test_config_validates_the_option():
         GreenTrainerConfig(sparse_lm_head="yes")
 
 
-def test_more_labels_at_a_shape_already_priced_keep_the_budget():
+@pytest.mark.parametrize("attached", ["by the tuner", "before get_peft_model"])
+def test_more_labels_at_a_shape_already_priced_keep_the_budget(attached):
     """The head's cost grows with the labelled positions: a step at a known shape but with more labels than any row
-    priced there is priced before it runs (and re-selected if over budget), never charged the cheaper cost."""
+    priced there is priced before it runs (and re-selected if over budget), never charged the cheaper cost. Also on
+    a base that carries the head already (``merge_and_unload()`` leaves it): its hook, which moves the labels into
+    ``logits_to_keep``, then ran before the budget check, which priced steps by shape alone."""
     rho = 0.7
-    tuner = get_peft_model(tiny_model("llama"), GreenTrainerConfig(rho=rho, units="tensors")).base_model
+    base = tiny_model("llama")
+    if attached == "before get_peft_model":
+        enable_sparse_lm_head(base)
+    tuner = get_peft_model(base, GreenTrainerConfig(rho=rho, units="tensors")).base_model
     optimizer = torch.optim.AdamW([p for p in tuner.model.parameters() if p.requires_grad])
     generator = torch.Generator().manual_seed(0)
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 import transformers
 from conftest import VOCAB, needs_sparse_head, row_scaling_rel, tiny_config, tiny_model
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -929,7 +929,10 @@ def test_selection_every_pass_over_a_streamed_dataset(tmp_path):
     trainer.train()
     history = model.base_model.greentrainer_state.history
     assert [r.step for r in history] == [0, N_SAMPLES // BATCH_SIZE, 2 * N_SAMPLES // BATCH_SIZE]
-    assert len(ranked_on) == 3 and len({tuple(rows) for rows in ranked_on}) == 3  # not the stream's head each time
+    # each selection runs loss_fn twice on its batch (what its forward receives, then importance); not on the
+    # stream's head each time
+    assert len(ranked_on) == 6 and ranked_on[::2] == ranked_on[1::2]
+    assert len({tuple(rows) for rows in ranked_on}) == 3
 
 
 def test_importance_batches_read_on_through_a_stream_and_leave_the_collators_generator_alone():
@@ -1556,6 +1559,29 @@ def test_everything_a_lora_adapter_trains_is_a_unit_inside_the_budget(make_model
         full = sum(measure_flops(base, batch, reference))
     assert sum(measure_flops(base, batch)) / full == pytest.approx(logged, rel=row_scaling_rel(1e-9))
     assert logged <= rho
+
+
+def test_a_part_of_the_task_head_named_in_modules_to_save_is_a_unit_as_peft_trains_it():
+    """PEFT then copies ``out_proj`` inside the head's copy too, next to a frozen original: the units are the tensors
+    PEFT's LoRA trains (the original was a candidate, and the first selection refused the optimizer)."""
+    config = transformers.RobertaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=VOCAB,
+        max_position_embeddings=64, num_labels=3, pad_token_id=1,
+    )  # fmt: skip
+    lora = dict(task_type="SEQ_CLS", target_modules=["query", "value"], r=4, modules_to_save=["out_proj"])
+    torch.manual_seed(0)
+    plain = get_peft_model(transformers.RobertaForSequenceClassification(config), LoraConfig(**lora))
+    trained_by_peft = {n for n, p in plain.base_model.model.named_parameters() if p.requires_grad}
+    torch.manual_seed(0)
+    model = get_peft_model(
+        transformers.RobertaForSequenceClassification(config), GreenTrainerConfig(rho=0.7, units="lora", **lora)
+    )
+    units = {n for u in model.base_model.candidate_units() for n in u.param_names}
+    assert units <= trained_by_peft and any("out_proj.modules_to_save" in n for n in units)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    batch = {"input_ids": torch.randint(3, VOCAB, (2, 12)), "labels": torch.tensor([0, 2])}
+    model.base_model.select_units([batch], optimizer)  # the optimizer holds every unit
+    assert model.base_model.greentrainer_state.selected
 
 
 def test_a_sequence_classifier_head_is_a_unit_with_tensor_units_too(tmp_path):

@@ -638,6 +638,12 @@ NO_LOSS = (
     "batches hold no labels, a function of (model, batch) computing it)."
 )
 
+REENTRANT_CHECKPOINTING = (
+    "the model checkpoints activations with reentrant checkpointing (torch.utils.checkpoint.checkpoint(..., "
+    "use_reentrant=True)), whose backward torch.autograd.grad cannot run, and importance needs it: checkpoint with "
+    "use_reentrant=False (GreenTrainer switches transformers' checkpointed layers to it itself)."
+)
+
 
 def _average_gradients(
     model: nn.Module, tensors: list[torch.Tensor], batches: Iterable[Mapping[str, Any]], loss_fn: LossFn
@@ -666,7 +672,12 @@ def _average_gradients(
                 count += 1
                 if not loss.requires_grad:  # no candidate tensor influences this loss
                     continue
-                batch_grads = torch.autograd.grad(loss.reshape(()), tensors, allow_unused=True)
+                try:
+                    batch_grads = torch.autograd.grad(loss.reshape(()), tensors, allow_unused=True)
+                except RuntimeError as error:
+                    if "checkpoint" in str(error).lower() and ".grad()" in str(error):  # its wording varies
+                        raise RuntimeError(REENTRANT_CHECKPOINTING) from error
+                    raise
                 for acc, grad in zip(sums, batch_grads, strict=True):
                     if grad is not None:
                         acc.add_(grad.detach().to(acc.dtype))

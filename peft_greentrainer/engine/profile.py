@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -241,12 +241,22 @@ def costliest_row(batch: Mapping[str, Any], counts: Sequence[int] | None = None)
         found = labelled_counts(batch)
         counts = found.tolist() if found is not None else None
     row = counts.index(max(counts)) if counts is not None else 0  # the first of the largest, as torch.argmax
-    return {k: v[row : row + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+    return rows_of(batch, slice(row, row + 1))
+
+
+def rows_of(batch: Mapping[str, Any], rows: slice) -> dict[str, Any]:
+    """``batch`` with every tensor in it (nested ones too: a forward may take a dict or a tuple) indexed by ``rows``
+    along its leading dimension."""
+    return {
+        k: tree_map(lambda v: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v, v)
+        for k, v in batch.items()
+    }
 
 
 def batch_size(batch: Mapping[str, Any]) -> int | None:
-    """The leading dimension all tensors of ``batch`` share, None if they do not (what ``costliest_row`` cuts)."""
-    sizes = {int(v.shape[0]) for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    """The leading dimension all tensors of ``batch`` share, nested ones too, None if they do not (what
+    ``costliest_row`` cuts)."""
+    sizes = {int(v.shape[0]) for v in tree_flatten(dict(batch))[0] if isinstance(v, torch.Tensor) and v.dim() > 0}
     return sizes.pop() if len(sizes) == 1 else None
 
 
@@ -272,10 +282,12 @@ def input_key(model: nn.Module, batch: Mapping[str, Any]) -> tuple:
             continue
         if name == "return_dict" and value == returns_dict(model, {}):  # the default spelled out (PEFT's wrappers
             continue  # for classification, token classification and question answering pass it)
-        if isinstance(value, torch.Tensor):
-            inputs.append((name, tuple(value.shape), str(value.dtype)))
-        elif isinstance(value, (bool, int, float, str)):
-            inputs.append((name, repr(value)))
+        # a forward may take tensors inside a dict or a tuple: each is keyed by its path, a shape in it is a shape
+        for path, leaf in tree_flatten_with_path(value)[0]:
+            if isinstance(leaf, torch.Tensor):
+                inputs.append((name + keystr(path), tuple(leaf.shape), str(leaf.dtype)))
+            elif isinstance(leaf, (bool, int, float, str)):
+                inputs.append((name + keystr(path), repr(leaf)))
     return tuple(inputs)
 
 
@@ -310,6 +322,10 @@ class _Recorder(TorchDispatchMode):
         self.next_index = 0
         self.warned: set = set()
         self.unseen = _UnseenWrites(counter)
+        self.in_checkpointed_layers = 0  # > 0 inside a layer ``is_checkpointed`` finds (``_checkpointed_blocks``)
+        # a torch.utils.checkpoint call of the model's own code under way: (its pack hook, first op, FLOPs before)
+        self.region: tuple[Callable, int, float] | None = None
+        self.checkpointed: list[tuple[int, int, float]] = []  # such calls: (first op, last op, forward FLOPs)
 
     def _source(self, t: torch.Tensor) -> str | None:
         name = self.canonical.get(id(t))
@@ -320,6 +336,7 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.note_pending_nodes()
+        self.note_checkpoint_region()
         if func in _METADATA_OPS:
             return func(*args, **kwargs)
         before = self.counter.get_total_flops()
@@ -401,6 +418,25 @@ class _Recorder(TorchDispatchMode):
                 else:  # judged by ``latest`` from now on, and so are its views
                     self.derived.pop(target, None)
         return out
+
+    def note_checkpoint_region(self) -> None:
+        """Follow non-reentrant ``torch.utils.checkpoint`` calls made by the model's own code (outside transformers'
+        checkpointed layers, which ``_checkpointed_blocks`` prices): their ops run under the checkpoint's saved-tensor
+        hooks, and are computed again in backward as soon as the gradient has to enter them."""
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        pack = hooks[0] if hooks and not self.in_checkpointed_layers else None
+        if pack is not None and "_checkpoint_hook" not in getattr(pack, "__qualname__", ""):
+            pack = None
+        if pack is (self.region[0] if self.region else None):
+            return
+        flops = float(self.counter.get_total_flops())
+        if self.region is not None:
+            ended, first, before = self.region
+            flops_recomputed = flops - before
+            if _checkpoint_stops_early(ended):
+                flops_recomputed -= _tail_never_recomputed(self.records, first)
+            self.checkpointed.append((first, self.next_index - 1, flops_recomputed))
+        self.region = (pack, self.next_index, flops) if pack is not None and torch.is_grad_enabled() else None
 
     def _follow_bases(self, tensors: list[torch.Tensor]) -> None:
         """A view reads what was written into its base after it was taken (through the base or another view): it
@@ -696,8 +732,9 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
                     recorder.data[value] = True
             loss = loss_fn(model, batch)
             recorder.note_pending_nodes()
+            recorder.note_checkpoint_region()  # ends a call the last op ran in
         forward_flops = float(counter.get_total_flops())
-        roots.add(loss, essential=True)  # a loss, or the outputs
+        roots.settle_essential(loss)
         roots.add_kept_on_modules()
         dead, dead_for_reference = set(), set()
         if roots.model_called:
@@ -724,6 +761,11 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
             first_use.setdefault(name, op.index)
             t_dw[name] += flops
             share[name] += op.forward * (flops / total_dw if total_dw else 1.0 / len(op.dw))
+    recomputed += [
+        OpCost(index=last, name="recompute torch.utils.checkpoint", forward=0.0, dy=[(last, flops)])
+        for first, last, flops in recorder.checkpointed
+        if last >= first and flops > 0
+    ]
     # An op that writes into a preallocated buffer (``out=``) has no autograd formula: it runs inside a custom
     # autograd.Function, whose backward may run it again (TRL's fused LM head recomputes each logits tile). Charged
     # once more as soon as anything is selected, whether or not it is recomputed: the budget stays a promise.
@@ -765,21 +807,29 @@ class _Roots:
     model: nn.Module
     callers_global_hooks: int  # global forward (pre-)hooks registered before the profile
     nodes: list[torch.autograd.graph.Node] = field(default_factory=list)
-    # the loss's and the model's outputs alone: what full fine-tuning, rho's reference, surely backpropagates from
+    # what full fine-tuning, rho's reference, surely backpropagates from (``settle_essential``)
     essential: list[torch.autograd.graph.Node] = field(default_factory=list)
+    outputs: list[torch.autograd.graph.Node] = field(default_factory=list)  # what the model returned
     model_called: bool = False
     ours: int = 0  # global hooks once the profile's own are in place (FlopCounterMode's module tracking has some)
 
-    def add(self, value: Any, essential: bool = False) -> None:
+    def add(self, value: Any) -> list[torch.autograd.graph.Node]:
         found = [x.grad_fn for x in tree_flatten(value)[0] if isinstance(x, torch.Tensor) and x.grad_fn]
         self.nodes += found
-        if essential:
-            self.essential += found
+        return found
+
+    def settle_essential(self, loss: Any) -> None:
+        """The reference's roots: what ``loss_fn`` returned (a loss, the outputs a loss reads, or the outputs), or if
+        it returned nothing with a graph, every output of the model. An output the loss does not use (a head of
+        another task) would make full fine-tuning look dearer than it is, and every step's budget with it."""
+        self.essential = self.add(loss) or self.outputs
 
     def module_returned(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         every = self.callers_global_hooks or _global_hooks() > self.ours  # one registered inside loss_fn, too
-        if module is self.model or module._forward_hooks or every:
-            self.add(output, essential=module is self.model)
+        if module is self.model:
+            self.outputs += self.add(output)
+        elif module._forward_hooks or every:
+            self.add(output)
         if module._forward_pre_hooks or every:
             self.add((args, kwargs))
         self.model_called = self.model_called or module is self.model
@@ -877,6 +927,7 @@ def _checkpointed_blocks(model: nn.Module, recorder: _Recorder, counter: FlopCou
     starts: dict[int, list[tuple[int, float, bool]]] = defaultdict(list)
 
     def before(module, args, kwargs):
+        recorder.in_checkpointed_layers += 1
         # A block run without grad has no backward to recompute for; but transformers before 5.2x checkpoint the
         # whole call, hooks included, so reentrant checkpointing runs them under no_grad: inputs that need a
         # gradient say that a backward will come
@@ -885,6 +936,7 @@ def _checkpointed_blocks(model: nn.Module, recorder: _Recorder, counter: FlopCou
         starts[id(module)].append((recorder.next_index, float(counter.get_total_flops()), backward))
 
     def after(module, args, kwargs, output):
+        recorder.in_checkpointed_layers -= 1
         first, flops_before, backward = starts[id(module)].pop()
         last = recorder.next_index - 1
         flops = float(counter.get_total_flops()) - flops_before
@@ -927,6 +979,19 @@ def _stops_early(module: nn.Module) -> bool:
         return False
     forced = torch.utils.checkpoint._enable_checkpoint_early_stop  # set_checkpoint_early_stop(...), if in effect
     return bool(keywords.get("early_stop", True) if forced is None else forced)
+
+
+def _checkpoint_stops_early(pack_hook: Callable) -> bool:
+    """Whether the ``torch.utils.checkpoint`` call that pushed ``pack_hook`` stops recomputing early (its frame's
+    ``early_stop``, which ``set_checkpoint_early_stop`` overrides; torch's default, True, if it cannot be read)."""
+    for cell in getattr(pack_hook, "__closure__", None) or ():
+        try:
+            found = getattr(cell.cell_contents, "early_stop", None)
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(found, bool):
+            return found
+    return True
 
 
 def _tail_never_recomputed(records: list, first: int) -> float:

@@ -141,10 +141,13 @@ def auxiliary_units(model: nn.Module, adapter_name: str = "default", bias: str =
         adapted_biases = {
             id(m.bias) for m in model.modules() if isinstance(m, LoraLayer) and getattr(m, "bias", None) is not None
         }
+    # the originals PEFT keeps frozen beside its copies; one may sit inside another module's copy too, or be the
+    # same tensor as a module of a copy (``modules_to_save`` naming a part of the task head PEFT adds)
+    originals = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if "original_module" in n.split(".")}
     units = []
     for name, param in model.named_parameters():
         parts = name.split(".")
-        copied = any(
+        copied = id(param) not in originals and any(
             part in _AUXILIARY_CONTAINERS and parts[i + 1] == adapter_name for i, part in enumerate(parts[:-1])
         )
         is_bias = parts[-1] == "bias" and "lora_" not in name and "original_module" not in parts
