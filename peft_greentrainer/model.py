@@ -610,7 +610,7 @@ class GreenTrainerModel(LoraModel):
         current modes) go into ``new``, measured unless this process measured them before (``cost_profile``)."""
         keys = []
         caches = self._runtime.caches
-        self._check_rows_couple(batch)
+        self._check_rows_couple(batch, tree)
         for row, key, bucket in self._row_keys(batch, tree):
             if key not in self._shape_costs and key not in new:
                 if key not in caches.measured_rows:
@@ -630,38 +630,44 @@ class GreenTrainerModel(LoraModel):
                 keys.append(more)
         return keys
 
-    def _check_rows_couple(self, batch: Mapping[str, Any]) -> None:
-        """Find out, at the first batch of several rows, whether steps must be priced on whole batches."""
+    def _check_rows_couple(self, batch: Mapping[str, Any], tree: ModuleTree | None = None) -> None:
+        """Find out, at the first batch of several rows, whether its steps are priced on whole batches
+        (``_rows_couple``). The costliest row's own costs, which its steps need anyway, are measured here."""
         caches = self._runtime.caches
-        if caches.rows_couple is None and (batch_size(batch) or 1) > 1:
-            caches.rows_couple = self._rows_couple(costliest_row(batch))
+        if caches.rows_couple is not None or (batch_size(batch) or 1) < 2:
+            return
+        row, key, bucket = self._row_keys(batch, tree)[0]
+        if key not in caches.measured_rows:
+            caches.measured_rows[key] = self._row_costs(row, key, bucket)
+        caches.rows_couple = self._rows_couple(row, caches.measured_rows[key], bucket)
 
-    def _rows_couple(self, row: dict[str, Any]) -> bool:
-        """Whether ``row`` repeated costs more than in proportion to its copies, once a cost that does not grow with
-        them is set apart (checked once: it is the model's and its loss's, not the shape's). Every cost a
-        transformer's step counts is linear in the rows, but a loss that scores every row against every other
-        (CLIP's) is not: priced from one row, a 256-row step cost 0.62 of full fine-tuning at rho 0.5. One and two
-        copies profiled; where two cost other than twice one, three as well, and the second difference compared
-        with 0 (a cost that does not grow, DeBERTa's relative positions, leaves it 0)."""
-        costs, orders = [], set()
-        for n in (1, 2, 3):
-            profile, full = self._measure(_copies(row, n), self._step_loss)
-            found = profile.unit_costs(self.candidate_units(), full_flops=full)
-            orders.add(tuple(u.name for u in found.units))
-            if len(orders) > 1:
-                return True  # another backward order: not one model repeated; price whole batches
-            costs.append(_cost_fields(found))
+    def _rows_couple(self, row: dict[str, Any], one: UnitCosts, bucket: LabelBucket | None) -> bool:
+        """Whether copies of ``row`` (``one``: its costs) cost more than in proportion to their number, once a cost
+        that does not grow with them is set apart (checked once: it is the model's and its loss's, not the shape's).
+        Every cost a transformer's step counts is linear in the rows, but a loss that scores every row against every
+        other (CLIP's) is not: priced from one row, a 256-row step cost 0.62 of full fine-tuning at rho 0.5. Two
+        copies profiled; where they cost other than twice one, three as well, and the second difference compared
+        with 0 (a cost that does not grow with the rows, DeBERTa-v2's relative positions, leaves it 0)."""
+        costs = [_cost_fields(one)]
+        for n in (2, 3):
+            copies = self._copies_costs(row, n, bucket)
+            if [u.name for u in copies.units] != [u.name for u in one.units]:
+                return True  # another backward order: not one row repeated; price whole batches
+            costs.append(_cost_fields(copies))
             if n == 2 and all(np.allclose(b, 2 * a, rtol=1e-9) for a, b in zip(*costs, strict=True)):
                 return False
-        one, two, three = costs
-        return not all(np.allclose(a + c, 2 * b, rtol=1e-9) for a, b, c in zip(one, two, three, strict=True))
+        return not all(np.allclose(a + c, 2 * b, rtol=1e-9) for a, b, c in zip(*costs, strict=True))
+
+    def _copies_costs(self, row: dict[str, Any], n: int, bucket: LabelBucket | None) -> UnitCosts:
+        """The costs of a step on ``n`` copies of ``row``, priced as ``_row_costs`` prices one."""
+        profile, full = self._measure(_copies(bucket.widened if bucket is not None else row, n), self._step_loss)
+        if bucket is not None:
+            full = self._measure(_copies(bucket.narrowed, n), self._step_loss)[1]
+        return profile.unit_costs(self.candidate_units(), full_flops=full)
 
     def _each_row_more_costs(self, row: dict[str, Any], one: UnitCosts, bucket: LabelBucket | None) -> UnitCosts:
         """What a second copy of ``row`` adds to a step (``one``: the row's own costs): two rows profiled, less one."""
-        profile, full = self._measure(_copies(bucket.widened if bucket is not None else row, 2), self._step_loss)
-        if bucket is not None:
-            full = self._measure(_copies(bucket.narrowed, 2), self._step_loss)[1]
-        two = profile.unit_costs(self.candidate_units(), full_flops=full)
+        two = self._copies_costs(row, 2, bucket)
         if [u.name for u in two.units] != [u.name for u in one.units]:
             raise RuntimeError("two rows put the units in another backward order than one row; cannot price rows")
         return _difference(two, one)

@@ -1345,8 +1345,8 @@ def test_under_ddp_the_no_selection_warning_comes_from_the_first_rank_and_eval_m
 @pytest.mark.parametrize("sparse_lm_head", [False, pytest.param(True, marks=needs_sparse_head)])
 def test_a_profiled_shape_is_not_profiled_again_at_its_training_steps(sparse_lm_head, monkeypatch):
     """Rows with different numbers of labels cost the same under a dense head: the selection's profile prices the
-    steps. Only a sparse head (cheaper on rows with fewer labels) needs a step's costliest row profiled: at its label
-    bucket's top, and full fine-tuning at the bucket's bottom."""
+    steps. Only a sparse head (cheaper on rows with fewer labels) needs a step with other label counts profiled: its
+    costliest row at its label bucket's top, and full fine-tuning at the bucket's bottom."""
     model = _peft_model("llama", "tensors", rho=0.6, sparse_lm_head=sparse_lm_head)
     tuner = model.base_model
     batch = _counting_batch(16)
@@ -1357,6 +1357,10 @@ def test_a_profiled_shape_is_not_profiled_again_at_its_training_steps(sparse_lm_
     measure = type(tuner)._measure
     monkeypatch.setattr(type(tuner), "_measure", lambda self, b, fn: profiled.append(b) or measure(self, b, fn))
     model(**batch).loss.backward()
+    assert not profiled
+    fewer_labels = _counting_batch(16)
+    fewer_labels["labels"][:, :12] = -100  # the same shape, another label bucket
+    model(**fewer_labels).loss.backward()
     assert len(profiled) == (2 if sparse_lm_head else 0)
 
 
