@@ -868,23 +868,48 @@ class GreenTrainerModel(LoraModel):
         such as targets the forward does not take: ``probe_loss``). The first time, ``loss_fn`` runs to its end on
         each batch, without a backward, to see which outputs its loss reads, the roots of rho's reference; later it
         is stopped before the forward runs."""
-        if loss_fn is default_loss:
+        if loss_fn is default_loss or fsdp.is_sharded(self.model):  # (shards run only through FSDP's root)
             return batches
         learn = self._runtime.caches.loss_reads is None
-        priced, reads = [], set()
+        probes = []
         with self._profiling():
             for batch in batches:
                 try:
-                    inputs, read = probe_loss(self.model, loss_fn, batch, reads=learn)
+                    probes.append(probe_loss(self.model, loss_fn, batch, reads=learn))
                 except LookupError:  # no training forward to price (importance says what is missing)
                     return batches
-                priced.append(inputs)
-                reads |= read or set()
-        if learn:
-            known = frozenset().union(*ranks.gather(frozenset(reads)))  # the same roots on every rank
-            self._drop_cached_profiles()  # profiled from other roots
-            self._runtime.caches.loss_reads = known
-        return priced
+        if learn:  # (every rank's: the same roots everywhere)
+            found = ranks.gather([(p.reads, p.forward_flops, p.outside_flops) for p in probes])
+            self._learn_loss_reads(*zip(*[seen for part in found for seen in part], strict=True))
+        return [probe.inputs for probe in probes]
+
+    def _learn_loss_reads(
+        self, reads: tuple[frozenset[str], ...], forward_flops: tuple[float, ...], outside_flops: tuple[float, ...]
+    ) -> None:
+        """Keep the outputs every probed loss reads, the roots of rho's reference (fewer roots make a smaller
+        reference, so the budget holds for each), and say where no price can bound a step."""
+        common = frozenset.intersection(*reads)
+        if not common or any(r != common for r in reads):
+            logger.warning(
+                "GreenTrainer: the loss that loss_fn computes reads %s. A step is priced before its loss exists, "
+                "from the outputs every probed loss reads (%s), so a step whose loss reads other outputs, or only "
+                "what hooks capture inside the model, may cost more than rho of its full fine-tuning: return from "
+                "forward only what the loss reads, or compute the loss in forward.",
+                "different outputs on different batches" if any(reads) else "none of the model's outputs",
+                ", ".join(sorted(common)) or "none: every output then",
+            )
+        forward, outside = sum(forward_flops), sum(outside_flops)
+        if outside > 0:
+            logger.warning(
+                "GreenTrainer: loss_fn computes %.3g FLOPs outside the model's forward (%.1f%% of it): no price of a "
+                "step covers them, and where they grow faster than the rows (a contrastive loss scoring every row "
+                "against every other) a step may cost more than rho of its full fine-tuning. Compute them inside the "
+                "model's forward: GreenTrainer prices what the forward runs.",
+                outside / len(reads),
+                100 * outside / forward if forward else float("inf"),
+            )
+        self._drop_cached_profiles()  # profiled from other roots
+        self._runtime.caches.loss_reads = common
 
     def _step_loss(self, model: nn.Module, batch: Mapping[str, Any]) -> Any:
         """A training step's forward on ``batch``, returning what it backpropagates from (``step_loss``)."""

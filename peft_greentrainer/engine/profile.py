@@ -119,6 +119,9 @@ class OpCost:
     derived: list[tuple[frozenset[str], float]] = field(default_factory=list)
     # what those gradients add to full fine-tuning's backward, computed together with the activations' (exact there)
     derived_full: float = 0.0
+    # whether rho's reference counts it: a selective checkpoint's recompute may be none or all of its forward (its
+    # policy saves some ops), so a unit is charged all of it and the reference none
+    in_reference: bool = True
 
     @property
     def dy_flops(self) -> float:
@@ -325,7 +328,8 @@ class _Recorder(TorchDispatchMode):
         self.in_checkpointed_layers = 0  # > 0 inside a layer ``is_checkpointed`` finds (``_checkpointed_blocks``)
         # a torch.utils.checkpoint call of the model's own code under way: (its pack hook, first op, FLOPs before)
         self.region: tuple[Callable, int, float] | None = None
-        self.checkpointed: list[tuple[int, int, float]] = []  # such calls: (first op, last op, forward FLOPs)
+        # such calls: (first op, last op, forward FLOPs recomputed, whether a policy saves some ops)
+        self.checkpointed: list[tuple[int, int, float, bool]] = []
 
     def _source(self, t: torch.Tensor) -> str | None:
         name = self.canonical.get(id(t))
@@ -435,7 +439,7 @@ class _Recorder(TorchDispatchMode):
             flops_recomputed = flops - before
             if _checkpoint_stops_early(ended):
                 flops_recomputed -= _tail_never_recomputed(self.records, first)
-            self.checkpointed.append((first, self.next_index - 1, flops_recomputed))
+            self.checkpointed.append((first, self.next_index - 1, flops_recomputed, _checkpoint_is_selective(ended)))
         self.region = (pack, self.next_index, flops) if pack is not None and torch.is_grad_enabled() else None
 
     def _follow_bases(self, tensors: list[torch.Tensor]) -> None:
@@ -762,8 +766,10 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
             t_dw[name] += flops
             share[name] += op.forward * (flops / total_dw if total_dw else 1.0 / len(op.dw))
     recomputed += [
-        OpCost(index=last, name="recompute torch.utils.checkpoint", forward=0.0, dy=[(last, flops)])
-        for first, last, flops in recorder.checkpointed
+        OpCost(
+            index=last, name="recompute torch.utils.checkpoint", forward=0.0, dy=[(last, flops)], in_reference=not sac
+        )
+        for first, last, flops, sac in recorder.checkpointed
         if last >= first and flops > 0
     ]
     # An op that writes into a preallocated buffer (``out=``) has no autograd formula: it runs inside a custom
@@ -784,7 +790,7 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
     full_backward = sum(
         op.dy_flops + sum(op.dw.values()) + op.derived_full
         for op in ops
-        if id(op) not in recorded or op.index not in dead_for_reference
+        if (op.in_reference if id(op) not in recorded else op.index not in dead_for_reference)
     )
     return CostProfile(
         forward_flops=forward_flops,
@@ -944,7 +950,8 @@ def _checkpointed_blocks(model: nn.Module, recorder: _Recorder, counter: FlopCou
             flops -= _tail_never_recomputed(recorder.records, first)
         if last >= first and flops > 0 and backward:
             name = f"recompute {type(module).__name__}"
-            out.append(OpCost(index=last, name=name, forward=0.0, dy=[(last, flops)]))
+            selective = _checkpoints_selectively(module)
+            out.append(OpCost(index=last, name=name, forward=0.0, dy=[(last, flops)], in_reference=not selective))
 
     handles = []
     for module in model.modules():
@@ -981,14 +988,39 @@ def _stops_early(module: nn.Module) -> bool:
     return bool(keywords.get("early_stop", True) if forced is None else forced)
 
 
+def _checkpoints_selectively(module: nn.Module) -> bool:
+    """Whether ``module``'s checkpoint is given a ``context_fn`` (selective activation checkpointing: a policy saves
+    some ops, which its recompute then skips)."""
+    function = getattr(module, "_gradient_checkpointing_func", None)
+    keywords = function.keywords if isinstance(function, functools.partial) else {}
+    return (
+        keywords.get("context_fn", torch.utils.checkpoint.noop_context_fn) is not torch.utils.checkpoint.noop_context_fn
+    )
+
+
+def _closure_values(function: Any) -> list[Any]:
+    values = []
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    return values
+
+
+def _checkpoint_is_selective(pack_hook: Callable) -> bool:
+    """Whether the ``torch.utils.checkpoint`` call that pushed ``pack_hook`` recomputes under a dispatch mode (its
+    ``context_fn``'s: selective activation checkpointing, whose policy saves some ops)."""
+    frames = [v for v in _closure_values(pack_hook) if hasattr(v, "recompute_fn")]
+    recompute = _closure_values(frames[0].recompute_fn) if frames else []
+    return any(isinstance(v, TorchDispatchMode) for v in recompute)
+
+
 def _checkpoint_stops_early(pack_hook: Callable) -> bool:
     """Whether the ``torch.utils.checkpoint`` call that pushed ``pack_hook`` stops recomputing early (its frame's
     ``early_stop``, which ``set_checkpoint_early_stop`` overrides; torch's default, True, if it cannot be read)."""
-    for cell in getattr(pack_hook, "__closure__", None) or ():
-        try:
-            found = getattr(cell.cell_contents, "early_stop", None)
-        except ValueError:  # an empty cell
-            continue
+    for value in _closure_values(pack_hook):
+        found = getattr(value, "early_stop", None)
         if isinstance(found, bool):
             return found
     return True

@@ -17,11 +17,15 @@ tensors kept on modules as well (``profile._Roots``).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import keystr, tree_flatten_with_path
+from torch.utils.flop_counter import FlopCounterMode
 
 from .profile import LossFn
 from .rng import fork_rng
@@ -56,31 +60,47 @@ class _Captured(Exception):
     """Raised by ``probe_loss``'s hook to end ``loss_fn`` once the forward's inputs are known."""
 
 
-def probe_loss(
-    model: nn.Module, loss_fn: LossFn, batch: Mapping[str, Any], *, reads: bool = True
-) -> tuple[dict[str, Any], frozenset[str] | None]:
-    """The inputs ``loss_fn(model, batch)`` gives ``model``'s forward (the first forward with gradients on; its batch
-    may hold more, such as targets the forward does not take), and with ``reads`` the paths of the outputs its loss
-    reads (``loss_fn`` then runs to its end, without a backward; otherwise it is stopped before the forward runs, and
-    the paths are None). Random streams are forked. Raises ``LookupError`` if ``loss_fn`` runs no such forward."""
-    seen: list[tuple[dict[str, Any], Any]] = []
+@dataclass
+class LossProbe:
+    """What a run of a caller's ``loss_fn`` shows of a training step (``probe_loss``)."""
 
-    def inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    inputs: dict[str, Any]  # what the model's forward receives
+    reads: frozenset[str] | None = None  # paths of the outputs the loss reads; None: not looked at
+    forward_flops: float = 0.0  # FLOPs of the model's forwards, as FlopCounterMode counts them (with ``reads``)
+    outside_flops: float = 0.0  # FLOPs ``loss_fn`` computed outside them: no price of a step covers those
+
+
+def probe_loss(model: nn.Module, loss_fn: LossFn, batch: Mapping[str, Any], *, reads: bool = True) -> LossProbe:
+    """The inputs ``loss_fn(model, batch)`` gives ``model``'s forward (the first forward with gradients on; its batch
+    may hold more, such as targets the forward does not take), and with ``reads`` the outputs its loss reads and the
+    FLOPs it computes outside the model (``loss_fn`` then runs to its end, without a backward; otherwise it is
+    stopped before the forward runs). Random streams are forked. Raises ``LookupError`` if ``loss_fn`` runs no such
+    forward."""
+    seen: list[tuple[dict[str, Any], Any]] = []
+    counter = FlopCounterMode(display=False) if reads else None
+    without_grad = _FlopsWithoutGrad(counter) if counter is not None else None
+    inside = [0.0, 0.0]  # FLOPs counted when the current forward began, FLOPs of the forwards so far
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if counter is not None and torch.is_grad_enabled():
+            inside[0] = float(counter.get_total_flops())
         if not seen and torch.is_grad_enabled():
             seen.append((as_batch(args, kwargs), None))
             if not reads:
                 raise _Captured
 
-    def outputs(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if counter is not None and torch.is_grad_enabled():
+            inside[1] += float(counter.get_total_flops()) - inside[0]
         if len(seen) == 1 and seen[0][1] is None:
             seen[0] = (seen[0][0], output)
 
     handles = [
-        model.register_forward_pre_hook(inputs, with_kwargs=True, prepend=True),
-        model.register_forward_hook(outputs, with_kwargs=True),
+        model.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
+        model.register_forward_hook(after, with_kwargs=True),
     ]
     try:
-        with fork_rng(), torch.enable_grad():
+        with fork_rng(), torch.enable_grad(), counter or nullcontext(), without_grad or nullcontext():
             loss = loss_fn(model, batch)
     except _Captured:
         loss = None
@@ -90,7 +110,28 @@ def probe_loss(
     if not seen:
         raise LookupError("loss_fn ran no forward of the model with gradients on")
     found, output = seen[0]
-    return found, outputs_read(loss, output) if reads else None
+    if counter is None:
+        return LossProbe(found)
+    # a reference model's forward without gradients (DPO's) is no work of the step's backward either
+    outside = float(counter.get_total_flops()) - inside[1] - without_grad.flops
+    return LossProbe(found, outputs_read(loss, output), inside[1], max(outside, 0.0))
+
+
+class _FlopsWithoutGrad(TorchDispatchMode):
+    """Counts what ``counter`` (entered before it) counts of ops run with gradients off."""
+
+    def __init__(self, counter: FlopCounterMode) -> None:
+        super().__init__()
+        self.counter = counter
+        self.flops = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.is_grad_enabled():
+            return func(*args, **(kwargs or {}))
+        before = self.counter.get_total_flops()
+        out = func(*args, **(kwargs or {}))
+        self.flops += float(self.counter.get_total_flops() - before)
+        return out
 
 
 def outputs_read(loss: Any, outputs: Any) -> frozenset[str]:
