@@ -293,10 +293,25 @@ def test_selective_activation_checkpointing_never_costs_more_than_priced(whose):
         assert _measured_ratio(model, batch, loss_fn) <= selection.flops / selection.full_flops <= rho
 
 
-def test_flops_a_loss_fn_computes_outside_the_forward_are_named_in_a_warning(caplog):
-    """Scores of every row against every other, computed on the embeddings the model returns: no price covers them."""
+class _WithAFrozenTower(nn.Module):
+    """Runs a frozen tower without gradients inside its forward (LiT's locked image tower)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen, self.trained = nn.Linear(16, 256), nn.Linear(256, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.frozen(x)
+        return self.trained(features)
+
+
+@pytest.mark.parametrize("model", ["plain", "with no-grad work in its forward"])
+def test_flops_a_loss_fn_computes_outside_the_forward_are_named_in_a_warning(model, caplog):
+    """Scores of every row against every other, computed on the embeddings the model returns: no price covers them
+    (work without gradients inside the forward was once subtracted twice, and hid them)."""
     torch.manual_seed(0)
-    model, optimizer = _wrapped(nn.Linear(16, WIDTH), 0.8)
+    model, optimizer = _wrapped(nn.Linear(16, WIDTH) if model == "plain" else _WithAFrozenTower(), 0.8)
     batch = {"queries": torch.randn(64, 16), "keys": torch.randn(64, 16)}
 
     def contrastive(m, b):

@@ -15,6 +15,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from conftest import WORDS, row_scaling_rel, save_tiny_checkpoint, tiny_batch, tiny_model
 from peft import PeftModel, get_peft_model
@@ -412,6 +413,32 @@ def _preferences(n: int = 16) -> datasets.Dataset:
         for row in _prompt_completion(n)
     ]
     return datasets.Dataset.from_list(rows)
+
+
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_a_compute_loss_func_reaches_the_selection_through_the_trainers_compute_loss(checkpoint, units, tmp_path):
+    """``loss_fn=trainer.compute_loss`` (the README's way to rank units on a loss the model does not return): the
+    Trainer pops the labels from the batch it is given, and the probe of what the forward receives ran it on the
+    batch importance then read, without labels (a crash at the first selection)."""
+    tokenizer = _tokenizer(checkpoint)
+
+    def cross_entropy(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"][:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    trainer = None
+    callback = GreenTrainerCallback(loss_fn=lambda inner, batch: trainer.compute_loss(inner, batch))
+    trainer = Trainer(
+        model=_causal_lm(checkpoint, units),
+        args=_args(tmp_path, learning_rate=LR[units]),
+        train_dataset=_lm_dataset(len(tokenizer)),
+        data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding="longest"),
+        compute_loss_func=cross_entropy,
+        callbacks=[callback],
+    )
+    trainer.train()
+    _assert_loss_falls(trainer)
+    _assert_logged_ratios(trainer)
 
 
 @pytest.mark.slow

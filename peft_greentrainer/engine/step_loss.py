@@ -16,7 +16,7 @@ tensors kept on modules as well (``profile._Roots``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +66,7 @@ class LossProbe:
 
     inputs: dict[str, Any]  # what the model's forward receives
     reads: frozenset[str] | None = None  # paths of the outputs the loss reads; None: not looked at
-    forward_flops: float = 0.0  # FLOPs of the model's forwards, as FlopCounterMode counts them (with ``reads``)
+    forward_flops: float = 0.0  # FLOPs of the model's forwards (all of them), as FlopCounterMode counts them
     outside_flops: float = 0.0  # FLOPs ``loss_fn`` computed outside them: no price of a step covers those
 
 
@@ -78,20 +78,22 @@ def probe_loss(model: nn.Module, loss_fn: LossFn, batch: Mapping[str, Any], *, r
     forward."""
     seen: list[tuple[dict[str, Any], Any]] = []
     counter = FlopCounterMode(display=False) if reads else None
-    without_grad = _FlopsWithoutGrad(counter) if counter is not None else None
-    inside = [0.0, 0.0]  # FLOPs counted when the current forward began, FLOPs of the forwards so far
+    forwards = {"depth": 0, "began": 0.0, "flops": 0.0}  # the model's forwards, with gradients or without
+    without_grad = _FlopsWithoutGrad(counter, lambda: forwards["depth"] == 0) if counter is not None else None
 
     def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if counter is not None and torch.is_grad_enabled():
-            inside[0] = float(counter.get_total_flops())
+        if counter is not None and forwards["depth"] == 0:
+            forwards["began"] = float(counter.get_total_flops())
+        forwards["depth"] += 1
         if not seen and torch.is_grad_enabled():
             seen.append((as_batch(args, kwargs), None))
             if not reads:
                 raise _Captured
 
     def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if counter is not None and torch.is_grad_enabled():
-            inside[1] += float(counter.get_total_flops()) - inside[0]
+        forwards["depth"] -= 1
+        if counter is not None and forwards["depth"] == 0:
+            forwards["flops"] += float(counter.get_total_flops()) - forwards["began"]
         if len(seen) == 1 and seen[0][1] is None:
             seen[0] = (seen[0][0], output)
 
@@ -101,7 +103,8 @@ def probe_loss(model: nn.Module, loss_fn: LossFn, batch: Mapping[str, Any], *, r
     ]
     try:
         with fork_rng(), torch.enable_grad(), counter or nullcontext(), without_grad or nullcontext():
-            loss = loss_fn(model, batch)
+            # a copy: a Trainer's compute_loss pops the labels from the batch it is given, which importance reads next
+            loss = loss_fn(model, dict(batch))
     except _Captured:
         loss = None
     finally:
@@ -112,21 +115,23 @@ def probe_loss(model: nn.Module, loss_fn: LossFn, batch: Mapping[str, Any], *, r
     found, output = seen[0]
     if counter is None:
         return LossProbe(found)
-    # a reference model's forward without gradients (DPO's) is no work of the step's backward either
-    outside = float(counter.get_total_flops()) - inside[1] - without_grad.flops
-    return LossProbe(found, outputs_read(loss, output), inside[1], max(outside, 0.0))
+    # the model's forwards are priced, and work without gradients outside them (a reference model's, DPO's) is no
+    # part of the step's backward: what is left is work the loss does on its own
+    outside = float(counter.get_total_flops()) - forwards["flops"] - without_grad.flops
+    return LossProbe(found, outputs_read(loss, output), forwards["flops"], outside)
 
 
 class _FlopsWithoutGrad(TorchDispatchMode):
-    """Counts what ``counter`` (entered before it) counts of ops run with gradients off."""
+    """Counts what ``counter`` (entered before it) counts of ops run with gradients off while ``counting()``."""
 
-    def __init__(self, counter: FlopCounterMode) -> None:
+    def __init__(self, counter: FlopCounterMode, counting: Callable[[], bool]) -> None:
         super().__init__()
         self.counter = counter
+        self.counting = counting
         self.flops = 0.0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not self.counting():
             return func(*args, **(kwargs or {}))
         before = self.counter.get_total_flops()
         out = func(*args, **(kwargs or {}))
