@@ -38,7 +38,6 @@ import torch
 from peft.tuners.lora import LoraModel
 from peft.utils import PeftType
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from . import fsdp, ranks
 from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
@@ -60,6 +59,7 @@ from .engine.profile import (
     profile_model,
     returns_dict,
     routed_expert_modules,
+    rows_of,
 )
 from .engine.rng import running_stats_kept
 from .engine.selector import Selection, rounded_up_rho
@@ -660,9 +660,9 @@ class GreenTrainerModel(LoraModel):
 
     def _copies_costs(self, row: dict[str, Any], n: int, bucket: LabelBucket | None) -> UnitCosts:
         """The costs of a step on ``n`` copies of ``row``, priced as ``_row_costs`` prices one."""
-        profile, full = self._measure(_copies(bucket.widened if bucket is not None else row, n), self._step_loss)
+        profile, full = self._measure(rows_of(bucket.widened if bucket is not None else row, [0] * n), self._step_loss)
         if bucket is not None:
-            full = self._measure(_copies(bucket.narrowed, n), self._step_loss)[1]
+            full = self._measure(rows_of(bucket.narrowed, [0] * n), self._step_loss)[1]
         return profile.unit_costs(self.candidate_units(), full_flops=full)
 
     def _each_row_more_costs(self, row: dict[str, Any], one: UnitCosts, bucket: LabelBucket | None) -> UnitCosts:
@@ -1497,14 +1497,6 @@ _EACH_ROW_MORE = (("each row more", True),)
 def _each_row_more_key(key: tuple) -> tuple:
     """The shape key of what each row beyond the first adds at ``key`` (the same modes: ``key[1]``)."""
     return ((*key[0], *_EACH_ROW_MORE), key[1])
-
-
-def _copies(row: dict[str, Any], n: int) -> dict[str, Any]:
-    """A one-row batch with its row ``n`` times (tensors nested in its inputs too)."""
-    return {
-        k: tree_map(lambda v: torch.cat([v] * n) if isinstance(v, torch.Tensor) and v.dim() > 0 else v, v)
-        for k, v in row.items()
-    }
 
 
 def _cost_fields(costs: UnitCosts) -> list[np.ndarray]:

@@ -247,9 +247,9 @@ def costliest_row(batch: Mapping[str, Any], counts: Sequence[int] | None = None)
     return rows_of(batch, slice(row, row + 1))
 
 
-def rows_of(batch: Mapping[str, Any], rows: slice) -> dict[str, Any]:
+def rows_of(batch: Mapping[str, Any], rows: slice | list[int]) -> dict[str, Any]:
     """``batch`` with every tensor in it (nested ones too: a forward may take a dict or a tuple) indexed by ``rows``
-    along its leading dimension."""
+    along its leading dimension (a list may repeat a row)."""
     return {
         k: tree_map(lambda v: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v, v)
         for k, v in batch.items()
