@@ -325,10 +325,11 @@ class _Recorder(TorchDispatchMode):
         self.next_index = 0
         self.warned: set = set()
         self.unseen = _UnseenWrites(counter)
-        self.in_checkpointed_layers = 0  # > 0 inside a layer ``is_checkpointed`` finds (``_checkpointed_blocks``)
-        # a torch.utils.checkpoint call of the model's own code under way: (its pack hook, first op, FLOPs before)
-        self.region: tuple[Callable, int, float] | None = None
-        # such calls: (first op, last op, forward FLOPs recomputed, whether a policy saves some ops)
+        self.calls: list[_CheckpointCall] = []  # non-reentrant torch.utils.checkpoint calls under way, outermost first
+        # a transformers checkpointed layer whose forward is about to begin (its hooks run outside the checkpoint
+        # call since transformers 5.2x, inside it before): (first op, its checkpoint call once known), or None
+        self.layer_starting: list | None = None
+        # such calls that ended: (first op, last op, forward FLOPs recomputed, whether rho's reference counts them)
         self.checkpointed: list[tuple[int, int, float, bool]] = []
 
     def _source(self, t: torch.Tensor) -> str | None:
@@ -340,7 +341,6 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.note_pending_nodes()
-        self.note_checkpoint_region()
         if func in _METADATA_OPS:
             return func(*args, **kwargs)
         before = self.counter.get_total_flops()
@@ -423,24 +423,34 @@ class _Recorder(TorchDispatchMode):
                     self.derived.pop(target, None)
         return out
 
-    def note_checkpoint_region(self) -> None:
-        """Follow non-reentrant ``torch.utils.checkpoint`` calls made by the model's own code (outside transformers'
-        checkpointed layers, which ``_checkpointed_blocks`` prices): their ops run under the checkpoint's saved-tensor
-        hooks, and are computed again in backward as soon as the gradient has to enter them."""
+    def begin_checkpoint_call(self) -> _CheckpointCall | None:
+        """A non-reentrant ``torch.utils.checkpoint`` call begins (``_checkpoint_calls_followed``): its ops, from
+        the next one on, are computed again in backward as soon as the gradient has to enter them."""
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        pack = hooks[0] if hooks and not self.in_checkpointed_layers else None
-        if pack is not None and "_checkpoint_hook" not in getattr(pack, "__qualname__", ""):
-            pack = None
-        if pack is (self.region[0] if self.region else None):
+        if not hooks or not torch.is_grad_enabled():
+            return None
+        call = _CheckpointCall(hooks[0], self.next_index, float(self.counter.get_total_flops()))
+        starting, self.layer_starting = self.layer_starting, None
+        if starting is not None and starting[0] == self.next_index and starting[1] is None:
+            call.layer, starting[1] = True, call  # the layer's own call: priced by _checkpointed_blocks
+        self.calls.append(call)
+        return call
+
+    def end_checkpoint_call(self, call: _CheckpointCall | None) -> None:
+        """The call's forward is done: its recompute is charged, unless it is a transformers checkpointed layer's
+        (``_checkpointed_blocks`` prices those). A call that held others recomputes their forwards too, which their
+        own recomputes do not replace: charged in full to units, and not at all to rho's reference."""
+        if call is None:
             return
-        flops = float(self.counter.get_total_flops())
-        if self.region is not None:
-            ended, first, before = self.region
-            flops_recomputed = flops - before
-            if _checkpoint_stops_early(ended):
-                flops_recomputed -= _tail_never_recomputed(self.records, first)
-            self.checkpointed.append((first, self.next_index - 1, flops_recomputed, _checkpoint_is_selective(ended)))
-        self.region = (pack, self.next_index, flops) if pack is not None and torch.is_grad_enabled() else None
+        self.calls.remove(call)
+        if self.calls:
+            self.calls[-1].holds_calls = True
+        if call.layer:
+            return
+        flops = float(self.counter.get_total_flops()) - call.flops_before
+        if call.stops_early and not call.holds_calls:
+            flops -= _tail_never_recomputed(self.records, call.first)
+        self.checkpointed.append((call.first, self.next_index - 1, flops, not (call.selective or call.holds_calls)))
 
     def _follow_bases(self, tensors: list[torch.Tensor]) -> None:
         """A view reads what was written into its base after it was taken (through the base or another view): it
@@ -729,14 +739,17 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
     torch.clear_autocast_cache()
     # (roots first: FlopCounterMode's module tracking registers a global forward hook of its own)
     with fork_rng(), fused_attention_on_meta(), _full_graph(model) as roots, FlopCounterMode(display=False) as counter:
-        with _Recorder(counter, canonical) as recorder, _checkpointed_blocks(model, recorder, counter, recomputed):
+        with (
+            _Recorder(counter, canonical) as recorder,
+            _checkpoint_calls_followed(recorder),
+            _checkpointed_blocks(model, recorder, counter, recomputed),
+        ):
             roots.ours = _global_hooks()
             for value in tree_flatten(list(batch.values()))[0]:
                 if isinstance(value, torch.Tensor):
                     recorder.data[value] = True
             loss = loss_fn(model, batch)
             recorder.note_pending_nodes()
-            recorder.note_checkpoint_region()  # ends a call the last op ran in
         forward_flops = float(counter.get_total_flops())
         roots.settle_essential(loss)
         roots.add_kept_on_modules()
@@ -767,9 +780,13 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
             share[name] += op.forward * (flops / total_dw if total_dw else 1.0 / len(op.dw))
     recomputed += [
         OpCost(
-            index=last, name="recompute torch.utils.checkpoint", forward=0.0, dy=[(last, flops)], in_reference=not sac
+            index=last,
+            name="recompute torch.utils.checkpoint",
+            forward=0.0,
+            dy=[(last, flops)],
+            in_reference=in_reference,
         )
-        for first, last, flops, sac in recorder.checkpointed
+        for first, last, flops, in_reference in recorder.checkpointed
         if last >= first and flops > 0
     ]
     # An op that writes into a preallocated buffer (``out=``) has no autograd formula: it runs inside a custom
@@ -930,28 +947,35 @@ def is_checkpointed(module: nn.Module) -> bool:
 @contextmanager
 def _checkpointed_blocks(model: nn.Module, recorder: _Recorder, counter: FlopCounterMode, out: list[OpCost]):
     """Record, for each checkpointed block that runs, its forward FLOPs and its last op: its recompute cost."""
-    starts: dict[int, list[tuple[int, float, bool]]] = defaultdict(list)
+    starts: dict[int, list[tuple[int, float, bool, list]]] = defaultdict(list)
 
     def before(module, args, kwargs):
-        recorder.in_checkpointed_layers += 1
+        call = recorder.calls[-1] if recorder.calls else None
+        if call is not None and call.first == recorder.next_index and not call.layer:
+            call.layer = True  # the layer's own checkpoint call, begun with no op yet (its hooks inside it)
+        else:
+            call = None
         # A block run without grad has no backward to recompute for; but transformers before 5.2x checkpoint the
         # whole call, hooks included, so reentrant checkpointing runs them under no_grad: inputs that need a
         # gradient say that a backward will come
         inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
         backward = torch.is_grad_enabled() or any(x.requires_grad for x in inputs)
-        starts[id(module)].append((recorder.next_index, float(counter.get_total_flops()), backward))
+        layer_call = [recorder.next_index, call]  # (filled in by the call that begins next, if still None)
+        recorder.layer_starting = layer_call if call is None else None
+        starts[id(module)].append((recorder.next_index, float(counter.get_total_flops()), backward, layer_call))
 
     def after(module, args, kwargs, output):
-        recorder.in_checkpointed_layers -= 1
-        first, flops_before, backward = starts[id(module)].pop()
+        first, flops_before, backward, (_, call) = starts[id(module)].pop()
+        recorder.layer_starting = None
+        holds_calls = call is not None and call.holds_calls  # (see _Recorder.end_checkpoint_call)
         last = recorder.next_index - 1
         flops = float(counter.get_total_flops()) - flops_before
-        if _stops_early(module):
+        if _stops_early(module) and not holds_calls:
             flops -= _tail_never_recomputed(recorder.records, first)
         if last >= first and flops > 0 and backward:
             name = f"recompute {type(module).__name__}"
-            selective = _checkpoints_selectively(module)
-            out.append(OpCost(index=last, name=name, forward=0.0, dy=[(last, flops)], in_reference=not selective))
+            in_reference = not (_checkpoints_selectively(module) or holds_calls)
+            out.append(OpCost(index=last, name=name, forward=0.0, dy=[(last, flops)], in_reference=in_reference))
 
     handles = []
     for module in model.modules():
@@ -986,6 +1010,62 @@ def _stops_early(module: nn.Module) -> bool:
         return False
     forced = torch.utils.checkpoint._enable_checkpoint_early_stop  # set_checkpoint_early_stop(...), if in effect
     return bool(keywords.get("early_stop", True) if forced is None else forced)
+
+
+@dataclass
+class _CheckpointCall:
+    """A non-reentrant ``torch.utils.checkpoint`` call under way (``_Recorder.calls``), known by its pack hook."""
+
+    pack: Callable
+    first: int  # its first op
+    flops_before: float
+    holds_calls: bool = False  # another call ran inside it
+    layer: bool = False  # a transformers checkpointed layer's own call
+
+    @property
+    def stops_early(self) -> bool:
+        return _checkpoint_stops_early(self.pack)
+
+    @property
+    def selective(self) -> bool:
+        return _checkpoint_is_selective(self.pack)
+
+
+@contextmanager
+def _checkpoint_calls_followed(recorder: _Recorder) -> Iterator[None]:
+    """While active, every non-reentrant ``torch.utils.checkpoint`` call tells ``recorder`` when its forward begins
+    and ends, nested ones too (``checkpoint`` looks its generator up at each call, however it was imported)."""
+    module = torch.utils.checkpoint
+    original = getattr(module, "_checkpoint_without_reentrant_generator", None)
+    if original is None:  # another torch: calls are not followed (transformers' layers still are)
+        yield
+        return
+
+    def followed(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        inner = original(*args, **kwargs)
+        value = next(inner)  # the call's saved-tensor hooks are in place now
+        call = recorder.begin_checkpoint_call()
+        try:
+            while True:
+                try:
+                    sent = yield value
+                except GeneratorExit:
+                    inner.close()
+                    raise
+                except BaseException as error:  # the checkpointed function raised: checkpoint throws it in
+                    value = inner.throw(error)
+                else:
+                    value = inner.send(sent)
+        except StopIteration:
+            return
+        finally:
+            recorder.end_checkpoint_call(call)
+
+    module._checkpoint_without_reentrant_generator = followed
+    try:
+        yield
+    finally:
+        module._checkpoint_without_reentrant_generator = original
 
 
 def _checkpoints_selectively(module: nn.Module) -> bool:
