@@ -279,7 +279,8 @@ class GreenTrainerModel(LoraModel):
             self._candidates[adapter_name] = candidates
             return
         self._check_new_adapter_config(config)  # LoraModel's injection (which would call it) is skipped here
-        self._candidates[adapter_name] = self._tensor_candidates(model, config)
+        # named as if no wrapper were inserted, as candidate_units names them (activation checkpointing's wrappers)
+        self._candidates[adapter_name] = [fsdp.canonical_name(n) for n in self._tensor_candidates(model, config)]
         self._mark_only_adapters_as_trainable(model)
 
     @property

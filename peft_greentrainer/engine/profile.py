@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -947,26 +948,30 @@ def is_checkpointed(module: nn.Module) -> bool:
 @contextmanager
 def _checkpointed_blocks(model: nn.Module, recorder: _Recorder, counter: FlopCounterMode, out: list[OpCost]):
     """Record, for each checkpointed block that runs, its forward FLOPs and its last op: its recompute cost."""
-    starts: dict[int, list[tuple[int, float, bool, list]]] = defaultdict(list)
+    starts: dict[int, list[tuple[int, float, bool, list, _CheckpointCall | None]]] = defaultdict(list)
 
     def before(module, args, kwargs):
+        # the layer's own checkpoint call begins after this hook (transformers 5.2x: hooks outside the call), or
+        # began just before it with no op yet (earlier versions: hooks inside); a call a caller began just before
+        # looks like the latter, so it is taken for the layer's only if no call begins after this hook (``after``)
         call = recorder.calls[-1] if recorder.calls else None
-        if call is not None and call.first == recorder.next_index and not call.layer:
-            call.layer = True  # the layer's own checkpoint call, begun with no op yet (its hooks inside it)
-        else:
-            call = None
+        began_just_before = call if call is not None and call.first == recorder.next_index and not call.layer else None
         # A block run without grad has no backward to recompute for; but transformers before 5.2x checkpoint the
         # whole call, hooks included, so reentrant checkpointing runs them under no_grad: inputs that need a
         # gradient say that a backward will come
         inputs = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
         backward = torch.is_grad_enabled() or any(x.requires_grad for x in inputs)
-        layer_call = [recorder.next_index, call]  # (filled in by the call that begins next, if still None)
-        recorder.layer_starting = layer_call if call is None else None
-        starts[id(module)].append((recorder.next_index, float(counter.get_total_flops()), backward, layer_call))
+        layer_call = [recorder.next_index, None]  # (filled in by the call that begins next, if any)
+        recorder.layer_starting = layer_call
+        entry = (recorder.next_index, float(counter.get_total_flops()), backward, layer_call, began_just_before)
+        starts[id(module)].append(entry)
 
     def after(module, args, kwargs, output):
-        first, flops_before, backward, (_, call) = starts[id(module)].pop()
+        first, flops_before, backward, (_, call), began_just_before = starts[id(module)].pop()
         recorder.layer_starting = None
+        if call is None and began_just_before is not None:
+            call = began_just_before
+            call.layer = True  # its charge is this layer's (its end comes after this hook)
         holds_calls = call is not None and call.holds_calls  # (see _Recorder.end_checkpoint_call)
         last = recorder.next_index - 1
         flops = float(counter.get_total_flops()) - flops_before
@@ -1035,8 +1040,11 @@ class _CheckpointCall:
 def _checkpoint_calls_followed(recorder: _Recorder) -> Iterator[None]:
     """While active, every non-reentrant ``torch.utils.checkpoint`` call tells ``recorder`` when its forward begins
     and ends, nested ones too (``checkpoint`` looks its generator up at each call, however it was imported)."""
-    module = torch.utils.checkpoint
-    original = getattr(module, "_checkpoint_without_reentrant_generator", None)
+    # torch's composable checkpoint (used beside FSDP2's fully_shard) imports the generator by name
+    modules = [torch.utils.checkpoint, sys.modules.get("torch.distributed._composable.checkpoint_activation")]
+    name = "_checkpoint_without_reentrant_generator"
+    original = getattr(torch.utils.checkpoint, name, None)
+    modules = [m for m in modules if m is not None and getattr(m, name, None) is original]
     if original is None:  # another torch: calls are not followed (transformers' layers still are)
         yield
         return
@@ -1061,11 +1069,13 @@ def _checkpoint_calls_followed(recorder: _Recorder) -> Iterator[None]:
         finally:
             recorder.end_checkpoint_call(call)
 
-    module._checkpoint_without_reentrant_generator = followed
+    for module in modules:
+        setattr(module, name, followed)
     try:
         yield
     finally:
-        module._checkpoint_without_reentrant_generator = original
+        for module in modules:
+            setattr(module, name, original)
 
 
 def _checkpoints_selectively(module: nn.Module) -> bool:

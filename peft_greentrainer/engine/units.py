@@ -63,11 +63,20 @@ def is_trainable_dtype(param: torch.Tensor) -> bool:
 
 
 def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
-    """Map each canonical parameter name to all names sharing that tensor (first one first)."""
+    """Map each canonical parameter name to all names sharing that tensor (first one first). The canonical name is
+    the first one without the path parts that wrappers insert (``checkpoint_wrapper``'s, ``torch.compile``'s), as
+    the model's ``state_dict`` names it; it still resolves through the wrappers (``get_parameter``)."""
     by_tensor: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         by_tensor.setdefault(id(param), []).append(name)
-    return {names[0]: names for names in by_tensor.values()}
+    return {unwrapped_name(names[0]): names for names in by_tensor.values()}
+
+
+def unwrapped_name(name: str) -> str:
+    """``name`` without the path parts activation checkpointing's and ``torch.compile``'s wrappers insert (the
+    rules of accelerate's ``fsdp2_canonicalize_names``)."""
+    name = name.replace("._checkpoint_wrapped_module", "")
+    return name.removeprefix("_orig_mod.").replace("._orig_mod", "")
 
 
 def matches_any(name: str, patterns: Sequence[str] | None) -> bool:
