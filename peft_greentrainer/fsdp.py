@@ -48,7 +48,7 @@ from torch import nn
 
 from .engine.importance import NO_LOSS, clip_coefficient, optimizer_update, squared_norm, unwrap_optimizer
 from .engine.rng import fork_rng
-from .engine.units import Unit, is_trainable_dtype
+from .engine.units import Unit, is_trainable_dtype, unwrapped_name
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +107,7 @@ def unsharded_class(module: nn.Module) -> type:
 
 def canonical_name(name: str) -> str:
     """``name`` without the path parts that wrappers insert (activation checkpointing, ``torch.compile``)."""
-    from accelerate.utils.fsdp_utils import fsdp2_canonicalize_names
-
-    return next(iter(fsdp2_canonicalize_names({name: None})))
+    return unwrapped_name(name)
 
 
 def canonical_units(units: Iterable[Unit]) -> list[Unit]:

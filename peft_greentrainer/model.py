@@ -279,8 +279,7 @@ class GreenTrainerModel(LoraModel):
             self._candidates[adapter_name] = candidates
             return
         self._check_new_adapter_config(config)  # LoraModel's injection (which would call it) is skipped here
-        # named as if no wrapper were inserted, as candidate_units names them (activation checkpointing's wrappers)
-        self._candidates[adapter_name] = [fsdp.canonical_name(n) for n in self._tensor_candidates(model, config)]
+        self._candidates[adapter_name] = self._tensor_candidates(model, config)  # (names without wrappers' parts)
         self._mark_only_adapters_as_trainable(model)
 
     @property

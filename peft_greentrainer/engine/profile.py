@@ -1009,8 +1009,7 @@ _SAVES_INPUTS_FIRST = frozenset({"mm", "addmm", "bmm", "baddbmm"})
 def _stops_early(module: nn.Module) -> bool:
     """Whether ``module``'s checkpoint stops recomputing once every saved tensor is saved again (torch's default
     ``early_stop`` for non-reentrant checkpointing; reentrant checkpointing reruns the whole forward)."""
-    function = getattr(module, "_gradient_checkpointing_func", None)
-    keywords = function.keywords if isinstance(function, functools.partial) else {}
+    keywords = _checkpoint_keywords(module)
     if keywords.get("use_reentrant") is not False:
         return False
     forced = torch.utils.checkpoint._enable_checkpoint_early_stop  # set_checkpoint_early_stop(...), if in effect
@@ -1081,11 +1080,15 @@ def _checkpoint_calls_followed(recorder: _Recorder) -> Iterator[None]:
 def _checkpoints_selectively(module: nn.Module) -> bool:
     """Whether ``module``'s checkpoint is given a ``context_fn`` (selective activation checkpointing: a policy saves
     some ops, which its recompute then skips)."""
+    noop = torch.utils.checkpoint.noop_context_fn
+    return _checkpoint_keywords(module).get("context_fn", noop) is not noop
+
+
+def _checkpoint_keywords(module: nn.Module) -> dict[str, Any]:
+    """The keywords transformers bound into a checkpointed layer's checkpoint function
+    (``gradient_checkpointing_kwargs``)."""
     function = getattr(module, "_gradient_checkpointing_func", None)
-    keywords = function.keywords if isinstance(function, functools.partial) else {}
-    return (
-        keywords.get("context_fn", torch.utils.checkpoint.noop_context_fn) is not torch.utils.checkpoint.noop_context_fn
-    )
+    return function.keywords if isinstance(function, functools.partial) else {}
 
 
 def _closure_values(function: Any) -> list[Any]:

@@ -6,7 +6,7 @@ backward from that loss, and the profile must not take it for more: an output th
 another task, returned next to the one trained) would make full fine-tuning look dearer, and every step's budget
 with it. So a step is profiled as backpropagating from, in this order:
 
-1. the outputs a caller's ``loss_fn`` was seen to read (``probe_loss``, run once per selection on its batches);
+1. the outputs a caller's ``loss_fn`` was seen to read (``probe_loss``, run on the first selection's batches);
 2. the loss the model returns (``outputs.loss``: what a Trainer backpropagates without a ``compute_loss_func``);
 3. every output (a trainer's loss may use any).
 

@@ -73,10 +73,11 @@ def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
 
 
 def unwrapped_name(name: str) -> str:
-    """``name`` without the path parts activation checkpointing's and ``torch.compile``'s wrappers insert (the
-    rules of accelerate's ``fsdp2_canonicalize_names``)."""
-    name = name.replace("._checkpoint_wrapped_module", "")
-    return name.removeprefix("_orig_mod.").replace("._orig_mod", "")
+    """``name`` without the path parts activation checkpointing's and ``torch.compile``'s wrappers insert
+    (accelerate's ``fsdp2_canonicalize_names``)."""
+    from accelerate.utils.fsdp_utils import fsdp2_canonicalize_names
+
+    return next(iter(fsdp2_canonicalize_names({name: None})))
 
 
 def matches_any(name: str, patterns: Sequence[str] | None) -> bool:
