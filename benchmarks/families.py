@@ -246,11 +246,11 @@ class _MeasuredTrainer(transformers.Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         tuner = model.base_model
-        shapes = len(tuner._shape_costs)
+        shapes = len(tuner._pricer.shape_costs)
         with FlopCounterMode(display=False) as counter:
             loss = super().training_step(model, inputs, num_items_in_batch)
         if tuner.greentrainer_state.history:  # steps before the first selection train everything
-            self.steps.append({"flops": counter.get_total_flops(), "profiled": len(tuner._shape_costs) > shapes})
+            self.steps.append({"flops": counter.get_total_flops(), "profiled": len(tuner._pricer.shape_costs) > shapes})
             self.steps[-1]["full"] = full_fine_tuning_flops(model, inputs)
         return loss
 

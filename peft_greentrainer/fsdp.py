@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .engine.importance import NO_LOSS, clip_coefficient, optimizer_update, squared_norm, unwrap_optimizer
+from .engine.profile import LossFn
 from .engine.rng import fork_rng
 from .engine.units import Unit, is_trainable_dtype, unwrapped_name
 
@@ -66,7 +67,6 @@ __all__ = [
 _ROOT_KEY = "_greentrainer_fsdp_root"
 _FLAGS_KEY = "_greentrainer_fsdp_checkpoint_flags"
 _TWIN_KEY = "_greentrainer_fsdp_twin"
-LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------------------ detection

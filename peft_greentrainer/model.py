@@ -29,7 +29,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Any
 
@@ -42,29 +42,21 @@ from torch import nn
 from . import fsdp, ranks
 from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
 from .config import GreenTrainerConfig
-from .engine.attention_spans import attention_extremes, attention_follows_values, encoder_decoder_error
-from .engine.costs import UnitCosts, cost_envelope, select_at_every_shape
+from .engine.costs import UnitCosts, select_at_every_shape
 from .engine.importance import base_learning_rates, compute_importance, plain_gradient_step, unwrap_optimizer
-from .engine.label_buckets import LabelBucket, label_bucket
-from .engine.length_fit import LengthFit, length_family
 from .engine.module_tree import ModuleTree
 from .engine.profile import (
     CostProfile,
+    LossFn,
     batch_size,
-    costliest_row,
     default_loss,
-    input_key,
-    module_modes,
-    profile_key,
     profile_model,
-    returns_dict,
     routed_expert_modules,
-    rows_of,
+    training_mode,
 )
 from .engine.rng import running_stats_kept
-from .engine.selector import Selection, rounded_up_rho
-from .engine.step_loss import as_batch, probe_loss, step_loss
-from .engine.targets import labelled_counts
+from .engine.selector import Selection
+from .engine.step_loss import as_batch, probe_loss
 from .engine.units import (
     Unit,
     auxiliary_units,
@@ -75,13 +67,13 @@ from .engine.units import (
     requires_grad_kept,
     tensor_units,
 )
+from .pricing import StepPricer, is_each_row_more
 from .sparse_head import attached_sparse_lm_head, enable_sparse_lm_head
 from .twin import fake_inputs, fake_twin
 
 logger = logging.getLogger(__name__)
 
 BASE_PREFIX = "base_model.model."
-LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
 
 @dataclass
@@ -124,25 +116,6 @@ class GreenTrainerState:
         history = [SelectionRecord(**record) for record in data.get("history", [])]
         importance = {str(k): float(v) for k, v in (data.get("importance") or {}).items()}
         return cls(list(data.get("selected", [])), list(data.get("trained_tensors", [])), history, importance)
-
-
-@dataclass
-class _ProfileCaches:
-    """What the tuner caches of its cost profiles: valid for the adapters active when they were measured."""
-
-    profiles: dict[tuple, tuple[CostProfile, float]] = field(default_factory=dict)  # by batch shape
-    measured_rows: dict[tuple, UnitCosts] = field(default_factory=dict)  # one row's costs, by shape key
-    shape_costs: dict[tuple, UnitCosts] = field(default_factory=dict)  # agreed on by every rank (_learn_shapes)
-    length_fits: dict[tuple, LengthFit] = field(default_factory=dict)  # by shape family (length_fit.length_family)
-    # a profile computed FLOPs on parameters alone: a step's costs grow by less than a row's per row (_profile_rows)
-    fixed_costs_per_step: bool = False
-    # whether a step's costs grow faster than its rows (an in-batch contrastive loss: rows x rows logits), which
-    # steps are then priced on their whole batch; None: not checked yet (_rows_couple)
-    rows_couple: bool | None = None
-    # the outputs a caller's loss_fn reads, the roots of rho's reference (step_loss); None: not probed yet
-    loss_reads: frozenset[str] | None = None
-    # (modes, selected units): the selection that fits every shape known in those modes (profile_key's second part)
-    checked: tuple[tuple, frozenset[str]] | None = None
 
 
 class _AccumulationWindow:
@@ -191,8 +164,7 @@ class _TunerRuntime:
     step_hook: Any = None  # handle of the forward pre-hook that checks every training step's budget
     candidates_by_adapter: dict[str, list[str]] = field(default_factory=dict)
     states: dict[str, GreenTrainerState] = field(default_factory=dict)  # per adapter
-    caches: _ProfileCaches = field(default_factory=_ProfileCaches)
-    caches_by_active_adapters: dict[tuple[str, ...], _ProfileCaches] = field(default_factory=dict)
+    pricer: StepPricer | None = None  # the prices of training steps (made on first use: it asks the tuner)
     twin: Any = None  # (float twin, its fake mode) of a quantized base: built once
     busy: int = 0  # > 0 while profiling or computing importance: forwards then are no training step
     selection_applied: bool = False  # whether a selection is in force (the steps are then budget-checked)
@@ -291,8 +263,7 @@ class GreenTrainerModel(LoraModel):
         """Cost profiles describe the model as it ran (which adapters it had and which were active): stale once
         adapters are added or deleted (and the listed modules, which would keep deleted ones alive until the next
         step)."""
-        self._runtime.caches = _ProfileCaches()
-        self._runtime.caches_by_active_adapters.clear()
+        self._pricer.drop()
         self._runtime.module_tree = None
 
     def _module_tree(self) -> ModuleTree:
@@ -300,17 +271,6 @@ class GreenTrainerModel(LoraModel):
         (:meth:`ModuleTree.of <peft_greentrainer.engine.module_tree.ModuleTree.of>`)."""
         tree = self._runtime.module_tree = ModuleTree.of(self.model, self._runtime.module_tree)
         return tree
-
-    def _switch_cached_profiles(self, previous: tuple[str, ...]) -> None:
-        """Keep the profiles of the adapters active until now for when they are active again, and bring back those of
-        the adapters now active: TRL's DPO switches to its reference adapter and back around every step, which would
-        otherwise profile every step's shape again."""
-        current = tuple(self.active_adapters)
-        if current == previous:
-            return
-        runtime = self._runtime
-        runtime.caches_by_active_adapters[previous] = runtime.caches
-        runtime.caches = runtime.caches_by_active_adapters.pop(current, None) or _ProfileCaches()
 
     def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         """Attach the sparse LM head (``config.sparse_lm_head``) to the base model itself, so that everything that
@@ -437,10 +397,10 @@ class GreenTrainerModel(LoraModel):
             # checkpointed blocks would recompute with other flags than they ran with
             with requires_grad_kept(self.model.parameters()):
                 super().set_adapter(adapter_name, inference_mode=inference_mode)
-            self._switch_cached_profiles(previous)
+            self._pricer.switch(previous, tuple(self.active_adapters))
             return
         super().set_adapter(adapter_name, inference_mode=inference_mode)
-        self._switch_cached_profiles(previous)
+        self._pricer.switch(previous, tuple(self.active_adapters))
         if not inference_mode:
             self._reapply_selection()
 
@@ -501,28 +461,7 @@ class GreenTrainerModel(LoraModel):
         Measured in training mode (checkpointing acts only there). Cached per input shapes, checkpointed blocks and
         module modes (:func:`~peft_greentrainer.engine.profile.profile_key`): one forward pass the first time.
         """
-        with _training_mode(self.model):
-            key = profile_key(self.model, batch, self._module_tree())
-            counts = labelled_counts(batch)
-            dense_head = not self._head_follows_labels(batch)
-            if not dense_head and counts is not None:  # a sparse head's cost follows each row's labelled positions
-                key = (key, tuple(counts.tolist()))
-            cache = self._runtime.caches.profiles
-            if key not in cache:
-                cache[key] = self._measure(batch, loss_fn)
-                # training steps at this shape need no profile of their own: costs are linear in the batch size (a
-                # sparse head's steps are priced on rows widened to a bucket of labels: see _row_keys)
-                # (attention that follows the values: steps are priced at the row's spans' extremes instead)
-                self._check_rows_couple(batch)
-                rows = self._row_keys(batch)
-                # unless an op computes on parameters alone (``B @ A`` folded into a weight, as PEFT's LoRA on a
-                # parameter does), which costs the same for any number of rows, or rows are priced whole
-                linear = cache[key][0].scales_with_rows and not self._runtime.caches.rows_couple
-                if (dense_head or counts is None) and len(rows) == 1 and linear:
-                    costs = cache[key][0].unit_costs(self.candidate_units(), full_flops=cache[key][1])
-                    row_costs = _scaled(costs, 1 / (batch_size(batch) or 1))
-                    self._runtime.caches.measured_rows.setdefault(rows[0][1], row_costs)
-        return cache[key]
+        return self._pricer.profile(batch, loss_fn)
 
     def _measure(self, batch: Mapping[str, Any], loss_fn: LossFn) -> tuple[CostProfile, float]:
         """Profile of the model in its current modes, and the reference; flags, weights and RNG stay as they were."""
@@ -552,7 +491,7 @@ class GreenTrainerModel(LoraModel):
         twin = self._float_twin()
         models = [self.model] + ([twin[0].model] if twin is not None else [])
         heads = [h for h in map(attached_sparse_lm_head, models) if h is not None]
-        with ExitStack() as stack, _training_mode(self.model):
+        with ExitStack() as stack, training_mode(self.model):
             for head in heads:
                 stack.enter_context(head.disabled())
             return self._measure(batch, loss_fn)[1]
@@ -592,187 +531,14 @@ class GreenTrainerModel(LoraModel):
         """The smallest rho that lets a unit train on ``batch``, priced as its training steps are (with an LM head
         that projects only labelled positions: at its label bucket's ends; with attention that follows the values: at
         its spans' extremes), so that a rho at or above it does not fail at the first selection."""
-        with _training_mode(self.model):
-            new: dict[tuple, UnitCosts] = {}
-            keys = self._profile_rows(batch, new)
-        return cost_envelope([new.get(key) or self._shape_costs[key] for key in keys]).min_feasible_rho()
+        return self._pricer.min_feasible_rho(batch)
 
     @property
-    def _shape_costs(self) -> dict[tuple, UnitCosts]:
-        """Costs of every batch shape trained or selected on (one row each), by ``profile_key``. Only
-        ``_learn_shapes`` adds to it, so it is the same on every rank."""
-        return self._runtime.caches.shape_costs
-
-    def _profile_rows(
-        self, batch: Mapping[str, Any], new: dict[tuple, UnitCosts], tree: ModuleTree | None = None
-    ) -> list[tuple]:
-        """The keys ``batch``'s steps are priced at (``_row_keys``); the costs of those not agreed on yet (one row,
-        current modes) go into ``new``, measured unless this process measured them before (``cost_profile``)."""
-        keys = []
-        caches = self._runtime.caches
-        self._check_rows_couple(batch, tree)
-        for row, key, bucket in self._row_keys(batch, tree):
-            if key not in self._shape_costs and key not in new:
-                if key not in caches.measured_rows:
-                    caches.measured_rows[key] = self._row_costs(row, key, bucket)
-                new[key] = caches.measured_rows[key]
-            keys.append(key)
-            more = _each_row_more_key(key)
-            if caches.fixed_costs_per_step and batch_size(row) == 1:
-                # a step of B rows costs one row's costs plus B - 1 times what each row more adds, so a selection
-                # within rho at both is within rho at every B; one row alone does not bound them (DeBERTa's relative
-                # position projections cost the same for any number of rows, and full fine-tuning pays their backward)
-                if more not in self._shape_costs and more not in new:
-                    if more not in caches.measured_rows:
-                        one = new[key] if key in new else self._shape_costs[key]  # (another rank's, maybe)
-                        caches.measured_rows[more] = self._each_row_more_costs(row, one, bucket)
-                    new[more] = caches.measured_rows[more]
-                keys.append(more)
-        return keys
-
-    def _check_rows_couple(self, batch: Mapping[str, Any], tree: ModuleTree | None = None) -> None:
-        """Find out, at the first batch of several rows, whether its steps are priced on whole batches
-        (``_rows_couple``). The costliest row's own costs, which its steps need anyway, are measured here."""
-        caches = self._runtime.caches
-        if caches.rows_couple is not None or (batch_size(batch) or 1) < 2:
-            return
-        row, key, bucket = self._row_keys(batch, tree)[0]
-        if key not in caches.measured_rows:
-            caches.measured_rows[key] = self._row_costs(row, key, bucket)
-        caches.rows_couple = self._rows_couple(row, caches.measured_rows[key], bucket)
-
-    def _rows_couple(self, row: dict[str, Any], one: UnitCosts, bucket: LabelBucket | None) -> bool:
-        """Whether copies of ``row`` (``one``: its costs) cost more than in proportion to their number, once a cost
-        that does not grow with them is set apart (checked once: it is the model's and its loss's, not the shape's).
-        Every cost a transformer's step counts is linear in the rows, but a loss that scores every row against every
-        other (CLIP's) is not: priced from one row, a 256-row step cost 0.62 of full fine-tuning at rho 0.5. Two
-        copies profiled; where they cost other than twice one, three as well, and the second difference compared
-        with 0 (a cost that does not grow with the rows, DeBERTa-v2's relative positions, leaves it 0)."""
-        costs = [_cost_fields(one)]
-        for n in (2, 3):
-            copies = self._copies_costs(row, n, bucket)
-            if [u.name for u in copies.units] != [u.name for u in one.units]:
-                return True  # another backward order: not one row repeated; price whole batches
-            costs.append(_cost_fields(copies))
-            if n == 2 and all(np.allclose(b, 2 * a, rtol=1e-9) for a, b in zip(*costs, strict=True)):
-                return False
-        return not all(np.allclose(a + c, 2 * b, rtol=1e-9) for a, b, c in zip(*costs, strict=True))
-
-    def _copies_costs(self, row: dict[str, Any], n: int, bucket: LabelBucket | None) -> UnitCosts:
-        """The costs of a step on ``n`` copies of ``row``, priced as ``_row_costs`` prices one."""
-        profile, full = self._measure(rows_of(bucket.widened if bucket is not None else row, [0] * n), self._step_loss)
-        if bucket is not None:
-            full = self._measure(rows_of(bucket.narrowed, [0] * n), self._step_loss)[1]
-        return profile.unit_costs(self.candidate_units(), full_flops=full)
-
-    def _each_row_more_costs(self, row: dict[str, Any], one: UnitCosts, bucket: LabelBucket | None) -> UnitCosts:
-        """What a second copy of ``row`` adds to a step (``one``: the row's own costs): two rows profiled, less one."""
-        two = self._copies_costs(row, 2, bucket)
-        if [u.name for u in two.units] != [u.name for u in one.units]:
-            raise RuntimeError("two rows put the units in another backward order than one row; cannot price rows")
-        return _difference(two, one)
-
-    def _row_costs(self, row: dict[str, Any], key: tuple, bucket: LabelBucket | None) -> UnitCosts:
-        """One row's costs at ``key``: from the polynomial the lengths profiled before follow exactly where there is
-        one (``length_fit``: padding per batch brings a new length at almost every step), profiled otherwise."""
-        found = length_family(key)
-        fit = self._runtime.caches.length_fits.setdefault(found[0], LengthFit()) if found is not None else None
-        labels = (bucket.top, bucket.bottom) if bucket is not None else (None, None)
-        if fit is not None:
-            predicted = fit.predict(found[1], *labels, self.candidate_units())
-            if predicted is not None:
-                return predicted
-        profile, full = self._measure(bucket.widened if bucket is not None else row, self._step_loss)
-        self._runtime.caches.fixed_costs_per_step |= not profile.scales_with_rows
-        if bucket is not None:  # full fine-tuning at the bucket's fewest labels: bounds every row in it
-            full = self._measure(bucket.narrowed, self._step_loss)[1]
-        costs = profile.unit_costs(self.candidate_units(), full_flops=full)
-        if fit is not None:
-            was_broken = fit.broken
-            fit.add(found[1], *labels, costs)
-            if fit.broken and not was_broken and fit.predictions:
-                logger.warning(
-                    "GreenTrainer: the costs of this model stopped following one polynomial of the sequence length at "
-                    "length %d, after %d lengths had been priced from it (they may have been priced too low); every "
-                    "new length is profiled from now on.",
-                    found[1],
-                    fit.predictions,
-                )
-        return costs
-
-    def _row_keys(
-        self, batch: Mapping[str, Any], tree: ModuleTree | None = None
-    ) -> list[tuple[dict[str, Any], tuple, LabelBucket | None]]:
-        """One-row batches whose step costs bound every row of ``batch`` together, each with its key and label bucket.
-
-        Usually one: the costliest row, keyed by ``profile_key``. Where the LM head projects only labelled positions
-        (``_head_follows_labels``) the key adds the label-count bucket of the batch's mean (``label_bucket``: the step
-        is then priced on the row widened to the bucket's top, and full fine-tuning at its bottom). Where attention
-        runs only within the sequences the inputs delimit (``attention_follows_values``: flash attention on padded or
-        packed rows) there are two, the row's spans' extremes (``attention_extremes``): a selection within rho at both
-        is within rho whatever the sequences. ``tree``: the base model's modules, listed before.
-
-        It runs before every training step: the label counts come to the host once (one wait for the device), and
-        the modules are read from ``tree`` once for every row priced.
-        """
-        tree = tree or self._module_tree()
-        head_follows_labels = self._head_follows_labels(batch)
-        found = labelled_counts(batch) if head_follows_labels or batch_size(batch) not in (None, 1) else None
-        counts = found.tolist() if found is not None else None
-        row = dict(batch) if self._runtime.caches.rows_couple else costliest_row(batch, counts)
-        spans = attention_extremes(row) if attention_follows_values(self.model, tree) else None
-        if spans is not None and getattr(self.model.config, "is_encoder_decoder", False):
-            raise NotImplementedError(encoder_decoder_error(self.model))
-        mean = sum(counts) / len(counts) if head_follows_labels and counts is not None else None
-        signature = module_modes(tree)  # profile_key's second part: the same for every row
-        priced = []
-        for span, variant in spans or [(None, row)]:
-            inputs = input_key(self.model, variant)
-            bucket = label_bucket(variant, mean) if mean is not None else None
-            extra = [] if span is None else [("attention spans", span)]
-            if bucket is not None:  # re-labelling changes no shape
-                extra.append(("labelled positions", (bucket.bottom, bucket.top)))
-            priced.append((variant, ((*inputs, *extra), signature), bucket))
-        return priced
-
-    def _head_follows_labels(self, batch: Mapping[str, Any]) -> bool:
-        """Whether the LM head of a training forward on ``batch`` projects only the labelled positions, so that its
-        cost follows the labels: our sparse head (when on: not under FSDP2, nor for tuple outputs), or TRL's fused
-        head (``fused_lm_head=True``), which does so on CUDA/XPU (Triton devices; elsewhere every position)."""
-        if batch.get("fused_lm_head"):
-            return True
-        head = attached_sparse_lm_head(self.model)
-        return head is not None and head.enabled and returns_dict(self.model, batch)
-
-    def _learn_shapes(self, new: dict[tuple, UnitCosts]) -> dict[tuple, UnitCosts]:
-        """Add the costs of new shapes. Every rank adds those of every rank, so all hold the same set of shapes."""
-        if ranks.is_distributed():
-            if not ranks.any_across_ranks(bool(new)):
-                return {}
-            merged: dict[tuple, UnitCosts] = {}
-            for part in ranks.gather(new):
-                for key, costs in part.items():
-                    merged[key] = _larger(merged[key], costs) if key in merged else costs
-            new = merged
-        self._shape_costs.update(new)
-        return new
-
-    def _feasible_envelope(self, signature: tuple) -> tuple[UnitCosts, list[tuple], np.ndarray]:
-        """The cost envelope of every shape seen in the current modes (``signature``), those shapes, and the units
-        that fit the budget on their own there (the cheapest selection with each as the deepest). A rho that affords
-        no unit is an error, raised before any importance is computed."""
-        keys = sorted((k for k in self._shape_costs if k[1] == signature), key=repr)
-        envelope = cost_envelope([self._shape_costs[k] for k in keys])
-        rho = self.greentrainer_config.rho
-        feasible = envelope.fits_alone(rho)  # the selector's own test
-        if feasible.any():
-            return envelope, keys, feasible
-        advice = rounded_up_rho(float(envelope.alone_costs().min()), envelope.full_flops)
-        raise ValueError(
-            f"rho={rho:g} is below the smallest feasible rho {advice:.4f} for this model at the batch shapes trained "
-            f"on ({_describe(keys)}): the forward pass plus the cheapest single unit. Raise rho to at least "
-            f"{advice:.4f}, or cap the sequence length (attention's share grows with it)."
-        )
+    def _pricer(self) -> StepPricer:
+        runtime = self._runtime
+        if runtime.pricer is None:
+            runtime.pricer = StepPricer(self)
+        return runtime.pricer
 
     def _mask(self, costs: UnitCosts) -> np.ndarray:
         selected = set(self.greentrainer_state.selected)
@@ -780,7 +546,7 @@ class GreenTrainerModel(LoraModel):
 
     def _ratio(self, key: tuple, mask: np.ndarray | None = None) -> float:
         """FLOPs of a training step at shape ``key`` as a fraction of full fine-tuning there (current selection)."""
-        costs = self._shape_costs[key]
+        costs = self._pricer.shape_costs[key]
         return costs.predicted_flops(self._mask(costs) if mask is None else mask) / costs.full_flops
 
     # ------------------------------------------------------------------ selection
@@ -831,14 +597,15 @@ class GreenTrainerModel(LoraModel):
         tree = self._module_tree()
         keep_backprop_shallow(self.model, tree=tree)  # checkpointing may have been switched on since the last selection
         unpack_weights_packed_for_inference(self.model, tree)  # an evaluation since may have packed 4-bit weights
-        with _training_mode(self.model):  # the steps that follow run in training mode
+        pricer = self._pricer
+        with training_mode(self.model):  # the steps that follow run in training mode
             priced = self._forward_inputs(batches, loss_fn)
             new: dict[tuple, UnitCosts] = {}
-            first = self._profile_rows(priced[0], new)
+            first = pricer.price_rows(priced[0], new)
             for batch in priced[1:]:
-                self._profile_rows(batch, new)
-        self._learn_shapes(new)  # every rank now knows every rank's shapes: they decide on the same costs
-        envelope, keys, feasible = self._feasible_envelope(first[0][1])
+                pricer.price_rows(batch, new)
+        pricer.learn_shapes(new)  # every rank now knows every rank's shapes: they decide on the same costs
+        envelope, keys, feasible = pricer.feasible_envelope(first[0][1], config.rho)
         # the gradient collectives of a distributed importance follow the feasible set: it must be the same everywhere
         ranks.check_agreement((tuple(map(repr, keys)), feasible.tobytes()), "the batch shapes and the units that fit")
         # only units that can fit at all need a gradient: backprop for importance stops at the deepest of them
@@ -849,8 +616,8 @@ class GreenTrainerModel(LoraModel):
         self.greentrainer_state.importance = {u.name: float(v) for u, v in zip(envelope.units, importance, strict=True)}
         mask = self._select(envelope, keys, importance, step=step, epoch=epoch, reason="importance", start=start)
         # in FLOPs of a step on the first batch, at the bound it is priced at
-        rows = 1 if self._runtime.caches.rows_couple else batch_size(priced[0]) or 1  # (priced whole, then)
-        steps = [self._step_figures(k, first, rows, mask) for k in first if k[0][-1:] != _EACH_ROW_MORE]
+        rows = 1 if pricer.caches.rows_couple else batch_size(priced[0]) or 1  # (priced whole, then)
+        steps = [pricer.step_figures(k, first, rows, mask) for k in first if not is_each_row_more(k)]
         flops, backward, full = max(steps, key=lambda figures: figures[0] / figures[2])
         return Selection(
             mask=mask,
@@ -870,7 +637,7 @@ class GreenTrainerModel(LoraModel):
         is stopped before the forward runs."""
         if loss_fn is default_loss or fsdp.is_sharded(self.model):  # (shards run only through FSDP's root)
             return batches
-        learn = self._runtime.caches.loss_reads is None
+        learn = self._pricer.caches.loss_reads is None
         probes = []
         with self._profiling():
             for batch in batches:
@@ -880,51 +647,8 @@ class GreenTrainerModel(LoraModel):
                     return batches
         if learn:  # (every rank's: the same roots everywhere)
             found = ranks.gather([(p.reads, p.forward_flops, p.outside_flops) for p in probes])
-            self._learn_loss_reads(*zip(*[seen for part in found for seen in part], strict=True))
+            self._pricer.learn_loss_reads(*zip(*[seen for part in found for seen in part], strict=True))
         return [probe.inputs for probe in probes]
-
-    def _learn_loss_reads(
-        self, reads: tuple[frozenset[str], ...], forward_flops: tuple[float, ...], outside_flops: tuple[float, ...]
-    ) -> None:
-        """Keep the outputs every probed loss reads, the roots of rho's reference (fewer roots make a smaller
-        reference, so the budget holds for each), and say where no price can bound a step."""
-        common = frozenset.intersection(*reads)
-        if not common or any(r != common for r in reads):
-            logger.warning(
-                "GreenTrainer: the loss that loss_fn computes reads %s. A step is priced before its loss exists, "
-                "from the outputs every probed loss reads (%s), so a step whose loss reads other outputs, or only "
-                "what hooks capture inside the model, may cost more than rho of its full fine-tuning: return from "
-                "forward only what the loss reads, or compute the loss in forward.",
-                "different outputs on different batches" if any(reads) else "none of the model's outputs",
-                ", ".join(sorted(common)) or "none: every output then",
-            )
-        forward, outside = sum(forward_flops), sum(outside_flops)
-        if outside > 0:
-            logger.warning(
-                "GreenTrainer: loss_fn computes %.3g FLOPs outside the model's forward (%.1f%% of it): no price of a "
-                "step covers them, and where they grow faster than the rows (a contrastive loss scoring every row "
-                "against every other) a step may cost more than rho of its full fine-tuning. Compute them inside the "
-                "model's forward: GreenTrainer prices what the forward runs.",
-                outside / len(reads),
-                100 * outside / forward if forward else float("inf"),
-            )
-        self._drop_cached_profiles()  # profiled from other roots
-        self._runtime.caches.loss_reads = common
-
-    def _step_loss(self, model: nn.Module, batch: Mapping[str, Any]) -> Any:
-        """A training step's forward on ``batch``, returning what it backpropagates from (``step_loss``)."""
-        return step_loss(model, batch, self._runtime.caches.loss_reads)
-
-    def _step_figures(self, key: tuple, keys: list[tuple], rows: int, mask: np.ndarray) -> tuple[float, float, float]:
-        """(FLOPs, backward FLOPs, full fine-tuning's FLOPs) of a step of ``rows`` rows priced at ``key``: its row's
-        costs, and each further row's (the row's own again, unless ``keys`` price what each row more adds)."""
-        one = self._shape_costs[key]
-        more = self._shape_costs[_each_row_more_key(key)] if _each_row_more_key(key) in keys else one
-        return (
-            one.predicted_flops(mask) + (rows - 1) * more.predicted_flops(mask),
-            one.predicted_backward(mask) + (rows - 1) * more.predicted_backward(mask),
-            one.full_flops + (rows - 1) * more.full_flops,
-        )
 
     def _importance(
         self,
@@ -946,7 +670,7 @@ class GreenTrainerModel(LoraModel):
         group_lrs = base_learning_rates(optimizer) if optimizer is not None else None
         importance_fn = fsdp.compute_importance if fsdp.is_sharded(self.model) else compute_importance
         # the gradient of the step it predicts (a Trainer may not have set training mode yet)
-        with _training_mode(self.model), self._profiling():
+        with training_mode(self.model), self._profiling():
             values = importance_fn(
                 self.model,
                 units,
@@ -981,7 +705,7 @@ class GreenTrainerModel(LoraModel):
         if config.rho >= 1:
             mask = every if within is None else within.copy()
         else:
-            shapes = [self._shape_costs[key] for key in keys]
+            shapes = [self._pricer.shape_costs[key] for key in keys]
             mask = select_at_every_shape(shapes, importance, config.rho, resolution=config.dp_resolution)
             if within is not None:
                 mask = mask & within
@@ -989,9 +713,9 @@ class GreenTrainerModel(LoraModel):
         # a re-selection for a new batch shape happens inside a step, possibly within a gradient-accumulation window
         self._set_trainable(envelope.units, mask, within_step=reason == "batch shape")
         # the envelope holds every shape known in these modes
-        self._runtime.caches.checked = (keys[0][1], frozenset(self.greentrainer_state.selected))
+        self._pricer.caches.checked = (keys[0][1], frozenset(self.greentrainer_state.selected))
         ratios = [self._ratio(key, mask) for key in keys]
-        worst = self._shape_costs[keys[int(np.argmax(ratios))]]
+        worst = self._pricer.shape_costs[keys[int(np.argmax(ratios))]]
         lora_ratio = None
         if self.units_kind == "lora":
             lora_ratio = worst.predicted_flops(mask) / worst.predicted_flops(every)
@@ -1061,18 +785,19 @@ class GreenTrainerModel(LoraModel):
         keep_backprop_shallow(self.model, tree=tree)  # checkpointing enabled since the last step would force it deeper
         batch = as_batch(args, kwargs)
         new: dict[tuple, UnitCosts] = {}
-        keys = self._profile_rows(batch, new, tree)
+        pricer = self._pricer
+        keys = pricer.price_rows(batch, new, tree)
         signature = keys[0][1]
-        learned = [k for k in self._learn_shapes(new) if k[1] == signature]
+        learned = [k for k in pricer.learn_shapes(new) if k[1] == signature]
         in_force = (signature, frozenset(self.greentrainer_state.selected))
-        if self._runtime.caches.checked != in_force:
+        if pricer.caches.checked != in_force:
             # another selection (restored) or other modes (checkpointing toggled): check it at every known shape
-            learned = [k for k in self._shape_costs if k[1] == signature]
+            learned = [k for k in pricer.shape_costs if k[1] == signature]
         rho = self.greentrainer_config.rho
         if learned and max(self._ratio(k) for k in learned) > rho * (1 + 1e-12):
             self._reselect(signature)  # _select records the new selection as checked
         else:
-            self._runtime.caches.checked = in_force
+            pricer.caches.checked = in_force
         self._runtime.window.forwards += 1
         ratios = self._runtime.step_ratios
         ratios.append(max(self._ratio(k) for k in keys))
@@ -1114,7 +839,7 @@ class GreenTrainerModel(LoraModel):
         """The current selection costs more than rho at a new shape: select again, with the same importances,
         against every shape seen (every rank does, with the same data)."""
         start = time.perf_counter()
-        envelope, keys, feasible = self._feasible_envelope(signature)
+        envelope, keys, feasible = self._pricer.feasible_envelope(signature, self.greentrainer_config.rho)
         stored = self.greentrainer_state.importance
         if stored:
             importance = np.array([stored.get(u.name, 0.0) for u in envelope.units])
@@ -1491,69 +1216,6 @@ def _positive(importance: np.ndarray, feasible: np.ndarray, gradient_step: Calla
     return feasible.astype(np.float64)
 
 
-_EACH_ROW_MORE = (("each row more", True),)
-
-
-def _each_row_more_key(key: tuple) -> tuple:
-    """The shape key of what each row beyond the first adds at ``key`` (the same modes: ``key[1]``)."""
-    return ((*key[0], *_EACH_ROW_MORE), key[1])
-
-
-def _cost_fields(costs: UnitCosts) -> list[np.ndarray]:
-    """Every cost of ``costs`` (what a step of its units pays), as arrays."""
-    names = ("t_dw", "t_dy", "dy_head", "forward_flops", "full_flops")
-    return [np.asarray(getattr(costs, name), dtype=np.float64) for name in names]
-
-
-def _difference(two: UnitCosts, one: UnitCosts) -> UnitCosts:
-    """``two``'s costs less ``one``'s, none below zero (a cost that does not grow is not refunded)."""
-    return replace(
-        two,
-        t_dw=np.maximum(two.t_dw - one.t_dw, 0.0),
-        t_dy=np.maximum(two.t_dy - one.t_dy, 0.0),
-        forward_share=np.maximum(two.forward_share - one.forward_share, 0.0),
-        dy_head=max(two.dy_head - one.dy_head, 0.0),
-        forward_flops=max(two.forward_flops - one.forward_flops, 0.0),
-        full_flops=two.full_flops - one.full_flops,
-    )
-
-
-def _scaled(costs: UnitCosts, factor: float) -> UnitCosts:
-    return replace(
-        costs,
-        t_dw=costs.t_dw * factor,
-        t_dy=costs.t_dy * factor,
-        forward_share=costs.forward_share * factor,
-        dy_head=costs.dy_head * factor,
-        forward_flops=costs.forward_flops * factor,
-        full_flops=costs.full_flops * factor,
-    )
-
-
-def _larger(a: UnitCosts, b: UnitCosts) -> UnitCosts:
-    """Costs no lower than either (two ranks profiled the same shape; they agree, this only makes sure)."""
-    return replace(
-        a,
-        t_dw=np.maximum(a.t_dw, b.t_dw),
-        t_dy=np.maximum(a.t_dy, b.t_dy),
-        dy_head=max(a.dy_head, b.dy_head),
-        forward_flops=max(a.forward_flops, b.forward_flops),
-        full_flops=min(a.full_flops, b.full_flops),
-    )
-
-
-def _describe(keys: list[tuple]) -> str:
-    """The shapes of profile keys, briefly: ``input_ids`` (or the first tensor) of one row each."""
-    shapes, labelled = [], []
-    for inputs, _ in keys:
-        tensors = {item[0]: item[1] for item in inputs if len(item) == 3}
-        shapes.append(tensors.get("input_ids", next(iter(tensors.values()), ())))
-        labelled += [item[1][1] for item in inputs if item[0] == "labelled positions"]
-    shapes = sorted(set(shapes))
-    text = f"input shapes {', '.join(map(str, shapes[:4]))}{', ...' if len(shapes) > 4 else ''}"
-    return text + (f", up to {max(labelled)} labelled positions per sequence" if labelled else "")
-
-
 def _mirror_modes(model: nn.Module, twin: nn.Module) -> None:
     """Give ``twin`` (same architecture) the modes and checkpointed blocks of ``model``, module by module.
 
@@ -1573,17 +1235,6 @@ def _mirror_modes(model: nn.Module, twin: nn.Module) -> None:
             other._gradient_checkpointing_func = functools.partial(
                 torch.utils.checkpoint.checkpoint, use_reentrant=False
             )
-
-
-@contextmanager
-def _training_mode(model: nn.Module):
-    modes = [(module, module.training) for module in model.modules()]
-    model.train()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def find_tuner(model: torch.nn.Module) -> GreenTrainerModel:

@@ -38,7 +38,7 @@ def test_each_family_keeps_its_budget_and_round_trips(family, units, tmp_path):
     step = sum(measure_flops(model, batch))  # the step's own flags, as the next training step runs
     ratio = step / full_fine_tuning_flops(model, batch)
     assert ratio <= min(RHO, predicted) * (1 + 1e-9), (ratio, predicted)
-    assert len(tuner._shape_costs) == 1  # that step found the shape its selection priced (no profile inside it)
+    assert len(tuner._pricer.shape_costs) == 1  # that step found the shape its selection priced (no profile inside it)
 
     model(**batch).loss.backward()
     optimizer.step()
@@ -100,20 +100,20 @@ def test_lengths_padded_per_batch_are_priced_without_a_profile_and_exactly(famil
     monkeypatch.setattr(tuner, "_measure", lambda *a, **k: profiles.append(1) or measure(*a, **k))
     for step in range(1, 30):
         inputs = batch(step)
-        before = (len(profiles), set(tuner._runtime.caches.measured_rows))
+        before = (len(profiles), set(tuner._pricer.caches.measured_rows))
         model(**inputs).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        new = set(tuner._runtime.caches.measured_rows) - before[1]
+        new = set(tuner._pricer.caches.measured_rows) - before[1]
         if new and len(profiles) == before[0]:
             predicted.append((inputs, new))
     assert len(predicted) >= 5, "new lengths between those profiled are priced without a profile"
 
     monkeypatch.setattr(LengthFit, "predict", lambda *a, **k: None)
     for inputs, keys in predicted:
-        for row, key, bucket in tuner._row_keys(inputs):
+        for row, key, bucket in tuner._pricer.row_keys(inputs):
             if key in keys:
-                expected, actual = tuner._row_costs(row, key, bucket), tuner._runtime.caches.measured_rows[key]
+                expected, actual = tuner._pricer._row_costs(row, key, bucket), tuner._pricer.caches.measured_rows[key]
                 assert [u.name for u in actual.units] == [u.name for u in expected.units]
                 for name in ("t_dw", "t_dy", "forward_share"):
                     assert np.array_equal(getattr(actual, name), getattr(expected, name)), name

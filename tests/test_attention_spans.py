@@ -165,17 +165,17 @@ def test_packings_at_one_shape_cost_two_profiles_and_dense_attention_keeps_one_p
     tuner.select_units([_packed(packings[0], "cu_seq_lens")], torch.optim.AdamW(model.parameters()))
     for lengths in packings:
         model(**_packed(lengths, "cu_seq_lens")).loss.backward()
-    assert len(tuner._shape_costs) == 2
+    assert len(tuner._pricer.shape_costs) == 2
 
     dense = get_peft_model(
         transformers.LlamaForCausalLM(_config("sdpa")), GreenTrainerConfig(rho=0.6, sparse_lm_head=False)
     )
     padded = _packed([20, 12], "padded")
-    (key,) = [key for _, key, _ in dense.base_model._row_keys(padded)]
+    (key,) = [key for _, key, _ in dense.base_model._pricer.row_keys(padded)]
     assert key == profile_key(dense.base_model.model, costliest_row(padded))
     dense.base_model.select_units([padded], torch.optim.AdamW(dense.parameters()))
     dense(**_packed([20, 3], "padded")).loss.backward()
-    assert list(dense.base_model._shape_costs) == [key]
+    assert list(dense.base_model._pricer.shape_costs) == [key]
 
 
 def test_an_encoder_decoder_under_such_attention_is_refused_with_what_to_do():

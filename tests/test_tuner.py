@@ -243,7 +243,7 @@ def test_task_heads_train_within_budget(task_type, units, tmp_path):
         assert check["chosen"] and check["trainable"] == check["chosen"]
         assert check["flops"] <= rho * check["full"], (check["flops"] / check["full"], check["record"])
         assert check["flops"] <= check["record"].predicted_ratio * check["full"] * (1 + 1e-9)
-    assert len(model.base_model._shape_costs) == 1  # every step of one shape, priced once
+    assert len(model.base_model._pricer.shape_costs) == 1  # every step of one shape, priced once
     assert all(0 < entry["greentrainer/flops_ratio"] <= rho for entry in trainer.state.log_history if "loss" in entry)
 
 
@@ -1060,13 +1060,14 @@ def test_the_budget_check_runs_outside_a_compiled_forward():
     tuner = model.base_model
     tuner.select_units([_batch("llama")], torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
     compiling = []
-    profile_rows = tuner._profile_rows
+    pricer = tuner._pricer
+    profile_rows = pricer.price_rows
 
     def spy(*args, **kwargs):
         compiling.append(torch.compiler.is_compiling())
         return profile_rows(*args, **kwargs)
 
-    tuner._profile_rows = spy
+    pricer.price_rows = spy
     compiled = torch.compile(model, backend="eager")
     batch = _batch("llama")
     for cut in (0, 4):  # two shapes: the second is priced, and re-selected if need be, inside its forward
@@ -1074,7 +1075,7 @@ def test_the_budget_check_runs_outside_a_compiled_forward():
     assert compiling == [False, False]
     assert all(ratio <= 0.6 for ratio in tuner.step_flops_ratios())
     # a deep copy (TRL's reference model, an EMA copy) checks its own steps, and the model still pickles
-    del tuner._profile_rows
+    del pricer.price_rows
     clone = copy.deepcopy(model)
     before = list(tuner._runtime.step_ratios)
     clone(**batch).loss.backward()
@@ -1503,20 +1504,20 @@ def test_modes_changed_between_steps_reach_the_step_check():
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        assert tuner._runtime.caches.checked[0] == profile_key(tuner.model, batch)[1]  # a fresh walk's modes
+        assert tuner._pricer.caches.checked[0] == profile_key(tuner.model, batch)[1]  # a fresh walk's modes
         return tuner._runtime.module_tree
 
     listed = step(long)
     assert step(short) is listed  # nothing changed: the listing is reused
     model.gradient_checkpointing_enable()
     assert step(short) is listed
-    assert tuner._runtime.caches.checked[0][1] == tuple(f"model.layers.{i}" for i in range(3))
+    assert tuner._pricer.caches.checked[0][1] == tuple(f"model.layers.{i}" for i in range(3))
     assert not [h for m in tuner.model.modules() for h in m._forward_hooks.values() if "inputs_require" in str(h)]
     _assert_the_step_fits(model, long)
     optimizer.zero_grad()
     tuner.model.model.layers[1].eval()
     assert step(short) is listed
-    in_eval, checkpointed = tuner._runtime.caches.checked[0]
+    in_eval, checkpointed = tuner._pricer.caches.checked[0]
     assert "model.layers.1" in in_eval and checkpointed == ("model.layers.0", "model.layers.2")
     _assert_the_step_fits(model, long)
     logged, _ = tuner.step_flops_ratios()

@@ -93,6 +93,49 @@ class UnitCosts:
         )
         return replace(selection, rho=rho, full_flops=self.full_flops, budget=min(rho, 1.0) * self.full_flops)
 
+    def cost_arrays(self) -> list[np.ndarray]:
+        """Every cost a step of these units pays, as arrays, for comparing the costs of two steps."""
+        names = ("t_dw", "t_dy", "dy_head", "forward_flops", "full_flops")
+        return [np.asarray(getattr(self, name), dtype=np.float64) for name in names]
+
+    def scaled(self, factor: float) -> UnitCosts:
+        """Every cost times ``factor`` (a step of ``factor`` times the rows, costs being linear in them)."""
+        return replace(
+            self,
+            t_dw=self.t_dw * factor,
+            t_dy=self.t_dy * factor,
+            forward_share=self.forward_share * factor,
+            dy_head=self.dy_head * factor,
+            forward_flops=self.forward_flops * factor,
+            full_flops=self.full_flops * factor,
+        )
+
+    def minus(self, other: UnitCosts) -> UnitCosts:
+        """What these costs add to ``other``'s (a step of more rows less one of fewer), none below zero: a cost that
+        does not grow is not refunded, which can only raise a price."""
+        return replace(
+            self,
+            t_dw=np.maximum(self.t_dw - other.t_dw, 0.0),
+            t_dy=np.maximum(self.t_dy - other.t_dy, 0.0),
+            forward_share=np.maximum(self.forward_share - other.forward_share, 0.0),
+            dy_head=max(self.dy_head - other.dy_head, 0.0),
+            forward_flops=max(self.forward_flops - other.forward_flops, 0.0),
+            full_flops=self.full_flops - other.full_flops,
+        )
+
+    def bounding(self, other: UnitCosts) -> UnitCosts:
+        """Costs no lower than either's and a reference no higher, so a selection within rho under the result is
+        within rho under both (two ranks measured the same shape: they agree, this only makes sure)."""
+        return replace(
+            self,
+            t_dw=np.maximum(self.t_dw, other.t_dw),
+            t_dy=np.maximum(self.t_dy, other.t_dy),
+            forward_share=np.maximum(self.forward_share, other.forward_share),
+            dy_head=max(self.dy_head, other.dy_head),
+            forward_flops=max(self.forward_flops, other.forward_flops),
+            full_flops=min(self.full_flops, other.full_flops),
+        )
+
     def index(self, name: str) -> int:
         for i, unit in enumerate(self.units):
             if unit.name == name:

@@ -27,7 +27,7 @@ import logging
 import math
 import numbers
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .profile import default_loss
+from .profile import LossFn, default_loss
 from .rng import fork_rng
 from .units import Unit, is_trainable_dtype, requires_grad_kept
 
@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["base_learning_rates", "compute_importance", "optimizer_update", "plain_gradient_step", "unwrap_optimizer"]
 
-LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
 # bitsandbytes' ``Optimizer2State.init_state`` quantises 8-bit moments in blocks of this many elements.
 _BNB_BLOCKSIZE = 256

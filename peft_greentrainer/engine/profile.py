@@ -303,6 +303,19 @@ def module_modes(tree: ModuleTree) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return in_eval, checkpointed
 
 
+@contextmanager
+def training_mode(model: nn.Module) -> Iterator[None]:
+    """Every module of ``model`` in training mode, each given back its own mode afterwards: training steps are
+    priced in training mode (checkpointing and dropout act only there) whatever mode the caller left them in."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.train()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 class _Recorder(TorchDispatchMode):
     """Records ops and the parameter/activation roles of their inputs during one forward pass."""
 
