@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -55,28 +56,31 @@ def write_atomically(target: str | os.PathLike, write: Callable[[str], None], ke
     Where the OS swaps two directories in one step (Linux's ``renameat2``), ``target`` is the old or the new complete
     directory at every point. Elsewhere the previous ``target`` is moved aside first and moved back if the second
     rename fails; a process killed between the two leaves it in a ``.old-<name>-*`` sibling, which the next write
-    puts back first. With ``keep_others``, entries of the previous ``target`` that ``write`` did not produce are then
-    moved into the new one (renames, so large folders cost nothing), and its model card (``README.md``) is given to
-    ``write`` to update, as ``save_pretrained`` updates the one it finds.
+    puts back first, and a process killed while writing leaves its ``.tmp-<name>-*`` sibling, which the next write
+    removes (:func:`_recover`). With ``keep_others``, entries of the previous ``target`` that ``write`` did not
+    produce are then moved into the new one (renames, so large folders cost nothing), and its model card
+    (``README.md``) is given to ``write`` to update, as ``save_pretrained`` updates the one it finds.
     """
     target = os.path.abspath(os.fspath(target))
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     _recover(parent, name)
-    staging = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent)
+    staging = tempfile.mkdtemp(prefix=f".tmp-{name}-{_owner()}-", dir=parent)
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0o700 would hide the result from other users and services
     try:
+        open(os.path.join(staging, _NEW_CONTENT), "w").close()  # this sibling holds the new write, not the old one
         card = os.path.join(target, MODEL_CARD)
         if keep_others and os.path.isfile(card):
             shutil.copy2(card, os.path.join(staging, MODEL_CARD))
         write(staging)
         if not os.path.isdir(target):
             os.replace(staging, target)
+            os.remove(os.path.join(target, _NEW_CONTENT))
             return
         if _exchange(staging, target):
             backup = staging
         else:
-            backup = tempfile.mkdtemp(prefix=f".old-{name}-", dir=parent)
+            backup = tempfile.mkdtemp(prefix=f".old-{name}-{_owner()}-", dir=parent)
             os.rmdir(backup)
             os.replace(target, backup)
             try:
@@ -84,8 +88,10 @@ def write_atomically(target: str | os.PathLike, write: Callable[[str], None], ke
             except BaseException:
                 os.replace(backup, target)
                 raise
+        os.remove(os.path.join(target, _NEW_CONTENT))
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if os.path.isfile(os.path.join(staging, _NEW_CONTENT)):  # not swapped in: the new write, not the old
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     # an old file that shares a written file's stem is another format of it (adapter_model.bin next to a new
     # adapter_model.safetensors, which loaders would prefer): superseded, not carried over
@@ -97,6 +103,8 @@ def write_atomically(target: str | os.PathLike, write: Callable[[str], None], ke
 
 
 MODEL_CARD = "README.md"
+# in a write's hidden sibling from its creation until it is swapped in: a sibling without it holds the previous content
+_NEW_CONTENT = ".greentrainer-new-write"
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
@@ -118,16 +126,53 @@ def _exchange(first: str, second: str) -> bool:
 
 
 def _recover(parent: str, name: str) -> None:
-    """Put back a previous ``name`` that a killed write left moved aside (only where ``name`` itself is missing)."""
-    if os.path.exists(os.path.join(parent, name)):
-        return
-    ours = re.compile(rf"\.old-{re.escape(name)}-[^-]+")  # mkdtemp's suffix has no "-": not another name's
-    aside = sorted(
-        (os.path.join(parent, entry) for entry in os.listdir(parent) if ours.fullmatch(entry)),
-        key=os.path.getmtime,
-    )
-    if aside:
-        os.replace(aside[-1], os.path.join(parent, name))
+    """Tidy what writes of ``name`` killed by a signal left beside it (only those of processes known to be gone: of
+    this host, by their pid; a write under way elsewhere is left alone).
+
+    A previous ``name`` they moved aside is put back where ``name`` itself is missing; a new write that was not swapped
+    in (it holds the marker ``_NEW_CONTENT``) is removed, so that preempted saves do not pile up copies of the adapter.
+    Anything else (a sibling holding previous content, whose files a write was still carrying over) is left.
+    """
+    target = os.path.join(parent, name)
+    if os.path.isfile(os.path.join(target, _NEW_CONTENT)):  # killed just after the swap: complete, marker left
+        os.remove(os.path.join(target, _NEW_CONTENT))
+    owned = re.compile(rf"\.(tmp|old)-{re.escape(name)}-([A-Za-z0-9_]+)\.([0-9]+)-[a-z0-9_]+")
+    older = re.compile(rf"\.old-{re.escape(name)}-[a-z0-9_]+")  # named before owners were: not another name's
+    aside = []
+    for entry in os.listdir(parent):
+        path = os.path.join(parent, entry)
+        match = owned.fullmatch(entry)
+        if match is None:
+            if older.fullmatch(entry):
+                aside.append(path)
+            continue
+        kind, host, pid = match.group(1), match.group(2), int(match.group(3))
+        if not _gone(host, pid):
+            continue
+        if kind == "old":
+            aside.append(path)
+        elif os.path.isfile(os.path.join(path, _NEW_CONTENT)):
+            shutil.rmtree(path, ignore_errors=True)
+    if aside and not os.path.exists(target):
+        os.replace(max(aside, key=os.path.getmtime), target)
+
+
+def _owner() -> str:
+    """This process, as the names of its hidden siblings hold it: host (letters, digits, ``_``) and pid."""
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', socket.gethostname()) or '_'}.{os.getpid()}"
+
+
+def _gone(host: str, pid: int) -> bool:
+    """Whether the process that named a sibling ``host.pid`` has ended (known only for this host's processes)."""
+    if host != _owner().split(".")[0] or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: alive
+        return False
+    return False
 
 
 def _umask() -> int:

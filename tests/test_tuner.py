@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -847,6 +848,42 @@ def test_a_write_killed_between_its_two_renames_is_put_back_by_the_next(tmp_path
     save_adapter(model, target)
     assert sorted(os.listdir(tmp_path)) == [".old-adapter-2-k1lled00", "adapter"]
     assert {"tokenizer.json", "adapter_model.safetensors"} <= set(os.listdir(target))
+
+
+def test_a_write_killed_while_writing_is_removed_by_the_next(tmp_path):
+    """A preempted save (SIGKILL while writing) leaves its hidden sibling, as large as the adapter (a units="tensors"
+    one holds base tensors); the next write removes it, so preemptions do not pile copies up, and leaves alone what a
+    live process is writing and what holds previous content."""
+    target = tmp_path / "adapter"
+    saving.write_atomically(target, lambda d: Path(d, "weights").write_text("old"))
+    child = textwrap.dedent(
+        f"""
+        import os, time
+        from peft_greentrainer.saving import write_atomically
+        def write(directory):
+            open(os.path.join(directory, "weights"), "w").write("partial")
+            print("writing", flush=True)
+            time.sleep(120)
+        write_atomically({str(target)!r}, write)
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "writing"
+    finally:
+        process.kill()
+        process.wait()
+    (left,) = [p for p in os.listdir(tmp_path) if p != "adapter"]
+    assert left.startswith(".tmp-adapter-") and (target / "weights").read_text() == "old"
+    host = saving._owner().split(".")[0]
+    live = tmp_path / f".tmp-adapter-{host}.{os.getppid()}-under_way"  # a live process's write
+    previous = tmp_path / f".tmp-adapter-{host}.{process.pid}-swapped1"  # killed after its swap: previous content
+    for sibling in (live, previous):
+        sibling.mkdir()
+    (live / saving._NEW_CONTENT).touch()
+    saving.write_atomically(target, lambda d: Path(d, "weights").write_text("new"))
+    assert sorted(os.listdir(tmp_path)) == sorted(["adapter", live.name, previous.name])
+    assert os.listdir(target) == ["weights"] and (target / "weights").read_text() == "new"
 
 
 def test_a_save_updates_the_model_card_it_finds_as_save_pretrained_does(tmp_path):
