@@ -59,14 +59,18 @@ class AuditedTrainer(Trainer):
 
     def start_audit(self) -> None:
         self.steps: list[tuple[dict, frozenset]] = []
-        self._inputs: dict = {}
+        self._inputs: dict | None = None
         base = self.model.base_model.model
-        # prepend: the inputs as the Trainer passed them, before the sparse LM head's hook rewrites them
-        base.register_forward_pre_hook(
-            lambda module, args, kwargs: setattr(self, "_inputs", kwargs), with_kwargs=True, prepend=True
-        )
+        # prepend: the inputs as the Trainer passed them, before the sparse LM head's hook rewrites them; the step's
+        # own forward is the first (a step at a new shape profiles one row inside it, after its hook ran)
+        base.register_forward_pre_hook(self._keep_first_inputs, with_kwargs=True, prepend=True)
+
+    def _keep_first_inputs(self, module, args, kwargs) -> None:
+        if self._inputs is None:
+            self._inputs = kwargs
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._inputs = None
         loss = super().training_step(model, inputs, num_items_in_batch)
         if hasattr(self, "steps"):
             base = self.model.base_model.model
