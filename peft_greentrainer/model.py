@@ -467,7 +467,7 @@ class GreenTrainerModel(LoraModel):
         """Profile of the model in its current modes, and the reference; flags, weights and RNG stay as they were."""
         if fsdp.is_sharded(self.model):  # shards cannot run a forward outside FSDP's: measured on a twin
             return fsdp.measure_on_twin(self, batch, loss_fn)
-        with self._profiling():
+        with self.measuring():
             profile = profile_model(self.model, batch, loss_fn)
             # rho refers to full fine-tuning of the base model (so both unit kinds spend the same budget): measured
             # with the adapters off, and for a quantized base on its float twin, as int8/4-bit weights cannot train
@@ -476,12 +476,12 @@ class GreenTrainerModel(LoraModel):
             if twin is not None:
                 reference, mode = twin
                 _mirror_modes(self.model, reference.model)
-                with _adapters_off(reference):
+                with adapters_off(reference):
                     # labels keep their values: the twin's sparse LM head (if any) then projects as many rows as the
                     # real model's, so rho is a fraction of full fine-tuning with the same head, as for a float base
                     full = profile_model(reference.model, fake_inputs(batch, mode), loss_fn).full_flops
             elif self.units_kind == "lora":
-                with _adapters_off(self):
+                with adapters_off(self):
                     full = profile_model(self.model, batch, loss_fn).full_flops
         return profile, full
 
@@ -497,9 +497,10 @@ class GreenTrainerModel(LoraModel):
             return self._measure(batch, loss_fn)[1]
 
     @contextmanager
-    def _profiling(self) -> Iterator[None]:
-        """Forward passes run to measure costs or importance: no training step (the step check skips them), and
-        every ``requires_grad`` flag and batch norm's running statistics are as before afterwards."""
+    def measuring(self) -> Iterator[None]:
+        """Forward passes run inside measure costs or importance, ours or a caller's (a FLOP audit of a step between
+        steps): they are no training step (the budget check skips them), and every ``requires_grad`` flag and batch
+        norm's running statistics are as before afterwards."""
         self._runtime.busy += 1
         try:
             with requires_grad_kept(self.model.parameters()), running_stats_kept(self.model):
@@ -639,7 +640,7 @@ class GreenTrainerModel(LoraModel):
             return batches
         learn = self._pricer.caches.loss_reads is None
         probes = []
-        with self._profiling():
+        with self.measuring():
             for batch in batches:
                 try:
                     probes.append(probe_loss(self.model, loss_fn, batch, reads=learn))
@@ -670,7 +671,7 @@ class GreenTrainerModel(LoraModel):
         group_lrs = base_learning_rates(optimizer) if optimizer is not None else None
         importance_fn = fsdp.compute_importance if fsdp.is_sharded(self.model) else compute_importance
         # the gradient of the step it predicts (a Trainer may not have set training mode yet)
-        with training_mode(self.model), self._profiling():
+        with training_mode(self.model), self.measuring():
             values = importance_fn(
                 self.model,
                 units,
@@ -1184,7 +1185,7 @@ def _accumulated_gradients(params: list[nn.Parameter]) -> set[int]:
 
 
 @contextmanager
-def _adapters_off(tuner: GreenTrainerModel):
+def adapters_off(tuner: GreenTrainerModel):
     """LoRA layers off (for the base model's full fine-tuning reference); PEFT's switch back on would make every
     adapter trainable, so the flags are restored as they were."""
     if tuner.units_kind != "lora":

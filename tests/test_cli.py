@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
@@ -10,7 +11,14 @@ import sys
 import pytest
 import torch
 import transformers
-from conftest import SPARSE_HEAD_UNAVAILABLE, needs_opt_on_meta, needs_sparse_head
+from conftest import (
+    SPARSE_HEAD_UNAVAILABLE,
+    VOCAB,
+    needs_opt_on_meta,
+    needs_sparse_head,
+    tiny_config,
+    tiny_model,
+)
 from peft import PeftModel
 
 import peft_greentrainer  # noqa: F401  (registers the method for PeftModel.from_pretrained)
@@ -102,15 +110,68 @@ def test_train_writes_a_loadable_adapter_and_report(tiny_checkpoint, tmp_path, u
     assert predictions == [e["prediction"] for e in metrics["examples_after"]]
 
 
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_the_meter_measures_each_counted_step_alone_against_full_fine_tuning_on_its_own_inputs(units, tmp_path):
+    """A step at a new batch shape runs that shape's one-row profile inside it: counted whole (``flops``), but its
+    ratio is the step alone over full fine-tuning on its own inputs, the figure rho bounds (the report once divided
+    every counted step, profile included, by full fine-tuning of the first batch: 1.04 "measured" at rho 0.5)."""
+    from peft import get_peft_model
+
+    from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
+    from peft_greentrainer.cli.meter import StepMeter
+    from peft_greentrainer.cli.train import training_arguments
+    from peft_greentrainer.engine.profile import measure_flops
+
+    base = tiny_model("llama")
+    lora = {"r": 4, "target_modules": ["q_proj", "v_proj", "up_proj"]} if units == "lora" else {}
+    model = get_peft_model(base, GreenTrainerConfig(rho=0.7, units=units, **lora))
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, VOCAB, (length,), generator=generator) for length in (8, 8, 16, 16, 12, 12, 16, 16)]
+
+    def pad(ids: list[torch.Tensor]) -> dict:  # each batch to its own longest row: new shapes after the first selection
+        input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True)
+        return {"input_ids": input_ids, "labels": input_ids.masked_fill(input_ids == 0, -100)}
+
+    recorded: list[dict] = []
+
+    class Recorded(transformers.Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            recorded.append({k: v.clone() for k, v in inputs.items()})
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    meter = StepMeter(every=1, audit_steps=True)
+    trainer = Recorded(
+        model=model,
+        args=training_arguments(str(tmp_path), epochs=1, batch_size=2, lr=1e-3, seed=0, quiet=True, device="cpu"),
+        train_dataset=rows,
+        data_collator=pad,
+        callbacks=[GreenTrainerCallback(), meter],
+    )
+    trainer.train()
+    meter.audit()
+    steps = meter.to_list()
+    assert len(steps) == len(recorded) == 4 and all(s["flops_ratio"] is not None for s in steps)
+    assert any(s["flops"] > s["alone_flops"] * 1.01 for s in steps)  # a profile ran inside a counted step
+    everything = [n for n, _ in base.named_parameters() if ".lora_" not in n]
+    for step, batch in zip(steps, recorded, strict=True):
+        assert step["alone_flops"] <= step["flops"]
+        assert step["flops_ratio"] <= 0.7 + 1e-9
+        with model.disable_adapter() if units == "lora" else contextlib.nullcontext():
+            full = sum(measure_flops(base, batch, everything))
+        assert step["full_flops"] == pytest.approx(full, rel=1e-9)  # full fine-tuning on the step's own inputs
+
+
 def _assert_head_and_energy(metrics: dict, report: str, out, sparse_and_energy: bool) -> None:
     """Step FLOPs against dense full FT and against full FT with the same head; the energy receipt or its absence."""
     same_head, dense = metrics["full_finetuning_flops_per_step"], metrics["full_finetuning_dense_head_flops_per_step"]
-    measured = metrics["measured_flops_ratio"]
-    assert metrics["measured_flops_ratio_vs_dense_full"] == pytest.approx(measured * same_head / dense, rel=1e-9)
+    audited = [s for s in metrics["step_measurements"] if s["flops_ratio"] is not None]
+    alone, dense_full = (sum(s[k] for s in audited) for k in ("alone_flops", "dense_full_flops"))
+    assert metrics["measured_flops_ratio_vs_dense_full"] == pytest.approx(alone / dense_full, rel=1e-9)
+    assert all(s["dense_full_flops"] >= s["full_flops"] for s in audited)
     assert "full fine-tuning, dense LM head" in report and "same LM head (rho's reference)" in report
     energy = metrics["energy"]
     if not sparse_and_energy:
-        assert same_head == dense
+        assert same_head == dense and all(s["dense_full_flops"] == s["full_flops"] for s in audited)
         assert metrics["lm_head"] == f"dense ({SPARSE_HEAD_UNAVAILABLE or '--dense-lm-head'})"
         assert energy is None and "Not measured (`--no-energy`)" in report and not (out / "energy.png").exists()
         return
@@ -334,6 +395,58 @@ def test_unreadable_data_long_sequences_and_unusable_outputs_are_one_clear_line(
     failing = [*base, "--dataset", data, "--rho", "0.05", "--output-dir", str(blocker), "--overwrite"]
     assert main(failing) == 2
     assert "feasible floor" in capsys.readouterr().err and blocker.read_text() == "user data"
+
+
+@pytest.mark.slow
+def test_the_floor_a_refusal_names_trains_every_batch_of_the_data(tiny_checkpoint, tmp_path, capsys):
+    """The floor is checked up front on the batches that bound every batch shuffling can make: with a head that
+    projects only labelled positions it follows a batch's labels, and checked on the first batch alone a rho it
+    accepted (and then the one its mid-run error named) failed in the middle of training."""
+    import random
+    import re
+
+    rng = random.Random(0)
+    data = tmp_path / "targets.jsonl"
+    with open(data, "w") as handle:  # the first batch has long targets, the others short ones: a higher floor here
+        for i in range(24):
+            words = [f"w{rng.randrange(20)}" for _ in range(12)]
+            handle.write(json.dumps({"input": " ".join(words), "target": " ".join(words[: 6 if i < 4 else 1])}) + "\n")
+    run = [
+        "train",
+        "--model",
+        str(tiny_checkpoint),
+        "--dataset",
+        str(data),
+        *["--epochs", "2", "--max-source-tokens", "16", "--max-target-tokens", "6", "--eval-examples", "2"],
+        *["--quiet", "--no-energy", "--device", "cpu", "--lr", "1e-3", "--batch-size", "4"],
+    ]
+    assert main([*run, "--rho", "0.05", "--output-dir", str(tmp_path / "low")]) == 2
+    floor = re.search(r"feasible floor ([0-9.]+)", capsys.readouterr().err).group(1)
+    assert main([*run, "--rho", floor, "--output-dir", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["measured_flops_ratio_max"] <= float(floor)
+
+
+@needs_sparse_head
+def test_the_floor_profile_prints_is_one_training_accepts(tmp_path, capsys):
+    """``greentrainer profile`` prices its smallest feasible rho as training prices a step (an LM head that projects
+    only labelled positions: at its label bucket's ends) and rounds it up: training at the printed rho selects (it
+    printed the exact-count floor, rounded to nearest, which training refused)."""
+    from peft import get_peft_model
+
+    from peft_greentrainer import GreenTrainerConfig
+
+    config = tiny_config("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, vocab_size=250)
+    config.save_pretrained(tmp_path / "model")
+    shape = ["--batch-size", "2", "--seq-len", "21", "--label-tokens", "4"]
+    assert main(["profile", "--model", str(tmp_path / "model"), *shape, "--rho", "0.5"]) == 0
+    floor = float(capsys.readouterr().out.split("smallest feasible rho: ")[1].split()[0])
+    model = get_peft_model(transformers.AutoModelForCausalLM.from_config(config), GreenTrainerConfig(rho=floor))
+    ids = torch.randint(3, 250, (2, 21), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    batch["labels"][:, :17] = -100  # the last 4 positions supervised, as the plan's labels
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    selection = model.base_model.select_units([batch], optimizer)
+    assert selection.mask.any() and selection.flops <= floor * selection.full_flops
 
 
 def test_profile_command_builds_a_decoder_with_a_pad_token_and_checks_the_plot_path(tmp_path, capsys):

@@ -73,7 +73,7 @@ def plan(
     costs = tuner.unit_costs(batch)
     sparse = attached_sparse_lm_head(tuner.model) is not None
     alone = costs.alone_costs()
-    floor = costs.min_feasible_rho()
+    floor = tuner.min_feasible_rho(batch)  # priced as training prices its steps (a label bucket's ends)
     prior = np.array([float(u.numel(tuner.model)) for u in costs.units])
     rows = []
     for rho in rhos:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..engine.selector import rounded_up_rho
 from .errors import CliError
 from .planning import plan, plot_plan
 from .report import markdown_table
@@ -46,7 +47,7 @@ def format_plan(result: dict) -> str:
         f"LM head: {result['lm_head']}, {result['label_tokens']} supervised tokens per sequence",
         f"forward {result['forward_flops']:.3e} FLOPs/step; full fine-tuning {result['full_flops']:.3e} FLOPs/step "
         f"(dense LM head), {result['full_flops_same_head']:.3e} with the same LM head (rho's reference)",
-        f"smallest feasible rho: {result['min_rho']:.4f}",
+        f"smallest feasible rho: {rounded_up_rho(result['min_rho']):.4f}",
         "",
         markdown_table(
             [

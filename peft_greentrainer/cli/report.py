@@ -136,9 +136,13 @@ def energy_section(energy: Mapping[str, Any] | None) -> list[str]:
 
 def flops_section(metrics: Mapping[str, Any]) -> list[str]:
     """This run's step FLOPs against dense full fine-tuning and against full fine-tuning with the same LM head."""
-    same, dense = metrics["full_finetuning_flops_per_step"], metrics["full_finetuning_dense_head_flops_per_step"]
-    counted = [s["flops"] for s in metrics["step_measurements"] if s.get("flops") is not None]
-    step = float(np.mean(counted)) if counted else None
+    audited = [s for s in metrics["step_measurements"] if s.get("flops_ratio") is not None]
+    if audited:  # the counted steps, each on its own inputs (StepMeter.audit)
+        dense, same = (float(np.mean([s[k] for s in audited])) for k in ("dense_full_flops", "full_flops"))
+        step = float(np.mean([s["alone_flops"] for s in audited]))
+    else:  # nothing counted: the first batch's references
+        same, dense = metrics["full_finetuning_flops_per_step"], metrics["full_finetuning_dense_head_flops_per_step"]
+        step = None
     rows = [
         ["full fine-tuning, dense LM head (what one would otherwise run)", f"{dense:.3e}", "1.000"],
         ["full fine-tuning, same LM head (rho's reference)", f"{same:.3e}", f"{same / dense:.3f}"],
@@ -217,13 +221,18 @@ def summary_rows(metrics: dict) -> list[list[str]]:
     rows += [
         ["LM head", metrics["lm_head"] + (f", on {100 * kept:.0f}% of positions" if kept is not None else "")],
         ["FLOPs ratio predicted", f"{metrics['predicted_flops_ratio']:.3f}"],
-        ["FLOPs ratio measured", f"{measured:.3f}" if measured is not None else "not counted"],
+        ["FLOPs ratio measured", _mean_and_max(measured, metrics["measured_flops_ratio_max"])],
         ["FLOPs vs dense full fine-tuning", f"{vs_dense:.3f}" if vs_dense is not None else "not counted"],
         ["training wall time", f"{metrics['train_seconds']:.0f} s ({metrics['steps']} steps)"],
         ["selection overhead", f"{100 * metrics['selection_overhead']:.1f}% of training time"],
         ["units selected (last)", f"{metrics['units_selected_last']} of {metrics['units_total']}"],
     ]
     return rows + _energy_rows(metrics["energy"])
+
+
+def _mean_and_max(mean: float | None, largest: float | None) -> str:
+    """The counted steps' FLOPs ratio: its mean, and its largest, which is what rho bounds."""
+    return f"{mean:.3f} (largest {largest:.3f})" if mean is not None else "not counted"
 
 
 def _energy_rows(energy: dict | None) -> list[list[str]]:

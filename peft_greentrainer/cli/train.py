@@ -82,7 +82,7 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
     _announce(args, data, columns)
     peft_model = wrap(model, args)
     example = {k: v[: args.batch_size] for k, v in columns.items()}
-    _check_rho_floor(peft_model.base_model, example, args.rho)
+    _check_rho_floor(peft_model.base_model, columns, args.batch_size, args.rho)
     references = flops_references(peft_model, example)
     # before training the adapter is the identity (LoRA B = 0; tensors untouched): this scores the base model
     before = evaluate(peft_model, tokenizer, data.eval, args)
@@ -268,16 +268,46 @@ def wrap(model, args: argparse.Namespace):
     return get_peft_model(model, config)
 
 
-def _check_rho_floor(tuner, example: dict, rho: float) -> None:
-    """Fail before any training when no selection can fit the budget."""
+def _check_rho_floor(tuner, columns: dict, batch_size: int, rho: float) -> None:
+    """Fail before any training when no selection can fit the budget on a batch the run may draw.
+
+    Every row has the same length, but a head that projects only labelled positions makes a batch's floor follow its
+    labels: the batches that bound it are tried (``_bounding_batches``). Their one-row profiles are the ones training
+    would run, kept for it, so this adds no profile to the run.
+    """
     from ..engine.selector import rounded_up_rho
 
-    floor = tuner.min_feasible_rho(example)
+    floor = max(tuner.min_feasible_rho(batch) for batch in _bounding_batches(columns, batch_size))
     if rho < floor:
         raise CliError(
-            f"rho={rho} is below this model's feasible floor {rounded_up_rho(floor):.4f} "
+            f"rho={rho} is below this model's feasible floor {rounded_up_rho(floor):.4f} on the batches of this data "
             "(forward pass plus the cheapest unit); raise --rho"
         )
+
+
+def _bounding_batches(columns: dict, batch_size: int) -> list[dict]:
+    """Batches of ``batch_size`` rows whose floors bound those of the batches shuffled data makes. A step whose LM
+    head projects only labelled positions is priced by the label-count bucket of its batch's mean (every row has the
+    same length): runs of rows sorted by their labels, one row apart, go through the means from the fewest labels to
+    the most, one per sum. Without labels to count, the first batch: every batch has the same shape then."""
+    import torch
+
+    from ..engine.targets import labelled_counts
+
+    rows = len(next(iter(columns.values())))
+    size = min(batch_size, rows)
+    counts = labelled_counts(columns)
+    if counts is None:
+        return [{k: v[:size] for k, v in columns.items()}]
+    order = torch.argsort(counts, stable=True)
+    sums, batches = set(), []
+    for start in range(rows - size + 1):
+        pick = order[start : start + size]
+        total = int(counts[pick].sum())
+        if total not in sums:
+            sums.add(total)
+            batches.append({k: v[pick] for k, v in columns.items()})
+    return batches
 
 
 def flops_references(peft_model, example: dict) -> dict[str, Any]:
@@ -348,7 +378,7 @@ def train(peft_model, columns: dict, staging: Path, args: argparse.Namespace) ->
     from .meter import StepMeter
 
     scratch = staging / "trainer"
-    meter = StepMeter(every=args.measure_every)
+    meter = StepMeter(every=args.measure_every, audit_steps=True)
     energy = None if args.no_energy else EnergyCallback(args.country, args.carbon_intensity)
     trainer = transformers.Trainer(
         model=peft_model,
@@ -369,6 +399,7 @@ def train(peft_model, columns: dict, staging: Path, args: argparse.Namespace) ->
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    meter.audit()  # after training: no part of its time or energy
     shutil.rmtree(scratch, ignore_errors=True)
     return TrainedRun(trainer, meter, seconds, energy.receipt if energy else None)
 
@@ -480,18 +511,19 @@ def _flops_metrics(tuner, example: dict, references: dict, run: TrainedRun) -> d
     full_flops = tuner.cost_profile(example)[1]
     dense_full = references["full_flops_dense_head"]
     steps = run.meter.to_list()
-    for step in steps:
-        step["flops_ratio"] = step["flops"] / full_flops if step["flops"] is not None else None
     predicted = predicted_ratio_per_step(history, run.trainer.state.global_step)
     predicted_ratio = float(np.mean(predicted)) if predicted else None
-    measured = [s["flops_ratio"] for s in steps if s["flops_ratio"] is not None]
-    counted = [s["flops"] for s in steps if s["flops"] is not None]
+    # each counted step alone over full fine-tuning on its own inputs (StepMeter.audit)
+    audited = [s for s in steps if s["flops_ratio"] is not None]
+    measured = [s["flops_ratio"] for s in audited]
+    vs_dense = sum(s["alone_flops"] for s in audited) / sum(s["dense_full_flops"] for s in audited) if audited else None
     log = run.trainer.state.log_history
     kept = [h["greentrainer/lm_head_kept_share"] for h in log if "greentrainer/lm_head_kept_share" in h]
     selection_seconds = sum(r.seconds for r in history)
     return {
         "predicted_flops_ratio": predicted_ratio,
         "measured_flops_ratio": float(np.mean(measured)) if measured else None,
+        "measured_flops_ratio_max": max(measured) if measured else None,
         "full_finetuning_flops_per_step": full_flops,
         "train_seconds": run.seconds,
         "selection_seconds": selection_seconds,
@@ -506,7 +538,7 @@ def _flops_metrics(tuner, example: dict, references: dict, run: TrainedRun) -> d
         "lm_head_kept_share": float(np.mean(kept)) if kept else None,
         "full_finetuning_dense_head_flops_per_step": dense_full,
         "predicted_flops_ratio_vs_dense_full": predicted_ratio * full_flops / dense_full if predicted else None,
-        "measured_flops_ratio_vs_dense_full": float(np.mean(counted)) / dense_full if counted else None,
+        "measured_flops_ratio_vs_dense_full": vs_dense,
         "energy": energy_metrics(run.energy, same_head_to_dense=dense_full / full_flops),
     }
 
