@@ -27,9 +27,7 @@ are left out, as a discarded final state is (``_Roots``).
 
 from __future__ import annotations
 
-import functools
 import logging
-import sys
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -46,6 +44,15 @@ from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tr
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .checkpointing import (
+    SAVES_INPUTS_FIRST,
+    SAVES_NOTHING,
+    CheckpointCall,
+    checkpoint_calls_followed,
+    checkpoints_selectively,
+    is_checkpointed,
+    stops_early,
+)
 from .costs import UnitCosts
 from .flops import (
     backward_may_count_without_forward,
@@ -54,7 +61,7 @@ from .flops import (
     register_flop_formulas,
     uncounted_matmul_op,
 )
-from .module_tree import ModuleTree, checkpointing_layer_class
+from .module_tree import ModuleTree
 from .rng import fork_rng
 from .targets import labelled_counts
 from .units import Unit, parameter_aliases, requires_grad_kept
@@ -339,7 +346,7 @@ class _Recorder(TorchDispatchMode):
         self.next_index = 0
         self.warned: set = set()
         self.unseen = _UnseenWrites(counter)
-        self.calls: list[_CheckpointCall] = []  # non-reentrant torch.utils.checkpoint calls under way, outermost first
+        self.calls: list[CheckpointCall] = []  # non-reentrant torch.utils.checkpoint calls under way, outermost first
         # a transformers checkpointed layer whose forward is about to begin (its hooks run outside the checkpoint
         # call since transformers 5.2x, inside it before): (first op, its checkpoint call once known), or None
         self.layer_starting: list | None = None
@@ -437,20 +444,20 @@ class _Recorder(TorchDispatchMode):
                     self.derived.pop(target, None)
         return out
 
-    def begin_checkpoint_call(self) -> _CheckpointCall | None:
-        """A non-reentrant ``torch.utils.checkpoint`` call begins (``_checkpoint_calls_followed``): its ops, from
+    def begin_checkpoint_call(self) -> CheckpointCall | None:
+        """A non-reentrant ``torch.utils.checkpoint`` call begins (``checkpoint_calls_followed``): its ops, from
         the next one on, are computed again in backward as soon as the gradient has to enter them."""
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if not hooks or not torch.is_grad_enabled():
             return None
-        call = _CheckpointCall(hooks[0], self.next_index, float(self.counter.get_total_flops()))
+        call = CheckpointCall(hooks[0], self.next_index, float(self.counter.get_total_flops()))
         starting, self.layer_starting = self.layer_starting, None
         if starting is not None and starting[0] == self.next_index and starting[1] is None:
             call.layer, starting[1] = True, call  # the layer's own call: priced by _checkpointed_blocks
         self.calls.append(call)
         return call
 
-    def end_checkpoint_call(self, call: _CheckpointCall | None) -> None:
+    def end_checkpoint_call(self, call: CheckpointCall | None) -> None:
         """The call's forward is done: its recompute is charged, unless it is a transformers checkpointed layer's
         (``_checkpointed_blocks`` prices those). A call that held others recomputes their forwards too, which their
         own recomputes do not replace: charged in full to units, and not at all to rho's reference."""
@@ -755,7 +762,7 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
     with fork_rng(), fused_attention_on_meta(), _full_graph(model) as roots, FlopCounterMode(display=False) as counter:
         with (
             _Recorder(counter, canonical) as recorder,
-            _checkpoint_calls_followed(recorder),
+            checkpoint_calls_followed(recorder.begin_checkpoint_call, recorder.end_checkpoint_call),
             _checkpointed_blocks(model, recorder, counter, recomputed),
         ):
             roots.ours = _global_hooks()
@@ -952,16 +959,10 @@ def _may_run_autograd(node: torch.autograd.graph.Node) -> bool:
     return function is not None and not f"{function.__module__}.".startswith(_PLAIN_BACKWARD_FUNCTIONS)
 
 
-def is_checkpointed(module: nn.Module) -> bool:
-    """Whether this module checkpoints its forward: transformers' checkpointed layers, while training."""
-    layer = checkpointing_layer_class()
-    return layer is not None and isinstance(module, layer) and module.gradient_checkpointing and module.training
-
-
 @contextmanager
 def _checkpointed_blocks(model: nn.Module, recorder: _Recorder, counter: FlopCounterMode, out: list[OpCost]):
     """Record, for each checkpointed block that runs, its forward FLOPs and its last op: its recompute cost."""
-    starts: dict[int, list[tuple[int, float, bool, list, _CheckpointCall | None]]] = defaultdict(list)
+    starts: dict[int, list[tuple[int, float, bool, list, CheckpointCall | None]]] = defaultdict(list)
 
     def before(module, args, kwargs):
         # the layer's own checkpoint call begins after this hook (transformers 5.2x: hooks outside the call), or
@@ -988,11 +989,11 @@ def _checkpointed_blocks(model: nn.Module, recorder: _Recorder, counter: FlopCou
         holds_calls = call is not None and call.holds_calls  # (see _Recorder.end_checkpoint_call)
         last = recorder.next_index - 1
         flops = float(counter.get_total_flops()) - flops_before
-        if _stops_early(module) and not holds_calls:
+        if stops_early(module) and not holds_calls:
             flops -= _tail_never_recomputed(recorder.records, first)
         if last >= first and flops > 0 and backward:
             name = f"recompute {type(module).__name__}"
-            in_reference = not (_checkpoints_selectively(module) or holds_calls)
+            in_reference = not (checkpoints_selectively(module) or holds_calls)
             out.append(OpCost(index=last, name=name, forward=0.0, dy=[(last, flops)], in_reference=in_reference))
 
     handles = []
@@ -1007,131 +1008,6 @@ def _checkpointed_blocks(model: nn.Module, recorder: _Recorder, counter: FlopCou
             handle.remove()
 
 
-# Ops whose backward needs no saved tensor (only shapes and dtypes), and matmuls, which save their inputs before
-# their kernel runs: what decides where non-reentrant checkpointing's early stop ends a block's recompute.
-_SAVES_NOTHING = frozenset(
-    {
-        *("add", "sub", "view", "_unsafe_view", "reshape", "transpose", "t", "permute", "expand", "slice"),
-        *("select", "unsqueeze", "squeeze", "split", "split_with_sizes", "clone", "_to_copy", "copy_", "cat"),
-        *("detach", "alias", "as_strided", "add_", "sub_"),
-    }
-)
-_SAVES_INPUTS_FIRST = frozenset({"mm", "addmm", "bmm", "baddbmm"})
-
-
-def _stops_early(module: nn.Module) -> bool:
-    """Whether ``module``'s checkpoint stops recomputing once every saved tensor is saved again (torch's default
-    ``early_stop`` for non-reentrant checkpointing; reentrant checkpointing reruns the whole forward)."""
-    keywords = _checkpoint_keywords(module)
-    if keywords.get("use_reentrant") is not False:
-        return False
-    forced = torch.utils.checkpoint._enable_checkpoint_early_stop  # set_checkpoint_early_stop(...), if in effect
-    return bool(keywords.get("early_stop", True) if forced is None else forced)
-
-
-@dataclass
-class _CheckpointCall:
-    """A non-reentrant ``torch.utils.checkpoint`` call under way (``_Recorder.calls``), known by its pack hook."""
-
-    pack: Callable
-    first: int  # its first op
-    flops_before: float
-    holds_calls: bool = False  # another call ran inside it
-    layer: bool = False  # a transformers checkpointed layer's own call
-
-    @property
-    def stops_early(self) -> bool:
-        return _checkpoint_stops_early(self.pack)
-
-    @property
-    def selective(self) -> bool:
-        return _checkpoint_is_selective(self.pack)
-
-
-@contextmanager
-def _checkpoint_calls_followed(recorder: _Recorder) -> Iterator[None]:
-    """While active, every non-reentrant ``torch.utils.checkpoint`` call tells ``recorder`` when its forward begins
-    and ends, nested ones too (``checkpoint`` looks its generator up at each call, however it was imported)."""
-    # torch's composable checkpoint (used beside FSDP2's fully_shard) imports the generator by name
-    modules = [torch.utils.checkpoint, sys.modules.get("torch.distributed._composable.checkpoint_activation")]
-    name = "_checkpoint_without_reentrant_generator"
-    original = getattr(torch.utils.checkpoint, name, None)
-    modules = [m for m in modules if m is not None and getattr(m, name, None) is original]
-    if original is None:  # another torch: calls are not followed (transformers' layers still are)
-        yield
-        return
-
-    def followed(*args: Any, **kwargs: Any) -> Iterator[Any]:
-        inner = original(*args, **kwargs)
-        value = next(inner)  # the call's saved-tensor hooks are in place now
-        call = recorder.begin_checkpoint_call()
-        try:
-            while True:
-                try:
-                    sent = yield value
-                except GeneratorExit:
-                    inner.close()
-                    raise
-                except BaseException as error:  # the checkpointed function raised: checkpoint throws it in
-                    value = inner.throw(error)
-                else:
-                    value = inner.send(sent)
-        except StopIteration:
-            return
-        finally:
-            recorder.end_checkpoint_call(call)
-
-    for module in modules:
-        setattr(module, name, followed)
-    try:
-        yield
-    finally:
-        for module in modules:
-            setattr(module, name, original)
-
-
-def _checkpoints_selectively(module: nn.Module) -> bool:
-    """Whether ``module``'s checkpoint is given a ``context_fn`` (selective activation checkpointing: a policy saves
-    some ops, which its recompute then skips)."""
-    noop = torch.utils.checkpoint.noop_context_fn
-    return _checkpoint_keywords(module).get("context_fn", noop) is not noop
-
-
-def _checkpoint_keywords(module: nn.Module) -> dict[str, Any]:
-    """The keywords transformers bound into a checkpointed layer's checkpoint function
-    (``gradient_checkpointing_kwargs``)."""
-    function = getattr(module, "_gradient_checkpointing_func", None)
-    return function.keywords if isinstance(function, functools.partial) else {}
-
-
-def _closure_values(function: Any) -> list[Any]:
-    values = []
-    for cell in getattr(function, "__closure__", None) or ():
-        try:
-            values.append(cell.cell_contents)
-        except ValueError:  # an empty cell
-            continue
-    return values
-
-
-def _checkpoint_is_selective(pack_hook: Callable) -> bool:
-    """Whether the ``torch.utils.checkpoint`` call that pushed ``pack_hook`` recomputes under a dispatch mode (its
-    ``context_fn``'s: selective activation checkpointing, whose policy saves some ops)."""
-    frames = [v for v in _closure_values(pack_hook) if hasattr(v, "recompute_fn")]
-    recompute = _closure_values(frames[0].recompute_fn) if frames else []
-    return any(isinstance(v, TorchDispatchMode) for v in recompute)
-
-
-def _checkpoint_stops_early(pack_hook: Callable) -> bool:
-    """Whether the ``torch.utils.checkpoint`` call that pushed ``pack_hook`` stops recomputing early (its frame's
-    ``early_stop``, which ``set_checkpoint_early_stop`` overrides; torch's default, True, if it cannot be read)."""
-    for value in _closure_values(pack_hook):
-        found = getattr(value, "early_stop", None)
-        if isinstance(found, bool):
-            return found
-    return True
-
-
 def _tail_never_recomputed(records: list, first: int) -> float:
     """FLOPs at the end of a checkpointed block (ops from index ``first`` on) that an early-stopping recompute skips.
 
@@ -1143,9 +1019,9 @@ def _tail_never_recomputed(records: list, first: int) -> float:
         if op.index < first:
             break
         name = getattr(func, "_opname", "")
-        if name in _SAVES_NOTHING or _scales_by_a_number(name, roles):
+        if name in SAVES_NOTHING or _scales_by_a_number(name, roles):
             continue
-        return op.forward if name in _SAVES_INPUTS_FIRST else 0.0
+        return op.forward if name in SAVES_INPUTS_FIRST else 0.0
     return 0.0
 
 
