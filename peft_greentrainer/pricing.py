@@ -26,7 +26,7 @@ from torch import nn
 
 from . import ranks
 from .engine.attention_spans import attention_extremes, attention_follows_values, encoder_decoder_error
-from .engine.costs import UnitCosts, cost_envelope
+from .engine.costs import BackwardOrdersDiffer, UnitCosts, cost_envelope
 from .engine.label_buckets import LabelBucket, label_bucket
 from .engine.length_fit import LengthFit, length_family
 from .engine.module_tree import ModuleTree
@@ -311,7 +311,10 @@ class StepPricer:
         that fit the budget on their own there (the cheapest selection with each as the deepest). A rho that affords
         no unit is an error, raised before any importance is computed."""
         keys = sorted((k for k in self.shape_costs if k[1] == signature), key=repr)
-        envelope = cost_envelope([self.shape_costs[k] for k in keys])
+        try:
+            envelope = cost_envelope([self.shape_costs[k] for k in keys])
+        except BackwardOrdersDiffer as error:
+            raise ValueError(_orders_differ_message([self.shape_costs[k] for k in keys])) from error
         feasible = envelope.fits_alone(rho)  # the selector's own test
         if feasible.any():
             return envelope, keys, feasible
@@ -382,6 +385,25 @@ def is_each_row_more(key: tuple) -> bool:
 def _each_row_more_key(key: tuple) -> tuple:
     """The shape key of what each row beyond the first adds at ``key`` (the same modes: ``key[1]``)."""
     return ((*key[0], *_EACH_ROW_MORE), key[1])
+
+
+def _orders_differ_message(costs: list[UnitCosts]) -> str:
+    """Why no selection can be priced for batches whose steps run different units, and what to do."""
+    sets = [{u.name for u in c.units} for c in costs]
+    some_only = sorted(set.union(*sets) - set.intersection(*sets))
+    if not some_only:
+        return (
+            "GreenTrainer cannot price one selection for these batches: their forward passes run the same units in "
+            "different orders (a path chosen by the data), so no price bounds them all. Make the forward take the same "
+            "path for every batch, or use plain LoRA (peft.LoraConfig)."
+        )
+    return (
+        f"GreenTrainer cannot price one selection for these batches: some run units that others skip ({some_only[0]} "
+        f"and {len(some_only) - 1} more: a vision tower on text-only batches, say), so no order of the units holds for "
+        "all. Keep those units out of the candidates (exclude_patterns naming them, e.g. the vision tower and its "
+        "projector, or units='lora' with target_modules in the part every batch runs), or give every batch the same "
+        "inputs (an image in each)."
+    )
 
 
 def _describe(keys: list[tuple]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
@@ -663,3 +664,74 @@ def test_full_fine_tuning_is_not_charged_what_only_a_hook_could_keep() -> None:
     with FlopCounterMode(display=False):
         watched = profile_model(tuner.model, batch)
     assert watched.full_backward_flops == profile_model(tuner.model, batch).full_backward_flops == full_backward
+
+
+def _tiny_llava(image_token: int) -> torch.nn.Module:
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    text = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token)
+    return transformers.LlavaForConditionalGeneration(config)
+
+
+def test_batches_that_skip_units_others_run_are_refused_with_what_to_do():
+    """Text-only batches beside batches with images skip the vision tower: no order of the units holds for both, and
+    the error says to keep those units out (which then trains within rho at both)."""
+    from peft import get_peft_model
+
+    from peft_greentrainer import GreenTrainerConfig
+
+    def batch(image: bool) -> dict:
+        ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(int(image)))
+        if image:
+            ids[:, 1:17] = 250
+        found = {"input_ids": ids, "labels": ids.masked_fill(ids == 250, -100)}
+        return {**found, "pixel_values": torch.randn(2, 3, 32, 32)} if image else found
+
+    for exclude in ([], ["vision_tower", "multi_modal_projector"]):
+        base = _tiny_llava(250)
+        config = GreenTrainerConfig(rho=0.6, sparse_lm_head=False, exclude_patterns=exclude or None)
+        model = get_peft_model(base, config)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        model.base_model.select_units([batch(True)], optimizer)
+        if not exclude:
+            with pytest.raises(ValueError, match=r"some run units that others skip .*exclude_patterns"):
+                model(**batch(False))  # a new shape: priced, then checked against the selection before the step
+            continue
+        for image in (True, False):
+            model(**batch(image)).loss.backward()
+            assert model.base_model.step_flops_ratios()[0] <= 0.6
+
+
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_a_batch_whose_images_are_not_one_per_row_is_priced_whole(units):
+    """LLaVA's ``pixel_values`` are indexed by image: two images in one row and none in the other give a leading
+    dimension equal to the rows' count, which the one-row profile cut as rows (the selection failed: "Image features
+    and image tokens do not match"). Batches with images are priced whole, and their steps cost what is predicted."""
+    from peft import get_peft_model
+
+    from peft_greentrainer import GreenTrainerConfig
+
+    image_token = 250
+    base = _tiny_llava(image_token)
+    ids = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(0))
+    ids[0, 1:17] = ids[0, 18:34] = image_token  # row 0: two images of 16 patches; row 1: none
+    labels = ids.masked_fill(ids == image_token, -100)
+    batch = {"input_ids": ids, "labels": labels, "pixel_values": torch.randn(2, 3, 32, 32)}
+    lora = {"r": 4, "target_modules": ["q_proj", "v_proj", "fc1"]} if units == "lora" else {}
+    model = get_peft_model(base, GreenTrainerConfig(rho=0.7, units=units, sparse_lm_head=False, **lora))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model.base_model.select_units([batch], optimizer)
+    model(**batch).loss.backward()
+    trained = [n for n, p in base.named_parameters() if p.requires_grad]
+    everything = [n for n, _ in base.named_parameters() if ".lora_" not in n]
+    step = sum(measure_flops(base, batch, trained))
+    with model.disable_adapter() if units == "lora" else contextlib.nullcontext():
+        full = sum(measure_flops(base, batch, everything))
+    assert step / full == pytest.approx(model.base_model.step_flops_ratios()[0], rel=1e-9)
+    assert step / full <= 0.7

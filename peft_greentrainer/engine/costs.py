@@ -25,9 +25,13 @@ from .selector import (
 )
 from .units import Unit
 
-__all__ = ["UnitCosts", "cost_envelope", "select_at_every_shape"]
+__all__ = ["BackwardOrdersDiffer", "UnitCosts", "cost_envelope", "select_at_every_shape"]
 
 SLACK_SEARCH_STEPS = 12  # bisections of the raised budget: within 1/4096 of the widest bracket
+
+
+class BackwardOrdersDiffer(ValueError):
+    """Costs of several batch shapes list the units in different orders: no envelope bounds them together."""
 
 
 @dataclass
@@ -160,7 +164,7 @@ def cost_envelope(costs: Sequence[UnitCosts]) -> UnitCosts:
     names = [u.name for u in costs[0].units]
     for other in costs[1:]:
         if [u.name for u in other.units] != names:
-            raise ValueError(
+            raise BackwardOrdersDiffer(
                 "the batch shapes put the units in different backward orders (the forward pass takes a data-dependent "
                 "path); their costs cannot be bounded together"
             )

@@ -235,6 +235,10 @@ def routed_expert_modules(model: nn.Module) -> list[str]:
 _LOSS_ONLY_INPUTS = ("num_items_in_batch",)
 
 
+# Inputs indexed by image or video rather than by row (transformers' vision-language models)
+_PER_IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "image_", "video_")
+
+
 def costliest_row(batch: Mapping[str, Any], counts: Sequence[int] | None = None) -> dict[str, Any]:
     """``batch`` cut to one sample, when every tensor in it has the same leading (batch) dimension: the sample with the
     most positions whose label counts (``labels != -100``), the first one if there are no labels or a tie.
@@ -243,8 +247,9 @@ def costliest_row(batch: Mapping[str, Any], counts: Sequence[int] | None = None)
     fractions of full fine-tuning do not depend on it: profiling one row is as exact and ``batch size`` times cheaper,
     and an uneven last batch is no new shape. A head that only projects labelled positions (the sparse LM head) costs
     more on rows with more next-token targets: the row with the most bounds every row of the batch. A batch whose
-    tensors disagree on the leading dimension is kept whole. ``counts``: ``labelled_counts(batch)`` already read to
-    the host, which spares the check before every step a wait for the device.
+    tensors disagree on the leading dimension (or that holds images: ``batch_size``) is kept whole. ``counts``:
+    ``labelled_counts(batch)`` already read to the host, which spares the check before every step a wait for the
+    device.
     """
     if batch_size(batch) in (None, 1):
         return dict(batch)
@@ -266,7 +271,10 @@ def rows_of(batch: Mapping[str, Any], rows: slice | list[int]) -> dict[str, Any]
 
 def batch_size(batch: Mapping[str, Any]) -> int | None:
     """The leading dimension all tensors of ``batch`` share, nested ones too, None if they do not (what
-    ``costliest_row`` cuts)."""
+    ``costliest_row`` cuts), or if the batch holds images or videos: their leading dimension counts images, which may
+    agree with the rows' count without being one per row (a LLaVA row with two images beside one with none)."""
+    if any(name.startswith(_PER_IMAGE_INPUTS) for name in batch):
+        return None
     sizes = {int(v.shape[0]) for v in tree_flatten(dict(batch))[0] if isinstance(v, torch.Tensor) and v.dim() > 0}
     return sizes.pop() if len(sizes) == 1 else None
 
