@@ -224,6 +224,42 @@ def routed_expert_modules(model: nn.Module) -> list[str]:
     return found
 
 
+def layer_drop_settings(model: nn.Module) -> dict[str, float]:
+    """LayerDrop probabilities above 0, by where they are set: configs' ``layerdrop``, ``encoder_layerdrop``,
+    ``decoder_layerdrop``, ``speech_encoder_layerdrop`` (nested configs too), and the copies modules take of them at
+    construction (``layerdrop``: BART's and Whisper's encoders and decoders, ...).
+
+    In training each layer is skipped at random, so a step's FLOPs depend on the draws, not only on its batch shape,
+    and profiles of two shapes skip different layers (their units in different orders): no price per shape holds.
+    """
+    from transformers import PretrainedConfig
+
+    found: dict[str, float] = {}
+    seen: set[int] = set()
+
+    def visit(config: PretrainedConfig, path: str) -> None:
+        if id(config) in seen:
+            return
+        seen.add(id(config))
+        for key, value in vars(config).items():
+            if isinstance(value, PretrainedConfig):
+                visit(value, f"{path}.{key}")
+            elif key.endswith("layerdrop") and _is_positive_number(value):
+                found[f"{path}.{key}"] = value
+
+    for name, module in model.named_modules():
+        config = module.__dict__.get("config")  # (a module's own attribute: no nn.Module.__getattr__ miss)
+        if isinstance(config, PretrainedConfig):
+            visit(config, f"{name}.config" if name else "config")
+        if _is_positive_number(module.__dict__.get("layerdrop")):
+            found[f"{name}.layerdrop" if name else "layerdrop"] = module.__dict__["layerdrop"]
+    return found
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 # Forward inputs that only scale the loss: they change no FLOPs and may differ from step to step.
 _LOSS_ONLY_INPUTS = ("num_items_in_batch",)
 
