@@ -7,10 +7,15 @@ GreenTrainer's savings away (measured in ``benchmarks/bench_kbit.py``):
   grad. ``peft.prepare_model_for_kbit_training``, transformers' ``gradient_checkpointing_enable`` (for any model whose
   main input is ``input_ids``) and ``PeftModel.__init__`` (when checkpointing is on) all install it; a second call
   leaks a hook that ``disable_input_require_grads()`` cannot remove any more.
+* *Audio feature encoders' own input gradient.* transformers' convolutional feature encoders (wav2vec2, HuBERT,
+  WavLM, SEW, UniSpeech, Data2VecAudio, SpeechT5, ...) set ``requires_grad`` on their input in training, for
+  reentrant checkpointing, unless ``freeze_feature_encoder()`` cleared their ``_requires_grad`` flag: every step then
+  backpropagates through the whole encoder to the waveform (measured 0.81 of full fine-tuning at rho 0.5).
 * *Reentrant checkpointing* (the default of ``prepare_model_for_kbit_training``) needs those input gradients: a
   reentrant checkpointed block whose inputs do not require grad passes no gradient to the parameters inside it.
 
-We remove every such hook and switch checkpointed blocks to non-reentrant checkpointing, which gives trainable
+We remove every such hook, clear every such flag (the encoder's parameters stay trainable units: their gradients need
+no input gradient) and switch checkpointed blocks to non-reentrant checkpointing, which gives trainable
 parameters inside a block their gradients without any input gradient, and lets frozen blocks below the deepest
 selected unit be neither recomputed nor backpropagated.
 
@@ -37,10 +42,14 @@ INPUT_GRAD_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
 
 
 def remove_forced_input_grads(model: nn.Module, tree: ModuleTree | None = None) -> int:
-    """Remove every forward hook that makes a module's output require grad; return how many were removed.
+    """Remove every forward hook that makes a module's output require grad, and clear every feature encoder's flag
+    that makes its input require grad; return how many were removed.
     ``tree``: ``model``'s modules, listed before (it runs before every training step)."""
     removed = 0
     for module in (tree or ModuleTree(model)).modules:
+        if forces_input_grad(module):
+            module._requires_grad = False  # what freeze_feature_encoder() clears, without freezing the parameters
+            removed += 1
         if module._forward_hooks:  # most modules have none
             for key, hook in list(module._forward_hooks.items()):
                 if getattr(hook, "__name__", "") in INPUT_GRAD_HOOKS:
@@ -51,6 +60,14 @@ def remove_forced_input_grads(model: nn.Module, tree: ModuleTree | None = None) 
         if "_require_grads_hook" in module.__dict__:
             del module._require_grads_hook  # its handle would now point at nothing
     return removed
+
+
+def forces_input_grad(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers feature encoder that sets ``requires_grad`` on its input in training
+    (``if self._requires_grad and self.training: hidden_states.requires_grad = True``, which its
+    ``_freeze_parameters`` turns off)."""
+    # read from __dict__: getattr would raise and catch an AttributeError in nn.Module.__getattr__ for most modules
+    return module.__dict__.get("_requires_grad") is True and callable(getattr(type(module), "_freeze_parameters", None))
 
 
 def make_checkpointing_non_reentrant(model: nn.Module, tree: ModuleTree | None = None) -> int:
@@ -85,7 +102,8 @@ def unpack_weights_packed_for_inference(model: nn.Module, tree: ModuleTree | Non
 
 
 def keep_backprop_shallow(model: nn.Module, quiet: bool = False, tree: ModuleTree | None = None) -> None:
-    """Apply both fixes; say what was changed and why. ``tree``: ``model``'s modules, listed before."""
+    """Remove forced input gradients and reentrant checkpointing; say what was changed and why. ``tree``: ``model``'s
+    modules, listed before."""
     tree = tree or ModuleTree(model)
     hooks = remove_forced_input_grads(model, tree)
     blocks = make_checkpointing_non_reentrant(model, tree)
@@ -95,9 +113,10 @@ def keep_backprop_shallow(model: nn.Module, quiet: bool = False, tree: ModuleTre
         said_before = model.__dict__.setdefault("_greentrainer_told_backprop_fix", False)
         model.__dict__["_greentrainer_told_backprop_fix"] = True
         (logger.debug if said_before else logger.warning)(
-            "GreenTrainer removed %d forced input-gradient hook(s) and switched %d checkpointed block(s) to "
-            "non-reentrant checkpointing: both would force backprop down to the embeddings and discard the savings. "
-            "Trainable parameters still get their gradients (non-reentrant checkpointing needs no input gradient).",
+            "GreenTrainer removed %d forced input-gradient hook(s) or feature-encoder flag(s) (_requires_grad) and "
+            "switched %d checkpointed block(s) to non-reentrant checkpointing: each would force backprop down to the "
+            "inputs and discard the savings. Trainable parameters still get their gradients (non-reentrant "
+            "checkpointing needs no input gradient).",
             hooks,
             blocks,
         )

@@ -50,6 +50,7 @@ from .engine.profile import (
     LossFn,
     batch_size,
     default_loss,
+    layer_drop_settings,
     profile_model,
     routed_expert_modules,
     training_mode,
@@ -228,6 +229,16 @@ class GreenTrainerModel(LoraModel):
                 "only on the batch shape GreenTrainer prices. Mixture-of-experts models whose experts are stacked "
                 "tensors (transformers 5's Mixtral, Qwen2-MoE, OLMoE, ...) are priced exactly; for this one, use "
                 "plain LoRA (peft.LoraConfig)."
+            )
+        layer_drop = {} if config.inference_mode else layer_drop_settings(model)
+        if layer_drop:
+            settings = ", ".join(f"{where}={value}" for where, value in layer_drop.items())
+            raise ValueError(
+                f"GreenTrainer cannot keep its FLOPs budget with LayerDrop on ({settings}): in training it skips "
+                "layers at random, so a step's FLOPs depend on random draws, not only on the batch shape GreenTrainer "
+                "prices. Set each to 0.0 before get_peft_model: in the config (from_pretrained(..., layerdrop=0.0), "
+                "or model.config.layerdrop = 0.0, with the field named) and on each module named (modules copy it "
+                "when built); or use plain LoRA (peft.LoraConfig)."
             )
         self._drop_cached_profiles()
         if self._runtime.step_hook is None:  # the budget check before every training forward (module docstring)

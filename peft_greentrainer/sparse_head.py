@@ -99,7 +99,6 @@ class _Targets:
 
     targets: torch.Tensor
     num_items_in_batch: Any
-    vocab_size: int
 
 
 def _sparse_kwargs(lm: nn.Module, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], _Targets] | None:
@@ -126,7 +125,7 @@ def _sparse_kwargs(lm: nn.Module, kwargs: Mapping[str, Any]) -> tuple[dict[str, 
         kwargs["logits_to_keep"] = torch.arange(per_row, device=inputs.device)
     else:
         kwargs["logits_to_keep"] = mask.to(inputs.device if inputs is not None else labels.device)
-    return kwargs, _Targets(targets, kwargs.get("num_items_in_batch"), int(lm.config.vocab_size))
+    return kwargs, _Targets(targets, kwargs.get("num_items_in_batch"))
 
 
 def _is_default(logits_to_keep: Any) -> bool:
@@ -134,12 +133,15 @@ def _is_default(logits_to_keep: Any) -> bool:
 
 
 def _loss(logits: torch.Tensor, kept: _Targets) -> torch.Tensor:
-    """transformers' causal-LM loss over the kept rows (already shifted, so passed as ``shift_labels``)."""
+    """transformers' causal-LM loss over the kept rows (already shifted, so passed as ``shift_labels``).
+
+    The vocabulary is the logits' own: a vision-language model's config has none at its top (LLaVA, Qwen2-VL), or
+    one that ``resize_token_embeddings`` left behind (PaliGemma's, beside its text config's)."""
     rows = logits.reshape(-1, logits.shape[-1])[: kept.targets.numel()]
     return ForCausalLMLoss(
         rows,
         None,
-        vocab_size=kept.vocab_size,
+        vocab_size=rows.shape[-1],
         num_items_in_batch=kept.num_items_in_batch,
         shift_labels=kept.targets.to(rows.device),
     )

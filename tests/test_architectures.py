@@ -9,9 +9,11 @@ import random
 import numpy as np
 import pytest
 import torch
+import transformers
 from peft import PeftModel, get_peft_model
 
 from benchmarks.families import CASES, collate, example, full_fine_tuning_flops
+from peft_greentrainer import GreenTrainerConfig
 from peft_greentrainer.engine.length_fit import LengthFit
 from peft_greentrainer.engine.profile import measure_flops, profile_model
 
@@ -122,3 +124,48 @@ def test_lengths_padded_per_batch_are_priced_without_a_profile_and_exactly(famil
                     expected.forward_flops,
                     expected.full_flops,
                 )
+
+
+def _wav2vec2_for_ctc() -> transformers.Wav2Vec2ForCTC:
+    torch.manual_seed(0)
+    config = transformers.Wav2Vec2Config(
+        vocab_size=32,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        mask_time_prob=0.0,
+        layerdrop=0.0,  # random layer skips are refused (a step's FLOPs would not follow its shape)
+        pad_token_id=0,
+        ctc_loss_reduction="mean",
+    )
+    return transformers.Wav2Vec2ForCTC(config)
+
+
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_an_audio_feature_encoder_backpropagates_no_deeper_than_the_selection(units):
+    """transformers' wav2vec2-family feature encoders (HuBERT, WavLM, SEW, ...) set ``requires_grad`` on their input
+    in training, for reentrant checkpointing: left on, every step backpropagated through the whole encoder to the
+    waveform, unpriced (0.81 of full fine-tuning at rho 0.5, predicted 0.44). The encoder stays trainable."""
+    rho = 0.5
+    targets = r".*(q_proj|v_proj|conv_layers\.\d+\.conv)"  # the encoder's convolutions too
+    lora = {"target_modules": targets, "r": 4} if units == "lora" else {}
+    model = get_peft_model(_wav2vec2_for_ctc(), GreenTrainerConfig(rho=rho, units=units, **lora))
+    tuner = model.base_model
+    batch = {"input_values": torch.randn(2, 1600), "labels": torch.randint(1, 32, (2, 6))}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    tuner.select_units([batch], optimizer)
+    assert any("feature_extractor" in unit.name for unit in tuner.candidate_units())  # still selectable units
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+        predicted, _ = tuner.step_flops_ratios()
+        ratio = sum(measure_flops(model, batch)) / full_fine_tuning_flops(model, batch)
+        assert ratio == pytest.approx(predicted, rel=1e-9)
+        assert ratio <= rho

@@ -169,6 +169,69 @@ def test_tuner_profiles_budgets_and_measures_the_sparse_head(units):
     assert sparse_floor < dense_floor
 
 
+IMAGE_TOKEN = VOCAB - 1
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "head_dim": 16}
+
+
+def _vision_language_model(family: str) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    if family == "llava":  # no vocabulary at the top of its config, as Qwen2-VL, Gemma 3, Idefics3, ...
+        vision = transformers.CLIPVisionConfig(**VISION, image_size=32, patch_size=8)
+        text = transformers.LlamaConfig(**TEXT, vocab_size=VOCAB, num_key_value_heads=2)
+        config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN)
+        return transformers.LlavaForConditionalGeneration(config)
+    vision = transformers.SiglipVisionConfig(**VISION, image_size=32, patch_size=8)
+    text = transformers.GemmaConfig(**TEXT, vocab_size=VOCAB, num_key_value_heads=1)
+    config = transformers.PaliGemmaConfig(
+        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, projection_dim=32, vocab_size=VOCAB
+    )
+    model = transformers.PaliGemmaForConditionalGeneration(config)
+    model.resize_token_embeddings(VOCAB + 8)  # its text config's vocabulary grows, the one at the top stays
+    return model
+
+
+def _image_batch() -> dict[str, torch.Tensor]:
+    """A 32x32 image (16 patches of 8x8) before each row's text; the loss is on the second half of the text."""
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, IMAGE_TOKEN, (2, 28), generator=generator)
+    ids[:, :16] = IMAGE_TOKEN
+    token_type_ids = torch.zeros_like(ids)  # PaliGemma's prefix (image and prompt) and suffix
+    token_type_ids[:, 20:] = 1
+    labels = ids.masked_fill(token_type_ids == 0, -100)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "token_type_ids": token_type_ids,
+        "labels": labels,
+        "pixel_values": torch.randn(2, 3, 32, 32, generator=generator),
+    }
+
+
+@needs_sparse_head
+@pytest.mark.parametrize("family", ["llava", "resized paligemma"])
+def test_a_vision_language_model_trains_with_the_sparse_head_at_the_dense_loss(family):
+    """The vocabulary is the logits' own: read from the config, it crashed the head on every vision-language model
+    (LLaVA's config has no ``vocab_size``) and the loss of a resized PaliGemma (its top-level one is stale)."""
+    model = _vision_language_model(family).train()
+    batch = _image_batch()
+    if family == "llava":
+        batch.pop("token_type_ids")
+    dense = _loss_and_grads(model, lambda: model(**batch).loss)
+    _assert_same(dense, _loss_and_grads(model, lambda: sparse_lm_loss(model, batch)))
+    tuner = get_peft_model(model, GreenTrainerConfig(rho=0.7)).base_model  # the head is on by default
+    head = attached_sparse_lm_head(tuner.model)
+    assert head is not None
+    optimizer = torch.optim.AdamW([p for p in tuner.model.parameters() if p.requires_grad], lr=1e-3)
+    tuner.select_units([batch], optimizer)
+    with head.disabled():  # the dense head, with the selection's flags
+        dense = _loss_and_grads(tuner.model, lambda: tuner.model(**batch).loss)
+    _assert_same(dense, _loss_and_grads(tuner.model, lambda: tuner.model(**batch).loss))
+    assert head.kept_share == pytest.approx(next_token_targets(batch["labels"])[0].float().mean().item())
+    optimizer.step()
+    assert tuner.step_flops_ratios()[0] <= 0.7
+
+
 def test_config_validates_the_option():
     assert GreenTrainerConfig().sparse_lm_head is True
     with pytest.raises(ValueError, match="sparse_lm_head must be True or False"):

@@ -1676,6 +1676,48 @@ def test_experts_chosen_by_a_router_per_token_are_refused_with_the_reason(units)
     get_peft_model(tiny_model("mixtral"), GreenTrainerConfig(rho=0.5, units=units))
 
 
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_layer_drop_is_refused_naming_where_it_is_set(units):
+    """LayerDrop skips layers at random in training: profiles of two lengths listed the units in different backward
+    orders (wav2vec2's default 0.1: training crashed) and a step's FLOPs followed the draws (0.573 of full
+    fine-tuning measured, 0.494 priced, at rho 0.5). Modules that copy it when built (BART's) are named too."""
+    audio = transformers.Wav2Vec2Config(
+        vocab_size=32,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+    )
+    assert audio.layerdrop == 0.1  # its default, as HuBERT's, WavLM's, SEW's, UniSpeech's and Data2VecAudio's
+    seq2seq = transformers.BartConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        decoder_layerdrop=0.05,
+    )
+    lora = {"target_modules": ["q_proj", "v_proj"]} if units == "lora" else {}
+    config = GreenTrainerConfig(rho=0.5, units=units, **lora)
+    with pytest.raises(ValueError, match=r"LayerDrop on \(config\.layerdrop=0\.1\).*= 0\.0.*peft\.LoraConfig"):
+        get_peft_model(transformers.Wav2Vec2ForCTC(audio), config)
+    bart = transformers.BartForConditionalGeneration(seq2seq)
+    with pytest.raises(ValueError, match=r"\(config\.decoder_layerdrop=0\.05, model\.decoder\.layerdrop=0\.05\)"):
+        get_peft_model(bart, config)
+    get_peft_model(bart, GreenTrainerConfig(rho=0.5, units=units, inference_mode=True, **lora))  # trains nothing
+    bart = transformers.BartForConditionalGeneration(seq2seq)
+    bart.config.decoder_layerdrop = bart.model.decoder.layerdrop = 0.0
+    get_peft_model(bart, config)
+
+
 def test_a_floor_asked_first_does_not_price_later_steps_from_a_whole_batch():
     """A weight built from parameters alone (LoRA on stacked experts) costs the same for any number of rows, so a
     batch's costs divided by its rows under-price a one-row step. ``min_feasible_rho`` profiled the whole batch and

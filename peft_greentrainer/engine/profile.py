@@ -231,6 +231,42 @@ def routed_expert_modules(model: nn.Module) -> list[str]:
     return found
 
 
+def layer_drop_settings(model: nn.Module) -> dict[str, float]:
+    """LayerDrop probabilities above 0, by where they are set: configs' ``layerdrop``, ``encoder_layerdrop``,
+    ``decoder_layerdrop``, ``speech_encoder_layerdrop`` (nested configs too), and the copies modules take of them at
+    construction (``layerdrop``: BART's and Whisper's encoders and decoders, ...).
+
+    In training each layer is skipped at random, so a step's FLOPs depend on the draws, not only on its batch shape,
+    and profiles of two shapes skip different layers (their units in different orders): no price per shape holds.
+    """
+    from transformers import PretrainedConfig
+
+    found: dict[str, float] = {}
+    seen: set[int] = set()
+
+    def visit(config: PretrainedConfig, path: str) -> None:
+        if id(config) in seen:
+            return
+        seen.add(id(config))
+        for key, value in vars(config).items():
+            if isinstance(value, PretrainedConfig):
+                visit(value, f"{path}.{key}")
+            elif key.endswith("layerdrop") and _is_positive_number(value):
+                found[f"{path}.{key}"] = value
+
+    for name, module in model.named_modules():
+        config = module.__dict__.get("config")  # (a module's own attribute: no nn.Module.__getattr__ miss)
+        if isinstance(config, PretrainedConfig):
+            visit(config, f"{name}.config" if name else "config")
+        if _is_positive_number(module.__dict__.get("layerdrop")):
+            found[f"{name}.layerdrop" if name else "layerdrop"] = module.__dict__["layerdrop"]
+    return found
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 # Forward inputs that only scale the loss: they change no FLOPs and may differ from step to step.
 _LOSS_ONLY_INPUTS = ("num_items_in_batch",)
 
@@ -353,6 +389,7 @@ class _Recorder(TorchDispatchMode):
         self.records: list[tuple[OpCost, Any, list, Any, list[int]]] = []  # op, func, leaf specs, treespec, levels
         self.next_index = 0
         self.warned: set = set()
+        self.forced_leaf_seen = False  # a tensor no unit's price includes forces backprop down to it
         self.unseen = _UnseenWrites(counter)
         self.calls: list[CheckpointCall] = []  # non-reentrant torch.utils.checkpoint calls under way, outermost first
         # a transformers checkpointed layer whose forward is about to begin (its hooks run outside the checkpoint
@@ -383,6 +420,7 @@ class _Recorder(TorchDispatchMode):
         if unseen is not None:
             _warn_unseen_kernel(*unseen)
         self._follow_bases(tensor_leaves)
+        self._warn_forced_leaves(tensor_leaves)
         reads_data = any(x in self.data for x in tensor_leaves)
         if reads_data:  # the batch, and whatever is computed from it
             for o in [*tree_flatten(out)[0], *written]:
@@ -493,6 +531,21 @@ class _Recorder(TorchDispatchMode):
             if base in self.data:
                 self.data[x] = True
 
+    def _warn_forced_leaves(self, tensors: list[torch.Tensor]) -> None:
+        """Warn where an op reads a tensor that requires grad yet is no parameter and comes out of no op (its
+        ``requires_grad`` set by hand, as T5's checkpointed attention does to its position bias): autograd
+        backpropagates down to it whatever is selected, which no unit's price includes."""
+        if self.forced_leaf_seen or not torch.is_grad_enabled():
+            return
+        for x in tensors:
+            if not x.requires_grad or x.grad_fn is not None:
+                continue
+            leaf = x if x._base is None else x._base  # a view of a parameter taken without grad is one too
+            if id(leaf) not in self.params and not isinstance(leaf, nn.Parameter):
+                self.forced_leaf_seen = True  # the first reader is named (T5's bias is read by every layer)
+                _warn_forced_leaf(_innermost_module(self.counter), tuple(x.shape))
+                return
+
     def _derived(self, x: torch.Tensor) -> frozenset[str] | None:
         """The parameters ``x`` is computed from, if from parameters and constants alone (and never written into)."""
         found = self.derived.get(x)
@@ -561,7 +614,7 @@ class _UnseenWrites:
         outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         if name in _ALLOCATIONS:
             for address in filter(None, map(_storage_address, outputs)):
-                self.unwritten[address] = (str(func), self._module())
+                self.unwritten[address] = (str(func), _innermost_module(self.counter))
             return None
         if not self.unwritten:
             return None
@@ -576,10 +629,11 @@ class _UnseenWrites:
             self.unwritten.pop(_storage_address(x), None)
         return found
 
-    def _module(self) -> str:
-        """The innermost module running (FlopCounterMode tracks them by qualified name)."""
-        modules = getattr(getattr(self.counter, "mod_tracker", None), "parents", ()) or ("the model",)
-        return max(modules, key=len)
+
+def _innermost_module(counter: FlopCounterMode) -> str:
+    """The innermost module running (FlopCounterMode tracks them by qualified name)."""
+    modules = getattr(getattr(counter, "mod_tracker", None), "parents", ()) or ("the model",)
+    return max(modules, key=len)
 
 
 def _storage_address(x: torch.Tensor) -> int | None:
@@ -608,6 +662,24 @@ def _warn_unseen_kernel(allocated: str, module: str) -> None:
         "have it counted. Element-wise kernels (norms, activations) count 0 anyway.",
         module,
         allocated,
+    )
+
+
+_FORCED_LEAF_WARNED: set[str] = set()
+
+
+def _warn_forced_leaf(module: str, shape: tuple[int, ...]) -> None:
+    """Say once per module where a tensor that forces backprop down to it, unpriced, is first read."""
+    if module in _FORCED_LEAF_WARNED:
+        return
+    _FORCED_LEAF_WARNED.add(module)
+    logger.warning(
+        "GreenTrainer: %s reads a tensor of shape %s that requires grad but is no parameter and comes from no op "
+        "(its requires_grad was set by hand, in the forward or on the batch). Every step backpropagates down to it, "
+        "whatever is selected, and the profile does not price that: the FLOPs budget does not hold for this model. "
+        "Keep it from requiring grad (or detach it) to have every step within rho.",
+        module,
+        shape,
     )
 
 
