@@ -336,6 +336,14 @@ def test_unreadable_data_long_sequences_and_unusable_outputs_are_one_clear_line(
     assert "feasible floor" in capsys.readouterr().err and blocker.read_text() == "user data"
 
 
+def test_a_one_row_data_file_is_one_clear_line(tiny_checkpoint, tmp_path, capsys):
+    one_row = tmp_path / "one.jsonl"
+    one_row.write_text((tiny_checkpoint / "data.jsonl").read_text().splitlines()[0] + "\n")
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_checkpoint), "--dataset", str(one_row), "--output-dir", str(out)]
+    _fails([*args, *TRAIN_ARGS, "--no-energy"], capsys, "gave 1 training and 0 evaluation examples", out)
+
+
 def test_profile_command_builds_a_decoder_with_a_pad_token_and_checks_the_plot_path(tmp_path, capsys):
     transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, pad_token_id=0).save_pretrained(
         tmp_path / "gpt2"

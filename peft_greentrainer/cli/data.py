@@ -87,7 +87,8 @@ def load_examples(
         rows = _read_file(path, builder)
         rows = rows.shuffle(seed=seed)
         cut = max(1, int(len(rows) * 0.8)) if len(rows) > 1 else len(rows)
-        rows = rows.select(range(cut)) if split == "train" else rows.select(range(cut, len(rows)))
+        # a one-row file holds out nothing; `or []`: datasets takes an empty range past its end for an index error
+        rows = rows.select(range(cut)) if split == "train" else rows.select(range(cut, len(rows)) or [])
     else:
         try:
             loaded = datasets.load_dataset(dataset)
@@ -108,7 +109,7 @@ def load_examples(
             f"{rows.column_names}: pass --input-field and --target-field"
         )
     complete = [r for r in rows if r[input_field] is not None and r[target_field] is not None]
-    if not complete:
+    if len(rows) and not complete:  # an empty split (a one-row file's eval split) is the caller's to refuse
         raise DataError(f"every {split} row of {dataset} lacks {input_field!r} or {target_field!r}")
     if len(complete) < len(rows):  # a null would otherwise be trained on as the text "None"
         logger.warning(

@@ -154,7 +154,7 @@ def load_data(args: argparse.Namespace) -> RunData:
         if not train_examples or not eval_examples:
             raise CliError(
                 f"dataset {args.dataset} gave {len(train_examples)} training and {len(eval_examples)} "
-                "evaluation examples; it needs at least one of each"
+                "evaluation examples; it needs at least one of each (a data file's last 20% is held out for evaluation)"
             )
         if len(train_examples) < args.batch_size:  # whole batches only: fewer rows than one would train nothing
             raise CliError(
