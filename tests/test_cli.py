@@ -344,6 +344,17 @@ def test_a_one_row_data_file_is_one_clear_line(tiny_checkpoint, tmp_path, capsys
     _fails([*args, *TRAIN_ARGS, "--no-energy"], capsys, "gave 1 training and 0 evaluation examples", out)
 
 
+def test_a_model_directory_without_weights_is_one_clear_line(tiny_checkpoint, tmp_path, capsys):
+    config_only = tmp_path / "no-weights"  # what greentrainer profile takes
+    config_only.mkdir()
+    for file in tiny_checkpoint.glob("*.json"):  # config and tokenizer
+        (config_only / file.name).write_bytes(file.read_bytes())
+    out = tmp_path / "run"
+    args = ["train", "--model", str(config_only), "--dataset", str(tiny_checkpoint / "data.jsonl"), *TRAIN_ARGS]
+    expected = "training needs them (model.safetensors or pytorch_model.bin beside config.json)"
+    _fails([*args, "--no-energy", "--output-dir", str(out)], capsys, expected, out)
+
+
 def test_profile_command_builds_a_decoder_with_a_pad_token_and_checks_the_plot_path(tmp_path, capsys):
     transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, pad_token_id=0).save_pretrained(
         tmp_path / "gpt2"

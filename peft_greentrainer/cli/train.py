@@ -239,7 +239,13 @@ def load_model(name: str, args: argparse.Namespace):
             load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit
         )
     cls = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
-    model = cls.from_pretrained(name, **kwargs)
+    try:
+        model = cls.from_pretrained(name, **kwargs)
+    except OSError as error:  # a config and tokenizer without weights: all that `greentrainer profile` reads
+        raise CliError(
+            f"cannot load the weights of model {name!r} ({str(error).splitlines()[0]}); training needs them "
+            "(model.safetensors or pytorch_model.bin beside config.json): only greentrainer profile works without"
+        ) from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
