@@ -355,6 +355,41 @@ def test_a_model_directory_without_weights_is_one_clear_line(tiny_checkpoint, tm
     _fails([*args, "--no-energy", "--output-dir", str(out)], capsys, expected, out)
 
 
+@pytest.mark.slow
+def test_an_encoder_decoder_with_learned_positions_is_held_to_them(tiny_checkpoint, tmp_path, capsys):
+    from tokenizers import processors
+
+    bart = tmp_path / "bart"  # 16 learned positions in encoder and decoder; a tokenizer that adds specials, as BART's
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_checkpoint)
+    eos = tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<eos> $A <eos>", special_tokens=[("<eos>", eos)]
+    )
+    tokenizer.save_pretrained(bart)
+    dims = {"encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2}
+    config = transformers.BartConfig(
+        d_model=16,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=16,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+        bos_token_id=eos,
+        decoder_start_token_id=eos,
+        forced_eos_token_id=None,
+        **dims,
+    )
+    transformers.BartForConditionalGeneration(config).save_pretrained(bart)
+    out = tmp_path / "run"
+    data = ["--dataset", str(tiny_checkpoint / "data.jsonl"), "--no-energy", "--output-dir", str(out)]
+    base = ["train", "--model", str(bart), *data, *TRAIN_ARGS, "--epochs", "1", "--eval-examples", "2"]
+    _fails([*base, "--max-source-tokens", "24"], capsys, "--max-source-tokens 24: more than the 16 positions", out)
+    _fails([*base, "--max-target-tokens", "17"], capsys, "--max-target-tokens 17: more than the 16 positions", out)
+    # at the limit it trains, and evaluates on prompts of 20-word sources cut to fit with the special tokens
+    assert main([*base, "--max-source-tokens", "16"]) == 0 and (out / "metrics.json").is_file()
+
+
 def test_profile_command_builds_a_decoder_with_a_pad_token_and_checks_the_plot_path(tmp_path, capsys):
     transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, pad_token_id=0).save_pretrained(
         tmp_path / "gpt2"

@@ -31,8 +31,16 @@ def generate(
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(examples), batch_size), desc="generating", disable=not progress, leave=False):
         chunk = examples[start : start + batch_size]
-        prompts = [_prompt(tokenizer, template, e.source, max_source_tokens) for e in chunk]
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=encoder_decoder).to(device)
+        prompts = [_prompt(tokenizer, template, e.source, max_source_tokens, encoder_decoder) for e in chunk]
+        batch = tokenizer(
+            prompts,
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=encoder_decoder,
+            # an encoder's input stays within the positions checked for training, however the text re-encodes
+            truncation=encoder_decoder,
+            max_length=max_source_tokens if encoder_decoder else None,
+        ).to(device)
         generated = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -47,10 +55,11 @@ def generate(
     return outputs
 
 
-def _prompt(tokenizer, template: str, source: str, max_source_tokens: int) -> str:
-    """The template around the source, the source cut to fit ``max_source_tokens`` (as in training)."""
+def _prompt(tokenizer, template: str, source: str, max_source_tokens: int, special_tokens: bool = False) -> str:
+    """The template around the source, the source cut so that the prompt fits ``max_source_tokens`` (as in training),
+    with the special tokens the tokenizer adds where ``special_tokens`` (an encoder-decoder's input has them)."""
     prefix, _, suffix = template.partition("{input}")
-    room = max_source_tokens - len(tokenizer(prefix + suffix, add_special_tokens=False)["input_ids"])
+    room = max_source_tokens - len(tokenizer(prefix + suffix, add_special_tokens=special_tokens)["input_ids"])
     ids = tokenizer(source, add_special_tokens=False)["input_ids"][: max(room, 1)]
     return prefix + tokenizer.decode(ids) + suffix
 

@@ -180,8 +180,22 @@ def tokenize(model, tokenizer, examples: Sequence, args: argparse.Namespace) -> 
     tokenize_examples = tokenize_seq2seq if model.config.is_encoder_decoder else tokenize_causal
     columns = tokenize_examples(tokenizer, examples, args.template, args.max_source_tokens, args.max_target_tokens)
     limit = _learned_position_limit(model)
+    if limit is None:
+        return columns
+    if model.config.is_encoder_decoder:  # the encoder reads the source, the decoder the target: each has the limit
+        lengths = {
+            "--max-source-tokens": columns["input_ids"].shape[1],
+            "--max-target-tokens": columns["labels"].shape[1],
+        }
+        too_long = [f"{flag} {length}" for flag, length in lengths.items() if length > limit]
+        if too_long:
+            raise CliError(
+                f"{' and '.join(too_long)}: more than the {limit} positions this model's encoder and decoder each "
+                f"have; lower {'them' if len(too_long) > 1 else 'it'}"
+            )
+        return columns
     length = columns["input_ids"].shape[1]
-    if limit is not None and length > limit:
+    if length > limit:
         raise CliError(
             f"sequences of {length} tokens (--max-source-tokens {args.max_source_tokens} + --max-target-tokens "
             f"{args.max_target_tokens} + end of text) exceed the {limit} positions this model has; lower them"
@@ -190,15 +204,16 @@ def tokenize(model, tokenizer, examples: Sequence, args: argparse.Namespace) -> 
 
 
 def _learned_position_limit(model) -> int | None:
-    """The positions a decoder-only model with learned position embeddings has (GPT-2, OPT): an index error beyond
-    them. None where positions are computed (RoPE, ALiBi, relative: longer inputs run, scaled or not)."""
+    """The positions a model with a table of position embeddings has, learned (GPT-2, OPT, BART) or fixed sinusoids
+    (Marian, Pegasus): an index error beyond them. None where positions are computed (RoPE, ALiBi, T5's relative
+    buckets: longer inputs run, scaled or not)."""
     import torch
 
     learned = any(
         isinstance(module, torch.nn.Embedding) and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))
         for name, module in model.named_modules()
     )
-    if model.config.is_encoder_decoder or not learned:
+    if not learned:
         return None
     for name in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(model.config, name, None)
