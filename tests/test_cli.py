@@ -390,6 +390,19 @@ def test_an_encoder_decoder_with_learned_positions_is_held_to_them(tiny_checkpoi
     assert main([*base, "--max-source-tokens", "16"]) == 0 and (out / "metrics.json").is_file()
 
 
+def test_quantizing_without_bitsandbytes_is_one_clear_line(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    data = ["--dataset", str(tiny_checkpoint / "data.jsonl"), "--no-energy", "--output-dir", str(out)]
+    args = ["train", "--model", str(tiny_checkpoint), *data, *TRAIN_ARGS, "--load-in-4bit"]
+    quantizer = "transformers.quantizers.quantizer_bnb_4bit.is_bitsandbytes_available"
+    monkeypatch.setattr(quantizer, lambda *args, **kwargs: False)  # what transformers sees without it
+    monkeypatch.setattr("transformers.utils.is_bitsandbytes_available", lambda *args, **kwargs: False)
+    _fails(args, capsys, "--load-in-4bit needs bitsandbytes: pip install -U bitsandbytes, or drop the flag", out)
+    # installed, but transformers' quantizer still refuses (too old a version, no accelerate): its reason, one line
+    monkeypatch.setattr("transformers.utils.is_bitsandbytes_available", lambda *args, **kwargs: True)
+    _fails(args, capsys, "--load-in-4bit: Using `bitsandbytes`", out)
+
+
 def test_profile_command_builds_a_decoder_with_a_pad_token_and_checks_the_plot_path(tmp_path, capsys):
     transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, pad_token_id=0).save_pretrained(
         tmp_path / "gpt2"

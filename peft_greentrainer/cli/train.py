@@ -97,7 +97,8 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- data
 def _apply_defaults(args: argparse.Namespace) -> None:
-    """The embedded run's small defaults, or the paper's; the learning rate by unit kind; a wrong --country now."""
+    """The embedded run's small defaults, or the paper's; the learning rate by unit kind; a wrong --country, or a
+    quantization flag without bitsandbytes, now."""
     embedded = args.model is None and args.dataset is None
     for key, value in (EMBEDDED_DEFAULTS if embedded else PAPER_DEFAULTS).items():
         if getattr(args, key) is None:
@@ -110,6 +111,11 @@ def _apply_defaults(args: argparse.Namespace) -> None:
         raise CliError("--device cuda: no CUDA device is visible; pass --device cpu (or auto)")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.load_in_8bit or args.load_in_4bit:
+        from transformers.utils import is_bitsandbytes_available
+
+        if not is_bitsandbytes_available():  # not installed, or older than transformers takes
+            raise CliError(f"{_quantize_flag(args)} needs bitsandbytes: pip install -U bitsandbytes, or drop the flag")
     if args.country and args.carbon_intensity is None and not args.no_energy:
         from ..energy import country_intensity
 
@@ -119,6 +125,10 @@ def _apply_defaults(args: argparse.Namespace) -> None:
             raise CliError(f"--country: {error}") from error
         except ImportError as error:
             raise CliError("--country needs codecarbon (pip install codecarbon), or pass --no-energy") from error
+
+
+def _quantize_flag(args: argparse.Namespace) -> str:
+    return "--load-in-8bit" if args.load_in_8bit else "--load-in-4bit"
 
 
 def _check_output_dir(path: Path, overwrite: bool) -> None:
@@ -261,6 +271,10 @@ def load_model(name: str, args: argparse.Namespace):
             f"cannot load the weights of model {name!r} ({str(error).splitlines()[0]}); training needs them "
             "(model.safetensors or pytorch_model.bin beside config.json): only greentrainer profile works without"
         ) from error
+    except ImportError as error:  # what else transformers' quantizer needs (accelerate, a newer bitsandbytes)
+        if "quantization_config" not in kwargs:
+            raise
+        raise CliError(f"{_quantize_flag(args)}: {str(error).splitlines()[0]}; or drop the flag") from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
