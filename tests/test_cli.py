@@ -11,11 +11,13 @@ import pytest
 import torch
 import transformers
 from conftest import SPARSE_HEAD_UNAVAILABLE, needs_opt_on_meta, needs_sparse_head
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import PeftModel
 
 import peft_greentrainer  # noqa: F401  (registers the method for PeftModel.from_pretrained)
 from peft_greentrainer.cli.data import Example
-from peft_greentrainer.cli.evaluation import generate
+from peft_greentrainer.cli.evaluation import generate, rouge
 from peft_greentrainer.cli.main import build_parser, main
 from peft_greentrainer.cli.planning import build_on_meta
 from peft_greentrainer.cli.train import _apply_defaults
@@ -401,6 +403,54 @@ def test_quantizing_without_bitsandbytes_is_one_clear_line(tiny_checkpoint, tmp_
     # installed, but transformers' quantizer still refuses (too old a version, no accelerate): its reason, one line
     monkeypatch.setattr("transformers.utils.is_bitsandbytes_available", lambda *args, **kwargs: True)
     _fails(args, capsys, "--load-in-4bit: Using `bitsandbytes`", out)
+
+
+def test_rouge_scores_english_as_rouge_score_does_and_reads_every_script():
+    from rouge_score import rouge_scorer
+
+    default = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    pairs = [
+        ("The cats were running quickly.", "A cat runs quickly!"),
+        ("GreenTrainer saves 50% of FLOPs", "it saves half the flops, at rho=0.5"),
+        ("state-of-the-art models (2023)", "models: the STATE of the art in 2023"),
+        ("", "nothing predicted"),
+    ]
+    for prediction, reference in pairs:
+        expected = {key: 100 * score.fmeasure for key, score in default.score(reference, prediction).items()}
+        assert rouge([prediction], [reference]) == pytest.approx(expected)
+    same = {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0}
+    for text in (
+        "模型训练很快",
+        "модель обучается быстро",
+        "ภาษาไทยง่ายมาก",
+        "こんにちは、世界",
+        "Größenänderung über Straße",
+    ):
+        assert rouge([text], [text]) == same, text  # the default tokenizer keeps [a-z0-9]: 0, or German fragments
+    for prediction, reference in (
+        ("模型训练很慢", "模型训练很快"),
+        ("модель обучается медленно", "модель обучается быстро"),
+    ):
+        assert 0 < rouge([prediction], [reference])["rouge1"] < 100
+
+
+ENGLISH = (
+    "Running runs ran, generalization's GENERALIZES; happily: studies-studying (relational) conditioned x86_64 2e-5"
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(st.characters(max_codepoint=127)) | st.lists(st.sampled_from(ENGLISH.split())).map(" ".join), st.booleans()
+)
+def test_rouge_tokens_are_rouge_scores_on_ascii_and_words_or_letters_elsewhere(text, use_stemmer):
+    from rouge_score import tokenizers
+
+    from peft_greentrainer.cli.evaluation import AnyScriptTokenizer
+
+    assert AnyScriptTokenizer(use_stemmer).tokenize(text) == tokenizers.DefaultTokenizer(use_stemmer).tokenize(text)
+    words = AnyScriptTokenizer(use_stemmer).tokenize("Модели 2024年 обучаются, नमस्ते")
+    assert words == ["модели", "2024", "年", "обучаются", "नमस्ते"]  # Devanagari's vowel signs are marks in a word
 
 
 def test_profile_command_builds_a_decoder_with_a_pad_token_and_checks_the_plot_path(tmp_path, capsys):
