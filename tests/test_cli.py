@@ -517,11 +517,36 @@ def test_embedded_data_loads_offline():
     test = load_examples(None, "eval", limit=9)
     assert len(train) == 300 and len(test) == 9
     assert all(e.source and e.target for e in train)
-    assert {e.source.rsplit("\n", 1)[1] for e in test} == {  # the three aspects all appear in a small sample
+    assert {e.source.split("\n", 1)[0] for e in test} == {  # the three aspects all appear in a small sample
         "What problem does the paper address?",
         "What do the authors propose?",
         "What did they find?",
     }
+
+
+def test_every_embedded_prompt_keeps_its_aspect_question():
+    """A source cut to the embedded run's limit keeps its question: after the abstract, most prompts lost it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from peft_greentrainer.cli.data import ACLSUM_QUESTIONS, PAPER_TEMPLATE, load_examples, tokenize_causal
+    from peft_greentrainer.cli.evaluation import _prompt
+    from peft_greentrainer.cli.train import EMBEDDED_DEFAULTS
+
+    train, test = load_examples(None, "train"), load_examples(None, "eval")
+    words = {word for e in train + test for word in f"{e.source} {e.target} {PAPER_TEMPLATE}".split()}
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<eos>", *sorted(words)])}))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # a token a word: abstracts run past 160 of them
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    limits = EMBEDDED_DEFAULTS["max_source_tokens"], EMBEDDED_DEFAULTS["max_target_tokens"]
+    columns = tokenize_causal(tokenizer, train, PAPER_TEMPLATE, *limits)
+    prompt_ids = zip(columns["input_ids"], (columns["labels"] == -100) & (columns["attention_mask"] == 1), strict=True)
+    prompts = [tokenizer.decode(ids[in_prompt]) for ids, in_prompt in prompt_ids]
+    prompts += [_prompt(tokenizer, PAPER_TEMPLATE, e.source, limits[0]) for e in test]
+    assert any(len(e.source.split()) > limits[0] for e in train)  # cut, as with the real tokenizer
+    for example, prompt in zip(train + test, prompts, strict=True):
+        question = next(q for q in ACLSUM_QUESTIONS.values() if q in example.source)
+        assert question in prompt and prompt.endswith(PAPER_TEMPLATE.partition("{input}")[2])
+    assert len(set(prompts[: len(train)])) == len(train)  # no prompt of one abstract stands for three aspects
 
 
 @pytest.mark.slow
