@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout: the harness an
 import transformers  # noqa: E402
 
 from benchmarks.harness import methods, report, runner, workload  # noqa: E402
+from peft_greentrainer.cli.train import EMBEDDED_LR, PAPER_LR  # noqa: E402
 
 METHODS = ("full", "lora", "top_k", "random", "gt_tensors_0.4", "gt_tensors_0.5", "gt_tensors_0.7", "gt_lora_0.5")
 BASELINE_RHO = 0.5  # budget of the FT-top-k and random-selection baselines
@@ -44,8 +45,9 @@ DEFAULTS = {
     "max_target_tokens": 48,
     "max_new_tokens": 48,
     "measure_every": 10,
-    "lr_tensors": 2e-5,  # the CLI's (and the paper's) default for full-model tensors
-    "lr_lora": 2e-4,  # the CLI's default for LoRA adapters
+    # the paper's (the CLI's defaults for models other than its embedded one, which gets EMBEDDED_LR)
+    "lr_tensors": PAPER_LR["tensors"],
+    "lr_lora": PAPER_LR["lora"],
 }
 # --quick: a randomly initialised tiny model learns nothing at 2e-5 in 16 steps; one larger lr per kind instead.
 QUICK = {
@@ -89,6 +91,18 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def lr_source(args: argparse.Namespace) -> str:
+    """Where the learning rates in use come from, for the setup text ("" where they were passed)."""
+    lrs = {"tensors": args.lr_tensors, "lora": args.lr_lora}
+    if args.quick and lrs == {"tensors": QUICK["lr_tensors"], "lora": QUICK["lr_lora"]}:
+        return " (quick run: larger lrs, chosen for a random-init tiny model)"
+    if lrs == PAPER_LR:
+        return " (the paper's; the CLI's defaults for models other than its embedded one)"
+    if lrs == EMBEDDED_LR:
+        return " (the CLI's defaults on its embedded model and data)"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = resolve(build_parser().parse_args(argv))
@@ -123,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"batch {args.batch_size} x {work.train_columns['input_ids'].shape[1]} tokens, {settings.steps(work)} steps "
         f"per method; prompt `{work.template}`; AdamW, constant lr {args.lr_tensors:g} for base tensors (full FT, "
         f"FT-top-k, random, GreenTrainer tensors) and {args.lr_lora:g} for LoRA adapters (LoRA, GreenTrainer lora)"
-        f"{' (quick run: larger lrs, chosen for a random-init tiny model)' if args.quick else ' (the CLI defaults)'}; "
+        f"{lr_source(args)}; "
         f"evaluation: greedy, {len(work.eval_examples)} held-out examples, up to {args.max_new_tokens} new tokens; "
         f"seed {args.seed}; GreenTrainer importance from {args.importance_batches} batches per selection."
     )

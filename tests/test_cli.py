@@ -19,11 +19,13 @@ from conftest import (
     tiny_config,
     tiny_model,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import PeftModel
 
 import peft_greentrainer  # noqa: F401  (registers the method for PeftModel.from_pretrained)
 from peft_greentrainer.cli.data import Example
-from peft_greentrainer.cli.evaluation import generate
+from peft_greentrainer.cli.evaluation import generate, rouge
 from peft_greentrainer.cli.main import build_parser, main
 from peft_greentrainer.cli.planning import build_on_meta
 from peft_greentrainer.cli.train import _apply_defaults
@@ -449,6 +451,121 @@ def test_the_floor_profile_prints_is_one_training_accepts(tmp_path, capsys):
     assert selection.mask.any() and selection.flops <= floor * selection.full_flops
 
 
+def test_a_one_row_data_file_is_one_clear_line(tiny_checkpoint, tmp_path, capsys):
+    one_row = tmp_path / "one.jsonl"
+    one_row.write_text((tiny_checkpoint / "data.jsonl").read_text().splitlines()[0] + "\n")
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_checkpoint), "--dataset", str(one_row), "--output-dir", str(out)]
+    _fails([*args, *TRAIN_ARGS, "--no-energy"], capsys, "gave 1 training and 0 evaluation examples", out)
+
+
+def test_a_model_directory_without_weights_is_one_clear_line(tiny_checkpoint, tmp_path, capsys):
+    config_only = tmp_path / "no-weights"  # what greentrainer profile takes
+    config_only.mkdir()
+    for file in tiny_checkpoint.glob("*.json"):  # config and tokenizer
+        (config_only / file.name).write_bytes(file.read_bytes())
+    out = tmp_path / "run"
+    args = ["train", "--model", str(config_only), "--dataset", str(tiny_checkpoint / "data.jsonl"), *TRAIN_ARGS]
+    expected = "training needs them (model.safetensors or pytorch_model.bin beside config.json)"
+    _fails([*args, "--no-energy", "--output-dir", str(out)], capsys, expected, out)
+
+
+@pytest.mark.slow
+def test_an_encoder_decoder_with_learned_positions_is_held_to_them(tiny_checkpoint, tmp_path, capsys):
+    from tokenizers import processors
+
+    bart = tmp_path / "bart"  # 16 learned positions in encoder and decoder; a tokenizer that adds specials, as BART's
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_checkpoint)
+    eos = tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<eos> $A <eos>", special_tokens=[("<eos>", eos)]
+    )
+    tokenizer.save_pretrained(bart)
+    dims = {"encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2, "decoder_attention_heads": 2}
+    config = transformers.BartConfig(
+        d_model=16,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=16,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+        bos_token_id=eos,
+        decoder_start_token_id=eos,
+        forced_eos_token_id=None,
+        **dims,
+    )
+    transformers.BartForConditionalGeneration(config).save_pretrained(bart)
+    out = tmp_path / "run"
+    data = ["--dataset", str(tiny_checkpoint / "data.jsonl"), "--no-energy", "--output-dir", str(out)]
+    base = ["train", "--model", str(bart), *data, *TRAIN_ARGS, "--epochs", "1", "--eval-examples", "2"]
+    _fails([*base, "--max-source-tokens", "24"], capsys, "--max-source-tokens 24: more than the 16 positions", out)
+    _fails([*base, "--max-target-tokens", "17"], capsys, "--max-target-tokens 17: more than the 16 positions", out)
+    # at the limit it trains, and evaluates on prompts of 20-word sources cut to fit with the special tokens
+    assert main([*base, "--max-source-tokens", "16"]) == 0 and (out / "metrics.json").is_file()
+
+
+def test_quantizing_without_bitsandbytes_is_one_clear_line(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    data = ["--dataset", str(tiny_checkpoint / "data.jsonl"), "--no-energy", "--output-dir", str(out)]
+    args = ["train", "--model", str(tiny_checkpoint), *data, *TRAIN_ARGS, "--load-in-4bit"]
+    quantizer = "transformers.quantizers.quantizer_bnb_4bit.is_bitsandbytes_available"
+    monkeypatch.setattr(quantizer, lambda *args, **kwargs: False)  # what transformers sees without it
+    monkeypatch.setattr("transformers.utils.is_bitsandbytes_available", lambda *args, **kwargs: False)
+    _fails(args, capsys, "--load-in-4bit needs bitsandbytes: pip install -U bitsandbytes, or drop the flag", out)
+    # installed, but transformers' quantizer still refuses (too old a version, no accelerate): its reason, one line
+    monkeypatch.setattr("transformers.utils.is_bitsandbytes_available", lambda *args, **kwargs: True)
+    _fails(args, capsys, "--load-in-4bit: Using `bitsandbytes`", out)
+
+
+def test_rouge_scores_english_as_rouge_score_does_and_reads_every_script():
+    from rouge_score import rouge_scorer
+
+    default = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    pairs = [
+        ("The cats were running quickly.", "A cat runs quickly!"),
+        ("GreenTrainer saves 50% of FLOPs", "it saves half the flops, at rho=0.5"),
+        ("state-of-the-art models (2023)", "models: the STATE of the art in 2023"),
+        ("", "nothing predicted"),
+    ]
+    for prediction, reference in pairs:
+        expected = {key: 100 * score.fmeasure for key, score in default.score(reference, prediction).items()}
+        assert rouge([prediction], [reference]) == pytest.approx(expected)
+    same = {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0}
+    for text in (
+        "模型训练很快",
+        "модель обучается быстро",
+        "ภาษาไทยง่ายมาก",
+        "こんにちは、世界",
+        "Größenänderung über Straße",
+    ):
+        assert rouge([text], [text]) == same, text  # the default tokenizer keeps [a-z0-9]: 0, or German fragments
+    for prediction, reference in (
+        ("模型训练很慢", "模型训练很快"),
+        ("модель обучается медленно", "модель обучается быстро"),
+    ):
+        assert 0 < rouge([prediction], [reference])["rouge1"] < 100
+
+
+ENGLISH = (
+    "Running runs ran, generalization's GENERALIZES; happily: studies-studying (relational) conditioned x86_64 2e-5"
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(st.characters(max_codepoint=127)) | st.lists(st.sampled_from(ENGLISH.split())).map(" ".join), st.booleans()
+)
+def test_rouge_tokens_are_rouge_scores_on_ascii_and_words_or_letters_elsewhere(text, use_stemmer):
+    from rouge_score import tokenizers
+
+    from peft_greentrainer.cli.evaluation import AnyScriptTokenizer
+
+    assert AnyScriptTokenizer(use_stemmer).tokenize(text) == tokenizers.DefaultTokenizer(use_stemmer).tokenize(text)
+    words = AnyScriptTokenizer(use_stemmer).tokenize("Модели 2024年 обучаются, नमस्ते")
+    assert words == ["модели", "2024", "年", "обучаются", "नमस्ते"]  # Devanagari's vowel signs are marks in a word
+
+
 def test_profile_command_builds_a_decoder_with_a_pad_token_and_checks_the_plot_path(tmp_path, capsys):
     transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, pad_token_id=0).save_pretrained(
         tmp_path / "gpt2"
@@ -513,11 +630,36 @@ def test_embedded_data_loads_offline():
     test = load_examples(None, "eval", limit=9)
     assert len(train) == 300 and len(test) == 9
     assert all(e.source and e.target for e in train)
-    assert {e.source.rsplit("\n", 1)[1] for e in test} == {  # the three aspects all appear in a small sample
+    assert {e.source.split("\n", 1)[0] for e in test} == {  # the three aspects all appear in a small sample
         "What problem does the paper address?",
         "What do the authors propose?",
         "What did they find?",
     }
+
+
+def test_every_embedded_prompt_keeps_its_aspect_question():
+    """A source cut to the embedded run's limit keeps its question: after the abstract, most prompts lost it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from peft_greentrainer.cli.data import ACLSUM_QUESTIONS, PAPER_TEMPLATE, load_examples, tokenize_causal
+    from peft_greentrainer.cli.evaluation import _prompt
+    from peft_greentrainer.cli.train import EMBEDDED_DEFAULTS
+
+    train, test = load_examples(None, "train"), load_examples(None, "eval")
+    words = {word for e in train + test for word in f"{e.source} {e.target} {PAPER_TEMPLATE}".split()}
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<eos>", *sorted(words)])}))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # a token a word: abstracts run past 160 of them
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    limits = EMBEDDED_DEFAULTS["max_source_tokens"], EMBEDDED_DEFAULTS["max_target_tokens"]
+    columns = tokenize_causal(tokenizer, train, PAPER_TEMPLATE, *limits)
+    prompt_ids = zip(columns["input_ids"], (columns["labels"] == -100) & (columns["attention_mask"] == 1), strict=True)
+    prompts = [tokenizer.decode(ids[in_prompt]) for ids, in_prompt in prompt_ids]
+    prompts += [_prompt(tokenizer, PAPER_TEMPLATE, e.source, limits[0]) for e in test]
+    assert any(len(e.source.split()) > limits[0] for e in train)  # cut, as with the real tokenizer
+    for example, prompt in zip(train + test, prompts, strict=True):
+        question = next(q for q in ACLSUM_QUESTIONS.values() if q in example.source)
+        assert question in prompt and prompt.endswith(PAPER_TEMPLATE.partition("{input}")[2])
+    assert len(set(prompts[: len(train)])) == len(train)  # no prompt of one abstract stands for three aspects
 
 
 @pytest.mark.slow

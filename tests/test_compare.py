@@ -55,3 +55,22 @@ def test_quick_compare_runs_every_method_within_budget(tmp_path):
         assert rows[key]["flops_ratio"] <= compare.BASELINE_RHO + 1e-6, key
     assert len(rows["random"]["selections"]) == saved["config"]["epochs"]
     assert rows["lora"]["flops_ratio"] < 1.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "source"),
+    [
+        ([], "(the paper's; the CLI's defaults for models other than its embedded one)"),
+        (["--lr-tensors", "3e-4", "--lr-lora", "1e-3"], "(the CLI's defaults on its embedded model and data)"),
+        (["--quick"], "(quick run: larger lrs, chosen for a random-init tiny model)"),
+        (["--lr-tensors", "1e-4"], ""),
+    ],
+)
+def test_setup_text_says_truly_where_the_learning_rates_come_from(argv, source):
+    from peft_greentrainer.cli.train import EMBEDDED_LR, PAPER_LR
+
+    compare = _compare_module()
+    args = compare.resolve(compare.build_parser().parse_args(argv))
+    assert compare.lr_source(args) == (f" {source}" if source else "")
+    lrs = {"tensors": args.lr_tensors, "lora": args.lr_lora}
+    assert (lrs == PAPER_LR) == ("paper's" in source) and (lrs == EMBEDDED_LR) == ("embedded model" in source)

@@ -97,7 +97,8 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- data
 def _apply_defaults(args: argparse.Namespace) -> None:
-    """The embedded run's small defaults, or the paper's; the learning rate by unit kind; a wrong --country now."""
+    """The embedded run's small defaults, or the paper's; the learning rate by unit kind; a wrong --country, or a
+    quantization flag without bitsandbytes, now."""
     embedded = args.model is None and args.dataset is None
     for key, value in (EMBEDDED_DEFAULTS if embedded else PAPER_DEFAULTS).items():
         if getattr(args, key) is None:
@@ -110,6 +111,11 @@ def _apply_defaults(args: argparse.Namespace) -> None:
         raise CliError("--device cuda: no CUDA device is visible; pass --device cpu (or auto)")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.load_in_8bit or args.load_in_4bit:
+        from transformers.utils import is_bitsandbytes_available
+
+        if not is_bitsandbytes_available():  # not installed, or older than transformers takes
+            raise CliError(f"{_quantize_flag(args)} needs bitsandbytes: pip install -U bitsandbytes, or drop the flag")
     if args.country and args.carbon_intensity is None and not args.no_energy:
         from ..energy import country_intensity
 
@@ -119,6 +125,10 @@ def _apply_defaults(args: argparse.Namespace) -> None:
             raise CliError(f"--country: {error}") from error
         except ImportError as error:
             raise CliError("--country needs codecarbon (pip install codecarbon), or pass --no-energy") from error
+
+
+def _quantize_flag(args: argparse.Namespace) -> str:
+    return "--load-in-8bit" if args.load_in_8bit else "--load-in-4bit"
 
 
 def _check_output_dir(path: Path, overwrite: bool) -> None:
@@ -154,7 +164,7 @@ def load_data(args: argparse.Namespace) -> RunData:
         if not train_examples or not eval_examples:
             raise CliError(
                 f"dataset {args.dataset} gave {len(train_examples)} training and {len(eval_examples)} "
-                "evaluation examples; it needs at least one of each"
+                "evaluation examples; it needs at least one of each (a data file's last 20% is held out for evaluation)"
             )
         if len(train_examples) < args.batch_size:  # whole batches only: fewer rows than one would train nothing
             raise CliError(
@@ -180,8 +190,22 @@ def tokenize(model, tokenizer, examples: Sequence, args: argparse.Namespace) -> 
     tokenize_examples = tokenize_seq2seq if model.config.is_encoder_decoder else tokenize_causal
     columns = tokenize_examples(tokenizer, examples, args.template, args.max_source_tokens, args.max_target_tokens)
     limit = _learned_position_limit(model)
+    if limit is None:
+        return columns
+    if model.config.is_encoder_decoder:  # the encoder reads the source, the decoder the target: each has the limit
+        lengths = {
+            "--max-source-tokens": columns["input_ids"].shape[1],
+            "--max-target-tokens": columns["labels"].shape[1],
+        }
+        too_long = [f"{flag} {length}" for flag, length in lengths.items() if length > limit]
+        if too_long:
+            raise CliError(
+                f"{' and '.join(too_long)}: more than the {limit} positions this model's encoder and decoder each "
+                f"have; lower {'them' if len(too_long) > 1 else 'it'}"
+            )
+        return columns
     length = columns["input_ids"].shape[1]
-    if limit is not None and length > limit:
+    if length > limit:
         raise CliError(
             f"sequences of {length} tokens (--max-source-tokens {args.max_source_tokens} + --max-target-tokens "
             f"{args.max_target_tokens} + end of text) exceed the {limit} positions this model has; lower them"
@@ -190,15 +214,16 @@ def tokenize(model, tokenizer, examples: Sequence, args: argparse.Namespace) -> 
 
 
 def _learned_position_limit(model) -> int | None:
-    """The positions a decoder-only model with learned position embeddings has (GPT-2, OPT): an index error beyond
-    them. None where positions are computed (RoPE, ALiBi, relative: longer inputs run, scaled or not)."""
+    """The positions a model with a table of position embeddings has, learned (GPT-2, OPT, BART) or fixed sinusoids
+    (Marian, Pegasus): an index error beyond them. None where positions are computed (RoPE, ALiBi, T5's relative
+    buckets: longer inputs run, scaled or not)."""
     import torch
 
     learned = any(
         isinstance(module, torch.nn.Embedding) and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))
         for name, module in model.named_modules()
     )
-    if model.config.is_encoder_decoder or not learned:
+    if not learned:
         return None
     for name in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(model.config, name, None)
@@ -239,7 +264,17 @@ def load_model(name: str, args: argparse.Namespace):
             load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit
         )
     cls = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
-    model = cls.from_pretrained(name, **kwargs)
+    try:
+        model = cls.from_pretrained(name, **kwargs)
+    except OSError as error:  # a config and tokenizer without weights: all that `greentrainer profile` reads
+        raise CliError(
+            f"cannot load the weights of model {name!r} ({str(error).splitlines()[0]}); training needs them "
+            "(model.safetensors or pytorch_model.bin beside config.json): only greentrainer profile works without"
+        ) from error
+    except ImportError as error:  # what else transformers' quantizer needs (accelerate, a newer bitsandbytes)
+        if "quantization_config" not in kwargs:
+            raise
+        raise CliError(f"{_quantize_flag(args)}: {str(error).splitlines()[0]}; or drop the flag") from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
