@@ -59,6 +59,21 @@ def tiny_config(arch: str, **overrides):
         "gpt2": lambda: transformers.GPT2Config(
             n_embd=64, n_layer=3, n_head=4, vocab_size=VOCAB, n_positions=128, bos_token_id=0, eos_token_id=0
         ),
+        "wav2vec2": lambda: transformers.Wav2Vec2Config(  # transformers' default layerdrop (0.1), which is refused
+            vocab_size=32,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            conv_dim=(16, 16),
+            conv_stride=(5, 2),
+            conv_kernel=(10, 3),
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=2,
+            mask_time_prob=0.0,
+            pad_token_id=0,
+            ctc_loss_reduction="mean",
+        ),
         "t5": lambda: transformers.T5Config(
             d_model=64,
             d_ff=128,

@@ -4,13 +4,13 @@ measured the same way, and the saved adapter loaded back."""
 
 from __future__ import annotations
 
-import contextlib
 import random
 
 import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import tiny_config
 from peft import PeftModel, get_peft_model
 
 from benchmarks.families import CASES, collate, example, full_fine_tuning_flops
@@ -129,23 +129,8 @@ def test_lengths_padded_per_batch_are_priced_without_a_profile_and_exactly(famil
 
 def _wav2vec2_for_ctc() -> transformers.Wav2Vec2ForCTC:
     torch.manual_seed(0)
-    config = transformers.Wav2Vec2Config(
-        vocab_size=32,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(16, 16),
-        conv_stride=(5, 2),
-        conv_kernel=(10, 3),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        mask_time_prob=0.0,
-        layerdrop=0.0,  # random layer skips are refused (a step's FLOPs would not follow its shape)
-        pad_token_id=0,
-        ctc_loss_reduction="mean",
-    )
-    return transformers.Wav2Vec2ForCTC(config)
+    # random layer skips are refused (a step's FLOPs would not follow its shape)
+    return transformers.Wav2Vec2ForCTC(tiny_config("wav2vec2", layerdrop=0.0))
 
 
 @pytest.mark.parametrize("units", ["tensors", "lora"])
@@ -167,12 +152,8 @@ def test_t5s_position_bias_under_checkpointing_forces_no_backprop(units, caplog)
     batch["labels"] = torch.randint(1, 64, (2, 8), generator=generator)
     model.base_model.select_units([batch], torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
     model(**batch).loss.backward()
-    trained = [n for n, p in base.named_parameters() if p.requires_grad]
-    everything = [n for n, _ in base.named_parameters() if ".lora_" not in n]
-    step = sum(measure_flops(base, batch, trained))
-    with model.disable_adapter() if units == "lora" else contextlib.nullcontext():
-        full = sum(measure_flops(base, batch, everything))
-    assert step / full <= model.base_model.step_flops_ratios()[0] <= rho
+    ratio = sum(measure_flops(model, batch)) / full_fine_tuning_flops(model, batch)
+    assert ratio <= model.base_model.step_flops_ratios()[0] <= rho
     assert "requires grad but is no parameter" not in caplog.text
 
 

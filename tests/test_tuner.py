@@ -1681,18 +1681,7 @@ def test_layer_drop_is_refused_naming_where_it_is_set(units):
     """LayerDrop skips layers at random in training: profiles of two lengths listed the units in different backward
     orders (wav2vec2's default 0.1: training crashed) and a step's FLOPs followed the draws (0.573 of full
     fine-tuning measured, 0.494 priced, at rho 0.5). Modules that copy it when built (BART's) are named too."""
-    audio = transformers.Wav2Vec2Config(
-        vocab_size=32,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(16, 16),
-        conv_stride=(5, 2),
-        conv_kernel=(10, 3),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-    )
+    audio = tiny_config("wav2vec2")
     assert audio.layerdrop == 0.1  # its default, as HuBERT's, WavLM's, SEW's, UniSpeech's and Data2VecAudio's
     seq2seq = transformers.BartConfig(
         vocab_size=VOCAB,
