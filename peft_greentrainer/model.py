@@ -487,12 +487,12 @@ class GreenTrainerModel(LoraModel):
             if twin is not None:
                 reference, mode = twin
                 _mirror_modes(self.model, reference.model)
-                with adapters_off(reference):
+                with _adapters_off(reference):
                     # labels keep their values: the twin's sparse LM head (if any) then projects as many rows as the
                     # real model's, so rho is a fraction of full fine-tuning with the same head, as for a float base
                     full = profile_model(reference.model, fake_inputs(batch, mode), loss_fn).full_flops
             elif self.units_kind == "lora":
-                with adapters_off(self):
+                with _adapters_off(self):
                     full = profile_model(self.model, batch, loss_fn).full_flops
         return profile, full
 
@@ -1196,7 +1196,7 @@ def _accumulated_gradients(params: list[nn.Parameter]) -> set[int]:
 
 
 @contextmanager
-def adapters_off(tuner: GreenTrainerModel):
+def _adapters_off(tuner: GreenTrainerModel):
     """LoRA layers off (for the base model's full fine-tuning reference); PEFT's switch back on would make every
     adapter trainable, so the flags are restored as they were."""
     if tuner.units_kind != "lora":

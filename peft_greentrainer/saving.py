@@ -68,7 +68,8 @@ def write_atomically(target: str | os.PathLike, write: Callable[[str], None], ke
     staging = tempfile.mkdtemp(prefix=f".tmp-{name}-{_owner()}-", dir=parent)
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0o700 would hide the result from other users and services
     try:
-        open(os.path.join(staging, _NEW_CONTENT), "w").close()  # this sibling holds the new write, not the old one
+        with open(os.path.join(staging, _NEW_CONTENT), "w") as marker:  # the new write, not the old content
+            marker.write(_owner())
         card = os.path.join(target, MODEL_CARD)
         if keep_others and os.path.isfile(card):
             shutil.copy2(card, os.path.join(staging, MODEL_CARD))
@@ -134,8 +135,9 @@ def _recover(parent: str, name: str) -> None:
     Anything else (a sibling holding previous content, whose files a write was still carrying over) is left.
     """
     target = os.path.join(parent, name)
-    if os.path.isfile(os.path.join(target, _NEW_CONTENT)):  # killed just after the swap: complete, marker left
-        os.remove(os.path.join(target, _NEW_CONTENT))
+    left = os.path.join(target, _NEW_CONTENT)
+    if os.path.isfile(left) and _gone(*_marker_owner(left)):  # killed just after its swap: complete, marker left
+        os.remove(left)
     owned = re.compile(rf"\.(tmp|old)-{re.escape(name)}-([A-Za-z0-9_]+)\.([0-9]+)-[a-z0-9_]+")
     older = re.compile(rf"\.old-{re.escape(name)}-[a-z0-9_]+")  # named before owners were: not another name's
     aside = []
@@ -162,9 +164,20 @@ def _owner() -> str:
     return f"{re.sub(r'[^A-Za-z0-9_]', '_', socket.gethostname()) or '_'}.{os.getpid()}"
 
 
+def _marker_owner(path: str) -> tuple[str, int]:
+    """The ``(host, pid)`` a new write's marker names (a marker it cannot read names nobody known to be gone)."""
+    try:
+        with open(path) as marker:
+            host, _, pid = marker.read().partition(".")
+        return host, int(pid)
+    except (OSError, ValueError):
+        return "", 0
+
+
 def _gone(host: str, pid: int) -> bool:
-    """Whether the process that named a sibling ``host.pid`` has ended (known only for this host's processes)."""
-    if host != _owner().split(".")[0] or pid == os.getpid():
+    """Whether the process that named a sibling ``host.pid`` has ended (known only for this host's processes, and not
+    on Windows, where ``os.kill`` cannot ask)."""
+    if host != _owner().split(".")[0] or pid in (0, os.getpid()) or sys.platform == "win32":
         return False
     try:
         os.kill(pid, 0)

@@ -886,6 +886,30 @@ def test_a_write_killed_while_writing_is_removed_by_the_next(tmp_path):
     assert os.listdir(target) == ["weights"] and (target / "weights").read_text() == "new"
 
 
+def test_a_write_that_begins_while_another_swaps_its_content_in_leaves_both_whole(tmp_path, monkeypatch):
+    """A second writer (a thread, another process) that begins just after the first swapped its new content in, before
+    the first removed its marker, leaves that marker alone (its owner is alive): the first removed it itself, the
+    previous directory's other files carried over (the marker once went: the first write failed and they stayed in a
+    hidden sibling)."""
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "weights").write_text("v0")
+    (target / "tokenizer.json").write_text("kept")
+    exchange, interleaved = saving._exchange, []
+
+    def second_writer_after(first: str, second: str) -> bool:
+        swapped = exchange(first, second)
+        if not interleaved:
+            interleaved.append(True)
+            saving.write_atomically(target, lambda d: Path(d, "weights").write_text("v2"), keep_others=True)
+        return swapped
+
+    monkeypatch.setattr(saving, "_exchange", second_writer_after)
+    saving.write_atomically(target, lambda d: Path(d, "weights").write_text("v1"), keep_others=True)
+    assert interleaved and os.listdir(tmp_path) == ["adapter"]
+    assert sorted(os.listdir(target)) == ["tokenizer.json", "weights"]
+
+
 def test_a_save_updates_the_model_card_it_finds_as_save_pretrained_does(tmp_path):
     model = _peft_model("llama", "lora")
     target = tmp_path / "adapter"

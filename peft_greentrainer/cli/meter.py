@@ -3,17 +3,17 @@
 This is the ground truth the predictions are held to (does a predicted saving become a real one?). Every
 ``every``-th optimizer step is counted whole (``flops``: GreenTrainer's own work inside it too, such as a new batch
 shape's profile). With ``audit_steps``, the inputs and trainable tensors of each training forward of a counted step
-are kept, and :meth:`StepMeter.audit`, after training, measures on them the step alone and full fine-tuning of the
-base model (with the run's LM head, rho's reference, and with a dense one): the ratio the budget promises, without
-slowing training or adding to its energy. Counting slows the counted step, so every step is timed, counted ones
-excluded from the timings.
+are kept, and :meth:`StepMeter.audit`, after training, measures on them the step alone and counts full fine-tuning
+of the base model as its profile does (with the run's LM head, rho's reference, and with a dense one): the ratio
+the budget promises, without slowing training or adding to its energy. Counting slows the counted step, so every
+step is timed, counted ones excluded from the timings.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -24,9 +24,10 @@ from transformers import TrainerCallback
 from ..engine.flops import register_flop_formulas
 from ..engine.profile import measure_flops
 from ..engine.step_loss import as_batch
-from ..engine.units import is_trainable_dtype
-from ..model import adapters_off, find_tuner
+from ..model import find_tuner
 from ..sparse_head import attached_sparse_lm_head
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,28 +116,30 @@ class StepMeter(TrainerCallback):
             return
         with self._tuner.measuring():
             for measurement in self.steps:
-                if not measurement.forwards:
+                forwards, measurement.forwards = measurement.forwards, []
+                if not forwards:
                     continue
                 alone = full = dense = 0.0
-                for inputs, trained in measurement.forwards:
-                    alone += sum(measure_flops(self._tuner.model, inputs, trained))
-                    full += self._full_fine_tuning(inputs, dense_head=False)
-                    dense += self._full_fine_tuning(inputs, dense_head=True)
+                try:
+                    for inputs, trained in forwards:
+                        alone += sum(measure_flops(self._tuner.model, inputs, trained))
+                        full += self._full_fine_tuning(inputs, dense_head=False)
+                        dense += self._full_fine_tuning(inputs, dense_head=True)
+                except torch.OutOfMemoryError:  # the step alone fitted in training; say so rather than lose the run
+                    logger.warning("Step %d not audited: out of memory; its ratio is left out.", measurement.step)
+                    continue
                 measurement.alone_flops, measurement.full_flops, measurement.dense_full_flops = alone, full, dense
                 measurement.flops_ratio = alone / full if full else None
-                measurement.forwards = []
 
     def _full_fine_tuning(self, batch: Mapping[str, Any], dense_head: bool) -> float:
-        """FLOPs of a full fine-tuning step of the base model on ``batch`` (with the run's LM head, or a dense one):
-        measured with every tensor trainable and the adapters off; for a quantized base, which cannot be fully
-        fine-tuned, the tuner's reference (its float twin's profile)."""
+        """FLOPs of a full fine-tuning step of the base model on ``batch`` (with the run's LM head, or a dense one), as
+        its profile counts them: one forward under FlopCounterMode, each op's backward counted on its own, so no
+        gradient of every tensor and no activation is held (full fine-tuning may not fit where training does). Equal
+        to a measured full step (``tests/test_architectures.py``); for a quantized base, its float twin's."""
         tuner = self._tuner
-        if not all(is_trainable_dtype(p) for p in tuner.model.parameters()):
-            return tuner.dense_head_full_flops(batch) if dense_head else tuner.cost_profile(batch)[1]
-        head = attached_sparse_lm_head(tuner.model) if dense_head else None
-        names = [n for n, _ in tuner.model.named_parameters() if ".lora_" not in n]
-        with adapters_off(tuner), head.disabled() if head is not None else nullcontext():
-            return sum(measure_flops(tuner.model, batch, names))
+        if dense_head and attached_sparse_lm_head(tuner.model) is not None:
+            return tuner.dense_head_full_flops(batch)
+        return tuner.cost_profile(batch)[1]
 
     def uncounted_seconds(self) -> list[float]:
         return [s.seconds for s in self.steps if s.flops is None]

@@ -321,10 +321,17 @@ def _check_rho_floor(tuner, columns: dict, batch_size: int, rho: float) -> None:
 
 
 def _bounding_batches(columns: dict, batch_size: int) -> list[dict]:
-    """Batches of ``batch_size`` rows whose floors bound those of the batches shuffled data makes. A step whose LM
-    head projects only labelled positions is priced by the label-count bucket of its batch's mean (every row has the
-    same length): runs of rows sorted by their labels, one row apart, go through the means from the fewest labels to
-    the most, one per sum. Without labels to count, the first batch: every batch has the same shape then."""
+    """Batches whose floors bound those of every batch of ``batch_size`` rows the shuffled data can make.
+
+    Every row has the same length, so a step is priced by its batch's mean label count alone: with a head that
+    projects only labelled positions, at its label bucket's top against full fine-tuning at the bucket's bottom, which
+    is one label lower for a mean just above the bucket's lower edge (``label_buckets``). So one batch per whole count
+    between the fewest and the most labels a batch can average (a row re-labelled to that count), and, for batches of
+    several rows, one a label higher beside it (a mean between two whole counts). Without labels to count, the first
+    batch: every batch has the same shape then.
+    """
+    import math
+
     import torch
 
     from ..engine.targets import labelled_counts
@@ -334,15 +341,29 @@ def _bounding_batches(columns: dict, batch_size: int) -> list[dict]:
     counts = labelled_counts(columns)
     if counts is None:
         return [{k: v[:size] for k, v in columns.items()}]
-    order = torch.argsort(counts, stable=True)
-    sums, batches = set(), []
-    for start in range(rows - size + 1):
-        pick = order[start : start + size]
-        total = int(counts[pick].sum())
-        if total not in sums:
-            sums.add(total)
-            batches.append({k: v[pick] for k, v in columns.items()})
+    ordered = sorted(counts.tolist())
+    fewest, most = sum(ordered[:size]) / size, sum(ordered[-size:]) / size
+    richest = int(counts.argmax())
+    row = {k: v[richest : richest + 1] for k, v in columns.items()}
+    batches = []
+    for count in range(math.floor(fewest), math.ceil(most) + 1):
+        if fewest <= count <= most:
+            batches.append(_with_label_count(row, count))
+        if size > 1 and fewest < count + 1 and count < most:  # a mean between count and count + 1
+            pair = (_with_label_count(row, count), _with_label_count(row, count + 1))
+            batches.append({k: torch.cat([one[k] for one in pair]) for k in row})
     return batches
+
+
+def _with_label_count(row: dict, count: int) -> dict:
+    """``row`` (one row, ``labels`` aligned with ``input_ids``) with its first next-token targets unlabelled, so that
+    ``count`` remain."""
+    from ..engine.targets import IGNORE_INDEX
+
+    labels = row["labels"].clone()
+    targets = (labels[0, 1:] != IGNORE_INDEX).nonzero().flatten() + 1  # position t is scored against labels[t + 1]
+    labels[0, targets[: max(len(targets) - count, 0)]] = IGNORE_INDEX
+    return {**row, "labels": labels}
 
 
 def flops_references(peft_model, example: dict) -> dict[str, Any]:
