@@ -32,7 +32,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -898,10 +898,6 @@ def profile_model(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn = 
         for op, func, *_ in recorder.records
         if op.forward and getattr(func, "_overloadname", "").endswith("out")
     ]
-    if recomputed and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        # Measured on T5: a backward through one decoder block recomputes other checkpointed blocks too, so charge
-        # every block's recompute as soon as anything is selected (conservative: the budget stays a promise).
-        recomputed = [replace(op, dy=[(recorder.next_index, op.dy_flops)]) for op in recomputed]
     ops.extend(recomputed)
     derived = [(names, flops) for op in ops for names, flops in op.derived if flops]
     recorded = {id(op) for op, *_ in recorder.records}
