@@ -74,6 +74,16 @@ def tiny_config(arch: str, **overrides):
             pad_token_id=0,
             ctc_loss_reduction="mean",
         ),
+        "bart": lambda: transformers.BartConfig(
+            vocab_size=VOCAB,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+        ),
         "t5": lambda: transformers.T5Config(
             d_model=64,
             d_ff=128,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import save_tiny_checkpoint
+from conftest import save_tiny_checkpoint, tiny_config
 from peft import get_peft_model
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
@@ -180,17 +180,8 @@ def test_packings_at_one_shape_cost_two_profiles_and_dense_attention_keeps_one_p
 
 def test_an_encoder_decoder_under_such_attention_is_refused_with_what_to_do():
     """Its cross-attention costs both sides' lengths together, which two priced rows cannot bound."""
-    config = transformers.BartConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        attn_implementation=SEGMENTED,
-    )
+    config = tiny_config("bart")
+    config._attn_implementation = SEGMENTED
     model = get_peft_model(transformers.BartForConditionalGeneration(config), GreenTrainerConfig(rho=0.7))
     padded = _packed([12, 5], "padded")
     with pytest.raises(NotImplementedError, match="attn_implementation='sdpa'"):

@@ -774,17 +774,7 @@ def test_an_encoder_decoder_under_checkpointing_is_priced_block_by_block_never_u
         )
         model = transformers.T5ForConditionalGeneration(config)
     else:
-        config = transformers.BartConfig(
-            vocab_size=64,
-            d_model=32,
-            encoder_layers=2,
-            decoder_layers=2,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=64,
-            decoder_ffn_dim=64,
-        )
-        model = transformers.BartForConditionalGeneration(config)
+        model = transformers.BartForConditionalGeneration(tiny_config("bart", encoder_layers=2, decoder_layers=2))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     keep_backprop_shallow(model, quiet=True)  # what the tuner does before every selection and step

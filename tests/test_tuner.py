@@ -1707,17 +1707,7 @@ def test_layer_drop_is_refused_naming_where_it_is_set(units):
     fine-tuning measured, 0.494 priced, at rho 0.5). Modules that copy it when built (BART's) are named too."""
     audio = tiny_config("wav2vec2")
     assert audio.layerdrop == 0.1  # its default, as HuBERT's, WavLM's, SEW's, UniSpeech's and Data2VecAudio's
-    seq2seq = transformers.BartConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        decoder_layerdrop=0.05,
-    )
+    seq2seq = tiny_config("bart", decoder_layerdrop=0.05)
     lora = {"target_modules": ["q_proj", "v_proj"]} if units == "lora" else {}
     config = GreenTrainerConfig(rho=0.5, units=units, **lora)
     with pytest.raises(ValueError, match=r"LayerDrop on \(config\.layerdrop=0\.1\).*= 0\.0.*peft\.LoraConfig"):
