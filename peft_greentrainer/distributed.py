@@ -14,9 +14,11 @@ get a gradient in every backward pass:
 
 :func:`prepare_ddp` fixes all three on an existing DDP wrapper: it rebuilds the reducer (the same internal path DDP
 uses when it is unpickled) with ``find_unused_parameters=True``, no static graph, and every candidate unit registered.
-The :class:`~peft_greentrainer.GreenTrainerCallback` calls it at ``on_train_begin``, right after the Trainer wrapped
-the model (setting ``args.ddp_find_unused_parameters`` from a callback would be too late: the Trainer turns it into
-accelerate's DDP arguments in ``__init__``, before ``on_init_end``). A plain PyTorch loop wraps with :func:`wrap_ddp`.
+It also registers a communication hook that all-reduces only the trained gradients (``ddp_comm.py``): DDP alone sends
+every bucket whole, frozen units' zeros included. The :class:`~peft_greentrainer.GreenTrainerCallback` calls it at
+``on_train_begin``, right after the Trainer wrapped the model (setting ``args.ddp_find_unused_parameters`` from a
+callback would be too late: the Trainer turns it into accelerate's DDP arguments in ``__init__``, before
+``on_init_end``). A plain PyTorch loop wraps with :func:`wrap_ddp`.
 
 Importance is computed like the training step: each rank evaluates its own slice of the same global batches a
 single process would draw (:func:`importance_shard`), and every gradient is averaged across ranks as it is computed
@@ -44,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import fsdp
+from .ddp_comm import TrainedGradients, reduce_trained_gradients
 from .engine.units import requires_grad_kept
 from .model import GreenTrainerModel, find_tuner
 from .ranks import gradients_averaged_across_ranks, importance_shard, is_distributed, rank_and_world_size
@@ -54,12 +57,15 @@ __all__ = [  # the rank helpers live in ranks.py; re-exported here for plain loo
     "candidate_parameters",
     "check_backend",
     "find_ddp",
+    "follow_selections",
     "gradients_averaged_across_ranks",
     "importance_shard",
     "is_distributed",
     "prepare_ddp",
     "rank_and_world_size",
     "registered_parameters",
+    "send_trained_gradients_only",
+    "trained_gradients_state",
     "wrap_ddp",
 ]
 
@@ -158,12 +164,24 @@ def registered_parameters(ddp: nn.parallel.DistributedDataParallel) -> set[int]:
 
 
 def prepare_ddp(ddp: nn.parallel.DistributedDataParallel, candidates: Iterable[nn.Parameter]) -> bool:
-    """Make ``ddp`` reduce every candidate's gradient whichever subset is trainable; True if it had to be rebuilt.
+    """Make ``ddp`` reduce the gradients of whichever candidates are trained; True if its reducer had to be rebuilt.
+
+    The reducer is made to follow the selections (:func:`follow_selections`), and, unless the wrapper already has a
+    communication hook, it all-reduces only the trained gradients (:func:`send_trained_gradients_only`). Every rank
+    must call it (same model, same flags: the decisions are the same).
+    """
+    rebuilt = follow_selections(ddp, candidates)
+    send_trained_gradients_only(ddp)
+    return rebuilt
+
+
+def follow_selections(ddp: nn.parallel.DistributedDataParallel, candidates: Iterable[nn.Parameter]) -> bool:
+    """Make ``ddp``'s reducer accept any subset of the candidates being trainable; True if it had to be rebuilt.
 
     Needed: ``find_unused_parameters=True`` (frozen units fire no gradient hook), no static graph (the set of frozen
     units changes), and every candidate registered with the reducer. If any is missing, the reducer is rebuilt from
     the candidates plus whatever else requires a gradient, as DDP itself rebuilds it when unpickled; ``requires_grad``
-    flags are left as they were. Every rank must call it (same model, same flags: the decision is the same).
+    flags are left as they were.
     """
     candidates = list({id(p): p for p in candidates}.values())
     missing = [p for p in candidates if id(p) not in registered_parameters(ddp)]
@@ -206,13 +224,21 @@ def prepare_ddp(ddp: nn.parallel.DistributedDataParallel, candidates: Iterable[n
     return True
 
 
-def wrap_ddp(model: nn.Module, candidates: Iterable[nn.Parameter] | None = None, **kwargs: Any):
+def wrap_ddp(
+    model: nn.Module,
+    candidates: Iterable[nn.Parameter] | None = None,
+    *,
+    trained_gradients_only: bool = True,
+    **kwargs: Any,
+):
     """``DistributedDataParallel(model, find_unused_parameters=True, **kwargs)`` with every candidate unit registered.
 
     For plain PyTorch loops: wrap once, before or after selections, and call ``select_units`` on the unwrapped
     model on every rank, with the same number of batches of this rank's data, inside
     ``gradients_averaged_across_ranks(candidate_parameters(tuner))`` so that the importance is the global batch's.
-    ``candidates`` default to those of the GreenTrainer model inside ``model``.
+    ``candidates`` default to those of the GreenTrainer model inside ``model``. With ``trained_gradients_only`` the
+    wrapper all-reduces only the trained gradients (:func:`send_trained_gradients_only`); pass False to register a
+    communication hook of your own (DDP takes one).
     """
     if kwargs.pop("static_graph", False):
         raise ValueError("static_graph=True cannot follow GreenTrainer's changing selections; leave it False.")
@@ -225,7 +251,33 @@ def wrap_ddp(model: nn.Module, candidates: Iterable[nn.Parameter] | None = None,
     with requires_grad_kept(candidates):
         for param in candidates:
             param.requires_grad_(True)
-        return nn.parallel.DistributedDataParallel(model, **kwargs)
+        ddp = nn.parallel.DistributedDataParallel(model, **kwargs)
+    if trained_gradients_only:
+        send_trained_gradients_only(ddp)
+    return ddp
+
+
+def send_trained_gradients_only(ddp: nn.parallel.DistributedDataParallel) -> TrainedGradients | None:
+    """Register :func:`~peft_greentrainer.ddp_comm.reduce_trained_gradients` on ``ddp``; its state, or None if the
+    wrapper already has a communication hook (the user's is kept, and every bucket is then sent whole)."""
+    hooked = trained_gradients_state(ddp)
+    if hooked is not None:
+        return hooked
+    if ddp._comm_hooks or (ddp._get_ddp_logging_data() or {}).get("comm_hook"):
+        logger.info(
+            "DDP already has a communication hook: GreenTrainer keeps it, and frozen units' zero gradients are "
+            "all-reduced with the trained ones."
+        )
+        return None
+    state = TrainedGradients(ddp.process_group)
+    ddp.register_forward_pre_hook(state.record_forward)
+    ddp.register_comm_hook(state, reduce_trained_gradients)
+    return state
+
+
+def trained_gradients_state(ddp: nn.parallel.DistributedDataParallel) -> TrainedGradients | None:
+    """The state of the trained-gradients hook registered on ``ddp`` (what it sent so far), if any."""
+    return next((state for hook, state in ddp._comm_hooks if hook is reduce_trained_gradients), None)
 
 
 def candidate_parameters(tuner: GreenTrainerModel) -> list[nn.Parameter]:

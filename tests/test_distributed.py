@@ -16,16 +16,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import free_port, rank_reports, tiny_model
+import torch.distributed as dist
+from conftest import free_port, rank_reports, tiny_batch, tiny_model
 from peft import get_peft_model
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
 from peft_greentrainer.distributed import (
+    candidate_parameters,
     check_backend,
     gradients_averaged_across_ranks,
     importance_shard,
+    prepare_ddp,
     rank_and_world_size,
+    trained_gradients_state,
+    wrap_ddp,
 )
 from peft_greentrainer.sampling import importance_batches
 
@@ -109,6 +115,18 @@ def test_ddp_matches_a_single_process_on_the_same_global_batches(units, tmp_path
     assert rank0["losses"] == pytest.approx(single["losses"], abs=1e-5)
     if units == "tensors":  # the second selection trains tensors the first one froze: they are reduced too
         assert _became_trainable(info)
+
+    # each step all-reduced the gradients it trained, no more: not the frozen units' zeros in DDP's buckets
+    numel = {name: p.numel() for name, p in single["state"].items()}
+    selections = info["trainable_after_selection"]
+    steps = len(rank0["losses"])
+    trained_per_step = [
+        sum(numel[name] for name in next(names for start, names in reversed(selections) if start <= step))
+        for step in range(steps)
+    ]
+    assert info["elements_sent"] == sum(trained_per_step)
+    assert info["elements_in_buckets"] == steps * sum(numel[name] for name in info["registered"])
+    assert info["elements_sent"] < 0.8 * info["elements_in_buckets"]
 
 
 @pytest.mark.slow
@@ -324,3 +342,44 @@ def test_gradient_averaging_is_a_no_op_in_one_process():
     with gradients_averaged_across_ranks([param]):
         (grad,) = torch.autograd.grad((2 * param).sum(), [param])
     assert torch.equal(grad, torch.full((3,), 2.0))
+
+
+# ------------------------------------------------------------------ 5. the communication hook, in one process
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of one rank in this process, destroyed afterwards (other tests run undistributed)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_sends_the_trained_gradients_only_and_keeps_a_hook_of_the_users(one_process_group):
+    model = get_peft_model(tiny_model("llama"), GreenTrainerConfig(rho=0.5))
+    tuner = model.base_model
+    batch = tiny_batch(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    tuner.select_units([batch], optimizer)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    expected = torch.autograd.grad(model(**batch).loss, list(trained.values()))
+
+    ddp = wrap_ddp(model)
+    ddp(**batch).loss.backward()
+    state = trained_gradients_state(ddp)
+    everything = sum(p.numel() for p in candidate_parameters(tuner))
+    assert state.elements_sent == sum(p.numel() for p in trained.values()) < 0.8 * everything
+    assert state.elements_in_buckets == everything
+    for (name, param), grad in zip(trained.items(), expected, strict=True):
+        torch.testing.assert_close(param.grad, grad, msg=name)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+    # a hook of the user's (accelerate registers one from DistributedDataParallelKwargs(comm_hook=...)) is kept
+    users = get_peft_model(tiny_model("llama"), GreenTrainerConfig(rho=0.5))
+    ddp = torch.nn.parallel.DistributedDataParallel(users, find_unused_parameters=True)
+    ddp.register_comm_hook(None, default_hooks.allreduce_hook)
+    prepare_ddp(ddp, candidate_parameters(users.base_model))
+    assert trained_gradients_state(ddp) is None
+    assert [hook for hook, _ in ddp._comm_hooks] == [default_hooks.allreduce_hook]
+    ddp = wrap_ddp(get_peft_model(tiny_model("llama"), GreenTrainerConfig()), trained_gradients_only=False)
+    assert trained_gradients_state(ddp) is None and not ddp._comm_hooks

@@ -3,10 +3,12 @@ selections), on CPU with gloo. Not a test; run:
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 tests/distributed_scripts/bench_find_unused.py
 
-Three DDP wrappers of identical copies of a small LLaMA, stepped in turn (rotating order, same batches, one run,
+Four DDP wrappers of identical copies of a small LLaMA, stepped in turn (rotating order, same batches, one run,
 so machine noise hits all alike): every tensor trainable with find_unused_parameters False / True (the flag's own
 overhead: one traversal of the autograd graph per step plus an all-reduce of the used-parameter bitmap), and
-GreenTrainer (rho=0.5) with the flag True. Prints the median step time of each over the timed steps, and the ratios.
+GreenTrainer (rho=0.5) with the flag True, all-reducing only the trained gradients (its default) or every bucket
+whole (frozen units' zeros included, DDP's own reduction). Prints the median step time of each over the timed steps,
+the ratios, and the share of the buckets' gradient elements GreenTrainer's hook sent.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import transformers
 from peft import get_peft_model
 
 from peft_greentrainer import GreenTrainerConfig
-from peft_greentrainer.distributed import wrap_ddp
+from peft_greentrainer.distributed import trained_gradients_state, wrap_ddp
 
 
 def main() -> None:
@@ -57,18 +59,25 @@ def main() -> None:
     full_false = torch.nn.parallel.DistributedDataParallel(model(), find_unused_parameters=False)
     full_true = torch.nn.parallel.DistributedDataParallel(model(), find_unused_parameters=True)
     green = get_peft_model(model(), GreenTrainerConfig(rho=0.5))
+    green_whole = get_peft_model(model(), GreenTrainerConfig(rho=0.5))
     green_ddp = wrap_ddp(green)
-    runs = {"full, find_unused=False": full_false, "full, find_unused=True": full_true, "greentrainer": green_ddp}
+    runs = {
+        "full, find_unused=False": full_false,
+        "full, find_unused=True": full_true,
+        "greentrainer": green_ddp,
+        "greentrainer, whole buckets": wrap_ddp(green_whole, trained_gradients_only=False),
+    }
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad]) for name, m in runs.items()}
     selection = green.base_model.select_units(
         [{"input_ids": b, "labels": b} for b in batches], optimizers["greentrainer"]
     )
+    green_whole.base_model.restore_selection(green.base_model.greentrainer_state.selected)
 
     times: dict[str, list[float]] = {name: [] for name in runs}
     for step in range(cli.warmup + cli.steps):
         ids = batches[step % len(batches)]
         names = list(runs)
-        for name in names[step % 3 :] + names[: step % 3]:  # rotate the order: no run always goes first
+        for name in names[step % len(names) :] + names[: step % len(names)]:  # rotate: no run always goes first
             ddp = runs[name]
             dist.barrier()
             start = time.perf_counter()
@@ -93,6 +102,8 @@ def main() -> None:
         for (name, _), value in zip(median.items(), table.tolist(), strict=True):
             print(f"  {name:26s} {1000 * value:8.1f} ms/step  {value / base:.3f} x full/find_unused=False")
         print(f"  greentrainer predicted FLOPs ratio: {selection.ratio:.3f}")
+        comm = trained_gradients_state(green_ddp)
+        print(f"  greentrainer gradient elements sent: {comm.elements_sent / comm.elements_in_buckets:.3f} of DDP's")
     dist.barrier()
     dist.destroy_process_group()  # Gloo's worker threads outliving the interpreter abort the process at exit
 

@@ -116,6 +116,12 @@ class Recorder(TrainerCallback):
             self.info["find_unused_parameters"] = ddp.find_unused_parameters
             self.info["static_graph"] = ddp.static_graph
             self.info["registered"] = sorted(names[i] for i in gt_distributed.registered_parameters(ddp))
+            self.comm = gt_distributed.trained_gradients_state(ddp)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        comm = getattr(self, "comm", None)
+        if comm is not None:  # gradient elements all-reduced, and in DDP's buckets, over the run
+            self.info["elements_sent"], self.info["elements_in_buckets"] = comm.elements_sent, comm.elements_in_buckets
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
