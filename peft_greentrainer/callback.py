@@ -241,7 +241,9 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
 
     def _select(self, args: TrainingArguments, state: TrainerState, tuner: GreenTrainerModel, kwargs: dict) -> None:
         config = tuner.greentrainer_config
-        index = len(tuner.greentrainer_state.history)
+        # the importance selections so far: re-selections for a new batch shape depend on which shapes this process
+        # has priced, which a resumed run learns again, and must not move later draws
+        index = sum(record.reason != "batch shape" for record in tuner.greentrainer_state.history)
         rank, world_size = ranks.rank_and_world_size()
         loader = kwargs.get("train_dataloader")
         batches = list(

@@ -22,6 +22,7 @@ from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
+from peft_greentrainer import callback as callback_module
 from peft_greentrainer.engine.costs import cost_envelope, select_at_every_shape
 from peft_greentrainer.engine.profile import (
     batch_size,
@@ -632,3 +633,56 @@ def test_resume_from_a_checkpoint_with_dynamic_padding(checkpoint, units, save_s
     assert [r.step for r in history if r.reason == "importance"] == [
         r.step for r in full.base_model.greentrainer_state.history if r.reason == "importance"
     ]
+
+
+def test_a_resumed_run_draws_its_importance_batches_as_the_uninterrupted_one(tmp_path, monkeypatch):
+    """A resumed run prices again the batch shapes seen before its checkpoint, so its re-selections for a new shape
+    ("batch shape" records) need not be the uninterrupted run's; they must not move the importance draws after them."""
+    drawn: list[tuple[int, int]] = []
+    original = callback_module.importance_batches
+
+    def spy(loader, count, seed, rank=0, world_size=1, *, draw=0):
+        drawn.append((seed, draw))
+        return original(loader, count, seed, rank, world_size, draw=draw)
+
+    monkeypatch.setattr(callback_module, "importance_batches", spy)
+    rng = random.Random(0)  # short rows, and now and then a long one, whose shape re-selects within its step
+    data = []
+    for i in range(24):
+        length = rng.choice([4, 6, 8, 200]) if i % 6 else rng.randint(100, 220)
+        start = rng.randrange(37)
+        data.append([3 + (start + t) % 37 for t in range(length)])
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=40,
+        max_position_embeddings=256,
+        pad_token_id=0,
+    )
+
+    def collator(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        longest = max(map(len, rows))
+        ids = torch.tensor([row + [0] * (longest - len(row)) for row in rows])
+        mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in rows])
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    def run(out, resume=None):
+        drawn.clear()
+        torch.manual_seed(0)
+        base = transformers.AutoModelForCausalLM.from_config(config)
+        model = get_peft_model(base, GreenTrainerConfig(rho=0.5, selection_interval_steps=4))
+        args = _args(out, max_steps=16, save_strategy="steps", save_steps=3, remove_unused_columns=False)
+        trainer = Trainer(
+            model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[GreenTrainerCallback()]
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        reasons = [(r.step, r.reason) for r in model.base_model.greentrainer_state.history]
+        return reasons, list(drawn)
+
+    full_reasons, full_draws = run(tmp_path / "full")
+    resumed_reasons, resumed_draws = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "out" / "checkpoint-3"))
+    assert resumed_reasons != full_reasons  # the resumed run re-selected for shapes at other steps ...
+    assert resumed_draws == full_draws[-len(resumed_draws) :] and len(resumed_draws) == 3  # ... and drew alike
