@@ -146,6 +146,14 @@ class GreenTrainerConfig(LoraConfig):
                 "(peft.tuners.tuners_utils.replicate_layers(model, layer_map)) and tune the result, whose full "
                 "fine-tuning rho then refers to."
             )
+        if self.units == "lora" and getattr(self, "alora_invocation_tokens", None):
+            raise ValueError(
+                "alora_invocation_tokens (activated LoRA) runs the adapters only on the tokens after the invocation "
+                "sequence, which PEFT finds in each batch inside PeftModelForCausalLM.forward; GreenTrainer prices and "
+                "ranks the adapters on the model below that wrapper, where they would run on no token (a step then "
+                "cost 1.30x full fine-tuning at rho=0.7). Train activated LoRA with plain LoRA (peft.LoraConfig), or "
+                "leave alora_invocation_tokens unset."
+            )
         ignored = self._lora_fields_set()
         if self.units == "tensors" and ignored:
             logger.warning(

@@ -49,6 +49,7 @@ from .engine.profile import (
     CostProfile,
     LossFn,
     batch_size,
+    computation_free_experts,
     default_loss,
     layer_drop_settings,
     profile_model,
@@ -229,6 +230,15 @@ class GreenTrainerModel(LoraModel):
                 "only on the batch shape GreenTrainer prices. Mixture-of-experts models whose experts are stacked "
                 "tensors (transformers 5's Mixtral, Qwen2-MoE, OLMoE, ...) are priced exactly; for this one, use "
                 "plain LoRA (peft.LoraConfig)."
+            )
+        free = {} if config.inference_mode else computation_free_experts(model)
+        if free:
+            settings = ", ".join(f"{where}={value}" for where, value in free.items())
+            raise ValueError(
+                f"GreenTrainer cannot keep its FLOPs budget on this model: it has experts that compute nothing "
+                f"({settings}), so a step's FLOPs depend on how many tokens the router sends to them, not only on the "
+                "batch shape GreenTrainer prices. Set them to 0 in the config before loading the model, or use plain "
+                "LoRA (peft.LoraConfig)."
             )
         layer_drop = {} if config.inference_mode else layer_drop_settings(model)
         if layer_drop:

@@ -1721,6 +1721,47 @@ def test_layer_drop_is_refused_naming_where_it_is_set(units):
     get_peft_model(bart, config)
 
 
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_experts_that_compute_nothing_are_refused_naming_the_setting(units):
+    """LongCat-Flash routes tokens to stacked experts and to "zero" experts that pass them through: a step's FLOPs
+    follow the routing (a reviewer's same-shape batch routed to them: 0.556 of full fine-tuning at rho 0.5, priced
+    0.497). Without them its experts cost the same for every routing, and the model is accepted."""
+    shape = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        head_dim=8,
+        n_routed_experts=2,
+        moe_topk=1,
+        expert_ffn_hidden_size=16,
+        ffn_hidden_size=16,
+        kv_lora_rank=8,
+        q_lora_rank=8,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+    )
+    lora = {"target_modules": ["q_a_proj"]} if units == "lora" else {}
+    config = GreenTrainerConfig(rho=0.5, units=units, **lora)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LongcatFlashConfig(**shape, zero_expert_num=2))
+    with pytest.raises(ValueError, match=r"experts that compute nothing \(config\.zero_expert_num=2\).*LoraConfig"):
+        get_peft_model(model, config)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LongcatFlashConfig(**shape, zero_expert_num=0))
+    get_peft_model(model, config)
+
+
+def test_activated_lora_is_refused_with_what_to_do():
+    """PEFT finds aLoRA's invocation tokens in PeftModelForCausalLM.forward, above the model GreenTrainer profiles:
+    priced and ranked there, the adapters ran on no token (importance all 0; a step cost 1.30x full fine-tuning at
+    rho 0.7)."""
+    with pytest.raises(ValueError, match=r"alora_invocation_tokens.*plain LoRA \(peft\.LoraConfig\)"):
+        GreenTrainerConfig(rho=0.7, units="lora", target_modules=["q_proj"], alora_invocation_tokens=[5, 6])
+    GreenTrainerConfig(rho=0.7, units="lora", target_modules=["q_proj"])
+
+
 def test_a_floor_asked_first_does_not_price_later_steps_from_a_whole_batch():
     """A weight built from parameters alone (LoRA on stacked experts) costs the same for any number of rows, so a
     batch's costs divided by its rows under-price a one-row step. ``min_feasible_rho`` profiled the whole batch and

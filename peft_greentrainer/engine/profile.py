@@ -239,6 +239,24 @@ def layer_drop_settings(model: nn.Module) -> dict[str, float]:
     In training each layer is skipped at random, so a step's FLOPs depend on the draws, not only on its batch shape,
     and profiles of two shapes skip different layers (their units in different orders): no price per shape holds.
     """
+    return _positive_settings(model, lambda key: key.endswith("layerdrop"), module_attribute="layerdrop")
+
+
+def computation_free_experts(model: nn.Module) -> dict[str, float]:
+    """Numbers above 0 of experts that compute nothing (LongCat-Flash's ``zero_expert_num``: a token routed there is
+    passed through), by the config field that sets them.
+
+    Stacked experts otherwise cost the same for every routing (each token reaches ``top_k`` matmuls); with such
+    experts a step's FLOPs follow how many tokens the router sends to them, not the batch shape.
+    """
+    return _positive_settings(model, lambda key: "zero_expert" in key or "identity_expert" in key)
+
+
+def _positive_settings(
+    model: nn.Module, matches: Callable[[str], bool], module_attribute: str | None = None
+) -> dict[str, float]:
+    """Numbers above 0 in the model's configs (nested ones too) under a field ``matches`` accepts, and in modules'
+    own ``module_attribute`` (a copy taken at construction), by where they are set."""
     from transformers import PretrainedConfig
 
     found: dict[str, float] = {}
@@ -251,15 +269,15 @@ def layer_drop_settings(model: nn.Module) -> dict[str, float]:
         for key, value in vars(config).items():
             if isinstance(value, PretrainedConfig):
                 visit(value, f"{path}.{key}")
-            elif key.endswith("layerdrop") and _is_positive_number(value):
+            elif matches(key) and _is_positive_number(value):
                 found[f"{path}.{key}"] = value
 
     for name, module in model.named_modules():
         config = module.__dict__.get("config")  # (a module's own attribute: no nn.Module.__getattr__ miss)
         if isinstance(config, PretrainedConfig):
             visit(config, f"{name}.config" if name else "config")
-        if _is_positive_number(module.__dict__.get("layerdrop")):
-            found[f"{name}.layerdrop" if name else "layerdrop"] = module.__dict__["layerdrop"]
+        if module_attribute is not None and _is_positive_number(module.__dict__.get(module_attribute)):
+            found[f"{name}.{module_attribute}" if name else module_attribute] = module.__dict__[module_attribute]
     return found
 
 
