@@ -45,7 +45,7 @@ from .engine.profile import (
 )
 from .engine.selector import rounded_up_rho
 from .engine.step_loss import step_loss as loss_of_step
-from .engine.targets import labelled_counts
+from .engine.targets import labelled_counts, own_head_follows_labels
 from .engine.units import Unit
 from .sparse_head import attached_sparse_lm_head
 
@@ -116,7 +116,7 @@ class StepPricer:
         """
         with training_mode(self._tuner.model):
             key = profile_key(self._tuner.model, batch, self._tuner._module_tree())
-            counts = labelled_counts(batch)
+            counts = labelled_counts(batch, shifts=self._next_token_targets)
             dense_head = not self.head_follows_labels(batch)
             if not dense_head and counts is not None:  # a sparse head's cost follows each row's labelled positions
                 key = (key, tuple(counts.tolist()))
@@ -266,7 +266,8 @@ class StepPricer:
         """
         tree = tree or self._tuner._module_tree()
         head_follows_labels = self.head_follows_labels(batch)
-        found = labelled_counts(batch) if head_follows_labels or batch_size(batch) not in (None, 1) else None
+        wanted = head_follows_labels or batch_size(batch) not in (None, 1)
+        found = labelled_counts(batch, shifts=self._next_token_targets) if wanted else None
         counts = found.tolist() if found is not None else None
         row = dict(batch) if self.caches.rows_couple else costliest_row(batch, counts)
         spans = attention_extremes(row) if attention_follows_values(self._tuner.model, tree) else None
@@ -277,7 +278,7 @@ class StepPricer:
         priced = []
         for span, variant in spans or [(None, row)]:
             inputs = input_key(self._tuner.model, variant)
-            bucket = label_bucket(variant, mean) if mean is not None else None
+            bucket = label_bucket(variant, mean, shifts=self._next_token_targets) if mean is not None else None
             extra = [] if span is None else [("attention spans", span)]
             if bucket is not None:  # re-labelling changes no shape
                 extra.append(("labelled positions", (bucket.bottom, bucket.top)))
@@ -286,12 +287,19 @@ class StepPricer:
 
     def head_follows_labels(self, batch: Mapping[str, Any]) -> bool:
         """Whether the LM head of a training forward on ``batch`` projects only the labelled positions, so that its
-        cost follows the labels: our sparse head (when on: not under FSDP2, nor for tuple outputs), or TRL's fused
-        head (``fused_lm_head=True``), which does so on CUDA/XPU (Triton devices; elsewhere every position)."""
-        if batch.get("fused_lm_head"):
+        cost follows the labels: our sparse head (when on: not under FSDP2, nor for tuple outputs), TRL's fused
+        head (``fused_lm_head=True``), which does so on CUDA/XPU (Triton devices; elsewhere every position), or the
+        model's own (``own_head_follows_labels``: ModernBERT's masked-LM head with ``sparse_prediction``)."""
+        if batch.get("fused_lm_head") or own_head_follows_labels(self._tuner.model):
             return True
         head = attached_sparse_lm_head(self._tuner.model)
         return head is not None and head.enabled and returns_dict(self._tuner.model, batch)
+
+    @property
+    def _next_token_targets(self) -> bool:
+        """Whether position t is scored against ``labels[t + 1]`` (a causal LM's head, ours or TRL's), not against
+        ``labels[t]`` (a masked LM's own sparse head)."""
+        return not own_head_follows_labels(self._tuner.model)
 
     def learn_shapes(self, new: dict[tuple, UnitCosts]) -> dict[tuple, UnitCosts]:
         """Add the costs of new shapes. Every rank adds those of every rank, so all hold the same set of shapes."""

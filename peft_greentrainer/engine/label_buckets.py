@@ -33,19 +33,20 @@ class LabelBucket:
     row: dict[str, Any]
     mask: torch.Tensor  # the row's next-token targets
     name: str  # the labels entry the targets are read from ("labels" or "shift_labels")
+    offset: int  # position t's target is labels[t + offset] (1: a causal LM's next token; 0: shift_labels, in place)
 
     @functools.cached_property
     def widened(self) -> dict[str, Any]:
         """The row with every sequence at ``top`` targets: what a step costs at most."""
-        return {**self.row, self.name: _with_targets(self.row[self.name], self.mask, self.top, self.name)}
+        return {**self.row, self.name: _with_targets(self.row[self.name], self.mask, self.top, self.offset)}
 
     @functools.cached_property
     def narrowed(self) -> dict[str, Any]:
         """The row with every sequence at ``bottom`` targets: what full fine-tuning costs at least."""
-        return {**self.row, self.name: _with_targets(self.row[self.name], self.mask, self.bottom, self.name)}
+        return {**self.row, self.name: _with_targets(self.row[self.name], self.mask, self.bottom, self.offset)}
 
 
-def label_bucket(row: Mapping[str, Any], mean: float) -> LabelBucket | None:
+def label_bucket(row: Mapping[str, Any], mean: float, *, shifts: bool = True) -> LabelBucket | None:
     """The bucket, one of ``LABEL_BUCKETS`` per sequence length, of ``mean``: a batch's mean count of next-token
     targets per sequence, with ``row`` (one of the batch's rows) to re-label to the bucket's ends. None without 2-D
     labels with values.
@@ -56,27 +57,30 @@ def label_bucket(row: Mapping[str, Any], mean: float) -> LabelBucket | None:
     fine-tuning of the row narrowed to its bottom, bounds the ratio of every batch whose mean is in the bucket from
     above, and bounds how many profiles varying prompt lengths cost. Which positions are labelled, and with which
     tokens, changes no FLOP count: targets are added as token 0 at the first unlabelled positions, and removed from
-    the last labelled ones.
+    the last labelled ones. ``shifts=False`` where each label is scored where it stands (a masked LM's own sparse
+    head, ``targets.own_head_follows_labels``).
     """
     labels = row.get("labels")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.device.type == "meta":
         return None
     shifted = row.get("shift_labels") if isinstance(row.get("shift_labels"), torch.Tensor) else None
     name = "shift_labels" if shifted is not None else "labels"
-    mask = aligned_targets(labels, shifted) != IGNORE_INDEX  # as next_token_targets, without gathering the targets
+    # as next_token_targets, without gathering the targets
+    mask = aligned_targets(labels, shifted, shifts=shifts) != IGNORE_INDEX
     length = mask.shape[-1]
     step = max(1, math.ceil(length / LABEL_BUCKETS))
     index = math.ceil(mean / step)  # the bucket ((index - 1) * step, index * step]: its fewest whole count is one more
     below = max(0, (index - 1) * step)
-    usable = length if shifted is not None else length - 1  # without shift_labels the last position never counts
+    offset = 1 if shifted is None and shifts else 0  # position t's target is labels[t + offset]
+    usable = length - offset  # without shift_labels the last position never counts
     bottom, top = below + 1 if mean >= below + 1 else below, min(usable, index * step)
-    return LabelBucket(bottom, top, dict(row), mask, name)
+    return LabelBucket(bottom, top, dict(row), mask, name, offset)
 
 
-def _with_targets(labels: torch.Tensor, mask: torch.Tensor, count: int, name: str) -> torch.Tensor:
-    """``labels`` with exactly ``count`` next-token targets per sequence: the real ones first, then added ones."""
-    offset = 0 if name == "shift_labels" else 1  # position t's target is labels[t + 1]
-    usable = mask.shape[-1] - offset  # without shift_labels the last position never counts
+def _with_targets(labels: torch.Tensor, mask: torch.Tensor, count: int, offset: int) -> torch.Tensor:
+    """``labels`` with exactly ``count`` targets per sequence (position t's at ``labels[t + offset]``): the real ones
+    first, then added ones."""
+    usable = mask.shape[-1] - offset  # a next-token target: the last position never counts
     labels = labels.clone()
     for seq in range(mask.shape[0]):
         real = mask[seq].nonzero().flatten()

@@ -48,3 +48,10 @@ def labelled_counts(batch: Mapping[str, Any], *, shifts: bool = True) -> torch.T
     labels with values."""
     targets = batch_targets(batch, shifts=shifts)
     return None if targets is None else (targets != IGNORE_INDEX).sum(dim=1)
+
+
+def own_head_follows_labels(model: nn.Module) -> bool:
+    """Whether ``model``'s own head projects only the labelled positions, each scored where it stands: ModernBERT's
+    masked-LM head with ``sparse_prediction=True`` (a flag the model keeps when built). Its cost follows the number of
+    masked tokens, which the data sets, not the batch shape."""
+    return model.__dict__.get("sparse_prediction") is True
