@@ -31,7 +31,7 @@ class LabelBucket:
     bottom: int  # the bucket is [bottom, top] next-token targets per sequence
     top: int
     row: dict[str, Any]
-    mask: torch.Tensor  # the row's next-token targets
+    mask: torch.Tensor  # the row's targets, by the position scored against them
     name: str  # the labels entry the targets are read from ("labels" or "shift_labels")
     offset: int  # position t's target is labels[t + offset] (1: a causal LM's next token; 0: shift_labels, in place)
 
@@ -72,7 +72,7 @@ def label_bucket(row: Mapping[str, Any], mean: float, *, shifts: bool = True) ->
     index = math.ceil(mean / step)  # the bucket ((index - 1) * step, index * step]: its fewest whole count is one more
     below = max(0, (index - 1) * step)
     offset = 1 if shifted is None and shifts else 0  # position t's target is labels[t + offset]
-    usable = length - offset  # without shift_labels the last position never counts
+    usable = length - offset  # next-token targets from labels: the last position has none
     bottom, top = below + 1 if mean >= below + 1 else below, min(usable, index * step)
     return LabelBucket(bottom, top, dict(row), mask, name, offset)
 
@@ -80,7 +80,7 @@ def label_bucket(row: Mapping[str, Any], mean: float, *, shifts: bool = True) ->
 def _with_targets(labels: torch.Tensor, mask: torch.Tensor, count: int, offset: int) -> torch.Tensor:
     """``labels`` with exactly ``count`` targets per sequence (position t's at ``labels[t + offset]``): the real ones
     first, then added ones."""
-    usable = mask.shape[-1] - offset  # a next-token target: the last position never counts
+    usable = mask.shape[-1] - offset  # next-token targets from labels: the last position has none
     labels = labels.clone()
     for seq in range(mask.shape[0]):
         real = mask[seq].nonzero().flatten()
