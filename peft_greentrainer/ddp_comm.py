@@ -8,9 +8,12 @@ parameter no rank used untouched).
 
 "Trained since the last reduction" is read from ``requires_grad`` alone, never from which gradients a rank happens to
 hold, because every rank must send the same slices: the parameters that require a gradient now, and those that
-required one at any forward of the DDP wrapper since the last reduction (a selection made inside a
-gradient-accumulation window freezes units that already hold the window's gradients, and those must be averaged).
-GreenTrainer's selections set the same flags on every rank (``ranks.check_agreement``).
+required one at any forward with gradients on of the wrapped module since the last reduction (a selection made inside
+a gradient-accumulation window freezes units that already hold the window's gradients, and those must be averaged).
+The wrapped module's forwards are recorded, not the wrapper's: micro-batches may run through ``ddp.module`` (no
+synchronisation) and only the last through the wrapper. Forwards without gradients train nothing and are not
+recorded: an evaluation on one rank only would otherwise make the ranks send different slices. GreenTrainer's
+selections set the same flags on every rank (``ranks.check_agreement``).
 
 This module does not use ``from __future__ import annotations``: DDP checks the hook's annotations against the real
 ``dist.GradBucket`` and ``torch.futures.Future[torch.Tensor]`` objects, not their names.
@@ -26,7 +29,7 @@ from torch import nn
 class TrainedGradients:
     """State of :func:`reduce_trained_gradients`: the parameters trained since the last reduction, and what was sent.
 
-    ``record_forward`` must run at every forward of the DDP wrapper (a forward pre-hook). ``elements_sent`` and
+    ``record_forward`` must run at every forward of the wrapped module (a forward pre-hook). ``elements_sent`` and
     ``elements_in_buckets`` count gradient elements over the run: all-reduced, and what DDP alone would all-reduce.
     """
 
@@ -39,6 +42,8 @@ class TrainedGradients:
 
     def record_forward(self, module: nn.Module, args: Any) -> None:
         """Note the parameters this forward may train; the first forward after a reduction starts a new window."""
+        if not torch.is_grad_enabled():
+            return
         if self.reduced_since_forward:
             self.trained_in_window.clear()
             self.reduced_since_forward = False

@@ -270,7 +270,7 @@ def send_trained_gradients_only(ddp: nn.parallel.DistributedDataParallel) -> Tra
         )
         return None
     state = TrainedGradients(ddp.process_group)
-    ddp.register_forward_pre_hook(state.record_forward)
+    ddp.module.register_forward_pre_hook(state.record_forward)
     ddp.register_comm_hook(state, reduce_trained_gradients)
     return state
 

@@ -40,6 +40,7 @@ PLAIN_LOOP = Path(__file__).parent / "distributed_scripts" / "plain_loop.py"
 ACCUMULATION = Path(__file__).parent / "distributed_scripts" / "accumulation_reselect.py"
 WEIGHTING = Path(__file__).parent / "distributed_scripts" / "importance_weighting.py"
 WINDOW = Path(__file__).parent / "distributed_scripts" / "accumulation_window.py"
+COMM_HOOK = Path(__file__).parent / "distributed_scripts" / "comm_hook_windows.py"
 PER_DEVICE, WORLD = 2, 2
 
 
@@ -238,6 +239,18 @@ def test_a_new_shape_inside_a_window_keeps_to_the_units_selected_so_far_under_dd
     assert rank0["reasons"][-1] == "batch shape" and rank0["after"] == rank1["after"]
     before, after = set(rank0["before"]), set(rank0["after"])
     assert after and (after <= before) == (window == "inside")
+
+
+@pytest.mark.parametrize("case", ["module", "eval"])
+def test_the_trained_gradients_hook_keeps_the_ranks_together_whatever_runs_the_forwards(tmp_path, case):
+    """The hook sends what trained since the last reduction, read from the forwards it records: micro-batches through
+    ``ddp.module`` must be recorded (a unit they trained, dropped inside the window, made the ranks differ), and a
+    forward without gradients on one rank must not be (the ranks sent slices of different sizes: gloo aborted)."""
+    _launch(tmp_path, "--case", case, script=COMM_HOOK)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD))
+    assert not _differing(rank0["state"], rank1["state"])
+    if case == "module":
+        assert rank0["dropped"]  # a unit holding the window's gradients was dropped inside it
 
 
 @pytest.mark.parametrize("arch", ["llama", "t5"])  # next-token targets; every label (an encoder-decoder)
