@@ -49,7 +49,7 @@ from torch import nn
 from .engine.importance import NO_LOSS, clip_coefficient, optimizer_update, squared_norm, unwrap_optimizer
 from .engine.profile import LossFn
 from .engine.rng import fork_rng
-from .engine.units import Unit, is_trainable_dtype, unwrapped_name
+from .engine.units import Unit, is_trainable_storage, unwrapped_name
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def without_checkpoint_wrappers(model: nn.Module) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------------ set-up
 def check_model(model: nn.Module) -> None:
     """Refuse what GreenTrainer cannot do under FSDP2, before any data is loaded."""
-    quantized = [n for n, p in model.named_parameters() if not is_trainable_dtype(p)]
+    quantized = [n for n, p in model.named_parameters() if not is_trainable_storage(p)]
     if quantized:
         raise NotImplementedError(
             f"GreenTrainer under FSDP2 needs a floating-point base model, but {len(quantized)} parameter(s) are "
@@ -301,7 +301,7 @@ def compute_importance(
         raise ValueError("compute_importance needs either an optimizer or `lr` (for delta_w = -lr * grad)")
     loss_fn = loss_fn or default_loss
     tensors = {id(p): p for u, unit in enumerate(units) if mask[u] for p in unit.parameters(model)}
-    tensors = {key: p for key, p in tensors.items() if is_trainable_dtype(p)}
+    tensors = {key: p for key, p in tensors.items() if is_trainable_storage(p)}
     local = np.zeros(len(units), dtype=np.float64)
     if tensors:
         count = _accumulate_gradients(root, list(tensors.values()), batches, loss_fn)

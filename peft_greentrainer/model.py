@@ -62,7 +62,8 @@ from .engine.step_loss import as_batch, probe_loss
 from .engine.units import (
     Unit,
     auxiliary_units,
-    is_trainable_dtype,
+    float_packed_weights,
+    is_trainable_storage,
     lora_units,
     matches_any,
     parameter_aliases,
@@ -240,6 +241,16 @@ class GreenTrainerModel(LoraModel):
                 "batch shape GreenTrainer prices. Set them to 0 in the config before loading the model, or use plain "
                 "LoRA (peft.LoraConfig)."
             )
+        packed = {} if config.inference_mode else float_packed_weights(model)
+        if packed:
+            name, dtype = next(iter(packed.items()))
+            raise ValueError(
+                f"GreenTrainer cannot price steps on 4-bit weights packed in a float dtype ({name} and "
+                f"{len(packed) - 1} more: bnb_4bit_quant_storage={dtype}): bitsandbytes then runs another matmul "
+                "path, whose backward the cost profile attributes too low (a step cost 0.68 of full fine-tuning at "
+                "rho=0.5). Load the model with the default bnb_4bit_quant_storage (torch.uint8); a float storage "
+                "serves FSDP, and GreenTrainer trains quantized bases with DDP, not FSDP."
+            )
         layer_drop = {} if config.inference_mode else layer_drop_settings(model)
         if layer_drop:
             settings = ", ".join(f"{where}={value}" for where, value in layer_drop.items())
@@ -313,7 +324,7 @@ class GreenTrainerModel(LoraModel):
         if names:
             return names
         aliases = parameter_aliases(model)
-        quantized = sum(not is_trainable_dtype(model.get_parameter(n)) for n in aliases)
+        quantized = sum(not is_trainable_storage(model.get_parameter(n)) for n in aliases)
         frozen = sum(not model.get_parameter(n).requires_grad for n in aliases)
         causes = []
         if config.include_patterns or config.exclude_patterns:
@@ -539,7 +550,7 @@ class GreenTrainerModel(LoraModel):
         flash attention, bitsandbytes matmuls) are what each step runs. Its modes and checkpointing follow the real
         model's at every profile.
         """
-        if all(is_trainable_dtype(p) for p in self.model.parameters()):
+        if all(is_trainable_storage(p) for p in self.model.parameters()):
             return None
         if self._runtime.twin is None:
             self._runtime.twin = fake_twin(self, type(self.model))

@@ -37,7 +37,7 @@ from torch import nn
 
 from .profile import LossFn, default_loss
 from .rng import fork_rng
-from .units import Unit, is_trainable_dtype, requires_grad_kept
+from .units import Unit, is_trainable_storage, requires_grad_kept
 
 logger = logging.getLogger(__name__)
 
@@ -588,7 +588,7 @@ def compute_importance(
         if not mask[u]:
             continue
         for param in unit.parameters(model):
-            if not is_trainable_dtype(param):
+            if not is_trainable_storage(param):
                 continue
             if id(param) not in index_of:
                 index_of[id(param)] = len(tensors)

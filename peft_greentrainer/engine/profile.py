@@ -64,7 +64,7 @@ from .flops import (
 from .module_tree import ModuleTree
 from .rng import fork_rng
 from .targets import labelled_counts
-from .units import Unit, parameter_aliases, requires_grad_kept
+from .units import Unit, is_trainable_storage, parameter_aliases, requires_grad_kept
 
 logger = logging.getLogger(__name__)
 
@@ -994,7 +994,7 @@ def _full_graph(model: nn.Module) -> Iterator[_Roots]:
     cached = set(parametrized)
     with requires_grad_kept(params), torch.autograd.graph.saved_tensors_hooks(_drop, _dropped):
         for param in params:
-            if param.dtype.is_floating_point or param.dtype.is_complex:
+            if is_trainable_storage(param):
                 param.requires_grad_(True)
         handle = torch.nn.modules.module.register_module_forward_hook(roots.module_returned, with_kwargs=True)
         try:
@@ -1144,7 +1144,7 @@ def measure_flops(
         if trainable is not None:
             wanted = {id(model.get_parameter(n)) for n in trainable}
             for p in params:
-                p.requires_grad_(id(p) in wanted and (p.dtype.is_floating_point or p.dtype.is_complex))
+                p.requires_grad_(id(p) in wanted and is_trainable_storage(p))
         try:
             for p in params:
                 p.grad = None

@@ -57,9 +57,22 @@ def requires_grad_kept(params: Iterable[nn.Parameter]) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
-def is_trainable_dtype(param: torch.Tensor) -> bool:
-    """Quantized storage (bitsandbytes int8 / packed 4-bit) has no usable gradient; only float tensors can train."""
+def is_trainable_storage(param: torch.Tensor) -> bool:
+    """Quantized storage (bitsandbytes int8 / packed 4-bit) has no usable gradient; only float tensors can train.
+
+    Packed 4-bit weights may be stored in a float dtype (``bnb_4bit_quant_storage=torch.bfloat16``, as FSDP-QLoRA
+    recipes set it): bitsandbytes marks them, and they are quantized whatever their dtype says."""
+    if getattr(param, "bnb_quantized", False) or getattr(param, "quant_state", None) is not None:
+        return False
     return param.dtype.is_floating_point or param.dtype.is_complex
+
+
+def float_packed_weights(model: nn.Module) -> dict[str, torch.dtype]:
+    """Quantized weights stored in a float dtype (bitsandbytes 4-bit with a float ``bnb_4bit_quant_storage``), by
+    name, with that dtype."""
+    return {
+        n: p.dtype for n, p in model.named_parameters() if not is_trainable_storage(p) and p.dtype.is_floating_point
+    }
 
 
 def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
@@ -102,7 +115,7 @@ def tensor_units(
     units = []
     for canonical, all_names in parameter_aliases(model).items():
         param = model.get_parameter(canonical)
-        if not is_trainable_dtype(param):
+        if not is_trainable_storage(param):
             continue
         if allowed is not None and canonical not in allowed:
             continue
@@ -162,6 +175,6 @@ def auxiliary_units(model: nn.Module, adapter_name: str = "default", bias: str =
         )
         is_bias = parts[-1] == "bias" and "lora_" not in name and "original_module" not in parts
         trained_bias = is_bias and (bias == "all" or id(param) in adapted_biases)
-        if (copied or trained_bias) and is_trainable_dtype(param):
+        if (copied or trained_bias) and is_trainable_storage(param):
             units.append(Unit(name=name, param_names=(name,)))
     return units
