@@ -23,6 +23,7 @@ import contextlib
 import logging
 import statistics
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,6 +53,7 @@ class EnergyReceipt:
     carbon_intensity_source: str = ""
     selection_seconds: float = 0.0
     selection_kwh: float | None = None
+    evaluation_seconds: float = 0.0  # evaluations during training: full fine-tuning would run them alike
     full_finetuning_kwh: float | None = None
     full_finetuning_kg: float | None = None
     full_finetuning_basis: str | None = None  # "measured step-time ratio" or "FLOPs ratio"
@@ -134,6 +136,10 @@ class EnergyCallback(TrainerCallback):
         self._step_seconds: list[float] = []
         self._flops_ratios: list[float] = []
         self._selections_before = 0
+        self._resumed_at: int | None = None  # the step a resumed run starts at: its checkpoint's selections are older
+        self._step_end = 0.0
+        self._evaluation_seconds = 0.0
+        self._stop_left_tracker: weakref.finalize | None = None
 
     # ------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, **kwargs):
@@ -143,23 +149,37 @@ class EnergyCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         GreenTrainerCallback._report_before_integrations(self)  # also when added after the Trainer was built
-        self.receipt = EnergyReceipt()
+        self._stop_tracker()  # a run that raised ends without on_train_end: its tracker would sample on for good
+        self.receipt = EnergyReceipt(error="training has not reached its end")
         self._step_seconds, self._flops_ratios = [], []
+        self._evaluation_seconds = 0.0
         tuner = _tuner(kwargs.get("model"))
+        # GreenTrainer's callback, after this one, restores a resumed run's selections from its checkpoint
+        self._resumed_at = state.global_step if state.global_step > 0 else None
         self._selections_before = len(tuner.greentrainer_state.history) if tuner is not None else 0
-        self._start = time.perf_counter()
-        if state.is_world_process_zero:
+        self._start = self._step_end = time.perf_counter()
+        if not state.is_world_process_zero:
+            self.receipt.error = "measured on the main process only"
+        else:
             self._tracker = self._start_tracker()
+            if self._tracker is not None:  # stopped if this callback is dropped with its run unfinished
+                self._stop_left_tracker = weakref.finalize(self, _stop_quietly, self._tracker)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._step_seconds.append(time.perf_counter() - self._step_start)
+        self._step_end = time.perf_counter()
+        self._step_seconds.append(self._step_end - self._step_start)
         tuner = _tuner(kwargs.get("model"))
         record = tuner.greentrainer_state.last if tuner is not None else None
         if record is not None:
             self._flops_ratios.append(record.predicted_ratio)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        # the Trainer evaluates right after a step ends (and its log); an evaluation at train end has no step after
+        self._evaluation_seconds += time.perf_counter() - self._step_end
+        self._step_end = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "train_runtime" not in logs or self._tracker is None:
@@ -206,10 +226,22 @@ class EnergyCallback(TrainerCallback):
             logger.warning("Energy receipt unavailable: %s", self.receipt.error)
             return None
 
+    def _stop_tracker(self) -> None:
+        """Stop a tracker a run left running (it raised before its end); its receipt says so."""
+        if self._tracker is None:
+            return
+        _stop_quietly(self._tracker)
+        self._tracker = None
+        self.receipt.error = "training did not reach its end: not measured"
+
     def _finish(self, tuner: GreenTrainerModel | None) -> None:
         tracker, self._tracker = self._tracker, None
+        if self._stop_left_tracker is not None:
+            self._stop_left_tracker.detach()
         receipt = self.receipt
+        receipt.error = None
         receipt.seconds = time.perf_counter() - self._start
+        receipt.evaluation_seconds = self._evaluation_seconds
         try:
             tracker.stop()
             data = tracker.final_emissions_data
@@ -221,8 +253,12 @@ class EnergyCallback(TrainerCallback):
             receipt.error = f"CodeCarbon could not measure: {error}"
             logger.warning("Energy receipt unavailable: %s", receipt.error)
             return
-        if tuner is not None:
-            measured = tuner.greentrainer_state.history[self._selections_before :]  # those inside the measurement
+        if tuner is not None:  # the selections inside the measurement
+            history = tuner.greentrainer_state.history
+            if self._resumed_at is None:
+                measured = history[self._selections_before :]
+            else:  # the checkpoint's were made before the step it was saved at
+                measured = [record for record in history if record.step >= self._resumed_at]
             receipt.selection_seconds = sum(r.seconds for r in measured)
             share = min(1.0, receipt.selection_seconds / max(receipt.seconds, 1e-9))
             receipt.selection_kwh = receipt.energy_kwh * share
@@ -238,9 +274,15 @@ class EnergyCallback(TrainerCallback):
             receipt.full_finetuning_basis = "FLOPs ratio"
         else:
             return  # not GreenTrainer and no full fine-tuning step time: nothing to compare with
-        training_kwh = receipt.energy_kwh - (receipt.selection_kwh or 0.0)
-        receipt.full_finetuning_kwh = training_kwh / max(receipt.cost_ratio, 1e-9)
+        evaluation_kwh = receipt.energy_kwh * min(1.0, receipt.evaluation_seconds / max(receipt.seconds, 1e-9))
+        training_kwh = max(0.0, receipt.energy_kwh - (receipt.selection_kwh or 0.0) - evaluation_kwh)
+        receipt.full_finetuning_kwh = training_kwh / max(receipt.cost_ratio, 1e-9) + evaluation_kwh
         receipt.full_finetuning_kg = receipt.full_finetuning_kwh * receipt.carbon_intensity_g_per_kwh / 1000
+
+
+def _stop_quietly(tracker) -> None:
+    with contextlib.suppress(Exception):
+        tracker.stop()
 
 
 def _tuner(model) -> GreenTrainerModel | None:

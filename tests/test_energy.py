@@ -12,6 +12,7 @@ from peft import get_peft_model
 
 from peft_greentrainer import EnergyCallback, GreenTrainerCallback, GreenTrainerConfig
 from peft_greentrainer.energy import _components, country_intensity, world_average_intensity
+from peft_greentrainer.model import find_tuner
 
 ENERGY_KEYS = ("energy_kwh", "emissions_kg", "selection_energy_kwh", "full_finetuning_energy_kwh")
 
@@ -27,12 +28,14 @@ def _rows(count: int = 16) -> list[dict[str, torch.Tensor]]:
     return rows
 
 
-def _train(tmp_path, callbacks, greentrainer: bool = True) -> transformers.Trainer:
+def _train(
+    tmp_path, callbacks, greentrainer: bool = True, resume: str | None = None, interval: int | None = None, **options
+) -> transformers.Trainer:
     model = tiny_model("llama")
     if greentrainer:
-        model = get_peft_model(model, GreenTrainerConfig(rho=0.6))
+        model = get_peft_model(model, GreenTrainerConfig(rho=0.6, selection_interval_steps=interval))
         callbacks = [GreenTrainerCallback(), *callbacks]
-    args = transformers.TrainingArguments(
+    settings = dict(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
         max_steps=4,
@@ -43,8 +46,11 @@ def _train(tmp_path, callbacks, greentrainer: bool = True) -> transformers.Train
         use_cpu=True,
         disable_tqdm=True,
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_rows(), callbacks=callbacks)
-    trainer.train()
+    args = transformers.TrainingArguments(**{**settings, **options})
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_rows(), eval_dataset=_rows(8), callbacks=callbacks
+    )
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -131,3 +137,45 @@ def test_receipt_says_which_mode_codecarbon_used():
     assert mode(ram(), cpu("cpu_load")) == "estimated"  # this machine: no power counters
     assert mode(ram(), cpu("intel_rapl")) == "measured"
     assert mode(ram(), cpu("constant"), gpu()) == "partly estimated"
+
+
+def test_a_resumed_run_is_charged_for_its_own_selections_only(tmp_path):
+    """The checkpoint's selections, restored after this callback's train begin, were made and measured before."""
+    _train(tmp_path / "full", [], interval=1, save_strategy="steps", save_steps=2)
+    energy = EnergyCallback()
+    trainer = _train(tmp_path / "resumed", [energy], interval=1, resume=str(tmp_path / "full" / "checkpoint-2"))
+    history = find_tuner(trainer.model).greentrainer_state.history
+    own = [record for record in history if record.step >= 2]
+    assert len(own) == 2 and len(history) == 4
+    assert energy.receipt.selection_seconds == pytest.approx(sum(record.seconds for record in own))
+
+
+def test_a_run_that_raises_leaves_no_tracker_running(tmp_path):
+    """The Trainer calls no callback when training raises: the next run of the callback stops the tracker left."""
+
+    class Fails(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise RuntimeError("out of memory")
+
+    energy = EnergyCallback()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _train(tmp_path, [energy, Fails()])
+    left = energy._tracker
+    stops = []
+    original = left.stop
+    left.stop = lambda: stops.append(original())
+    assert energy.receipt.error == "training has not reached its end" and not energy.receipt.measured
+    _train(tmp_path, [energy])
+    assert len(stops) == 1 and energy.receipt.measured and energy.receipt.error is None
+
+
+def test_evaluation_during_training_is_not_scaled_as_training(tmp_path):
+    """Full fine-tuning would evaluate alike: only the training share of the energy is divided by the cost ratio."""
+    energy = EnergyCallback()
+    _train(tmp_path, [energy], eval_strategy="steps", eval_steps=1)
+    receipt = energy.receipt
+    assert 0 < receipt.evaluation_seconds < receipt.seconds
+    evaluation_kwh = receipt.energy_kwh * receipt.evaluation_seconds / receipt.seconds
+    training_kwh = receipt.energy_kwh - receipt.selection_kwh - evaluation_kwh
+    assert receipt.full_finetuning_kwh == pytest.approx(training_kwh / receipt.cost_ratio + evaluation_kwh)
