@@ -146,14 +146,7 @@ class GreenTrainerConfig(LoraConfig):
                 "(peft.tuners.tuners_utils.replicate_layers(model, layer_map)) and tune the result, whose full "
                 "fine-tuning rho then refers to."
             )
-        if self.units == "lora" and getattr(self, "alora_invocation_tokens", None):
-            raise ValueError(
-                "alora_invocation_tokens (activated LoRA) runs the adapters only on the tokens after the invocation "
-                "sequence, which PEFT finds in each batch inside PeftModelForCausalLM.forward; GreenTrainer prices and "
-                "ranks the adapters on the model below that wrapper, where they would run on no token (a step then "
-                "cost 1.30x full fine-tuning at rho=0.7). Train activated LoRA with plain LoRA (peft.LoraConfig), or "
-                "leave alora_invocation_tokens unset."
-            )
+        self.check_trainable()
         ignored = self._lora_fields_set()
         if self.units == "tensors" and ignored:
             logger.warning(
@@ -162,6 +155,20 @@ class GreenTrainerConfig(LoraConfig):
                 "choose which tensors are candidates.",
                 ", ".join(ignored),
             )
+
+    def check_trainable(self) -> None:
+        """Refuse what GreenTrainer cannot train within its budget, unless the adapter is loaded for inference only
+        (``inference_mode``: it is saved so, and ``PeftModel.from_pretrained(..., is_trainable=True)`` clears it
+        before the tuner is built, which checks again)."""
+        if self.inference_mode or self.units != "lora" or not getattr(self, "alora_invocation_tokens", None):
+            return
+        raise ValueError(
+            "alora_invocation_tokens (activated LoRA) runs the adapters only on the tokens after the invocation "
+            "sequence, which PEFT finds in each batch inside PeftModelForCausalLM.forward; GreenTrainer prices and "
+            "ranks the adapters on the model below that wrapper, where they would run on no token (a step then cost "
+            "1.30x full fine-tuning at rho=0.7). Train activated LoRA with plain LoRA (peft.LoraConfig), or leave "
+            "alora_invocation_tokens unset."
+        )
 
     def _lora_fields_set(self) -> list[str]:
         """The LoRA fields given values other than their defaults (``modules_to_save`` aside: PEFT's task models fill

@@ -223,6 +223,7 @@ class GreenTrainerModel(LoraModel):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         config = self.peft_config[adapter_name]
+        config.check_trainable()
         routed = [] if config.inference_mode else routed_expert_modules(model)
         if routed:
             raise ValueError(

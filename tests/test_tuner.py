@@ -1757,9 +1757,16 @@ def test_activated_lora_is_refused_with_what_to_do():
     """PEFT finds aLoRA's invocation tokens in PeftModelForCausalLM.forward, above the model GreenTrainer profiles:
     priced and ranked there, the adapters ran on no token (importance all 0; a step cost 1.30x full fine-tuning at
     rho 0.7)."""
+    activated = {"units": "lora", "target_modules": ["q_proj"], "alora_invocation_tokens": [5, 6]}
     with pytest.raises(ValueError, match=r"alora_invocation_tokens.*plain LoRA \(peft\.LoraConfig\)"):
-        GreenTrainerConfig(rho=0.7, units="lora", target_modules=["q_proj"], alora_invocation_tokens=[5, 6])
+        GreenTrainerConfig(rho=0.7, **activated)
     GreenTrainerConfig(rho=0.7, units="lora", target_modules=["q_proj"])
+    # loaded for inference (saved adapters are), it trains nothing; made trainable, the tuner refuses it
+    config = GreenTrainerConfig(rho=0.7, inference_mode=True, **activated)
+    get_peft_model(tiny_model("llama"), config)
+    config.inference_mode = False
+    with pytest.raises(ValueError, match=r"alora_invocation_tokens"):
+        get_peft_model(tiny_model("llama"), config)
 
 
 def test_a_floor_asked_first_does_not_price_later_steps_from_a_whole_batch():
