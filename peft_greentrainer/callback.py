@@ -119,7 +119,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 self.loss_fn = tuner.__dict__[_LOSS_FN_KEY]
             else:
                 logger.warning("GreenTrainerCallback was rebuilt from a checkpoint and uses the model's own loss.")
-        saved = self._checkpoint_state(state) if state.global_step > 0 else None
+        saved = self.checkpoint_state(state) if state.global_step > 0 else None
         if saved is not None and saved.get("selected") is not None:  # resuming: same selection, no new importance
             self.selected = list(saved["selected"])
             self.last_selection_epoch = int(saved.get("last_selection_epoch", -1))
@@ -205,9 +205,10 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
             state.log_history[-1].update(figures)
 
     # ------------------------------------------------------------------ helpers
-    def _checkpoint_state(self, state: TrainerState) -> dict | None:
+    @classmethod
+    def checkpoint_state(cls, state: TrainerState) -> dict | None:
         """This callback's exported state in the checkpoint being resumed (the Trainer loaded it into ``state``)."""
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        saved = (state.stateful_callbacks or {}).get(cls.__name__)
         if isinstance(saved, list):  # several instances of this class: the Trainer keeps them in list order
             saved = saved[0] if saved else None
         return saved.get("args") if isinstance(saved, dict) else None

@@ -136,8 +136,8 @@ class EnergyCallback(TrainerCallback):
         self._step_seconds: list[float] = []
         self._flops_ratios: list[float] = []
         self._selections_before = 0
-        self._resumed_at: int | None = None  # the step a resumed run starts at: its checkpoint's selections are older
-        self._step_end = 0.0
+        self._step_end = 0.0  # when the last step ended (or training began): evaluations follow it
+        self._selections_at_step_end = 0
         self._evaluation_seconds = 0.0
         self._stop_left_tracker: weakref.finalize | None = None
 
@@ -154,10 +154,9 @@ class EnergyCallback(TrainerCallback):
         self._step_seconds, self._flops_ratios = [], []
         self._evaluation_seconds = 0.0
         tuner = _tuner(kwargs.get("model"))
-        # GreenTrainer's callback, after this one, restores a resumed run's selections from its checkpoint
-        self._resumed_at = state.global_step if state.global_step > 0 else None
-        self._selections_before = len(tuner.greentrainer_state.history) if tuner is not None else 0
+        self._selections_before = self._selections_so_far(state, tuner)
         self._start = self._step_end = time.perf_counter()
+        self._selections_at_step_end = self._selections_before
         if not state.is_world_process_zero:
             self.receipt.error = "measured on the main process only"
         else:
@@ -172,14 +171,19 @@ class EnergyCallback(TrainerCallback):
         self._step_end = time.perf_counter()
         self._step_seconds.append(self._step_end - self._step_start)
         tuner = _tuner(kwargs.get("model"))
+        self._selections_at_step_end = len(tuner.greentrainer_state.history) if tuner is not None else 0
         record = tuner.greentrainer_state.last if tuner is not None else None
         if record is not None:
             self._flops_ratios.append(record.predicted_ratio)
 
     def on_evaluate(self, args, state, control, **kwargs):
-        # the Trainer evaluates right after a step ends (and its log); an evaluation at train end has no step after
-        self._evaluation_seconds += time.perf_counter() - self._step_end
-        self._step_end = time.perf_counter()
+        # the Trainer evaluates right after a step ends (and its log), or at train begin (eval_on_start), after the
+        # first selection: the time since, less any selection made meanwhile
+        tuner = _tuner(kwargs.get("model"))
+        since = tuner.greentrainer_state.history[self._selections_at_step_end :] if tuner is not None else []
+        now = time.perf_counter()
+        self._evaluation_seconds += max(0.0, now - self._step_end - sum(record.seconds for record in since))
+        self._step_end, self._selections_at_step_end = now, self._selections_at_step_end + len(since)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "train_runtime" not in logs or self._tracker is None:
@@ -193,6 +197,16 @@ class EnergyCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self._tracker is not None:  # training ended without the summary log (interrupted)
             self._finish(_tuner(kwargs.get("model")))
+
+    @staticmethod
+    def _selections_so_far(state, tuner: GreenTrainerModel | None) -> int:
+        """Selection records made before this run: a resumed run's checkpoint holds them (GreenTrainer's callback
+        restores them at its train begin, which may come after this one's), else the model's history holds them."""
+        saved = GreenTrainerCallback.checkpoint_state(state) if state.global_step > 0 else None
+        history = ((saved or {}).get("state") or {}).get("history")
+        if history is not None:
+            return len(history)
+        return len(tuner.greentrainer_state.history) if tuner is not None else 0
 
     # ------------------------------------------------------------------ measurement
     def _start_tracker(self):
@@ -254,11 +268,7 @@ class EnergyCallback(TrainerCallback):
             logger.warning("Energy receipt unavailable: %s", receipt.error)
             return
         if tuner is not None:  # the selections inside the measurement
-            history = tuner.greentrainer_state.history
-            if self._resumed_at is None:
-                measured = history[self._selections_before :]
-            else:  # the checkpoint's were made before the step it was saved at
-                measured = [record for record in history if record.step >= self._resumed_at]
+            measured = tuner.greentrainer_state.history[self._selections_before :]
             receipt.selection_seconds = sum(r.seconds for r in measured)
             share = min(1.0, receipt.selection_seconds / max(receipt.seconds, 1e-9))
             receipt.selection_kwh = receipt.energy_kwh * share

@@ -239,8 +239,8 @@ class GreenTrainerModel(LoraModel):
             raise ValueError(
                 f"GreenTrainer cannot keep its FLOPs budget on this model: it has experts that compute nothing "
                 f"({settings}), so a step's FLOPs depend on how many tokens the router sends to them, not only on the "
-                "batch shape GreenTrainer prices. Set them to 0 in the config before loading the model, or use plain "
-                "LoRA (peft.LoraConfig)."
+                "batch shape GreenTrainer prices (a checkpoint's router is trained with them: they cannot be switched "
+                "off). Train this model with plain LoRA (peft.LoraConfig)."
             )
         packed = {} if config.inference_mode else float_packed_weights(model)
         if packed:

@@ -179,3 +179,32 @@ def test_evaluation_during_training_is_not_scaled_as_training(tmp_path):
     evaluation_kwh = receipt.energy_kwh * receipt.evaluation_seconds / receipt.seconds
     training_kwh = receipt.energy_kwh - receipt.selection_kwh - evaluation_kwh
     assert receipt.full_finetuning_kwh == pytest.approx(training_kwh / receipt.cost_ratio + evaluation_kwh)
+
+
+def test_a_resumed_second_stage_is_charged_for_its_own_selections_only(tmp_path):
+    """Steps count from 0 in every train(): the checkpoint of a second stage holds the first stage's selections, at
+    steps a resumed run reaches again, and tells how many there were."""
+    model = get_peft_model(tiny_model("llama"), GreenTrainerConfig(rho=0.6, selection_interval_steps=1))
+    settings = dict(per_device_train_batch_size=4, max_steps=4, report_to=[], use_cpu=True, disable_tqdm=True)
+
+    def trainer(out, callbacks, model=model, **options):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / out), **settings, **options)
+        return transformers.Trainer(model=model, args=args, train_dataset=_rows(), callbacks=callbacks)
+
+    trainer("first", [GreenTrainerCallback()], save_strategy="no").train()
+    trainer("second", [GreenTrainerCallback()], save_strategy="steps", save_steps=2).train()
+    energy = EnergyCallback()
+    fresh = get_peft_model(tiny_model("llama"), GreenTrainerConfig(rho=0.6, selection_interval_steps=1))
+    resumed = trainer("resumed", [GreenTrainerCallback(), energy], model=fresh, save_strategy="no")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "second" / "checkpoint-2"))
+    history = fresh.base_model.greentrainer_state.history
+    assert [record.step for record in history] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert energy.receipt.selection_seconds == pytest.approx(sum(record.seconds for record in history[-2:]))
+
+
+def test_an_evaluation_at_the_start_is_not_charged_the_first_selection(tmp_path):
+    """``eval_on_start`` evaluates after every callback's train begin, GreenTrainer's first selection included."""
+    energy = EnergyCallback()
+    _train(tmp_path, [energy], eval_strategy="steps", eval_steps=100, eval_on_start=True)
+    receipt = energy.receipt
+    assert 0 < receipt.evaluation_seconds < 0.5 * receipt.selection_seconds  # 8 rows of a tiny model, once

@@ -1747,7 +1747,12 @@ def test_experts_that_compute_nothing_are_refused_naming_the_setting(units):
     lora = {"target_modules": ["q_a_proj"]} if units == "lora" else {}
     config = GreenTrainerConfig(rho=0.5, units=units, **lora)
     model = transformers.AutoModelForCausalLM.from_config(transformers.LongcatFlashConfig(**shape, zero_expert_num=2))
-    with pytest.raises(ValueError, match=r"experts that compute nothing \(config\.zero_expert_num=2\).*LoraConfig"):
+    with pytest.raises(
+        ValueError, match=r"compute nothing \(config\.zero_expert_num=2, model\.layers\.0\..*LoraConfig"
+    ):
+        get_peft_model(model, config)
+    model.config.zero_expert_num = 0  # the experts keep their copy (and the router its outputs for them)
+    with pytest.raises(ValueError, match=r"compute nothing \(model\.layers\.0\.mlp\.experts\.zero_expert_num=2\)"):
         get_peft_model(model, config)
     model = transformers.AutoModelForCausalLM.from_config(transformers.LongcatFlashConfig(**shape, zero_expert_num=0))
     get_peft_model(model, config)

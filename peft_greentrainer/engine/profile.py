@@ -244,12 +244,14 @@ def layer_drop_settings(model: nn.Module) -> dict[str, float]:
 
 def computation_free_experts(model: nn.Module) -> dict[str, float]:
     """Numbers above 0 of experts that compute nothing (LongCat-Flash's ``zero_expert_num``: a token routed there is
-    passed through), by the config field that sets them.
+    passed through), by the config field that sets them, or the copy the experts module keeps.
 
     Stacked experts otherwise cost the same for every routing (each token reaches ``top_k`` matmuls); with such
     experts a step's FLOPs follow how many tokens the router sends to them, not the batch shape.
     """
-    return _positive_settings(model, lambda key: "zero_expert" in key or "identity_expert" in key)
+    return _positive_settings(
+        model, lambda key: "zero_expert" in key or "identity_expert" in key, module_attribute="zero_expert_num"
+    )
 
 
 def _positive_settings(
