@@ -285,7 +285,8 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         The Trainer runs its default callbacks (TensorBoard, W&B, ...) before user callbacks and hands callbacks no
         reference to itself; the handler's list is found as the list that holds this callback and the Trainer's
         ``DefaultFlowCallback`` (the user's own ``callbacks=[...]`` list, which holds this callback too, is left as
-        it is).
+        it is). Callbacks that measure the selections (``measures_selections``: the energy receipt, which moves
+        itself ahead too) stay ahead of this one, so that the first selection, at train begin, falls inside them.
         """
         for referrer in gc.get_referrers(self):
             if (
@@ -294,8 +295,10 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 and any(isinstance(c, DefaultFlowCallback) for c in referrer)
             ):
                 referrer.remove(self)
-                position = sum(1 for c in referrer if isinstance(c, DefaultFlowCallback))
-                referrer.insert(position, self)
+                ahead = [c for c in referrer if isinstance(c, DefaultFlowCallback)]
+                if not getattr(self, "measures_selections", False):
+                    ahead += [c for c in referrer if getattr(c, "measures_selections", False)]
+                referrer.insert(len(ahead), self)
                 return
 
 

@@ -109,6 +109,8 @@ class EnergyCallback(TrainerCallback):
     Measured on the main process only (the machine it runs on). The receipt is ``callback.receipt`` after training.
     """
 
+    measures_selections = True  # GreenTrainer's callback stays behind it: its first selection is measured
+
     def __init__(
         self,
         country_iso_code: str | None = None,

@@ -208,3 +208,15 @@ def test_an_evaluation_at_the_start_is_not_charged_the_first_selection(tmp_path)
     _train(tmp_path, [energy], eval_strategy="steps", eval_steps=100, eval_on_start=True)
     receipt = energy.receipt
     assert 0 < receipt.evaluation_seconds < 0.5 * receipt.selection_seconds  # 8 rows of a tiny model, once
+
+
+def test_the_first_selection_is_measured_whichever_order_the_callbacks_are_given_in(tmp_path):
+    energy = EnergyCallback()
+    model = get_peft_model(tiny_model("llama"), GreenTrainerConfig(rho=0.6))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no"
+    )
+    callbacks = [energy, GreenTrainerCallback()]  # GreenTrainer's moves itself ahead of the integrations too
+    transformers.Trainer(model=model, args=args, train_dataset=_rows(), callbacks=callbacks).train()
+    first = model.base_model.greentrainer_state.history[0]
+    assert first.step == 0 and energy.receipt.selection_seconds == pytest.approx(first.seconds)
