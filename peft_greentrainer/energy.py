@@ -244,16 +244,18 @@ class EnergyCallback(TrainerCallback):
 
     def _stop_tracker(self) -> None:
         """Stop a tracker a run left running (it raised before its end); its receipt says so."""
-        if self._tracker is None:
-            return
-        _stop_quietly(self._tracker)
-        self._tracker = None
-        self.receipt.error = "training did not reach its end: not measured"
+        if self._stop_left_tracker is not None:
+            self._stop_left_tracker()  # stops the tracker, once
+            self._stop_left_tracker = None
+        if self._tracker is not None:
+            self._tracker = None
+            self.receipt.error = "training did not reach its end: not measured"
 
     def _finish(self, tuner: GreenTrainerModel | None) -> None:
         tracker, self._tracker = self._tracker, None
-        if self._stop_left_tracker is not None:
+        if self._stop_left_tracker is not None:  # stopped below, where its figures are read
             self._stop_left_tracker.detach()
+            self._stop_left_tracker = None
         receipt = self.receipt
         receipt.error = None
         receipt.seconds = time.perf_counter() - self._start
