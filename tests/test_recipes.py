@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import WORDS, row_scaling_rel, save_tiny_checkpoint, tiny_batch, tiny_model
+from conftest import WORDS, row_scaling_rel, save_tiny_checkpoint, tiny_batch, tiny_config, tiny_model
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -652,16 +652,8 @@ def test_a_resumed_run_draws_its_importance_batches_as_the_uninterrupted_one(tmp
         length = rng.choice([4, 6, 8, 200]) if i % 6 else rng.randint(100, 220)
         start = rng.randrange(37)
         data.append([3 + (start + t) % 37 for t in range(length)])
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=40,
-        max_position_embeddings=256,
-        pad_token_id=0,
-    )
+    shape = {"hidden_size": 32, "head_dim": 8, "intermediate_size": 64, "num_hidden_layers": 2, "vocab_size": 40}
+    config = tiny_config("llama", **shape, max_position_embeddings=256, pad_token_id=0)
 
     def collator(rows: list[list[int]]) -> dict[str, torch.Tensor]:
         longest = max(map(len, rows))
