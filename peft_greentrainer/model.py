@@ -183,6 +183,53 @@ class _TunerRuntime:
     module_tree: ModuleTree | None = None  # the base model's modules, listed again when the tree changes
 
 
+def _refuse_what_no_price_bounds(model: nn.Module) -> None:
+    """Raise, saying what to do, for a model whose steps' FLOPs follow the data or chance rather than the batch shape
+    GreenTrainer prices (routed expert modules, experts that compute nothing, LayerDrop), or whose kernels the profile
+    cannot price (4-bit weights packed in a float dtype). Adapters loaded for inference train nothing: not checked."""
+    routed = routed_expert_modules(model)
+    if routed:
+        raise ValueError(
+            f"GreenTrainer cannot keep its FLOPs budget on this model: {routed[0]} (and {len(routed) - 1} more) "
+            "route each token to some of their expert modules, so a step's FLOPs depend on the routing, not "
+            "only on the batch shape GreenTrainer prices. Mixture-of-experts models whose experts are stacked "
+            "tensors (transformers 5's Mixtral, Qwen2-MoE, OLMoE, ...) are priced exactly; for this one, use "
+            "plain LoRA (peft.LoraConfig)."
+        )
+    free = computation_free_experts(model)
+    if free:
+        raise ValueError(
+            "GreenTrainer cannot keep its FLOPs budget on this model: it has experts that compute nothing "
+            f"({_settings(free)}), so a step's FLOPs depend on how many tokens the router sends to them, not only on "
+            "the batch shape GreenTrainer prices (a checkpoint's router is trained with them: they cannot be switched "
+            "off). Train this model with plain LoRA (peft.LoraConfig)."
+        )
+    packed = float_packed_weights(model)
+    if packed:
+        name, dtype = next(iter(packed.items()))
+        raise ValueError(
+            f"GreenTrainer cannot price steps on 4-bit weights packed in a float dtype ({name} and "
+            f"{len(packed) - 1} more: bnb_4bit_quant_storage={dtype}): bitsandbytes then runs another matmul "
+            "path, whose backward the cost profile attributes too low (a step cost 0.68 of full fine-tuning at "
+            "rho=0.5). Load the model with the default bnb_4bit_quant_storage (torch.uint8); a float storage "
+            "serves FSDP, and GreenTrainer trains quantized bases with DDP, not FSDP."
+        )
+    layer_drop = layer_drop_settings(model)
+    if layer_drop:
+        raise ValueError(
+            f"GreenTrainer cannot keep its FLOPs budget with LayerDrop on ({_settings(layer_drop)}): in training it "
+            "skips layers at random, so a step's FLOPs depend on random draws, not only on the batch shape "
+            "GreenTrainer prices. Set each to 0.0 before get_peft_model: in the config (from_pretrained(..., "
+            "layerdrop=0.0), "
+            "or model.config.layerdrop = 0.0, with the field named) and on each module named (modules copy it "
+            "when built); or use plain LoRA (peft.LoraConfig)."
+        )
+
+
+def _settings(found: Mapping[str, Any]) -> str:
+    return ", ".join(f"{where}={value}" for where, value in found.items())
+
+
 class GreenTrainerModel(LoraModel):
     """Tuner for [`GreenTrainerConfig`]; see the module docstring for the two unit kinds."""
 
@@ -224,44 +271,8 @@ class GreenTrainerModel(LoraModel):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         config = self.peft_config[adapter_name]
         config.check_trainable()
-        routed = [] if config.inference_mode else routed_expert_modules(model)
-        if routed:
-            raise ValueError(
-                f"GreenTrainer cannot keep its FLOPs budget on this model: {routed[0]} (and {len(routed) - 1} more) "
-                "route each token to some of their expert modules, so a step's FLOPs depend on the routing, not "
-                "only on the batch shape GreenTrainer prices. Mixture-of-experts models whose experts are stacked "
-                "tensors (transformers 5's Mixtral, Qwen2-MoE, OLMoE, ...) are priced exactly; for this one, use "
-                "plain LoRA (peft.LoraConfig)."
-            )
-        free = {} if config.inference_mode else computation_free_experts(model)
-        if free:
-            settings = ", ".join(f"{where}={value}" for where, value in free.items())
-            raise ValueError(
-                f"GreenTrainer cannot keep its FLOPs budget on this model: it has experts that compute nothing "
-                f"({settings}), so a step's FLOPs depend on how many tokens the router sends to them, not only on the "
-                "batch shape GreenTrainer prices (a checkpoint's router is trained with them: they cannot be switched "
-                "off). Train this model with plain LoRA (peft.LoraConfig)."
-            )
-        packed = {} if config.inference_mode else float_packed_weights(model)
-        if packed:
-            name, dtype = next(iter(packed.items()))
-            raise ValueError(
-                f"GreenTrainer cannot price steps on 4-bit weights packed in a float dtype ({name} and "
-                f"{len(packed) - 1} more: bnb_4bit_quant_storage={dtype}): bitsandbytes then runs another matmul "
-                "path, whose backward the cost profile attributes too low (a step cost 0.68 of full fine-tuning at "
-                "rho=0.5). Load the model with the default bnb_4bit_quant_storage (torch.uint8); a float storage "
-                "serves FSDP, and GreenTrainer trains quantized bases with DDP, not FSDP."
-            )
-        layer_drop = {} if config.inference_mode else layer_drop_settings(model)
-        if layer_drop:
-            settings = ", ".join(f"{where}={value}" for where, value in layer_drop.items())
-            raise ValueError(
-                f"GreenTrainer cannot keep its FLOPs budget with LayerDrop on ({settings}): in training it skips "
-                "layers at random, so a step's FLOPs depend on random draws, not only on the batch shape GreenTrainer "
-                "prices. Set each to 0.0 before get_peft_model: in the config (from_pretrained(..., layerdrop=0.0), "
-                "or model.config.layerdrop = 0.0, with the field named) and on each module named (modules copy it "
-                "when built); or use plain LoRA (peft.LoraConfig)."
-            )
+        if not config.inference_mode:
+            _refuse_what_no_price_bounds(model)
         self._drop_cached_profiles()
         if self._runtime.step_hook is None:  # the budget check before every training forward (module docstring)
             # first: it prices the inputs as given, before a hook rewrites them (a sparse LM head already attached)
