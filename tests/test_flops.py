@@ -17,7 +17,11 @@ from conftest import tiny_batch, tiny_model
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import AttentionInterface
 
-from peft_greentrainer.engine.flops import register_flop_formulas, uncounted_matmul_op
+from peft_greentrainer.engine.flops import (
+    fused_kernels_take_one_shared_head,
+    register_flop_formulas,
+    uncounted_matmul_op,
+)
 from peft_greentrainer.engine.profile import measure_flops, profile_model
 from peft_greentrainer.engine.units import tensor_units
 
@@ -370,8 +374,8 @@ def _falcon_multi_query() -> torch.nn.Module:
 def test_a_meta_profile_counts_attention_as_a_fused_kernel_does(arch: str) -> None:
     """On ``meta`` SDPA has no fused kernel and falls back to its math path, whose backward counts 2x its forward where
     fused kernels (CPU flash, CUDA's) count 2.5x: planning from a config under-counted attention. Meta profiles and
-    measurements now count what the CPU counts wherever it runs fused (grouped-query Llama), and math where every device
-    does (Falcon's key/value head broadcast without ``enable_gqa``)."""
+    measurements now count what the CPU counts wherever it runs fused (grouped-query Llama), and Falcon's one key/value
+    head broadcast without ``enable_gqa`` as the installed torch runs it (math before torch 2.15, fused from 2.15)."""
     if arch == "falcon-multi-query":
         model = _falcon_multi_query()
     elif arch == "gpt2-without-dropout":  # the CPU's flash kernel takes no dropout
@@ -382,6 +386,19 @@ def test_a_meta_profile_counts_attention_as_a_fused_kernel_does(arch: str) -> No
     assert (meta.forward_flops, meta.full_backward_flops) == (cpu.forward_flops, cpu.full_backward_flops)
     assert meta.t_dw == cpu.t_dw
     assert measure_flops(*meta_step) == measure_flops(*cpu_step)
+
+
+def test_the_shared_head_query_says_which_kernel_this_torch_runs() -> None:
+    """``fused_kernels_take_one_shared_head`` decides how a meta profile counts Falcon's multi-query attention: it must
+    say what SDPA really dispatches for one key/value head broadcast over the query heads (torch 2.15 changed it)."""
+    query = torch.randn(1, 4, 8, 16, requires_grad=True)
+    shared = torch.randn(1, 1, 8, 16, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.scaled_dot_product_attention(query, shared, shared, is_causal=True).sum().backward()
+    ran = {str(op) for op in counter.get_flop_counts()["Global"]}
+    fused = any("scaled_dot_product" in op for op in ran)
+    assert fused == fused_kernels_take_one_shared_head(), ran
+    assert fused or "aten.bmm" in ran
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "t5"])

@@ -12,6 +12,7 @@ module reads.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .module_tree import checkpointing_layer_class
+
+logger = logging.getLogger(__name__)
 
 
 def is_checkpointed(module: nn.Module) -> bool:
@@ -72,6 +75,23 @@ class CheckpointCall:
         return _checkpoint_is_selective(self.pack)
 
 
+# The generator every non-reentrant checkpoint call runs, by torch version: torch 2.15 calls the first (the second is
+# kept there as a shim over it, for callers outside torch), torch 2.14 and before the second.
+_GENERATOR_NAMES = ("_checkpoint_without_reentrant_generator_impl", "_checkpoint_without_reentrant_generator")
+
+
+@functools.cache
+def _warn_calls_not_followed() -> None:
+    logger.warning(
+        "GreenTrainer: this torch (%s) runs non-reentrant checkpointing through none of %s, so a model's own "
+        "torch.utils.checkpoint calls are not followed and what they recompute is not priced (transformers' "
+        "checkpointed layers still are). Use a torch this package is tested with (2.13-2.15), or checkpoint through "
+        "gradient_checkpointing_enable().",
+        torch.__version__,
+        ", ".join(_GENERATOR_NAMES),
+    )
+
+
 @contextmanager
 def checkpoint_calls_followed(
     begin: Callable[[], CheckpointCall | None], end: Callable[[CheckpointCall | None], None]
@@ -81,12 +101,13 @@ def checkpoint_calls_followed(
     (``checkpoint`` looks its generator up at each call, however it was imported)."""
     # torch's composable checkpoint (used beside FSDP2's fully_shard) imports the generator by name
     modules = [torch.utils.checkpoint, sys.modules.get("torch.distributed._composable.checkpoint_activation")]
-    name = "_checkpoint_without_reentrant_generator"
-    original = getattr(torch.utils.checkpoint, name, None)
-    modules = [m for m in modules if m is not None and getattr(m, name, None) is original]
-    if original is None:  # another torch: calls are not followed (transformers' layers still are)
+    name = next((n for n in _GENERATOR_NAMES if hasattr(torch.utils.checkpoint, n)), None)
+    if name is None:  # a torch we do not know: the model's own calls would go unpriced
+        _warn_calls_not_followed()
         yield
         return
+    original = getattr(torch.utils.checkpoint, name)
+    modules = [m for m in modules if m is not None and getattr(m, name, None) is original]
 
     def followed(*args: Any, **kwargs: Any) -> Iterator[Any]:
         inner = original(*args, **kwargs)

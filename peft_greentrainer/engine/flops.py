@@ -43,6 +43,7 @@ profiling and measuring call it again so bitsandbytes ops are added once bitsand
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -50,6 +51,7 @@ import sys
 from contextlib import contextmanager
 
 import torch
+from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import (
     addmm_flop,
@@ -338,12 +340,16 @@ def _fused_meta_attention(
     if not all(type(t) is torch.Tensor and t.device.type == "meta" and t.dim() == 4 for t in tensors):
         return None
     if key.shape[1] != query.shape[1]:
-        # fused kernels take fewer key/value heads only as groups (``enable_gqa``); heads broadcast without it (Falcon's
-        # multi-query attention) run the math path on every device
-        if not enable_gqa or query.shape[1] % key.shape[1]:
+        # fused kernels take fewer key/value heads as groups (``enable_gqa``), and one head broadcast without it
+        # (Falcon's multi-query attention) where this torch's kernels take it; otherwise the math path runs
+        heads = query.shape[1]
+        if enable_gqa and heads % key.shape[1] == 0:
+            groups = heads // key.shape[1]  # as the math path does: each key/value head serves a group
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        elif key.shape[1] == value.shape[1] == 1 and fused_kernels_take_one_shared_head():
+            key, value = key.expand(-1, heads, -1, -1), value.expand(-1, heads, -1, -1)
+        else:
             return None
-        groups = query.shape[1] // key.shape[1]  # as the math path does: each key/value head serves a group
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     if isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool:  # as SDPA does: an additive bias
         attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(~attn_mask, float("-inf"))
     log_sumexp = any(t.requires_grad for t in (query, key, value, attn_mask) if isinstance(t, torch.Tensor))
@@ -351,6 +357,18 @@ def _fused_meta_attention(
         query, key, value, attn_mask, log_sumexp, dropout_p, is_causal, scale=scale
     )
     return out
+
+
+@functools.cache
+def fused_kernels_take_one_shared_head() -> bool:
+    """Whether this torch's SDPA runs a fused kernel where one key/value head serves every query head without
+    ``enable_gqa`` (broadcast: Falcon's multi-query attention). Torch 2.15 does, on the CPU and CUDA alike (one check
+    of the inputs serves both); earlier versions ran the math path. Asked of the CPU's own kernel choice."""
+    query, shared = torch.zeros(1, 2, 4, 8), torch.zeros(1, 1, 4, 8)
+    try:
+        return int(torch._fused_sdp_choice(query, shared, shared)) != int(SDPBackend.MATH.value)
+    except (AttributeError, RuntimeError):  # no such query in this torch: the math path, as before 2.15
+        return False
 
 
 @contextmanager
