@@ -578,6 +578,11 @@ class GreenTrainerModel(LoraModel):
         its spans' extremes), so that a rho at or above it does not fail at the first selection."""
         return self._pricer.min_feasible_rho(batch)
 
+    def step_prices(self, batch: Mapping[str, Any]) -> list[UnitCosts]:
+        """The costs a training step on ``batch`` is priced at (one row's each; see ``StepPricer.step_prices``):
+        what a plan must select under to select as training will."""
+        return self._pricer.step_prices(batch)
+
     @property
     def _pricer(self) -> StepPricer:
         runtime = self._runtime

@@ -138,13 +138,18 @@ class StepPricer:
         return cache[key]
 
     def min_feasible_rho(self, batch: Mapping[str, Any]) -> float:
-        """The smallest rho that lets a unit train on ``batch``, priced as its training steps are (with an LM head
-        that projects only labelled positions: at its label bucket's ends; with attention that follows the values: at
-        its spans' extremes), so that a rho at or above it does not fail at the first selection."""
+        """The smallest rho that lets a unit train on ``batch``, priced as its training steps are, so that a rho at or
+        above it does not fail at the first selection."""
+        return cost_envelope(self.step_prices(batch)).min_feasible_rho()
+
+    def step_prices(self, batch: Mapping[str, Any]) -> list[UnitCosts]:
+        """The costs a training step on ``batch`` is priced at (``price_rows``): one row's each, usually one; with an
+        LM head that projects only labelled positions, at its label bucket's ends; with attention that follows the
+        values, at its spans' extremes. A selection within rho at each is within rho on ``batch``."""
         with training_mode(self._tuner.model):
             new: dict[tuple, UnitCosts] = {}
             keys = self.price_rows(batch, new)
-        return cost_envelope([new.get(key) or self.shape_costs[key] for key in keys]).min_feasible_rho()
+        return [new.get(key) or self.shape_costs[key] for key in keys]
 
     @property
     def shape_costs(self) -> dict[tuple, UnitCosts]:

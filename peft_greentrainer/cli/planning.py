@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.costs import cost_envelope, select_at_every_shape
 from ..engine.profile import dummy_batch, profile_model
 from ..twin import runnable_on_meta
 
@@ -70,14 +71,19 @@ def plan(
     lora = {"r": r, "target_modules": list(target_modules) if target_modules else None} if units == "lora" else {}
     peft_model = get_peft_model(model, GreenTrainerConfig(units=units, sparse_lm_head=sparse_lm_head, **lora))
     tuner = peft_model.base_model
-    costs = tuner.unit_costs(batch)
+    costs = tuner.unit_costs(batch)  # this batch's own costs: what its steps cost
+    # what training prices them at (a label bucket's ends): a unit is reachable, and selected, as training decides
+    prices = tuner.step_prices(batch)
+    envelope = cost_envelope(prices)
+    if [u.name for u in envelope.units] != [u.name for u in costs.units]:
+        raise RuntimeError("the priced rows list the units in another order than the batch; cannot plan")
     sparse = attached_sparse_lm_head(tuner.model) is not None
     alone = costs.alone_costs()
-    floor = tuner.min_feasible_rho(batch)  # priced as training prices its steps (a label bucket's ends)
+    floor = envelope.min_feasible_rho()
     prior = np.array([float(u.numel(tuner.model)) for u in costs.units])
     rows = []
     for rho in rhos:
-        reachable = alone <= rho * costs.full_flops
+        reachable = envelope.fits_alone(rho)
         row: dict[str, Any] = {
             "rho": rho,
             "reachable_share": float(reachable.mean()),
@@ -87,11 +93,12 @@ def plan(
         }
         if reachable.any():
             row["deepest_reachable"] = costs.units[int(np.flatnonzero(reachable).max())].name
-            selection = costs.select(prior, rho)
-            row["predicted_flops"] = selection.flops
-            row["saving"] = 1.0 - selection.flops / dense_full
-            row["saving_vs_same_head"] = 1.0 - selection.flops / costs.full_flops
-            row["units_selected"] = int(selection.mask.sum())
+            mask = select_at_every_shape(prices, prior, rho)
+            flops = costs.predicted_flops(mask)
+            row["predicted_flops"] = flops
+            row["saving"] = 1.0 - flops / dense_full
+            row["saving_vs_same_head"] = 1.0 - flops / costs.full_flops
+            row["units_selected"] = int(mask.sum())
         rows.append(row)
     return {
         "model": str(model_path),

@@ -30,6 +30,12 @@ def run_profile(args: argparse.Namespace) -> dict:
         )
     except (OSError, ValueError, KeyError) as error:
         raise CliError(f"cannot build {args.model} from its config: {str(error).splitlines()[0]}") from error
+    except AttributeError as error:  # a config without a setting its model reads (T5Config() has no decoder start)
+        if "Config' object has no attribute" not in str(error):
+            raise
+        raise CliError(
+            f"cannot run {args.model} from its config: {error}; add that setting to its config.json"
+        ) from error
     if args.plot:
         plot_plan(result, args.plot)
     if args.json:
