@@ -627,6 +627,47 @@ def test_rows_without_a_field_are_skipped_not_trained_on_as_none(tmp_path, caplo
         load_examples(str(file), "train", **fields)
 
 
+def test_empty_texts_are_skipped_as_nulls_are_and_lists_are_refused(tmp_path, caplog):
+    """An empty or blank text was trained on (a null was skipped); a list (a chat 'messages' column) was trained on
+    as its Python repr."""
+    import re
+
+    from peft_greentrainer.cli.data import DataError, load_examples
+
+    rows = [{"document": f"text {i}", "summary": f"sum {i}"} for i in range(10)]
+    rows[2]["summary"], rows[5]["document"], rows[7]["summary"] = "", "  \n", None
+    file = tmp_path / "data.jsonl"
+    file.write_text("\n".join(json.dumps(r) for r in rows))
+    fields = {"input_field": "document", "target_field": "summary"}
+    with caplog.at_level(logging.WARNING):
+        examples = load_examples(str(file), "train", **fields) + load_examples(str(file), "eval", **fields)
+    assert len(examples) == 7 and all(e.source.strip() and e.target.strip() for e in examples)
+    counts = re.findall(r"\((\d) null or missing, (\d) empty\)", caplog.text)  # a warning a split that lost rows
+    assert [sum(int(c[i]) for c in counts) for i in (0, 1)] == [1, 2]
+    chat = tmp_path / "chat.jsonl"
+    message = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    chat.write_text("\n".join(json.dumps({"messages": message, "summary": "s"}) for _ in range(5)))
+    with pytest.raises(DataError, match=r"field 'messages' of dataset .* holds lists, not text"):
+        load_examples(str(chat), "train", input_field="messages", target_field="summary")
+
+
+def test_data_files_are_named_when_not_utf8_a_directory_or_in_capitals(tmp_path):
+    """A Latin-1 JSONL failed while its rows were read, with a bare codec message; a directory "did not exist"; a
+    .JSONL file was refused as an unsupported type."""
+    from peft_greentrainer.cli.data import DataError, load_examples
+
+    rows = "\n".join(json.dumps({"input": f"text {i}", "target": f"sum {i}"}) for i in range(5))
+    upper = tmp_path / "DATA.JSONL"
+    upper.write_text(rows)
+    assert len(load_examples(str(upper), "train")) == 4
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"input": "café", "target": "x"}\n'.encode("latin-1") * 3)
+    with pytest.raises(DataError, match=r"cannot read .*latin1.jsonl as json .*byte 14 is not UTF-8.*must be UTF-8"):
+        load_examples(str(latin1), "train")
+    with pytest.raises(DataError, match="is a directory"):
+        load_examples(str(tmp_path), "train")
+
+
 def test_seq2seq_template_is_filled_as_the_causal_one_and_the_prompt_are(capsys):
     from peft_greentrainer.cli.data import Example, tokenize_seq2seq
 

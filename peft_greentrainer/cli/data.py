@@ -6,6 +6,7 @@ shape predicts every step exactly, and measured FLOPs can be compared with it st
 
 from __future__ import annotations
 
+import codecs
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ def _read_file(path: Path, builder: str):
     expected = f"it must be UTF-8 {formats.get(builder, builder)}"
     if path.stat().st_size == 0:
         raise DataError(f"dataset file {path} is empty")
+    if builder in formats:
+        _check_utf8(path, builder, expected)
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its builders log a failed read with a traceback
     try:
@@ -57,6 +60,27 @@ def _read_file(path: Path, builder: str):
     if len(rows) == 0:
         raise DataError(f"dataset file {path} holds no rows; {expected}")
     return rows
+
+
+def _check_utf8(path: Path, builder: str, expected: str) -> None:
+    """Refuse a text file that is not UTF-8 before reading it: the json builder loads other bytes without a word, and
+    they failed later, while rows were read, with a bare codec message naming no file."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    read = 0
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(1 << 20)
+            start = read - len(decoder.getstate()[0])  # where the decoder's input begins: a split character's bytes
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"cannot read {path} as {builder} (UnicodeDecodeError: byte {start + error.start} is not UTF-8, "
+                    f"{error.reason}); {expected}"
+                ) from error
+            if not chunk:
+                return
+            read += len(chunk)
 
 
 def load_examples(
@@ -78,10 +102,13 @@ def load_examples(
     if dataset in (None, EMBEDDED_DATASET):
         return aclsum_examples(split, limit)
     path = Path(dataset)
-    if path.suffix in FILE_BUILDERS or path.exists():
+    suffix = path.suffix.lower()  # data.JSONL as data.jsonl
+    if suffix in FILE_BUILDERS or path.exists():
+        if path.is_dir():
+            raise DataError(f"dataset {dataset} is a directory; pass one json/jsonl/csv/parquet file in it")
         if not path.is_file():
             raise DataError(f"dataset file {dataset} does not exist")
-        builder = FILE_BUILDERS.get(path.suffix)
+        builder = FILE_BUILDERS.get(suffix)
         if builder is None:
             raise DataError(f"unsupported dataset file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
         rows = _read_file(path, builder)
@@ -108,18 +135,34 @@ def load_examples(
             f"dataset {dataset} has no field {', '.join(map(repr, missing))}; its fields are "
             f"{rows.column_names}: pass --input-field and --target-field"
         )
-    complete = [r for r in rows if r[input_field] is not None and r[target_field] is not None]
+    complete, null, empty = [], 0, 0
+    for row in rows:
+        values = [row[input_field], row[target_field]]
+        for field, value in zip((input_field, target_field), values, strict=True):
+            if isinstance(value, (list, dict)):  # str() would train on its Python repr
+                raise DataError(
+                    f"field {field!r} of dataset {dataset} holds {type(value).__name__}s, not text: --input-field and "
+                    "--target-field must name columns of text (a chat 'messages' column is not one)"
+                )
+        if any(value is None for value in values):
+            null += 1
+        elif any(not str(value).strip() for value in values):
+            empty += 1
+        else:
+            complete.append(row)
     if len(rows) and not complete:  # an empty split (a one-row file's eval split) is the caller's to refuse
-        raise DataError(f"every {split} row of {dataset} lacks {input_field!r} or {target_field!r}")
-    if len(complete) < len(rows):  # a null would otherwise be trained on as the text "None"
+        raise DataError(f"every {split} row of {dataset} lacks {input_field!r} or {target_field!r} (or it is empty)")
+    if null or empty:  # a null would otherwise be trained on as the text "None", an empty text on nothing
         logger.warning(
-            "Skipped %d of %d %s rows of %s without %r or %r.",
-            len(rows) - len(complete),
+            "Skipped %d of %d %s rows of %s without %r or %r (%d null or missing, %d empty).",
+            null + empty,
             len(rows),
             split,
             dataset,
             input_field,
             target_field,
+            null,
+            empty,
         )
     examples = [Example(str(r[input_field]), str(r[target_field])) for r in complete]
     return examples[:limit] if limit else examples
