@@ -280,6 +280,46 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing(tiny_checkpoint, tmp_pat
     assert (out / "keep.txt").read_text() == "user data"
 
 
+def test_overwrite_replaces_only_an_earlier_runs_output(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """--overwrite replaced whatever --output-dir named: the working directory, the model's, the data's."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_checkpoint, work / "model")  # a copy: the fixture is shared
+    (work / "data").mkdir()
+    (work / "data" / "train.jsonl").write_bytes((tiny_checkpoint / "data.jsonl").read_bytes())
+    (work / "notes.txt").write_text("user data")
+    monkeypatch.chdir(work)
+    run = ["train", "--model", "model", "--dataset", "data/train.jsonl", *TRAIN_ARGS, "--epochs", "1", "--no-energy"]
+    for output, expected in (
+        (".", "is the current directory"),
+        ("..", "holds the current directory"),
+        ("model", "is the model model"),
+        (str(tmp_path / "gone" / ".." / "work" / "model"), "is the model model"),  # "gone" is missing
+        ("data", "holds the dataset data/train.jsonl"),
+    ):
+        assert main([*run, "--output-dir", output, "--overwrite"]) == 2
+        assert f"{expected}, which the run would replace; choose a new or empty --output-dir" in capsys.readouterr().err
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "keep.txt").write_text("user data")
+    assert main([*run, "--output-dir", str(user), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "is not the output of an earlier greentrainer train run" in err and "pass --overwrite" not in err
+    assert (user / "keep.txt").read_text() == (work / "notes.txt").read_text() == "user data"
+    assert (work / "model" / "model.safetensors").is_file() and (work / "data" / "train.jsonl").is_file()
+
+    out = tmp_path / "run"
+    assert main([*run, "--output-dir", str(out)]) == 0
+    assert main([*run, "--output-dir", str(out)]) == 2
+    assert "holds an earlier greentrainer train run; pass --overwrite to replace it" in capsys.readouterr().err
+    (out / "notes.txt").write_text("user data")  # added to an earlier output: replacing it would delete it
+    assert main([*run, "--output-dir", str(out), "--overwrite"]) == 2
+    assert "files that run did not write (notes.txt)" in capsys.readouterr().err
+    (out / "notes.txt").unlink()
+    assert main([*run, "--output-dir", str(out), "--overwrite"]) == 0 and (out / "adapter_model.safetensors").is_file()
+
+
 def test_console_script_is_installed():
     result = subprocess.run(
         [sys.executable, "-m", "peft_greentrainer.cli", "profile", "-h"], capture_output=True, text=True, check=False
@@ -390,10 +430,9 @@ def test_unreadable_data_long_sequences_and_unusable_outputs_are_one_clear_line(
     blocker = tmp_path / "a-file"
     blocker.write_text("user data")
     _fails([*base, "--dataset", data, "--output-dir", str(blocker / "run")], capsys, "is a file", blocker / "run")
-    # --overwrite of a file: a run that fails keeps it
-    failing = [*base, "--dataset", data, "--rho", "0.05", "--output-dir", str(blocker), "--overwrite"]
-    assert main(failing) == 2
-    assert "feasible floor" in capsys.readouterr().err and blocker.read_text() == "user data"
+    # --overwrite of a file: refused, the file kept
+    assert main([*base, "--dataset", data, "--output-dir", str(blocker), "--overwrite"]) == 2
+    assert "is a file" in capsys.readouterr().err and blocker.read_text() == "user data"
 
 
 @needs_sparse_head

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--load-in-8bit", action="store_true")
     quantize.add_argument("--load-in-4bit", action="store_true")
     train.add_argument("--output-dir", default="greentrainer-output")
-    train.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    train.add_argument("--overwrite", action="store_true", help="replace the output of an earlier train run")
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
     train.add_argument(

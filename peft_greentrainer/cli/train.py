@@ -7,6 +7,7 @@ output directory only when the run succeeded, so a failed run never leaves half 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -26,6 +27,8 @@ PAPER_DEFAULTS = {"epochs": 5, "max_source_tokens": 512, "max_target_tokens": 12
 # tuned for 2.7B models
 EMBEDDED_LR = {"tensors": 3e-4, "lora": 1e-3}
 PAPER_LR = {"tensors": 2e-5, "lora": 2e-4}
+# written into the output beside the adapter: the names of the files the run wrote (JSON), what --overwrite replaces
+RUN_MARKER = ".greentrainer-train.json"
 
 
 @dataclass
@@ -55,14 +58,12 @@ def run_train(args: argparse.Namespace) -> dict:
 
     _apply_defaults(args)
     output_dir = Path(args.output_dir)
-    _check_output_dir(output_dir, args.overwrite)
+    _check_output_dir(output_dir, args)
     data = load_data(args)
     result: dict = {}
 
     def write(staging: str) -> None:
         result.update(train_into(Path(staging), args, data))
-        if output_dir.is_file():  # --overwrite of a file: it goes only once the run has succeeded
-            output_dir.unlink()
 
     write_atomically(output_dir, write)
     _print_summary(result, output_dir)
@@ -92,6 +93,7 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
     tokenizer.save_pretrained(str(staging))
     metrics = collect_metrics(args, data, peft_model.base_model, example, references, run, before.scores, after)
     write_run_report(staging, metrics, peft_model.base_model, example, run)
+    _mark_run_output(staging)
     return metrics
 
 
@@ -131,17 +133,84 @@ def _quantize_flag(args: argparse.Namespace) -> str:
     return "--load-in-8bit" if args.load_in_8bit else "--load-in-4bit"
 
 
-def _check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output directory the run could not write or would overwrite unasked."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise CliError(f"output directory {path} exists and is not empty; pass --overwrite or choose another")
-    parent = path.absolute().parent
+def _check_output_dir(path: Path, args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output directory the run could not write or must not replace.
+
+    The run replaces the whole directory, so --overwrite takes only the output of an earlier run (its marker lists
+    what that run wrote), and no run takes the working directory or one holding the model or the data: --overwrite
+    once deleted whatever --output-dir named, ``.`` included.
+    """
+    target = Path(os.path.abspath(path))  # as the write sees it: "gone/../model" is model, though gone is missing
+    if target.exists():
+        _check_replaceable(path, target, args)
+    parent = target.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         raise CliError(f"cannot create output directory {path}: {parent} is a file; choose another --output-dir")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CliError(f"cannot write output directory {path}: {parent} is not writable; choose another --output-dir")
+
+
+def _check_replaceable(path: Path, target: Path, args: argparse.Namespace) -> None:
+    """An existing ``target`` (``path`` made absolute) is replaced only when it is empty, or the output of an earlier
+    run and --overwrite."""
+    resolved = target.resolve()
+    inputs = [("the current directory", Path.cwd())]
+    named = (("model", args.model), ("dataset", args.dataset))
+    inputs += [(f"the {what} {name}", Path(name)) for what, name in named if name is not None]
+    for what, input_path in inputs:
+        if input_path.exists() and (resolved == input_path.resolve() or resolved in input_path.resolve().parents):
+            relation = "is" if resolved == input_path.resolve() else "holds"
+            raise CliError(
+                f"output directory {path} {relation} {what}, which the run would replace; choose a new or empty "
+                "--output-dir"
+            )
+    if target.is_file():
+        raise CliError(f"output directory {path} is a file, which the run would replace; choose another --output-dir")
+    entries = sorted(entry.name for entry in target.iterdir())
+    if not entries:
+        return
+    written = _earlier_run_files(target)
+    if written is None:
+        raise CliError(
+            f"output directory {path} exists and is not empty, and is not the output of an earlier greentrainer train "
+            f"run (--overwrite replaces only those); choose a new or empty --output-dir"
+        )
+    others = [entry for entry in entries if entry not in written and entry != RUN_MARKER]
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise CliError(
+            f"output directory {path} holds an earlier greentrainer train run and files that run did not write "
+            f"({shown}), which replacing it would delete; move them, or choose a new or empty --output-dir"
+        )
+    if not args.overwrite:
+        raise CliError(
+            f"output directory {path} holds an earlier greentrainer train run; pass --overwrite to replace it, or "
+            "choose a new --output-dir"
+        )
+
+
+def _earlier_run_files(path: Path) -> set[str] | None:
+    """The files an earlier run wrote into ``path`` (those its marker names; an output written before the marker
+    existed is recognised by its metrics.json, report.md and adapter config), or None where no run wrote it."""
+    marker = path / RUN_MARKER
+    if marker.is_file():
+        try:
+            return set(json.loads(marker.read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    if all((path / name).is_file() for name in ("metrics.json", "report.md", "adapter_config.json")):
+        return {entry.name for entry in path.iterdir()}
+    return None
+
+
+def _mark_run_output(directory: Path) -> None:
+    """Name the files of a run's output in its marker, so that --overwrite can replace it, and only it, later."""
+    from ..saving import _NEW_CONTENT
+
+    files = sorted(entry for entry in os.listdir(directory) if entry not in (RUN_MARKER, _NEW_CONTENT))
+    (directory / RUN_MARKER).write_text(json.dumps({"command": "greentrainer train", "files": files}, indent=1))
 
 
 def load_data(args: argparse.Namespace) -> RunData:
