@@ -532,6 +532,63 @@ def test_a_model_directory_without_weights_is_one_clear_line(tiny_checkpoint, tm
     _fails([*args, "--no-energy", "--output-dir", str(out)], capsys, expected, out)
 
 
+def test_a_model_folder_without_a_usable_tokenizer_is_one_clear_line(tiny_checkpoint, tmp_path, capsys):
+    """A folder of config and weights alone (a Trainer's checkpoint-N/) gave an empty tokenizer (GPT-2: one token,
+    every text to nothing), and the run ended in an IndexError in generation; or no tokenizer (Llama), a ValueError
+    whose first line named no folder."""
+    gpt2 = tmp_path / "gpt2-checkpoint"
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=64, vocab_size=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(gpt2)
+    llama = tmp_path / "llama-checkpoint"
+    llama.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (llama / name).write_bytes((tiny_checkpoint / name).read_bytes())
+    out = tmp_path / "run"
+    data = ["--dataset", str(tiny_checkpoint / "data.jsonl"), *TRAIN_ARGS, "--no-energy", "--output-dir", str(out)]
+    for model in (gpt2, llama):
+        _fails(["train", "--model", str(model), *data], capsys, f"model {model} has no usable tokenizer", out)
+
+
+def test_a_tokenizer_beyond_the_models_vocabulary_is_refused_before_training(tiny_checkpoint, tmp_path, capsys):
+    """A pad token one id beyond the model's embeddings (as Qwen2's tokenizer class adds to a small model): training
+    never padded, so every step ran, and the evaluation after it failed with an IndexError."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model / name).write_bytes((tiny_checkpoint / name).read_bytes())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_checkpoint)
+    rows = len(tokenizer)
+    tokenizer.add_special_tokens({"pad_token": "<extra-pad>"})
+    tokenizer.save_pretrained(model)
+    out = tmp_path / "run"
+    args = ["train", "--model", str(model), "--dataset", str(tiny_checkpoint / "data.jsonl"), *TRAIN_ARGS]
+    expected = f"has ids up to {rows} (its pad token '<extra-pad>' is id {rows}), beyond the {rows} rows of the model"
+    _fails([*args, "--no-energy", "--output-dir", str(out)], capsys, expected, out)
+
+
+def test_a_failed_evaluation_after_training_keeps_the_trained_adapter(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """An evaluation that failed after training discarded the trained adapter with the rest of the output."""
+    from peft_greentrainer.cli import train as train_module
+
+    evaluate, calls = train_module.evaluate, []
+
+    def failing_after_training(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise IndexError("index out of range in self")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", failing_after_training)
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_checkpoint), "--dataset", str(tiny_checkpoint / "data.jsonl"), *TRAIN_ARGS]
+    expected = "the evaluation after training failed (IndexError: index out of range in self); the trained adapter"
+    _fails([*args, "--epochs", "1", "--no-energy", "--output-dir", str(out)], capsys, expected, out)
+    kept = tmp_path / "run-unevaluated"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in kept.iterdir()}
+    assert not list(tmp_path.glob(".tmp-*")) and not (kept / "metrics.json").exists()
+    PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint), kept)  # it loads
+
+
 @pytest.mark.slow
 def test_an_encoder_decoder_with_learned_positions_is_held_to_them(tiny_checkpoint, tmp_path, capsys):
     from tokenizers import processors

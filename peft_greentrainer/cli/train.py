@@ -42,6 +42,31 @@ class RunData:
     data_label: str
 
 
+class EvaluationFailed(Exception):
+    """The evaluation after training raised (its ``__cause__``): the trained adapter is in the staging directory."""
+
+
+def _keep_trained_adapter(staging: Path, output_dir: Path) -> Path:
+    """Move what ``staging`` holds (the trained adapter and tokenizer) into a new sibling of ``output_dir``, written
+    atomically, so that a failed evaluation does not discard hours of training nor leave half an output."""
+    from ..saving import _NEW_CONTENT, write_atomically
+
+    kept = output_dir.with_name(f"{output_dir.name}-unevaluated")
+    number = 1
+    while kept.exists() or kept.is_symlink():
+        number += 1
+        kept = output_dir.with_name(f"{output_dir.name}-unevaluated-{number}")
+
+    def write(directory: str) -> None:
+        for entry in os.listdir(staging):
+            if entry != _NEW_CONTENT:
+                os.replace(staging / entry, Path(directory) / entry)
+        _mark_run_output(Path(directory))
+
+    write_atomically(kept, write)
+    return kept
+
+
 @dataclass
 class TrainedRun:
     """What training leaves behind for the report: the Trainer's state and the measured steps."""
@@ -63,7 +88,15 @@ def run_train(args: argparse.Namespace) -> dict:
     result: dict = {}
 
     def write(staging: str) -> None:
-        result.update(train_into(Path(staging), args, data))
+        try:
+            result.update(train_into(Path(staging), args, data))
+        except EvaluationFailed as failure:
+            kept = _keep_trained_adapter(Path(staging), output_dir)
+            cause = failure.__cause__
+            raise CliError(
+                f"the evaluation after training failed ({type(cause).__name__}: {str(cause).splitlines()[0]}); the "
+                f"trained adapter and tokenizer are saved in {kept}/ (no report)"
+            ) from cause
 
     write_atomically(output_dir, write)
     _print_summary(result, output_dir)
@@ -88,9 +121,12 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
     # before training the adapter is the identity (LoRA B = 0; tensors untouched): this scores the base model
     before = evaluate(peft_model, tokenizer, data.eval, args)
     run = train(peft_model, columns, staging, args)
-    after = evaluate(peft_model, tokenizer, data.eval, args)
-    peft_model.save_pretrained(str(staging))
+    peft_model.save_pretrained(str(staging))  # before the evaluation, whose failure keeps it (run_train)
     tokenizer.save_pretrained(str(staging))
+    try:
+        after = evaluate(peft_model, tokenizer, data.eval, args)
+    except Exception as error:
+        raise EvaluationFailed() from error
     metrics = collect_metrics(args, data, peft_model.base_model, example, references, run, before.scores, after)
     write_run_report(staging, metrics, peft_model.base_model, example, run)
     _mark_run_output(staging)
@@ -320,7 +356,7 @@ def load_model(name: str, args: argparse.Namespace):
         raise CliError(f"model path {name} does not exist")
     try:
         config = transformers.AutoConfig.from_pretrained(name)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        tokenizer = _load_tokenizer(name)
     except OSError as error:
         raise CliError(
             f"cannot load model {name!r} ({str(error).splitlines()[0]}); pass a local model directory"
@@ -346,7 +382,46 @@ def load_model(name: str, args: argparse.Namespace):
         raise CliError(f"{_quantize_flag(args)}: {str(error).splitlines()[0]}; or drop the flag") from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _check_vocabulary(model, tokenizer, name)
     return model, tokenizer
+
+
+def _load_tokenizer(name: str):
+    """The model's tokenizer, refused where it cannot tokenize: for a folder without tokenizer files (a Trainer's
+    checkpoint-N/) transformers builds an empty one (one token, every text to nothing) or none, and the run failed
+    in generation with an IndexError."""
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    except ValueError as error:  # no files to build the one this model type needs from
+        reason = str(error).splitlines()[0]
+    else:
+        if len(tokenizer) > 1 and tokenizer("The quick brown fox.", add_special_tokens=False)["input_ids"]:
+            return tokenizer
+        reason = f"{len(tokenizer)} token, every text tokenized to nothing"
+    raise CliError(
+        f"model {name} has no usable tokenizer ({reason}); a folder without tokenizer files, such as a Trainer's "
+        f"checkpoint-N/, needs them: copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) of the "
+        f"model it was trained from into {name}"
+    )
+
+
+def _check_vocabulary(model, tokenizer, name: str) -> None:
+    """Refuse a tokenizer with ids the model's input embeddings lack: they failed with an IndexError mid-run, in
+    the evaluation after training or wherever a batch first held one (the pad token of Qwen2's tokenizer class is
+    one id beyond a small model's vocabulary)."""
+    rows = model.get_input_embeddings().num_embeddings
+    largest = max(len(tokenizer) - 1, *(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None))
+    if largest < rows:
+        return
+    pad = tokenizer.pad_token_id
+    beyond = f" (its pad token {tokenizer.pad_token!r} is id {pad})" if pad is not None and pad >= rows else ""
+    raise CliError(
+        f"the tokenizer of model {name} has ids up to {largest}{beyond}, beyond the {rows} rows of the model's input "
+        f"embeddings (ids 0 to {rows - 1}): pass the tokenizer the model was trained with, or resize the model's "
+        "embeddings to it (model.resize_token_embeddings(len(tokenizer))) and save the model"
+    )
 
 
 def wrap(model, args: argparse.Namespace):
