@@ -637,6 +637,16 @@ def test_quantizing_without_bitsandbytes_is_one_clear_line(tiny_checkpoint, tmp_
     _fails(args, capsys, "--load-in-4bit: Using `bitsandbytes`", out)
 
 
+def test_target_modules_all_linear_is_passed_as_peft_takes_it():
+    """--target-modules takes names (nargs="+"): all-linear reached PEFT as ["all-linear"], a module no model has."""
+    from peft_greentrainer.cli.train import wrap
+
+    args = build_parser().parse_args(["train", "--units", "lora", "--target-modules", "all-linear", "--r", "2"])
+    model = wrap(tiny_model("llama"), args)
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(model.peft_config["default"].target_modules) == projections  # every linear layer but the LM head
+
+
 def test_rouge_scores_english_as_rouge_score_does_and_reads_every_script():
     from rouge_score import rouge_scorer
 

@@ -430,9 +430,10 @@ def wrap(model, args: argparse.Namespace):
 
     from ..config import GreenTrainerConfig
 
-    lora = (
-        {"r": args.r, "lora_alpha": 2 * args.r, "target_modules": args.target_modules} if args.units == "lora" else {}
-    )
+    targets = args.target_modules
+    if targets == ["all-linear"]:  # PEFT takes its shorthand as a string; in a list it is a module name, not found
+        targets = "all-linear"
+    lora = {"r": args.r, "lora_alpha": 2 * args.r, "target_modules": targets} if args.units == "lora" else {}
     config = GreenTrainerConfig(
         rho=args.rho,
         units=args.units,
