@@ -532,6 +532,29 @@ def test_a_model_directory_without_weights_is_one_clear_line(tiny_checkpoint, tm
     _fails([*args, "--no-energy", "--output-dir", str(out)], capsys, expected, out)
 
 
+def test_what_the_token_limits_cut_is_said_and_recorded(tiny_checkpoint, tmp_path, caplog):
+    """Sources and targets longer than --max-source-tokens / --max-target-tokens were cut without a word."""
+    data = tmp_path / "long.jsonl"
+    with open(data, "w") as handle:  # the tiny tokenizer: a token a word; "TL;DR:" is one, so sources keep 15 tokens
+        for i in range(20):
+            source, target = " ".join(["w"] * (30 if i % 2 else 8)), " ".join(["s"] * (10 if i % 4 == 0 else 3))
+            handle.write(json.dumps({"input": source, "target": target}) + "\n")
+    out = tmp_path / "run"
+    run = ["train", "--model", str(tiny_checkpoint), "--dataset", str(data), "--output-dir", str(out), "--quiet"]
+    limits = ["--max-source-tokens", "16", "--max-target-tokens", "6", "--eval-examples", "4"]
+    with caplog.at_level(logging.WARNING):
+        assert main([*run, *limits, "--epochs", "1", "--no-energy", "--device", "cpu", "--rho", "0.7"]) == 0
+    truncation = json.loads((out / "metrics.json").read_text())["truncation"]
+    totals = {key: sum(split[key] for split in truncation.values()) for key in truncation["train"]}
+    assert totals["examples"] == 20 and totals["sources_cut"] == 10 and totals["targets_cut"] == 5
+    assert {split["source_tokens_cut_max"] for split in truncation.values()} <= {0, 15}
+    assert {split["target_tokens_cut_max"] for split in truncation.values()} <= {0, 4}
+    train = truncation["train"]
+    said = f"{train['sources_cut']} of 16 sources (by up to 15 tokens)"
+    assert f"Cut to fit --max-source-tokens 16 / --max-target-tokens 6: training: {said}" in caplog.text
+    assert f"training: {said}" in (out / "report.md").read_text()
+
+
 def test_a_model_folder_without_a_usable_tokenizer_is_one_clear_line(tiny_checkpoint, tmp_path, capsys):
     """A folder of config and weights alone (a Trainer's checkpoint-N/) gave an empty tokenizer (GPT-2: one token,
     every text to nothing), and the run ended in an IndexError in generation; or no tokenizer (Llama), a ValueError

@@ -257,6 +257,39 @@ def tokenize_seq2seq(
     return {"input_ids": sources["input_ids"], "attention_mask": sources["attention_mask"], "labels": labels}
 
 
+def count_cuts(
+    tokenizer,
+    examples: Sequence[Example],
+    template: str,
+    max_source_tokens: int,
+    max_target_tokens: int,
+    encoder_decoder: bool,
+) -> dict[str, int]:
+    """How many sources and targets the limits cut, as ``tokenize_causal`` / ``tokenize_seq2seq`` cut them, and the
+    most tokens cut from one; for evaluation examples, a target "cut" is a reference longer than what is generated."""
+    prefix, _, suffix = template.partition("{input}")
+    if not examples:
+        sources, targets, room = [], [], max_source_tokens
+    elif encoder_decoder:  # with the special tokens the tokenizer adds, as tokenize_seq2seq counts them
+        sources = tokenizer([prefix + e.source + suffix for e in examples])["input_ids"]
+        targets = tokenizer([e.target for e in examples])["input_ids"]
+        room = max_source_tokens
+    else:
+        sources = tokenizer([e.source for e in examples], add_special_tokens=False)["input_ids"]
+        targets = tokenizer([" " + e.target for e in examples], add_special_tokens=False)["input_ids"]
+        around = [tokenizer(text, add_special_tokens=False)["input_ids"] if text else [] for text in (prefix, suffix)]
+        room = max_source_tokens - sum(map(len, around))
+    source_cuts = [len(ids) - room for ids in sources if len(ids) > room]
+    target_cuts = [len(ids) - max_target_tokens for ids in targets if len(ids) > max_target_tokens]
+    return {
+        "examples": len(examples),
+        "sources_cut": len(source_cuts),
+        "source_tokens_cut_max": max(source_cuts, default=0),
+        "targets_cut": len(target_cuts),
+        "target_tokens_cut_max": max(target_cuts, default=0),
+    }
+
+
 class TensorDataset(torch.utils.data.Dataset):
     """Rows of a dict of equal-length tensors, as dicts (what the Trainer's default collator stacks)."""
 

@@ -158,6 +158,31 @@ def flops_section(metrics: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def describe_cuts(truncation: Mapping[str, Mapping[str, int]], max_source_tokens: int, max_target_tokens: int) -> str:
+    """One sentence: how many sources and targets --max-source-tokens / --max-target-tokens cut, by how much at most."""
+    limits = f"--max-source-tokens {max_source_tokens} / --max-target-tokens {max_target_tokens}"
+    parts = []
+    for split, name, targets in (
+        ("train", "training", "targets"),
+        ("eval", "evaluation", f"references longer than the {max_target_tokens} tokens generated"),
+    ):
+        cuts = truncation.get(split)
+        if not cuts or not (cuts["sources_cut"] or cuts["targets_cut"]):
+            continue
+        counts = [
+            f"{cuts[count]} of {cuts['examples']} {label} (by up to {cuts[most]} tokens)"
+            for count, most, label in (
+                ("sources_cut", "source_tokens_cut_max", "sources"),
+                ("targets_cut", "target_tokens_cut_max", targets),
+            )
+            if cuts[count]
+        ]
+        parts.append(f"{name}: {', '.join(counts)}")
+    if not parts:
+        return f"Nothing was cut to fit {limits}."
+    return f"Cut to fit {limits}: {'; '.join(parts)}."
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(value: Any) -> str:
         return f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -190,6 +215,8 @@ def write_report(
         "# GreenTrainer run report",
         "",
         f"Model `{metrics['model']}`, data `{metrics['dataset']}`, units `{metrics['units']}`, rho {metrics['rho']}.",
+        "",
+        describe_cuts(metrics["truncation"], metrics["max_source_tokens"], metrics["max_target_tokens"]),
         "",
         markdown_table(["", "value"], summary_rows),
         "",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CliError
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED_DEFAULTS = {"epochs": 2, "max_source_tokens": 160, "max_target_tokens": 48, "train_examples": 120}
 PAPER_DEFAULTS = {"epochs": 5, "max_source_tokens": 512, "max_target_tokens": 128, "train_examples": None}
@@ -113,6 +116,7 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
     transformers.set_seed(args.seed)
     model, tokenizer = load_model(data.model_path, args)
     columns = tokenize(model, tokenizer, data.train, args)
+    truncation = count_truncation(model, tokenizer, data, args)
     _announce(args, data, columns)
     peft_model = wrap(model, args)
     example = {k: v[: args.batch_size] for k, v in columns.items()}
@@ -128,6 +132,7 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
     except Exception as error:
         raise EvaluationFailed() from error
     metrics = collect_metrics(args, data, peft_model.base_model, example, references, run, before.scores, after)
+    metrics["truncation"] = truncation
     write_run_report(staging, metrics, peft_model.base_model, example, run)
     _mark_run_output(staging)
     return metrics
@@ -316,6 +321,22 @@ def tokenize(model, tokenizer, examples: Sequence, args: argparse.Namespace) -> 
             f"{args.max_target_tokens} + end of text) exceed the {limit} positions this model has; lower them"
         )
     return columns
+
+
+def count_truncation(model, tokenizer, data: RunData, args: argparse.Namespace) -> dict:
+    """What the token limits cut from the training and evaluation examples, said in a warning (cut silently, a
+    2,000-token source trained as its first 512 without a word)."""
+    from .data import count_cuts
+    from .report import describe_cuts
+
+    limits = args.template, args.max_source_tokens, args.max_target_tokens, model.config.is_encoder_decoder
+    truncation = {
+        split: count_cuts(tokenizer, examples, *limits)
+        for split, examples in (("train", data.train), ("eval", data.eval))
+    }
+    if any(cuts["sources_cut"] or cuts["targets_cut"] for cuts in truncation.values()):
+        logger.warning("%s Raise the limits to keep more of the text.", describe_cuts(truncation, *limits[1:3]))
+    return truncation
 
 
 def _learned_position_limit(model) -> int | None:
