@@ -151,7 +151,9 @@ def load_examples(
         else:
             complete.append(row)
     if len(rows) and not complete:  # an empty split (a one-row file's eval split) is the caller's to refuse
-        raise DataError(f"every {split} row of {dataset} lacks {input_field!r} or {target_field!r} (or it is empty)")
+        raise DataError(
+            f"every {split} row of {dataset} lacks {input_field!r} or {target_field!r} (null, missing or empty)"
+        )
     if null or empty:  # a null would otherwise be trained on as the text "None", an empty text on nothing
         logger.warning(
             "Skipped %d of %d %s rows of %s without %r or %r (%d null or missing, %d empty).",
