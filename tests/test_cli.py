@@ -318,6 +318,18 @@ def test_overwrite_replaces_only_an_earlier_runs_output(tiny_checkpoint, tmp_pat
     assert "files that run did not write (notes.txt)" in capsys.readouterr().err
     (out / "notes.txt").unlink()
     assert main([*run, "--output-dir", str(out), "--overwrite"]) == 0 and (out / "adapter_model.safetensors").is_file()
+    # an output written before the marker existed: what such a run writes is replaced, nothing else
+    (out / ".greentrainer-train.json").unlink()
+    (out / "checkpoint-500").mkdir()
+    (out / "NOTES.txt").write_text("user data")
+    assert main([*run, "--output-dir", str(out), "--overwrite"]) == 2
+    assert "files that run did not write (NOTES.txt, checkpoint-500)" in capsys.readouterr().err
+    assert (out / "checkpoint-500").is_dir() and (out / "NOTES.txt").is_file()
+    # a link to a directory: the output is written where it points, the link kept
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "disk")
+    assert main([*run, "--output-dir", str(tmp_path / "link")]) == 0
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "disk" / "adapter_model.safetensors").is_file()
 
 
 def test_console_script_is_installed():
@@ -572,9 +584,14 @@ def test_a_model_folder_without_a_usable_tokenizer_is_one_clear_line(tiny_checkp
         _fails(["train", "--model", str(model), *data], capsys, f"model {model} has no usable tokenizer", out)
 
 
-def test_a_tokenizer_beyond_the_models_vocabulary_is_refused_before_training(tiny_checkpoint, tmp_path, capsys):
+def test_a_tokenizer_beyond_the_models_vocabulary_pads_with_eos_or_is_refused_before_training(
+    tiny_checkpoint, tmp_path, capsys, caplog
+):
     """A pad token one id beyond the model's embeddings (as Qwen2's tokenizer class adds to a small model): training
-    never padded, so every step ran, and the evaluation after it failed with an IndexError."""
+    never padded, so every step ran, and the evaluation after it failed with an IndexError. Such a pad is replaced by
+    eos; a token beyond them in the training texts is refused before training."""
+    from peft_greentrainer.cli.train import load_model
+
     model = tmp_path / "model"
     model.mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -583,14 +600,24 @@ def test_a_tokenizer_beyond_the_models_vocabulary_is_refused_before_training(tin
     rows = len(tokenizer)
     tokenizer.add_special_tokens({"pad_token": "<extra-pad>"})
     tokenizer.save_pretrained(model)
+    args = build_parser().parse_args(["train", "--device", "cpu"])
+    with caplog.at_level(logging.WARNING):
+        loaded = load_model(str(model), args)[1]
+    assert loaded.pad_token == loaded.eos_token and f"'<extra-pad>' (id {rows}) is beyond" in caplog.text
+    data = tmp_path / "data.jsonl"
+    lines = (tiny_checkpoint / "data.jsonl").read_text().splitlines()
+    data.write_text("\n".join([json.dumps({"document": "x <extra-pad> y", "summary": "z"}), *lines]) + "\n")
     out = tmp_path / "run"
-    args = ["train", "--model", str(model), "--dataset", str(tiny_checkpoint / "data.jsonl"), *TRAIN_ARGS]
-    expected = f"has ids up to {rows} (its pad token '<extra-pad>' is id {rows}), beyond the {rows} rows of the model"
-    _fails([*args, "--no-energy", "--output-dir", str(out)], capsys, expected, out)
+    argv = ["train", "--model", str(model), "--dataset", str(data), *TRAIN_ARGS, "--no-energy", "--output-dir"]
+    _fails([*argv, str(out)], capsys, f"the training texts tokenize to id {rows}, beyond the {rows} rows", out)
 
 
-def test_a_failed_evaluation_after_training_keeps_the_trained_adapter(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    """An evaluation that failed after training discarded the trained adapter with the rest of the output."""
+@pytest.mark.parametrize("error", [IndexError("index out of range in self"), KeyboardInterrupt()])
+def test_a_failed_evaluation_after_training_keeps_the_trained_adapter(
+    error, tiny_checkpoint, tmp_path, capsys, monkeypatch
+):
+    """An evaluation that failed after training discarded the trained adapter with the rest of the output; so did
+    Ctrl-C during it (not an Exception)."""
     from peft_greentrainer.cli import train as train_module
 
     evaluate, calls = train_module.evaluate, []
@@ -598,13 +625,14 @@ def test_a_failed_evaluation_after_training_keeps_the_trained_adapter(tiny_check
     def failing_after_training(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise IndexError("index out of range in self")
+            raise error
         return evaluate(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "evaluate", failing_after_training)
     out = tmp_path / "run"
     args = ["train", "--model", str(tiny_checkpoint), "--dataset", str(tiny_checkpoint / "data.jsonl"), *TRAIN_ARGS]
-    expected = "the evaluation after training failed (IndexError: index out of range in self); the trained adapter"
+    what = "failed" if isinstance(error, IndexError) else "was interrupted"
+    expected = f"the evaluation after training {what} ({type(error).__name__}: {str(error) or '-'}); the trained"
     _fails([*args, "--epochs", "1", "--no-energy", "--output-dir", str(out)], capsys, expected, out)
     kept = tmp_path / "run-unevaluated"
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in kept.iterdir()}
@@ -658,6 +686,26 @@ def test_quantizing_without_bitsandbytes_is_one_clear_line(tiny_checkpoint, tmp_
     # installed, but transformers' quantizer still refuses (too old a version, no accelerate): its reason, one line
     monkeypatch.setattr("transformers.utils.is_bitsandbytes_available", lambda *args, **kwargs: True)
     _fails(args, capsys, "--load-in-4bit: Using `bitsandbytes`", out)
+
+
+def test_csv_cells_are_read_as_the_text_they_hold(tmp_path):
+    """The csv builder guessed column types: answers 42 became '42.0' (a blank cell elsewhere in the column), zip
+    codes lost their leading zero, '3.10' became '3.1'."""
+    from peft_greentrainer.cli.data import load_examples
+
+    answers = ["42", "02104", "3.10", "", "1e3"] + [str(i) for i in range(20)]
+    file = tmp_path / "data.csv"
+    file.write_text("question,answer\n" + "".join(f"q{i},{a}\n" for i, a in enumerate(answers)))
+    fields = {"input_field": "question", "target_field": "answer"}
+    examples = load_examples(str(file), "train", **fields) + load_examples(str(file), "eval", **fields)
+    assert sorted(e.target for e in examples) == sorted(a for a in answers if a)
+
+
+def test_profile_takes_target_modules_all_linear(tmp_path, capsys):
+    tiny_config("llama").save_pretrained(tmp_path / "llama")
+    argv = ["profile", "--model", str(tmp_path / "llama"), "--units", "lora", "--seq-len", "16", "--json"]
+    assert main([*argv, "--target-modules", "all-linear"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_units"] == 7 * tiny_config("llama").num_hidden_layers
 
 
 def test_target_modules_all_linear_is_passed_as_peft_takes_it():

@@ -51,7 +51,10 @@ def _read_file(path: Path, builder: str):
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its builders log a failed read with a traceback
     try:
-        rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+        # CSV cells are text: the builder's type guess made answers 42 read as 42.0 (a blank cell elsewhere in the
+        # column), zip codes lose their leading zero and "3.10" become 3.1
+        as_text = {"features": _csv_text_features(path)} if builder == "csv" else {}
+        rows = datasets.load_dataset(builder, data_files=str(path), split="train", **as_text)
     except (datasets.exceptions.DatasetGenerationError, UnicodeDecodeError, ValueError, RuntimeError) as error:
         cause = error.__cause__ or error.__context__ or error
         raise DataError(f"cannot read {path} as {builder} ({type(cause).__name__}: {cause}); {expected}") from error
@@ -60,6 +63,15 @@ def _read_file(path: Path, builder: str):
     if len(rows) == 0:
         raise DataError(f"dataset file {path} holds no rows; {expected}")
     return rows
+
+
+def _csv_text_features(path: Path):
+    """Every column of a CSV file read as text, its names as the csv builder's pandas reads them."""
+    import datasets
+    import pandas
+
+    columns = pandas.read_csv(path, nrows=0).columns
+    return datasets.Features({str(name): datasets.Value("string") for name in columns})
 
 
 def _check_utf8(path: Path, builder: str, expected: str) -> None:

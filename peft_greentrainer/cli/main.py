@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-examples", type=_positive_int, default=None, help="default: all (120 embedded)")
     train.add_argument("--eval-examples", type=_positive_int, default=24)
     train.add_argument("--r", type=_positive_int, default=8, help="LoRA rank (units=lora)")
-    train.add_argument("--target-modules", nargs="+", default=None, help="LoRA targets (default: PEFT's for the model)")
+    train.add_argument(
+        "--target-modules", nargs="+", action=_TargetModules, help="LoRA targets (default: PEFT's for the model)"
+    )
     quantize = train.add_mutually_exclusive_group()
     quantize.add_argument("--load-in-8bit", action="store_true")
     quantize.add_argument("--load-in-4bit", action="store_true")
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--seq-len", type=_positive_int, default=512)
     profile.add_argument("--target-len", type=_positive_int, default=128, help="decoder length (encoder-decoder)")
     profile.add_argument("--units", choices=("tensors", "lora"), default="tensors")
-    profile.add_argument("--target-modules", nargs="+", default=None)
+    profile.add_argument("--target-modules", nargs="+", action=_TargetModules)
     profile.add_argument("--r", type=_positive_int, default=8)
     profile.add_argument("--rho", type=_rho, nargs="+", default=[0.3, 0.5, 0.7])
     profile.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -163,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------------- entry point
+class _TargetModules(argparse.Action):
+    """Module names, or PEFT's shorthand ``all-linear`` as the string PEFT takes (in a list it names a module none
+    has, and PEFT fails)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, "all-linear" if values == ["all-linear"] else values)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("GREENTRAINER_LOG", "WARNING"), format="%(levelname)s %(message)s")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

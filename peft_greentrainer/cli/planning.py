@@ -51,7 +51,7 @@ def plan(
     seq_len: int = 512,
     target_len: int = 128,
     units: str = "tensors",
-    target_modules: Sequence[str] | None = None,
+    target_modules: str | Sequence[str] | None = None,
     r: int = 8,
     rhos: Sequence[float] = (0.3, 0.5, 0.7),
     sparse_lm_head: bool = True,
@@ -68,7 +68,8 @@ def plan(
     if not model.config.is_encoder_decoder:
         batch["labels"] = supervised_tail_labels(batch_size, seq_len, label_tokens)
     dense_full = profile_model(model, batch).full_flops  # the bare model: dense head, every tensor trainable
-    lora = {"r": r, "target_modules": list(target_modules) if target_modules else None} if units == "lora" else {}
+    targets = target_modules if isinstance(target_modules, str) or not target_modules else list(target_modules)
+    lora = {"r": r, "target_modules": targets or None} if units == "lora" else {}
     peft_model = get_peft_model(model, GreenTrainerConfig(units=units, sparse_lm_head=sparse_lm_head, **lora))
     tuner = peft_model.base_model
     costs = tuner.unit_costs(batch)  # this batch's own costs: what its steps cost

@@ -45,8 +45,9 @@ class RunData:
     data_label: str
 
 
-class EvaluationFailed(Exception):
-    """The evaluation after training raised (its ``__cause__``): the trained adapter is in the staging directory."""
+class FailedAfterTraining(Exception):
+    """The evaluation or report after training raised, or was interrupted (its ``__cause__``): the trained adapter is
+    in the staging directory."""
 
 
 def _keep_trained_adapter(staging: Path, output_dir: Path) -> Path:
@@ -86,6 +87,8 @@ def run_train(args: argparse.Namespace) -> dict:
 
     _apply_defaults(args)
     output_dir = Path(args.output_dir)
+    if output_dir.is_symlink():  # write where it points (a bigger disk, say), not over the link itself
+        output_dir = output_dir.resolve()
     _check_output_dir(output_dir, args)
     data = load_data(args)
     result: dict = {}
@@ -93,12 +96,14 @@ def run_train(args: argparse.Namespace) -> dict:
     def write(staging: str) -> None:
         try:
             result.update(train_into(Path(staging), args, data))
-        except EvaluationFailed as failure:
+        except FailedAfterTraining as failure:
             kept = _keep_trained_adapter(Path(staging), output_dir)
             cause = failure.__cause__
+            what = "was interrupted" if isinstance(cause, KeyboardInterrupt) else "failed"
+            detail = (str(cause) or "-").splitlines()[0]
             raise CliError(
-                f"the evaluation after training failed ({type(cause).__name__}: {str(cause).splitlines()[0]}); the "
-                f"trained adapter and tokenizer are saved in {kept}/ (no report)"
+                f"the evaluation after training {what} ({type(cause).__name__}: {detail}); the trained adapter and "
+                f"tokenizer are saved in {kept}/ (no report)"
             ) from cause
 
     write_atomically(output_dir, write)
@@ -116,6 +121,7 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
     transformers.set_seed(args.seed)
     model, tokenizer = load_model(data.model_path, args)
     columns = tokenize(model, tokenizer, data.train, args)
+    _check_token_ids(model, columns, data.model_path)
     truncation = count_truncation(model, tokenizer, data, args)
     _announce(args, data, columns)
     peft_model = wrap(model, args)
@@ -127,13 +133,13 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
     run = train(peft_model, columns, staging, args)
     peft_model.save_pretrained(str(staging))  # before the evaluation, whose failure keeps it (run_train)
     tokenizer.save_pretrained(str(staging))
-    try:
+    try:  # Ctrl-C during a slow evaluation too: the trained adapter must survive it
         after = evaluate(peft_model, tokenizer, data.eval, args)
-    except Exception as error:
-        raise EvaluationFailed() from error
-    metrics = collect_metrics(args, data, peft_model.base_model, example, references, run, before.scores, after)
-    metrics["truncation"] = truncation
-    write_run_report(staging, metrics, peft_model.base_model, example, run)
+        metrics = collect_metrics(args, data, peft_model.base_model, example, references, run, before.scores, after)
+        metrics["truncation"] = truncation
+        write_run_report(staging, metrics, peft_model.base_model, example, run)
+    except BaseException as error:
+        raise FailedAfterTraining() from error
     _mark_run_output(staging)
     return metrics
 
@@ -242,8 +248,16 @@ def _earlier_run_files(path: Path) -> set[str] | None:
         except (OSError, ValueError, KeyError, TypeError):
             return None
     if all((path / name).is_file() for name in ("metrics.json", "report.md", "adapter_config.json")):
-        return {entry.name for entry in path.iterdir()}
+        return {entry.name for entry in path.iterdir() if entry.is_file() and _an_older_run_writes(entry.name)}
     return None
+
+
+def _an_older_run_writes(name: str) -> bool:
+    """Whether a run without a marker wrote a file of this name: its report, plots, adapter and tokenizer files. The
+    rest (a user's notes, checkpoint folders) is the user's, which --overwrite must not delete."""
+    written = {"metrics.json", "report.md", "README.md", "special_tokens_map.json", "added_tokens.json", "merges.txt"}
+    prefixes = ("adapter_", "tokenizer", "vocab", "chat_template")
+    return name in written or name.startswith(prefixes) or name.endswith((".png", ".model"))
 
 
 def _mark_run_output(directory: Path) -> None:
@@ -401,7 +415,15 @@ def load_model(name: str, args: argparse.Namespace):
         if "quantization_config" not in kwargs:
             raise
         raise CliError(f"{_quantize_flag(args)}: {str(error).splitlines()[0]}; or drop the flag") from error
-    if tokenizer.pad_token_id is None:
+    rows = model.get_input_embeddings().num_embeddings
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if pad is not None and pad >= rows and eos is not None and eos < rows:
+        # a pad token the tokenizer class supplies by default, which this vocabulary lacks (Qwen2's <|endoftext|>)
+        logger.warning(
+            "The pad token %r (id %d) is beyond the model's embeddings; padding with eos.", tokenizer.pad_token, pad
+        )
+        pad = None
+    if pad is None:
         tokenizer.pad_token = tokenizer.eos_token
     _check_vocabulary(model, tokenizer, name)
     return model, tokenizer
@@ -418,9 +440,9 @@ def _load_tokenizer(name: str):
     except ValueError as error:  # no files to build the one this model type needs from
         reason = str(error).splitlines()[0]
     else:
-        if len(tokenizer) > 1 and tokenizer("The quick brown fox.", add_special_tokens=False)["input_ids"]:
+        if len(tokenizer) > 1:  # a narrow vocabulary (digits and operators) is a tokenizer too
             return tokenizer
-        reason = f"{len(tokenizer)} token, every text tokenized to nothing"
+        reason = f"{len(tokenizer)} token: every text tokenizes to nothing"
     raise CliError(
         f"model {name} has no usable tokenizer ({reason}); a folder without tokenizer files, such as a Trainer's "
         f"checkpoint-N/, needs them: copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) of the "
@@ -433,16 +455,31 @@ def _check_vocabulary(model, tokenizer, name: str) -> None:
     the evaluation after training or wherever a batch first held one (the pad token of Qwen2's tokenizer class is
     one id beyond a small model's vocabulary)."""
     rows = model.get_input_embeddings().num_embeddings
-    largest = max(len(tokenizer) - 1, *(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None))
-    if largest < rows:
-        return
-    pad = tokenizer.pad_token_id
-    beyond = f" (its pad token {tokenizer.pad_token!r} is id {pad})" if pad is not None and pad >= rows else ""
-    raise CliError(
-        f"the tokenizer of model {name} has ids up to {largest}{beyond}, beyond the {rows} rows of the model's input "
-        f"embeddings (ids 0 to {rows - 1}): pass the tokenizer the model was trained with, or resize the model's "
-        "embeddings to it (model.resize_token_embeddings(len(tokenizer))) and save the model"
-    )
+    special = {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
+    beyond = [f"its {what} token is id {i}" for what, i in special.items() if i is not None and i >= rows]
+    if beyond:
+        raise CliError(
+            f"the tokenizer of model {name} has ids beyond the {rows} rows of the model's input embeddings "
+            f"({', '.join(beyond)}): {_VOCABULARY_ADVICE}"
+        )
+
+
+_VOCABULARY_ADVICE = (
+    "pass the tokenizer the model was trained with, or resize the model's embeddings to it "
+    "(model.resize_token_embeddings(len(tokenizer))) and save the model"
+)
+
+
+def _check_token_ids(model, columns: dict, name: str) -> None:
+    """Refuse training texts holding a token (one the tokenizer added) the model's embeddings lack, before training:
+    it failed with an IndexError wherever a batch first held one."""
+    rows = model.get_input_embeddings().num_embeddings
+    largest = max(int(columns[key].max()) for key in ("input_ids", "labels") if key in columns)
+    if largest >= rows:
+        raise CliError(
+            f"the training texts tokenize to id {largest}, beyond the {rows} rows of the input embeddings of model "
+            f"{name}: {_VOCABULARY_ADVICE}"
+        )
 
 
 def wrap(model, args: argparse.Namespace):
@@ -452,8 +489,6 @@ def wrap(model, args: argparse.Namespace):
     from ..config import GreenTrainerConfig
 
     targets = args.target_modules
-    if targets == ["all-linear"]:  # PEFT takes its shorthand as a string; in a list it is a module name, not found
-        targets = "all-linear"
     lora = {"r": args.r, "lora_alpha": 2 * args.r, "target_modules": targets} if args.units == "lora" else {}
     config = GreenTrainerConfig(
         rho=args.rho,
