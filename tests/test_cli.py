@@ -320,11 +320,15 @@ def test_overwrite_replaces_only_an_earlier_runs_output(tiny_checkpoint, tmp_pat
     assert main([*run, "--output-dir", str(out), "--overwrite"]) == 0 and (out / "adapter_model.safetensors").is_file()
     # an output written before the marker existed: what such a run writes is replaced, nothing else
     (out / ".greentrainer-train.json").unlink()
-    (out / "checkpoint-500").mkdir()
-    (out / "NOTES.txt").write_text("user data")
+    (out / "greentrainer_config.json").write_text("{}")  # what such a run wrote beside a LoRA adapter
+    assert main([*run, "--output-dir", str(out)]) == 2
+    assert "holds an earlier greentrainer train run; pass --overwrite" in capsys.readouterr().err
+    user_files = ["NOTES.txt", "adapter_model_best.safetensors", "checkpoint-500", "tokenizer_backup.json"]
+    for name in user_files:
+        (out / name).mkdir() if name.startswith("checkpoint") else (out / name).write_text("user data")
     assert main([*run, "--output-dir", str(out), "--overwrite"]) == 2
-    assert "files that run did not write (NOTES.txt, checkpoint-500)" in capsys.readouterr().err
-    assert (out / "checkpoint-500").is_dir() and (out / "NOTES.txt").is_file()
+    assert f"files that run did not write ({', '.join(sorted(user_files))})" in capsys.readouterr().err
+    assert all((out / name).exists() for name in user_files)
     # a link to a directory: the output is written where it points, the link kept
     (tmp_path / "disk").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "disk")
@@ -590,7 +594,8 @@ def test_a_tokenizer_beyond_the_models_vocabulary_pads_with_eos_or_is_refused_be
     """A pad token one id beyond the model's embeddings (as Qwen2's tokenizer class adds to a small model): training
     never padded, so every step ran, and the evaluation after it failed with an IndexError. Such a pad is replaced by
     eos; a token beyond them in the training texts is refused before training."""
-    from peft_greentrainer.cli.train import load_model
+    from peft_greentrainer.cli.errors import CliError
+    from peft_greentrainer.cli.train import _check_token_ids, load_model
 
     model = tmp_path / "model"
     model.mkdir()
@@ -610,6 +615,12 @@ def test_a_tokenizer_beyond_the_models_vocabulary_pads_with_eos_or_is_refused_be
     out = tmp_path / "run"
     argv = ["train", "--model", str(model), "--dataset", str(data), *TRAIN_ARGS, "--no-energy", "--output-dir"]
     _fails([*argv, str(out)], capsys, f"the training texts tokenize to id {rows}, beyond the {rows} rows", out)
+    # the token in an evaluation text alone: refused before training too (it raised in the evaluation before it)
+    base = transformers.AutoModelForCausalLM.from_pretrained(model)
+    columns = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}
+    held_out = [Example("a", "b"), Example("x <extra-pad> y", "z")]
+    with pytest.raises(CliError, match=f"the evaluation texts tokenize to id {rows}, beyond the {rows} rows"):
+        _check_token_ids(base, loaded, columns, held_out, str(model))
 
 
 @pytest.mark.parametrize("error", [IndexError("index out of range in self"), KeyboardInterrupt()])
@@ -632,8 +643,14 @@ def test_a_failed_evaluation_after_training_keeps_the_trained_adapter(
     out = tmp_path / "run"
     args = ["train", "--model", str(tiny_checkpoint), "--dataset", str(tiny_checkpoint / "data.jsonl"), *TRAIN_ARGS]
     what = "failed" if isinstance(error, IndexError) else "was interrupted"
-    expected = f"the evaluation after training {what} ({type(error).__name__}: {str(error) or '-'}); the trained"
-    _fails([*args, "--epochs", "1", "--no-energy", "--output-dir", str(out)], capsys, expected, out)
+    expected = f"the evaluation or report after training {what} ({type(error).__name__}: {str(error) or '-'}); the"
+    argv = [*args, "--epochs", "1", "--no-energy", "--output-dir", str(out)]
+    if isinstance(error, KeyboardInterrupt):  # an interrupt still, to a shell loop running several trainings
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+        assert expected in capsys.readouterr().err and not out.exists()
+    else:
+        _fails(argv, capsys, expected, out)
     kept = tmp_path / "run-unevaluated"
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in kept.iterdir()}
     assert not list(tmp_path.glob(".tmp-*")) and not (kept / "metrics.json").exists()
@@ -690,10 +707,10 @@ def test_quantizing_without_bitsandbytes_is_one_clear_line(tiny_checkpoint, tmp_
 
 def test_csv_cells_are_read_as_the_text_they_hold(tmp_path):
     """The csv builder guessed column types: answers 42 became '42.0' (a blank cell elsewhere in the column), zip
-    codes lost their leading zero, '3.10' became '3.1'."""
+    codes lost their leading zero, '3.10' became '3.1', and 'None' or 'N/A' (an unanswerable question) became null."""
     from peft_greentrainer.cli.data import load_examples
 
-    answers = ["42", "02104", "3.10", "", "1e3"] + [str(i) for i in range(20)]
+    answers = ["42", "02104", "3.10", "", "1e3", "None", "N/A", "nan"] + [str(i) for i in range(20)]
     file = tmp_path / "data.csv"
     file.write_text("question,answer\n" + "".join(f"q{i},{a}\n" for i, a in enumerate(answers)))
     fields = {"input_field": "question", "target_field": "answer"}
@@ -708,9 +725,13 @@ def test_profile_takes_target_modules_all_linear(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["num_units"] == 7 * tiny_config("llama").num_hidden_layers
 
 
-def test_target_modules_all_linear_is_passed_as_peft_takes_it():
+def test_target_modules_all_linear_is_passed_as_peft_takes_it(capsys):
     """--target-modules takes names (nargs="+"): all-linear reached PEFT as ["all-linear"], a module no model has."""
     from peft_greentrainer.cli.train import wrap
+
+    with pytest.raises(SystemExit):  # beside names it would be one more name, matching none: q_proj alone trained
+        build_parser().parse_args(["train", "--target-modules", "all-linear", "q_proj"])
+    assert "pass it alone" in capsys.readouterr().err
 
     args = build_parser().parse_args(["train", "--units", "lora", "--target-modules", "all-linear", "--r", "2"])
     model = wrap(tiny_model("llama"), args)

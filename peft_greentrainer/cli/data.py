@@ -53,7 +53,8 @@ def _read_file(path: Path, builder: str):
     try:
         # CSV cells are text: the builder's type guess made answers 42 read as 42.0 (a blank cell elsewhere in the
         # column), zip codes lose their leading zero and "3.10" become 3.1
-        as_text = {"features": _csv_text_features(path)} if builder == "csv" else {}
+        # ("None", "NA" or "n/a" stay text too; an empty cell is an empty text, skipped as such)
+        as_text = {"features": _csv_text_features(path), "keep_default_na": False} if builder == "csv" else {}
         rows = datasets.load_dataset(builder, data_files=str(path), split="train", **as_text)
     except (datasets.exceptions.DatasetGenerationError, UnicodeDecodeError, ValueError, RuntimeError) as error:
         cause = error.__cause__ or error.__context__ or error
@@ -70,7 +71,7 @@ def _csv_text_features(path: Path):
     import datasets
     import pandas
 
-    columns = pandas.read_csv(path, nrows=0).columns
+    columns = pandas.read_csv(path, nrows=0, keep_default_na=False).columns
     return datasets.Features({str(name): datasets.Value("string") for name in columns})
 
 

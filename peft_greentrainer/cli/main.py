@@ -170,6 +170,8 @@ class _TargetModules(argparse.Action):
     has, and PEFT fails)."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if "all-linear" in values and len(values) > 1:
+            parser.error("--target-modules all-linear names every linear layer: pass it alone, or module names")
         setattr(namespace, self.dest, "all-linear" if values == ["all-linear"] else values)
 
 

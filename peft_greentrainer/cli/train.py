@@ -88,7 +88,10 @@ def run_train(args: argparse.Namespace) -> dict:
     _apply_defaults(args)
     output_dir = Path(args.output_dir)
     if output_dir.is_symlink():  # write where it points (a bigger disk, say), not over the link itself
-        output_dir = output_dir.resolve()
+        try:
+            output_dir = output_dir.resolve()
+        except RuntimeError as error:  # a loop of links
+            raise CliError(f"--output-dir {output_dir}: {error}") from error
     _check_output_dir(output_dir, args)
     data = load_data(args)
     result: dict = {}
@@ -101,10 +104,14 @@ def run_train(args: argparse.Namespace) -> dict:
             cause = failure.__cause__
             what = "was interrupted" if isinstance(cause, KeyboardInterrupt) else "failed"
             detail = (str(cause) or "-").splitlines()[0]
-            raise CliError(
-                f"the evaluation after training {what} ({type(cause).__name__}: {detail}); the trained adapter and "
-                f"tokenizer are saved in {kept}/ (no report)"
-            ) from cause
+            message = (
+                f"the evaluation or report after training {what} ({type(cause).__name__}: {detail}); the trained "
+                f"adapter and tokenizer are saved in {kept}/ (no complete report)"
+            )
+            if isinstance(cause, KeyboardInterrupt):  # still an interrupt to the caller (a shell loop stops)
+                print(f"greentrainer: {message}", file=sys.stderr)
+                raise cause from None
+            raise CliError(message) from cause
 
     write_atomically(output_dir, write)
     _print_summary(result, output_dir)
@@ -121,7 +128,7 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
     transformers.set_seed(args.seed)
     model, tokenizer = load_model(data.model_path, args)
     columns = tokenize(model, tokenizer, data.train, args)
-    _check_token_ids(model, columns, data.model_path)
+    _check_token_ids(model, tokenizer, columns, data.eval, data.model_path)
     truncation = count_truncation(model, tokenizer, data, args)
     _announce(args, data, columns)
     peft_model = wrap(model, args)
@@ -252,12 +259,23 @@ def _earlier_run_files(path: Path) -> set[str] | None:
     return None
 
 
+# What a run without a marker wrote: its report and plots, the adapter (and GreenTrainer's fields beside a LoRA one),
+# and the tokenizer files transformers saves. Exact names: a user's "adapter_model_best.safetensors" is the user's.
+_OLDER_RUN_FILES = frozenset(
+    {
+        *("metrics.json", "report.md", "README.md", "selections.png", "flops.png", "loss.png", "energy.png"),
+        *("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "greentrainer_config.json"),
+        *("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json"),
+        *("vocab.txt", "merges.txt", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model", "source.spm"),
+        *("target.spm", "chat_template.jinja", "chat_template.json"),
+    }
+)
+
+
 def _an_older_run_writes(name: str) -> bool:
-    """Whether a run without a marker wrote a file of this name: its report, plots, adapter and tokenizer files. The
-    rest (a user's notes, checkpoint folders) is the user's, which --overwrite must not delete."""
-    written = {"metrics.json", "report.md", "README.md", "special_tokens_map.json", "added_tokens.json", "merges.txt"}
-    prefixes = ("adapter_", "tokenizer", "vocab", "chat_template")
-    return name in written or name.startswith(prefixes) or name.endswith((".png", ".model"))
+    """Whether a run without a marker wrote a file of this name. The rest (a user's notes, checkpoint folders, a copy
+    of an adapter under another name) is the user's, which --overwrite must not delete."""
+    return name in _OLDER_RUN_FILES
 
 
 def _mark_run_output(directory: Path) -> None:
@@ -423,6 +441,8 @@ def load_model(name: str, args: argparse.Namespace):
             "The pad token %r (id %d) is beyond the model's embeddings; padding with eos.", tokenizer.pad_token, pad
         )
         pad = None
+    if pad is None and eos is None:
+        raise CliError(f"the tokenizer of model {name} has neither a pad nor an end-of-text token; set its eos_token")
     if pad is None:
         tokenizer.pad_token = tokenizer.eos_token
     _check_vocabulary(model, tokenizer, name)
@@ -470,16 +490,19 @@ _VOCABULARY_ADVICE = (
 )
 
 
-def _check_token_ids(model, columns: dict, name: str) -> None:
-    """Refuse training texts holding a token (one the tokenizer added) the model's embeddings lack, before training:
-    it failed with an IndexError wherever a batch first held one."""
+def _check_token_ids(model, tokenizer, columns: dict, held_out: Sequence, name: str) -> None:
+    """Refuse texts holding a token (one the tokenizer added) the model's embeddings lack, before any work: it
+    failed with an IndexError wherever a batch first held one."""
     rows = model.get_input_embeddings().num_embeddings
     largest = max(int(columns[key].max()) for key in ("input_ids", "labels") if key in columns)
-    if largest >= rows:
-        raise CliError(
-            f"the training texts tokenize to id {largest}, beyond the {rows} rows of the input embeddings of model "
-            f"{name}: {_VOCABULARY_ADVICE}"
-        )
+    texts = [text for example in held_out for text in (example.source, example.target)]
+    largest_held_out = max((max(ids, default=-1) for ids in tokenizer(texts)["input_ids"]), default=-1)
+    for which, found in (("training", largest), ("evaluation", largest_held_out)):
+        if found >= rows:
+            raise CliError(
+                f"the {which} texts tokenize to id {found}, beyond the {rows} rows of the input embeddings of model "
+                f"{name}: {_VOCABULARY_ADVICE}"
+            )
 
 
 def wrap(model, args: argparse.Namespace):
