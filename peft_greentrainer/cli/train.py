@@ -511,8 +511,9 @@ def wrap(model, args: argparse.Namespace):
 
     from ..config import GreenTrainerConfig
 
-    targets = args.target_modules
-    lora = {"r": args.r, "lora_alpha": 2 * args.r, "target_modules": targets} if args.units == "lora" else {}
+    lora = (
+        {"r": args.r, "lora_alpha": 2 * args.r, "target_modules": args.target_modules} if args.units == "lora" else {}
+    )
     config = GreenTrainerConfig(
         rho=args.rho,
         units=args.units,
