@@ -623,6 +623,23 @@ def test_a_tokenizer_beyond_the_models_vocabulary_pads_with_eos_or_is_refused_be
         _check_token_ids(base, loaded, columns, held_out, str(model))
 
 
+def test_a_tokenizer_with_neither_pad_nor_eos_is_one_clear_line(tiny_checkpoint, tmp_path):
+    """It failed in tokenization with a TypeError (padding with a token id of None)."""
+    from peft_greentrainer.cli.errors import CliError
+    from peft_greentrainer.cli.train import load_model
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model / name).write_bytes((tiny_checkpoint / name).read_bytes())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_checkpoint)
+    tokenizer.pad_token = tokenizer.eos_token = None
+    tokenizer.save_pretrained(model)
+    assert transformers.AutoTokenizer.from_pretrained(model).eos_token is None
+    with pytest.raises(CliError, match="has neither a pad nor an end-of-text token; set its eos_token"):
+        load_model(str(model), build_parser().parse_args(["train", "--device", "cpu"]))
+
+
 @pytest.mark.parametrize("error", [IndexError("index out of range in self"), KeyboardInterrupt()])
 def test_a_failed_evaluation_after_training_keeps_the_trained_adapter(
     error, tiny_checkpoint, tmp_path, capsys, monkeypatch
