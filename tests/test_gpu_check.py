@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_prints_the_table_and_writes_results(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path)}
+    # the script runs `python3`, as on the GPU machine: this interpreter's, with its packages, whatever PATH says
+    env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     completed = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--cpu-dry-run", "--steps", "2", "--warmup", "1"],
         cwd=ROOT,

@@ -1,7 +1,8 @@
 """Training data for the CLI: load source/target pairs with ``datasets`` and tokenize them for causal or seq2seq LMs.
 
-Sequences are padded to one fixed length, so every training step has the same shape: the cost profile made for that
-shape predicts every step exactly, and measured FLOPs can be compared with it step by step.
+Rows are tokenized right-padded to the longest the token limits allow; ``TrimToLongest`` then cuts each batch to
+its longest row (``--padding longest``, the default, as transformers' and TRL's collators pad), so a batch of short
+texts does not pay for the longest the limits admit. GreenTrainer prices each new batch length before its step.
 """
 
 from __future__ import annotations
@@ -303,6 +304,35 @@ def count_cuts(
         "targets_cut": len(target_cuts),
         "target_tokens_cut_max": max(target_cuts, default=0),
     }
+
+
+@dataclass(frozen=True)
+class TrimToLongest:
+    """Collator: stack rows padded on the right to one length, then cut the columns every row pads.
+
+    Causal rows cut ``input_ids``, ``attention_mask`` and ``labels`` (aligned with the inputs) to the longest row's
+    length; encoder-decoder rows cut the source to the longest source and ``labels`` to the longest target, the
+    decoder's length. The result equals padding each batch to its longest row in the first place.
+    """
+
+    encoder_decoder: bool
+
+    def __call__(self, rows: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+        return self.trim(batch)
+
+    def trim(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` cut to its longest row (see the class)."""
+        source = int(batch["attention_mask"].sum(dim=1).max())
+        trimmed = {key: batch[key][:, :source] for key in ("input_ids", "attention_mask")}
+        labels = batch["labels"]
+        if self.encoder_decoder:  # the target's padding is -100 from its end back to the longest target
+            labelled = (labels != -100).nonzero()
+            target = int(labelled[:, 1].max()) + 1 if len(labelled) else 1
+            trimmed["labels"] = labels[:, :target]
+        else:
+            trimmed["labels"] = labels[:, :source]
+        return {**batch, **trimmed}
 
 
 class TensorDataset(torch.utils.data.Dataset):

@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, default=4)
     train.add_argument("--max-source-tokens", type=_positive_int, default=None, help="default 512 (160 embedded)")
     train.add_argument("--max-target-tokens", type=_positive_int, default=None, help="default 128 (48 embedded)")
+    train.add_argument(
+        "--padding",
+        choices=("longest", "max-length"),
+        default="longest",
+        help="pad each batch to its longest row (default), or every row to the token limits (one shape per step)",
+    )
     train.add_argument("--train-examples", type=_positive_int, default=None, help="default: all (120 embedded)")
     train.add_argument("--eval-examples", type=_positive_int, default=24)
     train.add_argument("--r", type=_positive_int, default=8, help="LoRA rank (units=lora)")

@@ -16,9 +16,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CliError
+
+if TYPE_CHECKING:
+    from .data import TrimToLongest
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +126,8 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
     import torch
     import transformers
 
+    from .data import TrimToLongest
+
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.set_seed(args.seed)
@@ -132,12 +137,14 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
     truncation = count_truncation(model, tokenizer, data, args)
     _announce(args, data, columns)
     peft_model = wrap(model, args)
-    example = {k: v[: args.batch_size] for k, v in columns.items()}
-    _check_rho_floor(peft_model.base_model, columns, args.batch_size, args.rho)
+    trimmer = TrimToLongest(model.config.is_encoder_decoder) if args.padding == "longest" else None
+    example = {k: v[: args.batch_size] for k, v in columns.items()}  # the first batch, as the Trainer pads it
+    example = trimmer.trim(example) if trimmer else example
+    _check_rho_floor(peft_model.base_model, columns, args.batch_size, args.rho, trimmer)
     references = flops_references(peft_model, example)
     # before training the adapter is the identity (LoRA B = 0; tensors untouched): this scores the base model
     before = evaluate(peft_model, tokenizer, data.eval, args)
-    run = train(peft_model, columns, staging, args)
+    run = train(peft_model, columns, staging, args, trimmer)
     peft_model.save_pretrained(str(staging))  # before the evaluation, whose failure keeps it (run_train)
     tokenizer.save_pretrained(str(staging))
     try:  # Ctrl-C during a slow evaluation too: the trained adapter must survive it
@@ -391,9 +398,11 @@ def _learned_position_limit(model) -> int | None:
 
 
 def _announce(args: argparse.Namespace, data: RunData, columns: dict) -> None:
+    longest = columns["input_ids"].shape[1]
+    padding = f"padded to the longest row, at most {longest}" if args.padding == "longest" else f"padded to {longest}"
     print(
         f"Training {data.model_label} on {len(data.train)} examples of {data.data_label} "
-        f"({args.epochs} epochs, batch {args.batch_size}, sequence {columns['input_ids'].shape[1]} tokens, "
+        f"({args.epochs} epochs, batch {args.batch_size}, sequences {padding} tokens, "
         f"lr {args.lr}, units={args.units}, rho={args.rho}); evaluating on {len(data.eval)} held-out examples.",
         file=sys.stderr,
     )
@@ -528,16 +537,17 @@ def wrap(model, args: argparse.Namespace):
     return get_peft_model(model, config)
 
 
-def _check_rho_floor(tuner, columns: dict, batch_size: int, rho: float) -> None:
+def _check_rho_floor(tuner, columns: dict, batch_size: int, rho: float, trimmer: TrimToLongest | None) -> None:
     """Fail before any training when no selection can fit the budget on a batch the run may draw.
 
-    Every row has the same length, but a head that projects only labelled positions makes a batch's floor follow its
-    labels: the batches that bound it are tried (``_bounding_batches``). Their one-row profiles are the ones training
-    would run, kept for it, so this adds no profile to the run.
+    A batch's floor follows its length (padded per batch with ``trimmer``) and, with a head that projects only
+    labelled positions, its labels: the batches that bound it are tried (``_bounding_batches``). Their one-row
+    profiles are the ones training would run, kept for it, so this adds no profile to the run.
     """
     from ..engine.selector import rounded_up_rho
 
-    floor = max(tuner.min_feasible_rho(batch) for batch in _bounding_batches(columns, batch_size))
+    batches = _bounding_batches(columns, batch_size, trimmer)
+    floor = max(tuner.min_feasible_rho(batch) for batch in batches)
     if rho < floor:
         raise CliError(
             f"rho={rho} is below this model's feasible floor {rounded_up_rho(floor):.4f} on the batches of this data "
@@ -545,24 +555,70 @@ def _check_rho_floor(tuner, columns: dict, batch_size: int, rho: float) -> None:
         )
 
 
-def _bounding_batches(columns: dict, batch_size: int) -> list[dict]:
+def _bounding_batches(columns: dict, batch_size: int, trimmer: TrimToLongest | None = None) -> list[dict]:
     """Batches whose floors bound those of every batch of ``batch_size`` rows the shuffled data can make.
 
-    Every row has the same length, so a step is priced by its batch's mean label count alone: with a head that
-    projects only labelled positions, at its label bucket's top against full fine-tuning at the bucket's bottom, which
-    is one label lower for a mean just above the bucket's lower edge (``label_buckets``). So one batch per whole count
-    between the fewest and the most labels a batch can average (a row re-labelled to that count), and, for batches of
-    several rows, one a label higher beside it (a mean between two whole counts). Without labels to count, the first
-    batch: every batch has the same shape then.
+    Padded to one length, every batch has that length, and its floor follows its labels alone (``_label_bounds``).
+    Padded per batch (``trimmer``), a batch is as long as its longest row, and a floor follows the length and the
+    labels together (the share of a step the LM head takes): a causal LM's is taken at every length a batch can have,
+    each on the rows a batch of that length can hold (an intermediate length with a high share of labels sets it).
+    An encoder-decoder's head is dense, so its floor follows the source and target lengths alone, smoothly: it is
+    taken at their shortest and longest, each pair of ends.
+    """
+    from ..engine.targets import IGNORE_INDEX
+
+    rows = len(next(iter(columns.values())))
+    size = min(batch_size, rows)
+    if trimmer is None:
+        return _label_bounds(columns, size)
+    sources = columns["attention_mask"].sum(dim=1)
+    if trimmer.encoder_decoder:
+        targets = (columns["labels"] != IGNORE_INDEX).sum(dim=1)
+        ends = [(s, t) for s in _length_ends(sources, size) for t in _length_ends(targets, size)]
+    else:
+        targets = sources
+        lengths = sorted(n for n in set(sources.tolist()) if n >= sorted(sources.tolist())[size - 1])
+        # the two ends first: a length between two profiled ones is priced from their polynomial, not profiled
+        ends = [(n, n) for n in (lengths[0], lengths[-1], *lengths[1:-1])][: len(lengths)]
+    batches = []
+    for source, target in ends:
+        fits = (sources <= source) & (targets <= target)
+        if int(fits.sum()) < size:  # no batch of this data is this short at both ends
+            continue
+        fitting = {k: v[fits] for k, v in columns.items()}
+        batches += _label_bounds(_cut(fitting, source, target if trimmer.encoder_decoder else source), size)
+    return batches
+
+
+def _length_ends(lengths, size: int) -> list[int]:
+    """The shortest and the longest a batch of ``size`` rows padded to its longest row can be."""
+    ordered = sorted(lengths.tolist())
+    return sorted({ordered[size - 1], ordered[-1]})
+
+
+def _cut(batch: dict, source: int, target: int) -> dict:
+    """``batch`` padded to ``source`` positions (its ``labels`` to ``target``), as a batch whose longest row has
+    that length is."""
+    return {k: v[:, : target if k == "labels" else source] for k, v in batch.items()}
+
+
+def _label_bounds(columns: dict, size: int) -> list[dict]:
+    """Batches of ``size`` rows of ``columns``' width whose floors bound those of every batch of their rows.
+
+    With a head that projects only labelled positions, a step is priced by its batch's mean label count alone: at its
+    label bucket's top against full fine-tuning at the bucket's bottom, which is one label lower for a mean just above
+    the bucket's lower edge (``label_buckets``). So one batch per bucket a batch's mean can fall in, whole counts
+    between the fewest and the most labels a batch can average (a row re-labelled to that count) and, for batches of
+    several rows, means between two whole counts (a row a label higher beside it). Without labels to count, the first
+    batch: every batch costs the same then.
     """
     import math
 
     import torch
 
+    from ..engine.label_buckets import label_bucket
     from ..engine.targets import labelled_counts
 
-    rows = len(next(iter(columns.values())))
-    size = min(batch_size, rows)
     counts = labelled_counts(columns)
     if counts is None:
         return [{k: v[:size] for k, v in columns.items()}]
@@ -570,12 +626,20 @@ def _bounding_batches(columns: dict, batch_size: int) -> list[dict]:
     fewest, most = sum(ordered[:size]) / size, sum(ordered[-size:]) / size
     richest = int(counts.argmax())
     row = {k: v[richest : richest + 1] for k, v in columns.items()}
-    batches = []
-    for count in range(math.floor(fewest), math.ceil(most) + 1):
-        if fewest <= count <= most:
-            batches.append(_with_label_count(row, count))
-        if size > 1 and fewest < count + 1 and count < most:  # a mean between count and count + 1
-            pair = (_with_label_count(row, count), _with_label_count(row, count + 1))
+    means = [count for count in range(math.floor(fewest), math.ceil(most) + 1) if fewest <= count <= most]
+    if size > 1:  # a mean between count and count + 1
+        means += [count + 0.5 for count in range(math.floor(fewest), math.ceil(most)) if fewest < count + 1]
+    batches, priced = [], set()
+    for mean in sorted(means):
+        bucket = label_bucket(row, mean)
+        alike = None if bucket is None else (bucket.bottom, bucket.top, mean == int(mean))  # a row, or two
+        if alike in priced:  # priced alike: the same floor
+            continue
+        priced.add(alike)
+        if mean == int(mean):
+            batches.append(_with_label_count(row, int(mean)))
+        else:
+            pair = (_with_label_count(row, int(mean)), _with_label_count(row, int(mean) + 1))
             batches.append({k: torch.cat([one[k] for one in pair]) for k in row})
     return batches
 
@@ -649,8 +713,11 @@ def training_arguments(
     )
 
 
-def train(peft_model, columns: dict, staging: Path, args: argparse.Namespace) -> TrainedRun:
-    """``transformers.Trainer`` with the GreenTrainer callback and the step meter; its scratch folder removed."""
+def train(
+    peft_model, columns: dict, staging: Path, args: argparse.Namespace, trimmer: TrimToLongest | None = None
+) -> TrainedRun:
+    """``transformers.Trainer`` with the GreenTrainer callback and the step meter, batches cut to their longest row
+    by ``trimmer`` (else as tokenized); its scratch folder removed."""
     import transformers
 
     from ..callback import GreenTrainerCallback
@@ -674,6 +741,7 @@ def train(peft_model, columns: dict, staging: Path, args: argparse.Namespace) ->
             bf16=args.bf16,
         ),
         train_dataset=TensorDataset(columns),
+        data_collator=trimmer,
         callbacks=[GreenTrainerCallback(), meter, *([energy] if energy else [])],
     )
     _use_compact_progress(trainer, quiet=args.quiet)
@@ -775,7 +843,8 @@ def _settings(args: argparse.Namespace, data: RunData, example: dict) -> dict:
         "batch_size": args.batch_size,
         "train_examples": len(data.train),
         "eval_examples": len(data.eval),
-        "sequence_tokens": int(example["input_ids"].shape[1]),
+        "padding": args.padding,
+        "sequence_tokens": int(example["input_ids"].shape[1]),  # the first batch's
         "torch_threads": torch.get_num_threads(),
         "template": args.template,
         "max_source_tokens": args.max_source_tokens,
@@ -789,13 +858,15 @@ def _flops_metrics(tuner, example: dict, references: dict, run: TrainedRun) -> d
     import numpy as np
 
     history = tuner.greentrainer_state.history
-    full_flops = tuner.cost_profile(example)[1]
-    dense_full = references["full_flops_dense_head"]
     steps = run.meter.to_list()
     predicted = predicted_ratio_per_step(history, run.trainer.state.global_step)
     predicted_ratio = float(np.mean(predicted)) if predicted else None
     # each counted step alone over full fine-tuning on its own inputs (StepMeter.audit)
     audited = [s for s in steps if s["flops_ratio"] is not None]
+    if audited:  # full fine-tuning per step on the counted steps' inputs (batches padded per batch differ)
+        full_flops, dense_full = (float(np.mean([s[k] for s in audited])) for k in ("full_flops", "dense_full_flops"))
+    else:  # the first batch's
+        full_flops, dense_full = references["full_flops_same_head"], references["full_flops_dense_head"]
     measured = [s["flops_ratio"] for s in audited]
     vs_dense = sum(s["alone_flops"] for s in audited) / sum(s["dense_full_flops"] for s in audited) if audited else None
     log = run.trainer.state.log_history
