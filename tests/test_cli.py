@@ -526,6 +526,7 @@ def test_the_collator_cuts_a_batch_to_its_longest_row_as_padding_to_it_would(tin
         batch = trimmer([rows[i] for i in chosen])
         longest = max(int(rows[i]["attention_mask"].sum()) for i in chosen)
         assert all(batch[k].shape == (len(chosen), longest) for k in ("input_ids", "attention_mask", "labels"))
+        assert all(v.is_contiguous() for v in batch.values())  # BART's encoder views its input_ids
         for position, i in enumerate(chosen):  # each row is its tokenized self, padded to the batch's longest
             assert all(torch.equal(batch[k][position], rows[i][k][:longest]) for k in batch)
             assert not rows[i]["attention_mask"][longest:].any() and (rows[i]["labels"][longest:] == -100).all()
@@ -794,6 +795,16 @@ def test_an_encoder_decoder_with_learned_positions_is_held_to_them(tiny_checkpoi
     _fails([*base, "--max-target-tokens", "17"], capsys, "--max-target-tokens 17: more than the 16 positions", out)
     # at the limit it trains, and evaluates on prompts of 20-word sources cut to fit with the special tokens
     assert main([*base, "--max-source-tokens", "16"]) == 0 and (out / "metrics.json").is_file()
+    # texts of several lengths: each batch's source and target cut to their longest, every step within rho
+    mixed = tmp_path / "mixed.jsonl"
+    with open(mixed, "w") as handle:
+        for i in range(24):
+            words = [f"w{(i * 7 + j) % 20}" for j in range(3 + i % 10)]
+            handle.write(json.dumps({"document": " ".join(words), "summary": " ".join(words[: 1 + i % 4])}) + "\n")
+    varied = [*base[:4], str(mixed), *base[5:], "--max-source-tokens", "16", "--measure-every", "1"]
+    assert main([*varied, "--batch-size", "2", "--overwrite"]) == 0
+    steps = json.loads((out / "metrics.json").read_text())["step_measurements"]
+    assert len({s["dense_full_flops"] for s in steps}) > 2 and all(s["flops_ratio"] <= 0.5 + 1e-9 for s in steps)
 
 
 def test_quantizing_without_bitsandbytes_is_one_clear_line(tiny_checkpoint, tmp_path, capsys, monkeypatch):

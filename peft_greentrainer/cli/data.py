@@ -332,7 +332,7 @@ class TrimToLongest:
             trimmed["labels"] = labels[:, :target]
         else:
             trimmed["labels"] = labels[:, :source]
-        return {**batch, **trimmed}
+        return {**batch, **{key: value.contiguous() for key, value in trimmed.items()}}  # models view() inputs
 
 
 class TensorDataset(torch.utils.data.Dataset):

@@ -599,7 +599,7 @@ def _length_ends(lengths, size: int) -> list[int]:
 def _cut(batch: dict, source: int, target: int) -> dict:
     """``batch`` padded to ``source`` positions (its ``labels`` to ``target``), as a batch whose longest row has
     that length is."""
-    return {k: v[:, : target if k == "labels" else source] for k, v in batch.items()}
+    return {k: v[:, : target if k == "labels" else source].contiguous() for k, v in batch.items()}
 
 
 def _label_bounds(columns: dict, size: int) -> list[dict]:
