@@ -255,11 +255,13 @@ def tokenize_seq2seq(
 ) -> dict[str, torch.Tensor]:
     """Encoder input = the filled template, labels = the target, both padded to fixed lengths."""
     prefix, _, suffix = template.partition("{input}")  # as tokenize_causal and the evaluation prompt do
+    # padded on the right whatever the tokenizer's own side: batches are cut from the right (TrimToLongest)
     sources = tokenizer(
         [prefix + e.source + suffix for e in examples],
         max_length=max_source_tokens,
         truncation=True,
         padding="max_length",
+        padding_side="right",
         return_tensors="pt",
     )
     targets = tokenizer(
@@ -267,6 +269,7 @@ def tokenize_seq2seq(
         max_length=max_target_tokens,
         truncation=True,
         padding="max_length",
+        padding_side="right",
         return_tensors="pt",
     )
     labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, -100)

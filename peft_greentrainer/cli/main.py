@@ -112,9 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-target-tokens", type=_positive_int, default=None, help="default 128 (48 embedded)")
     train.add_argument(
         "--padding",
-        choices=("longest", "max-length"),
-        default="longest",
-        help="pad each batch to its longest row (default), or every row to the token limits (one shape per step)",
+        choices=("auto", "longest", "max-length"),
+        default="auto",
+        help="pad each batch to its longest row, or every row to the token limits (one shape every step); auto "
+        "(default): longest for decoder-only models, max-length for encoder-decoders (each pair of source and target "
+        "lengths a batch can have costs them a profile)",
     )
     train.add_argument("--train-examples", type=_positive_int, default=None, help="default: all (120 embedded)")
     train.add_argument("--eval-examples", type=_positive_int, default=24)

@@ -135,6 +135,8 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
     columns = tokenize(model, tokenizer, data.train, args)
     _check_token_ids(model, tokenizer, columns, data.eval, data.model_path)
     truncation = count_truncation(model, tokenizer, data, args)
+    if args.padding == "auto":  # an encoder-decoder's two lengths make a profile of every pair a batch can have
+        args.padding = "max-length" if model.config.is_encoder_decoder else "longest"
     _announce(args, data, columns)
     peft_model = wrap(model, args)
     trimmer = TrimToLongest(model.config.is_encoder_decoder) if args.padding == "longest" else None
@@ -538,16 +540,18 @@ def wrap(model, args: argparse.Namespace):
 
 
 def _check_rho_floor(tuner, columns: dict, batch_size: int, rho: float, trimmer: TrimToLongest | None) -> None:
-    """Fail before any training when no selection can fit the budget on a batch the run may draw.
+    """Fail before any training when no selection can fit the budget on the batches the run may draw.
 
-    A batch's floor follows its length (padded per batch with ``trimmer``) and, with a head that projects only
-    labelled positions, its labels: the batches that bound it are tried (``_bounding_batches``). Their one-row
-    profiles are the ones training would run, kept for it, so this adds no profile to the run.
+    A selection must fit every batch shape trained on at once (GreenTrainer bounds them by their envelope), so the
+    floor is that of the envelope of the prices of the batches that bound every batch of the data
+    (``_bounding_batches``): the largest floor of one batch can be lower, and a run accepted on it failed at a later
+    epoch's selection. Their one-row profiles are the ones training would run, kept for it.
     """
+    from ..engine.costs import cost_envelope
     from ..engine.selector import rounded_up_rho
 
-    batches = _bounding_batches(columns, batch_size, trimmer)
-    floor = max(tuner.min_feasible_rho(batch) for batch in batches)
+    prices = [price for batch in _bounding_batches(columns, batch_size, trimmer) for price in tuner.step_prices(batch)]
+    floor = cost_envelope(prices).min_feasible_rho()
     if rho < floor:
         raise CliError(
             f"rho={rho} is below this model's feasible floor {rounded_up_rho(floor):.4f} on the batches of this data "
@@ -556,14 +560,14 @@ def _check_rho_floor(tuner, columns: dict, batch_size: int, rho: float, trimmer:
 
 
 def _bounding_batches(columns: dict, batch_size: int, trimmer: TrimToLongest | None = None) -> list[dict]:
-    """Batches whose floors bound those of every batch of ``batch_size`` rows the shuffled data can make.
+    """Batches whose prices bound those of every batch of ``batch_size`` rows the shuffled data can make.
 
-    Padded to one length, every batch has that length, and its floor follows its labels alone (``_label_bounds``).
-    Padded per batch (``trimmer``), a batch is as long as its longest row, and a floor follows the length and the
-    labels together (the share of a step the LM head takes): a causal LM's is taken at every length a batch can have,
-    each on the rows a batch of that length can hold (an intermediate length with a high share of labels sets it).
-    An encoder-decoder's head is dense, so its floor follows the source and target lengths alone, smoothly: it is
-    taken at their shortest and longest, each pair of ends.
+    Padded to one length, every batch has that length, and its price follows its labels alone (``_label_bounds``).
+    Padded per batch (``trimmer``), a batch is as long as its longest row, and its price follows the length and the
+    labels together (the share of a step the LM head and attention take, which no two lengths bound): so a batch of
+    every length a batch can have, each on the rows a batch of that length can hold (at the two ends alone, a middle
+    length with many labels was missed). An encoder-decoder's batch has two lengths, its longest source and its
+    longest target: every pair a batch can have (at the ends alone, middle target lengths were missed).
     """
     from ..engine.targets import IGNORE_INDEX
 
@@ -572,28 +576,30 @@ def _bounding_batches(columns: dict, batch_size: int, trimmer: TrimToLongest | N
     if trimmer is None:
         return _label_bounds(columns, size)
     sources = columns["attention_mask"].sum(dim=1)
-    if trimmer.encoder_decoder:
-        targets = (columns["labels"] != IGNORE_INDEX).sum(dim=1)
-        ends = [(s, t) for s in _length_ends(sources, size) for t in _length_ends(targets, size)]
-    else:
-        targets = sources
-        lengths = sorted(n for n in set(sources.tolist()) if n >= sorted(sources.tolist())[size - 1])
-        # the two ends first: a length between two profiled ones is priced from their polynomial, not profiled
-        ends = [(n, n) for n in (lengths[0], lengths[-1], *lengths[1:-1])][: len(lengths)]
+    targets = (columns["labels"] != IGNORE_INDEX).sum(dim=1) if trimmer.encoder_decoder else sources
     batches = []
-    for source, target in ends:
+    for source, target in _batch_lengths(sources, targets, size, trimmer.encoder_decoder):
         fits = (sources <= source) & (targets <= target)
-        if int(fits.sum()) < size:  # no batch of this data is this short at both ends
-            continue
         fitting = {k: v[fits] for k, v in columns.items()}
-        batches += _label_bounds(_cut(fitting, source, target if trimmer.encoder_decoder else source), size)
+        batches += _label_bounds(_cut(fitting, source, target), size)
     return batches
 
 
-def _length_ends(lengths, size: int) -> list[int]:
-    """The shortest and the longest a batch of ``size`` rows padded to its longest row can be."""
-    ordered = sorted(lengths.tolist())
-    return sorted({ordered[size - 1], ordered[-1]})
+def _batch_lengths(sources, targets, size: int, encoder_decoder: bool) -> list[tuple[int, int]]:
+    """The (source, target) lengths a batch of ``size`` rows padded to its longest row can have (a causal LM's are
+    one length), the two ends first: a length between two profiled ones is priced from their polynomial."""
+    shortest = sorted(sources.tolist())[size - 1]
+    if not encoder_decoder:
+        lengths = sorted(n for n in set(sources.tolist()) if n >= shortest)
+        return [(n, n) for n in dict.fromkeys([lengths[0], lengths[-1], *lengths])]
+    pairs = []
+    for source in sorted(set(sources.tolist())):
+        for target in sorted(set(targets.tolist())):
+            fits = (sources <= source) & (targets <= target)
+            # as long as its longest source and its longest target: a row of each, and enough rows
+            if int(fits.sum()) >= size and (sources[fits] == source).any() and (targets[fits] == target).any():
+                pairs.append((source, target))
+    return pairs
 
 
 def _cut(batch: dict, source: int, target: int) -> dict:
