@@ -506,7 +506,7 @@ def test_batches_padded_to_their_longest_row_are_bounded_at_every_length_togethe
     from peft_greentrainer import GreenTrainerConfig
     from peft_greentrainer.cli.data import TrimToLongest
     from peft_greentrainer.cli.errors import CliError
-    from peft_greentrainer.cli.train import _bounding_batches, _check_rho_floor
+    from peft_greentrainer.cli.train import _bounding_batches, _check_rho_floor, _floor
     from peft_greentrainer.engine.costs import cost_envelope
 
     model = get_peft_model(tiny_model("llama"), GreenTrainerConfig(rho=0.5))
@@ -526,8 +526,11 @@ def test_batches_padded_to_their_longest_row_are_bounded_at_every_length_togethe
     together, largest_alone = _floor_of_every_batch(tuner, columns, batch_size, trimmer)
     assert together <= checked * (1 + 1e-12) and largest_alone <= together * (1 + 1e-12)
     if largest_alone < together * (1 - 1e-9):  # batch size 2 here: one batch's floor is not the run's
-        with pytest.raises(CliError, match="below this model's feasible floor"):
+        with pytest.raises(CliError, match="below this model's feasible floor") as refused:
             _check_rho_floor(tuner, columns, batch_size, largest_alone, trimmer)
+        # the worst batch a shuffle may never draw sets it: padding to the limits is named where its floor is lower
+        fixed = _floor(tuner, _bounding_batches(columns, batch_size))
+        assert ("--padding max-length: floor" in str(refused.value)) == (fixed < checked)
     _check_rho_floor(tuner, columns, batch_size, checked, trimmer)
 
 
@@ -562,6 +565,23 @@ def test_an_encoder_decoder_padded_per_batch_is_bounded_at_every_pair_of_lengths
     checked = cost_envelope([price for batch in bounds for price in tuner.step_prices(batch)]).min_feasible_rho()
     together, _ = _floor_of_every_batch(tuner, columns, 2, trimmer)
     assert together <= checked * (1 + 1e-12)
+
+
+def test_an_encoder_decoder_with_too_many_pairs_of_lengths_is_refused_before_any_profile():
+    """Each pair of source and target lengths an encoder-decoder's batch can have costs a profile before training (no
+    polynomial prices two lengths): a review's 2,000 rows made 5,378 pairs, over 27 minutes of checking."""
+    from peft_greentrainer.cli.data import TrimToLongest
+    from peft_greentrainer.cli.errors import CliError
+    from peft_greentrainer.cli.train import MAX_LENGTH_PAIRS, _bounding_batches
+
+    rows = 40  # sources of 1 to 40 tokens, targets of 40 to 1: every row is the longest of something
+    mask = (torch.arange(40) < torch.arange(1, rows + 1)[:, None]).long()
+    labels = torch.where(torch.arange(40) < torch.arange(rows, 0, -1)[:, None], 5, -100)
+    columns = {"input_ids": mask * 5, "attention_mask": mask, "labels": labels}
+    with pytest.raises(CliError, match=r"pairs of source and target lengths.*--padding max-length") as refused:
+        _bounding_batches(columns, 2, TrimToLongest(encoder_decoder=True))
+    assert int(str(refused.value).split("can have ")[1].split()[0]) > MAX_LENGTH_PAIRS
+    assert len(_bounding_batches({k: v[:8] for k, v in columns.items()}, 2, TrimToLongest(True))) <= MAX_LENGTH_PAIRS
 
 
 def test_seq2seq_rows_are_padded_on_the_right_whatever_side_the_tokenizer_pads(tiny_checkpoint):

@@ -251,6 +251,7 @@ def summary_rows(metrics: dict) -> list[list[str]]:
         ["FLOPs ratio measured", _mean_and_max(measured, metrics["measured_flops_ratio_max"])],
         ["FLOPs vs dense full fine-tuning", f"{vs_dense:.3f}" if vs_dense is not None else "not counted"],
         ["training wall time", f"{metrics['train_seconds']:.0f} s ({metrics['steps']} steps)"],
+        ["batches padded", "to the longest row" if metrics.get("padding") == "longest" else "to the token limits"],
         ["selection overhead", f"{100 * metrics['selection_overhead']:.1f}% of training time"],
         ["units selected (last)", f"{metrics['units_selected_last']} of {metrics['units_total']}"],
     ]

@@ -137,7 +137,7 @@ def train_into(staging: Path, args: argparse.Namespace, data: RunData) -> dict:
     truncation = count_truncation(model, tokenizer, data, args)
     if args.padding == "auto":  # an encoder-decoder's two lengths make a profile of every pair a batch can have
         args.padding = "max-length" if model.config.is_encoder_decoder else "longest"
-    _announce(args, data, columns)
+    _announce(args, data, columns, model.config.is_encoder_decoder)
     peft_model = wrap(model, args)
     trimmer = TrimToLongest(model.config.is_encoder_decoder) if args.padding == "longest" else None
     example = {k: v[: args.batch_size] for k, v in columns.items()}  # the first batch, as the Trainer pads it
@@ -399,8 +399,10 @@ def _learned_position_limit(model) -> int | None:
     return None
 
 
-def _announce(args: argparse.Namespace, data: RunData, columns: dict) -> None:
-    longest = columns["input_ids"].shape[1]
+def _announce(args: argparse.Namespace, data: RunData, columns: dict, encoder_decoder: bool) -> None:
+    longest = str(columns["input_ids"].shape[1])
+    if encoder_decoder:  # two lengths
+        longest = f"{longest} source and {columns['labels'].shape[1]} target"
     padding = f"padded to the longest row, at most {longest}" if args.padding == "longest" else f"padded to {longest}"
     print(
         f"Training {data.model_label} on {len(data.train)} examples of {data.data_label} "
@@ -539,24 +541,37 @@ def wrap(model, args: argparse.Namespace):
     return get_peft_model(model, config)
 
 
+MAX_LENGTH_PAIRS = 256  # an encoder-decoder padded per batch: one profile per pair of lengths, before training
+
+
 def _check_rho_floor(tuner, columns: dict, batch_size: int, rho: float, trimmer: TrimToLongest | None) -> None:
     """Fail before any training when no selection can fit the budget on the batches the run may draw.
 
     A selection must fit every batch shape trained on at once (GreenTrainer bounds them by their envelope), so the
     floor is that of the envelope of the prices of the batches that bound every batch of the data
     (``_bounding_batches``): the largest floor of one batch can be lower, and a run accepted on it failed at a later
-    epoch's selection. Their one-row profiles are the ones training would run, kept for it.
+    epoch's selection. Their one-row profiles are the ones training would run, kept for it. It is the worst batch
+    the data can make, which a shuffle may never draw: where padding to the limits has a lower floor, the refusal
+    names it.
     """
-    from ..engine.costs import cost_envelope
     from ..engine.selector import rounded_up_rho
 
-    prices = [price for batch in _bounding_batches(columns, batch_size, trimmer) for price in tuner.step_prices(batch)]
-    floor = cost_envelope(prices).min_feasible_rho()
+    floor = _floor(tuner, _bounding_batches(columns, batch_size, trimmer))
     if rho < floor:
+        other = ""
+        if trimmer is not None and (fixed := _floor(tuner, _bounding_batches(columns, batch_size))) < floor:
+            other = f", or pad every row to the limits (--padding max-length: floor {rounded_up_rho(fixed):.4f})"
         raise CliError(
-            f"rho={rho} is below this model's feasible floor {rounded_up_rho(floor):.4f} on the batches of this data "
-            "(forward pass plus the cheapest unit); raise --rho"
+            f"rho={rho} is below this model's feasible floor {rounded_up_rho(floor):.4f} on the batches this data can "
+            f"make (forward pass plus the cheapest unit, on the worst of them); raise --rho{other}"
         )
+
+
+def _floor(tuner, batches: list[dict]) -> float:
+    """The smallest rho a selection fitting every one of ``batches`` at once can have."""
+    from ..engine.costs import cost_envelope
+
+    return cost_envelope([price for batch in batches for price in tuner.step_prices(batch)]).min_feasible_rho()
 
 
 def _bounding_batches(columns: dict, batch_size: int, trimmer: TrimToLongest | None = None) -> list[dict]:
@@ -567,7 +582,9 @@ def _bounding_batches(columns: dict, batch_size: int, trimmer: TrimToLongest | N
     labels together (the share of a step the LM head and attention take, which no two lengths bound): so a batch of
     every length a batch can have, each on the rows a batch of that length can hold (at the two ends alone, a middle
     length with many labels was missed). An encoder-decoder's batch has two lengths, its longest source and its
-    longest target: every pair a batch can have (at the ends alone, middle target lengths were missed).
+    longest target: every pair a batch can have (at the ends alone, middle target lengths were missed), each priced
+    by a profile of its own, so more than ``MAX_LENGTH_PAIRS`` are refused. Its LM head is dense: labels do not
+    change its price.
     """
     from ..engine.targets import IGNORE_INDEX
 
@@ -577,11 +594,21 @@ def _bounding_batches(columns: dict, batch_size: int, trimmer: TrimToLongest | N
         return _label_bounds(columns, size)
     sources = columns["attention_mask"].sum(dim=1)
     targets = (columns["labels"] != IGNORE_INDEX).sum(dim=1) if trimmer.encoder_decoder else sources
+    pairs = _batch_lengths(sources, targets, size, trimmer.encoder_decoder)
+    if trimmer.encoder_decoder and len(pairs) > MAX_LENGTH_PAIRS:
+        raise CliError(
+            f"--padding longest: batches of this data can have {len(pairs)} pairs of source and target lengths, and "
+            f"an encoder-decoder's steps are priced by a profile of each pair (more than {MAX_LENGTH_PAIRS} would "
+            "take long before training starts); use --padding max-length (the default for encoder-decoders)"
+        )
     batches = []
-    for source, target in _batch_lengths(sources, targets, size, trimmer.encoder_decoder):
+    for source, target in pairs:
         fits = (sources <= source) & (targets <= target)
-        fitting = {k: v[fits] for k, v in columns.items()}
-        batches += _label_bounds(_cut(fitting, source, target), size)
+        fitting = _cut({k: v[fits] for k, v in columns.items()}, source, target)
+        if trimmer.encoder_decoder:
+            batches.append({k: v[:size] for k, v in fitting.items()})
+        else:
+            batches += _label_bounds(fitting, size)
     return batches
 
 
@@ -850,7 +877,8 @@ def _settings(args: argparse.Namespace, data: RunData, example: dict) -> dict:
         "train_examples": len(data.train),
         "eval_examples": len(data.eval),
         "padding": args.padding,
-        "sequence_tokens": int(example["input_ids"].shape[1]),  # the first batch's
+        "sequence_tokens": int(example["input_ids"].shape[1]),  # the first batch's (an encoder-decoder's source)
+        "target_tokens": int(example["labels"].shape[1]),  # the first batch's labels
         "torch_threads": torch.get_num_threads(),
         "template": args.template,
         "max_source_tokens": args.max_source_tokens,
