@@ -1,8 +1,9 @@
 """Training data for the CLI: load source/target pairs with ``datasets`` and tokenize them for causal or seq2seq LMs.
 
-Rows are tokenized right-padded to the longest the token limits allow; ``TrimToLongest`` then cuts each batch to
-its longest row (``--padding longest``, the default, as transformers' and TRL's collators pad), so a batch of short
-texts does not pay for the longest the limits admit. GreenTrainer prices each new batch length before its step.
+Rows are tokenized right-padded to the longest the token limits allow; with ``--padding longest`` (the default for
+decoder-only models) ``TrimToLongest`` then cuts each batch to its longest row, as transformers' and TRL's collators
+pad, so a batch of short texts does not pay for the longest the limits admit. GreenTrainer prices each new batch
+length before its step.
 """
 
 from __future__ import annotations
