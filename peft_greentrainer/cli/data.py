@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..engine.targets import IGNORE_INDEX
 from .embedded import EMBEDDED_DATASET, aclsum_dir
 
 logger = logging.getLogger(__name__)
@@ -239,11 +240,11 @@ def tokenize_causal(
         prompt = prefix_ids + source + suffix_ids
         target = _fit(tokenizer(" " + example.target, add_special_tokens=False)["input_ids"], max_target_tokens)
         ids = prompt + target + [tokenizer.eos_token_id]
-        labels = [-100] * len(prompt) + target + [tokenizer.eos_token_id]
+        labels = [IGNORE_INDEX] * len(prompt) + target + [tokenizer.eos_token_id]
         padding = length - len(ids)
         rows["input_ids"].append(ids + [pad] * padding)
         rows["attention_mask"].append([1] * len(ids) + [0] * padding)
-        rows["labels"].append(labels + [-100] * padding)
+        rows["labels"].append(labels + [IGNORE_INDEX] * padding)
     return {k: torch.tensor(v, dtype=torch.long) for k, v in rows.items()}
 
 
@@ -273,7 +274,7 @@ def tokenize_seq2seq(
         padding_side="right",
         return_tensors="pt",
     )
-    labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, -100)
+    labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, IGNORE_INDEX)
     return {"input_ids": sources["input_ids"], "attention_mask": sources["attention_mask"], "labels": labels}
 
 
@@ -330,8 +331,8 @@ class TrimToLongest:
         source = int(batch["attention_mask"].sum(dim=1).max())
         trimmed = {key: batch[key][:, :source] for key in ("input_ids", "attention_mask")}
         labels = batch["labels"]
-        if self.encoder_decoder:  # the target's padding is -100 from its end back to the longest target
-            labelled = (labels != -100).nonzero()
+        if self.encoder_decoder:  # the target's padding is IGNORE_INDEX from its end back to the longest target
+            labelled = (labels != IGNORE_INDEX).nonzero()
             target = int(labelled[:, 1].max()) + 1 if len(labelled) else 1
             trimmed["labels"] = labels[:, :target]
         else:

@@ -264,12 +264,14 @@ def _earlier_run_files(path: Path) -> set[str] | None:
         except (OSError, ValueError, KeyError, TypeError):
             return None
     if all((path / name).is_file() for name in ("metrics.json", "report.md", "adapter_config.json")):
-        return {entry.name for entry in path.iterdir() if entry.is_file() and _an_older_run_writes(entry.name)}
+        return {entry.name for entry in path.iterdir() if entry.is_file() and entry.name in _OLDER_RUN_FILES}
     return None
 
 
 # What a run without a marker wrote: its report and plots, the adapter (and GreenTrainer's fields beside a LoRA one),
-# and the tokenizer files transformers saves. Exact names: a user's "adapter_model_best.safetensors" is the user's.
+# and the tokenizer files transformers saves. Exact names: the rest (a user's notes, checkpoint folders, a copy of an
+# adapter under another name, such as "adapter_model_best.safetensors") is the user's, which --overwrite must not
+# delete.
 _OLDER_RUN_FILES = frozenset(
     {
         *("metrics.json", "report.md", "README.md", "selections.png", "flops.png", "loss.png", "energy.png"),
@@ -279,12 +281,6 @@ _OLDER_RUN_FILES = frozenset(
         *("target.spm", "chat_template.jinja", "chat_template.json"),
     }
 )
-
-
-def _an_older_run_writes(name: str) -> bool:
-    """Whether a run without a marker wrote a file of this name. The rest (a user's notes, checkpoint folders, a copy
-    of an adapter under another name) is the user's, which --overwrite must not delete."""
-    return name in _OLDER_RUN_FILES
 
 
 def _mark_run_output(directory: Path) -> None:
