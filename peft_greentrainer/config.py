@@ -56,7 +56,7 @@ class GreenTrainerConfig(LoraConfig):
             a plain gradient step at each param group's base learning rate (importance ``lr * |g|^2``), which ranks
             units by how steeply the loss falls along them, whatever their size and optimizer state. In the quality
             protocol (SmolLM2-135M on ACLSum, tensor units at half of full fine-tuning's FLOPs) it lowered the
-            held-out loss beyond the seed spread; see the README's Results.
+            held-out loss beyond the seed spread; see docs/results.md.
         dp_resolution: Budget resolution of the dynamic program (time and memory grow linearly with it).
         include_patterns: Regular expressions: only units whose name matches one are candidates.
         exclude_patterns: Regular expressions: units whose name matches one are never candidates.
