@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import ranks
 from .engine.importance import NO_LOSS, clip_coefficient, optimizer_update, squared_norm, unwrap_optimizer
 from .engine.profile import LossFn
 from .engine.rng import fork_rng
@@ -408,8 +409,7 @@ def _sum_across_ranks(local: np.ndarray, param: nn.Parameter | None) -> np.ndarr
     if not (dist.is_available() and dist.is_initialized()):
         return local
     group = param.device_mesh.get_group() if isinstance(param, DTensor) else None
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    total = torch.as_tensor(local, dtype=torch.float64, device=device)
+    total = torch.as_tensor(local, dtype=torch.float64, device=ranks.collective_device(group))
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return total.cpu().numpy()
 

@@ -1139,7 +1139,8 @@ class GreenTrainerModel(LoraModel):
         tuner = getattr(model, "base_model", model)
         state = tuner.state_of(adapter_name)
         trained = state.trained_tensors
-        if (not trained and not state.history) or fsdp.holds_shards(state_dict):
+        sharded = fsdp.holds_shards(state_dict)
+        if (not trained and not state.history) or sharded:
             # no selection yet: every candidate was trainable; or a sharded FSDP2 checkpoint, which is loaded before
             # the selection state is back, and so must hold every candidate
             trained = tuner._candidates[adapter_name]
@@ -1152,9 +1153,13 @@ class GreenTrainerModel(LoraModel):
         prefix = BASE_PREFIX if any(k.startswith(BASE_PREFIX) for k in state_dict) else ""
         # modules_to_save copies are PEFT's to save (under the wrapped module's own name), as for any adapter
         copies = _auxiliary_names(tuner.model, adapter_name)
-        # clone: tied aliases share storage, which safetensors refuses; only the canonical name is saved anyway
+        # copied: tied aliases share storage, which safetensors refuses; only the canonical name is saved anyway. Full
+        # tensors are copied to the CPU, where they are written from: a copy on the GPU would need memory for every
+        # tensor trained so far at each checkpoint. FSDP2 shards stay where they are, for the checkpoint's planner.
         return {
-            f"{prefix}{name}": state_dict[f"{prefix}{name}"].detach().clone() for name in trained if name not in copies
+            f"{prefix}{name}": _detached_copy(state_dict[f"{prefix}{name}"], on_cpu=not sharded)
+            for name in trained
+            if name not in copies
         }
 
     @classmethod
@@ -1264,6 +1269,10 @@ def _positive(importance: np.ndarray, feasible: np.ndarray, gradient_step: Calla
             return fallback
     logger.warning("GreenTrainer: no unit that fits the budget has a positive importance; training as many as fit.")
     return feasible.astype(np.float64)
+
+
+def _detached_copy(tensor: torch.Tensor, on_cpu: bool) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True) if on_cpu else tensor.detach().clone()
 
 
 def _mirror_modes(model: nn.Module, twin: nn.Module) -> None:

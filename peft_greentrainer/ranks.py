@@ -106,7 +106,7 @@ def average_across_ranks(values: np.ndarray) -> np.ndarray:
     """
     if not is_distributed():
         return values
-    tensor = torch.as_tensor(values, dtype=torch.float64, device=_collective_device())
+    tensor = torch.as_tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return (tensor / dist.get_world_size()).cpu().numpy()
 
@@ -115,13 +115,17 @@ def any_across_ranks(flag: bool) -> bool:
     """Whether ``flag`` is True on any rank (``flag`` itself outside a multi-process job); every rank must call it."""
     if not is_distributed():
         return flag
-    tensor = torch.tensor([int(flag)], device=_collective_device())
+    tensor = torch.tensor([int(flag)], device=collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
 
 
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a collective of ``group`` takes its tensors: the CPU where the group has a backend for it (gloo, alone or
+    beside NCCL as in ``"cpu:gloo,cuda:nccl"``), else this rank's GPU (``"nccl"``, ``"cuda:nccl"``)."""
+    if "gloo" in str(dist.get_backend(group)) or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def gather(value: Any) -> list[Any]:

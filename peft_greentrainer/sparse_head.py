@@ -192,7 +192,7 @@ class SparseLMHead:
     def __init__(self, lm: nn.Module):
         self.lm = lm
         self.enabled = True
-        self.kept_share: float | None = None
+        self._last_kept: torch.Tensor | None = None  # the last training forward's positions mask
         self._pending: list[_Targets | None] = []
         self._handles = [
             lm.register_forward_pre_hook(self._before, with_kwargs=True),
@@ -207,9 +207,18 @@ class SparseLMHead:
         kwargs, kept = prepared
         positions = kwargs["logits_to_keep"]
         if positions.dtype == torch.bool:
-            self.kept_share = float(positions.float().mean()) if positions.numel() else 0.0
+            self._last_kept = positions
         self._pending.append(kept)
         return args, kwargs
+
+    @property
+    def kept_share(self) -> float | None:
+        """The share of positions the head ran on in the last training forward, read when asked (a log), not in
+        every forward: on a GPU, reading it waits for the device."""
+        kept = self._last_kept
+        if kept is None:
+            return None
+        return float(kept.float().mean()) if kept.numel() else 0.0
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output):
         kept = self._pending.pop() if self._pending else None

@@ -33,11 +33,31 @@ def weightless_twin(tuner, model_class: type[nn.Module]):
     # keys and values, it adds no FLOPs
     config.use_cache = True
     with torch.device("meta"):
-        base = runnable_on_meta(model_class(config))
+        base = runnable_on_meta(model_class(config).to(compute_dtype(tuner.model)))
     twin = get_peft_model(base, copy.deepcopy(tuner.greentrainer_config)).base_model
     twin._runtime.step_hook.remove()
     keep_backprop_shallow(twin.model, quiet=True)
     return twin
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype ``model``'s weights compute in: FSDP2's mixed-precision ``param_dtype`` where one is set, else the
+    dtype of most of its floating-point weights (a quantized base's are those left unquantized).
+
+    A twin built in another dtype would be priced on other kernels: CUDA runs SDPA with grouped-query heads on its
+    math path in float32 and on flash attention in bf16, whose backward costs differ."""
+    for module in model.modules():
+        state = getattr(module, "_get_fsdp_state", None)  # the outermost module FSDP2 sharded
+        if callable(state):
+            policy = getattr(state(), "_mp_policy", None)
+            if getattr(policy, "param_dtype", None) is not None:
+                return policy.param_dtype
+            break
+    sizes: dict[torch.dtype, int] = {}
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            sizes[parameter.dtype] = sizes.get(parameter.dtype, 0) + parameter.numel()
+    return max(sizes, key=sizes.get) if sizes else torch.float32
 
 
 def runnable_on_meta(model: nn.Module) -> nn.Module:

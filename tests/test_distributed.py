@@ -396,3 +396,16 @@ def test_ddp_sends_the_trained_gradients_only_and_keeps_a_hook_of_the_users(one_
     assert [hook for hook, _ in ddp._comm_hooks] == [default_hooks.allreduce_hook]
     ddp = wrap_ddp(get_peft_model(tiny_model("llama"), GreenTrainerConfig()), trained_gradients_only=False)
     assert trained_gradients_state(ddp) is None and not ddp._comm_hooks
+
+
+@pytest.mark.parametrize(
+    ("backend", "device"), [("gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu"), ("nccl", "cuda"), ("cuda:nccl", "cuda")]
+)
+def test_collectives_take_their_tensors_where_the_backend_can_send_them(monkeypatch, backend, device):
+    """NCCL sends GPU tensors only, whether it is named "nccl" or "cuda:nccl"; a group with gloo sends CPU ones."""
+    from peft_greentrainer.ranks import collective_device
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert collective_device().type == device

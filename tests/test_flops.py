@@ -408,3 +408,55 @@ def test_a_meta_profile_counts_attention_fused_where_only_a_gpu_runs_it_so(arch:
     meta, cpu, *_ = _meta_and_cpu_profiles(tiny_model(arch))
     assert meta.forward_flops == cpu.forward_flops
     assert cpu.full_backward_flops < meta.full_backward_flops < 1.05 * cpu.full_backward_flops
+
+
+def test_a_step_under_autocast_is_priced_under_autocast(monkeypatch) -> None:
+    """A device picks kernels by dtype: CUDA runs SDPA with grouped-query heads on its math path in float32 and on
+    flash attention in bf16, whose backward costs differ. Here SDPA does the same on the CPU (math in float32, the
+    fused kernel otherwise). A plain loop selects outside autocast, then steps under it: the step must be priced as it
+    runs, not at the float32 profile of the same shape (priced so, this step measured 0.535 of full fine-tuning at
+    rho 0.5).
+    """
+    from peft import get_peft_model
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from peft_greentrainer import GreenTrainerConfig
+
+    fused = torch.nn.functional.scaled_dot_product_attention
+
+    def by_dtype(query, *args, **kwargs):  # CUDA's autocast runs SDPA in bf16 (the CPU's leaves it alone)
+        if torch.is_autocast_enabled("cpu") or query.dtype != torch.float32:
+            return fused(query, *args, **kwargs)
+        with sdpa_kernel(SDPBackend.MATH):
+            return fused(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", by_dtype)
+    rho = 0.5
+    base = tiny_model("llama", attn_implementation="sdpa", max_position_embeddings=256)
+    model = get_peft_model(base, GreenTrainerConfig(rho=rho, units="tensors", sparse_lm_head=False))
+    tuner = model.base_model
+    batch = tiny_batch(base, seq_len=256)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    tuner.select_units([batch], optimizer)  # float32: the math path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**batch).loss.backward()  # a training step: priced, and re-selected if it does not fit
+        optimizer.zero_grad()
+        with tuner.measuring():
+            step = sum(measure_flops(base, batch))
+            full = sum(measure_flops(base, batch, [n for n, _ in base.named_parameters()]))
+    assert step <= rho * full
+    assert tuner.greentrainer_state.last.reason == "batch shape"  # re-selected at the step's kernels
+
+
+def test_a_twin_is_built_in_the_dtype_its_model_computes_in() -> None:
+    """The weightless twin that prices a quantized base or an FSDP2 model runs the kernels of its dtype (CUDA's SDPA:
+    math in float32, flash in bf16): it takes the dtype most of the model's floating weights have."""
+    from peft_greentrainer.twin import compute_dtype
+
+    model = tiny_model("llama")
+    assert compute_dtype(model) == torch.float32
+    model.to(torch.bfloat16)
+    for module in model.modules():  # norms kept in float32, as `_keep_in_fp32_modules` does: a small share
+        if "norm" in type(module).__name__.lower():
+            module.float()
+    assert compute_dtype(model) == torch.bfloat16

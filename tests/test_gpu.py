@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import tiny_batch, tiny_model
 from peft import get_peft_model
+from peft.utils import get_peft_model_state_dict
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
 from peft_greentrainer.engine.profile import measure_flops, profile_model
@@ -87,3 +88,14 @@ def test_trainer_in_bf16_on_cuda(tmp_path):
     assert losses[-1] < losses[0]
     assert len(model.greentrainer_state.history) == 2
     assert all(record.predicted_ratio <= 0.5 for record in model.greentrainer_state.history)
+
+
+def test_a_saved_adapter_of_trained_tensors_is_copied_to_the_cpu(tmp_path):
+    """Saving copies the trained tensors to the CPU, where they are written from, not into more GPU memory."""
+    model = get_peft_model(_cuda_model(), GreenTrainerConfig(rho=0.7, units="tensors"))
+    batch = _cuda_batch(model.base_model.model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.base_model.select_units([batch], optimizer)
+    state = get_peft_model_state_dict(model)
+    assert state and all(v.device.type == "cpu" for v in state.values())
+    model.save_pretrained(tmp_path)

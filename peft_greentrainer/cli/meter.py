@@ -71,7 +71,8 @@ class StepMeter(TrainerCallback):
         self._depth += 1
         if self._forwards is not None and self._depth == 1 and module.training and torch.is_grad_enabled():
             batch = as_batch(args, kwargs)
-            inputs = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            # kept on the CPU until the audit after training: on a GPU, every counted step's inputs would stay there
+            inputs = {k: _Kept(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             self._forwards.append((inputs, []))
 
     def _forward_ends(self, module: torch.nn.Module, *_: Any) -> None:
@@ -121,7 +122,8 @@ class StepMeter(TrainerCallback):
                     continue
                 alone = full = dense = 0.0
                 try:
-                    for inputs, trained in forwards:
+                    for kept, trained in forwards:
+                        inputs = {k: v.restored() if isinstance(v, _Kept) else v for k, v in kept.items()}
                         alone += sum(measure_flops(self._tuner.model, inputs, trained))
                         full += self._full_fine_tuning(inputs, dense_head=False)
                         dense += self._full_fine_tuning(inputs, dense_head=True)
@@ -146,3 +148,14 @@ class StepMeter(TrainerCallback):
 
     def to_list(self) -> list[dict]:
         return [{f.name: getattr(s, f.name) for f in fields(s) if f.name != "forwards"} for s in self.steps]
+
+
+class _Kept:
+    """A copy of a step's input tensor on the CPU that remembers the device it came from."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.device = tensor.device
+        self.tensor = tensor.detach().to("cpu", copy=True)
+
+    def restored(self) -> torch.Tensor:
+        return self.tensor.to(self.device)

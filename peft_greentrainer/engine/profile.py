@@ -343,9 +343,9 @@ def returns_dict(model: nn.Module, batch: Mapping[str, Any]) -> bool:
 
 
 def profile_key(model: nn.Module, batch: Mapping[str, Any], tree: ModuleTree | None = None) -> tuple:
-    """What a cost profile of ``model`` on ``batch`` depends on: input shapes and dtypes, plain-value inputs, and which
-    modules are in eval mode or checkpoint their forward (both change what a training step computes). ``tree``:
-    ``model``'s modules, listed before."""
+    """What a cost profile of ``model`` on ``batch`` depends on: input shapes and dtypes, plain-value inputs, which
+    modules are in eval mode or checkpoint their forward (both change what a training step computes), and autocast
+    (:func:`autocast_state`). ``tree``: ``model``'s modules, listed before."""
     return (input_key(model, batch), module_modes(tree or ModuleTree(model)))
 
 
@@ -366,12 +366,28 @@ def input_key(model: nn.Module, batch: Mapping[str, Any]) -> tuple:
     return tuple(inputs)
 
 
-def module_modes(tree: ModuleTree) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def module_modes(tree: ModuleTree) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """The second part of ``profile_key``: the names of the modules in eval mode and of those that checkpoint their
-    forward (``is_checkpointed``), each in ``named_modules`` order."""
+    forward (``is_checkpointed``), each in ``named_modules`` order, and the autocast in force."""
     in_eval = tuple(name for name, module in tree.named if not module.training)
     checkpointed = tuple(name for name, m in tree.checkpointing_layers if m.gradient_checkpointing and m.training)
-    return in_eval, checkpointed
+    return in_eval, checkpointed, autocast_state()
+
+
+def autocast_state() -> tuple[str, ...]:
+    """The device types autocast is on for, each with its dtype (``"cuda:torch.bfloat16"``).
+
+    Autocast changes more than precision: a device picks kernels by dtype, and their backward costs differ. CUDA runs
+    SDPA with grouped-query heads on its math path in float32, whose backward computes each input's gradient apart,
+    and on flash attention in bf16, one backward kernel for all three. A selection made outside autocast (a plain
+    loop's ``select_units``) must be checked again at the steps under it."""
+    types = ["cpu", "cuda"]
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None and accelerator.is_available():
+        types.append(accelerator.current_accelerator().type)
+    return tuple(
+        f"{kind}:{torch.get_autocast_dtype(kind)}" for kind in dict.fromkeys(types) if torch.is_autocast_enabled(kind)
+    )
 
 
 @contextmanager
