@@ -57,12 +57,14 @@ __all__ = [  # the rank helpers live in ranks.py; re-exported here for plain loo
     "candidate_parameters",
     "check_backend",
     "find_ddp",
+    "find_ddp_around",
     "follow_selections",
     "gradients_averaged_across_ranks",
     "importance_shard",
     "is_distributed",
     "prepare_ddp",
     "rank_and_world_size",
+    "reduces_any_selection",
     "registered_parameters",
     "send_trained_gradients_only",
     "trained_gradients_state",
@@ -158,6 +160,41 @@ def find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
     return None
 
 
+def find_ddp_around(tuner: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The ``DistributedDataParallel`` wrapping ``tuner`` or the ``PeftModel`` that holds it (``accelerator.prepare``
+    and :func:`wrap_ddp` wrap the ``PeftModel``; the tuner is its ``base_model``), if any."""
+    for module in (tuner, *_holders(tuner)):
+        ddp = find_ddp(module)
+        if ddp is not None:
+            return ddp
+    return None
+
+
+def _holders(module: nn.Module) -> list[nn.Module]:
+    """The modules that hold ``module`` as a child, found as :func:`find_ddp` finds a wrapper."""
+    seen = {id(module)}
+    frontier: list[Any] = [module]
+    for _ in range(3):  # module <- holder._modules <- holder.__dict__ <- holder
+        referrers = [r for r in gc.get_referrers(*frontier) if id(r) not in seen and r is not frontier]
+        holders = [
+            r for r in referrers if isinstance(r, nn.Module) and any(child is module for child in r._modules.values())
+        ]
+        if holders:
+            return holders
+        frontier = [r for r in referrers if isinstance(r, dict)]
+        seen.update(id(r) for r in referrers)
+        if not frontier:
+            break
+    return []
+
+
+def reduces_any_selection(ddp: nn.parallel.DistributedDataParallel, candidates: Iterable[nn.Parameter]) -> bool:
+    """Whether ``ddp`` reduces the gradients of any subset of ``candidates`` being trained, as it is."""
+    registered = registered_parameters(ddp)
+    every = all(id(p) in registered for p in candidates)
+    return every and ddp.find_unused_parameters and not ddp.static_graph
+
+
 def registered_parameters(ddp: nn.parallel.DistributedDataParallel) -> set[int]:
     """``id`` of every parameter DDP's reducer all-reduces (those that required a gradient when it was built)."""
     return {id(p) for bucket in ddp.reducer._get_zeros_like_grad_buckets() for p in bucket.parameters()}
@@ -184,9 +221,9 @@ def follow_selections(ddp: nn.parallel.DistributedDataParallel, candidates: Iter
     flags are left as they were.
     """
     candidates = list({id(p): p for p in candidates}.values())
-    missing = [p for p in candidates if id(p) not in registered_parameters(ddp)]
-    if ddp.find_unused_parameters and not ddp.static_graph and not missing:
+    if reduces_any_selection(ddp, candidates):
         return False
+    missing = [p for p in candidates if id(p) not in registered_parameters(ddp)]
     if ddp.mixed_precision is not None or getattr(ddp, "_use_python_reducer", False):
         raise NotImplementedError(
             "GreenTrainer needs DistributedDataParallel(find_unused_parameters=True, static_graph=False) with every "

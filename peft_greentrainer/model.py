@@ -56,7 +56,7 @@ from .engine.profile import (
     routed_expert_modules,
     training_mode,
 )
-from .engine.rng import running_stats_kept
+from .engine.rng import fork_rng, running_stats_kept
 from .engine.selector import Selection
 from .engine.step_loss import as_batch, probe_loss
 from .engine.units import (
@@ -181,6 +181,8 @@ class _TunerRuntime:
     reloads_best: bool = False  # the Trainer reloads its best checkpoint at the end (load_best_model_at_end)
     flags_while_disabled: list[tuple[nn.Parameter, bool]] | None = None
     module_tree: ModuleTree | None = None  # the base model's modules, listed again when the tree changes
+    # selected under torch.distributed with no DDP wrapper found yet: the first training step looks for it again
+    ddp_unseen: bool = False
 
 
 def _refuse_what_no_price_bounds(model: nn.Module) -> None:
@@ -464,7 +466,7 @@ class GreenTrainerModel(LoraModel):
             return
         state = self.state_of(self.active_adapters[0])
         if state.history:
-            self.restore_selection(state.selected)
+            self._apply_selection(state.selected)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if self.units_kind == "tensors":
@@ -631,7 +633,8 @@ class GreenTrainerModel(LoraModel):
         config = self.greentrainer_config
         loss_fn = loss_fn or default_loss
         device = next(self.model.parameters()).device
-        batches = list(islice(batches, config.importance_batches))
+        with fork_rng():  # a shuffling DataLoader draws its order from torch's generator: training's stays the same
+            batches = list(islice(batches, config.importance_batches))
         if not batches:
             raise ValueError("select_units needs at least one training batch to estimate importance.")
         if not all(isinstance(b, Mapping) for b in batches):
@@ -641,6 +644,7 @@ class GreenTrainerModel(LoraModel):
                 f"as the model's forward takes them), got {', '.join(kinds)}."
             )
         batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
+        self._follow_ddp()
         self._note_stepped_tensors(optimizer)
         self._check_optimizer_holds_candidates(optimizer)
         self._runtime.window.follow(optimizer)
@@ -832,6 +836,8 @@ class GreenTrainerModel(LoraModel):
             # before the first selection every candidate trains (the optimizer is built over all of them)
             self._warn_once_without_selection()
             return
+        if self._runtime.ddp_unseen:
+            self._check_ddp_follows()
         keep_backprop_shallow(self.model, tree=tree)  # checkpointing enabled since the last step would force it deeper
         batch = as_batch(args, kwargs)
         new: dict[tuple, UnitCosts] = {}
@@ -981,7 +987,21 @@ class GreenTrainerModel(LoraModel):
     def restore_selection(self, selected: Iterable[str], optimizer: torch.optim.Optimizer | None = None) -> None:
         """Re-apply a selection by unit names (resuming from a checkpoint, or replaying a logged selection); the
         next training step checks it at every batch shape known. Pass the optimizer that trains on, as to
-        ``select_units``, so that a re-selection inside an accumulation window is recognised as such."""
+        ``select_units``, so that a re-selection inside an accumulation window is recognised as such.
+
+        To resume, first give back the state the checkpoint's run had (``model.greentrainer_state =
+        GreenTrainerState.from_dict(saved)``, saved from ``model.greentrainer_state.to_dict()``): it says which
+        tensors earlier selections trained. Without it (no selection in ``history``) that is unknown, so with
+        units="tensors" every candidate counts as trained, and a saved adapter holds them all."""
+        self._follow_ddp()
+        if not self.greentrainer_state.history:
+            names = [n for u in self.candidate_units() for n in u.param_names]
+            self.greentrainer_state.trained_tensors = list(
+                dict.fromkeys([*self.greentrainer_state.trained_tensors, *names])
+            )
+        self._apply_selection(selected, optimizer)
+
+    def _apply_selection(self, selected: Iterable[str], optimizer: torch.optim.Optimizer | None = None) -> None:
         selected = list(selected)
         wanted = set(selected)
         units = self.candidate_units()
@@ -992,6 +1012,41 @@ class GreenTrainerModel(LoraModel):
         self.greentrainer_state.selected = list(dict.fromkeys(selected))  # the order it was selected in
         if optimizer is not None:
             self._runtime.window.follow(optimizer)
+
+    def _follow_ddp(self) -> None:
+        """Under DDP, make the wrapper reduce whichever units a selection trains, as the callback does at the start of
+        training: a plain or accelerate loop wraps the model itself, with DDP's defaults (no
+        ``find_unused_parameters``) and the units trainable at that moment. Every rank calls it (``select_units``)."""
+        if not ranks.is_distributed() or fsdp.is_sharded(self.model):
+            return
+        from . import distributed  # distributed.py builds on this module
+
+        ddp = distributed.find_ddp_around(self)
+        self._runtime.ddp_unseen = ddp is None
+        if ddp is not None:
+            distributed.prepare_ddp(ddp, distributed.candidate_parameters(self))
+
+    def _check_ddp_follows(self) -> None:
+        """At the first training step after a selection made with no DDP wrapper around the model: a wrapper built
+        since registered only the units trainable then, and would leave the others' gradients unreduced (the ranks'
+        weights drift apart) or fail at a later step. It cannot be rebuilt inside its own forward pass."""
+        self._runtime.ddp_unseen = False
+        from . import distributed  # distributed.py builds on this module
+
+        ddp = distributed.find_ddp_around(self)
+        if ddp is None:
+            logger.warning(
+                "GreenTrainer runs on %d processes but found no DistributedDataParallel wrapper around the model: "
+                "make sure gradients are averaged across ranks, or the ranks' weights will drift apart.",
+                ranks.rank_and_world_size()[1],
+            )
+        elif not distributed.reduces_any_selection(ddp, distributed.candidate_parameters(self)):
+            raise RuntimeError(
+                "GreenTrainer selected units before DistributedDataParallel wrapped the model, so DDP registered only "
+                "the units trained then and would not reduce the gradients of those selected later. Call "
+                "select_units after wrapping (after accelerator.prepare(model)): it makes the wrapper follow the "
+                "selections; or wrap with peft_greentrainer.distributed.wrap_ddp(model) before selecting."
+            )
 
     def _set_trainable(self, units: list[Unit], mask: np.ndarray, *, within_step: bool = False) -> None:
         """Train the units of ``units`` marked in ``mask`` and freeze every other candidate.

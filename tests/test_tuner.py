@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import VOCAB, needs_sparse_head, row_scaling_rel, tiny_config, tiny_model
+from conftest import VOCAB, needs_sparse_head, row_scaling_rel, tiny_batch, tiny_config, tiny_model
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -1830,3 +1830,52 @@ def test_steps_of_any_batch_size_keep_rho_where_some_costs_do_not_grow_with_the_
         assert step <= rho * full * (1 + 1e-12), (rows, step / full)
         if rows == 8:  # the selection's figures are those of a step on its batch: one row, and seven more
             assert (selection.flops, selection.full_flops) == pytest.approx((step, full), rel=1e-9)
+
+
+@pytest.mark.parametrize("state_given_back", [False, True], ids=["selection-only", "state-given-back"])
+def test_a_plain_loop_resumed_with_restore_selection_saves_every_tensor_it_trained(tmp_path, state_given_back):
+    """A plain loop resumes by loading its weights and giving the selection back (``restore_selection``). Which
+    tensors earlier selections trained is in ``greentrainer_state``: without it every candidate is saved (before, the
+    tensors of earlier selections were left out of the adapter, which then differed from the model without a word)."""
+    batch = tiny_batch(tiny_model("llama"))
+    model = get_peft_model(tiny_model("llama"), GreenTrainerConfig(rho=0.9, units="tensors"))
+    tuner = model.base_model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    last = tuner.candidate_units()[0].name  # nearest the loss
+    for epoch in range(2):  # two epochs, each with its own selection
+        if epoch == 0:
+            tuner.select_units([batch], optimizer)
+        else:
+            tuner.restore_selection([last], optimizer)  # stands for a second selection
+        for _ in range(2):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+
+    resumed = get_peft_model(tiny_model("llama"), GreenTrainerConfig(rho=0.9, units="tensors"))
+    resumed.load_state_dict(checkpoint)
+    if state_given_back:
+        resumed.base_model.greentrainer_state = GreenTrainerState.from_dict(tuner.greentrainer_state.to_dict())
+    resumed.base_model.restore_selection(tuner.greentrainer_state.selected)
+    resumed.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    trained = dict(resumed.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in loaded.named_parameters())
+
+
+def test_select_units_on_a_shuffling_data_loader_leaves_the_epochs_order_alone():
+    """A plain loop hands ``select_units`` its training DataLoader: drawing the importance batches must not advance
+    the generator the loader's next epoch draws its shuffle from."""
+    rows = [{"input_ids": torch.full((8,), 3 + i), "labels": torch.full((8,), 3 + i)} for i in range(16)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=2, shuffle=True)
+    model = get_peft_model(tiny_model("llama"), GreenTrainerConfig(rho=0.7, units="tensors"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def epoch_order(select: bool) -> list[int]:
+        torch.manual_seed(0)
+        if select:
+            model.base_model.select_units(loader, optimizer)
+        return [int(b["input_ids"][0, 0]) for b in loader]
+
+    assert epoch_order(select=True) == epoch_order(select=False)
