@@ -28,6 +28,7 @@ register(GreenTrainerConfig, GreenTrainerModel)
 
 from .callback import GreenTrainerCallback  # noqa: E402
 from .energy import EnergyCallback, EnergyReceipt  # noqa: E402
+from .loop_state import SelectionCheckpoint  # noqa: E402
 from .sparse_head import enable_sparse_lm_head, sparse_lm_loss  # noqa: E402
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "GreenTrainerConfig",
     "GreenTrainerModel",
     "GreenTrainerState",
+    "SelectionCheckpoint",
     "enable_sparse_lm_head",
     "export_lora_adapter",
     "register_flop_formulas",

@@ -39,7 +39,7 @@ from peft.tuners.lora import LoraModel
 from peft.utils import PeftType
 from torch import nn
 
-from . import fsdp, ranks
+from . import ddp, fsdp, ranks
 from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
 from .config import GreenTrainerConfig
 from .engine.costs import UnitCosts, select_at_every_shape
@@ -1019,34 +1019,35 @@ class GreenTrainerModel(LoraModel):
         ``find_unused_parameters``) and the units trainable at that moment. Every rank calls it (``select_units``)."""
         if not ranks.is_distributed() or fsdp.is_sharded(self.model):
             return
-        from . import distributed  # distributed.py builds on this module
-
-        ddp = distributed.find_ddp_around(self)
-        self._runtime.ddp_unseen = ddp is None
-        if ddp is not None:
-            distributed.prepare_ddp(ddp, distributed.candidate_parameters(self))
+        wrapper = ddp.find_ddp_around(self)
+        self._runtime.ddp_unseen = wrapper is None
+        if wrapper is not None:
+            ddp.prepare_ddp(wrapper, self._candidate_parameters())
 
     def _check_ddp_follows(self) -> None:
         """At the first training step after a selection made with no DDP wrapper around the model: a wrapper built
         since registered only the units trainable then, and would leave the others' gradients unreduced (the ranks'
         weights drift apart) or fail at a later step. It cannot be rebuilt inside its own forward pass."""
         self._runtime.ddp_unseen = False
-        from . import distributed  # distributed.py builds on this module
-
-        ddp = distributed.find_ddp_around(self)
-        if ddp is None:
+        wrapper = ddp.find_ddp_around(self)
+        if wrapper is None:
             logger.warning(
                 "GreenTrainer runs on %d processes but found no DistributedDataParallel wrapper around the model: "
                 "make sure gradients are averaged across ranks, or the ranks' weights will drift apart.",
                 ranks.rank_and_world_size()[1],
             )
-        elif not distributed.reduces_any_selection(ddp, distributed.candidate_parameters(self)):
+        elif not ddp.reduces_any_selection(wrapper, self._candidate_parameters()):
             raise RuntimeError(
                 "GreenTrainer selected units before DistributedDataParallel wrapped the model, so DDP registered only "
                 "the units trained then and would not reduce the gradients of those selected later. Call "
                 "select_units after wrapping (after accelerator.prepare(model)): it makes the wrapper follow the "
                 "selections; or wrap with peft_greentrainer.distributed.wrap_ddp(model) before selecting."
             )
+
+    def _candidate_parameters(self) -> list[nn.Parameter]:
+        """The distinct parameters of every candidate unit."""
+        params = [p for unit in self.candidate_units() for p in unit.parameters(self.model)]
+        return list({id(p): p for p in params}.values())
 
     def _set_trainable(self, units: list[Unit], mask: np.ndarray, *, within_step: bool = False) -> None:
         """Train the units of ``units`` marked in ``mask`` and freeze every other candidate.

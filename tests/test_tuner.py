@@ -1879,3 +1879,41 @@ def test_select_units_on_a_shuffling_data_loader_leaves_the_epochs_order_alone()
         return [int(b["input_ids"][0, 0]) for b in loader]
 
     assert epoch_order(select=True) == epoch_order(select=False)
+
+
+@pytest.mark.parametrize("units", UNIT_KINDS)
+def test_accelerate_save_state_carries_the_selection_of_a_loop(tmp_path, units):
+    """``accelerator.save_state`` holds weights and optimizer state, not the selection: registered for checkpointing,
+    ``SelectionCheckpoint`` carries it, and ``load_state`` re-applies it in a fresh model (same units trainable, and
+    a saved adapter equal to the model)."""
+    from accelerate import Accelerator
+
+    from peft_greentrainer import SelectionCheckpoint
+
+    def loop(checkpoint: Path, resume: bool):
+        accelerator = Accelerator(cpu=True)
+        model = get_peft_model(tiny_model("llama"), _config("llama", units, rho=0.6))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        accelerator.register_for_checkpointing(SelectionCheckpoint(model, optimizer))
+        if resume:
+            accelerator.load_state(checkpoint)
+            return model
+        batch = tiny_batch(model)
+        model.base_model.select_units([batch], optimizer)
+        for _ in range(2):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        accelerator.save_state(checkpoint)
+        return model
+
+    trained = loop(tmp_path / "checkpoint", resume=False)
+    resumed = loop(tmp_path / "checkpoint", resume=True)
+    assert resumed.greentrainer_state.to_dict() == trained.greentrainer_state.to_dict()
+    flags = {n: p.requires_grad for n, p in trained.named_parameters()}
+    assert {n: p.requires_grad for n, p in resumed.named_parameters()} == flags
+    resumed.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter")
+    weights = dict(trained.named_parameters())
+    assert all(torch.equal(p, weights[n]) for n, p in loaded.named_parameters())

@@ -21,6 +21,7 @@ from conftest import CHECKPOINTING, VOCAB, end_rank_process, tiny_model
 from peft import get_peft_model
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig
+from peft_greentrainer import ddp as gt_ddp
 from peft_greentrainer import distributed as gt_distributed
 
 SEQ_LEN = 16
@@ -162,7 +163,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     if cli.skip_prepare_ddp:
-        gt_distributed.prepare_ddp = lambda ddp, candidates: False
+        # the callback's call at train begin, and select_units' for loops that wrap the model themselves
+        gt_distributed.prepare_ddp = gt_ddp.prepare_ddp = lambda ddp, candidates: False
     config = GreenTrainerConfig(
         rho=cli.rho,
         units=cli.units,
