@@ -1578,8 +1578,8 @@ def test_modes_changed_between_steps_reach_the_step_check():
     optimizer.zero_grad()
     tuner.model.model.layers[1].eval()
     assert step(short) is listed
-    in_eval, checkpointed = tuner._pricer.caches.checked[0]
-    assert "model.layers.1" in in_eval and checkpointed == ("model.layers.0", "model.layers.2")
+    in_eval, checkpointed, autocast = tuner._pricer.caches.checked[0]
+    assert "model.layers.1" in in_eval and checkpointed == ("model.layers.0", "model.layers.2") and autocast == ()
     _assert_the_step_fits(model, long)
     logged, _ = tuner.step_flops_ratios()
     assert logged <= model.peft_config["default"].rho
