@@ -183,6 +183,7 @@ class _TunerRuntime:
     module_tree: ModuleTree | None = None  # the base model's modules, listed again when the tree changes
     # selected under torch.distributed with no DDP wrapper found yet: the first training step looks for it again
     ddp_unseen: bool = False
+    prepared_ddp: Any = None  # weak reference to the DDP wrapper made to follow selections (found once: gc walk)
 
 
 def _refuse_what_no_price_bounds(model: nn.Module) -> None:
@@ -836,7 +837,7 @@ class GreenTrainerModel(LoraModel):
             # before the first selection every candidate trains (the optimizer is built over all of them)
             self._warn_once_without_selection()
             return
-        if self._runtime.ddp_unseen:
+        if self._runtime.ddp_unseen and ranks.is_distributed():
             self._check_ddp_follows()
         keep_backprop_shallow(self.model, tree=tree)  # checkpointing enabled since the last step would force it deeper
         batch = as_batch(args, kwargs)
@@ -1017,18 +1018,27 @@ class GreenTrainerModel(LoraModel):
         """Under DDP, make the wrapper reduce whichever units a selection trains, as the callback does at the start of
         training: a plain or accelerate loop wraps the model itself, with DDP's defaults (no
         ``find_unused_parameters``) and the units trainable at that moment. Every rank calls it (``select_units``)."""
-        if not ranks.is_distributed() or fsdp.is_sharded(self.model):
+        runtime = self._runtime
+        if fsdp.is_sharded(self.model):
             return
+        if not ranks.is_distributed():  # maybe not yet: a process group made after this selection
+            runtime.ddp_unseen = True
+            return
+        if runtime.prepared_ddp is not None and runtime.prepared_ddp() is not None:
+            return  # it reduces any selection since (finding a wrapper walks every object: a second or more)
         wrapper = ddp.find_ddp_around(self)
-        self._runtime.ddp_unseen = wrapper is None
+        runtime.ddp_unseen = wrapper is None
         if wrapper is not None:
             ddp.prepare_ddp(wrapper, self._candidate_parameters())
+            runtime.prepared_ddp = weakref.ref(wrapper)
 
     def _check_ddp_follows(self) -> None:
         """At the first training step after a selection made with no DDP wrapper around the model: a wrapper built
         since registered only the units trainable then, and would leave the others' gradients unreduced (the ranks'
         weights drift apart) or fail at a later step. It cannot be rebuilt inside its own forward pass."""
         self._runtime.ddp_unseen = False
+        if fsdp.is_sharded(self.model):
+            return
         wrapper = ddp.find_ddp_around(self)
         if wrapper is None:
             logger.warning(
@@ -1040,8 +1050,9 @@ class GreenTrainerModel(LoraModel):
             raise RuntimeError(
                 "GreenTrainer selected units before DistributedDataParallel wrapped the model, so DDP registered only "
                 "the units trained then and would not reduce the gradients of those selected later. Call "
-                "select_units after wrapping (after accelerator.prepare(model)): it makes the wrapper follow the "
-                "selections; or wrap with peft_greentrainer.distributed.wrap_ddp(model) before selecting."
+                "select_units (or restore_selection, when resuming) after wrapping, after accelerator.prepare(model): "
+                "it makes the wrapper follow the selections; or wrap with "
+                "peft_greentrainer.distributed.wrap_ddp(model)."
             )
 
     def _candidate_parameters(self) -> list[nn.Parameter]:

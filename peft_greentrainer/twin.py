@@ -42,7 +42,7 @@ def weightless_twin(tuner, model_class: type[nn.Module]):
 
 def compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype ``model``'s weights compute in: FSDP2's mixed-precision ``param_dtype`` where one is set, else the
-    dtype of most of its floating-point weights (a quantized base's are those left unquantized).
+    dtype of most of its floating-point weights, adapters aside (a quantized base's are those left unquantized).
 
     A twin built in another dtype would be priced on other kernels: CUDA runs SDPA with grouped-query heads on its
     math path in float32 and on flash attention in bf16, whose backward costs differ."""
@@ -54,8 +54,10 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
                 return policy.param_dtype
             break
     sizes: dict[torch.dtype, int] = {}
-    for parameter in model.parameters():
-        if parameter.is_floating_point():
+    for name, parameter in model.named_parameters():
+        # PEFT keeps LoRA weights in float32 whatever the base computes in: at a large rank they could outnumber a
+        # quantized base's float weights
+        if parameter.is_floating_point() and "lora_" not in name:
             sizes[parameter.dtype] = sizes.get(parameter.dtype, 0) + parameter.numel()
     return max(sizes, key=sizes.get) if sizes else torch.float32
 

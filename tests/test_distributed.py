@@ -428,9 +428,11 @@ def test_an_accelerate_loop_with_its_defaults_keeps_the_ranks_identical(tmp_path
 
 
 @pytest.mark.slow
-def test_selecting_before_accelerate_wraps_the_model_is_refused_at_the_first_step(tmp_path):
+@pytest.mark.parametrize("order", ["before", "before-init"])
+def test_selecting_before_accelerate_wraps_the_model_is_refused_at_the_first_step(tmp_path, order):
     """A unit frozen when DDP is built is never registered with it: selected later, its gradient would not be reduced
-    and the ranks' weights drift apart (0.11 after 3 epochs in a reviewer's run). The first step says what to do."""
-    _launch(tmp_path / "run", "--order", "before", script=ACCELERATE_LOOP)
+    and the ranks' weights drift apart (0.11 after 3 epochs in a reviewer's run). The first step says what to do,
+    also after a selection made before the process group existed."""
+    _launch(tmp_path / "run", "--order", order, script=ACCELERATE_LOOP)
     for rank in _ranks(tmp_path / "run"):
         assert rank["error"] is not None and "after accelerator.prepare" in rank["error"]

@@ -460,3 +460,10 @@ def test_a_twin_is_built_in_the_dtype_its_model_computes_in() -> None:
         if "norm" in type(module).__name__.lower():
             module.float()
     assert compute_dtype(model) == torch.bfloat16
+    # PEFT's LoRA weights stay in float32 whatever the base computes in, and may outnumber its float weights
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(model, LoraConfig(r=64, target_modules="all-linear")).base_model.model
+    lora = sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n and p.dtype == torch.float32)
+    assert lora > sum(p.numel() for n, p in adapted.named_parameters() if "lora_" not in n)
+    assert compute_dtype(adapted) == torch.bfloat16

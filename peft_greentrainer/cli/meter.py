@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import TrainerCallback
 
 from ..engine.flops import register_flop_formulas
-from ..engine.profile import measure_flops
+from ..engine.profile import autocast_in_force, measure_flops
 from ..engine.step_loss import as_batch
 from ..model import find_tuner
 from ..sparse_head import attached_sparse_lm_head
@@ -40,7 +41,8 @@ class StepMeasurement:
     full_flops: float | None = None  # full fine-tuning, with the run's LM head (rho's reference)
     dense_full_flops: float | None = None  # full fine-tuning with a dense LM head (what one would otherwise run)
     flops_ratio: float | None = None  # alone_flops / full_flops
-    forwards: list[tuple[dict[str, Any], list[str]]] = field(default_factory=list, repr=False)  # (inputs, trained)
+    # (inputs, trained tensors, autocast in force) of each forward
+    forwards: list[tuple[dict[str, Any], list[str], tuple]] = field(default_factory=list, repr=False)
 
 
 class StepMeter(TrainerCallback):
@@ -54,7 +56,7 @@ class StepMeter(TrainerCallback):
         self._start = 0.0
         self._tuner: Any = None
         self._hooks: list = []
-        self._forwards: list[tuple[dict[str, Any], list[str]]] | None = None  # of the counted step under way
+        self._forwards: list[tuple[dict[str, Any], list[str], tuple]] | None = None  # of the counted step under way
         self._depth = 0  # base model forwards under way (a profile run inside a step's forward: 2)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -73,7 +75,7 @@ class StepMeter(TrainerCallback):
             batch = as_batch(args, kwargs)
             # kept on the CPU until the audit after training: on a GPU, every counted step's inputs would stay there
             inputs = {k: _Kept(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            self._forwards.append((inputs, []))
+            self._forwards.append((inputs, [], autocast_in_force()))  # audited as it ran: kernels follow the dtype
 
     def _forward_ends(self, module: torch.nn.Module, *_: Any) -> None:
         """The tensors a training forward trained: read after it ran, once the budget check before it (which may
@@ -122,11 +124,14 @@ class StepMeter(TrainerCallback):
                     continue
                 alone = full = dense = 0.0
                 try:
-                    for kept, trained in forwards:
+                    for kept, trained, autocast in forwards:
                         inputs = {k: v.restored() if isinstance(v, _Kept) else v for k, v in kept.items()}
-                        alone += sum(measure_flops(self._tuner.model, inputs, trained))
-                        full += self._full_fine_tuning(inputs, dense_head=False)
-                        dense += self._full_fine_tuning(inputs, dense_head=True)
+                        with ExitStack() as stack:
+                            for kind, dtype in autocast:
+                                stack.enter_context(torch.autocast(kind, dtype=dtype))
+                            alone += sum(measure_flops(self._tuner.model, inputs, trained))
+                            full += self._full_fine_tuning(inputs, dense_head=False)
+                            dense += self._full_fine_tuning(inputs, dense_head=True)
                 except torch.OutOfMemoryError:  # the step alone fitted in training; say so rather than lose the run
                     logger.warning("Step %d not audited: out of memory; its ratio is left out.", measurement.step)
                     continue

@@ -381,13 +381,17 @@ def autocast_state() -> tuple[str, ...]:
     SDPA with grouped-query heads on its math path in float32, whose backward computes each input's gradient apart,
     and on flash attention in bf16, one backward kernel for all three. A selection made outside autocast (a plain
     loop's ``select_units``) must be checked again at the steps under it."""
+    return tuple(f"{kind}:{dtype}" for kind, dtype in autocast_in_force())
+
+
+def autocast_in_force() -> tuple[tuple[str, torch.dtype], ...]:
+    """``(device type, dtype)`` of each device type autocast is on for (:func:`autocast_state`)."""
     types = ["cpu", "cuda"]
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
     if accelerator is not None and accelerator.is_available():
         types.append(accelerator.current_accelerator().type)
-    return tuple(
-        f"{kind}:{torch.get_autocast_dtype(kind)}" for kind in dict.fromkeys(types) if torch.is_autocast_enabled(kind)
-    )
+    on = [kind for kind in dict.fromkeys(types) if torch.is_autocast_enabled(kind)]
+    return tuple((kind, torch.get_autocast_dtype(kind)) for kind in on)
 
 
 @contextmanager

@@ -3,7 +3,8 @@
 
 ``--order after``: prepare, then select (``select_units`` makes the wrapper follow the selections); ``--order
 before``: the first selection before ``prepare``, which registers only the units trained then: the first step must
-say so. Used by ``tests/test_distributed.py``; each rank writes ``rank{r}.pt`` (parameters, history) to ``--out``.
+say so; ``--order before-init``: the same, made before the process group exists. Used by
+``tests/test_distributed.py``; each rank writes ``rank{r}.pt`` (parameters, history) to ``--out``.
 """
 
 from __future__ import annotations
@@ -26,15 +27,17 @@ from peft_greentrainer.distributed import trained_gradients_state
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--order", choices=["after", "before"], required=True)
+    parser.add_argument("--order", choices=["after", "before", "before-init"], required=True)
     cli = parser.parse_args()
     torch.set_num_threads(1)
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
-    rank = accelerator.process_index
+    rank = int(os.environ["RANK"])
     model = get_peft_model(tiny_model("llama"), GreenTrainerConfig(rho=0.5))
     tuner = model.base_model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batches = [tiny_batch(model, batch_size=2, seq_len=16 + 4 * (i % 2), seed=10 * rank + i) for i in range(4)]
+    if cli.order == "before-init":  # before the process group exists, too
+        tuner.select_units(batches[:1], optimizer)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     if cli.order == "before":
         tuner.select_units(batches[:1], optimizer)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
