@@ -159,6 +159,23 @@ class _AccumulationWindow:
         return {"forwards": 0, "_optimizer": None, "_hook": None}
 
 
+class _WeakLink:
+    """A weak reference that copies and pickles as empty: what it points to (a DDP wrapper) belongs to this model, not
+    to a copy of it."""
+
+    def __init__(self, target: Any = None) -> None:
+        self._ref = weakref.ref(target) if target is not None else None
+
+    def __call__(self) -> Any:
+        return self._ref() if self._ref is not None else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_ref": None}
+
+    def __deepcopy__(self, memo: dict) -> _WeakLink:
+        return _WeakLink()
+
+
 @dataclass
 class _TunerRuntime:
     """The tuner's working state, none of it saved with the adapter: caches, the budget check's hook and records, and
@@ -183,7 +200,7 @@ class _TunerRuntime:
     module_tree: ModuleTree | None = None  # the base model's modules, listed again when the tree changes
     # selected under torch.distributed with no DDP wrapper found yet: the first training step looks for it again
     ddp_unseen: bool = False
-    prepared_ddp: Any = None  # weak reference to the DDP wrapper made to follow selections (found once: gc walk)
+    prepared_ddp: _WeakLink = field(default_factory=_WeakLink)  # the DDP wrapper made to follow selections
 
 
 def _refuse_what_no_price_bounds(model: nn.Module) -> None:
@@ -1024,13 +1041,13 @@ class GreenTrainerModel(LoraModel):
         if not ranks.is_distributed():  # maybe not yet: a process group made after this selection
             runtime.ddp_unseen = True
             return
-        if runtime.prepared_ddp is not None and runtime.prepared_ddp() is not None:
+        if runtime.prepared_ddp() is not None:
             return  # it reduces any selection since (finding a wrapper walks every object: a second or more)
         wrapper = ddp.find_ddp_around(self)
         runtime.ddp_unseen = wrapper is None
         if wrapper is not None:
             ddp.prepare_ddp(wrapper, self._candidate_parameters())
-            runtime.prepared_ddp = weakref.ref(wrapper)
+            runtime.prepared_ddp = _WeakLink(wrapper)
 
     def _check_ddp_follows(self) -> None:
         """At the first training step after a selection made with no DDP wrapper around the model: a wrapper built
