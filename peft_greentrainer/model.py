@@ -1007,10 +1007,11 @@ class GreenTrainerModel(LoraModel):
         next training step checks it at every batch shape known. Pass the optimizer that trains on, as to
         ``select_units``, so that a re-selection inside an accumulation window is recognised as such.
 
-        To resume, first give back the state the checkpoint's run had (``model.greentrainer_state =
-        GreenTrainerState.from_dict(saved)``, saved from ``model.greentrainer_state.to_dict()``): it says which
-        tensors earlier selections trained. Without it (no selection in ``history``) that is unknown, so with
-        units="tensors" every candidate counts as trained, and a saved adapter holds them all."""
+        To resume, first give back the state the checkpoint's run had (``tuner.greentrainer_state =
+        GreenTrainerState.from_dict(saved)``, saved from ``tuner.greentrainer_state.to_dict()``; accelerate's
+        checkpoints carry it with :class:`~peft_greentrainer.SelectionCheckpoint`): it says which tensors earlier
+        selections trained. Without it (no selection in ``history``) that is unknown, so with units="tensors" every
+        candidate counts as trained, and a saved adapter holds them all."""
         self._follow_ddp()
         if not self.greentrainer_state.history:
             names = [n for u in self.candidate_units() for n in u.param_names]
