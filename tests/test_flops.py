@@ -467,3 +467,26 @@ def test_a_twin_is_built_in_the_dtype_its_model_computes_in() -> None:
     lora = sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n and p.dtype == torch.float32)
     assert lora > sum(p.numel() for n, p in adapted.named_parameters() if "lora_" not in n)
     assert compute_dtype(adapted) == torch.bfloat16
+
+
+def test_a_frozen_learned_attention_bias_keeps_the_profiled_kernel_on_the_cpu() -> None:
+    """On the CPU SDPA runs its math path while its learned bias (T5's relative position table) requires grad, and
+    its fused kernel, whose backward computes dq, dk and dv together, once a selection freezes it: training forwards
+    keep the math path the profile measured (before, single tensors cost up to 0.2 of full fine-tuning more than
+    priced, and a selection at rho 0.6 measured 0.714)."""
+    import numpy as np
+    from peft import get_peft_model
+
+    from peft_greentrainer import GreenTrainerConfig
+
+    base = tiny_model("t5", dropout_rate=0.0, attn_implementation="sdpa")
+    model = get_peft_model(base, GreenTrainerConfig(rho=0.6, units="tensors"))
+    tuner = model.base_model
+    ids = torch.randint(3, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids[:, :6].clone()}
+    costs = tuner.unit_costs(batch)
+    assert tuner._runtime.math_attention
+    with tuner.measuring():
+        for i, unit in enumerate(costs.units):
+            mask = np.arange(len(costs.units)) == i
+            assert sum(measure_flops(base, batch, unit.param_names)) <= costs.predicted_flops(mask), unit.name
