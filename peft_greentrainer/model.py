@@ -42,7 +42,7 @@ from torch import nn
 from . import ddp, fsdp, ranks
 from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
 from .config import GreenTrainerConfig
-from .engine.attention_kernels import LearnedBiasProbe, math_attention
+from .engine.attention_kernels import LearnedBiasProbe, use_math_attention
 from .engine.costs import UnitCosts, select_at_every_shape
 from .engine.importance import base_learning_rates, compute_importance, plain_gradient_step, unwrap_optimizer
 from .engine.module_tree import ModuleTree
@@ -183,11 +183,6 @@ class _TunerRuntime:
     what a selection must know of the run. One object, so that it is declared in one place."""
 
     step_hook: Any = None  # handle of the forward pre-hook that checks every training step's budget
-    # SDPA on its math path in training forwards (a learned attention bias on the CPU: engine/attention_kernels.py),
-    # the hooks that enter and leave it, and the contexts entered by forwards under way
-    math_attention: bool = False
-    kernel_hooks: list[Any] = field(default_factory=list)
-    kernel_contexts: list[Any] = field(default_factory=list)
     candidates_by_adapter: dict[str, list[str]] = field(default_factory=dict)
     states: dict[str, GreenTrainerState] = field(default_factory=dict)  # per adapter
     pricer: StepPricer | None = None  # the prices of training steps (made on first use: it asks the tuner)
@@ -305,10 +300,6 @@ class GreenTrainerModel(LoraModel):
             self._runtime.step_hook = model.register_forward_pre_hook(
                 self._before_forward, with_kwargs=True, prepend=True
             )
-            self._runtime.kernel_hooks = [
-                model.register_forward_pre_hook(self._attention_kernel_begins, prepend=True),
-                model.register_forward_hook(self._attention_kernel_ends, always_call=True),
-            ]
         if config.units == "lora":
             # PEFT renames transformers 4's expert targets before it fills in the default targets, and that renaming
             # turns unset targets into an empty set, which LoRA's own injection then refuses (PEFT 0.21, MoE
@@ -557,27 +548,15 @@ class GreenTrainerModel(LoraModel):
             elif self.units_kind == "lora":
                 with _adapters_off(self):
                     full = profile_model(self.model, batch, loss_fn).full_flops
-        if probe.found and not self._runtime.math_attention:
-            logger.info(
-                "SDPA takes a learned attention bias on the CPU: training steps run it on its math path, the kernel "
-                "their prices are measured on (frozen, the bias would switch them to a costlier fused kernel)."
+        if probe.found and torch.backends.cuda.flash_sdp_enabled():
+            logger.warning(
+                "SDPA takes a learned attention bias on the CPU: its fused CPU kernel is switched off for this process "
+                "(torch.backends.cuda.enable_flash_sdp(False)), so that training steps run the kernel their prices "
+                "are measured on (a selection that freezes the bias would otherwise switch them to the fused kernel, "
+                "whose backward costs more). Loading the model with attn_implementation='eager' avoids it."
             )
-            self._runtime.math_attention = True
+            use_math_attention()
         return profile, full
-
-    def _attention_kernel_begins(self, module: nn.Module, args: tuple) -> None:
-        """Forward pre-hook: a training forward runs SDPA on the kernel its price was measured on (module
-        ``engine/attention_kernels.py``)."""
-        context = None
-        if self._runtime.math_attention and module.training and torch.is_grad_enabled():
-            context = math_attention()
-            context.__enter__()
-        self._runtime.kernel_contexts.append(context)
-
-    def _attention_kernel_ends(self, module: nn.Module, args: tuple, output: Any) -> None:
-        context = self._runtime.kernel_contexts.pop() if self._runtime.kernel_contexts else None
-        if context is not None:
-            context.__exit__(None, None, None)
 
     def dense_head_full_flops(self, batch: Mapping[str, Any], loss_fn: LossFn = default_loss) -> float:
         """Full fine-tuning FLOPs of a training step on ``batch`` with the dense LM head: what one would otherwise
@@ -1231,9 +1210,6 @@ class GreenTrainerModel(LoraModel):
         if self._runtime.step_hook is not None:  # the returned model is a plain transformers model again
             self._runtime.step_hook.remove()
             self._runtime.step_hook = None
-            for hook in self._runtime.kernel_hooks:
-                hook.remove()
-            self._runtime.kernel_hooks = []
         if self.units_kind == "lora":
             return super()._unload_and_optionally_merge(
                 merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names

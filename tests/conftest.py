@@ -20,6 +20,15 @@ torch.set_num_threads(1)
 VOCAB = 128
 
 
+@pytest.fixture(autouse=True)
+def _fused_attention_switched_back_on():
+    """A model whose SDPA takes a learned bias on the CPU switches the fused CPU kernel off for the process
+    (``engine/attention_kernels.py``): each test starts with torch's default."""
+    flash = torch.backends.cuda.flash_sdp_enabled()
+    yield
+    torch.backends.cuda.enable_flash_sdp(flash)
+
+
 def tiny_config(arch: str, **overrides):
     """Config of a ~100k-parameter model of the given architecture."""
     configs = {

@@ -469,24 +469,37 @@ def test_a_twin_is_built_in_the_dtype_its_model_computes_in() -> None:
     assert compute_dtype(adapted) == torch.bfloat16
 
 
-def test_a_frozen_learned_attention_bias_keeps_the_profiled_kernel_on_the_cpu() -> None:
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_a_frozen_learned_attention_bias_keeps_the_profiled_kernel_on_the_cpu(checkpointing: bool) -> None:
     """On the CPU SDPA runs its math path while its learned bias (T5's relative position table) requires grad, and
-    its fused kernel, whose backward computes dq, dk and dv together, once a selection freezes it: training forwards
-    keep the math path the profile measured (before, single tensors cost up to 0.2 of full fine-tuning more than
-    priced, and a selection at rho 0.6 measured 0.714)."""
+    its fused kernel, whose backward computes dq, dk and dv together, once a selection freezes it: steps keep the math
+    path the profile measured (before, single tensors cost up to 0.2 of full fine-tuning more than priced, and a
+    selection at rho 0.6 measured 0.714), also in a checkpointed block's recompute, which must run the forward's
+    kernel (a context around forwards alone made it fail torch's recompute check)."""
     import numpy as np
     from peft import get_peft_model
 
     from peft_greentrainer import GreenTrainerConfig
 
     base = tiny_model("t5", dropout_rate=0.0, attn_implementation="sdpa")
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(base, GreenTrainerConfig(rho=0.6, units="tensors"))
     tuner = model.base_model
     ids = torch.randint(3, 64, (2, 64), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids[:, :6].clone()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    tuner.select_units([batch], optimizer)  # (also takes out the input-gradient hook checkpointing installs)
+    assert not torch.backends.cuda.flash_sdp_enabled()  # conftest switches it back on after each test
+    for _ in range(2):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
     costs = tuner.unit_costs(batch)
-    assert tuner._runtime.math_attention
     with tuner.measuring():
+        step = sum(measure_flops(base, batch))
+        full = sum(measure_flops(base, batch, [n for n, _ in base.named_parameters()]))
+        assert step <= 0.6 * full
         for i, unit in enumerate(costs.units):
             mask = np.arange(len(costs.units)) == i
             assert sum(measure_flops(base, batch, unit.param_names)) <= costs.predicted_flops(mask), unit.name

@@ -5,19 +5,18 @@ CPU runs SDPA's math path, whose backward computes only the gradients a step nee
 fused kernel, whose backward computes dq, dk and dv together, 2.5x the forward. The profile trains every tensor, so
 it sees the math path; a selection that freezes the bias would switch every step to the fused kernel, priced at the
 math path's costs (a tiny T5 without dropout measured 0.714 of full fine-tuning at ``rho=0.6``). Where a profile sees
-such a call on the CPU (:class:`LearnedBiasProbe`), training forwards run SDPA on the math path
-(:func:`math_attention`), the kernel their prices were measured on. CUDA runs one kernel either way.
+such a call on the CPU (:class:`LearnedBiasProbe`), SDPA's fused CPU kernel is switched off for the process
+(:func:`use_math_attention`), so that steps run the kernel their prices were measured on. Process-wide, because a
+backward that recomputes a checkpointed block runs outside any forward a context could wrap, and must run the kernel
+its forward ran. CUDA runs one kernel either way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 
@@ -42,8 +41,6 @@ class LearnedBiasProbe(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextmanager
-def math_attention() -> Iterator[None]:
-    """SDPA on its math path for the duration."""
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
+def use_math_attention() -> None:
+    """Switch SDPA's fused kernels off for this process: the CPU's kernel choice reads the same switch as CUDA's."""
+    torch.backends.cuda.enable_flash_sdp(False)
