@@ -224,11 +224,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
             return
         ddp = distributed.find_ddp(model)
         if ddp is None:
-            logger.warning(
-                "GreenTrainer runs on %d processes but found no DistributedDataParallel wrapper around the model: "
-                "make sure gradients are averaged across ranks, or the ranks' weights will drift apart.",
-                ranks.rank_and_world_size()[1],
-            )
+            distributed.warn_no_wrapper()
             return
         if (args.ddp_find_unused_parameters is False or args.ddp_static_graph) and args.process_index == 0:
             logger.warning(

@@ -17,6 +17,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
+from . import ranks
 from .ddp_comm import TrainedGradients, reduce_trained_gradients
 from .engine.units import requires_grad_kept
 
@@ -167,3 +168,12 @@ def send_trained_gradients_only(ddp: nn.parallel.DistributedDataParallel) -> Tra
 def trained_gradients_state(ddp: nn.parallel.DistributedDataParallel) -> TrainedGradients | None:
     """The state of the trained-gradients hook registered on ``ddp`` (what it sent so far), if any."""
     return next((state for hook, state in ddp._comm_hooks if hook is reduce_trained_gradients), None)
+
+
+def warn_no_wrapper() -> None:
+    """Say that a multi-process job trains without a DDP wrapper GreenTrainer could find."""
+    logger.warning(
+        "GreenTrainer runs on %d processes but found no DistributedDataParallel wrapper around the model: make sure "
+        "gradients are averaged across ranks, or the ranks' weights will drift apart.",
+        ranks.rank_and_world_size()[1],
+    )

@@ -53,6 +53,7 @@ from .ddp import (
     registered_parameters,
     send_trained_gradients_only,
     trained_gradients_state,
+    warn_no_wrapper,
 )
 from .engine.units import requires_grad_kept
 from .model import GreenTrainerModel, find_tuner
@@ -75,6 +76,7 @@ __all__ = [  # the rank and DDP helpers live in ranks.py and ddp.py; re-exported
     "registered_parameters",
     "send_trained_gradients_only",
     "trained_gradients_state",
+    "warn_no_wrapper",
     "wrap_ddp",
 ]
 

@@ -1068,11 +1068,7 @@ class GreenTrainerModel(LoraModel):
             return
         wrapper = ddp.find_ddp_around(self)
         if wrapper is None:
-            logger.warning(
-                "GreenTrainer runs on %d processes but found no DistributedDataParallel wrapper around the model: "
-                "make sure gradients are averaged across ranks, or the ranks' weights will drift apart.",
-                ranks.rank_and_world_size()[1],
-            )
+            ddp.warn_no_wrapper()
         elif not ddp.reduces_any_selection(wrapper, self._candidate_parameters()):
             raise RuntimeError(
                 "GreenTrainer selected units before DistributedDataParallel wrapped the model, so DDP registered only "
