@@ -28,7 +28,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from typing import Any
@@ -532,7 +532,10 @@ class GreenTrainerModel(LoraModel):
         """Profile of the model in its current modes, and the reference; flags, weights and RNG stay as they were."""
         if fsdp.is_sharded(self.model):  # shards cannot run a forward outside FSDP's: measured on a twin
             return fsdp.measure_on_twin(self, batch, loss_fn)
-        with self.measuring(), LearnedBiasProbe() as probe:
+        # only where the fused CPU kernel could still be switched off (engine/attention_kernels.py): GPU runs and later
+        # profiles pay no probe
+        watch = torch.backends.cuda.flash_sdp_enabled() and next(self.model.parameters()).device.type == "cpu"
+        with self.measuring(), LearnedBiasProbe() if watch else nullcontext() as probe:
             profile = profile_model(self.model, batch, loss_fn)
             # rho refers to full fine-tuning of the base model (so both unit kinds spend the same budget): measured
             # with the adapters off, and for a quantized base on its float twin, as int8/4-bit weights cannot train
@@ -548,7 +551,7 @@ class GreenTrainerModel(LoraModel):
             elif self.units_kind == "lora":
                 with _adapters_off(self):
                     full = profile_model(self.model, batch, loss_fn).full_flops
-        if probe.found and torch.backends.cuda.flash_sdp_enabled():
+        if probe is not None and probe.found:
             logger.warning(
                 "SDPA takes a learned attention bias on the CPU: its fused CPU kernel is switched off for this process "
                 "(torch.backends.cuda.enable_flash_sdp(False)), so that training steps run the kernel their prices "
