@@ -36,7 +36,6 @@ cost profile, the importance and per-tensor freezing would miss what they measur
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -58,8 +57,6 @@ from .ddp import (
 from .engine.units import requires_grad_kept
 from .model import GreenTrainerModel, find_tuner
 from .ranks import gradients_averaged_across_ranks, importance_shard, is_distributed, rank_and_world_size
-
-logger = logging.getLogger(__name__)
 
 __all__ = [  # the rank and DDP helpers live in ranks.py and ddp.py; re-exported here for plain loops
     "candidate_parameters",
