@@ -99,3 +99,22 @@ def test_a_saved_adapter_of_trained_tensors_is_copied_to_the_cpu(tmp_path):
     state = get_peft_model_state_dict(model)
     assert state and all(v.device.type == "cpu" for v in state.values())
     model.save_pretrained(tmp_path)
+
+
+def test_a_selection_made_in_float32_holds_at_steps_under_bf16_autocast():
+    """CUDA picks SDPA's kernel by dtype (math for grouped-query heads in float32, flash in bf16, whose backward costs
+    differ): a plain loop that selects outside autocast and steps under it is checked again at the step's kernels
+    (emulated on the CPU in ``test_flops.py``; here the real dispatch)."""
+    base = _cuda_model("llama")
+    model = get_peft_model(base, GreenTrainerConfig(rho=0.5, units="tensors", sparse_lm_head=False))
+    tuner = model.base_model
+    batch = _cuda_batch(base, batch_size=2, seq_len=128)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    tuner.select_units([batch], optimizer)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(**batch).loss.backward()
+        optimizer.zero_grad()
+        with tuner.measuring():
+            step = sum(measure_flops(base, batch))
+            full = sum(measure_flops(base, batch, [n for n, _ in base.named_parameters()]))
+    assert step <= 0.5 * full
