@@ -28,36 +28,30 @@ def find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
     """The ``DistributedDataParallel`` wrapping ``model`` (``ddp.module is model``), if any.
 
     ``transformers.Trainer`` hands callbacks the unwrapped model; the wrapper holds it in its ``_modules``, so it is
-    found a few referrer hops away from the model.
+    found a few referrer hops away from the model (:func:`_holders`).
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model
-    seen = {id(model)}
-    frontier: list[Any] = [model]
-    for _ in range(3):  # model <- DDP._modules <- DDP.__dict__ <- DDP
-        referrers = [r for r in gc.get_referrers(*frontier) if id(r) not in seen and r is not frontier]
-        for referrer in referrers:
-            if isinstance(referrer, nn.parallel.DistributedDataParallel) and referrer.module is model:
-                return referrer
-        frontier = [r for r in referrers if isinstance(r, dict)]
-        seen.update(id(r) for r in referrers)
-        if not frontier:
-            break
-    return None
+    return _first_ddp(_holders(model))
 
 
 def find_ddp_around(tuner: nn.Module) -> nn.parallel.DistributedDataParallel | None:
     """The ``DistributedDataParallel`` wrapping ``tuner`` or the ``PeftModel`` that holds it (``accelerator.prepare``
     and :func:`wrap_ddp` wrap the ``PeftModel``; the tuner is its ``base_model``), if any."""
-    for module in (tuner, *_holders(tuner)):
-        ddp = find_ddp(module)
-        if ddp is not None:
-            return ddp
-    return None
+    holders = _holders(tuner)
+    wrapper = _first_ddp(holders)
+    if wrapper is None:  # (map is lazy: the walk stops at the first wrapper found)
+        wrapper = next((ddp for ddp in map(find_ddp, holders) if ddp is not None), None)
+    return wrapper
+
+
+def _first_ddp(modules: list[nn.Module]) -> nn.parallel.DistributedDataParallel | None:
+    return next((m for m in modules if isinstance(m, nn.parallel.DistributedDataParallel)), None)
 
 
 def _holders(module: nn.Module) -> list[nn.Module]:
-    """The modules that hold ``module`` as a child, found as :func:`find_ddp` finds a wrapper."""
+    """The modules that hold ``module`` as a child: each walk of the referrers scans every object, so it stops at the
+    hop where they are."""
     seen = {id(module)}
     frontier: list[Any] = [module]
     for _ in range(3):  # module <- holder._modules <- holder.__dict__ <- holder
