@@ -30,9 +30,9 @@ from __future__ import annotations
 import functools
 import logging
 
-import torch
 from torch import nn
 
+from .engine.checkpointing import non_reentrant_checkpoint
 from .engine.module_tree import ModuleTree
 
 logger = logging.getLogger(__name__)
@@ -83,18 +83,19 @@ def forces_bias_grad(module: nn.Module) -> bool:
 
 
 def make_checkpointing_non_reentrant(model: nn.Module, tree: ModuleTree | None = None) -> int:
-    """Switch transformers' checkpointed layers to ``use_reentrant=False``; return how many were switched."""
+    """Switch transformers' checkpointed layers to ``use_reentrant=False`` (and TRL's unapplied ``selective`` flag to
+    its policy: :func:`~peft_greentrainer.engine.checkpointing.non_reentrant_checkpoint`); return how many layers
+    were reentrant."""
     switched = 0
     for _, module in (tree or ModuleTree(model)).checkpointing_layers:
         if not module.gradient_checkpointing:
             continue
         function = getattr(module, "_gradient_checkpointing_func", None)
-        keywords = dict(getattr(function, "keywords", {}) or {})
-        if isinstance(function, functools.partial) and keywords.get("use_reentrant") is False:
-            continue
-        keywords["use_reentrant"] = False
-        module._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, **keywords)
-        switched += 1
+        keywords = getattr(function, "keywords", None) or {}
+        reentrant = not isinstance(function, functools.partial) or keywords.get("use_reentrant") is not False
+        if reentrant or "selective" in keywords:
+            module._gradient_checkpointing_func = non_reentrant_checkpoint(module)
+            switched += reentrant
     return switched
 
 

@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ranks
+from .engine.checkpointing import non_reentrant_checkpoint
 from .engine.importance import NO_LOSS, clip_coefficient, optimizer_update, squared_norm, unwrap_optimizer
 from .engine.profile import LossFn
 from .engine.rng import fork_rng
@@ -255,20 +256,18 @@ def _check_checkpointed_blocks(model: nn.Module, twin: nn.Module) -> None:
 
 def _mirror_modes(model: nn.Module, twin: nn.Module) -> None:
     """Give ``twin`` the train/eval modes and the checkpointed blocks of the sharded ``model``, by canonical name."""
-    import functools
-
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     _check_checkpointed_blocks(model, twin)
     checkpointed = _checkpointed(model)
-    modes = {canonical_name(name): module.training for name, module in model.named_modules()}
+    originals = {canonical_name(name): module for name, module in model.named_modules()}
     for name, module in twin.named_modules():
-        module.training = modes.get(name, module.training)
+        original = originals.get(name)
+        module.training = module.training if original is None else original.training
         if isinstance(module, GradientCheckpointingLayer):
             module.gradient_checkpointing = name in checkpointed
-            module._gradient_checkpointing_func = functools.partial(
-                torch.utils.checkpoint.checkpoint, use_reentrant=False
-            )
+            # as the model's layer checkpoints (a selective policy included), or plainly where FSDP's config wraps it
+            module._gradient_checkpointing_func = non_reentrant_checkpoint(original if original is not None else module)
 
 
 # ------------------------------------------------------------------------------------------------ importance

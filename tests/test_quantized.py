@@ -237,6 +237,29 @@ def test_rho_reference_of_a_quantized_base_is_full_fine_tuning_of_its_float_mode
     assert reference == sum(measure_flops(float_model, batch, [n for n, _ in float_model.named_parameters()]))
 
 
+def test_a_quantized_base_saving_attention_in_its_checkpoints_is_priced_so(checkpoint):
+    """The float twin that prices the reference checkpoints as the model's layers do: recomputing in full where the
+    model saves attention (TRL's ``selective``), it priced full fine-tuning 2.6% above what it costs with that policy,
+    a budget that much too large."""
+    from peft_greentrainer.engine.checkpointing import non_reentrant_checkpoint
+
+    batch = _batch(length=64)
+    selective = {"selective": True}  # TRL's flag, made into its policy by GreenTrainer
+    quantized = _quantized(checkpoint, "int8", prepare=False)
+    quantized.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(selective))
+    config = GreenTrainerConfig(rho=0.6, units="lora", target_modules=TARGETS)
+    model = get_peft_model(quantized, config).train()
+    selection = model.base_model.select_units([batch], torch.optim.SGD([p for p in model.parameters()], lr=0.0))
+    float_model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    float_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(selective))
+    float_model.train()
+    for layer in float_model.model.layers:  # as GreenTrainer makes the flag the policy it asks for
+        layer._gradient_checkpointing_func = non_reentrant_checkpoint(layer)
+    full = sum(measure_flops(float_model, batch, [n for n, _ in float_model.named_parameters()]))
+    assert selection.full_flops <= full
+    assert sum(measure_flops(model.base_model.model, batch)) <= 0.6 * full
+
+
 def test_rho_reference_of_a_quantized_mixture_of_experts_is_full_fine_tuning_of_its_float_model(tmp_path):
     """transformers 5 runs stacked experts as one grouped matmul, whose meta kernel takes bf16 only: the float twin
     that prices the reference must still run (and count the experts as the float model does)."""

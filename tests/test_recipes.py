@@ -406,6 +406,47 @@ def test_trl_sft_trainer(checkpoint, packing, units, rho, tmp_path):
     _assert_logged_ratios(trainer, rho=rho)
 
 
+@pytest.mark.slow
+def test_trl_selective_checkpointing_is_applied_and_priced(checkpoint, tmp_path):
+    """TRL applies ``gradient_checkpointing_kwargs={"selective": True}`` through ``gradient_checkpointing_enable``,
+    which transformers 5's Trainer no longer calls: the flag reached the layers unapplied (every layer recomputed in
+    full). GreenTrainer makes it the policy TRL asks for, attention saved, and prices it."""
+    import trl
+
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        bf16=False,
+        learning_rate=LR["lora"],
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        logging_steps=1,
+        max_length=64,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        gradient_checkpointing_kwargs={"selective": True},
+    )
+    torch.manual_seed(0)
+    trainer = _audited(trl.SFTTrainer)(
+        model=transformers.AutoModelForCausalLM.from_pretrained(checkpoint),
+        args=args,
+        train_dataset=_prompt_completion(),
+        processing_class=_tokenizer(checkpoint),
+        peft_config=_config("lora"),
+        callbacks=[GreenTrainerCallback()],
+    )
+    trainer._audit_init(RHO)
+    trainer.train()
+    layers = trainer.model.base_model.model.model.layers
+    keywords = [layer._gradient_checkpointing_func.keywords for layer in layers]
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert all("selective" not in k and k["use_reentrant"] is False and "context_fn" in k for k in keywords)
+    trainer.check_budget()
+    _assert_loss_falls(trainer)
+
+
 def _preferences(n: int = 16) -> datasets.Dataset:
     """The prompt/completion pairs, the completion chosen over three random words."""
     rng = random.Random(1)
