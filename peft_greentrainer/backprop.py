@@ -30,9 +30,10 @@ from __future__ import annotations
 import functools
 import logging
 
+import torch
 from torch import nn
 
-from .engine.checkpointing import non_reentrant_checkpoint
+from .engine.checkpointing import non_reentrant_keywords
 from .engine.module_tree import ModuleTree
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def forces_bias_grad(module: nn.Module) -> bool:
 
 def make_checkpointing_non_reentrant(model: nn.Module, tree: ModuleTree | None = None) -> int:
     """Switch transformers' checkpointed layers to ``use_reentrant=False`` (and TRL's unapplied ``selective`` flag to
-    its policy: :func:`~peft_greentrainer.engine.checkpointing.non_reentrant_checkpoint`); return how many layers
+    its policy: :func:`~peft_greentrainer.engine.checkpointing.non_reentrant_keywords`); return how many layers
     were reentrant."""
     switched = 0
     for _, module in (tree or ModuleTree(model)).checkpointing_layers:
@@ -94,7 +95,9 @@ def make_checkpointing_non_reentrant(model: nn.Module, tree: ModuleTree | None =
         keywords = getattr(function, "keywords", None) or {}
         reentrant = not isinstance(function, functools.partial) or keywords.get("use_reentrant") is not False
         if reentrant or "selective" in keywords:
-            module._gradient_checkpointing_func = non_reentrant_checkpoint(module)
+            # through the layer's own function: transformers' activation offloading wraps torch's checkpoint in one
+            through = function.func if isinstance(function, functools.partial) else torch.utils.checkpoint.checkpoint
+            module._gradient_checkpointing_func = functools.partial(through, **non_reentrant_keywords(module))
             switched += reentrant
     return switched
 

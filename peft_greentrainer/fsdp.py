@@ -34,6 +34,7 @@ unit (also those trained earlier and frozen now) and an optimizer state for ever
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import weakref
@@ -47,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ranks
-from .engine.checkpointing import non_reentrant_checkpoint
+from .engine.checkpointing import non_reentrant_keywords
 from .engine.importance import NO_LOSS, clip_coefficient, optimizer_update, squared_norm, unwrap_optimizer
 from .engine.profile import LossFn
 from .engine.rng import fork_rng
@@ -267,7 +268,8 @@ def _mirror_modes(model: nn.Module, twin: nn.Module) -> None:
         if isinstance(module, GradientCheckpointingLayer):
             module.gradient_checkpointing = name in checkpointed
             # as the model's layer checkpoints (a selective policy included), or plainly where FSDP's config wraps it
-            module._gradient_checkpointing_func = non_reentrant_checkpoint(original if original is not None else module)
+            keywords = non_reentrant_keywords(original if original is not None else module)
+            module._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, **keywords)
 
 
 # ------------------------------------------------------------------------------------------------ importance

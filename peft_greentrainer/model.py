@@ -43,7 +43,7 @@ from . import ddp, fsdp, ranks
 from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
 from .config import GreenTrainerConfig
 from .engine.attention_kernels import LearnedBiasProbe, use_math_attention
-from .engine.checkpointing import non_reentrant_checkpoint
+from .engine.checkpointing import non_reentrant_keywords
 from .engine.costs import UnitCosts, select_at_every_shape
 from .engine.importance import base_learning_rates, compute_importance, plain_gradient_step, unwrap_optimizer
 from .engine.module_tree import ModuleTree
@@ -1385,7 +1385,9 @@ def _mirror_modes(model: nn.Module, twin: nn.Module) -> None:
         other.training = module.training
         if isinstance(other, GradientCheckpointingLayer):
             other.gradient_checkpointing = bool(getattr(module, "gradient_checkpointing", False))
-            other._gradient_checkpointing_func = non_reentrant_checkpoint(module)
+            other._gradient_checkpointing_func = functools.partial(
+                torch.utils.checkpoint.checkpoint, **non_reentrant_keywords(module)
+            )
 
 
 def find_tuner(model: torch.nn.Module) -> GreenTrainerModel:

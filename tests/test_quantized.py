@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -177,6 +178,28 @@ def test_gradient_checkpointing_keeps_loss_trajectory_and_savings(reentrant):
     assert backward < 0.8 * full_plain
 
 
+def test_switching_to_non_reentrant_checkpointing_keeps_activation_offloading():
+    """transformers' ``offload=True`` wraps torch's checkpoint in a function that keeps the saved activations on the
+    host; making a reentrant layer non-reentrant kept the keywords and dropped that function (and the memory it
+    saves)."""
+
+    def offloading(function, *args, **kwargs):  # as transformers' (whose pinned memory needs an accelerator)
+        with torch.autograd.graph.save_on_cpu(pin_memory=False):
+            return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+
+    base = tiny_model("llama", seed=3)
+    base.activation_checkpointing_enable({"use_reentrant": True})
+    for layer in base.model.layers:
+        layer._gradient_checkpointing_func = functools.partial(offloading, use_reentrant=True)
+    model = get_peft_model(base, GreenTrainerConfig(units="tensors", rho=0.5)).train()
+    batch = tiny_batch(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.select_units([batch], optimizer)
+    model(**batch).loss.backward()
+    functions = [layer._gradient_checkpointing_func for layer in base.model.layers]
+    assert all(f.func is offloading and f.keywords == {"use_reentrant": False} for f in functions)
+
+
 def test_bf16_model_importance_is_finite_and_trains():
     model = get_peft_model(tiny_model("llama").to(torch.bfloat16), GreenTrainerConfig(units="tensors", rho=0.5))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -241,7 +264,8 @@ def test_a_quantized_base_saving_attention_in_its_checkpoints_is_priced_so(check
     """The float twin that prices the reference checkpoints as the model's layers do: recomputing in full where the
     model saves attention (TRL's ``selective``), it priced full fine-tuning 2.6% above what it costs with that policy,
     a budget that much too large."""
-    from peft_greentrainer.engine.checkpointing import non_reentrant_checkpoint
+
+    from peft_greentrainer.engine.checkpointing import non_reentrant_keywords
 
     batch = _batch(length=64)
     selective = {"selective": True}  # TRL's flag, made into its policy by GreenTrainer
@@ -254,7 +278,8 @@ def test_a_quantized_base_saving_attention_in_its_checkpoints_is_priced_so(check
     float_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(selective))
     float_model.train()
     for layer in float_model.model.layers:  # as GreenTrainer makes the flag the policy it asks for
-        layer._gradient_checkpointing_func = non_reentrant_checkpoint(layer)
+        keywords = non_reentrant_keywords(layer)
+        layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, **keywords)
     full = sum(measure_flops(float_model, batch, [n for n, _ in float_model.named_parameters()]))
     assert selection.full_flops <= full
     assert sum(measure_flops(model.base_model.model, batch)) <= 0.6 * full

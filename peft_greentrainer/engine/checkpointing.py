@@ -147,22 +147,22 @@ def checkpoints_selectively(module: nn.Module) -> bool:
     return _checkpoint_keywords(module).get("context_fn", noop) is not noop
 
 
-def non_reentrant_checkpoint(module: nn.Module) -> functools.partial:
-    """``torch.utils.checkpoint`` with the keywords ``module``'s checkpointed layer was given, made non-reentrant, with
+def non_reentrant_keywords(module: nn.Module) -> dict[str, Any]:
+    """The ``torch.utils.checkpoint`` keywords ``module``'s checkpointed layer was given, made non-reentrant, with
     TRL's ``selective`` flag turned into the policy it asks for.
 
     TRL's SFTTrainer asks for selective activation checkpointing with ``gradient_checkpointing_kwargs={"selective":
     True}`` and applies it by wrapping ``gradient_checkpointing_enable``, which transformers 5's Trainer no longer
     calls (it calls ``activation_checkpointing_enable``): the flag reaches the layers' keywords unapplied, and
     non-reentrant checkpointing hands it on to the layer's forward, which ignores it, so every layer recomputed in
-    full. A twin priced in a model's place is given its layers' checkpoints through this too: a twin that recomputed
-    in full where the model saves attention would price full fine-tuning above what it costs (2.6% on a tiny 8-bit
-    Llama, a budget that much too large)."""
+    full. A twin priced in a model's place is given its layers' keywords too: a twin that recomputed in full where
+    the model saves attention would price full fine-tuning above what it costs (2.6% on a tiny 8-bit Llama, a budget
+    that much too large)."""
     keywords = dict(_checkpoint_keywords(module))
     keywords["use_reentrant"] = False
     if keywords.pop("selective", False) and "context_fn" not in keywords:
         keywords["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _keep_attention)
-    return functools.partial(torch.utils.checkpoint.checkpoint, **keywords)
+    return keywords
 
 
 def _keep_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
