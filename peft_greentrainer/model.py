@@ -342,8 +342,10 @@ class GreenTrainerModel(LoraModel):
         """Attach the sparse LM head (``config.sparse_lm_head``) to the base model itself, so that everything that
         runs it (the Trainer's forward, the cost profile, importance, FLOP measurements) runs the same head."""
         super()._post_injection_hook(model, config, adapter_name)
-        if config.sparse_lm_head:
-            enable_sparse_lm_head(model)
+        if config.sparse_lm_head and attached_sparse_lm_head(model) is None:
+            head = enable_sparse_lm_head(model)
+            if head is not None:
+                head.attached_by_tuner = True
 
     @staticmethod
     def _tensor_candidates(model: nn.Module, config) -> list[str]:
@@ -485,8 +487,13 @@ class GreenTrainerModel(LoraModel):
         if self.units_kind != "lora" or len(self.active_adapters) != 1:
             return
         state = self.state_of(self.active_adapters[0])
-        if state.history:
+        if state.history or state.selected:
             self._apply_selection(state.selected)
+        else:
+            # never selected: it trains every tensor, as PEFT activated it; its steps are told so, and report no ratio
+            self._runtime.selection_applied = False
+            self._runtime.step_ratios = []
+            self._runtime.warned_without_selection = False
 
     def delete_adapter(self, adapter_name: str) -> None:
         if self.units_kind == "tensors":
@@ -499,6 +506,7 @@ class GreenTrainerModel(LoraModel):
         self._candidates.pop(adapter_name, None)
         self._runtime.states.pop(adapter_name, None)
         self._drop_cached_profiles()
+        self._reapply_selection()  # deleting the active adapter activates another, every tensor of it trainable
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -978,6 +986,13 @@ class GreenTrainerModel(LoraModel):
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         names = [n for u in self.candidate_units() for n in u.param_names]
         missing = [n for n in names if id(self.model.get_parameter(n)) not in held]
+        adapter = self._selecting_adapter()
+        if missing and getattr(self.peft_config[adapter], "inference_mode", False):
+            raise ValueError(
+                f"Adapter {adapter!r} was loaded for inference (PeftModel.from_pretrained's default, "
+                "is_trainable=False), so none of its tensors can train. Load it with PeftModel.from_pretrained(base, "
+                "path, is_trainable=True) to train it further."
+            )
         if missing:
             raise ValueError(
                 f"The optimizer does not hold {len(missing)} candidate tensor(s) (e.g. {missing[0]}), so selecting "
@@ -1207,22 +1222,23 @@ class GreenTrainerModel(LoraModel):
                 self._reapply_selection()
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
-        if self._runtime.step_hook is not None:  # the returned model is a plain transformers model again
-            self._runtime.step_hook.remove()
-            self._runtime.step_hook = None
-        if self.units_kind == "lora":
-            return super()._unload_and_optionally_merge(
-                merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-            )
-        if not merge:
+        if self.units_kind == "tensors" and not merge:
             raise RuntimeError(
                 "unload() must return the original base model, but units='tensors' trained it in place. Use "
                 "merge_and_unload() to get the trained transformers model, or load a fresh base model."
             )
-        # the base weights are already the trained ones; PEFT's own pass unwraps its modules_to_save copies (a
-        # SEQ_CLS head) into plain modules holding the trained values
+        # the returned model is a plain transformers model again: no budget check, and no sparse head this tuner put
+        # on (training-mode logits would be the labelled rows only); one attached before get_peft_model stays
+        if self._runtime.step_hook is not None:
+            self._runtime.step_hook.remove()
+            self._runtime.step_hook = None
+        head = attached_sparse_lm_head(self.model)
+        if head is not None and head.attached_by_tuner:
+            head.remove()
+        # units="tensors": the base weights are already the trained ones; PEFT's own pass unwraps its
+        # modules_to_save copies (a SEQ_CLS head) into plain modules holding the trained values
         return super()._unload_and_optionally_merge(
-            merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
 
     @classmethod

@@ -192,6 +192,7 @@ class SparseLMHead:
     def __init__(self, lm: nn.Module):
         self.lm = lm
         self.enabled = True
+        self.attached_by_tuner = False  # GreenTrainer's tuner attached it (config.sparse_lm_head): unloading removes it
         self._last_kept: torch.Tensor | None = None  # the last training forward's positions mask
         self._pending: list[_Targets | None] = []
         self._handles = [

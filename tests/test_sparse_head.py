@@ -242,7 +242,7 @@ def test_config_validates_the_option():
 def test_more_labels_at_a_shape_already_priced_keep_the_budget(attached):
     """The head's cost grows with the labelled positions: a step at a known shape but with more labels than any row
     priced there is priced before it runs (and re-selected if over budget), never charged the cheaper cost. Also on
-    a base that carries the head already (``merge_and_unload()`` leaves it): its hook, which moves the labels into
+    a base that carries the head already (attached before ``get_peft_model``): its hook, which moves the labels into
     ``logits_to_keep``, then ran before the budget check, which priced steps by shape alone."""
     rho = 0.7
     base = tiny_model("llama")

@@ -417,6 +417,35 @@ def test_merge_and_unload_returns_plain_model_with_same_logits(arch, units):
         assert not torch.equal(expected, tiny_model(arch).eval()(**batch).logits)  # the adapters did change it
 
 
+@pytest.mark.parametrize("unload", ["merge_and_unload", "unload"])
+def test_unloading_takes_off_the_sparse_head_the_tuner_put_on(unload):
+    """The model given back is a plain transformers model: its training-mode logits cover every position, as LoRA's
+    unloaded model's do, not only the labelled ones. A head the user attached before get_peft_model stays."""
+    from peft_greentrainer import enable_sparse_lm_head
+    from peft_greentrainer.sparse_head import attached_sparse_lm_head
+
+    model = _peft_model("llama", "lora")
+    batch = _train_a_little(model, "llama")
+    base = getattr(model, unload)().train()
+    assert attached_sparse_lm_head(base) is None
+    assert base(**batch).logits.shape == (*batch["input_ids"].shape, VOCAB)
+    own = tiny_model("llama")
+    enable_sparse_lm_head(own)
+    model = get_peft_model(own, _config("llama", "lora"))
+    _train_a_little(model, "llama")
+    assert attached_sparse_lm_head(getattr(model, unload)()) is not None
+
+
+def test_training_an_adapter_loaded_for_inference_says_to_load_it_trainable(tmp_path):
+    model = _peft_model("llama", "lora")
+    _train_a_little(model, "llama")
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)  # is_trainable=False, PEFT's default
+    optimizer = torch.optim.AdamW([p for p in loaded.parameters() if p.requires_grad] or [torch.zeros(1)])
+    with pytest.raises(ValueError, match="is_trainable=True"):
+        loaded.base_model.select_units([_batch("llama")], optimizer)
+
+
 def test_tensor_units_cannot_disable_or_unload():
     model = _peft_model("llama", "tensors")
     batch = _train_a_little(model, "llama")
