@@ -299,16 +299,18 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
 
 
 def _training_autocast(args: TrainingArguments) -> contextlib.AbstractContextManager:
-    """The bf16 autocast a ``Trainer(bf16=True)`` trains under, for the selection's forward and backward passes.
+    """The autocast a ``Trainer(bf16=True)`` or ``Trainer(fp16=True)`` trains under, for the selection's forward and
+    backward passes.
 
     accelerate enters it around the wrapped model's forward only, and the selection calls the tuner's model directly:
     without it, importance would run in float32, on a GPU slower than a training step and with about twice its
-    activation memory. fp16 stays in float32: its gradients would need the Trainer's loss scaling, which callbacks
-    are not given.
+    activation memory, and the selection would be priced at float32's kernels and made again at the first step. Under
+    float16 the importance scales its loss as the Trainer's steps are scaled (``engine/importance.py``).
     """
-    if not getattr(args, "bf16", False):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=args.device.type, dtype=torch.bfloat16)  # the device accelerate autocasts
+    for flag, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if getattr(args, flag, False):
+            return torch.autocast(device_type=args.device.type, dtype=dtype)  # the device accelerate autocasts
+    return contextlib.nullcontext()
 
 
 def _takes_loss_kwargs(tuner: GreenTrainerModel) -> bool:

@@ -693,6 +693,33 @@ def test_half_precision_model_is_finite(dtype: torch.dtype) -> None:
         assert result.dtype == np.float64 and np.isfinite(result).all() and (result != 0).any()
 
 
+def test_under_float16_autocast_the_loss_is_scaled_as_a_training_step_scales_it() -> None:
+    """float16 activations flush small gradients to zero: unscaled, 8 of 30 units of a tiny Llama got importance 0 at
+    a loss of small gradients (a mean over many tokens makes them so) and the rest were 10% off float32's. The loss
+    is scaled as GradScaler scales a step's, halved while any gradient overflows."""
+    model = tiny_llama(seed=1).train()
+    units = tensor_units(model)
+    batches = make_batches(1)
+
+    def small(m, batch):
+        return m(**batch).loss * 1e-4
+
+    exact = compute_importance(model, units, batches, lr=1e-3, loss_fn=small)
+    with torch.autocast("cpu", dtype=torch.float16):
+        half = compute_importance(model, units, batches, lr=1e-3, loss_fn=small)
+    assert (half != 0).all()
+    np.testing.assert_allclose(half, exact, rtol=0, atol=1e-2 * np.abs(exact).max())
+
+    def huge(m, batch):  # the first scale overflows float16: halved until it does not
+        return m(**batch).loss * 1e3
+
+    exact = compute_importance(model, units, batches, lr=1e-3, loss_fn=huge)
+    with torch.autocast("cpu", dtype=torch.float16):
+        half = compute_importance(model, units, batches, lr=1e-3, loss_fn=huge)
+    assert np.isfinite(half).all()
+    np.testing.assert_allclose(half, exact, rtol=0, atol=1e-2 * np.abs(exact).max())
+
+
 def test_errors_and_unknown_optimizer(caplog: pytest.LogCaptureFixture) -> None:
     model = tiny_llama()
     units = tensor_units(model)

@@ -175,10 +175,11 @@ def test_trainer_trains_within_budget(arch, units, tmp_path):
     assert all(0 < entry["greentrainer/flops_ratio"] <= rho for entry in trainer.state.log_history if "loss" in entry)
 
 
-@pytest.mark.parametrize("units", UNIT_KINDS)
-def test_selection_runs_under_the_bf16_autocast_the_trainer_trains_under(units, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("units", "precision"), [("tensors", "bf16"), ("lora", "bf16"), ("lora", "fp16")])
+def test_selection_runs_under_the_autocast_the_trainer_trains_under(units, precision, tmp_path, monkeypatch):
     """accelerate enters autocast around the wrapped model's forward only; the selection, which calls the tuner's model
-    directly, ran its importance in float32 (on a GPU slower than a step, with twice its activation memory)."""
+    directly, ran its importance in float32 (on a GPU slower than a step, with twice its activation memory). Under
+    fp16 too, its loss scaled as the steps' are (``test_importance.py``)."""
     import peft_greentrainer.model as tuner_module
 
     seen = []
@@ -191,8 +192,9 @@ def test_selection_runs_under_the_bf16_autocast_the_trainer_trains_under(units, 
     monkeypatch.setattr(tuner_module, "compute_importance", recording)
     rho = 0.5
     model = _peft_model("llama", units, rho=rho)
-    _trainer(model, tmp_path, [GreenTrainerCallback()], "llama", bf16=True).train()
-    assert seen == [torch.bfloat16, torch.bfloat16]  # one selection per epoch
+    _trainer(model, tmp_path, [GreenTrainerCallback()], "llama", **{precision: True}).train()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert seen == [dtype, dtype]  # one selection per epoch
     log = model.base_model.greentrainer_state.history
     assert len(log) == 2 and all(record.predicted_ratio <= rho for record in log)
     seen.clear()

@@ -644,6 +644,35 @@ REENTRANT_CHECKPOINTING = (
 )
 
 
+# GradScaler's first scale: gradients of a loss scaled by it survive float16 activations; halved until none overflows
+_INITIAL_LOSS_SCALE = 2.0**16
+
+
+def _half_precision_autocast(device: torch.device) -> bool:
+    """Whether float16 autocast is on for ``device``: its activations' gradients underflow without loss scaling."""
+    return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
+
+
+def _gradients(
+    loss: torch.Tensor, tensors: list[torch.Tensor], scaled: bool
+) -> tuple[tuple[torch.Tensor | None, ...], float]:
+    """d loss / d tensors, and the scale they carry (divide by it).
+
+    ``scaled`` (float16 autocast): the loss is scaled as ``torch.amp.GradScaler`` scales a training step's, so that
+    small activation gradients do not flush to zero in float16 (importance would then be that of too few units), and
+    the scale halved until no gradient overflows: the Trainer's ``fp16=True`` steps are scaled so, and its callbacks
+    are not given its scaler."""
+    if not scaled:
+        return torch.autograd.grad(loss, tensors, allow_unused=True), 1.0
+    scale = _INITIAL_LOSS_SCALE
+    while True:
+        grads = torch.autograd.grad(loss * scale, tensors, allow_unused=True, retain_graph=scale > 1.0)
+        present = [g for g in grads if g is not None]
+        if scale <= 1.0 or not present or bool(torch.stack([g.isfinite().all() for g in present]).all()):
+            return grads, scale
+        scale /= 2
+
+
 def _average_gradients(
     model: nn.Module, tensors: list[torch.Tensor], batches: Iterable[Mapping[str, Any]], loss_fn: LossFn
 ) -> list[torch.Tensor]:
@@ -672,14 +701,14 @@ def _average_gradients(
                 if not loss.requires_grad:  # no candidate tensor influences this loss
                     continue
                 try:
-                    batch_grads = torch.autograd.grad(loss.reshape(()), tensors, allow_unused=True)
+                    batch_grads, scale = _gradients(loss.reshape(()), tensors, _half_precision_autocast(device))
                 except RuntimeError as error:
                     if "checkpoint" in str(error).lower() and ".grad()" in str(error):  # its wording varies
                         raise RuntimeError(REENTRANT_CHECKPOINTING) from error
                     raise
                 for acc, grad in zip(sums, batch_grads, strict=True):
                     if grad is not None:
-                        acc.add_(grad.detach().to(acc.dtype))
+                        acc.add_(grad.detach().to(acc.dtype), alpha=1.0 / scale)
                 del loss, batch_grads
     if count == 0:
         raise ValueError("batches is empty: at least one batch is needed to estimate gradients")
