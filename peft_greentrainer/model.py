@@ -490,9 +490,8 @@ class GreenTrainerModel(LoraModel):
         if state.history or state.selected:
             self._apply_selection(state.selected)
         else:
-            # never selected: it trains every tensor, as PEFT activated it; its steps are told so, and report no ratio
+            # never selected: it trains every tensor, as PEFT activated it; its steps are told so, and priced at none
             self._runtime.selection_applied = False
-            self._runtime.step_ratios = []
             self._runtime.warned_without_selection = False
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -864,8 +863,14 @@ class GreenTrainerModel(LoraModel):
         ``torch.no_grad()`` (on one rank only, where checking it would wait for the others), so the user is told
         once instead (:meth:`_warn_once_in_eval_mode_with_gradients`).
         """
-        if self._runtime.busy or not torch.is_grad_enabled():
-            return  # profiling, importance, evaluation or generation: no training step
+        if not torch.is_grad_enabled():
+            return  # evaluation or generation: no training step
+        if self._runtime.busy:
+            # profiling or importance, no training step; a loss being probed may have made checkpointing reentrant
+            # again (TRL's DPO and KTO leave it as their args say after each reference forward), and a reentrant
+            # block whose inputs need no gradient gives its parameters none: every unit in it would rank 0
+            keep_backprop_shallow(self.model, quiet=True, tree=self._module_tree())
+            return
         if not module.training:
             self._warn_once_in_eval_mode_with_gradients()
             return

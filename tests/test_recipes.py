@@ -91,8 +91,8 @@ class BudgetAudit:
 
     The inputs are taken as the model's forward received them (a forward pre-hook; the first forward of the step is
     the step's: GreenTrainer's profiling forwards for a new shape run inside its pre-hook, after this one). Each
-    distinct (shapes, flags, checkpointing) is measured once, after the step, so GreenTrainer already knows the shape
-    and profiles nothing during the count.
+    distinct (shapes, labelled positions, flags, checkpointing) is measured once, after the step, so GreenTrainer
+    already knows the shape and profiles nothing during the count.
     """
 
     def _audit_init(self, rho: float) -> None:
@@ -120,7 +120,10 @@ class BudgetAudit:
         trainable = frozenset(n for n, p in base.named_parameters() if p.requires_grad)
         checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
         shapes = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items() if isinstance(v, torch.Tensor)))
-        key = (shapes, trainable, checkpointed)
+        labels = batch.get("labels")
+        # the sparse LM head's cost follows the labelled positions: each count is measured too
+        labelled = int((labels != -100).sum()) if isinstance(labels, torch.Tensor) else None
+        key = (shapes, labelled, trainable, checkpointed)
         if key in self.audit:
             return
         assert trainable, "a training step ran with nothing trainable"
@@ -484,9 +487,12 @@ def test_a_compute_loss_func_reaches_the_selection_through_the_trainers_compute_
 
 
 @pytest.mark.slow
-def test_trl_dpo_trainer_with_lora_units_and_its_default_checkpointing(checkpoint, tmp_path):
+@pytest.mark.parametrize("reentrant", [False, True], ids=["default", "reentrant"])
+def test_trl_dpo_trainer_with_lora_units_and_its_default_checkpointing(checkpoint, reentrant, tmp_path, caplog):
     """DPOTrainer on a GreenTrainer-LoRA PeftModel runs its reference adapter inside the loss the units are ranked
-    on, with gradient checkpointing on (DPOConfig's default); before: a CheckpointError at the first selection."""
+    on, with gradient checkpointing on (DPOConfig's default); before: a CheckpointError at the first selection. With
+    ``use_reentrant=True``, TRL makes checkpointing reentrant again after each reference forward: every unit ranked 0
+    (their checkpointed blocks' inputs need no gradient) until the probed forwards were made non-reentrant too."""
     import trl
 
     model = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(checkpoint), _config("lora", rho=0.5))
@@ -502,6 +508,7 @@ def test_trl_dpo_trainer_with_lora_units_and_its_default_checkpointing(checkpoin
         save_strategy="no",
         seed=0,
         disable_tqdm=True,
+        **({"gradient_checkpointing_kwargs": {"use_reentrant": True}} if reentrant else {}),
     )
     assert args.gradient_checkpointing
     trainer = None
@@ -515,7 +522,9 @@ def test_trl_dpo_trainer_with_lora_units_and_its_default_checkpointing(checkpoin
     )
     tuner = model.base_model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer.train()
+    with caplog.at_level("WARNING", logger="peft_greentrainer"):
+        trainer.train()
+    assert "positive importance" not in caplog.text  # the units were ranked by their importance
     selected = {unit for record in tuner.greentrainer_state.history for unit in record.selected}
     assert selected and len(selected) < len(tuner.candidate_units())
     changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p)]
@@ -617,7 +626,7 @@ def test_gradient_checkpointing_switched_on_after_the_first_selection(checkpoint
         data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding="longest"),
         callbacks=[GreenTrainerCallback(), EnableCheckpointing(at_step=2)],
     )
-    assert {key[2] for key in trainer.audit} == {False, True}  # steps ran both ways
+    assert {key[-1] for key in trainer.audit} == {False, True}  # steps ran both ways (checkpointed or not)
     trainer.check_budget()
     _assert_loss_falls(trainer)
 
