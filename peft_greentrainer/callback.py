@@ -260,7 +260,7 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         loss_fn = self.loss_fn
         if loss_fn is None and getattr(args, "average_tokens_across_devices", False) and _takes_loss_kwargs(tuner):
             loss_fn = ranks.weighted_by_target_share(default_loss)  # the global mean over targets, as trained
-        with ranks.gradients_averaged_across_ranks(averaged), _training_autocast(args):
+        with ranks.gradients_averaged_across_ranks(averaged), _training_autocast(args, fsdp.is_sharded(tuner.model)):
             tuner.select_units(
                 batches,
                 kwargs.get("optimizer"),
@@ -298,18 +298,21 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 return
 
 
-def _training_autocast(args: TrainingArguments) -> contextlib.AbstractContextManager:
+def _training_autocast(args: TrainingArguments, sharded: bool) -> contextlib.AbstractContextManager:
     """The autocast a ``Trainer(bf16=True)`` or ``Trainer(fp16=True)`` trains under, for the selection's forward and
     backward passes.
 
     accelerate enters it around the wrapped model's forward only, and the selection calls the tuner's model directly:
     without it, importance would run in float32, on a GPU slower than a training step and with about twice its
     activation memory, and the selection would be priced at float32's kernels and made again at the first step. Under
-    float16 the importance scales its loss as the Trainer's steps are scaled (``engine/importance.py``).
+    float16 the importance scales its loss as the Trainer's steps are scaled (``engine/importance.py``); an FSDP2
+    model's importance (``fsdp.py``), which accumulates sharded gradients it cannot take back, is not scaled, so it
+    stays in float32 there.
     """
-    for flag, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        if getattr(args, flag, False):
-            return torch.autocast(device_type=args.device.type, dtype=dtype)  # the device accelerate autocasts
+    if getattr(args, "bf16", False):
+        return torch.autocast(device_type=args.device.type, dtype=torch.bfloat16)  # the device accelerate autocasts
+    if getattr(args, "fp16", False) and not sharded:
+        return torch.autocast(device_type=args.device.type, dtype=torch.float16)
     return contextlib.nullcontext()
 
 
