@@ -809,6 +809,114 @@ def test_images_of_other_sizes_in_the_same_padded_shapes_are_priced_anew(units):
         assert sum(measure_flops(model, step)) <= rho * full_fine_tuning_flops(model, step)
 
 
+def test_how_many_images_each_row_holds_is_part_of_the_price():
+    """LLaVA-OneVision cuts a row's only image into its crops and gives each image of a row with several one crop
+    (``batch_num_images``): rows holding [2, 0, 1] images in the shapes of [1, 1, 1] run fewer crops, and shared their
+    price (0.766 of full fine-tuning at rho 0.75)."""
+    from peft import get_peft_model
+
+    from peft_greentrainer import GreenTrainerConfig
+
+    image_token, length = 250, 96
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8
+    )
+    text = transformers.Qwen2Config(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1,
+    )  # fmt: skip
+    config = transformers.LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_id=image_token, video_token_id=251,
+        image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]], vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.LlavaOnevisionForConditionalGeneration(config)
+
+    def batch(images_per_row: list[int], seed: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        sizes = torch.tensor([[32, 32]] * sum(images_per_row))
+        crops = [5 if n == 1 else 1 for n in images_per_row for _ in range(n)]  # a lone image's anyres crops
+        pixels = torch.zeros(len(crops), 5, 3, 16, 16)
+        for image, count in enumerate(crops):
+            pixels[image, :count] = torch.randn(count, 3, 16, 16, generator=generator)
+        per_row = torch.tensor(images_per_row)
+        with torch.no_grad():
+            features = base.model.get_image_features(
+                pixels, sizes, vision_feature_layer=-1, vision_feature_select_strategy="full",
+                vision_aspect_ratio="anyres_max_9", batch_num_images=per_row,
+            ).pooler_output  # fmt: skip
+        counts = iter(f.shape[0] for f in features)
+        ids, labels = torch.zeros(len(images_per_row), length, dtype=torch.long), torch.full((3, length), -100)
+        for row, n in enumerate(images_per_row):
+            target = torch.randint(10, 240, (10,), generator=generator).tolist()
+            tokens = [5, *[t for _ in range(n) for t in [*[image_token] * next(counts), 6]], *target]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            labels[row, len(tokens) - 10 : len(tokens)] = torch.tensor(target)
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "pixel_values": pixels,
+            "image_sizes": sizes,
+            "batch_num_images": per_row,
+        }
+
+    one_each, mixed = batch([1, 1, 1], 0), batch([2, 0, 1], 3)
+    assert {k: v.shape for k, v in one_each.items()} == {k: v.shape for k, v in mixed.items()}
+    model = get_peft_model(base, GreenTrainerConfig(rho=0.75, sparse_lm_head=False))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model.base_model.select_units([one_each], optimizer)
+    model(**mixed).loss.backward()
+    assert sum(measure_flops(model, mixed)) <= 0.75 * full_fine_tuning_flops(model, mixed)
+
+
+def test_clips_an_audio_encoder_runs_in_part_are_priced_by_their_valid_frames():
+    """Qwen3-ASR's encoder keeps each clip's valid frames (``input_features_mask``) and runs on them alone: a batch of
+    short clips in a long one's shapes shared its price (0.538 of full fine-tuning at rho 0.5), and a batch priced from
+    one row, its most labelled, missed a longer clip in another row (0.621 at rho 0.6)."""
+    from peft import get_peft_model
+    from transformers.models.qwen3_asr.modeling_qwen3_asr import Qwen3ASREncoder
+
+    from peft_greentrainer import GreenTrainerConfig
+
+    audio_token, frames, length = 250, 400, 96
+    audio = {
+        "model_type": "qwen3_asr_encoder", "num_mel_bins": 16, "encoder_layers": 2, "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 64, "d_model": 32, "output_dim": 32, "downsample_hidden_size": 8,
+    }  # fmt: skip
+    text = {
+        "model_type": "qwen3", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+    }  # fmt: skip
+    config = transformers.Qwen3ASRConfig(audio_config=audio, text_config=text, audio_token_id=audio_token)
+
+    def batch(valid: list[int], seed: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        ids, labels = torch.zeros(2, length, dtype=torch.long), torch.full((2, length), -100)
+        mask = torch.zeros(2, frames, dtype=torch.long)
+        for row, clip in enumerate(valid):
+            mask[row, :clip] = 1
+            chunks = torch.tensor([min(100, max(0, clip - 100 * c)) for c in range(frames // 100)])
+            tokens = int(Qwen3ASREncoder._post_cnn_length(chunks).sum())  # the audio tokens the encoder gives
+            target = torch.randint(10, 240, (12,), generator=generator).tolist()
+            text = [5, 6, *[audio_token] * tokens, 7, *target]
+            ids[row, : len(text)] = torch.tensor(text)
+            labels[row, len(text) - 12 : len(text)] = torch.tensor(target)
+        features = torch.randn(2, 16, frames, generator=generator)
+        return {"input_ids": ids, "labels": labels, "input_features": features, "input_features_mask": mask}
+
+    long_clips, short_clips, mixed = batch([400, 400], 0), batch([100, 100], 1), batch([400, 100], 2)
+    for selected_on, trained_on, rho in ((long_clips, short_clips, 0.5), (mixed, mixed, 0.6)):
+        torch.manual_seed(0)
+        model = get_peft_model(transformers.Qwen3ASRForConditionalGeneration(config), GreenTrainerConfig(rho=rho))
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        model.base_model.select_units([selected_on], optimizer)
+        model(**trained_on).loss.backward()
+        assert sum(measure_flops(model, trained_on)) <= rho * full_fine_tuning_flops(model, trained_on)
+
+
 @pytest.mark.parametrize("arch", ["t5", "bart"])
 def test_an_encoder_decoder_under_checkpointing_is_priced_block_by_block_never_under(arch):
     """Every single tensor trained alone costs at most what the profile predicts under activation checkpointing (T5's
