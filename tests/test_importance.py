@@ -713,6 +713,12 @@ def test_under_float16_autocast_the_loss_is_scaled_as_a_training_step_scales_it(
     def huge(m, batch):  # the first scale overflows float16: halved until it does not
         return m(**batch).loss * 1e3
 
+    # each retry runs the batch again: a region under selective activation checkpointing (TRL's "selective") can be
+    # backpropagated only once, and a retry through the kept graph crashed there
+    from peft_greentrainer.backprop import make_checkpointing_non_reentrant
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"selective": True})
+    make_checkpointing_non_reentrant(model)
     exact = compute_importance(model, units, batches, lr=1e-3, loss_fn=huge)
     with torch.autocast("cpu", dtype=torch.float16):
         half = compute_importance(model, units, batches, lr=1e-3, loss_fn=huge)

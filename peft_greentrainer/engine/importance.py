@@ -644,7 +644,7 @@ REENTRANT_CHECKPOINTING = (
 )
 
 
-# GradScaler's first scale: gradients of a loss scaled by it survive float16 activations; halved until none overflows
+# GradScaler's first scale: gradients of a loss scaled by it survive float16 activations; halved while one overflows
 _INITIAL_LOSS_SCALE = 2.0**16
 
 
@@ -654,23 +654,42 @@ def _half_precision_autocast(device: torch.device) -> bool:
 
 
 def _gradients(
-    loss: torch.Tensor, tensors: list[torch.Tensor], scaled: bool
-) -> tuple[tuple[torch.Tensor | None, ...], float]:
-    """d loss / d tensors, and the scale they carry (divide by it).
+    loss: torch.Tensor | None, tensors: list[torch.Tensor], scale: float
+) -> tuple[torch.Tensor | None, ...] | None:
+    """d (loss x scale) / d tensors; None if no tensor influences ``loss``."""
+    if loss is None:
+        raise ValueError(NO_LOSS)
+    if loss.numel() != 1:
+        raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+    if not loss.requires_grad:
+        return None
+    try:
+        loss = loss.reshape(()) if scale == 1.0 else loss.reshape(()) * scale
+        return torch.autograd.grad(loss, tensors, allow_unused=True)
+    except RuntimeError as error:
+        if "checkpoint" in str(error).lower() and ".grad()" in str(error):  # its wording varies
+            raise RuntimeError(REENTRANT_CHECKPOINTING) from error
+        raise
 
-    ``scaled`` (float16 autocast): the loss is scaled as ``torch.amp.GradScaler`` scales a training step's, so that
-    small activation gradients do not flush to zero in float16 (importance would then be that of too few units), and
-    the scale halved until no gradient overflows: the Trainer's ``fp16=True`` steps are scaled so, and its callbacks
-    are not given its scaler."""
-    if not scaled:
-        return torch.autograd.grad(loss, tensors, allow_unused=True), 1.0
-    scale = _INITIAL_LOSS_SCALE
-    while True:
-        grads = torch.autograd.grad(loss * scale, tensors, allow_unused=True, retain_graph=scale > 1.0)
+
+class _LossScale:
+    """The loss scale of the importance's backward passes: 1, or under float16 autocast one that ``torch.amp.
+    GradScaler`` would use, so that small activation gradients do not flush to zero in float16 (the importance would
+    then be that of too few units). Halved, and the batch's forward and backward run again, while a gradient
+    overflows; kept for the next batches, as a scaler keeps its scale. (The Trainer's ``fp16=True`` steps are scaled
+    so, and its callbacks are not given its scaler. The graph is not kept for the retry: a region under selective
+    activation checkpointing can be backpropagated only once.)"""
+
+    def __init__(self, device: torch.device) -> None:
+        self.value = _INITIAL_LOSS_SCALE if _half_precision_autocast(device) else 1.0
+
+    def retry(self, grads: tuple[torch.Tensor | None, ...]) -> bool:
+        """Whether ``grads`` (of the loss times ``value``) overflowed at a scale that can still be halved (halved)."""
         present = [g for g in grads if g is not None]
-        if scale <= 1.0 or not present or bool(torch.stack([g.isfinite().all() for g in present]).all()):
-            return grads, scale
-        scale /= 2
+        if self.value <= 1.0 or not present or bool(torch.stack([g.isfinite().all() for g in present]).all()):
+            return False
+        self.value /= 2
+        return True
 
 
 def _average_gradients(
@@ -685,6 +704,7 @@ def _average_gradients(
     params = list(model.parameters())
     sums = [torch.zeros(t.shape, dtype=_compute_dtype(t), device=t.device) for t in tensors]
     count = 0
+    scale = _LossScale(device)
     with requires_grad_kept(params):
         for p in params:
             p.requires_grad_(False)
@@ -692,24 +712,18 @@ def _average_gradients(
             t.requires_grad_(True)
         with fork_rng(), torch.enable_grad():
             for batch in batches:
-                loss = loss_fn(model, _to_device(batch, device))
-                if loss is None:
-                    raise ValueError(NO_LOSS)
-                if loss.numel() != 1:
-                    raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+                batch = _to_device(batch, device)
                 count += 1
-                if not loss.requires_grad:  # no candidate tensor influences this loss
+                while True:
+                    batch_grads = _gradients(loss_fn(model, batch), tensors, scale.value)
+                    if batch_grads is None or not scale.retry(batch_grads):
+                        break
+                if batch_grads is None:  # no candidate tensor influences this loss
                     continue
-                try:
-                    batch_grads, scale = _gradients(loss.reshape(()), tensors, _half_precision_autocast(device))
-                except RuntimeError as error:
-                    if "checkpoint" in str(error).lower() and ".grad()" in str(error):  # its wording varies
-                        raise RuntimeError(REENTRANT_CHECKPOINTING) from error
-                    raise
                 for acc, grad in zip(sums, batch_grads, strict=True):
                     if grad is not None:
-                        acc.add_(grad.detach().to(acc.dtype), alpha=1.0 / scale)
-                del loss, batch_grads
+                        acc.add_(grad.detach().to(acc.dtype), alpha=1.0 / scale.value)
+                del batch_grads
     if count == 0:
         raise ValueError("batches is empty: at least one batch is needed to estimate gradients")
     if count > 1:
