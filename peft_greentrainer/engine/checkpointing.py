@@ -165,6 +165,14 @@ def non_reentrant_keywords(module: nn.Module) -> dict[str, Any]:
     return keywords
 
 
+def saves_attention_only(module: nn.Module) -> bool:
+    """Whether ``module``'s checkpoint runs the policy TRL's ``selective`` asks for (:func:`non_reentrant_keywords`):
+    its recompute is then known, the block's forward less its attention kernels (measured equal on a tiny Llama),
+    where another policy's is priced as anything from none to all of it."""
+    context = _checkpoint_keywords(module).get("context_fn")
+    return isinstance(context, functools.partial) and context.args[:1] == (_keep_attention,)
+
+
 def _keep_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     """The policy TRL's ``selective`` asks for: attention kernels' outputs are saved (their recompute is the costly
     part at long context), everything else is recomputed."""

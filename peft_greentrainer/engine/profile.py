@@ -51,6 +51,7 @@ from .checkpointing import (
     checkpoint_calls_followed,
     checkpoints_selectively,
     is_checkpointed,
+    saves_attention_only,
     stops_early,
 )
 from .costs import UnitCosts
@@ -1122,9 +1123,12 @@ def _checkpointed_blocks(model: nn.Module, recorder: _Recorder, counter: FlopCou
         flops = float(counter.get_total_flops()) - flops_before
         if stops_early(module) and not holds_calls:
             flops -= _tail_never_recomputed(recorder.records, first)
+        known_policy = saves_attention_only(module) and not holds_calls
+        if known_policy:
+            flops -= _attention_in(recorder.records, first)  # saved in the forward, never recomputed
         if last >= first and flops > 0 and backward:
             name = f"recompute {type(module).__name__}"
-            in_reference = not (checkpoints_selectively(module) or holds_calls)
+            in_reference = known_policy or not (checkpoints_selectively(module) or holds_calls)
             out.append(OpCost(index=last, name=name, forward=0.0, dy=[(last, flops)], in_reference=in_reference))
 
     handles = []
@@ -1154,6 +1158,17 @@ def _tail_never_recomputed(records: list, first: int) -> float:
             continue
         return op.forward if name in SAVES_INPUTS_FIRST else 0.0
     return 0.0
+
+
+def _attention_in(records: list, first: int) -> float:
+    """Forward FLOPs of the attention kernels of a checkpointed block (ops from index ``first`` on)."""
+    flops = 0.0
+    for op, func, *_ in reversed(records):
+        if op.index < first:
+            break
+        if is_attention_op(func):
+            flops += op.forward
+    return flops
 
 
 def _scales_by_a_number(name: str, roles: list) -> bool:
