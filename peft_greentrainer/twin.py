@@ -18,8 +18,11 @@ from .backprop import keep_backprop_shallow
 from .engine.attention_spans import SPAN_INPUTS
 from .engine.profile import KEYED_BY_VALUE
 
-# inputs a twin's step reads the values of: labels, attention's spans, and how a vision tower cuts its patches
-VALUED_INPUTS = ("labels", "shift_labels", *SPAN_INPUTS, "image_grid_thw", "video_grid_thw", *KEYED_BY_VALUE)
+# inputs a twin's step reads the values of: the input ids (a vision-language model counts its image tokens in them),
+# labels, attention's spans, and how a vision tower cuts its patches
+VALUED_INPUTS = (
+    "input_ids", "labels", "shift_labels", *SPAN_INPUTS, "image_grid_thw", "video_grid_thw", *KEYED_BY_VALUE,
+)  # fmt: skip
 
 
 def weightless_twin(tuner, model_class: type[nn.Module]):
@@ -92,8 +95,9 @@ def fake_twin(tuner, model_class: type[nn.Module]):
 
 def fake_inputs(batch: Mapping[str, Any], mode) -> dict[str, Any]:
     """``batch`` for a twin made by :func:`fake_twin`: every tensor made fake on its device, except those whose values
-    decide what a step computes, which keep them: the labels (a sparse LM head projects the labelled rows), the
-    inputs that delimit attention's sequences (``SPAN_INPUTS``), the image grids of Qwen-VL-style vision towers and the
+    decide what a step computes, which keep them: the input ids (vision-language models count their image tokens in
+    them), the labels (a sparse LM head projects the labelled rows), the inputs that delimit attention's sequences
+    (``SPAN_INPUTS``), the image grids of Qwen-VL-style vision towers and the
     image sizes of Pixtral- and LLaVA-NeXT-style ones.
 
     transformers and flash attention read those values (``attention_mask.all()``, the packed-sequence test on

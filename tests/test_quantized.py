@@ -285,6 +285,45 @@ def test_a_quantized_base_saving_attention_in_its_checkpoints_is_priced_so(check
     assert sum(measure_flops(model.base_model.model, batch)) <= 0.6 * full
 
 
+def test_a_quantized_vision_language_model_is_priced_on_its_float_twin(tmp_path):
+    """The float twin that prices a quantized base's reference runs on fake tensors; a vision-language model counts its
+    image tokens in ``input_ids`` by value (``get_placeholder_mask``), so its selection crashed on them
+    (DataDependentOutputException): the twin now takes the input ids as they are."""
+    image_token = 100
+    torch.manual_seed(0)
+    vision = transformers.PixtralVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=4
+    )
+    text = transformers.MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    config = transformers.Mistral3Config(
+        vision_config=vision, text_config=text, image_token_index=image_token, spatial_merge_size=2
+    )
+    transformers.Mistral3ForConditionalGeneration(config).save_pretrained(tmp_path)
+    text_ids = torch.randint(3, 90, (2, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([text_ids[:, :2], torch.full((2, 16), image_token), text_ids[:, 2:]], dim=1)
+    labels = torch.full_like(ids, -100)
+    labels[:, -8:] = ids[:, -8:]
+    sizes = torch.tensor([[32, 32]] * 2)
+    batch = {"input_ids": ids, "labels": labels, "pixel_values": torch.randn(2, 3, 32, 32), "image_sizes": sizes}
+    skip = ["multi_modal_projector", "lm_head"]
+    quantization = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    quantized = transformers.Mistral3ForConditionalGeneration.from_pretrained(
+        tmp_path, quantization_config=quantization, dtype=torch.float32
+    )
+    model = get_peft_model(quantized, GreenTrainerConfig(rho=0.6, units="lora", r=4, target_modules=TARGETS)).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    selection = model.base_model.select_units([batch], optimizer)
+    model(**batch).loss.backward()
+    float_model = transformers.Mistral3ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).train()
+    enable_sparse_lm_head(float_model)
+    measured = sum(measure_flops(float_model, batch, [n for n, _ in float_model.named_parameters()]))
+    # the twin prices it 0.07% low (a reference that much smaller: a stricter budget)
+    assert 0.999 * measured <= selection.full_flops <= measured
+
+
 def test_rho_reference_of_a_quantized_mixture_of_experts_is_full_fine_tuning_of_its_float_model(tmp_path):
     """transformers 5 runs stacked experts as one grouped matmul, whose meta kernel takes bf16 only: the float twin
     that prices the reference must still run (and count the experts as the float model does)."""
