@@ -184,6 +184,37 @@ def tiny_batch(model: torch.nn.Module, batch_size: int = 2, seq_len: int = 24, s
     return {"input_ids": ids, "labels": ids.clone()}
 
 
+MISTRAL3_IMAGE_TOKEN = 100
+
+
+def tiny_mistral3_config(hidden: int = 32) -> transformers.Mistral3Config:
+    """A Pixtral vision tower (32x32 images in 4x4 patches, merged 2x2) under a Mistral text model."""
+    vision = transformers.PixtralVisionConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=4,
+    )  # fmt: skip
+    text = transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    return transformers.Mistral3Config(
+        vision_config=vision, text_config=text, image_token_index=MISTRAL3_IMAGE_TOKEN, spatial_merge_size=2
+    )
+
+
+def mistral3_batch(size: int, seed: int = 0, length: int = 48) -> dict[str, torch.Tensor]:
+    """Two rows of ``length`` tokens, each with one ``size`` x ``size`` image (padded to 32x32 as Pixtral's processor
+    pads a batch's images to its largest) and 8 labelled positions at the end."""
+    generator = torch.Generator().manual_seed(seed)
+    image_tokens = (size // 8) ** 2  # 4x4 patches, merged 2x2
+    text = torch.randint(3, 90, (2, length - image_tokens), generator=generator)
+    ids = torch.cat([text[:, :2], torch.full((2, image_tokens), MISTRAL3_IMAGE_TOKEN), text[:, 2:]], dim=1)
+    labels = torch.full_like(ids, -100)
+    labels[:, -8:] = ids[:, -8:]
+    pixels = torch.randn(2, 3, 32, 32, generator=generator)
+    return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "image_sizes": torch.tensor([[size, size]] * 2)}
+
+
 @pytest.fixture(params=["llama", "opt", "bloom", "gpt2", "t5"])
 def arch(request) -> str:
     return request.param

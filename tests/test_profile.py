@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import VOCAB, needs_opt_on_meta, tiny_batch, tiny_config, tiny_model
+from conftest import VOCAB, mistral3_batch, needs_opt_on_meta, tiny_batch, tiny_config, tiny_mistral3_config, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
@@ -772,37 +772,14 @@ def test_images_of_other_sizes_in_the_same_padded_shapes_are_priced_anew(units):
 
     from peft_greentrainer import GreenTrainerConfig
 
-    image_token = 100
     torch.manual_seed(0)
-    vision = transformers.PixtralVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=4
-    )
-    text = transformers.MistralConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2,
-    )  # fmt: skip
-    config = transformers.Mistral3Config(
-        vision_config=vision, text_config=text, image_token_index=image_token, spatial_merge_size=2
-    )
-    base = transformers.Mistral3ForConditionalGeneration(config)
-
-    def batch(size: int, seed: int) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(seed)
-        image_tokens = (size // 8) ** 2  # 4x4 patches, merged 2x2
-        text = torch.randint(3, 90, (2, 48 - image_tokens), generator=generator)
-        ids = torch.cat([text[:, :2], torch.full((2, image_tokens), image_token), text[:, 2:]], dim=1)
-        labels = torch.full_like(ids, -100)
-        labels[:, -8:] = ids[:, -8:]
-        pixels = torch.randn(2, 3, 32, 32, generator=generator)  # padded to the largest size the processor saw
-        sizes = torch.tensor([[size, size]] * 2)
-        return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "image_sizes": sizes}
-
+    base = transformers.Mistral3ForConditionalGeneration(tiny_mistral3_config())
     rho = 0.5 if units == "tensors" else 0.6
     lora = {"r": 4, "target_modules": ["q_proj", "v_proj"]} if units == "lora" else {}
     model = get_peft_model(base, GreenTrainerConfig(rho=rho, units=units, **lora))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    large, small = batch(32, 0), batch(16, 1)
+    large, small = mistral3_batch(32, seed=0), mistral3_batch(16, seed=1)
     model.base_model.select_units([large], optimizer)
     for step in (large, small, large):
         model(**step).loss.backward()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import save_tiny_checkpoint, tiny_batch, tiny_model
+from conftest import mistral3_batch, save_tiny_checkpoint, tiny_batch, tiny_mistral3_config, tiny_model
 from datasets import Dataset
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
@@ -289,25 +289,9 @@ def test_a_quantized_vision_language_model_is_priced_on_its_float_twin(tmp_path)
     """The float twin that prices a quantized base's reference runs on fake tensors; a vision-language model counts its
     image tokens in ``input_ids`` by value (``get_placeholder_mask``), so its selection crashed on them
     (DataDependentOutputException): the twin now takes the input ids as they are."""
-    image_token = 100
     torch.manual_seed(0)
-    vision = transformers.PixtralVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=4
-    )
-    text = transformers.MistralConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2,
-    )  # fmt: skip
-    config = transformers.Mistral3Config(
-        vision_config=vision, text_config=text, image_token_index=image_token, spatial_merge_size=2
-    )
-    transformers.Mistral3ForConditionalGeneration(config).save_pretrained(tmp_path)
-    text_ids = torch.randint(3, 90, (2, 32), generator=torch.Generator().manual_seed(0))
-    ids = torch.cat([text_ids[:, :2], torch.full((2, 16), image_token), text_ids[:, 2:]], dim=1)
-    labels = torch.full_like(ids, -100)
-    labels[:, -8:] = ids[:, -8:]
-    sizes = torch.tensor([[32, 32]] * 2)
-    batch = {"input_ids": ids, "labels": labels, "pixel_values": torch.randn(2, 3, 32, 32), "image_sizes": sizes}
+    transformers.Mistral3ForConditionalGeneration(tiny_mistral3_config(hidden=64)).save_pretrained(tmp_path)
+    batch = mistral3_batch(32)
     skip = ["multi_modal_projector", "lm_head"]
     quantization = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     quantized = transformers.Mistral3ForConditionalGeneration.from_pretrained(

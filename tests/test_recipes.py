@@ -364,6 +364,25 @@ def _prompt_completion(n: int = 32) -> datasets.Dataset:
     return datasets.Dataset.from_list(rows)
 
 
+def _sft_config(tmp_path, units: str, **kwargs):
+    import trl  # a test dependency (pyproject's "test" extra)
+
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        bf16=False,  # SFTConfig defaults to bf16 (and to gradient checkpointing, kept here)
+        learning_rate=LR[units],
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        max_length=64,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    return trl.SFTConfig(**{**defaults, **kwargs})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("packing", "units", "rho"), [(False, "tensors", RHO), (True, "lora", 0.75)])
 def test_trl_sft_trainer(checkpoint, packing, units, rho, tmp_path):
@@ -374,21 +393,7 @@ def test_trl_sft_trainer(checkpoint, packing, units, rho, tmp_path):
     tokenizer = _tokenizer(checkpoint)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
-    args = trl.SFTConfig(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        report_to=[],
-        bf16=False,  # SFTConfig defaults to bf16 (and to gradient checkpointing, kept here)
-        learning_rate=LR[units],
-        per_device_train_batch_size=4,
-        num_train_epochs=3,
-        logging_steps=1,
-        packing=packing,
-        max_length=64,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-    )
+    args = _sft_config(tmp_path, units, num_train_epochs=3, packing=packing)
     trainer = _audited(trl.SFTTrainer)(
         model=model,
         args=args,
@@ -416,21 +421,7 @@ def test_trl_selective_checkpointing_is_applied_and_priced(checkpoint, tmp_path)
     full). GreenTrainer makes it the policy TRL asks for, attention saved, and prices it."""
     import trl
 
-    args = trl.SFTConfig(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        report_to=[],
-        bf16=False,
-        learning_rate=LR["lora"],
-        per_device_train_batch_size=4,
-        num_train_epochs=2,
-        logging_steps=1,
-        max_length=64,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-        gradient_checkpointing_kwargs={"selective": True},
-    )
+    args = _sft_config(tmp_path, "lora", num_train_epochs=2, gradient_checkpointing_kwargs={"selective": True})
     torch.manual_seed(0)
     trainer = _audited(trl.SFTTrainer)(
         model=transformers.AutoModelForCausalLM.from_pretrained(checkpoint),
