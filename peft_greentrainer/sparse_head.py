@@ -115,10 +115,11 @@ def _sparse_kwargs(lm: nn.Module, kwargs: Mapping[str, Any]) -> tuple[dict[str, 
     kwargs = dict(kwargs)
     kwargs.pop("labels")
     inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-    # a twin's weights on meta or fake tensors (its input ids may be real: vision-language models count their image
-    # tokens by value)
+    # a plan on meta, or a twin of fake weights (whose input ids may be real: vision-language models count their
+    # image tokens by value); a real model's weights may be on meta, offloaded by accelerate between forwards
     weight = next(lm.parameters(), None)
-    shapes_only = weight is not None and (weight.device.type == "meta" or isinstance(weight, FakeTensor))
+    shapes_only = inputs is not None and (inputs.device.type == "meta" or isinstance(inputs, FakeTensor))
+    shapes_only = shapes_only or isinstance(weight, FakeTensor)
     with unset_fake_temporarily() if shapes_only else contextlib.nullcontext():  # labels with values: real ones
         mask, targets = next_token_targets(labels, kwargs.pop("shift_labels", None))
         per_row = math.ceil(int(mask.sum()) / mask.shape[0]) if shapes_only else 0  # no device sync in training

@@ -16,12 +16,14 @@ from torch import nn
 
 from .backprop import keep_backprop_shallow
 from .engine.attention_spans import SPAN_INPUTS
-from .engine.profile import KEYED_BY_VALUE
+from .engine.profile import CLIP_MASKS, KEYED_BY_VALUE
 
-# inputs a twin's step reads the values of: the input ids (a vision-language model counts its image tokens in them),
-# labels, attention's spans, and how a vision tower cuts its patches
+# inputs a twin's step reads the values of: the input ids and the token types that mark image tokens (a
+# vision-language model counts its image tokens, Qwen-VL's rope indexes them), labels, attention's spans, how a vision
+# tower cuts its patches, and the images themselves (Idefics3 and SmolVLM drop those of all zeros)
 VALUED_INPUTS = (
-    "input_ids", "labels", "shift_labels", *SPAN_INPUTS, "image_grid_thw", "video_grid_thw", *KEYED_BY_VALUE,
+    "input_ids", "mm_token_type_ids", "labels", "shift_labels", *SPAN_INPUTS, "image_grid_thw", "video_grid_thw",
+    "pixel_values", "pixel_attention_mask", *CLIP_MASKS, *KEYED_BY_VALUE,
 )  # fmt: skip
 
 

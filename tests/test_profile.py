@@ -912,6 +912,51 @@ def test_trls_selective_checkpointing_is_priced_exactly():
         assert sum(measure_flops(model, batch, unit.param_names)) == pytest.approx(predicted, rel=1e-12), unit.name
 
 
+def test_an_audio_encoder_that_runs_on_the_padded_clip_is_not_priced_by_its_clip_lengths():
+    """Qwen2-Audio's encoder runs on the whole padded clip whatever its ``feature_attention_mask`` says: keyed by the
+    mask's values, as Qwen3-ASR's must be, every step of new clip lengths ran a whole-batch profile (13 prices for 12
+    steps, 50x slower steps on a tiny model)."""
+    from peft import get_peft_model
+
+    from peft_greentrainer import GreenTrainerConfig
+
+    audio_token, frames = 250, 64
+    audio = transformers.Qwen2AudioEncoderConfig(
+        num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+        max_source_positions=32,
+    )  # fmt: skip
+    text = transformers.Qwen2Config(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1,
+    )  # fmt: skip
+    config = transformers.Qwen2AudioConfig(audio_config=audio, text_config=text, audio_token_index=audio_token)
+
+    def batch(valid: list[int], seed: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        ids, labels = torch.zeros(2, 64, dtype=torch.long), torch.full((2, 64), -100)
+        mask = torch.zeros(2, frames, dtype=torch.long)
+        for row, clip in enumerate(valid):
+            mask[row, :clip] = 1
+            tokens = (((clip - 1) // 2 + 1) - 2) // 2 + 1  # the audio tokens its processor puts in the text
+            target = torch.randint(10, 240, (8,), generator=generator).tolist()
+            text_ids = [5, *[audio_token] * tokens, 6, *target]
+            ids[row, : len(text_ids)] = torch.tensor(text_ids)
+            labels[row, len(text_ids) - 8 : len(text_ids)] = torch.tensor(target)
+        features = torch.randn(2, 16, frames, generator=generator)
+        return {"input_ids": ids, "labels": labels, "input_features": features, "feature_attention_mask": mask}
+
+    torch.manual_seed(0)
+    config_lora = GreenTrainerConfig(rho=0.6, units="lora", r=4, target_modules=["q_proj", "v_proj", "fc1"])
+    model = get_peft_model(transformers.Qwen2AudioForConditionalGeneration(config), config_lora).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model.base_model.select_units([batch([64, 30], 0)], optimizer)
+    for step, clips in enumerate(([20, 50], [64, 8], [33, 41])):
+        trained_on = batch(clips, step + 1)
+        model(**trained_on).loss.backward()
+        assert sum(measure_flops(model, trained_on)) <= 0.6 * full_fine_tuning_flops(model, trained_on)
+    assert len(model.base_model._pricer.shape_costs) == 1
+
+
 @pytest.mark.parametrize("arch", ["t5", "bart"])
 def test_an_encoder_decoder_under_checkpointing_is_priced_block_by_block_never_under(arch):
     """Every single tensor trained alone costs at most what the profile predicts under activation checkpointing (T5's

@@ -308,6 +308,71 @@ def test_a_quantized_vision_language_model_is_priced_on_its_float_twin(tmp_path)
     assert 0.999 * measured <= selection.full_flops <= measured
 
 
+def _qwen2_vl(image_token: int) -> tuple[transformers.PreTrainedModel, dict]:
+    vision = {
+        "depth": 2, "embed_dim": 64, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, "patch_size": 4,
+        "spatial_merge_size": 2, "temporal_patch_size": 2,
+    }  # fmt: skip
+    text = {
+        "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    }  # fmt: skip
+    config = transformers.Qwen2VLConfig(
+        vision_config=vision, text_config=text, image_token_id=image_token, video_token_id=101,
+        vision_start_token_id=102, vision_end_token_id=103,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    text_ids = torch.randint(3, 90, (2, 32), generator=generator)
+    image = [torch.full((2, 1), 102), torch.full((2, 4), image_token), torch.full((2, 1), 103)]
+    ids = torch.cat([text_ids[:, :2], *image, text_ids[:, 2:]], dim=1)
+    batch = {
+        "input_ids": ids, "pixel_values": torch.randn(32, 96, generator=generator),
+        "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]]), "mm_token_type_ids": (ids == image_token).long(),
+    }  # fmt: skip
+    return transformers.Qwen2VLForConditionalGeneration(config), batch
+
+
+def _idefics3(image_token: int) -> tuple[transformers.PreTrainedModel, dict]:
+    vision = transformers.Idefics3VisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    text = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    config = transformers.Idefics3Config(vision_config=vision, text_config=text, image_token_id=image_token)
+    generator = torch.Generator().manual_seed(0)
+    text_ids = torch.randint(3, 90, (2, 32), generator=generator)
+    ids = torch.cat([text_ids[:, :2], torch.full((2, 4), image_token), text_ids[:, 2:]], dim=1)
+    batch = {
+        "input_ids": ids, "pixel_values": torch.randn(2, 1, 3, 32, 32, generator=generator),
+        "pixel_attention_mask": torch.ones(2, 1, 32, 32, dtype=torch.bool),
+    }  # fmt: skip
+    return transformers.Idefics3ForConditionalGeneration(config), batch
+
+
+@pytest.mark.parametrize("family", [_qwen2_vl, _idefics3], ids=["qwen2-vl", "idefics3"])
+def test_a_quantized_vision_language_model_whose_inputs_are_read_by_value_selects(family, tmp_path):
+    """The float twin keeps the values of the inputs such models read: Qwen2-VL's rope indexes its image tokens by
+    ``mm_token_type_ids``, Idefics3 drops all-zero images from ``pixel_values``; made fake, both crashed the first
+    selection of a 4-bit model."""
+    torch.manual_seed(0)
+    model, batch = family(image_token=100)
+    model.save_pretrained(tmp_path)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -8:] = batch["input_ids"][:, -8:]
+    batch["labels"] = labels
+    skip = ["lm_head", "merger", "connector"]
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=skip)
+    quantized = type(model).from_pretrained(tmp_path, dtype=torch.float32, quantization_config=quantization)
+    model = get_peft_model(quantized, GreenTrainerConfig(rho=0.6, units="lora", r=4, target_modules=["q_proj"]))
+    model.train()
+    optimizer = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
+    selection = model.base_model.select_units([batch], optimizer)
+    assert selection.mask.any() and selection.flops <= 0.6 * selection.full_flops
+
+
 def test_rho_reference_of_a_quantized_mixture_of_experts_is_full_fine_tuning_of_its_float_model(tmp_path):
     """transformers 5 runs stacked experts as one grouped matmul, whose meta kernel takes bf16 only: the float twin
     that prices the reference must still run (and count the experts as the float model does)."""

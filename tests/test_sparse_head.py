@@ -422,3 +422,22 @@ def test_a_masked_lm_head_that_projects_only_masked_tokens_is_priced_by_their_co
         ratios.append(step / full)
     assert max(ratios) <= rho * (1 + 1e-9), ratios
     assert min(ratios) > rho - 0.1, ratios  # the budget is used, not avoided
+
+
+def test_a_model_whose_first_weight_is_offloaded_keeps_the_sparse_head_on_its_labels(tmp_path):
+    """accelerate keeps offloaded weights on ``meta`` between forwards: taken for a weightless twin, a real model whose
+    embedding was offloaded kept the first positions instead of the labelled ones, and trained on that loss."""
+    from accelerate import dispatch_model
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :16] = -100
+    with torch.no_grad():
+        dense = model(input_ids=ids, labels=labels).loss
+    placement = {"model.embed_tokens": "disk", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu"}
+    model = dispatch_model(model, device_map={**placement, "lm_head": "cpu"}, main_device="cpu", offload_dir=tmp_path)
+    assert next(model.parameters()).device.type == "meta"
+    peft_model = get_peft_model(model, GreenTrainerConfig(rho=0.6, units="lora", r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        assert peft_model.train()(input_ids=ids, labels=labels).loss == pytest.approx(float(dense), abs=1e-5)

@@ -714,8 +714,8 @@ def _average_gradients(
             for batch in batches:
                 batch = _to_device(batch, device)
                 count += 1
-                while True:
-                    batch_grads = _gradients(loss_fn(model, batch), tensors, scale.value)
+                while True:  # a copy each time: a loss_fn may pop from it (Trainer.compute_loss pops the labels)
+                    batch_grads = _gradients(loss_fn(model, dict(batch)), tensors, scale.value)
                     if batch_grads is None or not scale.retry(batch_grads):
                         break
                 if batch_grads is None:  # no candidate tensor influences this loss

@@ -76,10 +76,20 @@ class ModuleTree:
         return [m for _, m in self.named if getattr(m, "config", None) is not None]
 
     @functools.cached_property
+    def valid_frame_encoders(self) -> list[nn.Module]:
+        """Audio encoders that run on each clip's valid frames alone (Qwen3-ASR's, Qwen-Omni's): their work follows
+        the clips' lengths in the batch's mask, not its shape (other audio encoders run on the padded clip)."""
+        return [m for m in self.config_holders if getattr(m.config, "model_type", None) in _VALID_FRAME_ENCODERS]
+
+    @functools.cached_property
     def quantized_weight_holders(self) -> list[nn.Module]:
         """The modules whose ``weight`` has a ``quant_state``: bitsandbytes' 4-bit layers, and PEFT's wrappers of
         them."""
         return [m for _, m in self.named if hasattr(getattr(m, "weight", None), "quant_state")]
+
+
+# transformers' model types of the audio encoders that keep a clip's valid frames before their layers
+_VALID_FRAME_ENCODERS = frozenset({"qwen3_asr_encoder", "qwen2_5_omni_audio_encoder", "qwen3_omni_moe_audio_encoder"})
 
 
 def _fingerprint(named: list[tuple[str, nn.Module]]) -> list:

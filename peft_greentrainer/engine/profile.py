@@ -295,17 +295,17 @@ _LOSS_ONLY_INPUTS = ("num_items_in_batch",)
 # Inputs indexed by image or video rather than by row (transformers' vision-language models)
 _PER_IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "image_", "video_")
 
-# Audio inputs whose values say how much of each padded clip an encoder runs on (Qwen3-ASR and Qwen-Omni keep the
-# valid frames alone): the rows of one batch then differ in cost, so such batches are priced whole, as images are
-_PER_CLIP_INPUTS = ("input_features_mask", "feature_attention_mask")
+# Audio masks that say how much of each padded clip is real: the encoders of ``ModuleTree.valid_frame_encoders`` run
+# on those frames alone, so their steps are priced by the masks' values, on the whole batch (pricing.py)
+CLIP_MASKS = ("input_features_mask", "feature_attention_mask")
 
 # Tensor inputs whose values, not only their shapes, decide what a forward computes: each image's size within the
 # padded pixel_values, which the vision tower crops to (Pixtral / Mistral3) or cuts into as many crops (LLaVA-NeXT,
-# LLaVA-OneVision), how many images each row holds (LLaVA-OneVision crops a row's only image, not the images of a row
-# with several), and each clip's valid frames. Keyed by shape alone, a batch of small images shared a batch of large
-# ones' price: 0.537 of full fine-tuning at rho 0.5 on a tiny Mistral3 (LLaVA-OneVision 0.766 at rho 0.75, Qwen3-ASR
-# 0.538 at rho 0.5). Each distinct set of values is profiled once.
-KEYED_BY_VALUE = ("image_sizes", "batch_num_images", *_PER_CLIP_INPUTS)
+# LLaVA-OneVision), and how many images each row holds (LLaVA-OneVision crops a row's only image, not the images of a
+# row with several). Keyed by shape alone, a batch of small images shared a batch of large ones' price: 0.537 of full
+# fine-tuning at rho 0.5 on a tiny Mistral3 (LLaVA-OneVision 0.766 at rho 0.75). Each distinct set of values is
+# profiled once.
+KEYED_BY_VALUE = ("image_sizes", "batch_num_images")
 
 
 def costliest_row(batch: Mapping[str, Any], counts: Sequence[int] | None = None) -> dict[str, Any]:
@@ -341,9 +341,8 @@ def rows_of(batch: Mapping[str, Any], rows: slice | list[int]) -> dict[str, Any]
 def batch_size(batch: Mapping[str, Any]) -> int | None:
     """The leading dimension all tensors of ``batch`` share, nested ones too, None if they do not (what
     ``costliest_row`` cuts), or if the batch holds images or videos: their leading dimension counts images, which may
-    agree with the rows' count without being one per row (a LLaVA row with two images beside one with none); or clips
-    an encoder runs in part, whose rows differ in cost (``_PER_CLIP_INPUTS``)."""
-    if any(name.startswith(_PER_IMAGE_INPUTS) or name in _PER_CLIP_INPUTS for name in batch):
+    agree with the rows' count without being one per row (a LLaVA row with two images beside one with none)."""
+    if any(name.startswith(_PER_IMAGE_INPUTS) for name in batch):
         return None
     sizes = {int(v.shape[0]) for v in tree_flatten(dict(batch))[0] if isinstance(v, torch.Tensor) and v.dim() > 0}
     return sizes.pop() if len(sizes) == 1 else None
