@@ -97,10 +97,10 @@ def fake_twin(tuner, model_class: type[nn.Module]):
 
 def fake_inputs(batch: Mapping[str, Any], mode) -> dict[str, Any]:
     """``batch`` for a twin made by :func:`fake_twin`: every tensor made fake on its device, except those whose values
-    decide what a step computes, which keep them: the input ids (vision-language models count their image tokens in
-    them), the labels (a sparse LM head projects the labelled rows), the inputs that delimit attention's sequences
-    (``SPAN_INPUTS``), the image grids of Qwen-VL-style vision towers and the
-    image sizes of Pixtral- and LLaVA-NeXT-style ones.
+    decide what a step computes, which keep them (``VALUED_INPUTS``): the input ids and token types (vision-language
+    models count and index their image tokens by them), the labels (a sparse LM head projects the labelled rows), the
+    inputs that delimit attention's sequences (``SPAN_INPUTS``), and what says how a vision or audio encoder cuts its
+    input (image grids and sizes, the images themselves, clip masks).
 
     transformers and flash attention read those values (``attention_mask.all()``, the packed-sequence test on
     ``position_ids``), which a fake tensor cannot answer. So the twin runs outside ``mode``: ops on its fake weights
