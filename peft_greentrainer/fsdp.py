@@ -212,12 +212,13 @@ def _root(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------------ cost profile
 def measure_on_twin(tuner, batch: Mapping[str, Any], loss_fn: LossFn):
     """``tuner._measure`` on the non-sharded fake twin, set to the modes and checkpointing of the real model."""
-    from .twin import fake_inputs
+    from .twin import fake_inputs, twin_runs
 
     twin, mode = _twin(tuner)
     _dense_lm_head(twin.model)
     _mirror_modes(tuner.model, twin.model)
-    return twin._measure(fake_inputs(batch, mode), loss_fn)
+    with twin_runs(tuner.model):
+        return twin._measure(fake_inputs(batch, mode), loss_fn)
 
 
 def _twin(tuner):

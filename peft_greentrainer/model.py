@@ -65,6 +65,7 @@ from .engine.units import (
     Unit,
     auxiliary_units,
     float_packed_weights,
+    inputs_device,
     is_trainable_storage,
     lora_units,
     matches_any,
@@ -74,7 +75,7 @@ from .engine.units import (
 )
 from .pricing import StepPricer, is_each_row_more
 from .sparse_head import attached_sparse_lm_head, enable_sparse_lm_head
-from .twin import fake_inputs, fake_twin
+from .twin import fake_inputs, fake_twin, twin_runs
 
 logger = logging.getLogger(__name__)
 
@@ -552,7 +553,7 @@ class GreenTrainerModel(LoraModel):
             if twin is not None:
                 reference, mode = twin
                 _mirror_modes(self.model, reference.model)
-                with _adapters_off(reference):
+                with _adapters_off(reference), twin_runs(self.model):
                     # labels keep their values: the twin's sparse LM head (if any) then projects as many rows as the
                     # real model's, so rho is a fraction of full fine-tuning with the same head, as for a float base
                     full = profile_model(reference.model, fake_inputs(batch, mode), loss_fn).full_flops
@@ -670,7 +671,7 @@ class GreenTrainerModel(LoraModel):
         start = time.perf_counter()
         config = self.greentrainer_config
         loss_fn = loss_fn or default_loss
-        device = next(self.model.parameters()).device
+        device = inputs_device(self.model)
         with fork_rng():  # a shuffling DataLoader draws its order from torch's generator: training's stays the same
             batches = list(islice(batches, config.importance_batches))
         if not batches:

@@ -8,11 +8,13 @@ itself), ``fsdp.py`` to profile a sharded model as if it were whole.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 
 from .backprop import keep_backprop_shallow
 from .engine.attention_spans import SPAN_INPUTS
@@ -110,6 +112,22 @@ def fake_inputs(batch: Mapping[str, Any], mode) -> dict[str, Any]:
     return {
         k: v if k in VALUED_INPUTS or not isinstance(v, torch.Tensor) else mode.from_tensor(v) for k, v in batch.items()
     }
+
+
+@contextmanager
+def twin_runs(model: nn.Module) -> Iterator[None]:
+    """Profiling ``model``'s weightless twin: a forward that reads the values of a tensor it computes (an audio
+    language model keeping the frames its mask selects from the features its encoder made: Qwen2-Audio, Qwen3-ASR)
+    cannot run on fake tensors, and is refused with what to do instead of torch's error."""
+    try:
+        yield
+    except (DataDependentOutputException, DynamicOutputShapeException) as error:
+        raise NotImplementedError(
+            f"GreenTrainer prices full fine-tuning of this {type(model).__name__} on a weightless twin (its base is "
+            "quantized, or sharded by FSDP2), and its forward reads the values of a tensor it computes, which a twin "
+            f"without weights does not have ({type(error).__name__}: {error}). Load the base "
+            "unquantized and unsharded to train it with GreenTrainer, or train it with plain LoRA (peft.LoraConfig)."
+        ) from error
 
 
 def _make_fake(module: nn.Module, mode, device: torch.device) -> None:

@@ -426,7 +426,8 @@ def test_a_masked_lm_head_that_projects_only_masked_tokens_is_priced_by_their_co
 
 def test_a_model_whose_first_weight_is_offloaded_keeps_the_sparse_head_on_its_labels(tmp_path):
     """accelerate keeps offloaded weights on ``meta`` between forwards: taken for a weightless twin, a real model whose
-    embedding was offloaded kept the first positions instead of the labelled ones, and trained on that loss."""
+    embedding was offloaded kept the first positions instead of the labelled ones, and trained on that loss; its
+    selection sent the batches to ``meta``."""
     from accelerate import dispatch_model
 
     model = tiny_model("llama")
@@ -441,3 +442,8 @@ def test_a_model_whose_first_weight_is_offloaded_keeps_the_sparse_head_on_its_la
     peft_model = get_peft_model(model, GreenTrainerConfig(rho=0.6, units="lora", r=4, target_modules=["q_proj"]))
     with torch.no_grad():
         assert peft_model.train()(input_ids=ids, labels=labels).loss == pytest.approx(float(dense), abs=1e-5)
+    # the selection sends its batches where the hooks take them, not to the offloaded weight's meta
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad])
+    selection = peft_model.base_model.select_units([{"input_ids": ids, "labels": labels}], optimizer)
+    assert selection.flops <= 0.6 * selection.full_flops
+    peft_model(input_ids=ids, labels=labels).loss.backward()

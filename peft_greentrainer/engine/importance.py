@@ -37,7 +37,7 @@ from torch import nn
 
 from .profile import LossFn, default_loss
 from .rng import fork_rng
-from .units import Unit, is_trainable_storage, requires_grad_kept
+from .units import Unit, inputs_device, is_trainable_storage, requires_grad_kept
 
 logger = logging.getLogger(__name__)
 
@@ -696,11 +696,7 @@ def _average_gradients(
     model: nn.Module, tensors: list[torch.Tensor], batches: Iterable[Mapping[str, Any]], loss_fn: LossFn
 ) -> list[torch.Tensor]:
     """Mean over ``batches`` of d loss / d tensor (work dtype), with ``requires_grad`` only on ``tensors``."""
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        raise ValueError("model has no parameters") from None
-
+    device = inputs_device(model)
     params = list(model.parameters())
     sums = [torch.zeros(t.shape, dtype=_compute_dtype(t), device=t.device) for t in tensors]
     count = 0

@@ -178,3 +178,16 @@ def auxiliary_units(model: nn.Module, adapter_name: str = "default", bias: str =
         if (copied or trained_bias) and is_trainable_storage(param):
             units.append(Unit(name=name, param_names=(name,)))
     return units
+
+
+def inputs_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s inputs go: its first weight's device, passing over the weights accelerate keeps on ``meta``
+    between forwards (offloaded: its hooks bring them in); ``meta`` where every weight is (a plan from a config)."""
+    found = None
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+        found = found or param.device
+    if found is None:
+        raise ValueError("model has no parameters")
+    return found
