@@ -215,6 +215,22 @@ def mistral3_batch(size: int, seed: int = 0, length: int = 48) -> dict[str, torc
     return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "image_sizes": torch.tensor([[size, size]] * 2)}
 
 
+QWEN2_AUDIO_TOKEN = 250
+
+
+def tiny_qwen2_audio_config(hidden: int = 32) -> transformers.Qwen2AudioConfig:
+    """Qwen2-Audio: an encoder over 16 mel bins (64 frames make 16 audio tokens) under a Qwen2 text model."""
+    audio = transformers.Qwen2AudioEncoderConfig(
+        num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=hidden,
+        max_source_positions=32,
+    )  # fmt: skip
+    text = transformers.Qwen2Config(
+        vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1,
+    )  # fmt: skip
+    return transformers.Qwen2AudioConfig(audio_config=audio, text_config=text, audio_token_index=QWEN2_AUDIO_TOKEN)
+
+
 @pytest.fixture(params=["llama", "opt", "bloom", "gpt2", "t5"])
 def arch(request) -> str:
     return request.param

@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import VOCAB, mistral3_batch, needs_opt_on_meta, tiny_batch, tiny_config, tiny_mistral3_config, tiny_model
+from conftest import (
+    QWEN2_AUDIO_TOKEN,
+    VOCAB,
+    mistral3_batch,
+    needs_opt_on_meta,
+    tiny_batch,
+    tiny_config,
+    tiny_mistral3_config,
+    tiny_model,
+    tiny_qwen2_audio_config,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
@@ -920,16 +930,8 @@ def test_an_audio_encoder_that_runs_on_the_padded_clip_is_not_priced_by_its_clip
 
     from peft_greentrainer import GreenTrainerConfig
 
-    audio_token, frames = 250, 64
-    audio = transformers.Qwen2AudioEncoderConfig(
-        num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
-        max_source_positions=32,
-    )  # fmt: skip
-    text = transformers.Qwen2Config(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1,
-    )  # fmt: skip
-    config = transformers.Qwen2AudioConfig(audio_config=audio, text_config=text, audio_token_index=audio_token)
+    audio_token, frames = QWEN2_AUDIO_TOKEN, 64
+    config = tiny_qwen2_audio_config()
 
     def batch(valid: list[int], seed: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)

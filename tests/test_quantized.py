@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import mistral3_batch, save_tiny_checkpoint, tiny_batch, tiny_mistral3_config, tiny_model
+from conftest import (
+    QWEN2_AUDIO_TOKEN,
+    mistral3_batch,
+    save_tiny_checkpoint,
+    tiny_batch,
+    tiny_mistral3_config,
+    tiny_model,
+    tiny_qwen2_audio_config,
+)
 from datasets import Dataset
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
@@ -381,20 +389,11 @@ def test_a_quantized_vision_language_model_whose_inputs_are_read_by_value_select
 def test_a_quantized_model_whose_forward_reads_computed_values_is_refused_with_what_to_do(tmp_path):
     """Qwen2-Audio keeps the frames its mask selects from the features its encoder computed: a weightless twin has no
     values to select by, and the first selection crashed with torch's DynamicOutputShapeException."""
-    audio = transformers.Qwen2AudioEncoderConfig(
-        num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=64,
-        max_source_positions=32,
-    )  # fmt: skip
-    text = transformers.Qwen2Config(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1,
-    )  # fmt: skip
-    config = transformers.Qwen2AudioConfig(audio_config=audio, text_config=text, audio_token_index=250)
-    transformers.Qwen2AudioForConditionalGeneration(config).save_pretrained(tmp_path)
-    ids = torch.cat([torch.full((1, 16), 250), torch.randint(10, 240, (1, 8))], dim=1)  # 64 frames make 16 tokens
+    transformers.Qwen2AudioForConditionalGeneration(tiny_qwen2_audio_config(hidden=64)).save_pretrained(tmp_path)
+    ids = torch.cat([torch.full((1, 16), QWEN2_AUDIO_TOKEN), torch.randint(10, 240, (1, 8))], dim=1)  # 64 frames
     batch = {
-        "input_ids": ids, "labels": ids.masked_fill(ids == 250, -100), "input_features": torch.randn(1, 16, 64),
-        "feature_attention_mask": torch.ones(1, 64, dtype=torch.long),
+        "input_ids": ids, "labels": ids.masked_fill(ids == QWEN2_AUDIO_TOKEN, -100),
+        "input_features": torch.randn(1, 16, 64), "feature_attention_mask": torch.ones(1, 64, dtype=torch.long),
     }  # fmt: skip
     quantization = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
     quantized = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(
