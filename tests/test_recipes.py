@@ -479,7 +479,7 @@ def test_a_compute_loss_func_reaches_the_selection_through_the_trainers_compute_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("reentrant", [False, True], ids=["default", "reentrant"])
-def test_trl_dpo_trainer_with_lora_units_and_its_default_checkpointing(checkpoint, reentrant, tmp_path, caplog):
+def test_trl_dpo_trainer_with_lora_units_under_its_gradient_checkpointing(checkpoint, reentrant, tmp_path, caplog):
     """DPOTrainer on a GreenTrainer-LoRA PeftModel runs its reference adapter inside the loss the units are ranked
     on, with gradient checkpointing on (DPOConfig's default); before: a CheckpointError at the first selection. With
     ``use_reentrant=True``, TRL makes checkpointing reentrant again after each reference forward: every unit ranked 0
