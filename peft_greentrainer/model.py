@@ -543,7 +543,7 @@ class GreenTrainerModel(LoraModel):
             return fsdp.measure_on_twin(self, batch, loss_fn)
         # only where the fused CPU kernel could still be switched off (engine/attention_kernels.py): GPU runs and later
         # profiles pay no probe
-        watch = torch.backends.cuda.flash_sdp_enabled() and next(self.model.parameters()).device.type == "cpu"
+        watch = torch.backends.cuda.flash_sdp_enabled() and inputs_device(self.model).type == "cpu"
         with self.measuring(), LearnedBiasProbe() if watch else nullcontext() as probe:
             profile = profile_model(self.model, batch, loss_fn)
             # rho refers to full fine-tuning of the base model (so both unit kinds spend the same budget): measured

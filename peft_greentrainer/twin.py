@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from .backprop import keep_backprop_shallow
 from .engine.attention_spans import SPAN_INPUTS
 from .engine.profile import CLIP_MASKS, KEYED_BY_VALUE
+from .engine.units import inputs_device
 
 # inputs a twin's step reads the values of: the input ids and the token types that mark image tokens (a
 # vision-language model counts its image tokens, Qwen-VL's rope indexes them), labels, attention's spans, how a vision
@@ -93,7 +94,7 @@ def fake_twin(tuner, model_class: type[nn.Module]):
 
     twin = weightless_twin(tuner, model_class)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    _make_fake(twin, mode, next(tuner.model.parameters()).device)
+    _make_fake(twin, mode, inputs_device(tuner.model))  # where the model computes (not an offloaded weight's meta)
     return twin, mode
 
 
