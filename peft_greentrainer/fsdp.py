@@ -49,7 +49,8 @@ from torch import nn
 
 from . import ranks
 from .engine.checkpointing import non_reentrant_keywords
-from .engine.importance import NO_LOSS, clip_coefficient, optimizer_update, squared_norm, unwrap_optimizer
+from .engine.importance import NO_LOSS, clip_coefficient, squared_norm
+from .engine.optimizer_update import optimizer_update, unwrap_optimizer
 from .engine.profile import LossFn
 from .engine.rng import fork_rng
 from .engine.units import Unit, is_trainable_storage, unwrapped_name
@@ -310,7 +311,7 @@ def compute_importance(
         count = _accumulate_gradients(root, list(tensors.values()), batches, loss_fn)
         try:
             clip = _clip_coefficient(list(tensors.values()), count, max_grad_norm)
-            with _each_warning_once(logging.getLogger("peft_greentrainer.engine.importance")):
+            with _each_warning_once(logging.getLogger("peft_greentrainer.engine.optimizer_update")):
                 for u, unit in enumerate(units):
                     seen = set()
                     for param in unit.parameters(model):

@@ -45,8 +45,9 @@ from .config import GreenTrainerConfig
 from .engine.attention_kernels import LearnedBiasProbe, use_math_attention
 from .engine.checkpointing import non_reentrant_keywords
 from .engine.costs import UnitCosts, select_at_every_shape
-from .engine.importance import base_learning_rates, compute_importance, plain_gradient_step, unwrap_optimizer
+from .engine.importance import compute_importance
 from .engine.module_tree import ModuleTree
+from .engine.optimizer_update import base_learning_rates, plain_gradient_step, unwrap_optimizer
 from .engine.profile import (
     CostProfile,
     LossFn,

@@ -15,12 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from peft_greentrainer.engine.importance import (
-    base_learning_rates,
-    compute_importance,
-    optimizer_update,
-    plain_gradient_step,
-)
+from peft_greentrainer.engine.importance import compute_importance
+from peft_greentrainer.engine.optimizer_update import base_learning_rates, optimizer_update, plain_gradient_step
 from peft_greentrainer.engine.units import Unit, lora_units, tensor_units
 
 VOCAB = 64
@@ -105,6 +101,14 @@ OPTIMIZERS = {
         groups, lr=0.1, momentum=0.9, dampening=0.3, maximize=True
     ),
     "sgd_plain": lambda groups: torch.optim.SGD(groups, lr=0.1),
+    "rmsprop": lambda groups: torch.optim.RMSprop(groups, lr=1e-2),  # optim="rmsprop"
+    "rmsprop_centered_momentum_decay_maximize": lambda groups: torch.optim.RMSprop(
+        groups, lr=1e-2, alpha=0.9, momentum=0.5, centered=True, weight_decay=0.1, maximize=True
+    ),
+    "adagrad": lambda groups: torch.optim.Adagrad(groups, lr=0.1),  # optim="adagrad"
+    "adagrad_lr_decay_accumulator_maximize": lambda groups: torch.optim.Adagrad(
+        groups, lr=0.1, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.5, maximize=True
+    ),
 }
 
 
@@ -130,7 +134,8 @@ def test_optimizer_update_matches_real_step(kind: str, steps: int) -> None:
     model = tiny_llama().double()  # float64: the real step's parameter difference is then exact enough for rtol 1e-5
     optimizer = OPTIMIZERS[kind](two_groups(model))
     train_steps(model, optimizer, steps)
-    assert (len(optimizer.state) > 0) == (steps > 0 and kind != "sgd_plain")
+    # Adagrad makes its state (the accumulator, at initial_accumulator_value) when built; the others at their first step
+    assert (len(optimizer.state) > 0) == ((steps > 0 and kind != "sgd_plain") or kind.startswith("adagrad"))
 
     named = dict(model.named_parameters())
     grads = dict(zip(named, mean_grads(model, list(named.values()), make_batches(1, seed=3)), strict=True))
@@ -210,10 +215,10 @@ def test_optimizer_update_fallbacks(caplog: pytest.LogCaptureFixture) -> None:
     assert caplog.records
 
     caplog.clear()
-    adagrad = torch.optim.Adagrad([param], lr=0.3)
-    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.importance"):
-        torch.testing.assert_close(optimizer_update(param, g, adagrad), -0.3 * g)
-    assert len(caplog.records) == 1 and "Adagrad" in caplog.records[0].getMessage()
+    adamax = torch.optim.Adamax([param], lr=0.3)
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.optimizer_update"):
+        torch.testing.assert_close(optimizer_update(param, g, adamax), -0.3 * g)
+    assert len(caplog.records) == 1 and "Adamax" in caplog.records[0].getMessage()
 
 
 def test_optimizer_update_upcasts_half_precision() -> None:
@@ -302,6 +307,22 @@ BNB_OPTIMIZERS = {
     "PagedAdamW32bit": lambda bnb, groups: bnb.optim.PagedAdamW32bit(groups, lr=1e-2, weight_decay=0.05),
     "AdamW32bit": lambda bnb, groups: bnb.optim.AdamW32bit(groups, lr=1e-2),
     "Adam8bit_decay": lambda bnb, groups: bnb.optim.Adam8bit(groups, lr=1e-2, weight_decay=0.1),
+    # optim="lion_8bit" / "paged_lion_32bit"
+    "lion_8bit": lambda bnb, groups: bnb.optim.Lion(groups, lr=1e-3, weight_decay=0.1, optim_bits=8),
+    "paged_lion_32bit": lambda bnb, groups: bnb.optim.Lion(groups, lr=1e-3, optim_bits=32, is_paged=True),
+    "Lion8bit_betas": lambda bnb, groups: bnb.optim.Lion8bit(groups, lr=1e-3, betas=(0.5, 0.9)),
+    # optim="ademamix_8bit" / "paged_ademamix_32bit", and alpha / beta3 warmed up over a few steps
+    "ademamix_8bit": lambda bnb, groups: bnb.optim.AdEMAMix(groups, lr=1e-2, optim_bits=8, weight_decay=0.1),
+    "paged_ademamix_32bit": lambda bnb, groups: bnb.optim.AdEMAMix(groups, lr=1e-2, optim_bits=32, is_paged=True),
+    "AdEMAMix8bit_schedules": lambda bnb, groups: bnb.optim.AdEMAMix8bit(groups, lr=1e-2, t_alpha=5, t_beta3=5),
+    "ademamix_32bit_schedules": lambda bnb, groups: bnb.optim.AdEMAMix(groups, lr=1e-2, optim_bits=32, t_alpha=3),
+    # optim="rmsprop_bnb_8bit" / "rmsprop_bnb_32bit"
+    "rmsprop_bnb_8bit": lambda bnb, groups: bnb.optim.RMSprop(groups, lr=1e-2, optim_bits=8, weight_decay=0.1),
+    "rmsprop_bnb_32bit": lambda bnb, groups: bnb.optim.RMSprop(groups, lr=1e-2, alpha=0.9, optim_bits=32),
+    "Adagrad8bit": lambda bnb, groups: bnb.optim.Adagrad8bit(groups, lr=1e-2, weight_decay=0.1),
+    "Adagrad32bit": lambda bnb, groups: bnb.optim.Adagrad32bit(groups, lr=1e-2),
+    "SGD8bit_momentum": lambda bnb, groups: bnb.optim.SGD8bit(groups, lr=1e-2, momentum=0.9, weight_decay=0.1),
+    "SGD32bit_momentum": lambda bnb, groups: bnb.optim.SGD32bit(groups, lr=1e-2, momentum=0.5),
 }
 
 
@@ -377,7 +398,21 @@ def test_torch_optimizer_subclasses_are_mirrored(caplog: pytest.LogCaptureFixtur
 
 @pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
 @pytest.mark.parametrize(
-    "optim", ["adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor"]
+    "optim",
+    [
+        "adamw_torch",
+        "adamw_bnb_8bit",
+        "paged_adamw_8bit",
+        "paged_adamw_32bit",
+        "adafactor",
+        "lion_8bit",
+        "paged_lion_32bit",
+        "paged_ademamix_8bit",
+        "ademamix",
+        "rmsprop_bnb_8bit",
+        "rmsprop",
+        "adagrad",
+    ],
 )
 def test_trainer_optimizers_under_warmup(optim: str, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     """The optimizers ``TrainingArguments(optim=...)`` builds, at step 0 of a warmup schedule (their lr is 0 there).
@@ -386,7 +421,7 @@ def test_trainer_optimizers_under_warmup(optim: str, tmp_path, caplog: pytest.Lo
     ``group_lrs=base_learning_rates(optimizer)`` the update is mirrored at the schedule's base lr, exactly as a real
     step at that lr moves the weights.
     """
-    if "bnb" in optim or "paged" in optim:
+    if "bnb" in optim or "paged" in optim or "lion" in optim or "ademamix" in optim:
         pytest.importorskip("bitsandbytes")
     model = small_llama()
     args = transformers.TrainingArguments(
@@ -460,13 +495,13 @@ def test_no_side_effects_bitsandbytes_and_adafactor(kind: str) -> None:
 def test_unmirrored_bitsandbytes_optimizer_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     bnb = pytest.importorskip("bitsandbytes")
     model = small_llama()
-    optimizer = bnb.optim.Lion8bit(model.parameters(), lr=1e-3)
+    optimizer = bnb.optim.LAMB8bit(model.parameters(), lr=1e-3)  # its trust ratio is not mirrored
     train_steps(model, optimizer, 1)
     units = tensor_units(model)
     with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.importance"):
         result = compute_importance(model, units, make_batches(1), optimizer)
     records = [r for r in caplog.records if r.name == "peft_greentrainer.engine.importance"]
-    assert len(records) == 1 and "Lion8bit" in records[0].getMessage()
+    assert len(records) == 1 and "LAMB8bit" in records[0].getMessage()
     np.testing.assert_allclose(result, compute_importance(model, units, make_batches(1), lr=1e-3), rtol=1e-6)
 
 
@@ -738,11 +773,11 @@ def test_errors_and_unknown_optimizer(caplog: pytest.LogCaptureFixture) -> None:
         compute_importance(model, units, [], lr=1e-3)
     assert (compute_importance(model, units, make_batches(1), lr=1e-3, candidates=[False] * len(units)) == 0).all()
 
-    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.01)
+    optimizer = torch.optim.Adamax(model.parameters(), lr=0.01)
     with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.importance"):
         result = compute_importance(model, units, make_batches(1), optimizer)
     records = [r for r in caplog.records if r.name == "peft_greentrainer.engine.importance"]
-    assert len(records) == 1 and "Adagrad" in records[0].getMessage()
+    assert len(records) == 1 and "Adamax" in records[0].getMessage()
     assert np.isfinite(result).all() and (result >= 0).all()
     np.testing.assert_allclose(result, compute_importance(model, units, make_batches(1), lr=0.01), rtol=1e-6)
 
