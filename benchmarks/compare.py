@@ -70,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help="tiny model, tiny tokenizer, synthetic data (< 3 min)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT, help="where compare.md/json/png go")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where compare.md/json/png go (default: benchmarks/results/, with --quick benchmarks/results/quick/, "
+        "so that a smoke run never overwrites the recorded one)",
+    )
     parser.add_argument(
         "--methods", nargs="+", choices=list(methods.REGISTRY), default=list(METHODS), help="which to run, in order"
     )
@@ -88,6 +94,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.output_dir is None:
+        args.output_dir = DEFAULT_OUTPUT / "quick" if args.quick else DEFAULT_OUTPUT
     return args
 
 

@@ -74,3 +74,13 @@ def test_setup_text_says_truly_where_the_learning_rates_come_from(argv, source):
     assert compare.lr_source(args) == (f" {source}" if source else "")
     lrs = {"tensors": args.lr_tensors, "lora": args.lr_lora}
     assert (lrs == PAPER_LR) == ("paper's" in source) and (lrs == EMBEDDED_LR) == ("embedded model" in source)
+
+
+def test_a_quick_run_never_writes_over_the_recorded_results():
+    compare = _compare_module()
+    recorded = compare.resolve(compare.build_parser().parse_args([])).output_dir
+    quick = compare.resolve(compare.build_parser().parse_args(["--quick"])).output_dir
+    chosen = compare.resolve(compare.build_parser().parse_args(["--quick", "--output-dir", "elsewhere"])).output_dir
+    assert recorded == compare.DEFAULT_OUTPUT and (recorded / "compare.md").exists()
+    assert quick != recorded and quick.parent == recorded
+    assert chosen == Path("elsewhere")
