@@ -119,6 +119,13 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 self.loss_fn = tuner.__dict__[_LOSS_FN_KEY]
             else:
                 logger.warning("GreenTrainerCallback was rebuilt from a checkpoint and uses the model's own loss.")
+        if self.loss_fn is None and getattr(args, "label_smoothing_factor", 0.0) > 0:
+            logger.warning(
+                "Training smooths its labels (label_smoothing_factor=%g) but importance ranks units by the model's "
+                "own loss: pass the smoothed loss as GreenTrainerCallback(loss_fn=...) (the README shows one with "
+                "LabelSmoother).",
+                args.label_smoothing_factor,
+            )
         saved = self.checkpoint_state(state) if state.global_step > 0 else None
         if saved is not None and saved.get("selected") is not None:  # resuming: same selection, no new importance
             self.selected = list(saved["selected"])

@@ -47,7 +47,13 @@ from .engine.checkpointing import non_reentrant_keywords
 from .engine.costs import UnitCosts, select_at_every_shape
 from .engine.importance import compute_importance
 from .engine.module_tree import ModuleTree
-from .engine.optimizer_update import base_learning_rates, plain_gradient_step, unwrap_optimizer
+from .engine.optimizer_update import (
+    base_learning_rates,
+    param_slots,
+    plain_gradient_step,
+    stepped_parameters,
+    unwrap_optimizer,
+)
 from .engine.profile import (
     CostProfile,
     LossFn,
@@ -990,7 +996,7 @@ class GreenTrainerModel(LoraModel):
         optimizer = unwrap_optimizer(optimizer)
         if optimizer is None:
             return
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        held = param_slots(optimizer)  # with a layer-wise optimizer's per-parameter ones
         names = [n for u in self.candidate_units() for n in u.param_names]
         missing = [n for n in names if id(self.model.get_parameter(n)) not in held]
         adapter = self._selecting_adapter()
@@ -1030,7 +1036,7 @@ class GreenTrainerModel(LoraModel):
         optimizer = unwrap_optimizer(optimizer)
         if optimizer is None:
             return
-        stepped = {id(p) for p, s in optimizer.state.items() if s}
+        stepped = stepped_parameters(optimizer)
         if not stepped:
             return
         names = [n for u in self.candidate_units() for n in u.param_names if id(self.model.get_parameter(n)) in stepped]

@@ -492,6 +492,27 @@ def test_no_side_effects_bitsandbytes_and_adafactor(kind: str) -> None:
     assert np.isfinite(first).all() and (first > 0).any()
 
 
+@pytest.mark.parametrize("bits", [8, 32])
+def test_bitsandbytes_moments_not_shaped_as_their_parameter_are_not_mirrored(bits, caplog):
+    """GaLore's 8-bit AdamW runs bitsandbytes' "adam" kernel on moments of the projected, low-rank gradient: read as
+    the parameter's own, they crashed the selection (a shape error)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    param = torch.nn.Parameter(torch.randn(64, 128))
+    optimizer = bnb.optim.AdamW([param], lr=1e-2, optim_bits=bits, min_8bit_size=0)
+    optimizer.init_state(optimizer.param_groups[0], param, 0, 0)
+    state = optimizer.state[param]
+    for key in ("state1", "state2"):  # as GaLore keeps them: those of a rank-16 projection
+        state[key] = state[key].reshape(-1)[: 16 * 128].reshape(16, 128).clone()
+    if bits == 8:
+        for key in ("absmax1", "absmax2"):
+            state[key] = state[key][: 16 * 128 // 256].clone()
+    grad = torch.randn(64, 128)
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.optimizer_update"):
+        delta = optimizer_update(param, grad, optimizer)
+    torch.testing.assert_close(delta, -1e-2 * grad)
+    assert len(caplog.records) == 1 and "not mirrored" in caplog.records[0].getMessage()
+
+
 def test_unmirrored_bitsandbytes_optimizer_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     bnb = pytest.importorskip("bitsandbytes")
     model = small_llama()

@@ -8,6 +8,7 @@ fine-tuning on the same inputs. The 2-rank DDP recipe is in ``test_distributed.p
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import replace
 
@@ -637,6 +638,84 @@ def test_optimizers(checkpoint, optim, tmp_path):
     )
     trainer.check_budget()
     _assert_loss_falls(trainer)
+
+
+def _layer_wise_optimizer(model, lr: float):
+    """What ``TrainingArguments(optim="galore_adamw_layerwise")`` builds (transformers' ``trainer_optimizer.py``),
+    with torch's AdamW as each parameter's optimizer (GaLore's needs galore_torch): one optimizer per parameter,
+    stepped by a hook as its gradient is ready, behind a ``LayerWiseDummyOptimizer`` holding a dummy tensor."""
+    from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
+
+    per_parameter = {p: torch.optim.AdamW([p], lr=lr) for p in model.parameters() if p.requires_grad}
+
+    def step(param):
+        if param.grad is not None:
+            per_parameter[param].step()
+            per_parameter[param].zero_grad()
+
+    for param in per_parameter:
+        param.register_post_accumulate_grad_hook(step)
+    return LayerWiseDummyOptimizer(optimizer_dict=per_parameter, lr=lr)
+
+
+@pytest.mark.parametrize("units", ["tensors", "lora"])
+def test_a_layer_wise_optimizer_steps_what_is_selected_and_its_update_is_mirrored(checkpoint, units, tmp_path, caplog):
+    """``optim="galore_adamw_layerwise"`` and the like hold each parameter in an optimizer of its own: GreenTrainer
+    refused them ("the optimizer does not hold the candidates"). Each unit's update is now mirrored from its own
+    optimizer, the tensors those optimizers step are what the adapter saves, and nothing frozen moves (its gradient
+    never comes, so its hook never steps)."""
+    tokenizer = _tokenizer(checkpoint)
+    model = _causal_lm(checkpoint, units)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = _lm_dataset(len(tokenizer))
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, learning_rate=LR[units], num_train_epochs=2),
+        train_dataset=data,
+        data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding="longest"),
+        callbacks=[GreenTrainerCallback()],
+        optimizers=(_layer_wise_optimizer(model, LR[units]), None),  # the Trainer makes the schedule, as for optim=
+    )
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert not [r for r in caplog.records if "importance" in r.getMessage()]  # mirrored: no -lr*grad
+    _assert_loss_falls(trainer)
+    _assert_logged_ratios(trainer)
+    state = model.greentrainer_state
+    selections = [record for record in state.history if record.reason == "importance"]
+    assert len(selections) == 2 and all(record.importance > 0 for record in selections)
+    tensors_of = {unit.name: unit.param_names for unit in model.base_model.candidate_units()}
+    selected = {n for record in state.history for u in record.selected for n in tensors_of[u]}
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    changed = {n.removeprefix("base_model.model.") for n in moved}
+    assert changed and changed <= selected
+    if units == "tensors":
+        assert set(state.trained_tensors) == changed
+
+
+def test_label_smoothing_without_its_loss_for_the_importance_is_warned_about(checkpoint, tmp_path, caplog):
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    tokenizer = _tokenizer(checkpoint)
+    smoothed = LabelSmoother(0.1)
+
+    def smoothed_loss(model, batch):
+        return smoothed(model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"], shift_labels=True)
+
+    warned = []
+    for loss_fn in (None, smoothed_loss):
+        caplog.clear()
+        trainer = Trainer(
+            model=_causal_lm(checkpoint, "tensors"),
+            args=_args(tmp_path, label_smoothing_factor=0.1, max_steps=1),
+            train_dataset=_lm_dataset(len(tokenizer), n=4),
+            data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding="longest"),
+            callbacks=[GreenTrainerCallback(loss_fn=loss_fn)],
+        )
+        with caplog.at_level(logging.WARNING, logger="peft_greentrainer.callback"):
+            trainer.train()
+        warned.append(any("label_smoothing_factor=0.1" in r.getMessage() for r in caplog.records))
+    assert warned == [True, False]
 
 
 # ----------------------------------------------------------------------------------------------- resume

@@ -271,6 +271,27 @@ def _assert_equal_state_dicts(expected: dict, actual: dict) -> None:
     assert not different, different[:5]
 
 
+def test_an_optimizer_that_makes_its_state_when_built_has_trained_nothing_yet(tmp_path):
+    """torch's Adagrad (``optim="adagrad"``) makes every parameter's state, at step 0, when it is built: counted as
+    stepped, every candidate was saved as trained, making the adapter a whole copy of the model."""
+    model = _peft_model("llama", "tensors")
+    tuner = model.base_model
+    batch = _batch("llama")
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=1e-2)
+    assert len(optimizer.state) == len(list(model.parameters()))  # before any step
+    before = {n: p.detach().clone() for n, p in tuner.model.named_parameters()}
+    tuner.select_units([batch], optimizer)
+    for _ in range(2):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {n for n, p in tuner.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(tuner.greentrainer_state.trained_tensors)
+    model.save_pretrained(tmp_path)
+    saved = {k.removeprefix("base_model.model.") for k in load_file(tmp_path / "adapter_model.safetensors")}
+    assert saved == changed and len(saved) < len(before)
+
+
 @pytest.mark.parametrize("units", UNIT_KINDS)
 @pytest.mark.parametrize("arch", ["llama", "opt", "t5"])  # opt and t5 tie their embeddings
 def test_save_and_load_round_trip_is_bitwise(arch, units, tmp_path):

@@ -29,8 +29,10 @@ __all__ = [
     "checked_group_lrs",
     "optimizer_update",
     "param_slots",
+    "per_parameter_optimizers",
     "plain_gradient_step",
     "predicted_update",
+    "stepped_parameters",
     "unwrap_optimizer",
     "work_dtype",
 ]
@@ -43,11 +45,15 @@ _MIRRORED = (
 
 @dataclass(frozen=True)
 class _Slot:
-    """Where a parameter sits in its optimizer (bitsandbytes looks its per-parameter config up by position)."""
+    """Where a parameter sits: the optimizer that steps it (the one given, or one of a layer-wise optimizer's
+    per-parameter optimizers, whose groups ``group_lrs`` does not list) and its place there (bitsandbytes looks its
+    per-parameter config up by position)."""
 
+    optimizer: torch.optim.Optimizer
     group_index: int
     param_index: int
     group: dict[str, Any]
+    per_parameter: bool
 
 
 def work_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -67,12 +73,37 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Opt
     return optimizer
 
 
+def per_parameter_optimizers(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
+    """The optimizers a layer-wise optimizer steps each parameter with, from a hook as its gradient is ready.
+
+    transformers' ``LayerWiseDummyOptimizer`` (``optim="galore_adamw_layerwise"``, ``"apollo_adamw_layerwise"``, ...)
+    keeps them in ``optimizer_dict`` and holds only a dummy tensor itself."""
+    inner = getattr(optimizer, "optimizer_dict", None)
+    if not isinstance(inner, Mapping):
+        return []
+    return list({id(o): o for o in inner.values() if isinstance(o, torch.optim.Optimizer)}.values())
+
+
 def param_slots(optimizer: torch.optim.Optimizer) -> dict[int, _Slot]:
-    return {
-        id(p): _Slot(g, i, group)
-        for g, group in enumerate(optimizer.param_groups)
-        for i, p in enumerate(group["params"])
-    }
+    """Every parameter ``optimizer`` steps (with its per-parameter optimizers' ones), by ``id``."""
+    slots: dict[int, _Slot] = {}
+    for owner in [optimizer, *per_parameter_optimizers(optimizer)]:
+        for g, group in enumerate(owner.param_groups):
+            for i, p in enumerate(group["params"]):
+                slots.setdefault(id(p), _Slot(owner, g, i, group, owner is not optimizer))
+    return slots
+
+
+def stepped_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
+    """``id`` of every parameter ``optimizer`` (or one of its per-parameter optimizers) has stepped: its state counts
+    more than 0 steps, or, for a state that counts none (SGD's momentum buffer), exists. (Adagrad makes its state, at
+    step 0, when it is built.)"""
+    stepped = set()
+    for owner in [optimizer, *per_parameter_optimizers(optimizer)]:
+        for param, state in owner.state.items():
+            if state and ("step" not in state or float(state["step"]) > 0):
+                stepped.add(id(param))
+    return stepped
 
 
 def _read_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> Mapping[str, Any]:
@@ -323,16 +354,15 @@ def _adafactor_update(
 
 
 def _mirrored_update(
-    optimizer: torch.optim.Optimizer,
     slot: _Slot,
     param: torch.Tensor,
     w: torch.Tensor,
     g: torch.Tensor,
     lr: float | None,
 ) -> torch.Tensor | None:
-    """delta_w by the rule of ``optimizer``'s kind (subclasses are assumed to keep it), or None if it is not mirrored.
-    ``lr`` is None only for a relative-step Adafactor group."""
-    group = slot.group
+    """delta_w by the rule of the kind of the optimizer stepping ``param`` (subclasses are assumed to keep it), or
+    None if it is not mirrored. ``lr`` is None only for a relative-step Adafactor group."""
+    optimizer, group = slot.optimizer, slot.group
     state = _read_state(optimizer, param)
     if isinstance(optimizer, torch.optim.Adam):  # AdamW subclasses Adam in torch >= 2.6
         decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
@@ -384,10 +414,16 @@ def predicted_update(
         )
     else:
         group = slot.group
-        override = group_lrs[slot.group_index] if group_lrs is not None else None
+        optimizer = slot.optimizer
+        if group_lrs is None:
+            override = None
+        elif slot.per_parameter:  # its own schedule's base lr, as base_learning_rates reads the given optimizer's
+            override = group.get("initial_lr")
+        else:
+            override = group_lrs[slot.group_index]
         group_lr = override if override is not None else group.get("lr")  # None: relative-step Adafactor
         step_lr = float(group_lr) if group_lr is not None else None
-        delta = _mirrored_update(optimizer, slot, param, w, g, step_lr)
+        delta = _mirrored_update(slot, param, w, g, step_lr)
         if delta is None:
             if step_lr is None:  # any constant scale ranks units alike
                 step_lr = float(lr) if lr is not None else 1.0
