@@ -110,6 +110,15 @@ OPTIMIZERS = {
         groups, lr=0.1, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.5, maximize=True
     ),
 }
+if hasattr(torch.optim, "Muon"):  # torch >= 2.9: 2-D tensors only (a LoRA adapter's A and B, a model's matrices)
+    MATRIX_OPTIMIZERS = {
+        "muon": lambda params: torch.optim.Muon(params, lr=1e-2),
+        "muon_plain_momentum_adamw_rms": lambda params: torch.optim.Muon(
+            params, lr=1e-2, weight_decay=0.0, nesterov=False, adjust_lr_fn="match_rms_adamw"
+        ),
+    }
+else:
+    MATRIX_OPTIMIZERS = {}
 
 
 def real_step_change(model, optimizer, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -143,6 +152,23 @@ def test_optimizer_update_matches_real_step(kind: str, steps: int) -> None:
     for name, param in named.items():
         delta = optimizer_update(param, grads[name], optimizer)
         assert delta.dtype == torch.float64 and delta.shape == param.shape
+        torch.testing.assert_close(delta, expected[name], rtol=1e-5, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+@pytest.mark.parametrize("kind", sorted(MATRIX_OPTIMIZERS))
+def test_matrix_optimizer_update_matches_real_step(kind: str, steps: int) -> None:
+    model = tiny_llama().double()
+    matrices = [p for p in model.parameters() if p.ndim == 2]
+    for p in model.parameters():
+        p.requires_grad_(p.ndim == 2)
+    optimizer = MATRIX_OPTIMIZERS[kind](matrices)
+    train_steps(model, optimizer, steps)
+    named = {n: p for n, p in model.named_parameters() if p.ndim == 2}
+    grads = dict(zip(named, mean_grads(model, list(named.values()), make_batches(1, seed=3)), strict=True))
+    expected = real_step_change(model, optimizer, grads)
+    for name, param in named.items():
+        delta = optimizer_update(param, grads[name], optimizer)
         torch.testing.assert_close(delta, expected[name], rtol=1e-5, atol=1e-12, msg=name)
 
 

@@ -38,8 +38,8 @@ __all__ = [
 ]
 
 _MIRRORED = (
-    "torch Adam/AdamW/SGD/RMSprop/Adagrad and subclasses, bitsandbytes' Adam, AdEMAMix, Lion, RMSprop, Adagrad and "
-    "SGD (8-bit, 32-bit, paged), transformers Adafactor"
+    "torch Adam/AdamW/SGD/RMSprop/Adagrad/Muon and subclasses, bitsandbytes' Adam, AdEMAMix, Lion, RMSprop, Adagrad "
+    "and SGD (8-bit, 32-bit, paged), transformers Adafactor"
 )
 
 
@@ -279,6 +279,23 @@ def _rmsprop_update(
     return step.mul_(-lr)
 
 
+def _muon_update(
+    w: torch.Tensor, g: torch.Tensor, group: Mapping[str, Any], state: Mapping[str, Any], lr: float
+) -> torch.Tensor | None:
+    """Mirror of ``torch.optim._muon._single_tensor_muon`` (torch >= 2.9; 2-D tensors such as LoRA's A and B) on
+    copies, with torch's own Newton-Schulz orthogonalisation and lr adjustment; None if this torch lacks them."""
+    try:
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+    except ImportError:
+        return None
+    momentum = float(group["momentum"])
+    buffer = torch.lerp(_state_or_zeros(state, "momentum_buffer", g.shape, g), g, 1 - momentum)
+    update = torch.lerp(g, buffer, momentum) if group["nesterov"] else buffer
+    update = _zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+    delta = update.to(g.dtype).mul_(-_adjust_lr(lr, group["adjust_lr_fn"], w.shape))
+    return delta.add_(w, alpha=-lr * float(group["weight_decay"]))
+
+
 def _adagrad_update(
     w: torch.Tensor, g: torch.Tensor, group: Mapping[str, Any], state: Mapping[str, Any], lr: float
 ) -> torch.Tensor:
@@ -375,6 +392,9 @@ def _mirrored_update(
         return _rmsprop_update(w, g, group, state, float(lr))
     if isinstance(optimizer, torch.optim.Adagrad):
         return _adagrad_update(w, g, group, state, float(lr))
+    muon = getattr(torch.optim, "Muon", None)  # torch >= 2.9
+    if muon is not None and isinstance(optimizer, muon):
+        return _muon_update(w, g, group, state, float(lr))
     if _is_adafactor(optimizer):
         return _adafactor_update(w, g, group, state, lr)
     config = bnb_config(optimizer, slot.group_index, slot.param_index, group, state)
@@ -474,7 +494,7 @@ def optimizer_update(
       ``maximize``; an empty momentum buffer is initialised with the gradient, as torch does.
     * ``torch.optim.RMSprop`` (``optim="rmsprop"``; centered, momentum, weight decay, ``maximize``) and
       ``torch.optim.Adagrad`` (``optim="adagrad"``; ``lr_decay``, ``initial_accumulator_value``) and subclasses:
-      exact.
+      exact. ``torch.optim.Muon`` (2-D tensors, e.g. LoRA's): exact, with torch's own orthogonalisation.
     * bitsandbytes' Adam, AdEMAMix (with its alpha / beta3 warmup), Lion, RMSprop, Adagrad and SGD, 8-bit or 32-bit,
       paged or not (every bitsandbytes ``optim=`` name: ``"adamw_bnb_8bit"``, ``"paged_adamw_8bit"``,
       ``"lion_8bit"``, ``"paged_ademamix_8bit"``, ``"rmsprop_bnb"``, ...): exact up to float rounding, from the
