@@ -182,6 +182,17 @@ class GreenTrainerConfig(LoraConfig):
                 changed.append(name)
         return changed
 
+    @property
+    def init_weights(self) -> bool | str:
+        """``init_lora_weights`` under the name PEFT gives a method other than LoRA: ``PeftModel.save_pretrained``
+        sets it on the initial adapter of a PiSSA/OLoRA conversion (``path_initial_model_for_weight_conversion``),
+        which must say ``True``."""
+        return self.init_lora_weights
+
+    @init_weights.setter
+    def init_weights(self, value: bool | str) -> None:
+        self.init_lora_weights = value
+
     def to_lora_config(self) -> LoraConfig:
         """The plain ``LoraConfig`` with the same LoRA fields (what a units="lora" adapter is saved as)."""
         lora_fields = {f for f in LoraConfig.__dataclass_fields__ if f != "peft_type"}

@@ -349,10 +349,16 @@ class StepPricer:
         if feasible.any():
             return envelope, keys, feasible
         advice = rounded_up_rho(float(envelope.alone_costs().min()), envelope.full_flops)
+        fixed = (
+            " Some of this model's costs do not grow with the rows (DoRA's weight norm, LoRA on stacked parameters): "
+            "they are priced for a step of any number of rows, one row included, whose share of them is the largest."
+            if self.caches.fixed_costs_per_step
+            else ""
+        )
         raise ValueError(
             f"rho={rho:g} is below the smallest feasible rho {advice:.4f} for this model at the batch shapes trained "
             f"on ({_describe(keys)}): the forward pass plus the cheapest single unit. Raise rho to at least "
-            f"{advice:.4f}, or cap the sequence length (attention's share grows with it)."
+            f"{advice:.4f}, or cap the sequence length (attention's share grows with it).{fixed}"
         )
 
     def learn_loss_reads(

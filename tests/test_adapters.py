@@ -378,6 +378,43 @@ def test_each_adapter_is_saved_under_its_name_as_plain_lora(tmp_path):
     torch.testing.assert_close(plain, torch.stack([expected["default"][0], expected["other"][1]]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_pissa_or_olora_adapter_converts_to_plain_lora_on_save(init, tmp_path):
+    """PEFT's conversion (``save_pretrained(path_initial_model_for_weight_conversion=...)``) marks the initial adapter
+    ``init_weights=True`` for a method other than LoRA, and refused ours, still marked "pissa"."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model(ARCH), _config(init_lora_weights=init))
+    model.peft_config["default"].init_lora_weights = True  # PEFT's flow: the initial adapter saved as plain LoRA
+    model.save_pretrained(tmp_path / "initial")
+    model.peft_config["default"].init_lora_weights = init
+    batch = tiny_batch(model.base_model.model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.base_model.select_units([batch], optimizer)
+    for _ in range(3):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=batch["input_ids"]).logits
+    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=tmp_path / "initial")
+    loaded = PeftModel.from_pretrained(tiny_model(ARCH), tmp_path / "converted").eval()  # on the unmodified base
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=batch["input_ids"]).logits, trained, rtol=0, atol=1e-5)
+
+
+def test_a_floor_set_by_costs_that_do_not_grow_with_the_rows_says_so():
+    """DoRA's weight norm costs the same for any number of rows: a step is priced for any batch size, one row
+    included, so the floor is a one-row step's, which the refusal says (capping the length would not lower it)."""
+    targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
+    config = _config(rho=0.3, r=16, lora_alpha=32, use_dora=True, target_modules=targets)
+    model = get_peft_model(tiny_model(ARCH), config)
+    batch = tiny_batch(model.base_model.model, batch_size=4, seq_len=16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with pytest.raises(ValueError, match="DoRA's weight norm"):
+        model.base_model.select_units([batch], optimizer)
+
+
 def test_config_round_trip_keeps_every_field(tmp_path):
     config = GreenTrainerConfig(
         units="lora", rho=0.7, r=8, lora_alpha=32, target_modules=["q_proj"], use_dora=True,
