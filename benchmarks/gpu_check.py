@@ -6,7 +6,8 @@
 
 Steps, each written to ``--out`` (JSON) and summarised in one table printed last:
 
-1. ``pytest -m gpu``: the GPU-marked tests (profile, importance RNG, bf16 Trainer run on CUDA).
+1. ``pytest -m gpu``: the GPU-marked tests (profile, importance RNG, bf16 Trainer run on CUDA, bitsandbytes' CUDA
+   optimizer kernels against the importance's mirrors).
 2. Per model (a Llama-3.2-1B-shaped model with random weights, big enough to keep the GPU busy, and the
    SmolLM2-135M shape) and configuration (full fine-tuning, GreenTrainer tensors at rho 0.5 and 0.7,
    GreenTrainer-LoRA at 0.5): the step time under bf16 autocast with SDPA attention, as the median over warm steps

@@ -49,7 +49,8 @@ from .engine.importance import compute_importance
 from .engine.module_tree import ModuleTree
 from .engine.optimizer_update import (
     base_learning_rates,
-    param_slots,
+    held_parameters,
+    per_parameter_optimizers,
     plain_gradient_step,
     stepped_parameters,
     unwrap_optimizer,
@@ -765,6 +766,8 @@ class GreenTrainerModel(LoraModel):
         or (``importance_update="gradient"``, or without an optimizer: ``select_units``' fallback at ``lr``) of a plain
         gradient step."""
         optimizer = unwrap_optimizer(optimizer)
+        if optimizer is not None and per_parameter_optimizers(optimizer):
+            max_grad_norm = None  # a layer-wise optimizer steps inside the backward, before a Trainer would clip
         if optimizer is not None and self.greentrainer_config.importance_update == "gradient":
             optimizer = plain_gradient_step(optimizer)
         group_lrs = base_learning_rates(optimizer) if optimizer is not None else None
@@ -996,7 +999,7 @@ class GreenTrainerModel(LoraModel):
         optimizer = unwrap_optimizer(optimizer)
         if optimizer is None:
             return
-        held = param_slots(optimizer)  # with a layer-wise optimizer's per-parameter ones
+        held = held_parameters(optimizer)  # with those a layer-wise optimizer steps from hooks
         names = [n for u in self.candidate_units() for n in u.param_names]
         missing = [n for n in names if id(self.model.get_parameter(n)) not in held]
         adapter = self._selecting_adapter()

@@ -118,3 +118,27 @@ def test_a_selection_made_in_float32_holds_at_steps_under_bf16_autocast():
             step = sum(measure_flops(base, batch))
             full = sum(measure_flops(base, batch, [n for n, _ in base.named_parameters()]))
     assert step <= 0.5 * full
+
+
+@pytest.mark.parametrize(
+    ("kind", "bits"), [("AdamW", 8), ("AdamW", 32), ("Lion", 8), ("Lion", 32), ("RMSprop", 8), ("AdEMAMix", 8)]
+)
+def test_bitsandbytes_cuda_kernels_step_as_the_mirror_predicts(kind, bits):
+    """The mirrors follow bitsandbytes' CPU kernels (``engine/bnb_update.py``); its CUDA kernels must step alike,
+    weight decay included (decoupled for Adam, AdEMAMix and Lion, folded into the gradient for RMSprop)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft_greentrainer.engine.optimizer_update import optimizer_update
+
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(64, 128, device=CUDA))
+    optimizer = getattr(bnb.optim, kind)([param], lr=1e-2, weight_decay=0.1, optim_bits=bits)
+    for _ in range(2):
+        param.grad = torch.randn_like(param)
+        optimizer.step()
+    grad = torch.randn_like(param)
+    mirrored = optimizer_update(param, grad, optimizer)
+    before = param.detach().clone()
+    param.grad = grad
+    optimizer.step()
+    real = param.detach() - before
+    assert float((mirrored - real).abs().max()) <= 1e-5 * float(real.abs().max()) + 4e-7 * float(before.abs().max())

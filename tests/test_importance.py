@@ -247,6 +247,24 @@ def test_optimizer_update_fallbacks(caplog: pytest.LogCaptureFixture) -> None:
     assert len(caplog.records) == 1 and "Adamax" in caplog.records[0].getMessage()
 
 
+@pytest.mark.parametrize("kind", ["adamw", "sgd_nesterov", "rmsprop_centered_momentum_decay_maximize", "adagrad"])
+def test_a_complex_parameter_is_mirrored_from_its_complex_state(kind: str) -> None:
+    """Complex state read for the real work dtype lost its imaginary part: a shape error once any state existed
+    (at once for Adagrad, which makes its state when built)."""
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.complex128))
+    optimizer = OPTIMIZERS[kind]([param])
+    for _ in range(2):
+        param.grad = torch.randn(3, 4, dtype=torch.complex128)
+        optimizer.step()
+    grad = torch.randn(3, 4, dtype=torch.complex128)
+    mirrored = optimizer_update(param, grad, optimizer)
+    before = param.detach().clone()
+    param.grad = grad.clone()
+    optimizer.step()
+    torch.testing.assert_close(mirrored, param.detach() - before, rtol=1e-9, atol=1e-12)
+
+
 def test_optimizer_update_upcasts_half_precision() -> None:
     param = torch.nn.Parameter(torch.randn(8).to(torch.bfloat16))
     opt = torch.optim.AdamW([param], lr=1e-3)
@@ -523,6 +541,7 @@ def test_bitsandbytes_moments_not_shaped_as_their_parameter_are_not_mirrored(bit
     """GaLore's 8-bit AdamW runs bitsandbytes' "adam" kernel on moments of the projected, low-rank gradient: read as
     the parameter's own, they crashed the selection (a shape error)."""
     bnb = pytest.importorskip("bitsandbytes")
+    bnb.optim.GlobalOptimManager.get_instance().initialize()  # no override left by an earlier test's reused ids
     param = torch.nn.Parameter(torch.randn(64, 128))
     optimizer = bnb.optim.AdamW([param], lr=1e-2, optim_bits=bits, min_8bit_size=0)
     optimizer.init_state(optimizer.param_groups[0], param, 0, 0)
@@ -537,6 +556,23 @@ def test_bitsandbytes_moments_not_shaped_as_their_parameter_are_not_mirrored(bit
         delta = optimizer_update(param, grad, optimizer)
     torch.testing.assert_close(delta, -1e-2 * grad)
     assert len(caplog.records) == 1 and "not mirrored" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("kind", ["AdamW8bit", "lion_8bit", "rmsprop_bnb_32bit"])
+def test_a_bitsandbytes_lr_set_for_one_tensor_is_the_lr_its_update_is_mirrored_at(kind: str) -> None:
+    """``GlobalOptimManager.override_config(p, "lr", ...)`` replaces the group's lr for that tensor alone."""
+    bnb = pytest.importorskip("bitsandbytes")
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    model = small_llama()
+    try:
+        manager.register_parameters(model.parameters())
+        optimizer = BNB_OPTIMIZERS[kind](bnb, two_groups(model))
+        manager.override_config(model.model.layers[0].mlp.up_proj.weight, "lr", 0.5)
+        train_steps(model, optimizer, 2)
+        mirrored, real = mirrored_then_real(model, optimizer)
+    finally:
+        manager.initialize()  # the manager is one per process: leave no override to later optimizers
+    assert_float32_step_close(model, mirrored, real)
 
 
 def test_unmirrored_bitsandbytes_optimizer_warns_once(caplog: pytest.LogCaptureFixture) -> None:

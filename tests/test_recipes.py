@@ -646,7 +646,7 @@ def _layer_wise_optimizer(model, lr: float):
     stepped by a hook as its gradient is ready, behind a ``LayerWiseDummyOptimizer`` holding a dummy tensor."""
     from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
 
-    per_parameter = {p: torch.optim.AdamW([p], lr=lr) for p in model.parameters() if p.requires_grad}
+    per_parameter = {p: torch.optim.AdamW([p], lr=lr) for p in model.parameters()}  # frozen ones too, as there
 
     def step(param):
         if param.grad is not None:
@@ -654,7 +654,8 @@ def _layer_wise_optimizer(model, lr: float):
             per_parameter[param].zero_grad()
 
     for param in per_parameter:
-        param.register_post_accumulate_grad_hook(step)
+        if param.requires_grad:  # only these are ever stepped
+            param.register_post_accumulate_grad_hook(step)
     return LayerWiseDummyOptimizer(optimizer_dict=per_parameter, lr=lr)
 
 
@@ -691,6 +692,36 @@ def test_a_layer_wise_optimizer_steps_what_is_selected_and_its_update_is_mirrore
     assert changed and changed <= selected
     if units == "tensors":
         assert set(state.trained_tensors) == changed
+
+
+def _ids_batch(model) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def test_a_layer_wise_optimizer_built_after_a_selection_is_refused_as_a_plain_one_is(checkpoint):
+    """transformers hooks only the tensors trainable when the optimizer is built: one built while units are frozen
+    would never step them once selected, so it does not hold them."""
+    model = _causal_lm(checkpoint, "tensors")
+    batch = _ids_batch(model)
+    model.base_model.select_units([batch], torch.optim.AdamW(model.parameters(), lr=1e-3))
+    with pytest.raises(ValueError, match="does not hold"):
+        model.base_model.select_units([batch], _layer_wise_optimizer(model, 1e-3))
+
+
+@pytest.mark.parametrize("update", ["optimizer", "gradient"])
+def test_a_layer_wise_optimizers_steps_are_predicted_unclipped(checkpoint, update, caplog):
+    """Its steps run inside the backward, before a Trainer clips gradients: the importance predicts unclipped ones,
+    and ``importance_update="gradient"`` weighs each tensor by its own optimizer's lr, with no warning."""
+    importances = []
+    for max_grad_norm in (None, 1e-3):
+        model = _causal_lm(checkpoint, "tensors", importance_update=update)
+        optimizer = _layer_wise_optimizer(model, 1e-3)
+        with caplog.at_level(logging.WARNING):
+            model.base_model.select_units([_ids_batch(model)], optimizer, max_grad_norm=max_grad_norm)
+        importances.append(model.greentrainer_state.importance)
+    assert importances[0] == importances[1] and any(v > 0 for v in importances[0].values())
+    assert not [r for r in caplog.records if "importance" in r.getMessage()]
 
 
 def test_label_smoothing_without_its_loss_for_the_importance_is_warned_about(checkpoint, tmp_path, caplog):

@@ -47,7 +47,7 @@ def bnb_config(
     config = optimizer.get_config(group_index, param_index, group)  # builds a new dict; reads only
     if float(config.get("max_unorm", 0.0)) > 0:
         return None
-    numel = group["params"][param_index].numel()
+    numel = group["params"][param_index].numel()  # (the parameter's own, not the state's)
     for index in (1, 2):
         moment = state.get(f"state{index}")
         if moment is None:
@@ -61,7 +61,10 @@ def bnb_config(
                 return None
         elif not moment.is_floating_point():
             return None
-    return {**config, "kernel": kernel}
+    param = group["params"][param_index]
+    manager = optimizer.mng
+    overrides = {**manager.index2config.get((group_index, param_index), {}), **manager.pid2config.get(id(param), {})}
+    return {**config, "kernel": kernel, "lr_override": overrides.get("lr")}
 
 
 def _moment(state: Mapping[str, Any], index: int, like: torch.Tensor, parts: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ __all__ = [
     "as_work",
     "base_learning_rates",
     "checked_group_lrs",
+    "held_parameters",
     "optimizer_update",
     "param_slots",
     "per_parameter_optimizers",
@@ -94,6 +95,21 @@ def param_slots(optimizer: torch.optim.Optimizer) -> dict[int, _Slot]:
     return slots
 
 
+def held_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
+    """``id`` of every parameter ``optimizer`` steps: those of its param groups, and those of its per-parameter
+    optimizers that a hook steps as their gradient is ready. (transformers puts every parameter in a layer-wise
+    optimizer's ``optimizer_dict`` but hooks only those trainable when it is built: the others are never stepped.)"""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for owner in per_parameter_optimizers(optimizer):
+        held.update(
+            id(p)
+            for group in owner.param_groups
+            for p in group["params"]
+            if getattr(p, "_post_accumulate_grad_hooks", None)
+        )
+    return held
+
+
 def stepped_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
     """``id`` of every parameter ``optimizer`` (or one of its per-parameter optimizers) has stepped: its state counts
     more than 0 steps, or, for a state that counts none (SGD's momentum buffer), exists. (Adagrad makes its state, at
@@ -115,6 +131,8 @@ def _read_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> Mappin
 def as_work(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device, copy: bool = False) -> torch.Tensor:
     """A detached view (a copy if ``copy`` or if the dtype/device differ) in the computation dtype, as real numbers
     (complex tensors viewed as pairs). Only copies may be updated in place: a view would write into optimizer state."""
+    if tensor.is_complex() and not dtype.is_complex:  # a complex state read for a real work dtype keeps its pairs
+        dtype = torch.promote_types(tensor.dtype, dtype)
     out = tensor.detach().to(device=device, dtype=dtype, copy=copy)
     return torch.view_as_real(out) if out.is_complex() else out
 
@@ -183,7 +201,9 @@ def plain_gradient_step(optimizer: torch.optim.Optimizer) -> torch.optim.SGD:
     optimizer = unwrap_optimizer(optimizer)
     if optimizer is None:
         raise ValueError("plain_gradient_step needs an optimizer")
-    lrs = base_learning_rates(optimizer)
+    owners = per_parameter_optimizers(optimizer) or [optimizer]  # a layer-wise optimizer's groups hold a dummy
+    groups = [group for owner in owners for group in owner.param_groups]
+    lrs = [group.get("initial_lr", group.get("lr")) for group in groups]  # as base_learning_rates reads them
     if None in lrs:
         if any(lr is not None for lr in lrs):
             raise ValueError(
@@ -192,10 +212,9 @@ def plain_gradient_step(optimizer: torch.optim.Optimizer) -> torch.optim.SGD:
                 "group a learning rate, or use importance_update='optimizer'."
             )
         lrs = [1.0] * len(lrs)  # one scale for all (e.g. Adafactor's relative step): the ranking is |g|^2's
-    groups = [
-        {"params": list(group["params"]), "lr": lr} for group, lr in zip(optimizer.param_groups, lrs, strict=True)
-    ]
-    return torch.optim.SGD(groups, lr=0.0)
+    return torch.optim.SGD(
+        [{"params": list(group["params"]), "lr": float(lr)} for group, lr in zip(groups, lrs, strict=True)], lr=0.0
+    )
 
 
 def _adam_update(
@@ -398,7 +417,10 @@ def _mirrored_update(
     if _is_adafactor(optimizer):
         return _adafactor_update(w, g, group, state, lr)
     config = bnb_config(optimizer, slot.group_index, slot.param_index, group, state)
-    return bnb_update(w, g, config, state, float(lr)) if config is not None else None
+    if config is None:
+        return None
+    # an lr set for this tensor alone (GlobalOptimManager.override_config) replaces the group's, schedule and all
+    return bnb_update(w, g, config, state, float(config["lr_override"] if config["lr_override"] is not None else lr))
 
 
 def predicted_update(

@@ -1183,6 +1183,9 @@ def measure_flops(
 ) -> tuple[float, float]:
     """(forward, backward) FLOPs of one step measured by FlopCounterMode with only ``trainable`` tensors trainable.
 
+    It runs ``loss.backward()``, so hooks on the tensors' gradients fire: a layer-wise optimizer's (transformers'
+    ``optim="galore_adamw_layerwise"``) would step them. Measure such a model with its hooks removed, or on a copy.
+
     ``trainable`` holds parameter names (aliases allowed); ``None`` keeps the model's own flags. Flags, ``.grad``
     and RNG state are restored afterwards. This is the ground truth the profile is checked against.
     """
