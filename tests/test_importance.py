@@ -213,6 +213,36 @@ def test_adam_update_property(adamw, amsgrad, maximize, weight_decay, beta1, bet
     torch.testing.assert_close(delta, param.detach() - before, rtol=1e-5, atol=1e-12)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(["rmsprop", "adagrad"]),
+    maximize=st.booleans(),
+    weight_decay=st.sampled_from([0.0, 0.01, 0.3]),
+    centered=st.booleans(),
+    momentum=st.sampled_from([0.0, 0.5]),
+    decay=st.sampled_from([0.0, 0.1]),
+    steps=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_rmsprop_and_adagrad_update_property(kind, maximize, weight_decay, centered, momentum, decay, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    param = torch.nn.Parameter(torch.randn(5, 3, generator=gen, dtype=torch.float64))
+    common = {"lr": 0.05, "weight_decay": weight_decay, "maximize": maximize}
+    if kind == "rmsprop":
+        opt = torch.optim.RMSprop([param], alpha=0.9, centered=centered, momentum=momentum, **common)
+    else:
+        opt = torch.optim.Adagrad([param], lr_decay=decay, initial_accumulator_value=momentum, **common)
+    for _ in range(steps):
+        param.grad = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+        opt.step()
+    g = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    delta = optimizer_update(param, g, opt)
+    before = param.detach().clone()
+    param.grad = g
+    opt.step()
+    torch.testing.assert_close(delta, param.detach() - before, rtol=1e-5, atol=1e-12)
+
+
 def test_optimizer_update_leaves_optimizer_untouched() -> None:
     param = torch.nn.Parameter(torch.randn(4))
     opt = torch.optim.AdamW([param])
