@@ -35,9 +35,10 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import workload  # noqa: E402
+from peft_greentrainer.engine.costs import UnitCosts  # noqa: E402
 from peft_greentrainer.engine.importance import compute_importance  # noqa: E402
 from peft_greentrainer.engine.profile import profile_model  # noqa: E402
-from peft_greentrainer.engine.units import tensor_units  # noqa: E402
+from peft_greentrainer.engine.units import Unit, tensor_units  # noqa: E402
 
 
 def _bnb():
@@ -66,7 +67,9 @@ def loss(model: torch.nn.Module, batch: dict) -> float:
         return float(model(**batch).loss)
 
 
-def actual_gains(model, units, optimizer, batch: dict) -> np.ndarray:
+def actual_gains(
+    model: torch.nn.Module, units: list[Unit], optimizer: torch.optim.Optimizer, batch: dict
+) -> np.ndarray:
     """Loss drop on ``batch`` when each unit alone takes the optimizer's real next step (weights restored after)."""
     params = dict(model.named_parameters())
     before = {name: p.detach().clone() for name, p in params.items()}
@@ -93,7 +96,7 @@ def actual_gains(model, units, optimizer, batch: dict) -> np.ndarray:
     return gains
 
 
-def captured(costs, names: list[str], estimate: np.ndarray, gains: np.ndarray, rho: float) -> float:
+def captured(costs: UnitCosts, names: list[str], estimate: np.ndarray, gains: np.ndarray, rho: float) -> float:
     """Actual gain of the DP's choice from ``estimate``, over that of its choice from the actual gains (both given
     in the order of ``names``; the costs list units in backward order)."""
     order = [names.index(unit.name) for unit in costs.units]
@@ -103,7 +106,7 @@ def captured(costs, names: list[str], estimate: np.ndarray, gains: np.ndarray, r
     return float(gains[chosen].sum() / gains[best].sum())
 
 
-def measure(name: str, work, args) -> dict:
+def measure(name: str, work: workload.Workload, args: argparse.Namespace) -> dict:
     lr, build = OPTIMIZERS[name]
     torch.manual_seed(0)
     model = work.new_model().train()
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.output_dir is None:
         args.output_dir = (
-            ROOT / "benchmarks" / "results" / ("optimizer_mirrors-quick" if args.quick else "optimizer_mirrors")
+            ROOT / "benchmarks" / "results" / ("quick/optimizer_mirrors" if args.quick else "optimizer_mirrors")
         )
     torch.set_num_threads(args.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)

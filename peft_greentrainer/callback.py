@@ -119,11 +119,12 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 self.loss_fn = tuner.__dict__[_LOSS_FN_KEY]
             else:
                 logger.warning("GreenTrainerCallback was rebuilt from a checkpoint and uses the model's own loss.")
-        if self.loss_fn is None and getattr(args, "label_smoothing_factor", 0.0) > 0:
+        # TRL's trainers smooth only their "nll" loss (DPOConfig's loss_type is a list: never smoothed)
+        if self.loss_fn is None and args.label_smoothing_factor > 0 and getattr(args, "loss_type", "nll") == "nll":
             logger.warning(
-                "Training smooths its labels (label_smoothing_factor=%g) but importance ranks units by the model's "
-                "own loss: pass the smoothed loss as GreenTrainerCallback(loss_fn=...) (the README shows one with "
-                "LabelSmoother).",
+                "label_smoothing_factor=%g: unless a compute_loss_func or the trainer's own loss replaces it, training "
+                "smooths its labels, while importance ranks units by the model's own loss; pass the loss trained as "
+                "GreenTrainerCallback(loss_fn=...) (the README shows one with LabelSmoother).",
                 args.label_smoothing_factor,
             )
         saved = self.checkpoint_state(state) if state.global_step > 0 else None

@@ -50,7 +50,8 @@ from torch import nn
 from . import ranks
 from .engine.checkpointing import non_reentrant_keywords
 from .engine.importance import NO_LOSS, clip_coefficient, squared_norm
-from .engine.optimizer_update import optimizer_update, unwrap_optimizer
+from .engine.optimizer_params import unwrap_optimizer
+from .engine.optimizer_update import optimizer_update
 from .engine.profile import LossFn
 from .engine.rng import fork_rng
 from .engine.units import Unit, is_trainable_storage, unwrapped_name

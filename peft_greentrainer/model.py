@@ -47,14 +47,8 @@ from .engine.checkpointing import non_reentrant_keywords
 from .engine.costs import UnitCosts, select_at_every_shape
 from .engine.importance import compute_importance
 from .engine.module_tree import ModuleTree
-from .engine.optimizer_update import (
-    base_learning_rates,
-    held_parameters,
-    per_parameter_optimizers,
-    plain_gradient_step,
-    stepped_parameters,
-    unwrap_optimizer,
-)
+from .engine.optimizer_params import held_parameters, per_parameter_optimizers, stepped_parameters, unwrap_optimizer
+from .engine.optimizer_update import base_learning_rates, plain_gradient_step
 from .engine.profile import (
     CostProfile,
     LossFn,

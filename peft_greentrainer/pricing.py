@@ -350,8 +350,9 @@ class StepPricer:
             return envelope, keys, feasible
         advice = rounded_up_rho(float(envelope.alone_costs().min()), envelope.full_flops)
         fixed = (
-            " Some of this model's costs do not grow with the rows (DoRA's weight norm, LoRA on stacked parameters): "
-            "they are priced for a step of any number of rows, one row included, whose share of them is the largest."
+            " Some of this model's costs do not grow with the rows (such as DoRA's weight norm, LoRA on stacked "
+            "parameters, DeBERTa's relative-position projections): they are priced for a step of any number of rows, "
+            "one row included, whose share of them is the largest."
             if self.caches.fixed_costs_per_step
             else ""
         )

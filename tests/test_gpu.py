@@ -129,6 +129,7 @@ def test_bitsandbytes_cuda_kernels_step_as_the_mirror_predicts(kind, bits):
     bnb = pytest.importorskip("bitsandbytes")
     from peft_greentrainer.engine.optimizer_update import optimizer_update
 
+    bnb.optim.GlobalOptimManager.get_instance().initialize()  # no override of an earlier test's (reused) tensor ids
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(64, 128, device=CUDA))
     optimizer = getattr(bnb.optim, kind)([param], lr=1e-2, weight_decay=0.1, optim_bits=bits)

@@ -588,21 +588,32 @@ def test_bitsandbytes_moments_not_shaped_as_their_parameter_are_not_mirrored(bit
     assert len(caplog.records) == 1 and "not mirrored" in caplog.records[0].getMessage()
 
 
+@pytest.mark.parametrize("how", ["by tensor", "by module, before the first step"])
 @pytest.mark.parametrize("kind", ["AdamW8bit", "lion_8bit", "rmsprop_bnb_32bit"])
-def test_a_bitsandbytes_lr_set_for_one_tensor_is_the_lr_its_update_is_mirrored_at(kind: str) -> None:
-    """``GlobalOptimManager.override_config(p, "lr", ...)`` replaces the group's lr for that tensor alone."""
+def test_a_bitsandbytes_lr_set_for_one_tensor_is_the_lr_its_update_is_mirrored_at(kind: str, how: str) -> None:
+    """``GlobalOptimManager`` settings for one tensor replace its group's, lr included (schedule and all), as the
+    step applies them: one set by module (``register_module_override``) takes effect only at the first step, and
+    then replaces those set by tensor."""
     bnb = pytest.importorskip("bitsandbytes")
     manager = bnb.optim.GlobalOptimManager.get_instance()
+    manager.initialize()  # one manager per process: no override of an earlier test's (reused) tensor ids
     model = small_llama()
+    up = model.model.layers[0].mlp
     try:
-        manager.register_parameters(model.parameters())
         optimizer = BNB_OPTIMIZERS[kind](bnb, two_groups(model))
-        manager.override_config(model.model.layers[0].mlp.up_proj.weight, "lr", 0.5)
-        train_steps(model, optimizer, 2)
+        if how == "by tensor":
+            manager.override_config(up.up_proj.weight, "lr", 0.5)
+            train_steps(model, optimizer, 2)
+        else:
+            manager.override_config(up.up_proj.weight, "lr", 3.0)  # replaced at the first step by the module's
+            manager.register_module_override(up.up_proj, "weight", {"lr": 0.5, "betas": (0.5, 0.9)})
+            for group in optimizer.param_groups:
+                group["lr"] = 0.0  # a warmup's first step: the tensor's own lr is not the group's
         mirrored, real = mirrored_then_real(model, optimizer)
     finally:
-        manager.initialize()  # the manager is one per process: leave no override to later optimizers
+        manager.initialize()  # leave no override to later optimizers
     assert_float32_step_close(model, mirrored, real)
+    assert float(real["model.layers.0.mlp.up_proj.weight"].abs().max()) > 0.1  # the tensor's own lr, not 0 or 1e-2
 
 
 def test_unmirrored_bitsandbytes_optimizer_warns_once(caplog: pytest.LogCaptureFixture) -> None:

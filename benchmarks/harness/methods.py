@@ -24,7 +24,8 @@ from transformers import TrainerCallback
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, enable_sparse_lm_head
 from peft_greentrainer.engine.costs import UnitCosts
 from peft_greentrainer.engine.importance import compute_importance
-from peft_greentrainer.engine.optimizer_update import base_learning_rates, unwrap_optimizer
+from peft_greentrainer.engine.optimizer_params import unwrap_optimizer
+from peft_greentrainer.engine.optimizer_update import base_learning_rates
 from peft_greentrainer.engine.profile import costliest_row, profile_model
 from peft_greentrainer.engine.selector import min_unit_costs
 from peft_greentrainer.engine.units import lora_units, tensor_units

@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["MIRRORED_KERNELS", "bnb_config", "bnb_update"]
+__all__ = ["KERNEL_NAMES", "bnb_config", "bnb_lr_override", "bnb_update"]
 
 # bitsandbytes' ``init_state`` quantises 8-bit moments in blocks of this many elements.
 _BLOCKSIZE = 256
 
-# ``optimizer_name``s whose update is mirrored: Adam/AdamW, AdEMAMix, Lion, RMSprop, Adagrad and SGD with momentum.
-MIRRORED_KERNELS = ("adam", "ademamix", "lion", "rmsprop", "adagrad", "momentum")
+# ``optimizer_name``s whose update is mirrored, and the optimizers they are.
+_KERNELS = ("adam", "ademamix", "lion", "rmsprop", "adagrad", "momentum")
+KERNEL_NAMES = "Adam, AdEMAMix, Lion, RMSprop, Adagrad and SGD"
 
 
 def _moment_parts(kernel: str, index: int) -> int:
@@ -33,38 +34,76 @@ def _moment_parts(kernel: str, index: int) -> int:
     return 2 if kernel == "ademamix" and index == 1 else 1
 
 
-def bnb_config(
-    optimizer: torch.optim.Optimizer, group_index: int, param_index: int, group: Mapping[str, Any], state: Mapping
-) -> dict[str, Any] | None:
-    """The per-parameter config (bitsandbytes' own, with its ``GlobalOptimManager`` overrides, and ``"kernel"``) of a
-    bitsandbytes optimizer whose update is mirrored, else None."""
+def _mirrored_kernel(optimizer: torch.optim.Optimizer) -> str | None:
+    """The kernel of a bitsandbytes optimizer whose update is mirrored, else None (bitsandbytes is looked up in
+    ``sys.modules``: an instance of its optimizers exists only once it is imported)."""
     module = sys.modules.get("bitsandbytes.optim.optimizer")
     if module is None or not isinstance(optimizer, module.Optimizer1State | module.Optimizer2State):
         return None
     kernel = getattr(optimizer, "optimizer_name", None)
-    if kernel not in MIRRORED_KERNELS:
+    return kernel if kernel in _KERNELS else None
+
+
+def _overrides(optimizer: torch.optim.Optimizer, group_index: int, param_index: int) -> dict[str, Any]:
+    """The settings the ``GlobalOptimManager`` gives this tensor at the optimizer's next step: its entries by position
+    and by tensor, or, before the first step has applied them (``check_overrides``), the module override naming the
+    tensor (``register_module_override``), which then replaces them."""
+    manager = optimizer.mng
+    param = optimizer.param_groups[group_index]["params"][param_index]
+    if not optimizer.initialized:
+        triples = manager.module_weight_config_triple
+        pending = [config for module, name, config in triples if getattr(module, name) is param]
+        if pending:
+            return dict(pending[-1])
+    return {**manager.index2config.get((group_index, param_index), {}), **manager.pid2config.get(id(param), {})}
+
+
+def bnb_lr_override(optimizer: torch.optim.Optimizer, group_index: int, param_index: int) -> float | None:
+    """The lr bitsandbytes steps this tensor at in place of its group's (schedule and all), if its manager sets one."""
+    if _mirrored_kernel(optimizer) is None:
         return None
-    config = optimizer.get_config(group_index, param_index, group)  # builds a new dict; reads only
-    if float(config.get("max_unorm", 0.0)) > 0:
-        return None
-    numel = group["params"][param_index].numel()  # (the parameter's own, not the state's)
+    lr = _overrides(optimizer, group_index, param_index).get("lr")
+    return None if lr is None else float(lr)
+
+
+def _known_layout(kernel: str, numel: int, state: Mapping[str, Any]) -> bool:
+    """Whether the moments in ``state`` are laid out as the kernel keeps them for a tensor of ``numel`` elements
+    (GaLore's 8-bit AdamW runs the "adam" kernel on moments of a projected, smaller gradient)."""
     for index in (1, 2):
         moment = state.get(f"state{index}")
         if moment is None:
             continue
         parts = _moment_parts(kernel, index)
         if moment.numel() != parts * numel:
-            return None
+            return False
         if moment.dtype == torch.uint8:
             absmax = state.get(f"absmax{index}")
             if absmax is None or state.get(f"qmap{index}") is None or absmax.numel() != parts * -(-numel // _BLOCKSIZE):
-                return None
+                return False
         elif not moment.is_floating_point():
-            return None
-    param = group["params"][param_index]
-    manager = optimizer.mng
-    overrides = {**manager.index2config.get((group_index, param_index), {}), **manager.pid2config.get(id(param), {})}
-    return {**config, "kernel": kernel, "lr_override": overrides.get("lr")}
+            return False
+    return True
+
+
+def bnb_config(
+    optimizer: torch.optim.Optimizer, group_index: int, param_index: int, group: Mapping[str, Any], state: Mapping
+) -> dict[str, Any] | None:
+    """The settings (with ``"kernel"``) bitsandbytes' next step of this tensor runs with, if its update is mirrored:
+    a kernel mirrored, no update-norm clipping (LAMB's and LARS's trust ratio, ``max_unorm``), a known state
+    layout; else None."""
+    kernel = _mirrored_kernel(optimizer)
+    if kernel is None or not _known_layout(kernel, group["params"][param_index].numel(), state):
+        return None
+    config = optimizer.get_config(group_index, param_index, group)  # builds a new dict; reads only
+    if not optimizer.initialized:  # overrides its first step will apply replace those in force now
+        current = {**optimizer.mng.index2config.get((group_index, param_index), {})}
+        current.update(optimizer.mng.pid2config.get(id(group["params"][param_index]), {}))
+        for key in current:
+            config[key] = group.get(key, getattr(optimizer.args, key, None))
+        config.update(_overrides(optimizer, group_index, param_index))
+    if float(config.get("max_unorm", 0.0)) > 0:
+        return None
+    return {**config, "kernel": kernel}
 
 
 def _moment(state: Mapping[str, Any], index: int, like: torch.Tensor, parts: int) -> torch.Tensor:

@@ -33,14 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .optimizer_update import (
-    as_work,
-    checked_group_lrs,
-    param_slots,
-    predicted_update,
-    unwrap_optimizer,
-    work_dtype,
-)
+from .optimizer_params import unwrap_optimizer
+from .optimizer_update import as_work, checked_group_lrs, param_slots, predicted_update, work_dtype
 from .profile import LossFn, default_loss
 from .rng import fork_rng
 from .units import Unit, inputs_device, is_trainable_storage, requires_grad_kept

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .bnb_update import bnb_config, bnb_update
+from .bnb_update import KERNEL_NAMES, bnb_config, bnb_lr_override, bnb_update
+from .optimizer_params import per_parameter_optimizers, unwrap_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -27,20 +28,16 @@ __all__ = [
     "as_work",
     "base_learning_rates",
     "checked_group_lrs",
-    "held_parameters",
     "optimizer_update",
     "param_slots",
-    "per_parameter_optimizers",
     "plain_gradient_step",
     "predicted_update",
-    "stepped_parameters",
-    "unwrap_optimizer",
     "work_dtype",
 ]
 
 _MIRRORED = (
-    "torch Adam/AdamW/SGD/RMSprop/Adagrad/Muon and subclasses, bitsandbytes' Adam, AdEMAMix, Lion, RMSprop, Adagrad "
-    "and SGD (8-bit, 32-bit, paged), transformers Adafactor"
+    f"torch Adam/AdamW/SGD/RMSprop/Adagrad/Muon and subclasses, bitsandbytes' {KERNEL_NAMES} (8-bit, 32-bit, paged), "
+    "transformers Adafactor"
 )
 
 
@@ -62,29 +59,6 @@ def work_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
-    """Return the real optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer`` (``.optimizer``)."""
-    seen = set()
-    while optimizer is not None and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            break
-        optimizer = inner
-    return optimizer
-
-
-def per_parameter_optimizers(optimizer: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
-    """The optimizers a layer-wise optimizer steps each parameter with, from a hook as its gradient is ready.
-
-    transformers' ``LayerWiseDummyOptimizer`` (``optim="galore_adamw_layerwise"``, ``"apollo_adamw_layerwise"``, ...)
-    keeps them in ``optimizer_dict`` and holds only a dummy tensor itself."""
-    inner = getattr(optimizer, "optimizer_dict", None)
-    if not isinstance(inner, Mapping):
-        return []
-    return list({id(o): o for o in inner.values() if isinstance(o, torch.optim.Optimizer)}.values())
-
-
 def param_slots(optimizer: torch.optim.Optimizer) -> dict[int, _Slot]:
     """Every parameter ``optimizer`` steps (with its per-parameter optimizers' ones), by ``id``."""
     slots: dict[int, _Slot] = {}
@@ -93,33 +67,6 @@ def param_slots(optimizer: torch.optim.Optimizer) -> dict[int, _Slot]:
             for i, p in enumerate(group["params"]):
                 slots.setdefault(id(p), _Slot(owner, g, i, group, owner is not optimizer))
     return slots
-
-
-def held_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
-    """``id`` of every parameter ``optimizer`` steps: those of its param groups, and those of its per-parameter
-    optimizers that a hook steps as their gradient is ready. (transformers puts every parameter in a layer-wise
-    optimizer's ``optimizer_dict`` but hooks only those trainable when it is built: the others are never stepped.)"""
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for owner in per_parameter_optimizers(optimizer):
-        held.update(
-            id(p)
-            for group in owner.param_groups
-            for p in group["params"]
-            if getattr(p, "_post_accumulate_grad_hooks", None)
-        )
-    return held
-
-
-def stepped_parameters(optimizer: torch.optim.Optimizer) -> set[int]:
-    """``id`` of every parameter ``optimizer`` (or one of its per-parameter optimizers) has stepped: its state counts
-    more than 0 steps, or, for a state that counts none (SGD's momentum buffer), exists. (Adagrad makes its state, at
-    step 0, when it is built.)"""
-    stepped = set()
-    for owner in [optimizer, *per_parameter_optimizers(optimizer)]:
-        for param, state in owner.state.items():
-            if state and ("step" not in state or float(state["step"]) > 0):
-                stepped.add(id(param))
-    return stepped
 
 
 def _read_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> Mapping[str, Any]:
@@ -163,6 +110,7 @@ def _lr_value(value: Any, what: str) -> float:
 def checked_group_lrs(
     optimizer: torch.optim.Optimizer | None, group_lrs: Sequence[float | None] | None
 ) -> list[float | None] | None:
+    """``group_lrs`` as floats (None kept), one per param group of ``optimizer``; a clear error otherwise."""
     if group_lrs is None:
         return None
     if optimizer is None:
@@ -188,7 +136,7 @@ def base_learning_rates(optimizer: torch.optim.Optimizer) -> list[float | None]:
         raise ValueError("base_learning_rates needs an optimizer")
     out: list[float | None] = []
     for group in optimizer.param_groups:
-        value = group.get("initial_lr", group.get("lr"))
+        value = _base_lr(group)
         out.append(None if value is None else float(value))
     return out
 
@@ -203,7 +151,7 @@ def plain_gradient_step(optimizer: torch.optim.Optimizer) -> torch.optim.SGD:
         raise ValueError("plain_gradient_step needs an optimizer")
     owners = per_parameter_optimizers(optimizer) or [optimizer]  # a layer-wise optimizer's groups hold a dummy
     groups = [group for owner in owners for group in owner.param_groups]
-    lrs = [group.get("initial_lr", group.get("lr")) for group in groups]  # as base_learning_rates reads them
+    lrs = [_base_lr(group) for group in groups]
     if None in lrs:
         if any(lr is not None for lr in lrs):
             raise ValueError(
@@ -417,10 +365,24 @@ def _mirrored_update(
     if _is_adafactor(optimizer):
         return _adafactor_update(w, g, group, state, lr)
     config = bnb_config(optimizer, slot.group_index, slot.param_index, group, state)
-    if config is None:
-        return None
-    # an lr set for this tensor alone (GlobalOptimManager.override_config) replaces the group's, schedule and all
-    return bnb_update(w, g, config, state, float(config["lr_override"] if config["lr_override"] is not None else lr))
+    return bnb_update(w, g, config, state, float(lr)) if config is not None else None
+
+
+def _base_lr(group: Mapping[str, Any]) -> Any:
+    """The lr a param group's schedule is based on: torch's LR schedulers store it as ``initial_lr`` (a Trainer's
+    warmup/cosine/linear schedules included); a group without one gives its current ``lr``."""
+    return group.get("initial_lr", group.get("lr"))
+
+
+def _step_lr(slot: _Slot, group_lrs: Sequence[float | None] | None) -> float | None:
+    """The lr the tensor at ``slot`` is predicted to step at: its group's, or the one ``group_lrs`` gives the group
+    (a per-parameter optimizer's group, which ``group_lrs`` does not list: its own base lr); an lr its bitsandbytes
+    manager sets for it alone replaces either, as in the step. None: a relative-step Adafactor group."""
+    override = bnb_lr_override(slot.optimizer, slot.group_index, slot.param_index)
+    if override is None and group_lrs is not None:
+        override = _base_lr(slot.group) if slot.per_parameter else group_lrs[slot.group_index]
+    lr = override if override is not None else slot.group.get("lr")
+    return float(lr) if lr is not None else None
 
 
 def predicted_update(
@@ -457,14 +419,7 @@ def predicted_update(
     else:
         group = slot.group
         optimizer = slot.optimizer
-        if group_lrs is None:
-            override = None
-        elif slot.per_parameter:  # its own schedule's base lr, as base_learning_rates reads the given optimizer's
-            override = group.get("initial_lr")
-        else:
-            override = group_lrs[slot.group_index]
-        group_lr = override if override is not None else group.get("lr")  # None: relative-step Adafactor
-        step_lr = float(group_lr) if group_lr is not None else None
+        step_lr = _step_lr(slot, group_lrs)
         delta = _mirrored_update(slot, param, w, g, step_lr)
         if delta is None:
             if step_lr is None:  # any constant scale ranks units alike
