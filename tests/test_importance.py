@@ -616,6 +616,23 @@ def test_a_bitsandbytes_lr_set_for_one_tensor_is_the_lr_its_update_is_mirrored_a
     assert float(real["model.layers.0.mlp.up_proj.weight"].abs().max()) > 0.1  # the tensor's own lr, not 0 or 1e-2
 
 
+def test_a_bitsandbytes_lr_of_0_set_for_one_tensor_is_not_blamed_on_its_group(caplog) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    manager.initialize()
+    model = small_llama()
+    try:
+        optimizer = BNB_OPTIMIZERS["AdamW8bit"](bnb, two_groups(model))
+        weight = model.model.layers[0].mlp.up_proj.weight
+        manager.override_config(weight, "lr", 0.0)  # this tensor frozen in place by its own lr
+        with caplog.at_level(logging.WARNING, logger="peft_greentrainer.engine.optimizer_update"):
+            base = base_learning_rates(optimizer)
+            delta = optimizer_update(weight, torch.randn_like(weight), optimizer, group_lrs=base)
+    finally:
+        manager.initialize()
+    assert not delta.any() and not caplog.records
+
+
 def test_unmirrored_bitsandbytes_optimizer_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     bnb = pytest.importorskip("bitsandbytes")
     model = small_llama()

@@ -431,7 +431,8 @@ def predicted_update(
             )
         elif group.get("relative_step") and _is_adafactor(optimizer):
             step_lr = None  # the lr comes from the step count; overrides and the zero-lr check do not apply
-        if step_lr == 0.0:
+        own_lr = bnb_lr_override(optimizer, slot.group_index, slot.param_index) is not None  # set for it alone
+        if step_lr == 0.0 and not own_lr:
             notes.append(
                 f"param group {slot.group_index} of {type(optimizer).__name__} has lr 0 (e.g. step 0 of a warmup "
                 "schedule), so its tensors' predicted update and importance are 0; pass "
