@@ -202,10 +202,15 @@ def test_adam_update_property(adamw, amsgrad, maximize, weight_decay, beta1, bet
     param = torch.nn.Parameter(torch.randn(5, 3, generator=gen, dtype=torch.float64))
     cls = torch.optim.AdamW if adamw else torch.optim.Adam
     opt = cls([param], lr=0.05, betas=(beta1, beta2), weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+    _assert_mirrored_after(opt, param, steps, gen)
+
+
+def _assert_mirrored_after(opt: torch.optim.Optimizer, param: torch.Tensor, steps: int, gen: torch.Generator) -> None:
+    """After ``steps`` steps on random gradients, the mirrored update of the next one is the real step's."""
     for _ in range(steps):
-        param.grad = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+        param.grad = torch.randn(param.shape, generator=gen, dtype=param.dtype)
         opt.step()
-    g = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    g = torch.randn(param.shape, generator=gen, dtype=param.dtype)
     delta = optimizer_update(param, g, opt)
     before = param.detach().clone()
     param.grad = g
@@ -232,15 +237,7 @@ def test_rmsprop_and_adagrad_update_property(kind, maximize, weight_decay, cente
         opt = torch.optim.RMSprop([param], alpha=0.9, centered=centered, momentum=momentum, **common)
     else:
         opt = torch.optim.Adagrad([param], lr_decay=decay, initial_accumulator_value=momentum, **common)
-    for _ in range(steps):
-        param.grad = torch.randn(5, 3, generator=gen, dtype=torch.float64)
-        opt.step()
-    g = torch.randn(5, 3, generator=gen, dtype=torch.float64)
-    delta = optimizer_update(param, g, opt)
-    before = param.detach().clone()
-    param.grad = g
-    opt.step()
-    torch.testing.assert_close(delta, param.detach() - before, rtol=1e-5, atol=1e-12)
+    _assert_mirrored_after(opt, param, steps, gen)
 
 
 def test_optimizer_update_leaves_optimizer_untouched() -> None:

@@ -201,18 +201,22 @@ def _adam_update(
     return delta
 
 
+def _folded_gradient(w: torch.Tensor, g: torch.Tensor, group: Mapping[str, Any]) -> torch.Tensor:
+    """The gradient torch's SGD, RMSprop and Adagrad step on: negated under ``maximize``, plus the L2 penalty's
+    ``weight_decay * w``."""
+    if group.get("maximize", False):
+        g = -g
+    weight_decay = float(group.get("weight_decay", 0.0))
+    return g.add(w, alpha=weight_decay) if weight_decay != 0 else g
+
+
 def _sgd_update(
     w: torch.Tensor, g: torch.Tensor, group: Mapping[str, Any], state: Mapping[str, Any], lr: float
 ) -> torch.Tensor:
     """Mirror of ``torch.optim.sgd._single_tensor_sgd`` on copies."""
     momentum = float(group.get("momentum", 0.0))
     dampening = float(group.get("dampening", 0.0))
-    weight_decay = float(group.get("weight_decay", 0.0))
-
-    if group.get("maximize", False):
-        g = -g
-    if weight_decay != 0:
-        g = g.add(w, alpha=weight_decay)
+    g = _folded_gradient(w, g, group)
     if momentum != 0:
         buf = state.get("momentum_buffer")
         # First step: torch initialises the buffer with the gradient itself (no dampening).
@@ -227,13 +231,8 @@ def _rmsprop_update(
     """Mirror of ``torch.optim.rmsprop._single_tensor_rmsprop`` on copies (``optim="rmsprop"``)."""
     alpha = float(group["alpha"])
     eps = float(group["eps"])
-    weight_decay = float(group.get("weight_decay", 0.0))
     momentum = float(group.get("momentum", 0.0))
-
-    if group.get("maximize", False):
-        g = -g
-    if weight_decay != 0:
-        g = g.add(w, alpha=weight_decay)
+    g = _folded_gradient(w, g, group)
     square_avg = _state_or_zeros(state, "square_avg", g.shape, g).mul_(alpha).addcmul_(g, g, value=1 - alpha)
     if group.get("centered", False):
         grad_avg = torch.lerp(_state_or_zeros(state, "grad_avg", g.shape, g), g, 1 - alpha)
@@ -267,13 +266,8 @@ def _adagrad_update(
     w: torch.Tensor, g: torch.Tensor, group: Mapping[str, Any], state: Mapping[str, Any], lr: float
 ) -> torch.Tensor:
     """Mirror of ``torch.optim.adagrad._single_tensor_adagrad`` on copies (``optim="adagrad"``; dense gradients)."""
-    weight_decay = float(group.get("weight_decay", 0.0))
     step = (float(state["step"]) if "step" in state else 0.0) + 1.0
-
-    if group.get("maximize", False):
-        g = -g
-    if weight_decay != 0:
-        g = g.add(w, alpha=weight_decay)
+    g = _folded_gradient(w, g, group)
     if "sum" in state:
         total = as_work(state["sum"], g.dtype, g.device, copy=True)
     else:  # torch creates it in __init__; a state dict loaded without it starts where torch would
