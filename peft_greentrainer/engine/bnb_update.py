@@ -44,25 +44,30 @@ def _mirrored_kernel(optimizer: torch.optim.Optimizer) -> str | None:
     return kernel if kernel in _KERNELS else None
 
 
-def _overrides(optimizer: torch.optim.Optimizer, group_index: int, param_index: int) -> dict[str, Any]:
-    """The settings the ``GlobalOptimManager`` gives this tensor at the optimizer's next step: its entries by position
-    and by tensor, or, before the first step has applied them (``check_overrides``), the module override naming the
-    tensor (``register_module_override``), which then replaces them."""
+def _overrides_in_force(optimizer: torch.optim.Optimizer, group_index: int, param_index: int) -> dict[str, Any]:
+    """The settings the ``GlobalOptimManager`` holds for this tensor now: by position, then by tensor."""
     manager = optimizer.mng
     param = optimizer.param_groups[group_index]["params"][param_index]
-    if not optimizer.initialized:
-        triples = manager.module_weight_config_triple
-        pending = [config for module, name, config in triples if getattr(module, name) is param]
-        if pending:
-            return dict(pending[-1])
     return {**manager.index2config.get((group_index, param_index), {}), **manager.pid2config.get(id(param), {})}
+
+
+def _pending_override(optimizer: torch.optim.Optimizer, group_index: int, param_index: int) -> dict[str, Any] | None:
+    """A module override naming this tensor (``register_module_override``) that the optimizer's first step will
+    apply (``check_overrides``), replacing the settings in force; None once that step ran, or if there is none."""
+    if optimizer.initialized:
+        return None
+    param = optimizer.param_groups[group_index]["params"][param_index]
+    triples = optimizer.mng.module_weight_config_triple
+    pending = [config for module, name, config in triples if getattr(module, name) is param]
+    return dict(pending[-1]) if pending else None
 
 
 def bnb_lr_override(optimizer: torch.optim.Optimizer, group_index: int, param_index: int) -> float | None:
     """The lr bitsandbytes steps this tensor at in place of its group's (schedule and all), if its manager sets one."""
     if _mirrored_kernel(optimizer) is None:
         return None
-    lr = _overrides(optimizer, group_index, param_index).get("lr")
+    pending = _pending_override(optimizer, group_index, param_index)
+    lr = (pending if pending is not None else _overrides_in_force(optimizer, group_index, param_index)).get("lr")
     return None if lr is None else float(lr)
 
 
@@ -95,12 +100,11 @@ def bnb_config(
     if kernel is None or not _known_layout(kernel, group["params"][param_index].numel(), state):
         return None
     config = optimizer.get_config(group_index, param_index, group)  # builds a new dict; reads only
-    if not optimizer.initialized:  # overrides its first step will apply replace those in force now
-        current = {**optimizer.mng.index2config.get((group_index, param_index), {})}
-        current.update(optimizer.mng.pid2config.get(id(group["params"][param_index]), {}))
-        for key in current:
+    pending = _pending_override(optimizer, group_index, param_index)
+    if pending is not None:  # the settings in force go back to the group's and the optimizer's, then it applies
+        for key in _overrides_in_force(optimizer, group_index, param_index):
             config[key] = group.get(key, getattr(optimizer.args, key, None))
-        config.update(_overrides(optimizer, group_index, param_index))
+        config.update(pending)
     if float(config.get("max_unorm", 0.0)) > 0:
         return None
     return {**config, "kernel": kernel}
