@@ -368,11 +368,11 @@ def _base_lr(group: Mapping[str, Any]) -> Any:
     return group.get("initial_lr", group.get("lr"))
 
 
-def _step_lr(slot: _Slot, group_lrs: Sequence[float | None] | None) -> float | None:
+def _step_lr(slot: _Slot, group_lrs: Sequence[float | None] | None, own_lr: float | None) -> float | None:
     """The lr the tensor at ``slot`` is predicted to step at: its group's, or the one ``group_lrs`` gives the group
-    (a per-parameter optimizer's group, which ``group_lrs`` does not list: its own base lr); an lr its bitsandbytes
-    manager sets for it alone replaces either, as in the step. None: a relative-step Adafactor group."""
-    override = bnb_lr_override(slot.optimizer, slot.group_index, slot.param_index)
+    (a per-parameter optimizer's group, which ``group_lrs`` does not list: its own base lr); ``own_lr``, one its
+    bitsandbytes manager sets for it alone, replaces either, as in the step. None: a relative-step Adafactor group."""
+    override = own_lr
     if override is None and group_lrs is not None:
         override = _base_lr(slot.group) if slot.per_parameter else group_lrs[slot.group_index]
     lr = override if override is not None else slot.group.get("lr")
@@ -413,7 +413,8 @@ def predicted_update(
     else:
         group = slot.group
         optimizer = slot.optimizer
-        step_lr = _step_lr(slot, group_lrs)
+        own_lr = bnb_lr_override(optimizer, slot.group_index, slot.param_index)
+        step_lr = _step_lr(slot, group_lrs, own_lr)
         delta = _mirrored_update(slot, param, w, g, step_lr)
         if delta is None:
             if step_lr is None:  # any constant scale ranks units alike
@@ -425,8 +426,7 @@ def predicted_update(
             )
         elif group.get("relative_step") and _is_adafactor(optimizer):
             step_lr = None  # the lr comes from the step count; overrides and the zero-lr check do not apply
-        own_lr = bnb_lr_override(optimizer, slot.group_index, slot.param_index) is not None  # set for it alone
-        if step_lr == 0.0 and not own_lr:
+        if step_lr == 0.0 and own_lr is None:  # (an lr of 0 set for this tensor alone is not its group's)
             notes.append(
                 f"param group {slot.group_index} of {type(optimizer).__name__} has lr 0 (e.g. step 0 of a warmup "
                 "schedule), so its tensors' predicted update and importance are 0; pass "
