@@ -34,7 +34,6 @@ unit (also those trained earlier and frozen now) and an optimizer state for ever
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import weakref
@@ -48,7 +47,6 @@ import torch.distributed as dist
 from torch import nn
 
 from . import ranks
-from .engine.checkpointing import non_reentrant_keywords
 from .engine.importance import NO_LOSS, clip_coefficient, squared_norm
 from .engine.optimizer_params import unwrap_optimizer
 from .engine.optimizer_update import optimizer_update
@@ -214,11 +212,12 @@ def _root(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------------ cost profile
 def measure_on_twin(tuner, batch: Mapping[str, Any], loss_fn: LossFn):
     """``tuner._measure`` on the non-sharded fake twin, set to the modes and checkpointing of the real model."""
-    from .twin import fake_inputs, twin_runs
+    from .twin import fake_inputs, mirror_modes, twin_runs
 
     twin, mode = _twin(tuner)
     _dense_lm_head(twin.model)
-    _mirror_modes(tuner.model, twin.model)
+    _check_checkpointed_blocks(tuner.model, twin.model)
+    mirror_modes(tuner.model, twin.model)
     with twin_runs(tuner.model):
         return twin._measure(fake_inputs(batch, mode), loss_fn)
 
@@ -233,46 +232,19 @@ def _twin(tuner):
     return tuner.__dict__[_TWIN_KEY]
 
 
-def _checkpointed(model: nn.Module) -> set[str]:
-    """Canonical names of the modules wrapped for activation checkpointing (FSDP config) or checkpointed by
-    transformers (``gradient_checkpointing``)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, CheckpointWrapper) or getattr(module, "gradient_checkpointing", False) is True:
-            names.add(canonical_name(name))
-    return names
-
-
 def _check_checkpointed_blocks(model: nn.Module, twin: nn.Module) -> None:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     twins = dict(twin.named_modules())
-    for name in _checkpointed(model):
+    from .twin import checkpointed_blocks
+
+    for name in checkpointed_blocks(model):
         if not isinstance(twins.get(name), GradientCheckpointingLayer):
             raise NotImplementedError(
                 f"Activation checkpointing wraps {name!r}, which is not a transformers decoder/encoder layer "
                 "(GradientCheckpointingLayer): GreenTrainer cannot predict what its recompute costs. Let the FSDP "
                 "config wrap the model's transformer layer class (`transformer_layer_cls_to_wrap`)."
             )
-
-
-def _mirror_modes(model: nn.Module, twin: nn.Module) -> None:
-    """Give ``twin`` the train/eval modes and the checkpointed blocks of the sharded ``model``, by canonical name."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    _check_checkpointed_blocks(model, twin)
-    checkpointed = _checkpointed(model)
-    originals = {canonical_name(name): module for name, module in model.named_modules()}
-    for name, module in twin.named_modules():
-        original = originals.get(name)
-        module.training = module.training if original is None else original.training
-        if isinstance(module, GradientCheckpointingLayer):
-            module.gradient_checkpointing = name in checkpointed
-            # as the model's layer checkpoints (a selective policy included), or plainly where FSDP's config wraps it
-            keywords = non_reentrant_keywords(original if original is not None else module)
-            module._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, **keywords)
 
 
 # ------------------------------------------------------------------------------------------------ importance

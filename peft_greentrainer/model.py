@@ -43,7 +43,6 @@ from . import ddp, fsdp, ranks
 from .backprop import keep_backprop_shallow, unpack_weights_packed_for_inference
 from .config import GreenTrainerConfig
 from .engine.attention_kernels import LearnedBiasProbe, use_math_attention
-from .engine.checkpointing import non_reentrant_keywords
 from .engine.costs import UnitCosts, select_at_every_shape
 from .engine.importance import compute_importance
 from .engine.module_tree import ModuleTree
@@ -77,7 +76,7 @@ from .engine.units import (
 )
 from .pricing import StepPricer, is_each_row_more
 from .sparse_head import attached_sparse_lm_head, enable_sparse_lm_head
-from .twin import fake_inputs, fake_twin, twin_runs
+from .twin import fake_inputs, fake_twin, mirror_modes, twin_runs
 
 logger = logging.getLogger(__name__)
 
@@ -554,7 +553,7 @@ class GreenTrainerModel(LoraModel):
             twin = self._float_twin()
             if twin is not None:
                 reference, mode = twin
-                _mirror_modes(self.model, reference.model)
+                mirror_modes(self.model, reference.model)
                 with _adapters_off(reference), twin_runs(self.model):
                     # labels keep their values: the twin's sparse LM head (if any) then projects as many rows as the
                     # real model's, so rho is a fraction of full fine-tuning with the same head, as for a float base
@@ -1393,27 +1392,6 @@ def _positive(importance: np.ndarray, feasible: np.ndarray, gradient_step: Calla
 
 def _detached_copy(tensor: torch.Tensor, on_cpu: bool) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True) if on_cpu else tensor.detach().clone()
-
-
-def _mirror_modes(model: nn.Module, twin: nn.Module) -> None:
-    """Give ``twin`` (same architecture) the modes and checkpointed blocks of ``model``, module by module.
-
-    Not through ``gradient_checkpointing_enable``, which would also turn the twin's KV cache off and send
-    transformers' mask code into data-dependent checks that ``meta`` tensors cannot run.
-    """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    twins = dict(twin.named_modules())
-    for name, module in model.named_modules():
-        other = twins.get(name)
-        if other is None:
-            continue
-        other.training = module.training
-        if isinstance(other, GradientCheckpointingLayer):
-            other.gradient_checkpointing = bool(getattr(module, "gradient_checkpointing", False))
-            other._gradient_checkpointing_func = functools.partial(
-                torch.utils.checkpoint.checkpoint, **non_reentrant_keywords(module)
-            )
 
 
 def find_tuner(model: torch.nn.Module) -> GreenTrainerModel:

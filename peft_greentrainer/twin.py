@@ -8,6 +8,7 @@ itself), ``fsdp.py`` to profile a sharded model as if it were whole.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -18,8 +19,9 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 
 from .backprop import keep_backprop_shallow
 from .engine.attention_spans import SPAN_INPUTS
+from .engine.checkpointing import non_reentrant_keywords
 from .engine.profile import CLIP_MASKS, KEYED_BY_VALUE
-from .engine.units import inputs_device
+from .engine.units import inputs_device, unwrapped_name
 
 # inputs a twin's step reads the values of: the input ids and the token types that mark image tokens (a
 # vision-language model counts its image tokens, Qwen-VL's rope indexes them), labels, attention's spans, how a vision
@@ -96,6 +98,40 @@ def fake_twin(tuner, model_class: type[nn.Module]):
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     _make_fake(twin, mode, inputs_device(tuner.model))  # where the model computes (not an offloaded weight's meta)
     return twin, mode
+
+
+def checkpointed_blocks(model: nn.Module) -> set[str]:
+    """Names (without wrappers' path parts) of the modules ``model`` checkpoints: wrapped for activation
+    checkpointing (an FSDP config, ``apply_activation_checkpointing``) or checkpointed by transformers
+    (``gradient_checkpointing``)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    return {
+        unwrapped_name(name)
+        for name, module in model.named_modules()
+        if isinstance(module, CheckpointWrapper) or getattr(module, "gradient_checkpointing", False) is True
+    }
+
+
+def mirror_modes(model: nn.Module, twin: nn.Module) -> None:
+    """Give ``twin`` (same architecture) the train/eval modes and the checkpointed blocks of ``model`` (possibly
+    wrapped or sharded), module by module.
+
+    Not through ``gradient_checkpointing_enable``, which would also turn the twin's KV cache off and send
+    transformers' mask code into data-dependent checks that ``meta`` tensors cannot run.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    checkpointed = checkpointed_blocks(model)
+    originals = {unwrapped_name(name): module for name, module in model.named_modules()}
+    for name, module in twin.named_modules():
+        original = originals.get(name)
+        module.training = module.training if original is None else original.training
+        if isinstance(module, GradientCheckpointingLayer):
+            module.gradient_checkpointing = name in checkpointed
+            # as the model's layer checkpoints (a selective policy included), or plainly where a wrapper checkpoints it
+            keywords = non_reentrant_keywords(original if original is not None else module)
+            module._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, **keywords)
 
 
 def fake_inputs(batch: Mapping[str, Any], mode) -> dict[str, Any]:
