@@ -116,6 +116,26 @@ CASES = {
     "qwen3_moe": Case(
         _causal("qwen3_moe", head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     ),
+    # DeepSeek-V3.2's sparse attention (GLM-5): an indexer scores tokens under torch.no_grad, which has no backward
+    "glm_moe_dsa": Case(
+        _causal(
+            "glm_moe_dsa",
+            num_key_value_heads=4,
+            head_dim=8,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            index_head_dim=16,
+            index_n_heads=2,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            mlp_layer_types=["dense", "sparse"],
+        ),
+        targets=["q_b_proj", "kv_b_proj", "wq_b"],  # wq_b: the indexer's, whose adapter takes no gradient
+    ),
     # hybrids of linear and full attention, whose scans also compute a final state that training discards
     "qwen3_5_text": Case(_causal("qwen3_5_text", **LINEAR_ATTENTION), targets=["q_proj", "v_proj", "in_proj_qkv"]),
     "qwen3_next": Case(

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft.tuners.lora import LoraModel
+from peft.tuners.lora import LoraLayer, LoraModel
 from peft.utils import PeftType
 from torch import nn
 
@@ -879,6 +879,8 @@ class GreenTrainerModel(LoraModel):
             self._warn_once_in_eval_mode_with_gradients()
             return
         tree = self._module_tree()  # listed once per module tree, not walked at every step
+        if self.units_kind == "lora" and _adapter_layers_off(tree):
+            return  # under PeftModel.disable_adapter() no adapter runs: the forward trains no unit (a reference's)
         unpack_weights_packed_for_inference(self.model, tree)  # an evaluation may have packed them, selection or not
         if not self._runtime.selection_applied:
             # before the first selection every candidate trains (the optimizer is built over all of them)
@@ -1133,8 +1135,8 @@ class GreenTrainerModel(LoraModel):
         warned = self._runtime.warned_unused
         if set(unplaced) - warned:
             logger.warning(
-                "GreenTrainer froze %d unit(s) the profiled forward pass does not use (e.g. %s): their cost is "
-                "unknown, so they are never trained.",
+                "GreenTrainer froze %d unit(s) the profiled forward pass does not use, or uses under torch.no_grad "
+                "only (e.g. %s): their cost is unknown, or no gradient reaches them, so they are never trained.",
                 len(unplaced),
                 unplaced[0],
             )
@@ -1355,6 +1357,12 @@ def _accumulated_gradients(params: list[nn.Parameter]) -> set[int]:
     if ranks.is_distributed():
         return {id(p) for p in held}
     return {id(p) for p in held if bool(p.grad.any())}
+
+
+def _adapter_layers_off(tree: ModuleTree) -> bool:
+    """Whether PEFT's ``disable_adapter()`` is in force (it switches every LoRA layer to its base layer alone)."""
+    layer = next((m for m in tree.modules if isinstance(m, LoraLayer)), None)
+    return layer is not None and layer.disable_adapters
 
 
 @contextmanager

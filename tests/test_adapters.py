@@ -129,6 +129,22 @@ def test_switching_to_another_adapter_and_back_profiles_no_shape_again(monkeypat
     assert profiled
 
 
+def test_a_forward_with_gradients_under_disable_adapter_is_no_step_to_price():
+    """No adapter runs there, so the forward trains no unit: a reference computed with gradients on (or a FLOP count
+    of full fine-tuning) used to be priced as a step with no unit in it and failed ("at least one unit is required")."""
+    model = get_peft_model(tiny_model(ARCH), _config())
+    batch = _select_and_train(model, steps=1)
+    tuner = model.base_model
+    priced = dict(tuner._pricer.shape_costs)
+    longer = tiny_batch(tuner.model, seq_len=batch["input_ids"].shape[1] + 3)
+    for _ in range(2):
+        with model.disable_adapter():
+            model(**longer).logits.sum()
+    assert tuner._pricer.shape_costs == priced
+    model(**longer).loss.backward()  # with the adapters back, that shape is a step: priced
+    assert len(tuner._pricer.shape_costs) > len(priced)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_a_loss_that_runs_a_reference_adapter_can_rank_units(checkpointing):
     """TRL's DPO/KTO loss switches to its reference adapter and back between the policy's forward and the backward:

@@ -301,6 +301,103 @@ def test_work_whose_result_never_reaches_the_loss_is_not_charged():
     assert all(not p.requires_grad for p in model.parameters())
 
 
+class _ScoresWithoutGrad(torch.nn.Module):
+    """Weighs tokens by scores computed under ``torch.no_grad``, as DeepSeek-V3.2's indexer picks them: autograd
+    records none of that work, and the weights take no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.indexer = torch.nn.Linear(8, 8, bias=False)
+        self.values = torch.nn.Linear(8, 8, bias=False)
+        self.head = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            weights = (self.indexer(x) @ x.transpose(1, 2)).softmax(-1)
+        mixed = weights @ self.values(x)  # backward computes the values' gradient only
+        return {"loss": torch.nn.functional.mse_loss(self.head(x + mixed), labels)}
+
+
+def test_work_under_no_grad_is_charged_no_backward():
+    """Charging it a backward would make full fine-tuning, rho's reference, look dearer than it is (every step could
+    then spend more: 0.610 of full fine-tuning measured at rho 0.6 on a tiny GLM-5 / DeepSeek-V3.2)."""
+    model = _ScoresWithoutGrad()
+    batch = {"x": torch.randn(2, 6, 8), "labels": torch.randn(2, 6, 8)}
+    profile = profile_model(model, batch)
+    assert profile.full_flops == sum(measure_flops(model, batch, [n for n, _ in model.named_parameters()]))
+    units = profile.unit_costs(tensor_units(model)).units
+    assert "indexer.weight" not in {u.name for u in units}  # no gradient ever reaches it: never trained
+    _never_under_predicted(model, batch)
+
+
+class _MatmulFunction(torch.autograd.Function):
+    """A custom autograd.Function: its forward runs with grad disabled, yet its backward computes through that work."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inputs, weight)
+        return inputs @ weight.T
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        inputs, weight = ctx.saved_tensors
+        needs_inputs, needs_weight = ctx.needs_input_grad
+        return (
+            grad @ weight if needs_inputs else None,
+            grad.flatten(0, -2).T @ inputs.flatten(0, -2) if needs_weight else None,
+        )
+
+
+_matmul = _MatmulFunction.apply  # as libraries keep it, before any profile
+
+
+class _ThroughAFunction(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Linear(8, 8, bias=False)
+        self.weight = torch.nn.Parameter(torch.randn(8, 8) / 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = _matmul(self.encoder(x), self.weight)
+        return {"loss": torch.nn.functional.mse_loss(out, labels)}
+
+
+def test_work_inside_a_custom_function_keeps_its_backward_charged():
+    model = _ThroughAFunction()
+    batch = {"x": torch.randn(2, 6, 8), "labels": torch.randn(2, 6, 8)}
+    profile = profile_model(model, batch)
+    assert profile.full_flops == sum(measure_flops(model, batch, [n for n, _ in model.named_parameters()]))
+    _never_under_predicted(model, batch)
+
+
+class _FillsABufferMadeWithoutGrad(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(8, 8)
+        self.second = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            buffer = torch.zeros_like(x)
+        buffer[:, 1:] = self.first(x)[:, 1:]  # autograd records the write: the buffer now has a node of its own
+        return {"loss": torch.nn.functional.mse_loss(self.second(buffer), labels)}
+
+
+def test_a_function_whose_forward_was_not_followed_is_named_in_a_warning(caplog, monkeypatch):
+    """A C++ autograd::Function runs its forward with grad disabled where no Python ``Function.apply`` shows it: its
+    work is taken for work under no_grad, charged no backward, and the user hears where its output is read."""
+    monkeypatch.setattr(profile_module, "_UNFOLLOWED_WARNED", set())  # said once per module and process
+    batch = {"x": torch.randn(2, 6, 8), "labels": torch.randn(2, 6, 8)}
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer"):
+        profile_model(_ThroughAFunction(), batch)
+        profile_model(_ScoresWithoutGrad(), batch)
+        profile_model(_FillsABufferMadeWithoutGrad(), batch)
+        assert "whose forward ran where" not in caplog.text
+        monkeypatch.setattr(profile_module, "_FUNCTION_APPLY", None)  # no Python Function seen
+        profile_model(_ThroughAFunction(), batch)  # as a C++ Function shows
+    assert "_ThroughAFunction reads the output of an autograd.Function (_MatmulFunctionBackward)" in caplog.text
+
+
 def test_an_output_the_model_returns_stays_charged_to_units_but_the_reference_follows_the_loss():
     """A trainer's loss may also use anything the model returns: each unit is charged for that. Full fine-tuning,
     rho's reference, is priced from the loss the model returns alone: an output no loss reads would make it look

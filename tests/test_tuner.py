@@ -1704,6 +1704,33 @@ def test_a_part_of_the_task_head_named_in_modules_to_save_is_a_unit_as_peft_trai
     assert model.base_model.greentrainer_state.selected
 
 
+def test_lora_inside_a_task_head_peft_copies_is_one_unit_and_its_frozen_original_none():
+    """T5Gemma's token-classification head holds a Linear that "all-linear" adapts before PEFT copies the head: the
+    copy's LoRA layer is a LoRA unit (its tensors were units twice, once more as parts of the copy), and the frozen
+    original's, which never runs, is none (it was, and the first selection refused a correct optimizer)."""
+    sub = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, cross_attention_hidden_size=32, pad_token_id=0,
+    )  # fmt: skip
+    config = transformers.T5GemmaConfig(encoder=sub, decoder=sub, num_labels=3, vocab_size=VOCAB, pad_token_id=0)
+    lora = dict(task_type="TOKEN_CLS", target_modules="all-linear", r=4)
+    torch.manual_seed(0)
+    plain = get_peft_model(transformers.AutoModelForTokenClassification.from_config(config), LoraConfig(**lora))
+    trained_by_peft = {n for n, p in plain.base_model.model.named_parameters() if p.requires_grad}
+    torch.manual_seed(0)
+    model = get_peft_model(
+        transformers.AutoModelForTokenClassification.from_config(config),
+        GreenTrainerConfig(rho=0.7, units="lora", **lora),
+    )
+    names = [n for u in model.base_model.candidate_units() for n in u.param_names]
+    assert len(names) == len(set(names)) and set(names) == trained_by_peft
+    assert "score.modules_to_save.default.out_proj" in {u.name for u in model.base_model.candidate_units()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    batch = {"input_ids": torch.randint(3, VOCAB, (2, 12)), "labels": torch.randint(0, 3, (2, 12))}
+    model.base_model.select_units([batch], optimizer)
+    assert model.base_model.greentrainer_state.selected
+
+
 def test_a_sequence_classifier_head_is_a_unit_with_tensor_units_too(tmp_path):
     """With units="tensors" PEFT still adds the classification head as a modules_to_save copy: it is a unit (selected
     by the DP, not trained beside it), and the adapter saves and loads it as PEFT does."""

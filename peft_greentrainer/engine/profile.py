@@ -28,6 +28,7 @@ are left out, as a discarded final state is (``_Roots``).
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -446,6 +447,8 @@ class _Recorder(TorchDispatchMode):
         self.warned: set = set()
         self.forced_leaf_seen = False  # a tensor no unit's price includes forces backprop down to it
         self.unseen = _UnseenWrites(counter)
+        self.without_grad = WeakIdKeyDictionary()  # outputs of ops run under no_grad outside them: no backward
+        self.unfollowed_seen = False
         self.calls: list[CheckpointCall] = []  # non-reentrant torch.utils.checkpoint calls under way, outermost first
         # a transformers checkpointed layer whose forward is about to begin (its hooks run outside the checkpoint
         # call since transformers 5.2x, inside it before): (first op, its checkpoint call once known), or None
@@ -463,19 +466,25 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         self.note_pending_nodes()
         if func in _METADATA_OPS:
-            return func(*args, **kwargs)
+            return self._note_without_grad(func(*args, **kwargs))
         before = self.counter.get_total_flops()
-        out = func(*args, **kwargs)
+        out = self._note_without_grad(func(*args, **kwargs))
         forward = float(self.counter.get_total_flops() - before)
 
         leaves, spec = tree_flatten((args, kwargs))
         tensor_leaves = [x for x in leaves if isinstance(x, torch.Tensor)]
         written = _mutated_arguments(func, args, kwargs)
+        if torch.is_grad_enabled():  # written under grad: autograd records it now
+            for x in written:
+                for target in (x, x._base):
+                    if target is not None:
+                        self.without_grad.pop(target, None)
         unseen = self.unseen.follow(func, tensor_leaves, written, out)
         if unseen is not None:
             _warn_unseen_kernel(*unseen)
         self._follow_bases(tensor_leaves)
         self._warn_forced_leaves(tensor_leaves)
+        self._warn_unfollowed_function(tensor_leaves)
         reads_data = any(x in self.data for x in tensor_leaves)
         if reads_data:  # the batch, and whatever is computed from it
             for o in [*tree_flatten(out)[0], *written]:
@@ -484,6 +493,12 @@ class _Recorder(TorchDispatchMode):
         sources = [self._source(x) for x in tensor_leaves]
         is_act = [x in self.latest for x in tensor_leaves]
         if not any(sources) and not any(is_act):
+            return out
+        if _without_autograd():
+            # under torch.no_grad: autograd records nothing, so no backward runs through the op and what it computes
+            # takes no gradient (DeepSeek-V3.2's indexer scores tokens so): its forward is counted, no backward
+            # charged, and its outputs are no activations
+            self.batch_independent |= forward > 0 and not reads_data
             return out
         outputs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
 
@@ -599,6 +614,24 @@ class _Recorder(TorchDispatchMode):
             if id(leaf) not in self.params and not isinstance(leaf, nn.Parameter):
                 self.forced_leaf_seen = True  # the first reader is named (T5's bias is read by every layer)
                 _warn_forced_leaf(_innermost_module(self.counter), tuple(x.shape))
+                return
+
+    def _note_without_grad(self, out: Any) -> Any:
+        if _without_autograd():
+            for o in tree_flatten(out)[0]:
+                if isinstance(o, torch.Tensor):
+                    self.without_grad[o] = True
+        return out
+
+    def _warn_unfollowed_function(self, tensors: list[torch.Tensor]) -> None:
+        """Warn where a tensor made under no_grad, and so charged no backward, came out with an autograd node: it was
+        made inside an ``autograd.Function`` whose forward was not followed (a C++ one), whose backward then runs."""
+        if self.unfollowed_seen:
+            return
+        for x in tensors:
+            if x.grad_fn is not None and x in self.without_grad:
+                self.unfollowed_seen = True
+                _warn_unfollowed_function(_innermost_module(self.counter), type(x.grad_fn).__name__)
                 return
 
     def _derived(self, x: torch.Tensor) -> frozenset[str] | None:
@@ -735,6 +768,42 @@ def _warn_forced_leaf(module: str, shape: tuple[int, ...]) -> None:
         "Keep it from requiring grad (or detach it) to have every step within rho.",
         module,
         shape,
+    )
+
+
+_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
+
+
+def _without_autograd() -> bool:
+    """Whether an op now runs with no backward: grad disabled, and no custom ``autograd.Function`` forward under way
+    (checkpointing's reentrant one, bitsandbytes', TRL's fused LM head, a ``torch.library`` op's): those run with grad
+    disabled too, yet their backward computes through what they ran. Known by ``Function.apply`` on the Python
+    stack, which holds however a library keeps a reference to it."""
+    if torch.is_grad_enabled():
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _FUNCTION_APPLY:
+            return False
+        frame = frame.f_back
+    return True
+
+
+_UNFOLLOWED_WARNED: set[str] = set()
+
+
+def _warn_unfollowed_function(module: str, node: str) -> None:
+    """Say once per module where the output of a Function whose forward no profile followed is read."""
+    if module in _UNFOLLOWED_WARNED:
+        return
+    _UNFOLLOWED_WARNED.add(module)
+    logger.warning(
+        "GreenTrainer: %s reads the output of an autograd.Function (%s) whose forward ran where the profile saw no "
+        "Python autograd.Function: its work was taken for work under torch.no_grad, which has no backward, so the "
+        "budget does not count that backward. Implement it as a Python torch.autograd.Function or a torch.library "
+        "custom op to have it counted.",
+        module,
+        node,
     )
 
 

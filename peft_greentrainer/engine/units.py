@@ -128,12 +128,15 @@ def tensor_units(
 
 
 def lora_units(model: nn.Module, adapter_name: str = "default") -> list[Unit]:
-    """One unit per PEFT LoRA layer: the adapter's own tensors (``lora_*`` parameters of ``adapter_name``)."""
+    """One unit per PEFT LoRA layer: the adapter's own tensors (``lora_*`` parameters of ``adapter_name``).
+
+    Not the layers inside the frozen ``original_module`` PEFT keeps beside a ``modules_to_save`` copy (LoRA injected
+    into a head before PEFT wrapped it): they never run while the copy does, and PEFT never trains them."""
     from peft.tuners.lora import LoraLayer
 
     units = []
     for module_name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
+        if not isinstance(module, LoraLayer) or "original_module" in module_name.split("."):
             continue
         # "lora_A.<adapter>.weight", "lora_embedding_A.<adapter>", ...: the adapter is the second component (a
         # looser match would mix in another adapter whose name equals a parameter name, such as "weight")
@@ -170,8 +173,11 @@ def auxiliary_units(model: nn.Module, adapter_name: str = "default", bias: str =
     units = []
     for name, param in model.named_parameters():
         parts = name.split(".")
-        copied = id(param) not in originals and any(
-            part in _AUXILIARY_CONTAINERS and parts[i + 1] == adapter_name for i, part in enumerate(parts[:-1])
+        # (a LoRA layer inside the copy is a LoRA unit of its own: its ``lora_*`` tensors are not repeated here)
+        copied = (
+            id(param) not in originals
+            and any(part in _AUXILIARY_CONTAINERS and parts[i + 1] == adapter_name for i, part in enumerate(parts[:-1]))
+            and not any(part.startswith("lora_") and parts[i + 1] == adapter_name for i, part in enumerate(parts[:-1]))
         )
         is_bias = parts[-1] == "bias" and "lora_" not in name and "original_module" not in parts
         trained_bias = is_bias and (bias == "all" or id(param) in adapted_biases)
