@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from . import ranks
 from .engine.importance import NO_LOSS, clip_coefficient, squared_norm
@@ -53,6 +54,8 @@ from .engine.optimizer_update import optimizer_update
 from .engine.profile import LossFn
 from .engine.rng import fork_rng
 from .engine.units import Unit, is_trainable_storage, unwrapped_name
+from .sparse_head import attached_sparse_lm_head
+from .twin import checkpointed_blocks, fake_inputs, fake_twin, mirror_modes, twin_runs
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +192,6 @@ def attach(tuner, root: nn.Module) -> None:
 def _dense_lm_head(model: nn.Module) -> None:
     """The sparse LM head stays off under FSDP2: the cost profile runs on fake tensors, whose labels have no values
     to say which positions the head may skip, so the step must run the dense head the profile counts."""
-    from .sparse_head import attached_sparse_lm_head
-
     head = attached_sparse_lm_head(model)
     if head is not None and head.enabled:
         head.enabled = False
@@ -212,8 +213,6 @@ def _root(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------------ cost profile
 def measure_on_twin(tuner, batch: Mapping[str, Any], loss_fn: LossFn):
     """``tuner._measure`` on the non-sharded fake twin, set to the modes and checkpointing of the real model."""
-    from .twin import fake_inputs, mirror_modes, twin_runs
-
     twin, mode = _twin(tuner)
     _dense_lm_head(twin.model)
     _check_checkpointed_blocks(tuner.model, twin.model)
@@ -226,18 +225,12 @@ def _twin(tuner):
     """The same architecture and GreenTrainer config as ``tuner``, unsharded, made of fake tensors on the real device
     (:func:`~peft_greentrainer.twin.fake_twin`): the profile predicts the real step exactly, with no memory."""
     if _TWIN_KEY not in tuner.__dict__:
-        from .twin import fake_twin
-
         tuner.__dict__[_TWIN_KEY] = fake_twin(tuner, unsharded_class(tuner.model))
     return tuner.__dict__[_TWIN_KEY]
 
 
 def _check_checkpointed_blocks(model: nn.Module, twin: nn.Module) -> None:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     twins = dict(twin.named_modules())
-    from .twin import checkpointed_blocks
-
     for name in checkpointed_blocks(model):
         if not isinstance(twins.get(name), GradientCheckpointingLayer):
             raise NotImplementedError(

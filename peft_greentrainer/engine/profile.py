@@ -465,10 +465,11 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.note_pending_nodes()
+        without_autograd = _without_autograd()  # a stack walk: once per op
         if func in _METADATA_OPS:
-            return self._note_without_grad(func(*args, **kwargs))
+            return self._note_without_grad(func(*args, **kwargs), without_autograd)
         before = self.counter.get_total_flops()
-        out = self._note_without_grad(func(*args, **kwargs))
+        out = self._note_without_grad(func(*args, **kwargs), without_autograd)
         forward = float(self.counter.get_total_flops() - before)
 
         leaves, spec = tree_flatten((args, kwargs))
@@ -494,7 +495,7 @@ class _Recorder(TorchDispatchMode):
         is_act = [x in self.latest for x in tensor_leaves]
         if not any(sources) and not any(is_act):
             return out
-        if _without_autograd():
+        if without_autograd:
             # under torch.no_grad: autograd records nothing, so no backward runs through the op and what it computes
             # takes no gradient (DeepSeek-V3.2's indexer scores tokens so): its forward is counted, no backward
             # charged, and its outputs are no activations
@@ -616,8 +617,8 @@ class _Recorder(TorchDispatchMode):
                 _warn_forced_leaf(_innermost_module(self.counter), tuple(x.shape))
                 return
 
-    def _note_without_grad(self, out: Any) -> Any:
-        if _without_autograd():
+    def _note_without_grad(self, out: Any, without_autograd: bool) -> Any:
+        if without_autograd:
             for o in tree_flatten(out)[0]:
                 if isinstance(o, torch.Tensor):
                     self.without_grad[o] = True
@@ -626,7 +627,7 @@ class _Recorder(TorchDispatchMode):
     def _warn_unfollowed_function(self, tensors: list[torch.Tensor]) -> None:
         """Warn where a tensor made under no_grad, and so charged no backward, came out with an autograd node: it was
         made inside an ``autograd.Function`` whose forward was not followed (a C++ one), whose backward then runs."""
-        if self.unfollowed_seen:
+        if self.unfollowed_seen or not self.without_grad:
             return
         for x in tensors:
             if x.grad_fn is not None and x in self.without_grad:
