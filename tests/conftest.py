@@ -163,10 +163,11 @@ def end_rank_process() -> None:
     os._exit(0)
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """transformers' non-reentrant activation checkpointing (``gradient_checkpointing_enable`` before 5.23)."""
+def enable_activation_checkpointing(model: torch.nn.Module, use_reentrant: bool = False) -> None:
+    """transformers' activation checkpointing, non-reentrant unless asked (``gradient_checkpointing_enable`` before
+    5.23)."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
+    enable({"use_reentrant": use_reentrant})
 
 
 def row_scaling_rel(rel: float) -> float:

@@ -11,7 +11,9 @@ import torch
 import transformers
 from conftest import (
     QWEN2_AUDIO_TOKEN,
+    enable_activation_checkpointing,
     mistral3_batch,
+    row_scaling_rel,
     save_tiny_checkpoint,
     tiny_batch,
     tiny_mistral3_config,
@@ -196,7 +198,7 @@ def test_switching_to_non_reentrant_checkpointing_keeps_activation_offloading():
             return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
 
     base = tiny_model("llama", seed=3)
-    base.activation_checkpointing_enable({"use_reentrant": True})
+    enable_activation_checkpointing(base, use_reentrant=True)
     for layer in base.model.layers:
         layer._gradient_checkpointing_func = functools.partial(offloading, use_reentrant=True)
     model = get_peft_model(base, GreenTrainerConfig(units="tensors", rho=0.5)).train()
@@ -289,7 +291,7 @@ def test_a_quantized_base_saving_attention_in_its_checkpoints_is_priced_so(check
         keywords = non_reentrant_keywords(layer)
         layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, **keywords)
     full = sum(measure_flops(float_model, batch, [n for n, _ in float_model.named_parameters()]))
-    assert selection.full_flops <= full
+    assert selection.full_flops <= full * (1 + row_scaling_rel(0.0))
     assert sum(measure_flops(model.base_model.model, batch)) <= 0.6 * full
 
 

@@ -440,6 +440,7 @@ def test_merge_and_unload_returns_plain_model_with_same_logits(arch, units):
         assert not torch.equal(expected, tiny_model(arch).eval()(**batch).logits)  # the adapters did change it
 
 
+@needs_sparse_head
 @pytest.mark.parametrize("unload", ["merge_and_unload", "unload"])
 def test_unloading_takes_off_the_sparse_head_the_tuner_put_on(unload):
     """The model given back is a plain transformers model: its training-mode logits cover every position, as LoRA's
