@@ -386,7 +386,7 @@ class _FillsABufferMadeWithoutGrad(torch.nn.Module):
 def test_a_function_whose_forward_was_not_followed_is_named_in_a_warning(caplog, monkeypatch):
     """A C++ autograd::Function runs its forward with grad disabled where no Python ``Function.apply`` shows it: its
     work is taken for work under no_grad, charged no backward, and the user hears where its output is read."""
-    monkeypatch.setattr(profile_module, "_UNFOLLOWED_WARNED", set())  # said once per module and process
+    monkeypatch.setattr(profile_module, "_WARNED", set())  # said once per module and process
     batch = {"x": torch.randn(2, 6, 8), "labels": torch.randn(2, 6, 8)}
     with caplog.at_level(logging.WARNING, logger="peft_greentrainer"):
         profile_model(_ThroughAFunction(), batch)
@@ -599,7 +599,7 @@ class _WithAnUnseenKernel(torch.nn.Module):
 
 def test_a_kernel_the_dispatcher_does_not_see_is_named_in_a_warning(caplog, monkeypatch):
     """No FLOP count sees such a kernel, so the budget cannot cover it: the user hears which module runs one."""
-    monkeypatch.setattr(profile_module, "_UNSEEN_WARNED", set())  # said once per module and process
+    monkeypatch.setattr(profile_module, "_WARNED", set())  # said once per module and process
     batch = {"x": torch.randn(2, 8), "labels": torch.randn(2, 8)}
     with caplog.at_level(logging.WARNING, logger="peft_greentrainer"):
         profile_model(tiny_model("llama"), tiny_batch(tiny_model("llama")))
@@ -625,7 +625,7 @@ class _ForcesAGradient(torch.nn.Module):
 def test_a_tensor_made_to_require_grad_is_named_in_a_warning(caplog, monkeypatch):
     """Autograd backpropagates down to such a tensor whatever is selected, which no unit's price includes (T5's
     position bias under checkpointing: 0.560 of full fine-tuning at rho 0.55): the user hears where it is read."""
-    monkeypatch.setattr(profile_module, "_FORCED_LEAF_WARNED", set())  # said once per module and process
+    monkeypatch.setattr(profile_module, "_WARNED", set())  # said once per module and process
     batch = {"x": torch.randn(2, 8), "labels": torch.randn(2, 8)}
     with caplog.at_level(logging.WARNING, logger="peft_greentrainer"):
         profile_model(tiny_model("llama"), tiny_batch(tiny_model("llama")))
@@ -648,7 +648,7 @@ _FILLED_THROUGH_THE_DISPATCHER = {
 
 @pytest.mark.parametrize("fill", list(_FILLED_THROUGH_THE_DISPATCHER))
 def test_memory_filled_by_ops_the_dispatcher_sees_is_not_named(fill, caplog, monkeypatch):
-    monkeypatch.setattr(profile_module, "_UNSEEN_WARNED", set())  # said once per module and process
+    monkeypatch.setattr(profile_module, "_WARNED", set())  # said once per module and process
 
     class FillsABuffer(torch.nn.Module):
         def __init__(self) -> None:

@@ -735,39 +735,38 @@ def _storage_address(x: torch.Tensor) -> int | None:
         return None
 
 
-_UNSEEN_WARNED: set[str] = set()
+_WARNED: set[tuple[str, str]] = set()  # (message, module): each said once per module and process
+
+
+def _warn_once(module: str, message: str, *args: object) -> None:
+    """Log ``message`` (whose first ``%s`` is ``module``) once per module: a model repeats a layer in every block."""
+    if (message, module) in _WARNED:
+        return
+    _WARNED.add((message, module))
+    logger.warning(message, module, *args)
 
 
 def _warn_unseen_kernel(allocated: str, module: str) -> None:
     """Say once per module where a kernel ran that no FLOP count sees."""
-    if module in _UNSEEN_WARNED:
-        return
-    _UNSEEN_WARNED.add(module)
-    logger.warning(
+    _warn_once(
+        module,
         "GreenTrainer: in %s a tensor allocated by %s was filled by a kernel torch's dispatcher does not see (a "
         "Triton or CUDA-extension kernel called directly, e.g. flash-linear-attention, mamba-ssm, causal-conv1d, "
         "Liger). If it does matmul-class work (attention, a scan, a fused linear layer), FlopCounterMode counts none "
         "of it, so neither does the budget: rho bounds the rest of each step; load the model without such kernels to "
         "have it counted. Element-wise kernels (norms, activations) count 0 anyway.",
-        module,
         allocated,
     )
 
 
-_FORCED_LEAF_WARNED: set[str] = set()
-
-
 def _warn_forced_leaf(module: str, shape: tuple[int, ...]) -> None:
     """Say once per module where a tensor that forces backprop down to it, unpriced, is first read."""
-    if module in _FORCED_LEAF_WARNED:
-        return
-    _FORCED_LEAF_WARNED.add(module)
-    logger.warning(
+    _warn_once(
+        module,
         "GreenTrainer: %s reads a tensor of shape %s that requires grad but is no parameter and comes from no op "
         "(its requires_grad was set by hand, in the forward or on the batch). Every step backpropagates down to it, "
         "whatever is selected, and the profile does not price that: the FLOPs budget does not hold for this model. "
         "Keep it from requiring grad (or detach it) to have every step within rho.",
-        module,
         shape,
     )
 
@@ -790,20 +789,14 @@ def _without_autograd() -> bool:
     return True
 
 
-_UNFOLLOWED_WARNED: set[str] = set()
-
-
 def _warn_unfollowed_function(module: str, node: str) -> None:
     """Say once per module where the output of a Function whose forward no profile followed is read."""
-    if module in _UNFOLLOWED_WARNED:
-        return
-    _UNFOLLOWED_WARNED.add(module)
-    logger.warning(
+    _warn_once(
+        module,
         "GreenTrainer: %s reads the output of an autograd.Function (%s) whose forward ran where the profile saw no "
         "Python autograd.Function: its work was taken for work under torch.no_grad, which has no backward, so the "
         "budget does not count that backward. Implement it as a Python torch.autograd.Function or a torch.library "
         "custom op to have it counted.",
-        module,
         node,
     )
 
