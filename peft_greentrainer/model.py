@@ -207,6 +207,31 @@ class _TunerRuntime:
     prepared_ddp: _WeakLink = field(default_factory=_WeakLink)  # the DDP wrapper made to follow selections
 
 
+# the task types whose model puts a head of its own on the backbone, often newly initialized when loaded
+_HEAD_TASKS = frozenset({"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"})
+
+
+def _warn_frozen_task_heads(model: nn.Module, task_type: str | None) -> None:
+    """Warn about the modules of a task model, besides its backbone, that LoRA leaves wholly frozen: PEFT's task types
+    make only heads named ``classifier``, ``score`` or ``qa_outputs`` trainable, so BART's and T5's
+    ``classification_head`` or DistilBERT's ``pre_classifier`` keep what they were loaded with, often a random
+    initialization, and the adapters learn around a random projection."""
+    if task_type not in _HEAD_TASKS:
+        return
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    heads = {name: list(child.parameters()) for name, child in model.named_children() if child is not backbone}
+    frozen = [name for name, params in heads.items() if params and not any(p.requires_grad for p in params)]
+    if frozen:
+        logger.warning(
+            "GreenTrainer: the %s model's %s: no LoRA adapter and not in modules_to_save, so frozen as loaded (random, "
+            "if transformers reported newly initialized weights there); add modules_to_save=%r to the config to train "
+            "it with the adapters.",
+            getattr(task_type, "value", task_type),
+            ", ".join(frozen),
+            frozen,
+        )
+
+
 def _refuse_what_no_price_bounds(model: nn.Module) -> None:
     """Raise, saying what to do, for a model whose steps' FLOPs follow the data or chance rather than the batch shape
     GreenTrainer prices (routed expert modules, experts that compute nothing, LayerDrop), or whose kernels the profile
@@ -317,6 +342,8 @@ class GreenTrainerModel(LoraModel):
                     "every adapted module."
                 )
             self._candidates[adapter_name] = candidates
+            if not config.inference_mode:
+                _warn_frozen_task_heads(model, config.task_type)
             return
         self._check_new_adapter_config(config)  # LoraModel's injection (which would call it) is skipped here
         self._candidates[adapter_name] = self._tensor_candidates(model, config)  # (names without wrappers' parts)

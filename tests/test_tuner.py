@@ -1999,3 +1999,43 @@ def test_accelerate_save_state_carries_the_selection_of_a_loop(tmp_path, units):
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter")
     weights = dict(trained.named_parameters())
     assert all(torch.equal(p, weights[n]) for n, p in loaded.named_parameters())
+
+
+def _bart_classifier() -> torch.nn.Module:
+    config = transformers.BartConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64, num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BartForSequenceClassification(config)
+
+
+@pytest.mark.parametrize(
+    ("make_model", "extra", "head", "warned"),
+    [
+        (_bart_classifier, {}, "classification_head", True),  # PEFT's SEQ_CLS trains only `classifier` / `score`
+        (_bart_classifier, {"modules_to_save": ["classification_head"]}, "classification_head", False),
+        (_sequence_classifier, {}, "score", False),  # Llama's head: PEFT trains a copy
+    ],
+    ids=["bart", "bart-head-saved", "llama"],
+)
+def test_a_task_head_lora_leaves_frozen_is_named_with_what_to_do(make_model, extra, head, warned, caplog):
+    """BART's ``classification_head`` is new when a checkpoint is loaded for classification, and LoRA (PEFT's defaults)
+    leaves it frozen: the adapters would learn around a random projection, without a word."""
+    targets = ["q_proj", "v_proj"]
+    config = GreenTrainerConfig(rho=0.6, units="lora", task_type="SEQ_CLS", target_modules=targets, **extra)
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.model"):
+        model = get_peft_model(make_model(), config)
+    said = [r.getMessage() for r in caplog.records if "frozen as loaded" in r.getMessage()]
+    units = [u.name for u in model.base_model.candidate_units()]
+    if warned:
+        assert said == [
+            f"GreenTrainer: the SEQ_CLS model's {head}: no LoRA adapter and not in modules_to_save, so frozen as "
+            "loaded (random, if transformers reported newly initialized weights there); add modules_to_save="
+            "['classification_head'] to the config to train it with the adapters."
+        ]
+        assert not any(p.requires_grad for p in getattr(model.base_model.model, head).parameters())
+        assert not any(name.startswith(head) for name in units)
+    else:
+        assert not said, said
+        assert any(name.startswith(f"{head}.modules_to_save") for name in units), units
