@@ -213,9 +213,9 @@ _HEAD_TASKS = frozenset({"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"})
 
 def _warn_frozen_task_heads(model: nn.Module, task_type: str | None) -> None:
     """Warn about the modules of a task model, besides its backbone, that LoRA leaves wholly frozen: PEFT's task types
-    make only heads named ``classifier``, ``score`` or ``qa_outputs`` trainable, so BART's and T5's
-    ``classification_head`` or DistilBERT's ``pre_classifier`` keep what they were loaded with, often a random
-    initialization, and the adapters learn around a random projection."""
+    make only heads whose names hold ``classifier``, ``score`` or ``qa_outputs`` trainable, so BART's and T5's
+    ``classification_head`` or XLNet's ``sequence_summary`` and ``logits_proj`` keep what they were loaded with, often a
+    random initialization, and the adapters learn around a random projection."""
     if task_type not in _HEAD_TASKS:
         return
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
@@ -224,8 +224,8 @@ def _warn_frozen_task_heads(model: nn.Module, task_type: str | None) -> None:
     if frozen:
         logger.warning(
             "GreenTrainer: the %s model's %s: no LoRA adapter and not in modules_to_save, so frozen as loaded (random, "
-            "if transformers reported newly initialized weights there); add modules_to_save=%r to the config to train "
-            "it with the adapters.",
+            "if transformers reported newly initialized weights there); modules_to_save=%r in the config trains their "
+            "weights with the adapters.",
             getattr(task_type, "value", task_type),
             ", ".join(frozen),
             frozen,

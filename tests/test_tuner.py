@@ -2031,8 +2031,8 @@ def test_a_task_head_lora_leaves_frozen_is_named_with_what_to_do(make_model, ext
     if warned:
         assert said == [
             f"GreenTrainer: the SEQ_CLS model's {head}: no LoRA adapter and not in modules_to_save, so frozen as "
-            "loaded (random, if transformers reported newly initialized weights there); add modules_to_save="
-            "['classification_head'] to the config to train it with the adapters."
+            "loaded (random, if transformers reported newly initialized weights there); modules_to_save="
+            "['classification_head'] in the config trains their weights with the adapters."
         ]
         assert not any(p.requires_grad for p in getattr(model.base_model.model, head).parameters())
         assert not any(name.startswith(head) for name in units)
