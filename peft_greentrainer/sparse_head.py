@@ -17,7 +17,8 @@ Two ways in, one computation:
   the saving.
 
 Only in training mode (``model.training``): in evaluation the outputs keep their dense ``(batch, seq, vocab)``
-logits, which metric code expects. In training the returned ``logits`` are the kept rows, ``(n_kept, vocab)``.
+logits, which metric code expects. In training the returned ``logits`` are the kept rows, ``(n_kept, vocab)``;
+the first read of them by name logs a warning saying so, for code written for dense logits.
 The loss is normalised as transformers does it: by ``num_items_in_batch`` when the Trainer passes it (gradient
 accumulation), else the mean over the kept targets. Packed (padding-free) batches need nothing special: their
 sequence boundaries are ``-100`` labels, which the mask drops like any other.
@@ -156,6 +157,62 @@ def _with_loss(outputs, kept: _Targets):
     return dataclasses.replace(outputs, loss=_loss(outputs.logits, kept))
 
 
+_said_logits_are_kept_rows = False  # once per process
+
+
+def _announcing_kept_rows(outputs):
+    """``outputs`` as its type's subclass whose ``logits``, read by name, first say that they are the kept rows.
+
+    Code written for ``(batch, seq, vocab)`` logits (a ``compute_loss`` that shifts them, distillation, a token
+    metric) otherwise fails with a shape error that names neither this head nor the option, or broadcasts silently.
+    Positional reads (``outputs[0]``, ``to_tuple()``) and pytree flattening (DDP) say nothing.
+    """
+    if torch.compiler.is_compiling() or not dataclasses.is_dataclass(outputs) or not isinstance(outputs, Mapping):
+        return outputs
+    return _kept_rows_type(type(outputs))(**dict(outputs.items()))
+
+
+@functools.cache
+def _kept_rows_type(cls: type) -> type:
+    def __getattribute__(self, name: str):
+        value = cls.__getattribute__(self, name)
+        if name == "logits":
+            _say_logits_are_kept_rows(value)
+        return value
+
+    def __getitem__(self, key):
+        value = cls.__getitem__(self, key)
+        if key == "logits":
+            _say_logits_are_kept_rows(value)
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self.keys() else default
+
+    def to_tuple(self) -> tuple:
+        return tuple(self.values())
+
+    members = {"__getattribute__": __getattribute__, "__getitem__": __getitem__, "get": get, "to_tuple": to_tuple}
+    # its own module, so that its pytree registration (transformers registers every ModelOutput) has its own name
+    return type(cls.__name__, (cls,), {**members, "__module__": __name__, "__qualname__": cls.__qualname__})
+
+
+def _say_logits_are_kept_rows(logits: Any) -> None:
+    global _said_logits_are_kept_rows
+    if _said_logits_are_kept_rows or not isinstance(logits, torch.Tensor):
+        return
+    _said_logits_are_kept_rows = True
+    logger.warning(
+        "These logits are GreenTrainer's sparse LM head's (a training forward given labels): only the %d positions "
+        "whose next-token label is not -100, shape %s, not (batch, seq, vocab); outputs.loss is the dense loss. "
+        "Code that reads the logits per position (a compute_loss that shifts them, distillation, a token metric) "
+        "needs GreenTrainerConfig(sparse_lm_head=False), or the labels taken out of the inputs before the forward "
+        "(the logits are then dense).",
+        logits.shape[0],
+        tuple(logits.shape),
+    )
+
+
 def sparse_lm_loss(
     model: nn.Module,
     inputs: Mapping[str, Any],
@@ -229,7 +286,7 @@ class SparseLMHead:
         kept = self._pending.pop() if self._pending else None
         if kept is None or output is None:
             return None
-        return _with_loss(output, kept)
+        return _announcing_kept_rows(_with_loss(output, kept))
 
     @contextmanager
     def disabled(self):

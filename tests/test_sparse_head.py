@@ -9,8 +9,9 @@ import torch
 import transformers
 from conftest import VOCAB, needs_sparse_head, tiny_model
 from peft import get_peft_model
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from peft_greentrainer import GreenTrainerConfig, enable_sparse_lm_head, sparse_lm_loss
+from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, enable_sparse_lm_head, sparse_lm_loss
 from peft_greentrainer.engine.label_buckets import LABEL_BUCKETS, label_bucket
 from peft_greentrainer.engine.profile import measure_flops
 from peft_greentrainer.sparse_head import attached_sparse_lm_head, next_token_targets
@@ -95,6 +96,76 @@ def test_the_head_runs_only_on_kept_positions_and_evaluation_stays_dense():
     model.eval()
     assert model(**batch).logits.shape == (*batch["input_ids"].shape, VOCAB)  # metric code sees dense logits
     assert enable_sparse_lm_head(model) is head  # attaching twice keeps one head
+
+
+@needs_sparse_head
+def test_reading_the_kept_rows_logits_says_once_what_they_are_and_how_to_get_dense_ones(monkeypatch, caplog):
+    """A ``compute_loss`` written for ``(batch, seq, vocab)`` logits got only a shape error naming neither the head
+    nor the option (or broadcast silently); reading them by name now says what they are, once per process."""
+    monkeypatch.setattr("peft_greentrainer.sparse_head._said_logits_are_kept_rows", False)
+    model, batch = tiny_model("llama"), _ragged_batch()
+    dense_type = type(model(**batch))
+    enable_sparse_lm_head(model)
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.sparse_head"):
+        outputs = model(**batch)
+        assert isinstance(outputs, dense_type) and type(outputs).__name__ == dense_type.__name__
+        outputs.loss.backward()
+        assert outputs[0] is outputs.loss and outputs.to_tuple()[0] is outputs.loss  # positional reads: silent
+        flat, spec = tree_flatten(outputs)  # as DDP passes outputs through
+        assert type(tree_unflatten(flat, spec)) is type(outputs)
+        assert not caplog.records
+        kept = int(next_token_targets(batch["labels"])[0].sum())
+        assert outputs.logits.shape == (kept, VOCAB)
+        assert outputs["logits"] is outputs.get("logits") is outputs.logits
+        model(**batch).logits  # noqa: B018 (a read)
+        model.eval()
+        assert model(**batch).logits.shape == (*batch["input_ids"].shape, VOCAB)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1, said
+    assert f"only the {kept} positions" in said[0] and "GreenTrainerConfig(sparse_lm_head=False)" in said[0]
+
+
+@needs_sparse_head
+def test_a_compute_loss_that_shifts_the_logits_fails_after_the_warning_that_says_what_to_do(
+    monkeypatch, tmp_path, caplog
+):
+    """The common Trainer subclass shifting ``outputs.logits`` against the labels: the sparse head's rows make its
+    cross-entropy fail; the warning before the error names the option, with which it trains."""
+    monkeypatch.setattr("peft_greentrainer.sparse_head._said_logits_are_kept_rows", False)
+
+    class ShiftedLossTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)
+            logits, labels = outputs.logits[..., :-1, :], inputs["labels"][..., 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            return (loss, outputs) if return_outputs else loss
+
+    rows = [{k: v[i] for k, v in _ragged_batch(seed).items()} for seed in range(2) for i in range(4)]
+    warned = []
+    for sparse in (True, False):
+        config = GreenTrainerConfig(rho=0.6, units="lora", target_modules=["q_proj", "v_proj"], sparse_lm_head=sparse)
+        model = get_peft_model(tiny_model("llama"), config)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(sparse)),
+            per_device_train_batch_size=2,
+            max_steps=2,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            learning_rate=1e-3,
+        )
+        trainer = ShiftedLossTrainer(model=model, args=args, train_dataset=rows, callbacks=[GreenTrainerCallback()])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="peft_greentrainer.sparse_head"):
+            if sparse:
+                with pytest.raises(ValueError, match="batch_size"):
+                    trainer.train()
+            else:
+                trainer.train()
+        warned.append([r.getMessage() for r in caplog.records if r.name == "peft_greentrainer.sparse_head"])
+    assert len(warned[0]) == 1 and "sparse_lm_head=False" in warned[0][0]
+    assert warned[1] == []
 
 
 def test_models_it_cannot_be_exact_for_stay_dense_with_one_log_line(caplog):
