@@ -127,6 +127,14 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 "GreenTrainerCallback(loss_fn=...) (the README shows one with LabelSmoother).",
                 args.label_smoothing_factor,
             )
+        loss_type = getattr(args, "loss_type", "nll")  # TRL's configs: "nll" is the model's own cross-entropy
+        if self.loss_fn is None and loss_type not in ("nll", None):
+            logger.warning(
+                "loss_type=%r: the trainer trains that loss, while importance ranks units by the model's own loss; "
+                "pass the loss trained, e.g. GreenTrainerCallback(loss_fn=lambda model, batch: "
+                "trainer.compute_loss(model, batch)) with the trainer built after the callback.",
+                loss_type,
+            )
         saved = self.checkpoint_state(state) if state.global_step > 0 else None
         if saved is not None and saved.get("selected") is not None:  # resuming: same selection, no new importance
             self.selected = list(saved["selected"])

@@ -749,6 +749,29 @@ def test_label_smoothing_without_its_loss_for_the_importance_is_warned_about(che
     assert warned == [True, False]
 
 
+@pytest.mark.parametrize("loss_fn", [None, "trainer's"])
+def test_a_trl_loss_type_without_its_loss_for_the_importance_is_warned_about(checkpoint, loss_fn, tmp_path, caplog):
+    """SFTConfig(loss_type="dft") trains DFT's reweighted loss; the importance ranked by the model's cross-entropy
+    without a word (a review probe). The trainer's own compute_loss, passed as loss_fn, silences it."""
+    import trl
+
+    trainer = None
+    callback = GreenTrainerCallback(loss_fn=loss_fn and (lambda inner, batch: trainer.compute_loss(inner, batch)))
+    trainer = trl.SFTTrainer(
+        model=transformers.AutoModelForCausalLM.from_pretrained(checkpoint),
+        args=_sft_config(tmp_path, "lora", loss_type="dft", max_steps=1),
+        train_dataset=_prompt_completion(),
+        processing_class=_tokenizer(checkpoint),
+        peft_config=_config("lora"),
+        callbacks=[callback],
+    )
+    with caplog.at_level(logging.WARNING, logger="peft_greentrainer.callback"):
+        trainer.train()
+    warned = [r.getMessage() for r in caplog.records if "loss_type='dft'" in r.getMessage()]
+    assert len(warned) == (loss_fn is None), warned
+    assert trainer.model.base_model.greentrainer_state.history  # a selection was made either way
+
+
 # ----------------------------------------------------------------------------------------------- resume
 @pytest.mark.slow
 # 6 steps per epoch: a checkpoint mid-epoch, and one at an epoch's last step (written before the epoch's end is
