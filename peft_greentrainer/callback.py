@@ -131,8 +131,8 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
         if self.loss_fn is None and loss_type not in ("nll", None):
             logger.warning(
                 "loss_type=%r: the trainer trains that loss, while importance ranks units by the model's own loss; "
-                "pass the loss trained, e.g. GreenTrainerCallback(loss_fn=lambda model, batch: "
-                "trainer.compute_loss(model, batch)) with the trainer built after the callback.",
+                "pass the loss trained as GreenTrainerCallback(loss_fn=...) (a TRL trainer's own compute_loss counts "
+                "the importance passes in its logged metrics too, num_tokens included).",
                 loss_type,
             )
         saved = self.checkpoint_state(state) if state.global_step > 0 else None

@@ -165,7 +165,8 @@ def _announcing_kept_rows(outputs):
 
     Code written for ``(batch, seq, vocab)`` logits (a ``compute_loss`` that shifts them, distillation, a token
     metric) otherwise fails with a shape error that names neither this head nor the option, or broadcasts silently.
-    Positional reads (``outputs[0]``, ``to_tuple()``) and pytree flattening (DDP) say nothing.
+    Positional reads (``outputs[0]``, ``to_tuple()``) and pytree flattening (DDP) say nothing; whatever reads every
+    field (``repr``, ``dict(outputs)``) says it too, once. A compiled forward returns the plain type (no warning).
     """
     if torch.compiler.is_compiling() or not dataclasses.is_dataclass(outputs) or not isinstance(outputs, Mapping):
         return outputs
@@ -192,9 +193,14 @@ def _kept_rows_type(cls: type) -> type:
     def to_tuple(self) -> tuple:
         return tuple(self.values())
 
+    def __reduce__(self):  # pickled (torch.save, all_gather_object, a queue) as the plain type, which is importable
+        return cls(**dict(self.items())).__reduce__()
+
     members = {"__getattribute__": __getattribute__, "__getitem__": __getitem__, "get": get, "to_tuple": to_tuple}
-    # its own module, so that its pytree registration (transformers registers every ModelOutput) has its own name
-    return type(cls.__name__, (cls,), {**members, "__module__": __name__, "__qualname__": cls.__qualname__})
+    # a name of its own, as transformers registers every ModelOutput type under "module.name" for pytree serialisation
+    name = f"KeptRows_{cls.__module__}_{cls.__qualname__}".replace(".", "_")
+    namespace = {**members, "__reduce__": __reduce__, "__module__": __name__, "__qualname__": cls.__qualname__}
+    return type(name, (cls,), namespace)
 
 
 def _say_logits_are_kept_rows(logits: Any) -> None:
@@ -207,7 +213,7 @@ def _say_logits_are_kept_rows(logits: Any) -> None:
         "whose next-token label is not -100, shape %s, not (batch, seq, vocab); outputs.loss is the dense loss. "
         "Code that reads the logits per position (a compute_loss that shifts them, distillation, a token metric) "
         "needs GreenTrainerConfig(sparse_lm_head=False), or the labels taken out of the inputs before the forward "
-        "(the logits are then dense).",
+        "(the logits are then dense). Said once; nothing is wrong where the code expects these rows.",
         logits.shape[0],
         tuple(logits.shape),
     )

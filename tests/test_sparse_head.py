@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import pickle
 
 import pytest
 import torch
 import transformers
 from conftest import VOCAB, needs_sparse_head, tiny_model
 from peft import get_peft_model
+from torch.utils import _pytree as pytree
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from peft_greentrainer import GreenTrainerCallback, GreenTrainerConfig, enable_sparse_lm_head, sparse_lm_loss
@@ -108,7 +110,12 @@ def test_reading_the_kept_rows_logits_says_once_what_they_are_and_how_to_get_den
     enable_sparse_lm_head(model)
     with caplog.at_level(logging.WARNING, logger="peft_greentrainer.sparse_head"):
         outputs = model(**batch)
-        assert isinstance(outputs, dense_type) and type(outputs).__name__ == dense_type.__name__
+        assert isinstance(outputs, dense_type) and type(outputs).__qualname__ == dense_type.__qualname__
+        for registered in (type(outputs), dense_type):  # transformers registers both for pytree serialisation
+            name = pytree.SUPPORTED_SERIALIZED_TYPES[registered].serialized_type_name
+            assert pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE[name] is registered  # one name each
+        with torch.no_grad():
+            assert type(pickle.loads(pickle.dumps(model(**batch)))) is dense_type  # torch.save, all_gather_object
         outputs.loss.backward()
         assert outputs[0] is outputs.loss and outputs.to_tuple()[0] is outputs.loss  # positional reads: silent
         flat, spec = tree_flatten(outputs)  # as DDP passes outputs through
