@@ -175,6 +175,9 @@ def _announcing_kept_rows(outputs):
 
 @functools.cache
 def _kept_rows_type(cls: type) -> type:
+    """A subclass of the output type ``cls`` (made once per type, so ``isinstance`` and the fields stay the model's)
+    that watches reads of ``logits``."""
+
     def __getattribute__(self, name: str):
         value = cls.__getattribute__(self, name)
         if name == "logits":
@@ -197,10 +200,9 @@ def _kept_rows_type(cls: type) -> type:
         return cls(**dict(self.items())).__reduce__()
 
     members = {"__getattribute__": __getattribute__, "__getitem__": __getitem__, "get": get, "to_tuple": to_tuple}
+    members.update(__reduce__=__reduce__, __module__=__name__, __qualname__=cls.__qualname__)
     # a name of its own, as transformers registers every ModelOutput type under "module.name" for pytree serialisation
-    name = f"KeptRows_{cls.__module__}_{cls.__qualname__}".replace(".", "_")
-    namespace = {**members, "__reduce__": __reduce__, "__module__": __name__, "__qualname__": cls.__qualname__}
-    return type(name, (cls,), namespace)
+    return type(f"KeptRows_{cls.__module__}_{cls.__qualname__}".replace(".", "_"), (cls,), members)
 
 
 def _say_logits_are_kept_rows(logits: Any) -> None:
@@ -210,7 +212,7 @@ def _say_logits_are_kept_rows(logits: Any) -> None:
     _said_logits_are_kept_rows = True
     logger.warning(
         "These logits are GreenTrainer's sparse LM head's (a training forward given labels): only the %d positions "
-        "whose next-token label is not -100, shape %s, not (batch, seq, vocab); outputs.loss is the dense loss. "
+        "whose next-token label is not -100, shape %s, not (batch, seq, vocab); outputs.loss equals the dense head's. "
         "Code that reads the logits per position (a compute_loss that shifts them, distillation, a token metric) "
         "needs GreenTrainerConfig(sparse_lm_head=False), or the labels taken out of the inputs before the forward "
         "(the logits are then dense). Said once; nothing is wrong where the code expects these rows.",
