@@ -119,15 +119,15 @@ class GreenTrainerCallback(TrainerCallback, ExportableState):
                 self.loss_fn = tuner.__dict__[_LOSS_FN_KEY]
             else:
                 logger.warning("GreenTrainerCallback was rebuilt from a checkpoint and uses the model's own loss.")
+        loss_type = getattr(args, "loss_type", "nll")  # TRL's configs: "nll" is the model's own cross-entropy
         # TRL's trainers smooth only their "nll" loss (DPOConfig's loss_type is a list: never smoothed)
-        if self.loss_fn is None and args.label_smoothing_factor > 0 and getattr(args, "loss_type", "nll") == "nll":
+        if self.loss_fn is None and args.label_smoothing_factor > 0 and loss_type == "nll":
             logger.warning(
                 "label_smoothing_factor=%g: unless a compute_loss_func or the trainer's own loss replaces it, training "
                 "smooths its labels, while importance ranks units by the model's own loss; pass the loss trained as "
                 "GreenTrainerCallback(loss_fn=...) (the README shows one with LabelSmoother).",
                 args.label_smoothing_factor,
             )
-        loss_type = getattr(args, "loss_type", "nll")  # TRL's configs: "nll" is the model's own cross-entropy
         if self.loss_fn is None and loss_type not in ("nll", None):
             logger.warning(
                 "loss_type=%r: the trainer trains that loss, while importance ranks units by the model's own loss; "

@@ -166,9 +166,12 @@ def _announcing_kept_rows(outputs):
     Code written for ``(batch, seq, vocab)`` logits (a ``compute_loss`` that shifts them, distillation, a token
     metric) otherwise fails with a shape error that names neither this head nor the option, or broadcasts silently.
     Positional reads (``outputs[0]``, ``to_tuple()``) and pytree flattening (DDP) say nothing; whatever reads every
-    field (``repr``, ``dict(outputs)``) says it too, once. A compiled forward returns the plain type (no warning).
+    field (``repr``, ``dict(outputs)``) says it too, once. A compiled forward returns the plain type (no warning),
+    as does every forward once it has been said: there is nothing left to say.
     """
-    if torch.compiler.is_compiling() or not dataclasses.is_dataclass(outputs) or not isinstance(outputs, Mapping):
+    if _said_logits_are_kept_rows or torch.compiler.is_compiling():
+        return outputs
+    if not dataclasses.is_dataclass(outputs) or not isinstance(outputs, Mapping):
         return outputs
     return _kept_rows_type(type(outputs))(**dict(outputs.items()))
 
