@@ -258,7 +258,8 @@ class SparseLMHead:
     """The sparse head attached to a model's forward: a pre-hook rewrites the call, a post-hook adds the loss.
 
     Made by :func:`enable_sparse_lm_head`; ``remove()`` detaches it, ``disabled()`` suspends it (dense reference).
-    ``kept_share`` is the share of positions the head ran on in the last training forward.
+    ``kept_share`` is the share of positions the head ran on in the last training forward (``None`` if that forward
+    was dense).
     """
 
     def __init__(self, lm: nn.Module):
@@ -275,6 +276,10 @@ class SparseLMHead:
     def _before(self, module: nn.Module, args: tuple, kwargs: dict):
         prepared = _sparse_kwargs(module, kwargs) if self.enabled and not args else None
         if prepared is None:
+            if self.enabled and module.training and torch.is_grad_enabled():
+                # a dense training forward (a Trainer with label smoothing takes the labels out first): the head ran
+                # on every position, so the last sparse forward's share no longer says what training does
+                self._last_kept = None
             self._pending.append(None)
             return None
         kwargs, kept = prepared

@@ -553,6 +553,18 @@ def test_a_profile_inside_cached_parametrizations_leaves_the_step_a_graph_it_can
     assert model[0].parametrizations.weight.original1.grad is not None
 
 
+def test_the_profile_leaves_no_global_hook_behind():
+    """torch's handle of a global forward hook taking kwargs forgets that flag when removed: left behind, torch took
+    it for a global hook still registered, and warned at every call of a model under ``torch.compile``."""
+    hooks = torch.nn.modules.module
+    before = [dict(registry) for registry in (hooks._global_forward_hooks, hooks._global_forward_hooks_with_kwargs)]
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    profile_model(model, {"input": torch.randn(2, 8)}, lambda m, b: m(b["input"]).sum())
+    assert [
+        dict(registry) for registry in (hooks._global_forward_hooks, hooks._global_forward_hooks_with_kwargs)
+    ] == before
+
+
 def test_the_profile_leaves_no_cast_of_a_frozen_weight_in_the_autocast_cache():
     """The profile trains every weight to record the full graph; a cast it cached would outlive it in the step."""
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))

@@ -84,6 +84,29 @@ def test_loss_and_gradients_equal_the_dense_head(arch, make_batch, num_items):
 
 
 @needs_sparse_head
+def test_a_dense_training_forward_leaves_no_share_of_an_earlier_sparse_one():
+    """A Trainer with label smoothing takes the labels out before the forward, so the head runs on every position:
+    the share logged was still the importance pass's, a saving the steps never made."""
+    model = tiny_model("llama").train()
+    batch = _ragged_batch()
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    head = enable_sparse_lm_head(model)
+    try:
+        model(**batch)
+        share = next_token_targets(batch["labels"])[0].float().mean().item()
+        assert head.kept_share == pytest.approx(share) and share < 1
+        with torch.no_grad():
+            model(**unlabelled)  # not training: a measurement or a generation
+        with head.disabled():
+            model(**batch)  # the dense reference
+        assert head.kept_share == pytest.approx(share)
+        model(**unlabelled)
+        assert head.kept_share is None
+    finally:
+        head.remove()
+
+
+@needs_sparse_head
 def test_the_head_runs_only_on_kept_positions_and_evaluation_stays_dense():
     model = tiny_model("llama")
     batch = _ragged_batch()

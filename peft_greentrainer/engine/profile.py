@@ -1101,6 +1101,9 @@ def _full_graph(model: nn.Module) -> Iterator[_Roots]:
             yield roots
         finally:
             handle.remove()
+            # torch's handle forgets the with_kwargs flag (its extra_dict names only always_called): left behind, it
+            # makes torch.compile warn of a global hook at every compiled call, and one more is left per profile
+            torch.nn.modules.module._global_forward_hooks_with_kwargs.pop(handle.id, None)
             for key in set(parametrized) - cached:
                 parametrized.pop(key, None)
 
