@@ -128,12 +128,16 @@ class BudgetAudit:
         if key in self.audit:
             return
         assert trainable, "a training step ran with nothing trainable"
-        step = sum(measure_flops(base, batch))
-        if self.model.base_model.units_kind == "lora":
-            with self.model.disable_adapter():
-                full = sum(measure_flops(base, batch, [n for n, _ in base.named_parameters() if "lora_" not in n]))
-        else:
-            full = sum(measure_flops(base, batch, [n for n, _ in base.named_parameters()]))
+        # under bf16=True, measured under the steps' autocast (accelerate's, around the model above ``base``): outside
+        # it, GreenTrainer prices the inputs as a new case, and its profiling forward was counted into the step
+        with self.accelerator.autocast():
+            step = sum(measure_flops(base, batch))
+            if self.model.base_model.units_kind == "lora":
+                with self.model.disable_adapter():
+                    trained = [n for n, _ in base.named_parameters() if "lora_" not in n]
+                    full = sum(measure_flops(base, batch, trained))
+            else:
+                full = sum(measure_flops(base, batch, [n for n, _ in base.named_parameters()]))
         self.audit[key] = step / full
 
     def check_budget(self, min_shapes: int = 2) -> list[float]:
@@ -388,13 +392,15 @@ def _sft_config(tmp_path, units: str, **kwargs):
 @pytest.mark.parametrize(("packing", "units", "rho"), [(False, "tensors", RHO), (True, "lora", 0.75)])
 def test_trl_sft_trainer(checkpoint, packing, units, rho, tmp_path):
     """SFTTrainer builds the PEFT model from peft_config; prompt/completion data trains on the completion only;
-    packing=True gives padding-free batches (one row of the packed sequences, position_ids per document)."""
+    packing=True gives padding-free batches (one row of the packed sequences, position_ids per document). Unpacked,
+    with SFTConfig's defaults: bf16 autocast and gradient checkpointing."""
     import trl  # a test dependency (pyproject's "test" extra)
 
     tokenizer = _tokenizer(checkpoint)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
-    args = _sft_config(tmp_path, units, num_train_epochs=3, packing=packing)
+    args = _sft_config(tmp_path, units, num_train_epochs=3, packing=packing, bf16=not packing)
+    assert args.gradient_checkpointing
     trainer = _audited(trl.SFTTrainer)(
         model=model,
         args=args,
