@@ -557,12 +557,14 @@ def test_the_profile_leaves_no_global_hook_behind():
     """torch's handle of a global forward hook taking kwargs forgets that flag when removed: left behind, torch took
     it for a global hook still registered, and warned at every call of a model under ``torch.compile``."""
     hooks = torch.nn.modules.module
-    before = [dict(registry) for registry in (hooks._global_forward_hooks, hooks._global_forward_hooks_with_kwargs)]
+
+    def registered() -> list[dict]:
+        return [dict(hooks._global_forward_hooks), dict(hooks._global_forward_hooks_with_kwargs)]
+
+    before = registered()
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     profile_model(model, {"input": torch.randn(2, 8)}, lambda m, b: m(b["input"]).sum())
-    assert [
-        dict(registry) for registry in (hooks._global_forward_hooks, hooks._global_forward_hooks_with_kwargs)
-    ] == before
+    assert registered() == before
 
 
 def test_the_profile_leaves_no_cast_of_a_frozen_weight_in_the_autocast_cache():
